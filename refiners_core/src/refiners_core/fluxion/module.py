@@ -1,0 +1,138 @@
+"""The base class of every Fluxion layer: a `torch.nn.Module` that knows its parents."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from refiners_core.fluxion.chain import Chain
+    from refiners_core.fluxion.context import Context, ContextProvider
+
+TModule = TypeVar("TModule", bound="Module")
+
+
+class ParentLinks(list["Chain"]):
+    """The chains a layer belongs to, in the order it joined them.
+
+    Stored as a plain attribute (not a submodule) so parents are not registered twice in the module tree.
+    A deep copy keeps only the parents that are copied along with the layer, so copying a sub-tree never
+    drags the rest of the model with it.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ParentLinks:
+        return ParentLinks(memo[id(parent)] for parent in self if id(parent) in memo)
+
+
+class Module(nn.Module):
+    """A layer of a Fluxion model.
+
+    Besides being a regular `nn.Module`, a layer knows the chains it belongs to, which gives it a readable
+    path in the model (`get_path`) and access to the contexts of the model it is part of (`use_context`).
+    """
+
+    _parents: ParentLinks
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._parents = ParentLinks()
+
+    @property
+    def parent(self) -> Chain | None:
+        """The chain this layer belongs to (the first one if it is shared by several), or None."""
+        return self._parents[0] if self._parents else None
+
+    @property
+    def parents(self) -> tuple[Chain, ...]:
+        """Every chain this layer belongs to."""
+        return tuple(self._parents)
+
+    @property
+    def root(self) -> Module:
+        """The top of the model this layer belongs to (itself when it has no parent)."""
+        node: Module = self
+        while node._parents:
+            node = node._parents[0]
+        return node
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter or buffer (CPU for a layer without any)."""
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the first floating point parameter or buffer (the default dtype for a layer without any)."""
+        for tensor in self.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        for tensor in self.buffers():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
+    def get_path(self, top: Module | None = None) -> str:
+        """Dotted path of this layer, e.g. `ViT.Chain_2.Residual_1.Attention.Distribute.Linear_1`.
+
+        The path starts with the class name of the model's root, or is relative to `top` when given.
+        """
+        names: list[str] = []
+        node: Module = self
+        while node is not top and node._parents:
+            parent = node._parents[0]
+            names.append(parent.name_of(node))
+            node = parent
+        if top is None:
+            names.append(type(node).__name__)
+        elif node is not top:
+            raise ValueError(f"{type(self).__name__} at `{self.get_path()}` is not inside {type(top).__name__}")
+        return ".".join(reversed(names))
+
+    def use_context(self, context: str) -> Context:
+        """The named context of the model this layer belongs to (see `Chain.set_context`)."""
+        return self._context_provider().get(context, requester=self)
+
+    def _context_provider(self) -> ContextProvider:
+        from refiners_core.fluxion.chain import Chain
+
+        root = self.root
+        if not isinstance(root, Chain):
+            raise LookupError(f"{type(self).__name__} is not inside a Chain: it has no context to read")
+        return root.provider
+
+    def structural_copy(self: TModule) -> TModule:
+        """A copy of the layer's structure that shares its weights.
+
+        Layers holding parameters or buffers are shared; other layers are copied. Adapters injected into
+        the copy do not affect the original.
+        """
+        if _holds_tensors(self):
+            return self
+        return self._shallow_copy()
+
+    def _shallow_copy(self: TModule) -> TModule:
+        clone = copy.copy(self)
+        for store in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+            if store in clone.__dict__:
+                clone.__dict__[store] = copy.copy(clone.__dict__[store])
+        clone._parents = ParentLinks()
+        return clone
+
+    def short_repr(self) -> str:
+        """One line describing this layer: its class and its key sizes."""
+        extra = self.extra_repr()
+        return f"{type(self).__name__}({extra})"
+
+    def __repr__(self) -> str:
+        return self.short_repr()
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
