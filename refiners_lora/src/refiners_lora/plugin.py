@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import refiners_core.fluxion as fl
 from refiners_core.plugins import AdapterSpec, hookimpl
-
 from refiners_lora.adapter import LoraAdapter
 
 

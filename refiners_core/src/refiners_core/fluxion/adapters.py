@@ -14,10 +14,12 @@ While an adapter is injected it takes its target's name in the parent, so the pa
 not change, and its own weights appear under that name in the model's `state_dict`.
 """
 
+# pyright: reportPrivateUsage=false
+# Adapters maintain the parent links of the layers they move, which `Module` keeps private.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from refiners_core.fluxion.module import Module, ParentLinks
@@ -50,13 +52,13 @@ class Adapter(Generic[T]):
         return bool(self._injected_into)
 
     @contextlib.contextmanager
-    def setup_adapter(self, target: T) -> Iterator[None]:
+    def setup_adapter(self, target: T) -> Generator[None, None, None]:
         """Wrap the construction of the adapter: `with self.setup_adapter(target): super().__init__(target, ...)`.
 
         Building the adapter must not move the target out of the model: the target keeps its parents until
         `inject` is called.
         """
-        if not isinstance(target, Module):
+        if not isinstance(target, Module):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"{type(self).__name__} needs a refiners_core.fluxion layer to adapt, got {target!r}")
         parents = ParentLinks(target._parents)
         try:
@@ -71,15 +73,7 @@ class Adapter(Generic[T]):
         target = self.target
         if self.is_injected:
             raise AdapterError(f"{self._describe()} is already injected at `{self._as_module().get_path()}`")
-        if parent is None:
-            parents = target.parents
-            if len(parents) != 1:
-                where = "has no parent" if not parents else f"belongs to {len(parents)} chains"
-                raise AdapterError(
-                    f"cannot inject {self._describe()}: its target `{target.get_path()}` {where}; "
-                    "pass the parent explicitly with inject(parent)"
-                )
-            parent = parents[0]
+        parent = parent or self._target_parent()
         if not any(child is target for child in parent):
             raise AdapterError(
                 f"cannot inject {self._describe()} into `{parent.get_path()}`: "
@@ -89,6 +83,17 @@ class Adapter(Generic[T]):
         target._parents.append(self._as_module())  # type: ignore[arg-type]
         self._injected_into = ParentLinks([parent])
         return self
+
+    def _target_parent(self) -> Chain:
+        target = self.target
+        parents = target.parents
+        if len(parents) != 1:
+            where = "has no parent" if not parents else f"belongs to {len(parents)} chains"
+            raise AdapterError(
+                f"cannot inject {self._describe()}: its target `{target.get_path()}` {where}; "
+                "pass the parent explicitly with inject(parent)"
+            )
+        return parents[0]
 
     def eject(self) -> None:
         """Take the adapter out and put its target back where it was (same object, same weights)."""
@@ -102,14 +107,14 @@ class Adapter(Generic[T]):
                 "(was the model edited after inject?)"
             )
         target = self.target
-        inner = next(child for child in me.children() if child is target or _adapts(child, target))
+        inner: Module = next(child for child in me.children() if child is target or _adapts(child, target))  # type: ignore[assignment]
         if inner is target:
             target._parents[:] = [p for p in target._parents if p is not me]
             parent.replace(me, target)
         else:
             # Another adapter was injected on the same target after this one: it takes this one's place.
             parent.replace(me, inner)
-            inner._injected_into = ParentLinks([parent])  # type: ignore[union-attr]
+            inner._injected_into = ParentLinks([parent])  # type: ignore[attr-defined]
             me.replace(inner, target)  # type: ignore[attr-defined]
             target._parents[:] = [p for p in target._parents if p is not me]
         self._injected_into = ParentLinks()
@@ -124,5 +129,5 @@ class Adapter(Generic[T]):
         return f"{type(self).__name__} (target {type(target).__name__} at `{target.get_path()}`)"
 
 
-def _adapts(layer: Any, target: Module) -> bool:
-    return isinstance(layer, Adapter) and layer.target is target
+def _adapts(layer: object, target: Module) -> bool:
+    return isinstance(layer, Adapter) and layer.target is target  # type: ignore[union-attr]

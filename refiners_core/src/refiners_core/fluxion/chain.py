@@ -1,5 +1,7 @@
 """`Chain` and the ways a chain can combine its layers."""
 
+# pyright: reportPrivateUsage=false
+# A chain maintains the parent links of its layers, which `Module` keeps private.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +41,7 @@ class Chain(Module):
 
     def forward(self, *args: Any) -> Any:
         result: Any = args[0] if len(args) == 1 else args
-        layer: Module | None = None
+        layer: Any = None
         try:
             for layer in self._modules.values():
                 result = layer(*result) if isinstance(result, tuple) else layer(result)
@@ -201,7 +203,7 @@ class Chain(Module):
     def _set_layers(self, layers: Iterable[Module]) -> None:
         layers = list(layers)
         for layer in layers:
-            if not isinstance(layer, Module):
+            if not isinstance(layer, Module):  # pyright: ignore[reportUnnecessaryIsInstance]
                 raise TypeError(
                     f"{type(self).__name__} only holds refiners_core.fluxion layers, got {type(layer).__name__}; "
                     "wrap plain torch modules in a fl.Module subclass"
@@ -222,13 +224,11 @@ class Chain(Module):
         if isinstance(layer, Chain) and layer._provider.contexts:
             self._context_provider().absorb(layer._provider)
 
-    def _annotate(self, error: Exception, layer: Module | None, inputs: Any) -> None:
+    def _annotate(self, error: Exception, layer: Any, inputs: Any) -> None:
         if layer is None or getattr(error, "_refiners_annotated", False):
             return
         error._refiners_annotated = True  # type: ignore[attr-defined]
-        error.add_note(
-            f"in {type(layer).__name__} at `{layer.get_path()}`, called with {describe_inputs(inputs)}"
-        )
+        error.add_note(f"in {type(layer).__name__} at `{layer.get_path()}`, called with {describe_inputs(inputs)}")
 
     def __repr__(self) -> str:
         return render_tree(self)
@@ -249,9 +249,10 @@ def _flatten(layers: Iterable[Module | Iterable[Module]]) -> list[Module]:
 
 
 def _base_name(layer: Module) -> str:
-    while isinstance(layer, Adapter):
-        layer = layer.target  # type: ignore[assignment]
-    return type(layer).__name__
+    node: Module = layer
+    while isinstance(node, Adapter):
+        node = node.target  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    return type(node).__name__  # pyright: ignore[reportUnknownArgumentType]
 
 
 def _layer_names(layers: list[Module]) -> list[str]:

@@ -64,8 +64,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def describe_inputs(inputs: Any) -> str:
     """`Tensor(shape=(2, 3), dtype=float32, device=cpu)`-style description of layer inputs, for errors."""
-    values = inputs if isinstance(inputs, tuple) else (inputs,)
-    return "(" + ", ".join(_describe(value) for value in values) + ")"  # type: ignore[arg-type]
+    values: tuple[Any, ...] = inputs if isinstance(inputs, tuple) else (inputs,)  # type: ignore[assignment]
+    return "(" + ", ".join(_describe(value) for value in values) + ")"
 
 
 def _describe(value: Any) -> str:

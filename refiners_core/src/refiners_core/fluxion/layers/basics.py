@@ -71,7 +71,7 @@ class Unflatten(Module):
         self.sizes = tuple(sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(self.dim, self.sizes)
+        return x.unflatten(self.dim, self.sizes)  # pyright: ignore[reportUnknownVariableType]
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, sizes={self.sizes}"
@@ -146,7 +146,8 @@ class Slicing(Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index: list[slice] = [slice(None)] * (self.dim % x.dim())
-        return x[(*index, slice(self.start, self.end, self.step))]
+        sliced: torch.Tensor = x[(*index, slice(self.start, self.end, self.step))]
+        return sliced
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, start={self.start}, end={self.end}, step={self.step}"

@@ -27,7 +27,7 @@ class Linear(Module, nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}" + (
-            "" if self.bias is not None else ", bias=False"
+            "" if self.bias is not None else ", bias=False"  # pyright: ignore[reportUnnecessaryComparison]
         )
 
 
