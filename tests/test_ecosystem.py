@@ -43,7 +43,7 @@ def test_lora_from_the_registry_adapts_a_model_and_ejects_exactly() -> None:
 
     lora = registry().adapters["lora"]
     adapter = lora.create(target=model.ensure_find(fl.Linear), rank=2).inject()
-    torch.nn.init.normal_(adapter.lora.up.weight)
+    torch.nn.init.normal_(adapter.lora.up.weight)  # type: ignore[attr-defined]
     assert not torch.equal(model(x), expected)
 
     adapter.eject()

@@ -1,0 +1,39 @@
+"""`refiners plugins`: what is installed, what each plugin registers, what failed and why."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from refiners_core.plugins import PluginRecord, registry
+
+_KINDS = ("adapters", "models", "solvers", "commands")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print a JSON list with one object per entry point")
+
+
+def run(args: argparse.Namespace) -> int:
+    records = registry().plugins
+    if args.json:
+        print(json.dumps([record.to_json() for record in records], indent=2))
+    elif not records:
+        print("No refiners plugins are installed (entry point group `refiners`).")
+    else:
+        print(format_table(records))
+    return 0
+
+
+def format_table(records: Sequence[PluginRecord]) -> str:
+    """One line per entry point: distribution, version, entry point, what it registers, status."""
+    rows = [("DISTRIBUTION", "VERSION", "ENTRY POINT", "REGISTERS", "STATUS")]
+    for record in records:
+        registers = "; ".join(f"{kind}: {', '.join(names)}" for kind in _KINDS if (names := getattr(record, kind)))
+        status = f"error: {record.error}" if record.status == "error" else record.status
+        rows.append((record.distribution, record.version, record.entry_point, registers or "-", status))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]) for row in rows
+    )

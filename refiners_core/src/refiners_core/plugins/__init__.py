@@ -1,0 +1,36 @@
+"""The refiners plugin system: installed distributions add adapters, models, solvers and CLI commands.
+
+A plugin is a module with `@hookimpl` functions (see `refiners_core.plugins.hookspecs` for every hook and its
+contract), declared by one entry point in the `refiners` group of its distribution's `pyproject.toml`.
+`registry()` loads the installed plugins once and gives access to what they registered; `refiners plugins`
+shows the same information, including the plugins that failed.
+"""
+
+from refiners_core.plugins.hookspecs import hookimpl, hookspec
+from refiners_core.plugins.loader import (
+    PluginError,
+    PluginRecord,
+    RefinersPluginWarning,
+    Registry,
+    SpecTable,
+    registry,
+    reset_registry,
+)
+from refiners_core.plugins.specs import AdapterSpec, CommandRegistrar, CommandSpec, ModelSpec, SolverSpec
+
+__all__ = [
+    "AdapterSpec",
+    "CommandRegistrar",
+    "CommandSpec",
+    "ModelSpec",
+    "PluginError",
+    "PluginRecord",
+    "RefinersPluginWarning",
+    "Registry",
+    "SolverSpec",
+    "SpecTable",
+    "hookimpl",
+    "hookspec",
+    "registry",
+    "reset_registry",
+]

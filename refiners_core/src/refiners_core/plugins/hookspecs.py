@@ -1,0 +1,104 @@
+"""Every hook a refiners plugin can implement.
+
+A plugin is a module with `@hookimpl` functions named after the hooks below, made known by one line in its
+distribution's `pyproject.toml`::
+
+    [project.entry-points.refiners]
+    acme = "acme_refiners.plugin"
+
+and, in `acme_refiners/plugin.py`::
+
+    from refiners_core.plugins import AdapterSpec, hookimpl
+
+    @hookimpl
+    def refiners_register_adapters(register):
+        register(AdapterSpec("acme-scale", factory=ScaleAdapter, summary="Scale a layer's output"))
+
+Rules shared by every hook:
+
+- Hooks are named `refiners_...` and are called with keyword arguments only; an implementation may accept
+  any subset of the arguments of its spec, so new arguments can be added without breaking plugins.
+- Each hook is called once per plugin, the first time `refiners_core.plugins.registry()` is used (by the
+  `refiners` CLI, or by library code looking something up), in a deterministic order: plugins sorted by
+  distribution name, then entry point name.
+- A hook does its work by calling back with objects and returns None. Returning a value is an error.
+- Registration is all or nothing per plugin: if any of a plugin's hooks raises, nothing that plugin
+  registered is kept, the plugin is reported by `refiners plugins` with the error, and every other plugin
+  still loads. With `REFINERS_STRICT_PLUGINS=1` the error is raised instead (meant for plugin authors).
+- Names are global per kind: when two plugins register the same adapter (model, solver, command) name, the
+  first in the order above keeps it and the other is reported with an error naming both distributions.
+- Hooks must be quick and free of side effects: no downloads, no reading of weights, no building of
+  models, no printing. The plugin module is imported by every `refiners` invocation (`--help` included),
+  so keep what it imports to what the specs need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+from refiners_core.plugins.specs import AdapterSpec, CommandRegistrar, ModelSpec, SolverSpec
+
+PROJECT_NAME = "refiners"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    """Register the adapters this plugin offers.
+
+    Called once per plugin when the registry is first loaded.
+
+    :param register: call it with one `AdapterSpec` per adapter. The spec's factory is later called as
+        `factory(target=layer, **options)` and must return an `Adapter` wrapping `layer` without
+        injecting it; set `targets` to the layer classes it accepts so misuse fails with a clear error.
+
+    Must not build adapters or touch any model here: only describe them. Registering the same name twice
+    from one plugin raises ValueError; registering a name another plugin already took is reported as a
+    conflict on this plugin.
+    """
+
+
+@hookspec
+def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
+    """Register the models this plugin can load.
+
+    Called once per plugin when the registry is first loaded.
+
+    :param register: call it with one `ModelSpec` per model. The loader is called later, by users, with
+        the arguments the plugin documents (typically a local path or hub id, a device and a dtype).
+
+    Must not download or read weights here: loaders do that when called. Same naming rules as adapters.
+    """
+
+
+@hookspec
+def refiners_register_solvers(register: Callable[[SolverSpec], None]) -> None:
+    """Register the diffusion solvers (noise schedulers) this plugin offers.
+
+    Called once per plugin when the registry is first loaded.
+
+    :param register: call it with one `SolverSpec` per solver; `factory(**options)` builds the solver.
+
+    Must not build solvers here. Same naming rules as adapters.
+    """
+
+
+@hookspec
+def refiners_register_commands(cli: CommandRegistrar) -> None:
+    """Add `refiners` subcommands.
+
+    Called once per plugin when the registry is first loaded, which the CLI does before parsing its
+    arguments (so plugin commands appear in `refiners --help`).
+
+    :param cli: call `cli.add_command(name, run, help=..., configure=...)` once per command.
+        `configure(parser)` receives the command's own `argparse.ArgumentParser` and only adds arguments
+        to it; it is called only when that command is invoked. `run(args)` receives the parsed
+        `argparse.Namespace` and returns the exit code (None means 0).
+
+    Must not parse `sys.argv`, print, or exit here. A name already taken (by a built-in command such as
+    `plugins`, or by another plugin) is reported as a conflict on this plugin.
+    """

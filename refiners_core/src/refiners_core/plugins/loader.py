@@ -1,0 +1,364 @@
+"""Find, load and record the installed plugins (entry point group `refiners`).
+
+Each entry point is loaded on its own, in a deterministic order, and each of its hooks is called on its own,
+so a failure is attributed to the right distribution and never stops the others. What a plugin registers is
+collected first and committed only once all its hooks succeeded.
+
+Environment variables:
+
+- `REFINERS_DISABLE_PLUGINS=a,b`: do not import these plugins (entry point or distribution names); they are
+  listed with status "disabled".
+- `REFINERS_STRICT_PLUGINS=1`: raise `PluginError` on the first plugin error instead of warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+import importlib_metadata
+import pluggy
+
+from refiners_core.plugins import hookspecs
+from refiners_core.plugins.specs import AdapterSpec, CommandRegistrar, CommandSpec, ModelSpec, SolverSpec
+
+ENTRY_POINT_GROUP = "refiners"
+DISABLE_ENV = "REFINERS_DISABLE_PLUGINS"
+STRICT_ENV = "REFINERS_STRICT_PLUGINS"
+
+# Modules of refiners-core itself that implement hooks (the built-in CLI commands). They are loaded before any
+# installed plugin, so their names win conflicts, and they are not listed among `Registry.plugins`.
+_BUILTIN_PLUGINS = ("refiners_core.cli",)
+
+Spec = AdapterSpec | ModelSpec | SolverSpec | CommandSpec
+S = TypeVar("S", AdapterSpec, ModelSpec, SolverSpec, CommandSpec)
+Status = Literal["ok", "error", "disabled"]
+
+
+class RefinersPluginWarning(UserWarning):
+    """A plugin failed to load, one of its hooks failed, or it registered a name already taken."""
+
+
+class PluginError(RuntimeError):
+    """Raised instead of warning in strict mode; names the plugin's distribution and entry point."""
+
+    def __init__(self, message: str, *, distribution: str, entry_point: str) -> None:
+        super().__init__(message)
+        self.distribution = distribution
+        self.entry_point = entry_point
+
+
+@dataclass(frozen=True)
+class PluginRecord:
+    """What happened to one `refiners` entry point: where it comes from, what it registered, what failed."""
+
+    distribution: str
+    version: str
+    entry_point: str
+    """As written in the distribution's metadata: `lora = refiners_lora.plugin`."""
+    adapters: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    solvers: tuple[str, ...] = ()
+    commands: tuple[str, ...] = ()
+    error: str | None = None
+    """One line, problems separated by "; ", e.g. `import failed: ModuleNotFoundError: No module named 'x'`."""
+    status: Status = "ok"
+    """"ok", "error" (see `error`; names that did not conflict are still registered) or "disabled"."""
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+    """The exception behind `error`, if there was one (a name conflict has none)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written by `refiners plugins --json`."""
+        return {
+            "distribution": self.distribution,
+            "version": self.version,
+            "entry_point": self.entry_point,
+            "adapters": list(self.adapters),
+            "models": list(self.models),
+            "solvers": list(self.solvers),
+            "commands": list(self.commands),
+            "error": self.error,
+            "status": self.status,
+        }
+
+
+class SpecTable(Mapping[str, S], Generic[S]):
+    """Read-only name -> spec mapping whose KeyError lists the registered names."""
+
+    def __init__(self, kind: str, specs: dict[str, S]) -> None:
+        self._kind = kind
+        self._specs = specs
+
+    def __getitem__(self, name: str) -> S:
+        try:
+            return self._specs[name]
+        except KeyError:
+            known = ", ".join(sorted(self._specs)) or "none"
+            raise KeyError(
+                f"no {self._kind} named {name!r} is registered (registered: {known}); "
+                "`refiners plugins` shows what is installed"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __repr__(self) -> str:
+        return f"SpecTable({self._kind!r}, {list(self._specs)!r})"
+
+
+@dataclass(frozen=True)
+class Registry:
+    """Everything the installed plugins registered, by name, and one `PluginRecord` per entry point."""
+
+    adapters: SpecTable[AdapterSpec]
+    models: SpecTable[ModelSpec]
+    solvers: SpecTable[SolverSpec]
+    commands: SpecTable[CommandSpec]
+    """Built-in commands first, then those of plugins."""
+    plugins: tuple[PluginRecord, ...]
+
+
+_cached: Registry | None = None
+
+
+def registry(*, reload: bool = False, strict: bool | None = None) -> Registry:
+    """The registry of installed plugins, loaded on first use and cached.
+
+    `reload=True` loads the plugins again. `strict` (default: the `REFINERS_STRICT_PLUGINS` environment
+    variable) raises `PluginError`, chained from the original exception, for the first plugin that failed;
+    otherwise failures are recorded on the plugin's `PluginRecord` and warned about with
+    `RefinersPluginWarning`.
+    """
+    global _cached
+    if strict is None:
+        strict = os.environ.get(STRICT_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    if reload or _cached is None:
+        _cached = None
+        _cached = _load(strict=strict)
+    elif strict:
+        for record in _cached.plugins:
+            if record.status == "error":
+                raise _plugin_error(record, record.error or "", record.exception)
+    return _cached
+
+
+def reset_registry() -> None:
+    """Forget the cached registry; the next `registry()` call loads the plugins again."""
+    global _cached
+    _cached = None
+
+
+# Loading
+
+
+class _Loader:
+    """Collects what each plugin registers and commits it once the plugin is done."""
+
+    def __init__(self, *, strict: bool) -> None:
+        self.strict = strict
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.tables: dict[str, dict[str, Any]] = {"adapters": {}, "models": {}, "solvers": {}, "commands": {}}
+        self.owners: dict[tuple[str, str], str] = {}  # (kind, name) -> who registered it, for conflict messages
+
+    def load_builtin(self, module_name: str) -> None:
+        owner = f"refiners-core {_version('refiners-core')} (built-in)"
+        collected = self.collect(importlib.import_module(module_name), module_name)
+        for kind, specs in collected.items():
+            for spec in specs:
+                self.tables[kind][spec.name] = spec
+                self.owners[kind, spec.name] = owner
+
+    def load_entry_point(self, entry_point: importlib_metadata.EntryPoint, disabled: set[str]) -> PluginRecord:
+        distribution, version = _distribution(entry_point)
+        ep_text = f"{entry_point.name} = {entry_point.value}"
+        record = PluginRecord(distribution, version, ep_text)
+        if entry_point.name in disabled or _normalize(distribution) in disabled:
+            return PluginRecord(distribution, version, ep_text, status="disabled")
+        try:
+            plugin = entry_point.load()
+        except Exception as error:
+            return self.fail(record, f"import failed: {_describe(error)}", error)
+        try:
+            collected = self.collect(plugin, f"{distribution}:{entry_point.name}")
+        except _HookFailed as error:
+            return self.fail(record, str(error), error.__cause__)
+        except Exception as error:
+            return self.fail(record, _describe(error), error)
+
+        owner = f"{distribution} {version} (entry point `{ep_text}`)"
+        registered: dict[str, list[str]] = {kind: [] for kind in self.tables}
+        errors: list[str] = []
+        for kind, specs in collected.items():
+            for spec in specs:
+                taken_by = self.owners.get((kind, spec.name))
+                if taken_by is not None:
+                    errors.append(
+                        f"{_singular(kind)} name {spec.name!r} conflicts: it is already registered by {taken_by}, "
+                        f"which keeps it; {distribution} {version} cannot register it too"
+                    )
+                    continue
+                self.tables[kind][spec.name] = spec
+                self.owners[kind, spec.name] = owner
+                registered[kind].append(spec.name)
+        record = PluginRecord(
+            distribution,
+            version,
+            ep_text,
+            adapters=tuple(registered["adapters"]),
+            models=tuple(registered["models"]),
+            solvers=tuple(registered["solvers"]),
+            commands=tuple(registered["commands"]),
+        )
+        for message in errors:
+            record = self.fail(record, message, None)
+        return record
+
+    def collect(self, plugin: object, plugin_name: str) -> dict[str, list[Any]]:
+        """Call each hook of `plugin` and return what it registered, by kind; raise on any problem."""
+        self.pm.register(plugin, name=plugin_name)
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if not caller.has_spec() and not any(i.optionalhook for i in caller.get_hookimpls() if i.plugin is plugin):
+                raise ValueError(
+                    f"{caller.name} is not a refiners hook (misspelled, or written for a newer refiners-core? "
+                    "mark it @hookimpl(optionalhook=True) to make it optional)"
+                )
+        collected: dict[str, list[Any]] = {kind: [] for kind in self.tables}
+        for hook_name, kwargs in _hook_arguments(collected).items():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                if impl.hookwrapper or impl.wrapper:
+                    raise ValueError(f"{hook_name}: refiners hooks do not support wrapper hookimpls")
+                try:
+                    result = impl.function(**{name: kwargs[name] for name in impl.argnames})
+                except Exception as error:
+                    raise _HookFailed(f"{hook_name} raised {_describe(error)}") from error
+                if result is not None:
+                    raise ValueError(f"{hook_name} returned {result!r}; hooks must call their callback and return None")
+        return collected
+
+    def fail(self, record: PluginRecord, message: str, error: BaseException | None) -> PluginRecord:
+        if self.strict:
+            raise _plugin_error(record, message, error)
+        warnings.warn(
+            f"refiners plugin {record.distribution} {record.version} (entry point `{record.entry_point}`): {message}",
+            RefinersPluginWarning,
+            stacklevel=5,  # fail < load_entry_point < _load < registry < the caller of registry()
+        )
+        error_text = message if record.error is None else f"{record.error}; {message}"
+        return PluginRecord(
+            record.distribution,
+            record.version,
+            record.entry_point,
+            adapters=record.adapters,
+            models=record.models,
+            solvers=record.solvers,
+            commands=record.commands,
+            error=error_text,
+            status="error",
+            exception=record.exception or error,
+        )
+
+
+class _HookFailed(Exception):
+    """A hook implementation raised; the original exception is the cause."""
+
+
+def _load(*, strict: bool) -> Registry:
+    importlib.invalidate_caches()  # pick up distributions installed since the interpreter started
+    loader = _Loader(strict=strict)
+    for module_name in _BUILTIN_PLUGINS:
+        loader.load_builtin(module_name)
+    disabled = _disabled()
+    records: list[PluginRecord] = []
+    for entry_point in _entry_points():
+        records.append(loader.load_entry_point(entry_point, disabled))
+    tables = loader.tables
+    return Registry(
+        adapters=SpecTable("adapter", tables["adapters"]),
+        models=SpecTable("model", tables["models"]),
+        solvers=SpecTable("solver", tables["solvers"]),
+        commands=SpecTable("command", tables["commands"]),
+        plugins=tuple(records),
+    )
+
+
+def _hook_arguments(collected: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
+    """The keyword arguments of each hook, wired to `collected` (one list per kind)."""
+
+    def register_to(kind: str, spec_type: type[Spec]) -> Callable[[Any], None]:
+        def register(spec: Any) -> None:
+            if not isinstance(spec, spec_type):
+                raise TypeError(f"register() takes {spec_type.__name__} objects, got {type(spec).__name__} {spec!r}")
+            if any(other.name == spec.name for other in collected[kind]):
+                raise ValueError(f"{_singular(kind)} {spec.name!r} is registered twice by this plugin")
+            collected[kind].append(spec)
+
+        return register
+
+    return {
+        "refiners_register_adapters": {"register": register_to("adapters", AdapterSpec)},
+        "refiners_register_models": {"register": register_to("models", ModelSpec)},
+        "refiners_register_solvers": {"register": register_to("solvers", SolverSpec)},
+        "refiners_register_commands": {"cli": CommandRegistrar(register_to("commands", CommandSpec))},
+    }
+
+
+def _entry_points() -> list[importlib_metadata.EntryPoint]:
+    entry_points = importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)  # pyright: ignore[reportUnknownMemberType]
+    return sorted(entry_points, key=lambda ep: (_normalize(_distribution(ep)[0]), ep.name))
+
+
+def _distribution(entry_point: importlib_metadata.EntryPoint) -> tuple[str, str]:
+    """Name and version of the distribution that declares `entry_point`, even when its metadata is broken."""
+    try:
+        dist = entry_point.dist
+        name, version = (dist.name, dist.version) if dist is not None else (None, None)
+    except Exception:
+        name, version = None, None
+    return name or "<unknown distribution>", version or "?"
+
+
+def _disabled() -> set[str]:
+    names = os.environ.get(DISABLE_ENV, "").split(",")
+    return {name.strip() for name in names if name.strip()} | {_normalize(name) for name in names if name.strip()}
+
+
+def _normalize(distribution: str) -> str:
+    """PEP 503 normalization, so `refiners_lora` and `Refiners-LoRA` both name `refiners-lora`."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib_metadata.version(distribution)
+    except importlib_metadata.PackageNotFoundError:
+        return "?"
+
+
+def _singular(kind: str) -> str:
+    return kind.removesuffix("s")
+
+
+def _describe(error: BaseException) -> str:
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _plugin_error(record: PluginRecord, message: str, error: BaseException | None) -> PluginError:
+    plugin_error = PluginError(
+        f"refiners plugin {record.distribution} {record.version} (entry point `{record.entry_point}`): {message}",
+        distribution=record.distribution,
+        entry_point=record.entry_point,
+    )
+    plugin_error.__cause__ = error
+    return plugin_error

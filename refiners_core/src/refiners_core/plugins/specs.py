@@ -1,0 +1,136 @@
+"""What plugins register: small frozen descriptions of adapters, models, solvers and CLI commands.
+
+A plugin builds these objects and hands them to the `register` callback of a hook (see `hookspecs`); the
+registry then exposes them by name, e.g. `registry().adapters["lora"].create(target, rank=4)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from refiners_core.fluxion.adapters import Adapter
+
+
+def check_name(kind: str, name: object) -> None:
+    """Raise if `name` cannot name a registered `kind` (a non-empty string without whitespace)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} name must be a string, got {type(name).__name__} {name!r}")
+    if not name or any(char.isspace() for char in name):
+        raise ValueError(f"{kind} name must be non-empty and contain no whitespace, got {name!r}")
+
+
+def _check_callable(kind: str, name: str, role: str, value: object) -> None:
+    if not callable(value):
+        raise TypeError(f"{kind} {name!r}: {role} must be callable, got {type(value).__name__} {value!r}")
+
+
+def _is_class_tuple(value: object) -> bool:
+    return isinstance(value, tuple) and len(value) > 0 and all(isinstance(item, type) for item in value)  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter a plugin offers under `name`.
+
+    `factory(target=layer, **options)` builds the adapter around `layer` (it does not inject it).
+    `targets`, when given, lists the layer classes the adapter can wrap; `create` checks it.
+    Raises TypeError or ValueError on construction if the name or the factory is invalid.
+    """
+
+    name: str
+    factory: Callable[..., Adapter[Any]]
+    summary: str = ""
+    targets: tuple[type[Any], ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_name("adapter", self.name)
+        _check_callable("adapter", self.name, "factory", self.factory)
+        if self.targets is not None and not _is_class_tuple(self.targets):
+            raise TypeError(
+                f"adapter {self.name!r}: targets must be a non-empty tuple of classes, got {self.targets!r}"
+            )
+
+    def create(self, target: Any, **options: Any) -> Adapter[Any]:
+        """Build the adapter around `target` with `factory(target=target, **options)`.
+
+        Raises TypeError, naming the adapter and the target's type, if `target` is not one of `targets`.
+        """
+        if self.targets is not None and not isinstance(target, self.targets):
+            accepted = ", ".join(t.__name__ for t in self.targets)
+            raise TypeError(f"adapter {self.name!r} cannot wrap a {type(target).__name__}: it accepts {accepted}")
+        return self.factory(target=target, **options)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model a plugin offers under `name`; what `loader` takes and returns is up to the plugin's docs."""
+
+    name: str
+    loader: Callable[..., Any]
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        check_name("model", self.name)
+        _check_callable("model", self.name, "loader", self.loader)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A diffusion solver a plugin offers under `name`; `factory(**options)` builds it."""
+
+    name: str
+    factory: Callable[..., Any]
+    summary: str = ""
+
+    def __post_init__(self) -> None:
+        check_name("solver", self.name)
+        _check_callable("solver", self.name, "factory", self.factory)
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A `refiners NAME` subcommand.
+
+    `configure(parser)` adds the command's arguments to its own `argparse.ArgumentParser`; it is only
+    called when the command runs (or its `--help` is asked), never for `refiners --help`.
+    `run(args)` does the work and returns the exit code (None means 0).
+    """
+
+    name: str
+    run: Callable[[argparse.Namespace], int | None]
+    help: str = ""
+    configure: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def __post_init__(self) -> None:
+        check_name("command", self.name)
+        if self.name.startswith("-"):
+            raise ValueError(f"command name must not start with '-', got {self.name!r}")
+        _check_callable("command", self.name, "run", self.run)
+        if self.configure is not None:
+            _check_callable("command", self.name, "configure", self.configure)
+
+
+class CommandRegistrar:
+    """The `cli` object handed to `refiners_register_commands`: a plugin adds subcommands with `add_command`."""
+
+    def __init__(self, register: Callable[[CommandSpec], None]) -> None:
+        self._register = register
+
+    def add_command(
+        self,
+        name: str,
+        run: Callable[[argparse.Namespace], int | None],
+        *,
+        help: str = "",
+        configure: Callable[[argparse.ArgumentParser], None] | None = None,
+    ) -> None:
+        """Add `refiners NAME`: `configure(parser)` declares its arguments, `run(args)` returns the exit code.
+
+        Raises TypeError or ValueError if the name or the callables are invalid, ValueError if this plugin
+        already added a command with that name.
+        """
+        self._register(CommandSpec(name, run, help, configure))

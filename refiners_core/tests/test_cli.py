@@ -1,0 +1,180 @@
+"""The `refiners` command line, run in-process with plugins made visible through metadata on `sys.path`."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+import pytest
+
+from refiners_core.cli import main
+from refiners_core.cli.plugins import format_table
+from refiners_core.plugins import PluginError, PluginRecord
+
+AddPlugin = Callable[..., str]  # the `plugin_site` fixture of conftest.py
+
+GREETER = """
+    from refiners_core.plugins import AdapterSpec, ModelSpec, hookimpl
+
+    def configure(parser):
+        parser.add_argument("--name", default="world")
+
+    def run(args):
+        print(f"hello {args.name}")
+        return 3
+
+    @hookimpl
+    def refiners_register_commands(cli):
+        cli.add_command("t-hello", run, help="Greet someone", configure=configure)
+
+    @hookimpl
+    def refiners_register_adapters(register):
+        register(AdapterSpec("t-scale", lambda target: target))
+
+    @hookimpl
+    def refiners_register_models(register):
+        register(ModelSpec("t-model", dict))
+"""
+
+BROKEN = "import refiners_test_dependency_that_does_not_exist\n"
+
+
+def test_help_lists_builtin_and_plugin_commands_despite_a_broken_plugin(
+    plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugin_site("t-greeter", GREETER)
+    plugin_site("t-broken", BROKEN)
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    assert "plugins" in out
+    assert "demo" in out
+    assert "t-hello" in out and "Greet someone [t-greeter]" in out
+    assert "t-broken" in out and "refiners plugins` shows why" in out
+
+
+def test_plugin_command_is_configured_and_run_with_its_arguments(
+    plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugin_site("t-greeter", GREETER)
+
+    assert main(["t-hello", "--name", "refiners"]) == 3
+    assert capsys.readouterr().out == "hello refiners\n"
+
+
+def test_broken_plugin_is_warned_about_on_stderr_when_running_another_command(
+    plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugin_site("t-greeter", GREETER)
+    plugin_site("t-broken", BROKEN)
+
+    assert main(["t-hello"]) == 3
+
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "t-broken" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("refiners: warning: refiners plugin t-broken 1.0 (entry point `t-broken = ")
+    assert "ModuleNotFoundError" in warnings[0]
+
+
+def test_plugin_command_whose_configure_fails_does_not_break_other_commands(
+    plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plugin_site(
+        "t-bad-command",
+        """
+        from refiners_core.plugins import hookimpl
+
+        def configure(parser):
+            raise RuntimeError("bad configure")
+
+        @hookimpl
+        def refiners_register_commands(cli):
+            cli.add_command("t-bad", lambda args: 0, configure=configure)
+        """,
+    )
+    plugin_site("t-greeter", GREETER)
+
+    assert main(["t-hello"]) == 3
+    with pytest.raises(RuntimeError, match="bad configure"):
+        main(["t-bad"])
+
+
+def test_plugins_command_prints_a_table_and_exits_0_with_a_broken_plugin(
+    plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    greeter = plugin_site("t-greeter", GREETER, version="0.3")
+    broken = plugin_site("t-broken", BROKEN)
+
+    assert main(["plugins"]) == 0
+
+    captured = capsys.readouterr()
+    rows = {cells[0]: cells for cells in (re.split(r" {2,}", line) for line in captured.out.splitlines())}
+    assert rows["DISTRIBUTION"] == ["DISTRIBUTION", "VERSION", "ENTRY POINT", "REGISTERS", "STATUS"]
+    assert rows["t-greeter"] == [
+        "t-greeter",
+        "0.3",
+        greeter,
+        "adapters: t-scale; models: t-model; commands: t-hello",
+        "ok",
+    ]
+    assert rows["t-broken"] == [
+        "t-broken",
+        "1.0",
+        broken,
+        "-",
+        "error: import failed: ModuleNotFoundError: No module named 'refiners_test_dependency_that_does_not_exist'",
+    ]
+    assert captured.err == ""  # the table already shows the problem
+
+
+def test_plugins_json_has_one_object_per_entry_point_with_the_documented_keys(
+    plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    greeter = plugin_site("t-greeter", GREETER)
+    plugin_site("t-broken", BROKEN)
+
+    assert main(["plugins", "--json"]) == 0
+
+    objects = {item["distribution"]: item for item in json.loads(capsys.readouterr().out)}
+    assert objects["t-greeter"] == {
+        "distribution": "t-greeter",
+        "version": "1.0",
+        "entry_point": greeter,
+        "adapters": ["t-scale"],
+        "models": ["t-model"],
+        "solvers": [],
+        "commands": ["t-hello"],
+        "error": None,
+        "status": "ok",
+    }
+    assert objects["t-broken"]["status"] == "error"
+    assert "ModuleNotFoundError" in objects["t-broken"]["error"]
+
+
+def test_strict_mode_makes_the_cli_raise(plugin_site: AddPlugin, monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin_site("t-broken", BROKEN)
+    monkeypatch.setenv("REFINERS_STRICT_PLUGINS", "1")
+
+    with pytest.raises(PluginError, match="t-broken"):
+        main(["plugins"])
+
+
+def test_version_option_prints_the_refiners_core_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("refiners ")
+
+
+def test_plugin_table_shows_a_dash_for_a_plugin_that_registers_nothing() -> None:
+    table = format_table([PluginRecord("refiners-sam", "0.1.0", "sam = refiners_sam.plugin")])
+
+    assert table.splitlines() == [
+        "DISTRIBUTION  VERSION  ENTRY POINT                REGISTERS  STATUS",
+        "refiners-sam  0.1.0    sam = refiners_sam.plugin  -          ok",
+    ]

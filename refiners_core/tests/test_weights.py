@@ -1,0 +1,253 @@
+"""Weight files: safetensors and torch checkpoints in, atomic safetensors out, local or hub paths resolved."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from refiners_core.weights import WeightsError, load_tensors, resolve_path, save_tensors
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    return {"linear.weight": torch.randn(3, 4), "linear.bias": torch.arange(3, dtype=torch.float16)}
+
+
+def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype
+        assert torch.equal(actual[name], tensor), name
+
+
+class RunsCode:
+    """Unpickling this calls `os.system`; a safe loader must refuse it without running anything."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))  # pyright: ignore[reportDeprecated]
+
+
+def test_save_then_load_round_trips_tensors_and_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    expected = tensors()
+
+    save_tensors(path, expected, metadata={"format": "refiners", "rank": "4"})
+
+    assert_same(load_tensors(path), expected)
+    with safe_open(str(path), framework="pt") as file:  # pyright: ignore[reportUnknownVariableType]
+        assert file.metadata() == {"format": "refiners", "rank": "4"}  # pyright: ignore[reportUnknownMemberType]
+    assert sorted(os.listdir(tmp_path)) == ["weights.safetensors"]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".ckpt", ".bin"])
+def test_load_tensors_reads_torch_checkpoints(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"weights{suffix}"
+    expected = tensors()
+    torch.save(expected, path)
+
+    assert_same(load_tensors(path, device=torch.device("cpu")), expected)
+
+
+def test_load_tensors_unwraps_a_nested_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "lightning.ckpt"
+    expected = tensors()
+    torch.save({"state_dict": expected, "epoch": 3, "global_step": 1200}, path)
+
+    assert_same(load_tensors(path), expected)
+
+
+def test_load_tensors_rejects_a_checkpoint_with_non_tensor_entries(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.pt"
+    torch.save({"weight": torch.zeros(2), "epoch": 3}, path)
+
+    with pytest.raises(WeightsError, match=f"{path} is not a dict of tensors: entry 'epoch' is a int"):
+        load_tensors(path)
+
+
+def test_load_tensors_rejects_a_checkpoint_that_is_not_a_dict(tmp_path: Path) -> None:
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], path)
+
+    with pytest.raises(WeightsError, match=f"{path} holds a list, not a dict of tensors"):
+        load_tensors(path)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dumps"])
+def test_load_tensors_refuses_a_pickle_that_would_run_code(tmp_path: Path, writer: str) -> None:
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "malicious.bin"
+    if writer == "torch.save":
+        torch.save({"weight": RunsCode(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"weight": RunsCode(marker)}, protocol=2))
+
+    with pytest.raises(WeightsError, match=f"cannot read {path} as a torch checkpoint"):
+        load_tensors(path)
+
+    assert not marker.exists()
+    if writer == "torch.save":  # control: plain unpickling does run the payload
+        torch.load(path, weights_only=False)
+    else:
+        pickle.loads(path.read_bytes())
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "weights.pth"])
+def test_load_tensors_rejects_a_truncated_file(tmp_path: Path, name: str) -> None:
+    complete = tmp_path / f"complete-{name}"
+    if name.endswith(".safetensors"):
+        save_tensors(complete, tensors())
+    else:
+        torch.save(tensors(), complete)
+    truncated = tmp_path / name
+    truncated.write_bytes(complete.read_bytes()[: complete.stat().st_size // 2])
+
+    with pytest.raises(WeightsError, match=f"cannot read {truncated}"):
+        load_tensors(truncated)
+
+
+@pytest.mark.parametrize("name", ["notes.safetensors", "notes.pt", "empty.safetensors", "empty.ckpt"])
+def test_load_tensors_rejects_a_file_that_is_not_weights(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_text("" if name.startswith("empty") else "these are not weights\n" * 10)
+
+    with pytest.raises(WeightsError, match=f"cannot read {path}"):
+        load_tensors(path)
+
+
+def test_load_tensors_rejects_an_unknown_extension(tmp_path: Path) -> None:
+    path = tmp_path / "weights.npz"
+    path.write_bytes(b"PK")
+
+    with pytest.raises(WeightsError, match="unknown weights file extension '.npz'"):
+        load_tensors(path)
+
+
+def test_load_tensors_of_a_missing_file_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "missing.safetensors"
+
+    with pytest.raises(FileNotFoundError, match=f"no weights file at {path}"):
+        load_tensors(path)
+
+
+def test_failed_save_leaves_the_existing_file_untouched_and_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+    save_tensors(path, tensors())
+    before = path.read_bytes()
+    shared = torch.zeros(4)
+
+    with pytest.raises(WeightsError, match=f"cannot write {path}"):
+        save_tensors(path, {"a": shared, "b": shared})  # safetensors refuses tensors that share memory
+
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["weights.safetensors"]
+
+
+def test_save_interrupted_before_the_final_rename_leaves_the_existing_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "weights.safetensors"
+    save_tensors(path, tensors())
+    before = path.read_bytes()
+
+    def fail_replace(source: str, destination: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail_replace)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_tensors(path, {"other": torch.ones(8)})
+
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["weights.safetensors"]
+
+
+def test_save_tensors_writes_only_safetensors_files(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="save_tensors writes safetensors"):
+        save_tensors(tmp_path / "weights.pth", tensors())
+
+
+def test_save_tensors_rejects_values_that_are_not_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "weights.safetensors"
+
+    with pytest.raises(WeightsError, match=f"cannot write {path}: entry 'scale' is a float, not a tensor"):
+        save_tensors(path, {"scale": 2.0})  # pyright: ignore[reportArgumentType]
+    assert os.listdir(tmp_path) == []
+
+
+def test_resolve_path_returns_local_files_and_folders_as_they_are(tmp_path: Path) -> None:
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "model.safetensors").write_bytes(b"")
+
+    assert resolve_path(tmp_path) == tmp_path
+    assert resolve_path(str(tmp_path / "unet" / "model.safetensors")) == tmp_path / "unet" / "model.safetensors"
+    assert resolve_path(tmp_path, "model.safetensors", subfolder="unet") == tmp_path / "unet" / "model.safetensors"
+    with pytest.raises(FileNotFoundError, match=f"no unet/missing.bin in {tmp_path}"):
+        resolve_path(tmp_path, "missing.bin", subfolder="unet")
+
+
+def test_resolve_path_rejects_an_empty_string() -> None:
+    with pytest.raises(ValueError, match="empty string"):
+        resolve_path("")
+
+
+def test_resolve_path_finds_hub_files_in_the_cache_offline(tmp_path: Path) -> None:
+    """A fake Hugging Face cache (the layout `huggingface_hub` writes) under a temporary HF_HOME, with
+    HF_HUB_OFFLINE=1. Run in a subprocess so `huggingface_hub` reads these variables at import, as for a user."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf_home" / "hub" / "models--acme--tiny"
+    snapshot = repo / "snapshots" / sha
+    (snapshot / "unet").mkdir(parents=True)
+    save_tensors(snapshot / "model.safetensors", {"weight": torch.ones(2)})
+    (snapshot / "unet" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    script = textwrap.dedent(f"""
+        import json
+        from refiners_core.weights import load_tensors, resolve_path
+
+        def missing(*args, **kwargs):
+            try:
+                resolve_path(*args, **kwargs)
+            except FileNotFoundError as error:
+                return str(error)
+
+        print(json.dumps({{
+            "file": str(resolve_path("acme/tiny", "model.safetensors")),
+            "loaded": load_tensors(resolve_path("acme/tiny", "model.safetensors"))["weight"].tolist(),
+            "pinned": str(resolve_path("acme/tiny", "model.safetensors", revision="{sha}")),
+            "subfolder_file": str(resolve_path("acme/tiny", "config.json", subfolder="unet")),
+            "folder": str(resolve_path("acme/tiny")),
+            "subfolder": str(resolve_path("acme/tiny", subfolder="unet")),
+            "missing_repo": missing("acme/missing", "model.safetensors"),
+            "missing_file": missing("acme/tiny", "vae.safetensors"),
+        }}))
+    """)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    environment |= {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=120
+    )
+
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["file"] == str(snapshot / "model.safetensors")
+    assert found["loaded"] == [1.0, 1.0]
+    assert found["pinned"] == str(snapshot / "model.safetensors")
+    assert found["subfolder_file"] == str(snapshot / "unet" / "config.json")
+    assert found["folder"] == str(snapshot)
+    assert found["subfolder"] == str(snapshot / "unet")
+    assert found["missing_repo"].startswith("cannot find 'model.safetensors' in 'acme/missing': ")
+    assert found["missing_file"].startswith("cannot find 'vae.safetensors' in 'acme/tiny': ")
