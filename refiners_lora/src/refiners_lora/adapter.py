@@ -32,8 +32,8 @@ class Lora(fl.Module):
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         self.rank = rank
         self.scale = scale
-        self.down: nn.Module
-        self.up: nn.Module
+        self.down: fl.Linear | fl.Conv2d
+        self.up: fl.Linear | fl.Conv2d
         if isinstance(target, fl.Linear):
             self.down = fl.Linear(target.in_features, rank, bias=False, device=device, dtype=dtype)
             self.up = fl.Linear(rank, target.out_features, bias=False, device=device, dtype=dtype)
@@ -52,7 +52,7 @@ class Lora(fl.Module):
                 dtype=dtype,
             )
             self.up = fl.Conv2d(rank, target.out_channels, kernel_size=1, use_bias=False, device=device, dtype=dtype)
-        nn.init.zeros_(self.up.weight)  # type: ignore[arg-type]
+        nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x)) * self.scale

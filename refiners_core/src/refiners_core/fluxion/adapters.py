@@ -39,6 +39,7 @@ class Adapter(Generic[T]):
     """Mixin for layers that replace a target layer of a model (see the module docstring)."""
 
     _adapter_target: list[T]
+    _target_holders: ParentLinks
     _injected_into: ParentLinks
 
     @property
@@ -56,7 +57,8 @@ class Adapter(Generic[T]):
         """Wrap the construction of the adapter: `with self.setup_adapter(target): super().__init__(target, ...)`.
 
         Building the adapter must not move the target out of the model: the target keeps its parents until
-        `inject` is called.
+        `inject` is called. The chains of the adapter that take the target in (the adapter itself, or a
+        chain nested in it) are remembered and become the target's parents while the adapter is injected.
         """
         if not isinstance(target, Module):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"{type(self).__name__} needs a refiners_core.fluxion layer to adapt, got {target!r}")
@@ -64,25 +66,79 @@ class Adapter(Generic[T]):
         try:
             yield
         finally:
+            holders = ParentLinks(p for p in target._parents if not any(p is q for q in parents))
             target._parents[:] = parents
         self._adapter_target = [target]
+        self._target_holders = holders
         self._injected_into = ParentLinks()
 
     def inject(self: TAdapter, parent: Chain | None = None) -> TAdapter:
-        """Put this adapter in the place of its target inside `parent` (the target's parent if not given)."""
+        """Put this adapter in the place of its target inside `parent` (the target's parent if not given).
+
+        Raises AdapterError, naming the adapter and the layer path, if the adapter is already injected or
+        `parent` does not hold the target.
+        """
         target = self.target
+        me = self._as_module()
         if self.is_injected:
-            raise AdapterError(f"{self._describe()} is already injected at `{self._as_module().get_path()}`")
+            raise AdapterError(f"{self._describe()} is already injected at `{me.get_path()}`")
         parent = parent or self._target_parent()
         if not any(child is target for child in parent):
             raise AdapterError(
                 f"cannot inject {self._describe()} into `{parent.get_path()}`: "
                 f"its target `{target.get_path()}` ({type(target).__name__}) is not a child of it"
             )
-        parent.replace(target, self._as_module())
-        target._parents.append(self._as_module())  # type: ignore[arg-type]
+        slot = _index(target._parents, parent)
+        parent.replace(target, me)
+        target._parents[slot:slot] = self._target_holders
         self._injected_into = ParentLinks([parent])
         return self
+
+    def eject(self) -> None:
+        """Take the adapter out and put its target back where it was (same object, same weights).
+
+        Raises AdapterError if the adapter is not injected, or the model was edited so that it no longer is
+        where `inject` put it.
+        """
+        if not self.is_injected:
+            raise AdapterError(f"cannot eject {self._describe()}: it is not injected")
+        parent = self._injected_into[0]
+        me = self._as_module()
+        target = self.target
+        occupant, holder = self._occupant()
+        if not any(child is me for child in parent) or occupant is None or holder is None:
+            raise AdapterError(
+                f"cannot eject {self._describe()}: it is no longer a child of `{parent.get_path()}`, where it was "
+                "injected (was the model edited after inject?)"
+            )
+        if occupant is target:
+            slot = min(_index(target._parents, holder) for holder in self._target_holders)
+            target._parents[:] = [p for p in target._parents if not _contains(self._target_holders, p)]
+            parent.replace(me, target)
+            target._parents.insert(slot, target._parents.pop(_index(target._parents, parent)))
+        else:
+            # Another adapter was injected on the same target after this one: it takes this one's place,
+            # and this adapter gets its target back so that it can be injected again.
+            parent.replace(me, occupant)
+            occupant._injected_into = ParentLinks([parent])  # type: ignore[attr-defined]
+            holder.replace(occupant, target)
+            target._parents[:] = [p for p in target._parents if p is not holder]
+        self._injected_into = ParentLinks()
+
+    def _remap_copied(self, copies: dict[int, Module]) -> None:
+        """After a structural copy, point at the copies of the target, its holders and the parent."""
+        self._adapter_target = [copies.get(id(self.target), self.target)]  # type: ignore[list-item]
+        self._target_holders = ParentLinks(copies.get(id(h), h) for h in self._target_holders)  # type: ignore[misc]
+        self._injected_into = ParentLinks(copies.get(id(p), p) for p in self._injected_into)  # type: ignore[misc]
+
+    def _occupant(self) -> tuple[Module | None, Chain | None]:
+        """What sits in the target's place inside this adapter (the target, or an adapter stacked on it)."""
+        target = self.target
+        for holder in self._target_holders:
+            for child in holder:
+                if child is target or _adapts(child, target):
+                    return child, holder
+        return None, None
 
     def _target_parent(self) -> Chain:
         target = self.target
@@ -94,30 +150,6 @@ class Adapter(Generic[T]):
                 "pass the parent explicitly with inject(parent)"
             )
         return parents[0]
-
-    def eject(self) -> None:
-        """Take the adapter out and put its target back where it was (same object, same weights)."""
-        if not self.is_injected:
-            raise AdapterError(f"cannot eject {self._describe()}: it is not injected")
-        parent = self._injected_into[0]
-        me = self._as_module()
-        if not any(child is me for child in parent):
-            raise AdapterError(
-                f"cannot eject {self._describe()}: it is no longer a child of `{parent.get_path()}` "
-                "(was the model edited after inject?)"
-            )
-        target = self.target
-        inner: Module = next(child for child in me.children() if child is target or _adapts(child, target))  # type: ignore[assignment]
-        if inner is target:
-            target._parents[:] = [p for p in target._parents if p is not me]
-            parent.replace(me, target)
-        else:
-            # Another adapter was injected on the same target after this one: it takes this one's place.
-            parent.replace(me, inner)
-            inner._injected_into = ParentLinks([parent])  # type: ignore[attr-defined]
-            me.replace(inner, target)  # type: ignore[attr-defined]
-            target._parents[:] = [p for p in target._parents if p is not me]
-        self._injected_into = ParentLinks()
 
     def _as_module(self) -> Module:
         if not isinstance(self, Module):
@@ -131,3 +163,11 @@ class Adapter(Generic[T]):
 
 def _adapts(layer: object, target: Module) -> bool:
     return isinstance(layer, Adapter) and layer.target is target  # type: ignore[union-attr]
+
+
+def _contains(links: list[Chain], chain: Chain) -> bool:
+    return any(link is chain for link in links)
+
+
+def _index(links: list[Chain], chain: Chain) -> int:
+    return next(index for index, link in enumerate(links) if link is chain)

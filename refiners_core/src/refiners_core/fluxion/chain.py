@@ -50,6 +50,18 @@ class Chain(Module):
             raise
         return result
 
+    def _call_each(self, args: tuple[Any, ...]) -> list[Any]:
+        """Call every layer with the same inputs (for combinators), annotating a failure like `forward`."""
+        outputs: list[Any] = []
+        layer: Any = None
+        try:
+            for layer in self._modules.values():
+                outputs.append(layer(*args))
+        except Exception as error:
+            self._annotate(error, layer, args)
+            raise
+        return outputs
+
     # Contexts
 
     @property
@@ -57,9 +69,12 @@ class Chain(Module):
         """This chain's own context provider (only the root's is in use while the chain is part of a model)."""
         return self._provider
 
-    def set_context(self, context: str, values: dict[str, Any]) -> None:
-        """Store `values` under the named context of the model, for layers that use it."""
-        self._context_provider().set(context, values)
+    def set_context(self, context: str, value: dict[str, Any]) -> None:
+        """Store the entries of `value` under the named context of the model, for layers that use it.
+
+        Entries already in the context and not in `value` are kept.
+        """
+        self._context_provider().set(context, value)
 
     # Reading the tree
 
@@ -77,6 +92,8 @@ class Chain(Module):
 
     def __getitem__(self, key: int | str) -> Module:
         """A child by position, or a layer by name or dotted path (`chain["Residual_1.Attention"]`)."""
+        if not isinstance(key, (int, str)):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"a Chain is indexed by position or layer path, not {type(key).__name__}")
         if isinstance(key, int):
             return list(self)[key]
         node: Module = self
@@ -95,6 +112,12 @@ class Chain(Module):
             if child is layer:
                 return name
         raise ValueError(f"{type(layer).__name__} is not a child of `{self.get_path()}`")
+
+    @overload
+    def walk(self, predicate: type[T], recurse: bool = False) -> Iterator[tuple[T, Chain]]: ...
+
+    @overload
+    def walk(self, predicate: WalkPredicate | None = None, recurse: bool = False) -> Iterator[tuple[Module, Chain]]: ...
 
     def walk(
         self, predicate: type[T] | WalkPredicate | None = None, recurse: bool = False
@@ -126,7 +149,7 @@ class Chain(Module):
     def layers(self, layer_type: type[T], recurse: bool = True) -> Iterator[T]:
         """Yield every layer of the given type, depth first (nested ones too unless `recurse` is false)."""
         for layer, _ in self.walk(layer_type, recurse=recurse):
-            yield layer  # type: ignore[misc]
+            yield layer
 
     def find(self, layer_type: type[T]) -> T | None:
         """The first layer of the given type, depth first, or None."""
@@ -180,12 +203,14 @@ class Chain(Module):
         layers[self._index_of(old_layer)] = new_layer
         self._set_layers(layers)
 
-    def structural_copy(self: TChain) -> TChain:
-        """A copy of the chain's structure that shares the weights of its layers (see `Module.structural_copy`)."""
+    def _structural_copy(self: TChain, copies: dict[int, Module]) -> TChain:
         clone = self._shallow_copy()
-        clone._provider = ContextProvider(self._provider.contexts)
+        copies[id(self)] = clone
+        clone._provider = self._provider.copy(fresh=self.init_context())
         clone._modules = {}
-        clone._set_layers(layer.structural_copy() for layer in self)
+        clone._set_layers(layer._structural_copy(copies) for layer in self)
+        if isinstance(clone, Adapter):
+            clone._remap_copied(copies)  # pyright: ignore[reportUnknownMemberType]
         return clone
 
     def _index_of(self, layer: Module) -> int:
@@ -280,7 +305,7 @@ class Parallel(Chain):
     """Feed the same inputs to every layer and return their outputs as a tuple."""
 
     def forward(self, *args: Any) -> tuple[Any, ...]:
-        return tuple(layer(*args) for layer in self)
+        return tuple(self._call_each(args))
 
 
 class Distribute(Chain):
@@ -289,7 +314,15 @@ class Distribute(Chain):
     def forward(self, *args: Any) -> tuple[Any, ...]:
         if len(args) != len(self):
             raise ValueError(f"`{self.get_path()}` has {len(self)} layers but received {len(args)} inputs")
-        return tuple(layer(arg) for layer, arg in zip(self, args))
+        outputs: list[Any] = []
+        layer: Any = None
+        try:
+            for layer, arg in zip(self._modules.values(), args):
+                outputs.append(layer(arg))
+        except Exception as error:
+            self._annotate(error, layer, args[len(outputs)])
+            raise
+        return tuple(outputs)
 
 
 class Passthrough(Chain):
@@ -304,10 +337,10 @@ class Sum(Chain):
     """Feed the same inputs to every layer and add their outputs."""
 
     def forward(self, *args: Any) -> Any:
-        layers = iter(self)
-        total = next(layers)(*args)
-        for layer in layers:
-            total = total + layer(*args)
+        outputs = self._call_each(args)
+        total = outputs[0]
+        for output in outputs[1:]:
+            total = total + output
         return total
 
 
@@ -319,7 +352,7 @@ class Concatenate(Chain):
         self.dim = dim
 
     def forward(self, *args: Any) -> torch.Tensor:
-        return torch.cat([layer(*args) for layer in self], dim=self.dim)
+        return torch.cat(self._call_each(args), dim=self.dim)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"

@@ -30,17 +30,28 @@ class ContextProvider:
         """Update the named context with `values`, creating it if needed."""
         self.contexts.setdefault(context, {}).update(values)
 
-    def get(self, context: str, requester: Module | None = None) -> Context:
-        """The named context, or a `ContextError` naming it and the layer that asked."""
+    def get(self, context: str, requester: Module | None = None, key: str | None = None) -> Context:
+        """The named context, or a `ContextError` naming it, the key wanted and the layer that asked."""
         try:
             return self.contexts[context]
         except KeyError:
+            wanted = f" (for its key '{key}')" if key is not None else ""
             where = f" by {type(requester).__name__} at `{requester.get_path()}`" if requester is not None else ""
             known = ", ".join(sorted(self.contexts)) or "none"
+            example = f"'{key}': ..." if key is not None else "..."
             raise ContextError(
-                f"context '{context}' was requested{where} but never set (set contexts: {known}); "
-                f"call `model.set_context('{context}', {{...}})` first"
+                f"context '{context}' was requested{wanted}{where} but never set (set contexts: {known}); "
+                f"call `model.set_context('{context}', {{{example}}})` first"
             ) from None
+
+    def copy(self, fresh: Contexts) -> ContextProvider:
+        """A copy for a structural copy of the model: `fresh` defaults, plus the other values set here."""
+        copied = ContextProvider(fresh)
+        for name, values in self.contexts.items():
+            mine = copied.contexts.setdefault(name, {})
+            for key, value in values.items():
+                mine.setdefault(key, value)
+        return copied
 
     def absorb(self, other: ContextProvider) -> None:
         """Take the contexts of a chain that joins this model; values already set here win."""

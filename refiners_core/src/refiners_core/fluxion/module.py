@@ -95,9 +95,12 @@ class Module(nn.Module):
             raise ValueError(f"{type(self).__name__} at `{self.get_path()}` is not inside {type(top).__name__}")
         return ".".join(reversed(names))
 
-    def use_context(self, context: str) -> Context:
-        """The named context of the model this layer belongs to (see `Chain.set_context`)."""
-        return self._context_provider().get(context, requester=self)
+    def use_context(self, context: str, key: str | None = None) -> Context:
+        """The named context of the model this layer belongs to (see `Chain.set_context`).
+
+        `key` only serves the error message when the context was never set.
+        """
+        return self._context_provider().get(context, requester=self, key=key)
 
     def _context_provider(self) -> ContextProvider:
         from refiners_core.fluxion.chain import Chain
@@ -113,9 +116,14 @@ class Module(nn.Module):
         Layers holding parameters or buffers are shared; other layers are copied. Adapters injected into
         the copy do not affect the original.
         """
+        return self._structural_copy({})
+
+    def _structural_copy(self: TModule, copies: dict[int, Module]) -> TModule:
         if _holds_tensors(self):
             return self
-        return self._shallow_copy()
+        clone = self._shallow_copy()
+        copies[id(self)] = clone
+        return clone
 
     def _shallow_copy(self: TModule) -> TModule:
         clone = copy.copy(self)

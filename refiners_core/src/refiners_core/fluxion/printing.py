@@ -53,7 +53,7 @@ def _label(names: list[str], layer: Module) -> str:
 
 def _count(number: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if number >= size:
+        if number >= 1000 and round(number / size, 1) >= 1:
             return f"{number / size:.1f}{unit}"
     return str(number)
 

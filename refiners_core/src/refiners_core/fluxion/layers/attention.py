@@ -79,8 +79,8 @@ class SelfAttention(Attention):
     def __init__(
         self,
         embedding_dim: int,
-        num_heads: int = 1,
         inner_dim: int | None = None,
+        num_heads: int = 1,
         use_bias: bool = True,
         is_causal: bool = False,
         device: Device = None,

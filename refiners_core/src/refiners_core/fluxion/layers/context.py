@@ -20,7 +20,7 @@ class SetContext(Module):
 
     def forward(self, *args: Any) -> Any:
         value = args[0] if len(args) == 1 else args
-        values = self.use_context(self.context)
+        values = self.use_context(self.context, key=self.key)
         if self.callback is None:
             values[self.key] = value
         else:
@@ -40,7 +40,7 @@ class UseContext(Module):
         self.key = key
 
     def forward(self, *args: Any) -> Any:
-        values = self.use_context(self.context)
+        values = self.use_context(self.context, key=self.key)
         try:
             return values[self.key]
         except KeyError:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from refiners_core.fluxion.chain import Chain
-from refiners_core.fluxion.layers.activations import GeLU
+from refiners_core.fluxion.layers.activations import ReLU
 from refiners_core.fluxion.module import Module
 
 Device = torch.device | str | None
@@ -40,7 +40,7 @@ class MultiLinear(Chain):
         output_dim: int,
         inner_dim: int,
         num_layers: int,
-        activation: type[Module] = GeLU,
+        activation: type[Module] = ReLU,
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
