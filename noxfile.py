@@ -14,7 +14,7 @@ import nox
 ROOT = Path(__file__).parent
 CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
 PACKAGES = ["refiners_core", "refiners_lora", "refiners_sd15", "refiners_sam"]
-PLUGINS = sorted(path.name for path in (ROOT / "plugins").iterdir() if (path / "pyproject.toml").exists())
+PLUGINS = sorted(path.parent.name for path in ROOT.glob("plugins/*/pyproject.toml"))
 
 nox.options.sessions = ["tests", "tests_plugins", "tests_all"]
 nox.options.error_on_missing_interpreters = True
