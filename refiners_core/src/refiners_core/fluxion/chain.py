@@ -44,7 +44,12 @@ class Chain(Module):
         layer: Any = None
         try:
             for layer in self._modules.values():
-                result = layer(*result) if isinstance(result, tuple) else layer(result)
+                # Testing for a tensor first keeps the common case on isinstance's exact-type fast path: a
+                # miss such as `isinstance(tensor, tuple)` costs about 4x more, once per layer.
+                if isinstance(result, torch.Tensor) or not isinstance(result, tuple):
+                    result = layer(result)
+                else:
+                    result = layer(*result)
         except Exception as error:
             self._annotate(error, layer, result)
             raise

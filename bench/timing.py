@@ -1,0 +1,182 @@
+"""Timing helpers shared by the benchmarks: interleaved comparisons, environment capture, Markdown tables.
+
+A comparison runs "ours" and "reference" in the same process, alternating them round after round, so
+that drift on a shared machine (other processes, frequency scaling, cache state) affects both sides alike.
+Each round times a batch of calls per side. By default the clock is the CPU time of the process, which does
+not count the time other processes hold the CPU: on a busy 2-core machine wall-clock medians can double
+while CPU time stays within a percent.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call, one sample per round."""
+
+    samples: tuple[float, ...]
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Timings of ours and of the reference, taken in the same interleaved rounds."""
+
+    ours: Timing
+    reference: Timing
+    calls_per_round: int
+
+    @property
+    def ratio_min(self) -> float:
+        """Best time of ours over best time of the reference (above 1: ours is slower)."""
+        return self.ours.min / self.reference.min
+
+    @property
+    def ratios(self) -> list[float]:
+        """Ours / reference for each round, the two samples of a round being taken back to back."""
+        return [o / r for o, r in zip(self.ours.samples, self.reference.samples, strict=True)]
+
+    @property
+    def ratio_median(self) -> float:
+        """Median of the per-round ratios: unlike a ratio of medians, it cancels drift slower than a round."""
+        return statistics.median(self.ratios)
+
+    @property
+    def ratio_median_ci(self) -> tuple[float, float]:
+        """Distribution-free 95% confidence interval of `ratio_median`, from order statistics of the ratios.
+
+        It assumes independent rounds, so it is a guide to the noise of a run, not a guarantee.
+        """
+        ratios = sorted(self.ratios)
+        half_width = 1.96 * math.sqrt(len(ratios)) / 2
+        low = max(0, math.floor(len(ratios) / 2 - half_width) - 1)
+        high = min(len(ratios) - 1, math.ceil(len(ratios) / 2 + half_width))
+        return ratios[low], ratios[high]
+
+
+def compare(
+    ours: Callable[[], Any],
+    reference: Callable[[], Any],
+    rounds: int,
+    warmup_rounds: int = 10,
+    round_seconds: float = 0.01,
+    clock: Callable[[], float] = time.process_time,
+) -> Comparison:
+    """Time `ours` and `reference` in `rounds` interleaved rounds, after `warmup_rounds` untimed ones.
+
+    Both sides make the same number of calls per round, chosen so that the slower side takes about
+    `round_seconds` (timer resolution and per-round overhead then vanish). The side that goes first
+    alternates from round to round. The garbage collector is off while timing, as in `timeit`. The default
+    `clock` suits CPU work run by the calling process; GPU work needs `time.perf_counter` and functions that
+    synchronize before returning.
+    """
+    if rounds < 1:
+        raise ValueError(f"compare needs at least one round, got rounds={rounds}")
+    calls = _calls_per_round(ours, reference, round_seconds, clock)
+    ours_samples: list[float] = []
+    reference_samples: list[float] = []
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for index in range(warmup_rounds + rounds):
+            ours_first = index % 2 == 0
+            first, second = (ours, reference) if ours_first else (reference, ours)
+            first_time = _time_calls(first, calls, clock)
+            second_time = _time_calls(second, calls, clock)
+            if index < warmup_rounds:
+                continue
+            ours_samples.append(first_time if ours_first else second_time)
+            reference_samples.append(second_time if ours_first else first_time)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Comparison(Timing(tuple(ours_samples)), Timing(tuple(reference_samples)), calls)
+
+
+def _time_calls(function: Callable[[], Any], calls: int, clock: Callable[[], float]) -> float:
+    start = clock()
+    for _ in range(calls):
+        function()
+    return (clock() - start) / calls
+
+
+def _calls_per_round(
+    ours: Callable[[], Any], reference: Callable[[], Any], round_seconds: float, clock: Callable[[], float]
+) -> int:
+    # The best of five single calls per side: one slow call must not halve the number of calls per round.
+    slowest = max(min(_time_calls(function, 1, clock) for _ in range(5)) for function in (ours, reference))
+    return max(1, math.ceil(round_seconds / slowest))
+
+
+def max_abs_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute elementwise difference; raises `ValueError` if the shapes differ."""
+    if ours.shape != reference.shape:
+        raise ValueError(f"outputs differ in shape: ours {tuple(ours.shape)}, reference {tuple(reference.shape)}")
+    return (ours.float() - reference.float()).abs().max().item()
+
+
+def environment() -> dict[str, str]:
+    """What a reader needs to reproduce or discount a measurement: versions, CPU, threads, load."""
+    cpus = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return {
+        "date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "refiners-core": _version("refiners-core"),
+        "platform": platform.platform(),
+        "CPU": _cpu_model(),
+        "logical CPUs (usable)": f"{cpus} ({usable})",
+        "torch threads (intra-op, inter-op)": f"{torch.get_num_threads()}, {torch.get_num_interop_threads()}",
+        "load average at start (1, 5, 15 min)": load,
+    }
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
+    """A GitHub Markdown table; `align` has one letter per column, `l` or `r` (default: all left)."""
+    align = align or "l" * len(headers)
+    if len(align) != len(headers) or any(len(row) != len(headers) for row in rows):
+        raise ValueError(f"every row and `align` must have {len(headers)} columns, like the headers")
+    rules = ["---:" if letter == "r" else "---" for letter in align]
+    lines = [headers, rules, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
