@@ -1,5 +1,20 @@
-"""Stable Diffusion 1.5 for refiners: CLIP text encoder and tokenizer, UNet, autoencoder, solvers and pipelines."""
+"""Stable Diffusion 1.5 for refiners: CLIP text encoder and tokenizer, UNet, autoencoder, solvers and pipelines.
 
-from importlib.metadata import version
+from refiners_sd15 import StableDiffusion_1
 
-__version__ = version("refiners-sd15")
+sd = StableDiffusion_1.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from refiners_sd15.autoencoder import SD1Autoencoder
+from refiners_sd15.clip import CLIPTextEncoderL, CLIPTokenizer
+from refiners_sd15.model import StableDiffusion_1
+from refiners_sd15.unet import SD1UNet
+
+try:
+    __version__ = version("refiners-sd15")
+except PackageNotFoundError:  # imported from a source tree that is not installed
+    __version__ = "0.0.0"
+
+__all__ = ["CLIPTextEncoderL", "CLIPTokenizer", "SD1Autoencoder", "SD1UNet", "StableDiffusion_1", "__version__"]

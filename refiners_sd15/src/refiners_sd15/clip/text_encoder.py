@@ -1,0 +1,239 @@
+"""The CLIP ViT-L/14 text encoder of Stable Diffusion 1.5: prompts to the embeddings the UNet attends to.
+
+Same computation as transformers' `CLIPTextModel(input_ids).last_hidden_state`: token and position embeddings,
+pre-norm transformer layers with causal self-attention (no padding mask: SD1.5 pads with the end-of-text token and
+every position attends to the ones before it), then a final layer norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import refiners_core.fluxion as fl
+from refiners_sd15.clip.mapping import TEXT_ENCODER_FORMAT
+from refiners_sd15.clip.tokenizer import CLIPTokenizer
+from refiners_sd15.loading import PretrainedComponent
+
+Device = torch.device | str | None
+
+
+class TokenIds(fl.Module):
+    """Prompts to token ids with `tokenizer`; token ids (an integer tensor `(B, L)`) go through unchanged."""
+
+    def __init__(self, tokenizer: CLIPTokenizer) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, text: str | Sequence[str] | torch.Tensor) -> torch.Tensor:
+        if isinstance(text, torch.Tensor):
+            return text
+        return self.tokenizer(text)
+
+    def extra_repr(self) -> str:
+        return self.tokenizer.short_repr()
+
+
+class TokenEncoder(fl.Module):
+    """One learned vector per token id: `(B, L, D)` for token ids `(B, L)`, moved first to the table's device."""
+
+    def __init__(
+        self, vocabulary_size: int, embedding_dim: int, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.vocabulary_size = vocabulary_size
+        self.embedding_dim = embedding_dim
+        self.weight = nn.Parameter(torch.empty(vocabulary_size, embedding_dim, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids.to(self.weight.device), self.weight)
+
+    def extra_repr(self) -> str:
+        return f"vocabulary_size={self.vocabulary_size}, embedding_dim={self.embedding_dim}"
+
+
+class PositionalEncoder(fl.Module):
+    """One learned vector per position: `(L, D)` for token ids `(B, L)`, added to every sequence of the batch."""
+
+    def __init__(
+        self, max_sequence_length: int, embedding_dim: int, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.max_sequence_length = max_sequence_length
+        self.embedding_dim = embedding_dim
+        self.weight = nn.Parameter(torch.empty(max_sequence_length, embedding_dim, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        length = token_ids.shape[-1]
+        if length > self.max_sequence_length:
+            raise ValueError(
+                f"PositionalEncoder: sequences of at most {self.max_sequence_length} tokens, got {length} "
+                "(tokenize with truncation)"
+            )
+        return self.weight[:length]
+
+    def extra_repr(self) -> str:
+        return f"max_sequence_length={self.max_sequence_length}, embedding_dim={self.embedding_dim}"
+
+
+class SelfAttentionBlock(fl.Residual):
+    """`x + attention(norm(x))`: causal multi-head self-attention, each position seeing itself and those before."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_attention_heads: int,
+        layer_norm_eps: float,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            fl.LayerNorm(embedding_dim, eps=layer_norm_eps, device=device, dtype=dtype),
+            fl.SelfAttention(embedding_dim, num_heads=num_attention_heads, is_causal=True, device=device, dtype=dtype),
+        )
+
+
+class FeedForwardBlock(fl.Residual):
+    """`x + linear(activation(linear(norm(x))))`, with CLIP's QuickGeLU or the exact GeLU."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        feedforward_dim: int,
+        layer_norm_eps: float,
+        use_quick_gelu: bool,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            fl.LayerNorm(embedding_dim, eps=layer_norm_eps, device=device, dtype=dtype),
+            fl.Linear(embedding_dim, feedforward_dim, device=device, dtype=dtype),
+            fl.QuickGeLU() if use_quick_gelu else fl.GeLU(),
+            fl.Linear(feedforward_dim, embedding_dim, device=device, dtype=dtype),
+        )
+
+
+class TransformerLayer(fl.Chain):
+    """One layer of the text transformer: self-attention, then feed-forward, each pre-normalised and residual."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_attention_heads: int,
+        feedforward_dim: int,
+        layer_norm_eps: float,
+        use_quick_gelu: bool,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            SelfAttentionBlock(embedding_dim, num_attention_heads, layer_norm_eps, device=device, dtype=dtype),
+            FeedForwardBlock(
+                embedding_dim, feedforward_dim, layer_norm_eps, use_quick_gelu, device=device, dtype=dtype
+            ),
+        )
+
+
+class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
+    """CLIP ViT-L/14's text encoder, as Stable Diffusion 1.5 uses it: its last hidden state, after the final norm.
+
+    Called on a prompt (or a list of N prompts), it tokenizes them with `tokenizer` and returns the embeddings
+    `(1, 77, 768)` (or `(N, 77, 768)`); called on token ids `(B, L)` with `L <= max_sequence_length`, it returns
+    `(B, L, embedding_dim)`. The output matches transformers' `CLIPTextModel(input_ids).last_hidden_state`.
+
+    `CLIPTextEncoderL()` has the published SD1.5 architecture; the keyword arguments describe other CLIP text
+    transformers (e.g. OpenCLIP ViT-H of SD2: `embedding_dim=1024, num_layers=23, num_attention_heads=16,
+    feedforward_dim=4096, use_quick_gelu=False`). Every parameter is created on `device` with `dtype`.
+
+    Args:
+        device: device of the parameters.
+        dtype: dtype of the parameters (and so of the output).
+        tokenizer: turns prompts into token ids; defaults to SD1.5's `CLIPTokenizer` of `max_sequence_length` ids.
+        embedding_dim: width of the transformer.
+        num_layers: number of transformer layers.
+        num_attention_heads: attention heads per layer (must divide `embedding_dim`).
+        feedforward_dim: inner width of the feed-forward blocks.
+        max_sequence_length: number of learned positions.
+        vocabulary_size: number of token ids.
+        layer_norm_eps: epsilon of every layer norm.
+        use_quick_gelu: QuickGeLU (`x * sigmoid(1.702 x)`, OpenAI's CLIP) in the feed-forward blocks, else the
+            exact GeLU.
+
+    Raises:
+        ValueError: if `num_attention_heads` does not divide `embedding_dim`, or the tokenizer produces longer
+            sequences than `max_sequence_length`.
+    """
+
+    component_format = TEXT_ENCODER_FORMAT
+
+    def __init__(
+        self,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        *,
+        embedding_dim: int = 768,
+        num_layers: int = 12,
+        num_attention_heads: int = 12,
+        feedforward_dim: int = 3072,
+        max_sequence_length: int = 77,
+        vocabulary_size: int = 49408,
+        layer_norm_eps: float = 1e-5,
+        use_quick_gelu: bool = True,
+    ) -> None:
+        if embedding_dim % num_attention_heads:
+            raise ValueError(
+                f"CLIPTextEncoderL: embedding_dim={embedding_dim} is not divisible by "
+                f"num_attention_heads={num_attention_heads}"
+            )
+        if tokenizer is None:
+            tokenizer = CLIPTokenizer(sequence_length=max_sequence_length)
+        if tokenizer.sequence_length > max_sequence_length:
+            raise ValueError(
+                f"CLIPTextEncoderL: the tokenizer gives sequences of {tokenizer.sequence_length} ids but the encoder "
+                f"has max_sequence_length={max_sequence_length} positions"
+            )
+        self.embedding_dim = embedding_dim
+        self.num_layers = num_layers
+        self.num_attention_heads = num_attention_heads
+        self.feedforward_dim = feedforward_dim
+        self.max_sequence_length = max_sequence_length
+        self.vocabulary_size = vocabulary_size
+        self.layer_norm_eps = layer_norm_eps
+        self.use_quick_gelu = use_quick_gelu
+        super().__init__(
+            TokenIds(tokenizer),
+            fl.Sum(
+                TokenEncoder(vocabulary_size, embedding_dim, device=device, dtype=dtype),
+                PositionalEncoder(max_sequence_length, embedding_dim, device=device, dtype=dtype),
+            ),
+            (
+                TransformerLayer(
+                    embedding_dim,
+                    num_attention_heads,
+                    feedforward_dim,
+                    layer_norm_eps,
+                    use_quick_gelu,
+                    device=device,
+                    dtype=dtype,
+                )
+                for _ in range(num_layers)
+            ),
+            fl.LayerNorm(embedding_dim, eps=layer_norm_eps, device=device, dtype=dtype),
+        )
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        """The tokenizer applied to prompts (it holds no weights: it is not part of the state_dict)."""
+        return self.ensure_find(TokenIds).tokenizer
+
+    def extra_repr(self) -> str:
+        return (
+            f"embedding_dim={self.embedding_dim}, num_layers={self.num_layers}, "
+            f"num_attention_heads={self.num_attention_heads}"
+        )

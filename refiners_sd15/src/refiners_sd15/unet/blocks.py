@@ -1,0 +1,270 @@
+"""The blocks of the Stable Diffusion 1.5 UNet.
+
+Two contexts carry data to the blocks: `"diffusion"` holds the inputs set by the caller (`timestep`,
+`clip_text_embedding`), `"unet"` holds what the UNet computes for its own layers (`timestep_embedding`,
+and the skip connections `skip_0`, `skip_1`... from the down path to the up path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+import refiners_core.fluxion as fl
+
+Device = torch.device | str | None
+
+
+class SinusoidalEmbedding(fl.Module):
+    """Encode timesteps `(N,)` (or a scalar) as `(N, dim)` features `[cos(t f_i), sin(t f_i)]`, `f_i = 10000^(-2i/dim)`.
+
+    The angles are computed in float32 (float64 for a float64 model), then cast to the model's dtype: half
+    precision cannot resolve `t f_i` for timesteps in the hundreds.
+    """
+
+    anchor: torch.Tensor
+
+    def __init__(self, dim: int, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"SinusoidalEmbedding needs an even dim, got {dim}")
+        self.dim = dim
+        # An empty buffer that follows the model's device and dtype through `.to()`; not part of the state dict.
+        self.register_buffer("anchor", torch.empty(0, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, timestep: torch.Tensor) -> torch.Tensor:
+        compute_dtype = torch.promote_types(self.anchor.dtype, torch.float32)
+        half = self.dim // 2
+        exponents = -math.log(10000.0) * torch.arange(half, device=self.anchor.device, dtype=compute_dtype) / half
+        angles = timestep.reshape(-1, 1).to(device=self.anchor.device, dtype=compute_dtype) * exponents.exp()
+        return torch.cat([angles.cos(), angles.sin()], dim=-1).to(self.anchor.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class TimestepEncoder(fl.Passthrough):
+    """Embed the `diffusion.timestep` context into `unet.timestep_embedding` (sinusoids, then an MLP)."""
+
+    def __init__(
+        self, channels: int, embedding_dim: int, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(
+            fl.UseContext("diffusion", "timestep"),
+            SinusoidalEmbedding(channels, device=device, dtype=dtype),
+            fl.Linear(channels, embedding_dim, device=device, dtype=dtype),
+            fl.SiLU(),
+            fl.Linear(embedding_dim, embedding_dim, device=device, dtype=dtype),
+            fl.SetContext("unet", "timestep_embedding"),
+        )
+
+
+class TimestepBias(fl.Residual):
+    """Add a per-channel bias computed from the timestep embedding: `x + Linear(silu(embedding))`."""
+
+    def __init__(
+        self, embedding_dim: int, channels: int, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(
+            fl.UseContext("unet", "timestep_embedding"),
+            fl.SiLU(),
+            fl.Linear(embedding_dim, channels, device=device, dtype=dtype),
+            fl.Reshape(channels, 1, 1),
+        )
+
+
+class ResidualBlock(fl.Sum):
+    """Two `GroupNorm -> SiLU -> 3x3 Conv2d` stages with a timestep bias between them, plus a shortcut.
+
+    The shortcut is a 1x1 convolution when the number of channels changes, the identity otherwise.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        embedding_dim: int,
+        num_groups: int = 32,
+        eps: float = 1e-5,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        shortcut = (
+            fl.Conv2d(in_channels, out_channels, kernel_size=1, device=device, dtype=dtype)
+            if in_channels != out_channels
+            else fl.Identity()
+        )
+        super().__init__(
+            fl.Chain(
+                fl.GroupNorm(in_channels, num_groups, eps=eps, device=device, dtype=dtype),
+                fl.SiLU(),
+                fl.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, device=device, dtype=dtype),
+                TimestepBias(embedding_dim, out_channels, device=device, dtype=dtype),
+                fl.GroupNorm(out_channels, num_groups, eps=eps, device=device, dtype=dtype),
+                fl.SiLU(),
+                fl.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, device=device, dtype=dtype),
+            ),
+            shortcut,
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}"
+
+
+class GEGLU(fl.Module):
+    """Gated GeLU: split the last dimension in halves `(x, gate)` and return `x * gelu(gate)`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(fl.Chain):
+    """`Linear -> GEGLU -> Linear`, with an inner dimension of `4 * dim`."""
+
+    def __init__(self, dim: int, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        inner_dim = 4 * dim
+        super().__init__(
+            fl.Linear(dim, 2 * inner_dim, device=device, dtype=dtype),
+            GEGLU(),
+            fl.Linear(inner_dim, dim, device=device, dtype=dtype),
+        )
+
+
+class CrossAttention(fl.Chain):
+    """Attention of the tokens (queries) to the `diffusion.clip_text_embedding` context (keys and values)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        context_dim: int,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            fl.Parallel(
+                fl.Identity(),
+                fl.UseContext("diffusion", "clip_text_embedding"),
+                fl.UseContext("diffusion", "clip_text_embedding"),
+            ),
+            fl.Attention(
+                dim,
+                num_heads=num_heads,
+                key_embedding_dim=context_dim,
+                value_embedding_dim=context_dim,
+                use_bias=False,
+                device=device,
+                dtype=dtype,
+            ),
+        )
+
+
+class TransformerBlock(fl.Chain):
+    """Self-attention, cross-attention to the text, feed-forward; each pre-normalised and residual."""
+
+    def __init__(
+        self, dim: int, num_heads: int, context_dim: int, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(
+            fl.Residual(
+                fl.LayerNorm(dim, device=device, dtype=dtype),
+                fl.SelfAttention(dim, num_heads=num_heads, use_bias=False, device=device, dtype=dtype),
+            ),
+            fl.Residual(
+                fl.LayerNorm(dim, device=device, dtype=dtype),
+                CrossAttention(dim, num_heads, context_dim, device=device, dtype=dtype),
+            ),
+            fl.Residual(
+                fl.LayerNorm(dim, device=device, dtype=dtype),
+                FeedForward(dim, device=device, dtype=dtype),
+            ),
+        )
+
+
+class Tokens(fl.Chain):
+    """Run the layers on the `(B, H * W, C)` tokens of a `(B, C, H, W)` feature map, and fold the result back."""
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        (x,) = args
+        batch, _, height, width = x.shape
+        tokens: torch.Tensor = super().forward(x.flatten(2).transpose(1, 2))
+        return tokens.transpose(1, 2).reshape(batch, -1, height, width)
+
+
+class CrossAttentionBlock2d(fl.Residual):
+    """The spatial transformer: `x + proj_out(transformer(proj_in(GroupNorm(x))))`, on the pixels as tokens.
+
+    The input and output projections are the 1x1 convolutions of the reference, applied as linear layers
+    on the tokens (a 1x1 convolution kernel loads into them).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        context_dim: int,
+        num_groups: int = 32,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.channels = channels
+        self.num_heads = num_heads
+        super().__init__(
+            fl.GroupNorm(channels, num_groups, eps=1e-6, device=device, dtype=dtype),
+            Tokens(
+                fl.Linear(channels, channels, device=device, dtype=dtype),
+                TransformerBlock(channels, num_heads, context_dim, device=device, dtype=dtype),
+                fl.Linear(channels, channels, device=device, dtype=dtype),
+            ),
+        )
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, num_heads={self.num_heads}"
+
+
+class SaveSkip(fl.SetContext):
+    """Store the output of a down block as the skip connection `unet.skip_<index>` and pass it on."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__("unet", f"skip_{index}")
+        self.index = index
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}"
+
+
+class ConcatenateSkip(fl.Concatenate):
+    """Concatenate the skip connection `unet.skip_<index>` to the input, along the channels."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(fl.Identity(), fl.UseContext("unet", f"skip_{index}"), dim=1)
+        self.index = index
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, dim=1"
+
+
+class InterpolateLike(fl.Module):
+    """Resize `x` to the height and width of `reference` (nearest neighbour)."""
+
+    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=reference.shape[-2:], mode="nearest")
+
+
+class Upsample(fl.Chain):
+    """Upsample to the size of the skip connection `unet.skip_<index>` that comes next, then a 3x3 convolution.
+
+    That is twice the input size, except where the down path halved an odd size (then it is one less).
+    """
+
+    def __init__(self, channels: int, skip_index: int, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(
+            fl.Parallel(fl.Identity(), fl.UseContext("unet", f"skip_{skip_index}")),
+            InterpolateLike(),
+            fl.Conv2d(channels, channels, kernel_size=3, padding=1, device=device, dtype=dtype),
+        )

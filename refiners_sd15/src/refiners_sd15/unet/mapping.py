@@ -1,0 +1,170 @@
+"""Explicit key mappings from the diffusers and original (ldm) UNet checkpoints to `SD1UNet`'s state dict.
+
+Both are built from the architecture (loops over levels and blocks), for the `SD1UNet` keyword arguments given
+as `config` (those of `unet_config_from_diffusers` or `unet_config_from_ldm`; missing ones are SD1.5's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from refiners_sd15.loading import ComponentFormat
+from refiners_sd15.unet.config import skip_channels, unet_config_from_diffusers, unet_config_from_ldm
+
+# Keys inside a residual block: (diffusers, ldm, ours), each followed by ".weight" and ".bias".
+RESIDUAL_KEYS = (
+    ("norm1", "in_layers.0", "Chain.GroupNorm_1"),
+    ("conv1", "in_layers.2", "Chain.Conv2d_1"),
+    ("time_emb_proj", "emb_layers.1", "Chain.TimestepBias.Linear"),
+    ("norm2", "out_layers.0", "Chain.GroupNorm_2"),
+    ("conv2", "out_layers.3", "Chain.Conv2d_2"),
+)
+SHORTCUT_KEYS = ("conv_shortcut", "skip_connection", "Conv2d")
+
+# Keys inside a spatial transformer, named alike in diffusers and ldm: (reference, ours, has a bias).
+_BLOCK = "transformer_blocks.0"
+_OURS = "Tokens.TransformerBlock"
+ATTENTION_KEYS = (
+    ("norm", "GroupNorm", True),
+    ("proj_in", "Tokens.Linear_1", True),
+    (f"{_BLOCK}.norm1", f"{_OURS}.Residual_1.LayerNorm", True),
+    (f"{_BLOCK}.attn1.to_q", f"{_OURS}.Residual_1.SelfAttention.Distribute.Linear_1", False),
+    (f"{_BLOCK}.attn1.to_k", f"{_OURS}.Residual_1.SelfAttention.Distribute.Linear_2", False),
+    (f"{_BLOCK}.attn1.to_v", f"{_OURS}.Residual_1.SelfAttention.Distribute.Linear_3", False),
+    (f"{_BLOCK}.attn1.to_out.0", f"{_OURS}.Residual_1.SelfAttention.Linear", True),
+    (f"{_BLOCK}.norm2", f"{_OURS}.Residual_2.LayerNorm", True),
+    (f"{_BLOCK}.attn2.to_q", f"{_OURS}.Residual_2.CrossAttention.Attention.Distribute.Linear_1", False),
+    (f"{_BLOCK}.attn2.to_k", f"{_OURS}.Residual_2.CrossAttention.Attention.Distribute.Linear_2", False),
+    (f"{_BLOCK}.attn2.to_v", f"{_OURS}.Residual_2.CrossAttention.Attention.Distribute.Linear_3", False),
+    (f"{_BLOCK}.attn2.to_out.0", f"{_OURS}.Residual_2.CrossAttention.Attention.Linear", True),
+    (f"{_BLOCK}.norm3", f"{_OURS}.Residual_3.LayerNorm", True),
+    (f"{_BLOCK}.ff.net.0.proj", f"{_OURS}.Residual_3.FeedForward.Linear_1", True),
+    (f"{_BLOCK}.ff.net.2", f"{_OURS}.Residual_3.FeedForward.Linear_2", True),
+    ("proj_out", "Tokens.Linear_2", True),
+)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One weighted block of the UNet, with its key prefix in each format."""
+
+    kind: Literal["layer", "residual", "attention"]
+    diffusers: str
+    ldm: str
+    ours: str
+    shortcut: bool = False
+
+
+def _blocks(config: Mapping[str, Any]) -> Iterator[_Block]:
+    channels: tuple[int, ...] = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    layers: int = config.get("layers_per_block", 2)
+    attention: tuple[bool, ...] = tuple(config.get("cross_attention_levels", (True, True, True, False)))
+    levels = len(channels)
+
+    yield _Block("layer", "time_embedding.linear_1", "time_embed.0", "TimestepEncoder.Linear_1")
+    yield _Block("layer", "time_embedding.linear_2", "time_embed.2", "TimestepEncoder.Linear_2")
+    yield _Block("layer", "conv_in", "input_blocks.0.0", "DownBlocks.Chain_1.Conv2d")
+
+    # Down path: `input_blocks.k` is our `DownBlocks.Chain_<k + 1>`.
+    index, previous = 1, channels[0]
+    for level in range(levels):
+        for layer in range(layers):
+            diffusers, ldm, ours = f"down_blocks.{level}", f"input_blocks.{index}", f"DownBlocks.Chain_{index + 1}"
+            shortcut = previous != channels[level]
+            yield _Block("residual", f"{diffusers}.resnets.{layer}", f"{ldm}.0", f"{ours}.ResidualBlock", shortcut)
+            if attention[level]:
+                yield _Block(
+                    "attention", f"{diffusers}.attentions.{layer}", f"{ldm}.1", f"{ours}.CrossAttentionBlock2d"
+                )
+            index, previous = index + 1, channels[level]
+        if level < levels - 1:
+            diffusers, ldm = f"down_blocks.{level}.downsamplers.0.conv", f"input_blocks.{index}.0.op"
+            yield _Block("layer", diffusers, ldm, f"DownBlocks.Chain_{index + 1}.Downsample.Conv2d")
+            index += 1
+
+    yield _Block("residual", "mid_block.resnets.0", "middle_block.0", "MiddleBlock.ResidualBlock_1")
+    yield _Block("attention", "mid_block.attentions.0", "middle_block.1", "MiddleBlock.CrossAttentionBlock2d")
+    yield _Block("residual", "mid_block.resnets.1", "middle_block.2", "MiddleBlock.ResidualBlock_2")
+
+    # Up path: `output_blocks.m` is our `UpBlocks.Chain_<m + 1>`; each block takes one skip connection.
+    skips = skip_channels(channels, layers)
+    index, previous = 0, channels[-1]
+    for up_level, level in enumerate(reversed(range(levels))):
+        for layer in range(layers + 1):
+            diffusers, ldm, ours = f"up_blocks.{up_level}", f"output_blocks.{index}", f"UpBlocks.Chain_{index + 1}"
+            shortcut = previous + skips[-1 - index] != channels[level]
+            yield _Block("residual", f"{diffusers}.resnets.{layer}", f"{ldm}.0", f"{ours}.ResidualBlock", shortcut)
+            if attention[level]:
+                yield _Block(
+                    "attention", f"{diffusers}.attentions.{layer}", f"{ldm}.1", f"{ours}.CrossAttentionBlock2d"
+                )
+            index, previous = index + 1, channels[level]
+        if level > 0:
+            upsample = f"output_blocks.{index - 1}.{2 if attention[level] else 1}.conv"
+            ours = f"UpBlocks.Chain_{index}.Upsample.Conv2d"
+            yield _Block("layer", f"up_blocks.{up_level}.upsamplers.0.conv", upsample, ours)
+
+    yield _Block("layer", "conv_norm_out", "out.0", "OutputBlock.GroupNorm")
+    yield _Block("layer", "conv_out", "out.2", "OutputBlock.Conv2d")
+
+
+def _mapping(config: Mapping[str, Any] | None, layout: Literal["diffusers", "ldm"]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+
+    def add(reference: str, ours: str, bias: bool = True) -> None:
+        for suffix in ("weight", "bias") if bias else ("weight",):
+            mapping[f"{reference}.{suffix}"] = f"{ours}.{suffix}"
+
+    for block in _blocks(config or {}):
+        prefix = block.diffusers if layout == "diffusers" else block.ldm
+        if block.kind == "layer":
+            add(prefix, block.ours)
+        elif block.kind == "residual":
+            for diffusers, ldm, ours in RESIDUAL_KEYS + ((SHORTCUT_KEYS,) if block.shortcut else ()):
+                add(f"{prefix}.{diffusers if layout == 'diffusers' else ldm}", f"{block.ours}.{ours}")
+        else:
+            for reference, ours, bias in ATTENTION_KEYS:
+                add(f"{prefix}.{reference}", f"{block.ours}.{ours}", bias)
+    return mapping
+
+
+def diffusers_unet_mapping(config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Diffusers `UNet2DConditionModel` state dict key -> `SD1UNet` state dict key.
+
+    `config` holds `SD1UNet` keyword arguments (`block_out_channels`, `layers_per_block` and
+    `cross_attention_levels` shape the mapping); SD1.5 when omitted.
+    """
+    return _mapping(config, "diffusers")
+
+
+def ldm_unet_mapping(config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Original checkpoint UNet key, without its `model.diffusion_model.` prefix -> `SD1UNet` state dict key.
+
+    E.g. `input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`. `config` as for `diffusers_unet_mapping`.
+    """
+    return _mapping(config, "ldm")
+
+
+UNET_FORMAT = ComponentFormat(
+    name="unet",
+    subfolder="unet",
+    weight_stems=("diffusion_pytorch_model",),
+    config_to_kwargs=unet_config_from_diffusers,
+    diffusers_mapping=lambda architecture, file_keys: diffusers_unet_mapping(architecture),
+    single_file_prefix="model.diffusion_model.",
+    single_file_mapping=ldm_unet_mapping,
+    single_file_config=unet_config_from_ldm,
+    architecture=lambda unet: {
+        "in_channels": unet.in_channels,
+        "out_channels": unet.out_channels,
+        "block_out_channels": list(unet.block_out_channels),
+        "layers_per_block": unet.layers_per_block,
+        "attention_head_dim": unet.attention_head_dim,
+        "cross_attention_dim": unet.cross_attention_dim,
+        "cross_attention_levels": list(unet.cross_attention_levels),
+        "norm_num_groups": unet.norm_num_groups,
+        "norm_eps": unet.norm_eps,
+    },
+)

@@ -1,0 +1,272 @@
+"""`SD1UNet`: the denoising UNet of Stable Diffusion 1.5."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+import refiners_core.fluxion as fl
+from refiners_sd15.loading import PretrainedComponent
+from refiners_sd15.unet.blocks import (
+    ConcatenateSkip,
+    CrossAttentionBlock2d,
+    ResidualBlock,
+    SaveSkip,
+    TimestepEncoder,
+    Upsample,
+)
+from refiners_sd15.unet.config import skip_channels
+from refiners_sd15.unet.mapping import UNET_FORMAT
+
+Device = torch.device | str | None
+
+
+class DownBlocks(fl.Chain):
+    """The encoder path: the input convolution, then per level residual (+ attention) blocks and a downsample.
+
+    One chain per stored skip connection (chain `k + 1` stores `skip_k`), in the order of the original
+    checkpoint's `input_blocks`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        block_out_channels: Sequence[int],
+        layers_per_block: int,
+        cross_attention_levels: Sequence[bool],
+        num_heads: int,
+        context_dim: int,
+        num_groups: int,
+        eps: float,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        embedding_dim = 4 * block_out_channels[0]
+        stages: list[fl.Chain] = [
+            fl.Chain(
+                fl.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1, device=device, dtype=dtype)
+            )
+        ]
+        channels = block_out_channels[0]
+        for level, level_channels in enumerate(block_out_channels):
+            for _ in range(layers_per_block):
+                stage = fl.Chain(
+                    ResidualBlock(channels, level_channels, embedding_dim, num_groups, eps, device=device, dtype=dtype)
+                )
+                if cross_attention_levels[level]:
+                    stage.append(
+                        CrossAttentionBlock2d(
+                            level_channels, num_heads, context_dim, num_groups, device=device, dtype=dtype
+                        )
+                    )
+                stages.append(stage)
+                channels = level_channels
+            if level < len(block_out_channels) - 1:
+                stages.append(fl.Chain(fl.Downsample(channels, padding=1, device=device, dtype=dtype)))
+        for index, stage in enumerate(stages):
+            stage.append(SaveSkip(index))
+        super().__init__(stages)
+
+
+class MiddleBlock(fl.Chain):
+    """Residual block, cross-attention block, residual block, at the lowest resolution."""
+
+    def __init__(
+        self,
+        channels: int,
+        embedding_dim: int,
+        num_heads: int,
+        context_dim: int,
+        num_groups: int,
+        eps: float,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            ResidualBlock(channels, channels, embedding_dim, num_groups, eps, device=device, dtype=dtype),
+            CrossAttentionBlock2d(channels, num_heads, context_dim, num_groups, device=device, dtype=dtype),
+            ResidualBlock(channels, channels, embedding_dim, num_groups, eps, device=device, dtype=dtype),
+        )
+
+
+class UpBlocks(fl.Chain):
+    """The decoder path: per level, residual (+ attention) blocks that each take one skip connection, then an upsample.
+
+    Chain `m + 1` concatenates the skip connections in reverse order of the down path, in the order of the
+    original checkpoint's `output_blocks`.
+    """
+
+    def __init__(
+        self,
+        block_out_channels: Sequence[int],
+        layers_per_block: int,
+        cross_attention_levels: Sequence[bool],
+        num_heads: int,
+        context_dim: int,
+        num_groups: int,
+        eps: float,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        embedding_dim = 4 * block_out_channels[0]
+        skips = skip_channels(block_out_channels, layers_per_block)
+        skip_index = len(skips) - 1
+        channels = block_out_channels[-1]
+        stages: list[fl.Chain] = []
+        for level in reversed(range(len(block_out_channels))):
+            level_channels = block_out_channels[level]
+            for _ in range(layers_per_block + 1):
+                stage = fl.Chain(
+                    ConcatenateSkip(skip_index),
+                    ResidualBlock(
+                        channels + skips[skip_index],
+                        level_channels,
+                        embedding_dim,
+                        num_groups,
+                        eps,
+                        device=device,
+                        dtype=dtype,
+                    ),
+                )
+                if cross_attention_levels[level]:
+                    stage.append(
+                        CrossAttentionBlock2d(
+                            level_channels, num_heads, context_dim, num_groups, device=device, dtype=dtype
+                        )
+                    )
+                stages.append(stage)
+                channels = level_channels
+                skip_index -= 1
+            if level > 0:
+                stages[-1].append(Upsample(channels, skip_index, device=device, dtype=dtype))
+        super().__init__(stages)
+
+
+class OutputBlock(fl.Chain):
+    """`GroupNorm -> SiLU -> 3x3 Conv2d` down to the predicted noise's channels."""
+
+    def __init__(
+        self,
+        channels: int,
+        out_channels: int,
+        num_groups: int,
+        eps: float,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            fl.GroupNorm(channels, num_groups, eps=eps, device=device, dtype=dtype),
+            fl.SiLU(),
+            fl.Conv2d(channels, out_channels, kernel_size=3, padding=1, device=device, dtype=dtype),
+        )
+
+
+class SD1UNet(PretrainedComponent, fl.Chain):
+    """The Stable Diffusion 1.5 UNet: predicts the noise in a latent, given a timestep and a CLIP text embedding.
+
+        unet = SD1UNet()  # SD1.5; in_channels=9 for the inpainting model
+        unet.set_timestep(torch.tensor([999]))
+        unet.set_clip_text_embedding(text_embedding)  # (B, 77, 768)
+        noise = unet(latents)  # (B, 4, H, W)
+
+    The architecture arguments have the names and meaning of diffusers' `UNet2DConditionModel` config, except
+    `cross_attention_levels`, which says which resolution levels have cross-attention blocks (diffusers'
+    `CrossAttnDownBlock2D` vs `DownBlock2D`; the up path mirrors the down path). `attention_head_dim` is,
+    as in diffusers' SD1 configs, the number of attention heads. Every parameter and buffer is created on
+    `device` with `dtype`.
+    """
+
+    component_format = UNET_FORMAT
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        *,
+        out_channels: int = 4,
+        block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
+        layers_per_block: int = 2,
+        attention_head_dim: int = 8,
+        cross_attention_dim: int = 768,
+        cross_attention_levels: Sequence[bool] = (True, True, True, False),
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if len(cross_attention_levels) != len(block_out_channels):
+            raise ValueError(
+                f"SD1UNet: cross_attention_levels has {len(cross_attention_levels)} entries but block_out_channels "
+                f"has {len(block_out_channels)} levels"
+            )
+        attended = [c for c, attention in zip(block_out_channels, cross_attention_levels) if attention]
+        for channels in [*attended, block_out_channels[-1]]:
+            if channels % attention_head_dim:
+                raise ValueError(
+                    f"SD1UNet: {channels} channels cannot be split in attention_head_dim={attention_head_dim} heads"
+                )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.block_out_channels = tuple(block_out_channels)
+        self.layers_per_block = layers_per_block
+        self.attention_head_dim = attention_head_dim
+        self.cross_attention_dim = cross_attention_dim
+        self.cross_attention_levels = tuple(cross_attention_levels)
+        self.norm_num_groups = norm_num_groups
+        self.norm_eps = norm_eps
+        embedding_dim = 4 * block_out_channels[0]
+        super().__init__(
+            TimestepEncoder(block_out_channels[0], embedding_dim, device=device, dtype=dtype),
+            DownBlocks(
+                in_channels,
+                block_out_channels,
+                layers_per_block,
+                cross_attention_levels,
+                num_heads=attention_head_dim,
+                context_dim=cross_attention_dim,
+                num_groups=norm_num_groups,
+                eps=norm_eps,
+                device=device,
+                dtype=dtype,
+            ),
+            MiddleBlock(
+                block_out_channels[-1],
+                embedding_dim,
+                num_heads=attention_head_dim,
+                context_dim=cross_attention_dim,
+                num_groups=norm_num_groups,
+                eps=norm_eps,
+                device=device,
+                dtype=dtype,
+            ),
+            UpBlocks(
+                block_out_channels,
+                layers_per_block,
+                cross_attention_levels,
+                num_heads=attention_head_dim,
+                context_dim=cross_attention_dim,
+                num_groups=norm_num_groups,
+                eps=norm_eps,
+                device=device,
+                dtype=dtype,
+            ),
+            OutputBlock(
+                block_out_channels[0],
+                out_channels,
+                num_groups=norm_num_groups,
+                eps=norm_eps,
+                device=device,
+                dtype=dtype,
+            ),
+        )
+
+    def init_context(self) -> fl.Contexts:
+        return {"diffusion": {}, "unet": {}}
+
+    def set_timestep(self, timestep: torch.Tensor) -> None:
+        """Set the diffusion timestep: a scalar, or one per sample of the batch (shape `()`, `(1,)` or `(B,)`)."""
+        self.set_context("diffusion", {"timestep": timestep})
+
+    def set_clip_text_embedding(self, clip_text_embedding: torch.Tensor) -> None:
+        """Set the CLIP text embedding `(B, tokens, cross_attention_dim)` the cross-attention layers attend to."""
+        self.set_context("diffusion", {"clip_text_embedding": clip_text_embedding})

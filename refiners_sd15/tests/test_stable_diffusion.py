@@ -1,0 +1,287 @@
+"""`StableDiffusion_1` loading: diffusers folders, hub ids (offline cache), variants, .bin files, single-file
+checkpoints and our own format, with the errors a user gets for missing, truncated or mismatched weights.
+
+References are diffusers `UNet2DConditionModel`, `AutoencoderKL` and transformers `CLIPTextModel` built from small
+configs with every parameter perturbed, written with `save_pretrained` in the diffusers layout. Outputs are compared
+in fp32 within 1e-4 of max |reference| (the full architectures are covered by the per-component parity tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
+from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
+
+from refiners_core.plugins import registry
+from refiners_core.state_dicts import invert
+from refiners_core.weights import WeightsError, save_tensors
+from refiners_sd15 import SD1Autoencoder, SD1UNet, StableDiffusion_1
+
+TINY_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+TINY_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+# Single-file checkpoints do not record heads or normalisation groups: the tiny configs keep SD1.5's conventions
+# (8 UNet heads, groups of 32, CLIP heads of 64 dimensions) so that they can be read back from one.
+TINY_CLIP: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 1,
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def _close(ours: torch.Tensor, reference: torch.Tensor) -> bool:
+    return (ours - reference).abs().max().item() <= 1e-4 * reference.abs().max().item()
+
+
+class References:
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.unet = UNet2DConditionModel(**TINY_UNET).eval()
+        self.vae = AutoencoderKL(**TINY_VAE).eval()
+        self.text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP)).eval()
+        for seed, model in enumerate((self.unet, self.vae, self.text_encoder)):
+            _perturb(model, seed)
+
+    def save(self, folder: Path, **options: Any) -> Path:
+        self.unet.save_pretrained(folder / "unet", **options)
+        self.vae.save_pretrained(folder / "vae", **options)
+        self.text_encoder.save_pretrained(folder / "text_encoder", **options)
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        return folder
+
+
+@pytest.fixture(scope="module")
+def references() -> References:
+    return References()
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(references: References, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return references.save(tmp_path_factory.mktemp("sd15"))
+
+
+def _assert_matches(sd: StableDiffusion_1, references: References) -> None:
+    with torch.no_grad():
+        tokens = sd.clip_text_encoder.tokenizer(PROMPT)
+        reference_text = references.text_encoder(tokens).last_hidden_state
+        assert _close(sd.clip_text_encoder(PROMPT), reference_text)
+
+        latents = torch.randn(2, 4, 8, 8)
+        text = torch.randn(2, 77, 32)  # the tiny UNet's cross-attention width
+        timestep = torch.tensor([500])
+        sd.unet.set_timestep(timestep)
+        sd.unet.set_clip_text_embedding(text)
+        reference_noise = references.unet(latents, timestep, encoder_hidden_states=text).sample
+        assert _close(sd.unet(latents), reference_noise)
+
+        reference_image = references.vae.decode(latents[:1] / 0.18215).sample  # type: ignore[arg-type, union-attr]
+        assert _close(sd.lda.decode(latents[:1]), reference_image)
+
+
+def test_from_pretrained_reads_a_diffusers_folder(diffusers_folder: Path, references: References) -> None:
+    _assert_matches(StableDiffusion_1.from_pretrained(diffusers_folder), references)
+
+
+def test_tokenizer_and_scheduler_folders_are_not_needed(diffusers_folder: Path) -> None:
+    assert not (diffusers_folder / "tokenizer").exists() and not (diffusers_folder / "scheduler").exists()
+    StableDiffusion_1.from_pretrained(diffusers_folder)
+
+
+def test_compute_clip_text_embedding_puts_the_negative_prompt_first(diffusers_folder: Path) -> None:
+    sd = StableDiffusion_1.from_pretrained(diffusers_folder)
+    embedding = sd.compute_clip_text_embedding(PROMPT, negative_text="blurry")
+    assert embedding.shape == (2, 77, 64)
+    with torch.no_grad():
+        assert torch.allclose(embedding[0], sd.clip_text_encoder("blurry")[0], atol=1e-6)
+        assert torch.allclose(embedding[1], sd.clip_text_encoder(PROMPT)[0], atol=1e-6)
+
+
+def test_from_pretrained_reads_bin_files(references: References, tmp_path: Path) -> None:
+    folder = references.save(tmp_path, safe_serialization=False)
+    assert list((folder / "unet").glob("*.bin")) and not list((folder / "unet").glob("*.safetensors"))
+    _assert_matches(StableDiffusion_1.from_pretrained(folder), references)
+
+
+def test_from_pretrained_reads_the_fp16_variant(references: References, tmp_path: Path) -> None:
+    folder = references.save(tmp_path, variant="fp16")
+    assert (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    sd = StableDiffusion_1.from_pretrained(folder, variant="fp16", dtype=torch.float32)
+    assert sd.unet.dtype == torch.float32
+    expected = references.unet.conv_in.weight
+    assert torch.equal(sd.unet.state_dict()[_our_key(sd.unet, "conv_in.weight")], expected)
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+        StableDiffusion_1.from_pretrained(folder)
+
+
+def _our_key(unet: SD1UNet, diffusers_key: str) -> str:
+    mapping = SD1UNet.component_format.diffusers_mapping(SD1UNet.component_format.architecture(unet), [])
+    return mapping[diffusers_key]
+
+
+def test_a_missing_component_is_named(diffusers_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "no_vae"
+    shutil.copytree(diffusers_folder, folder)
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(FileNotFoundError, match=r"no autoencoder weights in .*no_vae/vae"):
+        StableDiffusion_1.from_pretrained(folder)
+
+
+def test_a_truncated_weights_file_is_named(diffusers_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "truncated"
+    shutil.copytree(diffusers_folder, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(WeightsError, match=r"truncated/unet/diffusion_pytorch_model\.safetensors"):
+        StableDiffusion_1.from_pretrained(folder)
+
+
+def test_weights_of_another_architecture_are_refused_with_key_path_and_shapes(
+    references: References, tmp_path: Path
+) -> None:
+    folder = references.save(tmp_path)
+    other = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 48})
+    other.save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "diffusion_pytorch_model.safetensors", folder / "unet")
+    with pytest.raises(WeightsError) as error:
+        StableDiffusion_1.from_pretrained(folder)
+    message = str(error.value)
+    assert "diffusion_pytorch_model.safetensors" in message
+    assert "attn2.to_k.weight' has shape (32, 48)" in message
+    assert "SD1UNet." in message and "expects (32, 32)" in message
+
+
+def test_an_unsupported_config_names_the_file_and_field(diffusers_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "linear_projection"
+    shutil.copytree(diffusers_folder, folder)
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "use_linear_projection": True}))
+    with pytest.raises(ValueError, match=r"unet/config\.json.*use_linear_projection"):
+        StableDiffusion_1.from_pretrained(folder)
+
+
+def test_from_pretrained_resolves_a_hub_id_from_the_offline_cache(diffusers_folder: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-sd15" / "snapshots" / ("0" * 40)
+    shutil.copytree(diffusers_folder, snapshot)
+    (cache / "models--acme--tiny-sd15" / "refs").mkdir()
+    (cache / "models--acme--tiny-sd15" / "refs" / "main").write_text("0" * 40)
+    script = textwrap.dedent(
+        """
+        from refiners_sd15 import StableDiffusion_1
+        sd = StableDiffusion_1.from_pretrained("acme/tiny-sd15")
+        print(sum(p.numel() for p in sd.parameters()))
+        """
+    )
+    environment = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    expected = sum(p.numel() for p in StableDiffusion_1.from_pretrained(diffusers_folder).parameters())
+    assert int(result.stdout.split()[-1]) == expected
+
+
+def _single_file_checkpoint(references: References, sd: StableDiffusion_1) -> dict[str, torch.Tensor]:
+    """An original-layout checkpoint made from the references through our ldm mappings (which the component
+    tests check against diffusers' own single-file converters), plus entries a real one has beside the models."""
+    checkpoint: dict[str, torch.Tensor] = {"alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.9999)}
+    parts = (
+        (sd.unet, references.unet),
+        (sd.lda, references.vae),
+        (sd.clip_text_encoder, references.text_encoder),
+    )
+    for model, reference in parts:
+        component = model.component_format
+        state = reference.state_dict()
+        architecture = component.architecture(model)
+        to_ours = component.diffusers_mapping(architecture, state.keys())
+        to_ldm = invert(component.single_file_mapping(architecture))
+        for key, tensor in state.items():
+            if key in component.ignored_keys:
+                continue
+            checkpoint[component.single_file_prefix + to_ldm[to_ours[key]]] = tensor
+    return checkpoint
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_from_pretrained_reads_an_original_single_file_checkpoint(
+    references: References, diffusers_folder: Path, tmp_path: Path, suffix: str
+) -> None:
+    checkpoint = _single_file_checkpoint(references, StableDiffusion_1.from_pretrained(diffusers_folder))
+    path = tmp_path / f"v1-5-pruned{suffix}"
+    if suffix == ".safetensors":
+        save_tensors(path, checkpoint)
+    else:
+        torch.save({"state_dict": checkpoint}, path)
+    _assert_matches(StableDiffusion_1.from_pretrained(path), references)
+
+
+def test_save_pretrained_round_trips_our_own_format(diffusers_folder: Path, tmp_path: Path) -> None:
+    sd = StableDiffusion_1.from_pretrained(diffusers_folder)
+    sd.save_pretrained(tmp_path / "ours")
+    loaded = StableDiffusion_1.from_pretrained(tmp_path / "ours")
+    original, reloaded = sd.state_dict(), loaded.state_dict()
+    assert list(original) == list(reloaded)
+    assert all(torch.equal(original[key], reloaded[key]) for key in original)
+
+
+def test_a_component_saved_alone_loads_back(diffusers_folder: Path, tmp_path: Path) -> None:
+    lda = SD1Autoencoder.from_pretrained(diffusers_folder)
+    lda.save(tmp_path / "lda.safetensors")
+    loaded = SD1Autoencoder.from_pretrained(tmp_path / "lda.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(lda.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(WeightsError, match="holds a 'autoencoder', not a 'unet'"):
+        SD1UNet.from_pretrained(tmp_path / "lda.safetensors")
+
+
+def test_from_pretrained_puts_every_tensor_on_the_requested_dtype(diffusers_folder: Path) -> None:
+    sd = StableDiffusion_1.from_pretrained(diffusers_folder, dtype=torch.float64)
+    tensors = [*sd.parameters(), *sd.buffers()]
+    assert tensors and all(tensor.dtype == torch.float64 for tensor in tensors)
+
+
+def test_the_model_is_registered_with_the_plugin_manager() -> None:
+    spec = registry(reload=True).models["sd15"]
+    assert spec.loader == StableDiffusion_1.from_pretrained
