@@ -87,7 +87,8 @@ def load_state_dict_checked(
     missing = [key for key in own if key not in prepared]
     if missing:
         shown = ", ".join(
-            f"`{_layer_path(model, key)}` ({key}" + (f", file key '{reverse[key]}')" if reverse and key in reverse else ")")
+            f"`{_layer_path(model, key)}` ({key}"
+            + (f", file key '{reverse[key]}')" if reverse and key in reverse else ")")
             for key in missing[:5]
         )
         more = " ..." if len(missing) > 5 else ""
