@@ -45,6 +45,7 @@ def tests_plugins(session: nox.Session, plugin: str | None) -> None:
     """Run the tests of one third-party style plugin under plugins/."""
     if plugin is None:
         session.skip("no plugin packages under plugins/ yet")
+        return
     path = ROOT / "plugins" / plugin
     _install(session, _local("refiners_core", "[test]"), f"{path}[test]")
     session.run("pytest", str(path / "tests"), *session.posargs)

@@ -105,7 +105,7 @@ def load_component(
     kwargs = _kwargs_from_config(component, config_path) if config_path is not None else {}
     files = find_weight_files(path_or_repo_id, component, subfolder=folder_subpath, variant=variant, revision=revision)
     tensors = _read_all(files)
-    model = model_class(**kwargs, device=device, dtype=dtype)
+    model = _build_empty(model_class, kwargs, device=device, dtype=dtype)
     mapping = component.diffusers_mapping(component.architecture(model), tensors.keys())
     load_state_dict_checked(model, tensors, source=_describe(files), mapping=mapping, ignore=component.ignored_keys)
     return model
@@ -126,7 +126,7 @@ def load_single_file_component(
     if not own:
         raise WeightsError(f"{source}: no '{prefix}*' keys, so no {component.name} in this checkpoint")
     kwargs = component.single_file_config({key.removeprefix(prefix): value for key, value in own.items()})
-    model = model_class(**kwargs, device=device, dtype=dtype)
+    model = _build_empty(model_class, kwargs, device=device, dtype=dtype)
     mapping = {prefix + key: ours for key, ours in component.single_file_mapping(component.architecture(model)).items()}
     ignored = {prefix + key for key in component.ignored_keys}
     load_state_dict_checked(model, own, source=str(source), mapping=mapping, ignore=ignored)
@@ -197,9 +197,27 @@ def load_own_format(
     if metadata.get(COMPONENT_KEY) != component.name:
         raise WeightsError(f"{path} holds a '{metadata.get(COMPONENT_KEY)}', not a '{component.name}'")
     kwargs: dict[str, Any] = json.loads(metadata[CONFIG_KEY])
-    model = model_class(**kwargs, device=device, dtype=dtype)
+    model = _build_empty(model_class, kwargs, device=device, dtype=dtype)
     load_state_dict_checked(model, load_tensors(path), source=str(path))
     return model
+
+
+def _build_empty(
+    model_class: type[TModel],
+    kwargs: dict[str, Any],
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> TModel:
+    """The model with uninitialised weights, about to be loaded: no time spent on a random initialisation.
+
+    It is built on the meta device then given real (empty) storage; a model with buffers that no weights file
+    provides is built normally instead, since those buffers must keep the values its constructor gives them.
+    """
+    model = model_class(**kwargs, device="meta", dtype=dtype)
+    if set(dict(model.named_buffers())) - set(model.state_dict()):
+        return model_class(**kwargs, device=device, dtype=dtype)
+    return model.to_empty(device=device if device is not None else "cpu")
 
 
 def _kwargs_from_config(component: ComponentFormat, config_path: Path) -> dict[str, Any]:
