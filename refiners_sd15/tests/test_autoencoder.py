@@ -15,7 +15,6 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from PIL import Image
 
-import refiners_core.fluxion as fl
 from refiners_core.state_dicts import invert, load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors, save_tensors
 from refiners_sd15.autoencoder import (
@@ -26,7 +25,6 @@ from refiners_sd15.autoencoder import (
     ldm_autoencoder_mapping,
     tensor_to_image,
 )
-from refiners_sd15.autoencoder.blocks import Upsample
 
 # runwayml/stable-diffusion-v1-5, vae/config.json
 SD15_VAE_CONFIG: dict[str, Any] = {
@@ -389,25 +387,3 @@ def test_unet_file_given_as_autoencoder_raises_weights_error(tmp_path: Path) -> 
         load_state_dict_checked(
             SD1Autoencoder(device="meta"), load_tensors(file), source=str(file), mapping=diffusers_autoencoder_mapping()
         )
-
-
-# Upsampling computed at the input resolution
-
-
-class Doubled(fl.Chain, fl.Adapter[fl.Conv2d]):
-    def __init__(self, target: fl.Conv2d) -> None:
-        with self.setup_adapter(target):
-            super().__init__(target, fl.Multiply(2.0))
-
-
-@torch.no_grad()
-def test_upsample_equals_interpolate_then_conv_and_respects_adapters() -> None:
-    torch.manual_seed(5)
-    upsample = Upsample(16)
-    x = torch.randn(2, 16, 5, 7)
-    expected = upsample.ensure_find(fl.Conv2d)(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
-    assert_close(upsample(x), expected, tolerance=1e-5)
-    adapter = Doubled(upsample.ensure_find(fl.Conv2d)).inject(upsample)
-    assert_close(upsample(x), 2 * expected, tolerance=1e-5)
-    adapter.eject()
-    assert_close(upsample(x), expected, tolerance=1e-5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
 
@@ -106,44 +105,6 @@ class DownBlock(fl.Chain):
         )
 
 
-class Upsample(fl.Upsample):
-    """Double the resolution: 2x nearest-neighbour interpolation, then a 3x3 convolution.
-
-    While the chain holds its plain `Interpolate` and `Conv2d`, the result is computed at the input resolution
-    instead: each of the four output phases (even/odd row, even/odd column) sees the upsampled input through a
-    3x3 kernel whose taps fall on only 2x2 input pixels, so it is a 2x2 convolution of the input with summed
-    taps. That is 2.25x fewer multiply-adds and no upsampled copy of the input, for the same result up to float
-    rounding. When a layer of the chain has been replaced (e.g. an adapter wraps the Conv2d), the chain runs
-    layer by layer as written.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pyright: ignore[reportIncompatibleMethodOverride]
-        layers = list(self)
-        if len(layers) != 2 or type(layers[0]) is not fl.Interpolate or type(layers[1]) is not fl.Conv2d:
-            return super().forward(x)
-        return upsample_conv(x, layers[1].weight, layers[1].bias)
-
-
-def upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)` for a 3x3 `weight`,
-    computed as four 2x2 convolutions of `x` (see `Upsample`)."""
-    batch, _, height, width = x.shape
-    out = x.new_empty(batch, weight.shape[0], height, 2, width, 2)
-    for row in (0, 1):
-        row_kernel = _fold_taps(weight, 2, row)
-        for col in (0, 1):
-            # Even output rows see input rows (i - 1, i), odd ones (i, i + 1): pad above or below accordingly.
-            padded = F.pad(x, (1 - col, col, 1 - row, row))
-            out[:, :, :, row, :, col] = F.conv2d(padded, _fold_taps(row_kernel, 3, col), bias)
-    return out.view(batch, weight.shape[0], 2 * height, 2 * width)
-
-
-def _fold_taps(kernel: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
-    """The 3 taps of `kernel` along `dim` as seen by an even (`phase` 0) or odd output of a 2x nearest upsampling."""
-    first, middle, last = kernel.unbind(dim)
-    return torch.stack((first, middle + last) if phase == 0 else (first + middle, last), dim)
-
-
 class UpBlock(fl.Chain):
     """A decoder stage: `num_layers` residual blocks, then a 2x nearest upsampling and 3x3 convolution unless last."""
 
@@ -162,7 +123,7 @@ class UpBlock(fl.Chain):
                 ResidualBlock(in_channels if i == 0 else out_channels, out_channels, num_groups, device, dtype)
                 for i in range(num_layers)
             ),
-            [Upsample(out_channels, device=device, dtype=dtype)] if upsample else [],
+            [fl.Upsample(out_channels, device=device, dtype=dtype)] if upsample else [],
         )
 
 

@@ -249,22 +249,11 @@ class ConcatenateSkip(fl.Concatenate):
         return f"index={self.index}, dim=1"
 
 
-class InterpolateLike(fl.Module):
-    """Resize `x` to the height and width of `reference` (nearest neighbour)."""
-
-    def forward(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, size=reference.shape[-2:], mode="nearest")
-
-
-class Upsample(fl.Chain):
+class Upsample(fl.Upsample):
     """Upsample to the size of the skip connection `unet.skip_<index>` that comes next, then a 3x3 convolution.
 
     That is twice the input size, except where the down path halved an odd size (then it is one less).
     """
 
     def __init__(self, channels: int, skip_index: int, device: Device = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__(
-            fl.Parallel(fl.Identity(), fl.UseContext("unet", f"skip_{skip_index}")),
-            InterpolateLike(),
-            fl.Conv2d(channels, channels, kernel_size=3, padding=1, device=device, dtype=dtype),
-        )
+        super().__init__(channels, size_of=("unet", f"skip_{skip_index}"), device=device, dtype=dtype)
