@@ -81,18 +81,22 @@ def compare(
     warmup_rounds: int = 10,
     round_seconds: float = 0.01,
     clock: Callable[[], float] = time.process_time,
+    calls_per_round: int | None = None,
 ) -> Comparison:
     """Time `ours` and `reference` in `rounds` interleaved rounds, after `warmup_rounds` untimed ones.
 
     Both sides make the same number of calls per round, chosen so that the slower side takes about
-    `round_seconds` (timer resolution and per-round overhead then vanish). The side that goes first
-    alternates from round to round. The garbage collector is off while timing, as in `timeit`. The default
+    `round_seconds` (timer resolution and per-round overhead then vanish), unless `calls_per_round` is given:
+    pass 1 for calls that take seconds, where choosing would cost five untimed calls per side. The side that
+    goes first alternates from round to round. The garbage collector is off while timing, as in `timeit`. The default
     `clock` suits CPU work run by the calling process; GPU work needs `time.perf_counter` and functions that
     synchronize before returning.
     """
     if rounds < 1:
         raise ValueError(f"compare needs at least one round, got rounds={rounds}")
-    calls = _calls_per_round(ours, reference, round_seconds, clock)
+    if calls_per_round is not None and calls_per_round < 1:
+        raise ValueError(f"compare needs at least one call per round, got calls_per_round={calls_per_round}")
+    calls = calls_per_round or _calls_per_round(ours, reference, round_seconds, clock)
     ours_samples: list[float] = []
     reference_samples: list[float] = []
     gc.collect()

@@ -1,0 +1,499 @@
+"""Stable Diffusion 1.5 components, ours (`refiners_sd15`) against diffusers and transformers, fp32 on CPU.
+
+    python bench/sd15_components.py [--rounds N] [--latent-size N] [--components unet,vae,clip] [--threads N]
+        [--output bench/results/sd15_components.md]
+
+Each reference is built from the published SD1.5 config (full architecture) with random weights and written with
+its `save_pretrained` into a temporary folder in the diffusers layout (`unet/`, `vae/`, `text_encoder/`). Both
+sides then load that folder through their own `from_pretrained`, so they hold the same weights and ours goes
+through its real loading path. Timed in interleaved rounds (see `timing.py`), under `torch.inference_mode()`:
+
+- unet: one denoising step, batch 2 (classifier-free guidance), latents (2, 4, N, N), text embedding (2, 77, 768);
+- vae: decoding one latent (1, 4, N, N) into an (8N x 8N) image;
+- clip: encoding one prompt's token ids (1, 77).
+
+N is `--latent-size` (default 64: 512x512 images). Peak RSS is measured in a fresh process per side and component,
+which loads the weights and runs one forward: in one process, memory freed by one side is reused by the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, get_args
+
+import torch
+from timing import Comparison, compare, environment, markdown_table, max_abs_diff
+from torch import nn
+
+Side = Literal["ours", "reference"]
+Forward = Callable[[], torch.Tensor]
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json
+UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# stable-diffusion-v1-5/stable-diffusion-v1-5, vae/config.json
+VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+VAE_SCALING_FACTOR = 0.18215
+# stable-diffusion-v1-5/stable-diffusion-v1-5, text_encoder/config.json (openai/clip-vit-large-patch14's text model)
+TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float32",
+    "vocab_size": 49408,
+}
+# refiners_sd15.CLIPTokenizer()("a photograph of an astronaut riding a horse"), padded with end-of-text to 77 ids
+PROMPT_IDS = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558] + [49407] * 68
+TIMESTEP = 500
+START = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Component:
+    """One SD1.5 component: how to write its reference weights, load a side and call it on fixed inputs."""
+
+    title: str
+    inputs: Callable[[int], str]  # what one call computes on, given the latent size, for the report
+    target: float  # the ratio median ours / reference to reach
+    default_rounds: int
+    save_reference: Callable[[Path], None]  # random weights, written into the diffusers layout folder
+    load: Callable[[Side, Path, int], Forward]  # a side loaded from that folder, bound to its inputs
+    refiners_0_4: float | None = None  # ratio of Refiners 0.4.0 on a 2-core CPU, quoted
+
+
+def randomize(model: nn.Module, seed: int) -> None:
+    """Draw every parameter at random: weights ~ N(0, 1/fan_in), norm scales ~ N(1, 0.1), biases ~ N(0, 0.1).
+
+    No zero or constant initial value is left, and activations keep their scale through the network.
+    """
+    torch.manual_seed(seed)  # pyright: ignore[reportUnknownMemberType]
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith(".weight"):
+                parameter.normal_(1.0, 0.1)
+            else:
+                parameter.normal_(0.0, 0.1)
+
+
+def save_diffusers_reference(model_class: Any, config: dict[str, Any], folder: Path) -> None:
+    with torch.device("meta"):  # no initialisation: `randomize` draws every parameter
+        model: nn.Module = model_class.from_config(config)
+    if next(model.buffers(), None) is not None:
+        raise RuntimeError(f"{type(model).__name__} has buffers, which `to_empty` would leave uninitialised")
+    model = model.to_empty(device="cpu")
+    randomize(model, seed=0)
+    model.save_pretrained(folder, safe_serialization=True)  # pyright: ignore[reportCallIssue]
+
+
+def save_unet(folder: Path) -> None:
+    from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
+
+    save_diffusers_reference(UNet2DConditionModel, UNET_CONFIG, folder / "unet")
+
+
+def save_vae(folder: Path) -> None:
+    from diffusers import AutoencoderKL  # pyright: ignore[reportPrivateImportUsage]
+
+    save_diffusers_reference(AutoencoderKL, VAE_CONFIG, folder / "vae")
+
+
+def save_text_encoder(folder: Path) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = CLIPTextModel(CLIPTextConfig.from_dict(TEXT_ENCODER_CONFIG))  # built normally: it has buffers
+    randomize(model, seed=0)
+    model.save_pretrained(folder / "text_encoder")
+
+
+def load_unet(side: Side, folder: Path, latent_size: int) -> Forward:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, latent_size, latent_size, generator=generator)
+    embedding = torch.randn(2, 77, 768, generator=generator)
+    timestep = torch.tensor([TIMESTEP])
+    if side == "ours":
+        from refiners_sd15 import SD1UNet
+
+        ours = SD1UNet.from_pretrained(folder, dtype=torch.float32).eval()
+
+        def step() -> torch.Tensor:
+            ours.set_timestep(timestep)
+            ours.set_clip_text_embedding(embedding)
+            return ours(latents)
+
+        return step
+    from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
+
+    reference = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+    return lambda: reference(latents, timestep, encoder_hidden_states=embedding).sample
+
+
+def load_vae(side: Side, folder: Path, latent_size: int) -> Forward:
+    latents = torch.randn(1, 4, latent_size, latent_size, generator=torch.Generator().manual_seed(0))
+    if side == "ours":
+        from refiners_sd15 import SD1Autoencoder
+
+        ours = SD1Autoencoder.from_pretrained(folder, dtype=torch.float32).eval()
+        return lambda: ours.decode(latents)
+    from diffusers import AutoencoderKL  # pyright: ignore[reportPrivateImportUsage]
+
+    reference = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+    return lambda: reference.decode(latents / VAE_SCALING_FACTOR).sample  # pyright: ignore
+
+
+def load_text_encoder(side: Side, folder: Path, latent_size: int) -> Forward:
+    token_ids = torch.tensor([PROMPT_IDS])
+    if side == "ours":
+        from refiners_sd15 import CLIPTextEncoderL
+
+        ours = CLIPTextEncoderL.from_pretrained(folder, dtype=torch.float32).eval()
+        return lambda: ours(token_ids)
+    from transformers import CLIPTextModel
+
+    reference = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32).eval()
+    return lambda: reference(input_ids=token_ids).last_hidden_state
+
+
+COMPONENTS: dict[str, Component] = {
+    "unet": Component(
+        title="UNet step",
+        inputs=lambda n: f"latents (2, 4, {n}, {n}), text (2, 77, 768)",
+        target=0.95,
+        default_rounds=3,
+        save_reference=save_unet,
+        load=load_unet,
+        refiners_0_4=1.02,
+    ),
+    "vae": Component(
+        title="VAE decode",
+        inputs=lambda n: f"latents (1, 4, {n}, {n}) -> image {8 * n}x{8 * n}",
+        target=0.95,
+        default_rounds=3,
+        save_reference=save_vae,
+        load=load_vae,
+    ),
+    "clip": Component(
+        title="CLIP text encode",
+        inputs=lambda n: "token ids (1, 77)",
+        target=1.0,
+        default_rounds=20,
+        save_reference=save_text_encoder,
+        load=load_text_encoder,
+    ),
+}
+
+
+class PeakRSS(NamedTuple):
+    """Peak RSS of a fresh process, in bytes, at three points of its life."""
+
+    torch_imported: int
+    loaded: int  # the side's library imported and the weights loaded
+    forward: int  # after one forward call
+
+
+class Result(NamedTuple):
+    name: str
+    comparison: Comparison
+    max_abs_diff: float
+    max_abs_reference: float
+    rss: dict[Side, PeakRSS]
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - START:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+def measure(name: str, folder: Path, latent_size: int, rounds: int) -> Result:
+    component = COMPONENTS[name]
+    log(f"{name}: writing the reference's random weights")
+    component.save_reference(folder)
+    gc.collect()
+    with torch.inference_mode():
+        log(f"{name}: loading both sides")
+        ours = component.load("ours", folder, latent_size)
+        reference = component.load("reference", folder, latent_size)
+        log(f"{name}: one untimed call per side, whose outputs are compared")
+        expected = reference()
+        diff = max_abs_diff(ours(), expected)
+        scale = expected.abs().max().item()
+        del expected
+        log(f"{name}: timing {rounds} rounds")
+        # The call above warmed both sides up; one more untimed call each would cost a minute for a 512x512 UNet.
+        comparison = compare(ours, reference, rounds=rounds, warmup_rounds=0, calls_per_round=1)
+    del ours, reference
+    gc.collect()
+    rss: dict[Side, PeakRSS] = {}
+    for side in get_args(Side):
+        log(f"{name}: peak RSS of the {side} side, in a fresh process")
+        rss[side] = probe_in_subprocess(name, side, folder, latent_size)
+    return Result(name, comparison, diff, scale, rss)
+
+
+def probe_in_subprocess(name: str, side: Side, folder: Path, latent_size: int) -> PeakRSS:
+    """Peak RSS of `probe` run in a fresh process, with every usable core: it measures memory, not time."""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    command = [sys.executable, __file__, "--probe", name, side, str(folder)]
+    command += ["--latent-size", str(latent_size), "--threads", str(threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise RuntimeError(f"peak RSS probe of {name} ({side}) failed:\n{result.stderr[-3000:]}")
+    return PeakRSS(*json.loads(result.stdout.splitlines()[-1]))
+
+
+def probe(name: str, side: Side, folder: Path, latent_size: int) -> PeakRSS:
+    """Load one side, run one forward and return the peak RSS of this process (meant to run in a fresh one)."""
+
+    def peak() -> int:
+        # VmHWM, the peak RSS of this process's memory map. Not `ru_maxrss`: Linux carries it over from the parent
+        # through fork and exec, so a child of a big process would report at least its parent's peak.
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+        raise RuntimeError("no VmHWM in /proc/self/status: peak RSS is measured on Linux only")
+
+    torch_imported = peak()
+    with torch.inference_mode():
+        forward = COMPONENTS[name].load(side, folder, latent_size)
+        loaded = peak()
+        forward()
+    return PeakRSS(torch_imported, loaded, peak())
+
+
+def verdict(result: Result) -> str:
+    component = COMPONENTS[result.name]
+    c = result.comparison
+    low, high = c.ratio_median_ci
+    line = f"- {component.title}: {c.ratio_median:.3f}x (CI {low:.3f}-{high:.3f}), target {component.target:.2f}x: "
+    if high <= component.target:
+        return line + "target met"
+    if low > component.target:
+        return line + "**target missed**"
+    return line + f"inconclusive, the interval contains {component.target:.2f}x (more rounds, or a quieter machine)"
+
+
+def report(results: Sequence[Result], latent_size: int, env: dict[str, str]) -> str:
+    def seconds(value: float) -> str:
+        return f"{value:.3f}"
+
+    def mib(value: int) -> str:
+        return f"{value / 2**20:,.0f}"
+
+    timing_rows: list[list[str]] = []
+    accuracy_rows: list[list[str]] = []
+    memory_rows: list[list[str]] = []
+    for name, c, diff, scale, rss in results:
+        component = COMPONENTS[name]
+        low, high = c.ratio_median_ci
+        timing_rows.append(
+            [
+                component.title,
+                str(len(c.ours.samples)),
+                seconds(c.reference.min),
+                seconds(c.ours.min),
+                f"{c.ratio_min:.3f}x",
+                seconds(c.reference.median),
+                seconds(c.ours.median),
+                f"**{c.ratio_median:.3f}x**",
+                f"{low:.3f}-{high:.3f}",
+                f"<= {component.target:.2f}x",
+                f"{component.refiners_0_4:.2f}x" if component.refiners_0_4 else "",
+            ]
+        )
+        relative = f"{diff / scale:.1e}" if scale else "n/a"
+        accuracy_rows.append([component.title, component.inputs(latent_size), f"{diff:.2e}", f"{scale:.3g}", relative])
+        for side in get_args(Side):
+            peaks = rss[side]
+            ratio = f"{peaks.forward / rss['reference'].forward:.2f}x" if side == "ours" else ""
+            memory_rows.append(
+                [component.title, side, mib(peaks.torch_imported), mib(peaks.loaded), mib(peaks.forward), ratio]
+            )
+    timing_headers = [
+        "component",
+        "rounds",
+        "reference min (s)",
+        "ours min (s)",
+        "ratio min",
+        "reference median (s)",
+        "ours median (s)",
+        "ratio median",
+        "95% CI",
+        "target",
+        "Refiners 0.4.0",
+    ]
+    accuracy_headers = ["component", "input", "max abs diff", "max abs reference", "relative"]
+    memory_headers = [
+        "component",
+        "side",
+        "after `import torch` (MiB)",
+        "peak after loading (MiB)",
+        "peak after one call (MiB)",
+        "ours / reference",
+    ]
+    return "\n".join(
+        [
+            "# Stable Diffusion 1.5 components: `refiners_sd15` vs diffusers / transformers",
+            "",
+            "Ours: `SD1UNet`, `SD1Autoencoder.decode`, `CLIPTextEncoderL`. References: diffusers",
+            "`UNet2DConditionModel`, `AutoencoderKL.decode`, transformers `CLIPTextModel`. Published SD1.5 configs,",
+            "random weights written with the reference's `save_pretrained` and loaded by both sides from that folder;",
+            f"float32, CPU, `torch.inference_mode()`. Latent size {latent_size} ({8 * latent_size}x{8 * latent_size}"
+            " images). The UNet step runs batch 2",
+            f"(classifier-free guidance) at timestep {TIMESTEP}; our side sets the timestep and the text embedding",
+            "inside the timed call, as a denoising loop does at every step.",
+            "",
+            "## Time",
+            "",
+            "Process CPU time per call, in interleaved rounds of one call per side, after one untimed call per side",
+            "(the one whose outputs are compared). A 512x512 UNet step or decode takes tens of seconds on one core",
+            "of this CPU, so these components get few rounds (3 by default: a run takes 11 minutes at load 2-3). With",
+            "fewer than 11 rounds the 95% CI of the ratio median is the whole range of the per-round ratios.",
+            "Ratio = ours / reference, above 1 means ours is slower.",
+            "",
+            markdown_table(timing_headers, timing_rows, align="lrrrrrrrrrr"),
+            "",
+            *(verdict(result) for result in results),
+            "",
+            "Refiners 0.4.0 is quoted, not re-measured: within noise of diffusers on this 2-core CPU.",
+            "",
+            "## Accuracy",
+            "",
+            markdown_table(accuracy_headers, accuracy_rows, align="llrrr"),
+            "",
+            "## Memory",
+            "",
+            "Peak resident set size (`VmHWM`) of a fresh process per side and component, which imports torch, then",
+            "imports its library and loads the weights from the same folder through its `from_pretrained`, then runs",
+            "one call (with every usable core: only memory is measured). Loading counts the library import, the file",
+            "reads and any copy the loader makes. A loader whose tensors stay backed by the memory-mapped file only",
+            "brings those pages in when the first call reads them: compare the last column.",
+            "",
+            markdown_table(memory_headers, memory_rows, align="llrrrr"),
+            "",
+            "## Environment",
+            "",
+            markdown_table(["", ""], [[key, value] for key, value in env.items()]),
+            "",
+        ]
+    )
+
+
+def versions() -> dict[str, str]:
+    """The versions of the packages compared, and the commit of this repository (editable installs run its tree)."""
+    found: dict[str, str] = {}
+    for distribution in ("refiners-sd15", "diffusers", "transformers", "accelerate", "safetensors"):
+        try:
+            found[distribution] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            found[distribution] = "not installed"
+    found["repository commit"] = source_commit()
+    return found
+
+
+def source_commit() -> str:
+    def git(*arguments: str) -> str:
+        where = Path(__file__).parent
+        return subprocess.run(["git", *arguments], cwd=where, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{commit} + uncommitted changes" if changed else commit
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, help="timed rounds per component (default: 3 unet, 3 vae, 20 clip)")
+    parser.add_argument("--latent-size", type=int, default=64, help="latent height and width (default: 64)")
+    parser.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated (default: unet,vae,clip)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument("--output", type=Path, default=Path("bench/results/sd15_components.md"))
+    parser.add_argument("--probe", nargs=3, metavar=("COMPONENT", "SIDE", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.probe:
+        name, side, folder = args.probe
+        print(json.dumps(probe(name, side, Path(folder), args.latent_size)))
+        return 0
+    names = [name.strip() for name in args.components.split(",") if name.strip()]
+    unknown = sorted(set(names) - COMPONENTS.keys())
+    if unknown or not names:
+        parser.error(f"--components takes a comma-separated subset of {', '.join(COMPONENTS)}, got {args.components!r}")
+    if args.latent_size < 8 or args.latent_size % 8:
+        parser.error(f"--latent-size must be a multiple of 8 (the UNet halves it 3 times), got {args.latent_size}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    env = {**environment(), **versions()}
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="sd15_components_") as folder:
+        for name in names:
+            rounds = args.rounds or COMPONENTS[name].default_rounds
+            results.append(measure(name, Path(folder), args.latent_size, rounds))
+    text = report(results, args.latent_size, env)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text, encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
