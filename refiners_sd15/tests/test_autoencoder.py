@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # pyright: ignore[rep
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from PIL import Image
+from published_configs import SD15_VAE_CONFIG
 
 from refiners_core.state_dicts import invert, load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors, save_tensors
@@ -25,22 +26,6 @@ from refiners_sd15.autoencoder import (
     ldm_autoencoder_mapping,
     tensor_to_image,
 )
-
-# runwayml/stable-diffusion-v1-5, vae/config.json
-SD15_VAE_CONFIG: dict[str, Any] = {
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.6.0",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-}
 
 # stabilityai/stable-diffusion-xl-base-1.0, vae/config.json
 SDXL_VAE_CONFIG: dict[str, Any] = {

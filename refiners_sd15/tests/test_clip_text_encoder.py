@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from published_configs import SD15_TEXT_ENCODER_CONFIG
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -26,31 +27,6 @@ from refiners_sd15.clip.mapping import (
 )
 from refiners_sd15.clip.text_encoder import CLIPTextEncoderL, TokenIds
 from refiners_sd15.clip.tokenizer import CLIPTokenizer
-
-# runwayml/stable-diffusion-v1-5, text_encoder/config.json (openai/clip-vit-large-patch14's text model).
-SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "_name_or_path": "openai/clip-vit-large-patch14",
-    "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "torch_dtype": "float32",
-    "transformers_version": "4.22.0.dev0",
-    "vocab_size": 49408,
-}
 
 # stabilityai/stable-diffusion-2, text_encoder/config.json (OpenCLIP ViT-H/14's text model).
 SD2_TEXT_ENCODER_CONFIG: dict[str, Any] = {

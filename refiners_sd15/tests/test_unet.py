@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from published_configs import SD15_UNET_CONFIG
 from torch.overrides import TorchFunctionMode
 
 import refiners_core.fluxion as fl
@@ -33,28 +34,6 @@ from refiners_sd15.unet.blocks import ConcatenateSkip, SaveSkip, SinusoidalEmbed
 TOLERANCE = 1e-4
 LDM_PREFIX = "model.diffusion_model."
 
-# runwayml/stable-diffusion-v1-5, unet/config.json
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.6.0",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 # runwayml/stable-diffusion-inpainting, unet/config.json: the same with 9 input channels
 SD15_INPAINTING_UNET_CONFIG: dict[str, Any] = {**SD15_UNET_CONFIG, "_diffusers_version": "0.6.0.dev0", "in_channels": 9}
 # stabilityai/stable-diffusion-2-1, unet/config.json

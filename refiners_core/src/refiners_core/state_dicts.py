@@ -48,6 +48,7 @@ def load_state_dict_checked(
     source: str,
     mapping: KeyMapping | None = None,
     ignore: Iterable[str] = (),
+    assign_to_device: torch.device | str | None = None,
 ) -> None:
     """Copy `tensors` into `model`, translating keys with `mapping` (identity if None).
 
@@ -55,6 +56,10 @@ def load_state_dict_checked(
     must match (a 1x1 convolution kernel loads into a linear weight of the same size, the only leniency).
     Tensors are converted to the dtype and device of the parameter they load into. `ignore` lists file keys
     known to carry nothing the model needs (e.g. position ids buffers).
+
+    With `assign_to_device`, the model (typically built on the meta device) takes the file's tensors as its
+    own, moved to that device and converted to its dtype where needed, instead of copying them into storage
+    it already has: loading then holds the weights in memory once, not twice.
 
     Raises WeightsError naming `source` (the file), the key as written in the file, our layer path and the
     expected and found shapes; in that case the model is left untouched.
@@ -93,6 +98,10 @@ def load_state_dict_checked(
         )
         more = " ..." if len(missing) > 5 else ""
         raise WeightsError(f"{source}: no weights for {len(missing)} key(s) of {type(model).__name__}: {shown}{more}")
+    if assign_to_device is not None:
+        converted = {key: tensor.to(device=assign_to_device, dtype=own[key].dtype) for key, tensor in prepared.items()}
+        model.load_state_dict(converted, strict=True, assign=True)
+        return
     with torch.no_grad():
         for key, tensor in prepared.items():
             own[key].copy_(tensor)

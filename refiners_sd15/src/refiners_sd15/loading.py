@@ -105,10 +105,16 @@ def load_component(
     kwargs = _kwargs_from_config(component, config_path) if config_path is not None else {}
     files = find_weight_files(path_or_repo_id, component, subfolder=folder_subpath, variant=variant, revision=revision)
     tensors = _read_all(files)
-    model = _build_empty(model_class, kwargs, device=device, dtype=dtype)
-    mapping = component.diffusers_mapping(component.architecture(model), tensors.keys())
-    load_state_dict_checked(model, tensors, source=_describe(files), mapping=mapping, ignore=component.ignored_keys)
-    return model
+    return _build_and_load(
+        model_class,
+        kwargs,
+        tensors,
+        source=_describe(files),
+        mapping=lambda model: component.diffusers_mapping(component.architecture(model), tensors.keys()),
+        ignore=component.ignored_keys,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def load_single_file_component(
@@ -126,11 +132,18 @@ def load_single_file_component(
     if not own:
         raise WeightsError(f"{source}: no '{prefix}*' keys, so no {component.name} in this checkpoint")
     kwargs = component.single_file_config({key.removeprefix(prefix): value for key, value in own.items()})
-    model = _build_empty(model_class, kwargs, device=device, dtype=dtype)
-    mapping = {prefix + key: ours for key, ours in component.single_file_mapping(component.architecture(model)).items()}
-    ignored = {prefix + key for key in component.ignored_keys}
-    load_state_dict_checked(model, own, source=str(source), mapping=mapping, ignore=ignored)
-    return model
+    return _build_and_load(
+        model_class,
+        kwargs,
+        own,
+        source=str(source),
+        mapping=lambda model: {
+            prefix + key: ours for key, ours in component.single_file_mapping(component.architecture(model)).items()
+        },
+        ignore={prefix + key for key in component.ignored_keys},
+        device=device,
+        dtype=dtype,
+    )
 
 
 def find_weight_files(
@@ -197,27 +210,45 @@ def load_own_format(
     if metadata.get(COMPONENT_KEY) != component.name:
         raise WeightsError(f"{path} holds a '{metadata.get(COMPONENT_KEY)}', not a '{component.name}'")
     kwargs: dict[str, Any] = json.loads(metadata[CONFIG_KEY])
-    model = _build_empty(model_class, kwargs, device=device, dtype=dtype)
-    load_state_dict_checked(model, load_tensors(path), source=str(path))
-    return model
+    return _build_and_load(
+        model_class,
+        kwargs,
+        load_tensors(path),
+        source=str(path),
+        mapping=lambda model: None,
+        ignore=(),
+        device=device,
+        dtype=dtype,
+    )
 
 
-def _build_empty(
+def _build_and_load(
     model_class: type[TModel],
     kwargs: dict[str, Any],
+    tensors: Mapping[str, torch.Tensor],
     *,
+    source: str,
+    mapping: Callable[[TModel], KeyMapping | None],
+    ignore: Iterable[str],
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> TModel:
-    """The model with uninitialised weights, about to be loaded: no time spent on a random initialisation.
+    """Build the model and load `tensors` into it, holding the weights in memory only once.
 
-    It is built on the meta device then given real (empty) storage; a model with buffers that no weights file
-    provides is built normally instead, since those buffers must keep the values its constructor gives them.
+    The model is built on the meta device (no time spent on a random initialisation) and takes the file's
+    tensors as its own. A model with buffers that no weights file provides is built normally instead, since
+    those buffers must keep the values its constructor gives them.
     """
     model = model_class(**kwargs, device="meta", dtype=dtype)
     if set(dict(model.named_buffers())) - set(model.state_dict()):
-        return model_class(**kwargs, device=device, dtype=dtype)
-    return model.to_empty(device=device if device is not None else "cpu")
+        model = model_class(**kwargs, device=device, dtype=dtype)
+        load_state_dict_checked(model, tensors, source=source, mapping=mapping(model), ignore=ignore)
+        return model
+    target = device if device is not None else "cpu"
+    load_state_dict_checked(
+        model, tensors, source=source, mapping=mapping(model), ignore=ignore, assign_to_device=target
+    )
+    return model
 
 
 def _kwargs_from_config(component: ComponentFormat, config_path: Path) -> dict[str, Any]:
