@@ -51,7 +51,7 @@ from refiners_core.fluxion.layers import (
     Upsample,
     UseContext,
 )
-from refiners_core.fluxion.module import Module
+from refiners_core.fluxion.module import Device, Module
 
 __all__ = [
     "Adapter",
@@ -62,6 +62,7 @@ __all__ = [
     "ContextError",
     "ContextProvider",
     "Contexts",
+    "Device",
     "Distribute",
     "Lambda",
     "Module",

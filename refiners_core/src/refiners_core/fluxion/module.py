@@ -14,6 +14,9 @@ if TYPE_CHECKING:
 
 TModule = TypeVar("TModule", bound="Module")
 
+Device = torch.device | str | None
+"""Where a layer creates its tensors: a `torch.device`, its name, or None for the default device."""
+
 
 class ParentLinks(list["Chain"]):
     """The chains a layer belongs to, in the order it joined them.

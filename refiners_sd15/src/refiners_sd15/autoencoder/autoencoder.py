@@ -8,11 +8,10 @@ import torch
 from PIL import Image
 
 import refiners_core.fluxion as fl
+from refiners_core.fluxion import Device
 from refiners_sd15.autoencoder.blocks import DownBlock, MidBlock, OutputBlock, PosteriorMean, UpBlock
 from refiners_sd15.autoencoder.mapping import AUTOENCODER_FORMAT
 from refiners_sd15.loading import PretrainedComponent
-
-Device = torch.device | str | None
 
 
 class Encoder(fl.Chain):

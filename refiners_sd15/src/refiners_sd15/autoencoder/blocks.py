@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 import refiners_core.fluxion as fl
-
-Device = torch.device | str | None
+from refiners_core.fluxion import Device
 
 EPS = 1e-6
 """Epsilon of every group normalisation of the autoencoder."""

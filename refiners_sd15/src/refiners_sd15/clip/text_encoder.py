@@ -14,11 +14,10 @@ from torch import nn
 from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
+from refiners_core.fluxion import Device
 from refiners_sd15.clip.mapping import TEXT_ENCODER_FORMAT
 from refiners_sd15.clip.tokenizer import CLIPTokenizer
 from refiners_sd15.loading import PretrainedComponent
-
-Device = torch.device | str | None
 
 
 class TokenIds(fl.Module):

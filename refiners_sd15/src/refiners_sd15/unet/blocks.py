@@ -13,8 +13,7 @@ import torch
 from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
-
-Device = torch.device | str | None
+from refiners_core.fluxion import Device
 
 
 class SinusoidalEmbedding(fl.Module):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 import refiners_core.fluxion as fl
+from refiners_core.fluxion import Device
 from refiners_sd15.loading import PretrainedComponent
 from refiners_sd15.unet.blocks import (
     ConcatenateSkip,
@@ -18,8 +19,6 @@ from refiners_sd15.unet.blocks import (
 )
 from refiners_sd15.unet.config import skip_channels
 from refiners_sd15.unet.mapping import UNET_FORMAT
-
-Device = torch.device | str | None
 
 
 class DownBlocks(fl.Chain):

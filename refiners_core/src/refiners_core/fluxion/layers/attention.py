@@ -8,9 +8,7 @@ from torch.nn import functional as F
 from refiners_core.fluxion.chain import Chain, Distribute, Parallel
 from refiners_core.fluxion.layers.basics import Identity
 from refiners_core.fluxion.layers.linear import Linear
-from refiners_core.fluxion.module import Module
-
-Device = torch.device | str | None
+from refiners_core.fluxion.module import Device, Module
 
 
 class ScaledDotProductAttention(Module):

@@ -7,9 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refiners_core.fluxion.module import Module
-
-Device = torch.device | str | None
+from refiners_core.fluxion.module import Device, Module
 
 
 class Identity(Module):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from refiners_core.fluxion.module import Module
+from refiners_core.fluxion.module import Device, Module
 
-Device = torch.device | str | None
 Size2d = int | tuple[int, int]
 
 

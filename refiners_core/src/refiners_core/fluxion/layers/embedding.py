@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from refiners_core.fluxion.module import Module
-
-Device = torch.device | str | None
+from refiners_core.fluxion.module import Device, Module
 
 
 class Embedding(Module, nn.Embedding):

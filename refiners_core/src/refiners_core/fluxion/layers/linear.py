@@ -7,9 +7,7 @@ from torch import nn
 
 from refiners_core.fluxion.chain import Chain
 from refiners_core.fluxion.layers.activations import ReLU
-from refiners_core.fluxion.module import Module
-
-Device = torch.device | str | None
+from refiners_core.fluxion.module import Device, Module
 
 
 class Linear(Module, nn.Linear):

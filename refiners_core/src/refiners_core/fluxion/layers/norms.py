@@ -6,9 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from refiners_core.fluxion.module import Module
-
-Device = torch.device | str | None
+from refiners_core.fluxion.module import Device, Module
 
 
 class LayerNorm(Module, nn.LayerNorm):

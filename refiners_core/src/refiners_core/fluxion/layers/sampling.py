@@ -8,9 +8,7 @@ from torch.nn import functional as F
 from refiners_core.fluxion.chain import Chain
 from refiners_core.fluxion.context import ContextError
 from refiners_core.fluxion.layers.convolution import Conv2d
-from refiners_core.fluxion.module import Module
-
-Device = torch.device | str | None
+from refiners_core.fluxion.module import Device, Module
 
 
 class Interpolate(Module):
