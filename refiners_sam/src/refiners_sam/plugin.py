@@ -1,5 +1,20 @@
-"""The refiners plugin of refiners-sam (entry point `sam = refiners_sam.plugin`).
+"""The refiners plugin of refiners-sam (entry point `sam = refiners_sam.plugin`)."""
 
-It registers nothing yet: the Segment Anything model will be registered here, through the hooks of
-`refiners_core.plugins.hookspecs`, when it is added to this package.
-"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from refiners_core.plugins import ModelSpec, hookimpl
+
+
+@hookimpl
+def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
+    from refiners_sam.model import SegmentAnything
+
+    register(
+        ModelSpec(
+            name="sam",
+            loader=SegmentAnything.from_pretrained,
+            summary="Segment Anything ViT-B/L/H: SegmentAnything.from_pretrained(official .pth checkpoint or hub id)",
+        )
+    )
