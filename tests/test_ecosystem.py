@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -53,8 +54,10 @@ def test_lora_from_the_registry_adapts_a_model_and_ejects_exactly() -> None:
     assert torch.equal(model(x), expected)
 
 
-def test_demo_runs_offline_and_reports_every_check_ok() -> None:
-    result = _refiners("demo", "--quiet")
+def test_demo_runs_offline_and_reports_every_check_ok(tmp_path: Path) -> None:
+    result = _refiners("demo", "--quiet", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAILED" not in result.stdout
-    assert result.stdout.count("[ok]") == 5
+    assert result.stdout.count("[ok]") == 9  # 5 for the ViT, 4 for SD1.5 (generation with a LoRA)
+    assert "at a small size with random weights" in result.stdout
+    assert (tmp_path / "refiners-demo-sd15.png").is_file()

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from refiners_core.cli import main
+from refiners_core.cli import demo, main
 from refiners_core.cli.plugins import format_table
 from refiners_core.plugins import PluginError, PluginRecord
 
 AddPlugin = Callable[..., str]  # the `plugin_site` fixture of conftest.py
 
 GREETER = """
-    from refiners_core.plugins import AdapterSpec, ModelSpec, hookimpl
+    from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, ModelSpec, hookimpl
 
     def configure(parser):
         parser.add_argument("--name", default="world")
@@ -35,6 +37,10 @@ GREETER = """
     @hookimpl
     def refiners_register_models(register):
         register(ModelSpec("t-model", dict))
+
+    @hookimpl
+    def refiners_register_generate_options(register):
+        register(GenerateOptionSpec("--t-style", lambda model, values: None))
 """
 
 BROKEN = "import refiners_test_dependency_that_does_not_exist\n"
@@ -118,7 +124,7 @@ def test_plugins_command_prints_a_table_and_exits_0_with_a_broken_plugin(
         "t-greeter",
         "0.3",
         greeter,
-        "adapters: t-scale; models: t-model; commands: t-hello",
+        "adapters: t-scale; models: t-model; commands: t-hello; generate options: --t-style",
         "ok",
     ]
     assert rows["t-broken"] == [
@@ -148,6 +154,7 @@ def test_plugins_json_has_one_object_per_entry_point_with_the_documented_keys(
         "models": ["t-model"],
         "solvers": [],
         "commands": ["t-hello"],
+        "generate_options": ["--t-style"],
         "error": None,
         "status": "ok",
     }
@@ -177,4 +184,42 @@ def test_plugin_table_shows_a_dash_for_a_plugin_that_registers_nothing() -> None
     assert table.splitlines() == [
         "DISTRIBUTION  VERSION  ENTRY POINT                REGISTERS  STATUS",
         "refiners-sam  0.1.0    sam = refiners_sam.plugin  -          ok",
+    ]
+
+
+DEMO_MODELS = """
+    from refiners_core.plugins import ModelSpec, hookimpl
+
+    def demo(*, seed, lora_rank, output_dir, quiet):
+        print(f"t-demo ran with seed {seed}, rank {lora_rank}, into {output_dir}, quiet {quiet}")
+        return [("the t-demo model works", True), ("a check that fails", False)]
+
+    def broken_demo(**options):
+        raise RuntimeError("no memory left")
+
+    @hookimpl
+    def refiners_register_models(register):
+        register(ModelSpec("t-demo", dict, summary="A demo model", demo=demo))
+        register(ModelSpec("t-broken-demo", dict, demo=broken_demo))
+        register(ModelSpec("t-no-demo", dict))
+"""
+
+
+def test_model_demos_run_with_the_demo_options_and_report_their_checks(
+    plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugin_site("t-demos", DEMO_MODELS)
+    monkeypatch.setenv("REFINERS_DISABLE_PLUGINS", "refiners-sd15")  # its real demo, where installed, is slower
+    args = argparse.Namespace(seed=3, rank=5, output_dir=tmp_path, quiet=True)
+
+    checks = demo._model_demos(args)  # pyright: ignore[reportPrivateUsage]
+
+    out = capsys.readouterr().out
+    assert f"t-demo ran with seed 3, rank 5, into {tmp_path}, quiet True" in out
+    assert "model 't-demo' from the plugin registry: A demo model" in out
+    assert "t-no-demo" not in out
+    assert checks == [
+        ("t-broken-demo: the demo raised RuntimeError: no memory left", False),
+        ("t-demo: the t-demo model works", True),
+        ("t-demo: a check that fails", False),
     ]

@@ -12,6 +12,7 @@ import pytest
 from refiners_core.plugins import (
     AdapterSpec,
     CommandSpec,
+    GenerateOptionSpec,
     ModelSpec,
     PluginError,
     PluginRecord,
@@ -25,7 +26,7 @@ from refiners_core.plugins import (
 AddPlugin = Callable[..., str]  # the `plugin_site` fixture of conftest.py
 
 EVERYTHING = """
-    from refiners_core.plugins import AdapterSpec, ModelSpec, SolverSpec, hookimpl
+    from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, ModelSpec, SolverSpec, hookimpl
 
     def scale(target, factor=2):
         return ("scaled", target, factor)
@@ -48,6 +49,10 @@ EVERYTHING = """
     @hookimpl
     def refiners_register_commands(cli):
         cli.add_command("t-command", run, help="Say hello")
+
+    @hookimpl
+    def refiners_register_generate_options(register):
+        register(GenerateOptionSpec("--t-style", lambda model, values: None, help="Style", models=("t-model",)))
 """
 
 
@@ -66,7 +71,7 @@ def record_of(loaded: Registry, distribution: str) -> PluginRecord:
     return record
 
 
-def test_registry_collects_adapters_models_solvers_and_commands_of_a_plugin(plugin_site: AddPlugin) -> None:
+def test_registry_collects_adapters_models_solvers_commands_and_options_of_a_plugin(plugin_site: AddPlugin) -> None:
     entry_point = plugin_site("t-everything", EVERYTHING, version="2.5")
 
     loaded = registry()
@@ -76,6 +81,8 @@ def test_registry_collects_adapters_models_solvers_and_commands_of_a_plugin(plug
     assert loaded.models["t-model"].loader("x") == "x"
     assert loaded.solvers["t-solver"].factory(a=1) == {"a": 1}
     assert loaded.commands["t-command"].help == "Say hello"
+    assert loaded.generate_options["--t-style"].applies_to("t-model")
+    assert not loaded.generate_options["--t-style"].applies_to("other")
     assert record_of(loaded, "t-everything") == PluginRecord(
         distribution="t-everything",
         version="2.5",
@@ -84,6 +91,7 @@ def test_registry_collects_adapters_models_solvers_and_commands_of_a_plugin(plug
         models=("t-model",),
         solvers=("t-solver",),
         commands=("t-command",),
+        generate_options=("--t-style",),
         error=None,
         status="ok",
     )
@@ -355,6 +363,7 @@ def test_record_json_has_the_documented_keys() -> None:
         "models": [],
         "solvers": [],
         "commands": [],
+        "generate_options": [],
         "error": "x",
         "status": "error",
     }
@@ -413,6 +422,11 @@ def test_spec_rejects_a_factory_that_is_not_callable() -> None:
         AdapterSpec("scale", "not a function")  # pyright: ignore[reportArgumentType]
 
 
+def test_model_spec_demo_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="model 'm': demo must be callable"):
+        ModelSpec("m", dict, demo="run")  # pyright: ignore[reportArgumentType]
+
+
 def test_adapter_spec_targets_must_be_a_tuple_of_classes() -> None:
     with pytest.raises(TypeError, match="targets must be a non-empty tuple of classes"):
         AdapterSpec("scale", identity, targets=Layer)  # pyright: ignore[reportArgumentType]
@@ -421,3 +435,61 @@ def test_adapter_spec_targets_must_be_a_tuple_of_classes() -> None:
 def test_command_names_cannot_look_like_options() -> None:
     with pytest.raises(ValueError, match="must not start with '-'"):
         CommandSpec("--all", lambda args: 0)
+
+
+def option_plugin(flag: str, raises: bool = False) -> str:
+    failure = "\n        raise RuntimeError('cannot describe models')" if raises else ""
+    return f"""
+    from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
+
+    @hookimpl
+    def refiners_register_generate_options(register):
+        register(GenerateOptionSpec({flag!r}, lambda model, values: None))
+
+    @hookimpl
+    def refiners_register_models(register):
+        pass{failure}
+    """
+
+
+def test_generate_option_flag_conflict_keeps_the_first_plugin_and_names_both(plugin_site: AddPlugin) -> None:
+    plugin_site("t-first", option_plugin("--t-shared"), version="1.2")
+    plugin_site("t-second", option_plugin("--t-shared"), version="3.4")
+
+    with pytest.warns(RefinersPluginWarning, match="generate option name '--t-shared' conflicts"):
+        loaded = registry()
+
+    second = record_of(loaded, "t-second")
+    assert second.status == "error" and second.error is not None
+    assert "t-first 1.2" in second.error and "t-second 3.4" in second.error
+    assert second.generate_options == ()
+    assert record_of(loaded, "t-first").generate_options == ("--t-shared",)
+
+
+def test_generate_options_of_a_failing_plugin_are_not_kept(plugin_site: AddPlugin) -> None:
+    plugin_site("t-raising", option_plugin("--t-half", raises=True))
+
+    with pytest.warns(RefinersPluginWarning, match="t-raising"):
+        loaded = registry()
+
+    assert record_of(loaded, "t-raising").generate_options == ()
+    assert "--t-half" not in loaded.generate_options
+    with pytest.raises(KeyError, match="no generate option named '--t-half' is registered"):
+        loaded.generate_options["--t-half"]
+
+
+@pytest.mark.parametrize("flag", ["lora", "-l", "--", "---lora", "--two words"])
+def test_generate_option_flag_must_look_like_a_long_option(flag: str) -> None:
+    with pytest.raises(ValueError, match="generate option"):
+        GenerateOptionSpec(flag, lambda model, values: None)
+
+
+def test_generate_option_spec_checks_apply_and_models() -> None:
+    with pytest.raises(TypeError, match="generate option '--lora': apply must be callable"):
+        GenerateOptionSpec("--lora", "apply")  # pyright: ignore[reportArgumentType]
+    with pytest.raises(TypeError, match="models must be None or a non-empty tuple"):
+        GenerateOptionSpec("--lora", lambda model, values: None, models="sd15")  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="model name must be non-empty"):
+        GenerateOptionSpec("--lora", lambda model, values: None, models=("sd 15",))
+    spec = GenerateOptionSpec("--lora", lambda model, values: None, metavar="FILE[:SCALE]", models=("sd15",))
+    assert (spec.name, spec.applies_to("sd15"), spec.applies_to("sam")) == ("--lora", True, False)

@@ -103,7 +103,18 @@ DISTRIBUTIONS = {
     "refiners-test-raising": ("raising", RAISING),
 }
 MODULES = [name.replace("-", "_") for name in DISTRIBUTIONS]
-JSON_KEYS = {"distribution", "version", "entry_point", "adapters", "models", "solvers", "commands", "error", "status"}
+JSON_KEYS = {
+    "distribution",
+    "version",
+    "entry_point",
+    "adapters",
+    "models",
+    "solvers",
+    "commands",
+    "generate_options",
+    "error",
+    "status",
+}
 
 
 def write_project(root: Path, distribution: str, entry_point: str, files: dict[str, str]) -> Path:
@@ -265,6 +276,7 @@ def test_refiners_plugins_json_lists_every_entry_point_with_the_documented_keys(
         "models": ["acme-tiny"],
         "solvers": [],
         "commands": ["acme-hello"],
+        "generate_options": [],
         "error": None,
         "status": "ok",
     }

@@ -17,7 +17,10 @@ import importlib_metadata
 from refiners_core.cli import plugins
 from refiners_core.plugins import CommandRegistrar, RefinersPluginWarning, Registry, hookimpl, registry
 
-DEMO_HELP = "Build a small model offline, inject and eject a LoRA, and show that the model is restored exactly"
+DEMO_HELP = (
+    "Build a small model offline, inject and eject a LoRA, show that the model is restored exactly, "
+    "then run the demos of installed models"
+)
 
 
 def main(argv: list[str] | None = None) -> int:

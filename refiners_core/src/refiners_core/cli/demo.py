@@ -4,12 +4,16 @@ It builds a small Vision Transformer (the Refiners README's, with cross-attentio
 API), looks up the `lora` adapter in the plugin registry (contributed by refiners-lora), injects it into
 every attention projection, checks that a fresh LoRA changes nothing and a trained one does, then ejects
 every adapter and checks that the model's weights and outputs are restored bit for bit.
+
+Then it runs the demo of every registered model that offers one (`ModelSpec.demo`), e.g. refiners-sd15's, which
+generates an image with a scaled-down Stable Diffusion 1.5 and a LoRA; their checks are listed with these.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -56,6 +60,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="do not print the model tree")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("."),
+        help="where model demos write their files, e.g. an image (default: the current directory)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,11 +129,27 @@ def run(args: argparse.Namespace) -> int:
         restored_output = model(images)
         checks.append(("after eject, outputs are bit-identical", torch.equal(restored_output, original_output)))
 
+    checks += _model_demos(args)
     print()
     for description, passed in checks:
         print(f"  [{'ok' if passed else 'FAILED'}] {description}")
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
     return 0 if all(passed for _, passed in checks) else 1
+
+
+def _model_demos(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    """Run the demo of every registered model that offers one; a demo that raises is a failed check."""
+    checks: list[tuple[str, bool]] = []
+    for name, spec in sorted(registry().models.items()):
+        if spec.demo is None:
+            continue
+        print(f"\nmodel {name!r} from the plugin registry: {spec.summary}")
+        try:
+            results = spec.demo(seed=args.seed, lora_rank=args.rank, output_dir=args.output_dir, quiet=args.quiet)
+            checks += [(f"{name}: {description}", bool(passed)) for description, passed in results]
+        except Exception as error:  # a plugin's demo: report whatever it raises as a failed check
+            checks.append((f"{name}: the demo raised {type(error).__name__}: {error}", False))
+    return checks
 
 
 def _as_layer(adapter: fl.Adapter[Any]) -> fl.Chain:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from refiners_core.plugins import PluginRecord, registry
 
-_KINDS = ("adapters", "models", "solvers", "commands")
+_KINDS = ("adapters", "models", "solvers", "commands", "generate_options")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,10 +30,16 @@ def format_table(records: Sequence[PluginRecord]) -> str:
     """One line per entry point: distribution, version, entry point, what it registers, status."""
     rows = [("DISTRIBUTION", "VERSION", "ENTRY POINT", "REGISTERS", "STATUS")]
     for record in records:
-        registers = "; ".join(f"{kind}: {', '.join(names)}" for kind in _KINDS if (names := getattr(record, kind)))
+        registers = "; ".join(
+            f"{_label(kind)}: {', '.join(names)}" for kind in _KINDS if (names := getattr(record, kind))
+        )
         status = f"error: {record.error}" if record.status == "error" else record.status
         rows.append((record.distribution, record.version, record.entry_point, registers or "-", status))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]) for row in rows
     )
+
+
+def _label(kind: str) -> str:
+    return kind.replace("_", " ")

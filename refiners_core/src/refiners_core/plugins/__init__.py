@@ -1,4 +1,4 @@
-"""The refiners plugin system: installed distributions add adapters, models, solvers and CLI commands.
+"""The refiners plugin system: installed distributions add adapters, models, solvers, CLI commands and options.
 
 A plugin is a module with `@hookimpl` functions (see `refiners_core.plugins.hookspecs` for every hook and its
 contract), declared by one entry point in the `refiners` group of its distribution's `pyproject.toml`.
@@ -16,12 +16,20 @@ from refiners_core.plugins.loader import (
     registry,
     reset_registry,
 )
-from refiners_core.plugins.specs import AdapterSpec, CommandRegistrar, CommandSpec, ModelSpec, SolverSpec
+from refiners_core.plugins.specs import (
+    AdapterSpec,
+    CommandRegistrar,
+    CommandSpec,
+    GenerateOptionSpec,
+    ModelSpec,
+    SolverSpec,
+)
 
 __all__ = [
     "AdapterSpec",
     "CommandRegistrar",
     "CommandSpec",
+    "GenerateOptionSpec",
     "ModelSpec",
     "PluginError",
     "PluginRecord",

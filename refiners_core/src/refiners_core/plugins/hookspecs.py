@@ -25,8 +25,9 @@ Rules shared by every hook:
 - Registration is all or nothing per plugin: if any of a plugin's hooks raises, nothing that plugin
   registered is kept, the plugin is reported by `refiners plugins` with the error, and every other plugin
   still loads. With `REFINERS_STRICT_PLUGINS=1` the error is raised instead (meant for plugin authors).
-- Names are global per kind: when two plugins register the same adapter (model, solver, command) name, the
-  first in the order above keeps it and the other is reported with an error naming both distributions.
+- Names are global per kind: when two plugins register the same adapter (model, solver, command) name or the
+  same generate option flag, the first in the order above keeps it and the other is reported with an error
+  naming both distributions.
 - Hooks must be quick and free of side effects: no downloads, no reading of weights, no building of
   models, no printing. The plugin module is imported by every `refiners` invocation (`--help` included),
   so keep what it imports to what the specs need.
@@ -38,7 +39,7 @@ from collections.abc import Callable
 
 import pluggy
 
-from refiners_core.plugins.specs import AdapterSpec, CommandRegistrar, ModelSpec, SolverSpec
+from refiners_core.plugins.specs import AdapterSpec, CommandRegistrar, GenerateOptionSpec, ModelSpec, SolverSpec
 
 PROJECT_NAME = "refiners"
 
@@ -101,4 +102,25 @@ def refiners_register_commands(cli: CommandRegistrar) -> None:
 
     Must not parse `sys.argv`, print, or exit here. A name already taken (by a built-in command such as
     `plugins`, or by another plugin) is reported as a conflict on this plugin.
+    """
+
+
+@hookspec
+def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
+    """Add an option to the generation commands (`refiners generate`), e.g. `--lora FILE[:SCALE]`.
+
+    Called once per plugin when the registry is first loaded.
+
+    :param register: call it with one `GenerateOptionSpec` per option. A generation command for a model
+        named in the spec's `models` (or for any model when `models` is None) adds `flag` to its parser,
+        repeatable, one value each time. After the model is loaded, and before anything is generated, it
+        calls `apply(model, values)` with the loaded model (e.g. a `StableDiffusion_1` for "sd15") and the
+        list of every value given for the flag, in command-line order; `apply` is not called when the flag
+        is absent. `apply` modifies the model in place and returns None; it raises an exception whose
+        message names the value at fault (e.g. a missing file), which the command reports, prefixed with
+        the flag and its values unless the message starts with the flag.
+
+    Must not parse `sys.argv`, read files or touch any model here: only describe the option. A flag another
+    plugin already registered is reported as a conflict on this plugin; a flag that clashes with one of the
+    command's own options is reported by that command.
     """

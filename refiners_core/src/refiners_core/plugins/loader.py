@@ -25,7 +25,14 @@ import importlib_metadata
 import pluggy
 
 from refiners_core.plugins import hookspecs
-from refiners_core.plugins.specs import AdapterSpec, CommandRegistrar, CommandSpec, ModelSpec, SolverSpec
+from refiners_core.plugins.specs import (
+    AdapterSpec,
+    CommandRegistrar,
+    CommandSpec,
+    GenerateOptionSpec,
+    ModelSpec,
+    SolverSpec,
+)
 
 ENTRY_POINT_GROUP = "refiners"
 DISABLE_ENV = "REFINERS_DISABLE_PLUGINS"
@@ -35,8 +42,8 @@ STRICT_ENV = "REFINERS_STRICT_PLUGINS"
 # installed plugin, so their names win conflicts, and they are not listed among `Registry.plugins`.
 _BUILTIN_PLUGINS = ("refiners_core.cli",)
 
-Spec = AdapterSpec | ModelSpec | SolverSpec | CommandSpec
-S = TypeVar("S", AdapterSpec, ModelSpec, SolverSpec, CommandSpec)
+Spec = AdapterSpec | ModelSpec | SolverSpec | CommandSpec | GenerateOptionSpec
+S = TypeVar("S", AdapterSpec, ModelSpec, SolverSpec, CommandSpec, GenerateOptionSpec)
 Status = Literal["ok", "error", "disabled"]
 
 
@@ -65,6 +72,8 @@ class PluginRecord:
     models: tuple[str, ...] = ()
     solvers: tuple[str, ...] = ()
     commands: tuple[str, ...] = ()
+    generate_options: tuple[str, ...] = ()
+    """Flags added to generation commands, e.g. `--lora`."""
     error: str | None = None
     """One line, problems separated by "; ", e.g. `import failed: ModuleNotFoundError: No module named 'x'`."""
     status: Status = "ok"
@@ -82,6 +91,7 @@ class PluginRecord:
             "models": list(self.models),
             "solvers": list(self.solvers),
             "commands": list(self.commands),
+            "generate_options": list(self.generate_options),
             "error": self.error,
             "status": self.status,
         }
@@ -123,6 +133,8 @@ class Registry:
     solvers: SpecTable[SolverSpec]
     commands: SpecTable[CommandSpec]
     """Built-in commands first, then those of plugins."""
+    generate_options: SpecTable[GenerateOptionSpec]
+    """Options of generation commands, by flag (`--lora`)."""
     plugins: tuple[PluginRecord, ...]
 
 
@@ -166,7 +178,13 @@ class _Loader:
         self.strict = strict
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
-        self.tables: dict[str, dict[str, Any]] = {"adapters": {}, "models": {}, "solvers": {}, "commands": {}}
+        self.tables: dict[str, dict[str, Any]] = {
+            "adapters": {},
+            "models": {},
+            "solvers": {},
+            "commands": {},
+            "generate_options": {},
+        }
         self.owners: dict[tuple[str, str], str] = {}  # (kind, name) -> who registered it, for conflict messages
 
     def load_builtin(self, module_name: str) -> None:
@@ -217,6 +235,7 @@ class _Loader:
             models=tuple(registered["models"]),
             solvers=tuple(registered["solvers"]),
             commands=tuple(registered["commands"]),
+            generate_options=tuple(registered["generate_options"]),
         )
         for message in errors:
             record = self.fail(record, message, None)
@@ -263,6 +282,7 @@ class _Loader:
             models=record.models,
             solvers=record.solvers,
             commands=record.commands,
+            generate_options=record.generate_options,
             error=error_text,
             status="error",
             exception=record.exception or error,
@@ -288,6 +308,7 @@ def _load(*, strict: bool) -> Registry:
         models=SpecTable("model", tables["models"]),
         solvers=SpecTable("solver", tables["solvers"]),
         commands=SpecTable("command", tables["commands"]),
+        generate_options=SpecTable("generate option", tables["generate_options"]),
         plugins=tuple(records),
     )
 
@@ -310,6 +331,7 @@ def _hook_arguments(collected: dict[str, list[Any]]) -> dict[str, dict[str, Any]
         "refiners_register_models": {"register": register_to("models", ModelSpec)},
         "refiners_register_solvers": {"register": register_to("solvers", SolverSpec)},
         "refiners_register_commands": {"cli": CommandRegistrar(register_to("commands", CommandSpec))},
+        "refiners_register_generate_options": {"register": register_to("generate_options", GenerateOptionSpec)},
     }
 
 
@@ -346,7 +368,7 @@ def _version(distribution: str) -> str:
 
 
 def _singular(kind: str) -> str:
-    return kind.removesuffix("s")
+    return kind.removesuffix("s").replace("_", " ")
 
 
 def _describe(error: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""What plugins register: small frozen descriptions of adapters, models, solvers and CLI commands.
+"""What plugins register: small frozen descriptions of adapters, models, solvers, CLI commands and options.
 
 A plugin builds these objects and hands them to the `register` callback of a hook (see `hookspecs`); the
 registry then exposes them by name, e.g. `registry().adapters["lora"].create(target, rank=4)`.
@@ -7,7 +7,7 @@ registry then exposes them by name, e.g. `registry().adapters["lora"].create(tar
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -67,15 +67,24 @@ class AdapterSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model a plugin offers under `name`; what `loader` takes and returns is up to the plugin's docs."""
+    """A model a plugin offers under `name`; what `loader` takes and returns is up to the plugin's docs.
+
+    `demo`, when given, is an offline demonstration that `refiners demo` runs after its own. It is called with
+    keyword arguments `seed` (int), `lora_rank` (int), `output_dir` (a `pathlib.Path` where it may write files)
+    and `quiet` (bool: no model trees); it builds the model with random weights (no download), prints what it
+    does, and returns its checks as `(description, passed)` pairs, which `refiners demo` lists with its own.
+    """
 
     name: str
     loader: Callable[..., Any]
     summary: str = ""
+    demo: Callable[..., Sequence[tuple[str, bool]]] | None = None
 
     def __post_init__(self) -> None:
         check_name("model", self.name)
         _check_callable("model", self.name, "loader", self.loader)
+        if self.demo is not None:
+            _check_callable("model", self.name, "demo", self.demo)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,47 @@ class SolverSpec:
     def __post_init__(self) -> None:
         check_name("solver", self.name)
         _check_callable("solver", self.name, "factory", self.factory)
+
+
+@dataclass(frozen=True)
+class GenerateOptionSpec:
+    """An option a plugin adds to generation commands (e.g. `refiners generate --lora FILE[:SCALE]`).
+
+    The generation command adds `flag` to its parser (repeatable, taking one value each time) and, once the
+    model is loaded, calls `apply(model, values)` with every value given for the flag, in order; `apply` is
+    not called when the flag is absent. `models`, when given, restricts the option to those registered model
+    names (`None`: every model). The flag names the option in the registry.
+    Raises TypeError or ValueError on construction if the flag, `apply` or `models` is invalid.
+    """
+
+    flag: str
+    apply: Callable[[Any, list[str]], None]
+    help: str = ""
+    metavar: str | None = None
+    models: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_name("generate option", self.flag)
+        if not self.flag.startswith("--") or len(self.flag) < 3 or self.flag[2] == "-":
+            raise ValueError(f"generate option flag must look like '--name', got {self.flag!r}")
+        _check_callable("generate option", self.flag, "apply", self.apply)
+        if self.models is not None:
+            if not isinstance(self.models, tuple) or not self.models:  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise TypeError(
+                    f"generate option {self.flag!r}: models must be None or a non-empty tuple of model names, "
+                    f"got {self.models!r}"
+                )
+            for model in self.models:
+                check_name("model", model)
+
+    @property
+    def name(self) -> str:
+        """The flag, which is the option's name in the registry."""
+        return self.flag
+
+    def applies_to(self, model: str) -> bool:
+        """Whether the option is offered for the registered model named `model`."""
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,101 @@
+"""`StableDiffusion_1_Inpainting`: Stable Diffusion 1.5's inpainting model (a UNet with 9 input channels)."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from refiners_sd15.autoencoder import SD1Autoencoder
+from refiners_sd15.autoencoder.autoencoder import image_to_tensor
+from refiners_sd15.clip import CLIPTextEncoderL
+from refiners_sd15.model import StableDiffusion_1
+from refiners_sd15.solvers import Solver
+from refiners_sd15.unet import SD1UNet
+
+INPAINTING_CHANNELS = 9
+
+
+class StableDiffusion_1_Inpainting(StableDiffusion_1):
+    """Stable Diffusion 1.5 inpainting: the UNet also gets the mask and the latents of the masked target image.
+
+        sd = StableDiffusion_1_Inpainting.from_pretrained("stable-diffusion-v1-5/stable-diffusion-inpainting")
+        sd.set_inpainting_conditions(target_image, mask)  # white in the mask: what to repaint
+        x = sd.init_latents(size=(target_image.height, target_image.width))
+        for step in sd.steps:
+            x = sd(x, step=step, clip_text_embedding=embedding)
+
+    As diffusers' `StableDiffusionInpaintPipeline`: the UNet's input is the (scaled) latents, the mask at latent
+    resolution (nearest) and the latents of the target image with the masked area set to 0 (mid grey), concatenated
+    on channels. Raises ValueError if the UNet does not take 9 channels.
+    """
+
+    def __init__(
+        self,
+        unet: SD1UNet | None = None,
+        lda: SD1Autoencoder | None = None,
+        clip_text_encoder: CLIPTextEncoderL | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        solver: Solver | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        if unet is None:
+            unet = SD1UNet(in_channels=INPAINTING_CHANNELS, device=device, dtype=dtype)
+        if unet.in_channels != INPAINTING_CHANNELS:
+            raise ValueError(
+                f"StableDiffusion_1_Inpainting needs a UNet with {INPAINTING_CHANNELS} input channels (latents, mask, "
+                f"masked image latents), got {unet.in_channels}: load an inpainting checkpoint"
+            )
+        super().__init__(unet, lda, clip_text_encoder, device, dtype, solver=solver, show_progress=show_progress)
+        self.mask_latents: torch.Tensor | None = None
+        self.target_image_latents: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def set_inpainting_conditions(
+        self, target_image: Image.Image, mask: Image.Image
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set what to inpaint: `mask` (white, or any value >= 50 %, marks the area to repaint) over `target_image`.
+
+        The mask is converted to grayscale, resized to the image's size and binarized; the image's size must be a
+        multiple of 8. Returns the mask at latent resolution `(1, 1, h, w)` and the masked image's latents.
+        """
+        width, height = target_image.size
+        factor = self.lda.downscale_factor
+        if width % factor or height % factor:
+            raise ValueError(
+                f"target image size {width}x{height} (width x height) is not a multiple of {factor}: resize or crop it"
+            )
+        if mask.size != target_image.size:
+            mask = mask.resize((width, height), Image.Resampling.LANCZOS)
+        gray = mask.convert("L")
+        values = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(1, 1, height, width)
+        binary_mask = (values.float() / 255 >= 0.5).float()
+        masked_image = image_to_tensor(target_image).unsqueeze(0) * (binary_mask < 0.5)
+        device, dtype = self.unet.device, self.unet.dtype
+        self.target_image_latents = self.lda.encode(masked_image.to(device=self.lda.device, dtype=self.lda.dtype)).to(
+            device=device, dtype=dtype
+        )
+        self.mask_latents = torch.nn.functional.interpolate(binary_mask, size=(height // factor, width // factor)).to(
+            device=device, dtype=dtype
+        )
+        return self.mask_latents, self.target_image_latents
+
+    def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """`[latents, mask, masked image latents]` on channels. Raises ValueError before `set_inpainting_conditions`."""
+        if self.mask_latents is None or self.target_image_latents is None:
+            raise ValueError("call set_inpainting_conditions(target_image, mask) before denoising")
+        if self.mask_latents.shape[-2:] != latents.shape[-2:]:
+            raise ValueError(
+                f"the inpainting conditions are for latents of size {tuple(self.mask_latents.shape[-2:])}, the latents "
+                f"have size {tuple(latents.shape[-2:])}: init_latents needs the target image's size"
+            )
+        batch = latents.shape[0]
+        return torch.cat(
+            [
+                latents,
+                self.mask_latents.expand(batch, -1, -1, -1),
+                self.target_image_latents.expand(batch, -1, -1, -1),
+            ],
+            dim=1,
+        )
