@@ -7,6 +7,7 @@ from refiners_core.plugins import registry        # what installed plugins contr
 
 from importlib.metadata import version as _version
 
+from refiners_core.module_names import ForeignModuleNames
 from refiners_core.plugins import registry
 from refiners_core.state_dicts import load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors, resolve_path, save_tensors
@@ -14,6 +15,7 @@ from refiners_core.weights import WeightsError, load_tensors, resolve_path, save
 __version__ = _version("refiners-core")
 
 __all__ = [
+    "ForeignModuleNames",
     "WeightsError",
     "__version__",
     "load_state_dict_checked",

@@ -1,5 +1,12 @@
-"""refiners-lora: LoRA adapters for refiners models."""
+"""refiners-lora: LoRA adapters for refiners models, and `LoraManager` for community LoRA files.
+
+from refiners_lora import LoraManager
+
+loras = LoraManager(model)
+loras.add("pixel-art", "pixel-art.safetensors", scale=0.8)  # kohya, diffusers / PEFT or refiners keys
+"""
 
 from refiners_lora.adapter import Lora, LoraAdapter
+from refiners_lora.manager import LoraManager
 
-__all__ = ["Lora", "LoraAdapter"]
+__all__ = ["Lora", "LoraAdapter", "LoraManager"]

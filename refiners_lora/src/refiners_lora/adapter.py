@@ -84,8 +84,8 @@ class LoraAdapter(fl.Sum, Adapter[LoraTarget]):
 
     @property
     def lora(self) -> Lora:
-        """The low-rank branch."""
-        return self.ensure_find(Lora)
+        """The low-rank branch (a direct child: with LoRAs stacked on one target, each adapter has its own)."""
+        return next(layer for layer in self if isinstance(layer, Lora))
 
     @property
     def rank(self) -> int:

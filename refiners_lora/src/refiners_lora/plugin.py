@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
 
 import refiners_core.fluxion as fl
-from refiners_core.plugins import AdapterSpec, hookimpl
+from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
 from refiners_lora.adapter import LoraAdapter
+from refiners_lora.manager import LoraManager
 
 
 @hookimpl
@@ -19,3 +23,58 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
             targets=(fl.Linear, fl.Conv2d),
         )
     )
+
+
+@hookimpl
+def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
+    register(
+        GenerateOptionSpec(
+            flag="--lora",
+            apply=apply_lora_option,
+            help="load a LoRA file (kohya, diffusers / PEFT or refiners keys) with an optional scale; repeatable",
+            metavar="FILE[:SCALE]",
+        )
+    )
+
+
+def parse_lora_option(value: str) -> tuple[Path, float]:
+    """`FILE[:SCALE]` -> (path, scale); the scale defaults to 1.
+
+    A colon followed by something that is not a number belongs to the path when it is a drive letter
+    (`C:\\loras\\style.safetensors`). Raises ValueError naming the value otherwise.
+    """
+    head, colon, tail = value.rpartition(":")
+    if not colon or Path(value).exists():
+        return Path(value), 1.0
+    try:
+        return Path(head), float(tail)
+    except ValueError:
+        if len(head) == 1 and head.isalpha():
+            return Path(value), 1.0
+        raise ValueError(f"--lora {value!r}: {tail!r} is not a scale (expected FILE or FILE:SCALE)") from None
+
+
+def apply_lora_option(model: nn.Module, values: list[str]) -> None:
+    """Load every `--lora FILE[:SCALE]` onto `model` with `LoraManager`, each named after its file's stem.
+
+    All or nothing: if one file fails, the LoRAs loaded before it by this call are removed again. Raises
+    ValueError for a malformed value, FileNotFoundError naming a missing file, WeightsError for a bad file.
+    """
+    parsed = [parse_lora_option(value) for value in values]
+    for value, (path, _) in zip(values, parsed, strict=True):
+        if not path.is_file():
+            raise FileNotFoundError(f"--lora {value}: no LoRA file at {path}")
+    loras = LoraManager(model)
+    added: list[str] = []
+    try:
+        for path, scale in parsed:
+            name, index = path.stem, 1
+            while name in loras.names:
+                index += 1
+                name = f"{path.stem}-{index}"
+            loras.add(name, path, scale=scale)
+            added.append(name)
+    except BaseException:
+        for name in reversed(added):
+            loras.remove(name)
+        raise

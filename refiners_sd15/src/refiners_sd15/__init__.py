@@ -9,7 +9,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderL, CLIPTokenizer
+from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
 from refiners_sd15.model import StableDiffusion_1
+from refiners_sd15.solvers import DDIM, DPMSolver, Euler, Solver
 from refiners_sd15.unet import SD1UNet
 
 try:
@@ -17,4 +19,16 @@ try:
 except PackageNotFoundError:  # imported from a source tree that is not installed
     __version__ = "0.0.0"
 
-__all__ = ["CLIPTextEncoderL", "CLIPTokenizer", "SD1Autoencoder", "SD1UNet", "StableDiffusion_1", "__version__"]
+__all__ = [
+    "DDIM",
+    "CLIPTextEncoderL",
+    "CLIPTokenizer",
+    "DPMSolver",
+    "Euler",
+    "SD1Autoencoder",
+    "SD1UNet",
+    "Solver",
+    "StableDiffusion_1",
+    "StableDiffusion_1_Inpainting",
+    "__version__",
+]

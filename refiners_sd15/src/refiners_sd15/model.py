@@ -1,18 +1,24 @@
-"""`StableDiffusion_1`: the UNet, the autoencoder and the CLIP text encoder of Stable Diffusion 1.5."""
+"""`StableDiffusion_1`: the UNet, the autoencoder and the CLIP text encoder of Stable Diffusion 1.5, and the
+denoising loop that drives them with a solver."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 import refiners_core.fluxion as fl
+from refiners_core.module_names import DIFFUSERS, prefixed
 from refiners_core.weights import WeightsError, load_tensors
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderL
 from refiners_sd15.loading import PathOrRepoId, load_single_file_component
+from refiners_sd15.solvers import DPMSolver, Solver
 from refiners_sd15.unet import SD1UNet
 
 OWN_INDEX = "refiners_sd15.json"
@@ -21,10 +27,21 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 
 
 class StableDiffusion_1(fl.Module):
-    """Stable Diffusion 1.5: `unet`, `lda` (the autoencoder) and `clip_text_encoder`.
+    """Stable Diffusion 1.5: `unet`, `lda` (the autoencoder) and `clip_text_encoder`, driven by `solver`.
 
     `StableDiffusion_1()` builds the published architecture with random weights; `from_pretrained` reads a
     diffusers folder or hub id, our own `save_pretrained` folder, or an original single-file checkpoint.
+
+        sd.solver = DPMSolver(num_inference_steps=30)  # the default
+        embedding = sd.compute_clip_text_embedding("a cute cat", negative_text="blurry")
+        with torch.no_grad():
+            x = sd.init_latents(size=(512, 512), seed=2)
+            for step in sd.steps:
+                x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=7.5)
+        image = sd.lda.latents_to_image(x)
+
+    Image-to-image: a solver with `first_inference_step > 0` and `init_latents(..., init_image=image)`.
+    `sd.steps` shows a tqdm progress bar unless `sd.show_progress` is False.
     """
 
     def __init__(
@@ -34,8 +51,13 @@ class StableDiffusion_1(fl.Module):
         clip_text_encoder: CLIPTextEncoderL | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        solver: Solver | None = None,
+        show_progress: bool = True,
     ) -> None:
         super().__init__()
+        self.solver: Solver = solver if solver is not None else DPMSolver(num_inference_steps=30)
+        self.show_progress = show_progress
         self.unet = unet if unet is not None else SD1UNet(device=device, dtype=dtype)
         self.lda = lda if lda is not None else SD1Autoencoder(device=device, dtype=dtype)
         self.clip_text_encoder = (
@@ -51,6 +73,102 @@ class StableDiffusion_1(fl.Module):
             raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
         embeddings = self.clip_text_encoder([*negatives, *texts])
         return embeddings
+
+    @property
+    def steps(self) -> Iterable[int]:
+        """The solver's inference steps, with a tqdm progress bar unless `show_progress` is False."""
+        return tqdm(self.solver.inference_steps, desc="denoising", unit="step", disable=not self.show_progress)
+
+    def init_latents(
+        self,
+        size: tuple[int, int],
+        init_image: Image.Image | None = None,
+        noise: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """The latents a denoising run starts from, for an image of `size = (height, width)` pixels.
+
+        `noise` (shape `(1, latent_channels, height / 8, width / 8)`) is drawn when not given, from `generator` or
+        `seed`, on the CPU in the model's dtype as diffusers does: a seed gives the same noise on every device.
+        Without `init_image`, the noise is scaled by the solver's `init_noise_sigma`; with one (resized to `size`),
+        its latents are noised to the level of the solver's `first_inference_step` (image-to-image). Raises
+        ValueError for a size that is not a multiple of 8, a noise of the wrong shape, both a generator and a seed,
+        or a solver that starts later than its first step without an `init_image`.
+        """
+        height, width = size
+        factor = self.lda.downscale_factor
+        if height <= 0 or width <= 0 or height % factor or width % factor:
+            raise ValueError(f"size (height, width) must be positive multiples of {factor}, got {size}")
+        shape = (1, self.lda.latent_channels, height // factor, width // factor)
+        if noise is None:
+            if generator is not None and seed is not None:
+                raise ValueError("give init_latents a generator or a seed, not both")
+            if seed is not None:
+                generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape} for size {size}, got {tuple(noise.shape)}")
+        noise = noise.to(device=self.unet.device, dtype=self.unet.dtype)
+        if init_image is None:
+            if self.solver.first_inference_step > 0:
+                raise ValueError(
+                    f"the solver starts at step {self.solver.first_inference_step}: image-to-image needs an init_image"
+                )
+            return noise * self.solver.init_noise_sigma
+        if init_image.size != (width, height):
+            init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
+        latents = self.lda.image_to_latents(init_image).to(dtype=noise.dtype)
+        return self.solver.add_noise(latents, noise, self.solver.first_inference_step)
+
+    def forward(
+        self, x: torch.Tensor, step: int, *, clip_text_embedding: torch.Tensor, condition_scale: float = 7.5
+    ) -> torch.Tensor:
+        """One denoising step: the solver's next latents after the UNet's noise prediction at `step`.
+
+        Classifier-free guidance: the UNet runs once on the batch `[x, x]` with `clip_text_embedding` (negative
+        embeddings first, as `compute_clip_text_embedding` gives them) and the two predictions are combined as
+        `negative + condition_scale * (positive - negative)`.
+        """
+        timestep = self.solver.timesteps[step]
+        unet_input = self.solver.scale_model_input(x, step)
+        predicted_noise = self.compute_noise(unet_input, timestep, clip_text_embedding, condition_scale)
+        return self.solver.step(x, predicted_noise, step)
+
+    def compute_noise(
+        self, x: torch.Tensor, timestep: torch.Tensor, clip_text_embedding: torch.Tensor, condition_scale: float
+    ) -> torch.Tensor:
+        """The noise predicted in the (already scaled) latents `x` at `timestep`, with classifier-free guidance."""
+        if clip_text_embedding.shape[0] != 2 * x.shape[0]:
+            raise ValueError(
+                f"clip_text_embedding must hold a negative and a positive embedding per latent: {2 * x.shape[0]} for "
+                f"{x.shape[0]} latents, got {clip_text_embedding.shape[0]}"
+            )
+        self.unet.set_timestep(timestep)
+        self.unet.set_clip_text_embedding(clip_text_embedding)
+        negative, positive = self.unet(self.unet_input(torch.cat([x, x]))).chunk(2)
+        return negative + condition_scale * (positive - negative)
+
+    def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the UNet gets for `latents` (themselves; the inpainting model adds its conditions)."""
+        return latents
+
+    def foreign_module_names(self, convention: str) -> dict[str, str]:
+        """diffusers or kohya module name -> our layer path (the `ForeignModuleNames` protocol, for LoRA files).
+
+        `DIFFUSERS`: `unet.` + the UNet's names (or the UNet's names alone, as in diffusers' older LoRA files) and
+        `text_encoder.` + the text encoder's; `KOHYA`: the components' `lora_unet_*` and `lora_te_*` names.
+        """
+        unet = self.unet.foreign_module_names(convention)
+        text_encoder = self.clip_text_encoder.foreign_module_names(convention)
+        if convention == DIFFUSERS:
+            return (
+                prefixed(unet, "unet.", "unet.")
+                | prefixed(unet, "", "unet.")
+                | prefixed(text_encoder, "text_encoder.", "clip_text_encoder.")
+            )
+        return prefixed(unet, "", "unet.") | prefixed(text_encoder, "", "clip_text_encoder.")
 
     @classmethod
     def from_pretrained(

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
 from refiners_core.fluxion import Device
-from refiners_sd15.clip.mapping import TEXT_ENCODER_FORMAT
+from refiners_core.module_names import DIFFUSERS, KOHYA, kohya_names, module_names
+from refiners_sd15.clip.mapping import TEXT_ENCODER_FORMAT, transformers_clip_text_mapping
 from refiners_sd15.clip.tokenizer import CLIPTokenizer
 from refiners_sd15.loading import PretrainedComponent
 
@@ -230,6 +231,20 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
     def tokenizer(self) -> CLIPTokenizer:
         """The tokenizer applied to prompts (it holds no weights: it is not part of the state_dict)."""
         return self.ensure_find(TokenIds).tokenizer
+
+    def foreign_module_names(self, convention: str) -> dict[str, str]:
+        """transformers or kohya module name -> our layer path (the `ForeignModuleNames` protocol, for LoRA files).
+
+        `DIFFUSERS` names are `CLIPTextModel` module paths, with (`text_model.encoder.layers.0.self_attn.q_proj`,
+        as published) or without (transformers >= 5.6) `text_model.`; `KOHYA` names are `lora_te_` + the published
+        path with `_` for `.` (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
+        """
+        published = module_names(transformers_clip_text_mapping(self.num_layers, prefix="text_model."))
+        if convention == DIFFUSERS:
+            return published | module_names(transformers_clip_text_mapping(self.num_layers, prefix=""))
+        if convention == KOHYA:
+            return kohya_names(published, "lora_te_")
+        return {}
 
     def extra_repr(self) -> str:
         return (

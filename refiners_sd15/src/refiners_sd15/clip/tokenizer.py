@@ -255,6 +255,17 @@ class CLIPTokenizer(fl.Module):
                 ids.extend(self._encode_piece(piece))
         return ids
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry (`"cat"`, `"cat</w>"`, `"<|endoftext|>"`), None if `token` is not one.
+
+        Entries are byte-pair symbols, `</w>` marking the end of a word: a whole prompt word is usually not one.
+        """
+        if token == _START_OF_TEXT:
+            return self.start_of_text_token_id
+        if token == "<|endoftext|>":
+            return self.end_of_text_token_id
+        return self._token_ids.get(token)
+
     def extra_repr(self) -> str:
         return f"sequence_length={self.sequence_length}"
 

@@ -8,6 +8,7 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_core.fluxion import Device
+from refiners_core.module_names import DIFFUSERS, KOHYA, kohya_names, module_names
 from refiners_sd15.loading import PretrainedComponent
 from refiners_sd15.unet.blocks import (
     ConcatenateSkip,
@@ -18,7 +19,7 @@ from refiners_sd15.unet.blocks import (
     Upsample,
 )
 from refiners_sd15.unet.config import skip_channels
-from refiners_sd15.unet.mapping import UNET_FORMAT
+from refiners_sd15.unet.mapping import UNET_FORMAT, diffusers_unet_mapping, ldm_unet_mapping
 
 
 class DownBlocks(fl.Chain):
@@ -269,3 +270,19 @@ class SD1UNet(PretrainedComponent, fl.Chain):
     def set_clip_text_embedding(self, clip_text_embedding: torch.Tensor) -> None:
         """Set the CLIP text embedding `(B, tokens, cross_attention_dim)` the cross-attention layers attend to."""
         self.set_context("diffusion", {"clip_text_embedding": clip_text_embedding})
+
+    def foreign_module_names(self, convention: str) -> dict[str, str]:
+        """diffusers or kohya module name -> our layer path (the `ForeignModuleNames` protocol, for LoRA files).
+
+        `DIFFUSERS` names are `UNet2DConditionModel` module paths (`down_blocks.0.attentions.0.proj_in`); `KOHYA`
+        names are `lora_unet_` + those paths with `_` for `.`, or + the original checkpoint's paths
+        (`lora_unet_input_blocks_1_1_proj_in`). Built from the same mappings as `from_pretrained`.
+        """
+        architecture = self.component_format.architecture(self)
+        diffusers = module_names(diffusers_unet_mapping(architecture))
+        if convention == DIFFUSERS:
+            return diffusers
+        if convention == KOHYA:
+            ldm = module_names(ldm_unet_mapping(architecture))
+            return kohya_names(diffusers, "lora_unet_") | kohya_names(ldm, "lora_unet_")
+        return {}

@@ -1,0 +1,312 @@
+"""`LoraManager`: load LoRA files onto a model, several at once, each with its own scale, all or nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import nn
+
+import refiners_core.fluxion as fl
+from refiners_core.fluxion.adapters import Adapter
+from refiners_core.module_names import ForeignModuleNames
+from refiners_core.weights import WeightsError, load_tensors
+from refiners_lora.adapter import LoraAdapter, LoraTarget
+from refiners_lora.formats import ModuleLora, Role, parse_lora
+
+logger = logging.getLogger(__name__)
+
+LoraSource = str | os.PathLike[str] | dict[str, torch.Tensor]
+
+
+@dataclass
+class _Loaded:
+    """One named LoRA: its adapters (in injection order), each with its alpha / rank, and the user's scale."""
+
+    adapters: list[LoraAdapter]
+    factors: list[float]
+    scale: float
+
+
+@dataclass
+class _State:
+    loras: dict[str, _Loaded] = field(default_factory=lambda: {})
+    fused_weights: dict[LoraTarget, torch.Tensor] | None = None  # target -> its weight before fusing
+
+
+_STATES: WeakKeyDictionary[nn.Module, _State] = WeakKeyDictionary()
+
+
+class LoraManager:
+    """Add, rescale, remove, fuse and unfuse named LoRAs on `model`.
+
+    Every manager of the same model shares its state, so `LoraManager(model).names` always tells what is loaded.
+    A LoRA's effective update of a layer's weight is `scale * alpha / rank * up @ down`.
+
+    Files may be kohya, diffusers / PEFT or refiners LoRAs (see `refiners_lora.formats`); the first two need a
+    model that names its layers in their convention (`refiners_core.module_names.ForeignModuleNames`), the last
+    works on any model.
+
+    While the LoRAs are fused (`fuse()`), `add`, `remove` and `set_scale` raise RuntimeError: call `unfuse()` first.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._state = _STATES.setdefault(model, _State())
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names of the LoRAs loaded, in the order they were added."""
+        return tuple(self._state.loras)
+
+    @property
+    def is_fused(self) -> bool:
+        """Whether the LoRAs are baked into the model's weights."""
+        return self._state.fused_weights is not None
+
+    def scale(self, name: str) -> float:
+        """The scale of LoRA `name`. Raises KeyError for an unknown name."""
+        return self._get(name).scale
+
+    def add(self, name: str, path_or_state_dict: LoraSource, scale: float = 1.0, *, strict: bool = True) -> list[str]:
+        """Load a LoRA file (safetensors or torch) or state dict under `name`, with `scale`.
+
+        Every key is checked before anything changes: with `strict` (the default), a key that matches no layer
+        raises; with `strict=False` such keys are skipped, logged and returned. Returns the skipped keys (empty
+        when every key was used).
+
+        Raises ValueError if `name` is empty or taken, FileNotFoundError for a missing file, WeightsError naming
+        the file for an unreadable or non-LoRA file, a key that matches no layer (strict), a layer that is not a
+        Linear or Conv2d, or a shape that does not fit (naming the key, layer path, expected and found shapes),
+        RuntimeError while fused. On any error the model is left exactly as it was and `name` is not added.
+        """
+        self._check_not_fused("add")
+        if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"a LoRA name must be a non-empty string, got {name!r}")
+        if name in self._state.loras:
+            raise ValueError(f"a LoRA named {name!r} is already loaded; remove it first or pick another name")
+        if isinstance(path_or_state_dict, dict):
+            source, tensors = f"LoRA state dict {name!r}", path_or_state_dict
+        else:
+            source, tensors = str(path_or_state_dict), load_tensors(Path(path_or_state_dict))
+        plan, skipped = self._plan(tensors, source, strict=strict)
+        adapters = [_build(target, lora, scale) for target, lora in plan]
+        injected: list[LoraAdapter] = []
+        try:
+            for adapter in adapters:
+                injected.append(adapter.inject())
+        except BaseException:
+            for adapter in reversed(injected):
+                adapter.eject()
+            raise
+        factors = [_factor(lora) for _, lora in plan]
+        self._state.loras[name] = _Loaded(adapters, factors, scale)
+        if skipped:
+            logger.warning(
+                "LoRA %r: %d key(s) of %s match no layer and were skipped: %s", name, len(skipped), source, skipped
+            )
+        return skipped
+
+    def set_scale(self, name: str, scale: float) -> None:
+        """Change the scale of LoRA `name`, without reading its file again.
+
+        Raises KeyError for an unknown name, RuntimeError while fused.
+        """
+        self._check_not_fused("set_scale")
+        loaded = self._get(name)
+        for adapter, factor in zip(loaded.adapters, loaded.factors, strict=True):
+            adapter.scale = scale * factor
+        loaded.scale = scale
+
+    def remove(self, name: str) -> None:
+        """Take LoRA `name` out: the layers it patched are back, with their weights untouched.
+
+        Raises KeyError for an unknown name, RuntimeError while fused.
+        """
+        self._check_not_fused("remove")
+        loaded = self._get(name)
+        for adapter in reversed(loaded.adapters):
+            adapter.eject()
+        del self._state.loras[name]
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Add every loaded LoRA's update into the weights of its layers and take the adapters out, for speed.
+
+        The weights as they were are kept, so that `unfuse()` restores them bit for bit. Does nothing if already
+        fused.
+        """
+        if self.is_fused:
+            return
+        adapters = self._adapters()
+        saved: dict[LoraTarget, torch.Tensor] = {}
+        for adapter in adapters:
+            target = adapter.target
+            if target not in saved:
+                saved[target] = target.weight.detach().clone()
+        for adapter in adapters:
+            adapter.target.weight.add_(_delta(adapter))
+        for adapter in reversed(adapters):
+            adapter.eject()
+        self._state.fused_weights = saved
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        """Put back the weights from before `fuse()` exactly, and the LoRA adapters. Does nothing if not fused."""
+        saved = self._state.fused_weights
+        if saved is None:
+            return
+        for target, weight in saved.items():
+            target.weight.copy_(weight)
+        for adapter in self._adapters():
+            adapter.inject()
+        self._state.fused_weights = None
+
+    def _adapters(self) -> list[LoraAdapter]:
+        return [adapter for loaded in self._state.loras.values() for adapter in loaded.adapters]
+
+    def _get(self, name: str) -> _Loaded:
+        if name not in self._state.loras:
+            loaded = ", ".join(repr(n) for n in self._state.loras) or "none"
+            raise KeyError(f"no LoRA named {name!r} (loaded: {loaded})")
+        return self._state.loras[name]
+
+    def _check_not_fused(self, action: str) -> None:
+        if self.is_fused:
+            raise RuntimeError(f"cannot {action} a LoRA while the LoRAs are fused: call unfuse() first")
+
+    def _plan(
+        self, tensors: dict[str, torch.Tensor], source: str, *, strict: bool
+    ) -> tuple[list[tuple[LoraTarget, ModuleLora]], list[str]]:
+        """Match every module of the file to a layer of the model and check it fits, changing nothing."""
+        parsed = parse_lora(tensors, source)
+        model_name = type(self.model).__name__
+        names: dict[str, str] | None = None
+        if parsed.convention is not None:
+            if not isinstance(self.model, ForeignModuleNames):
+                raise WeightsError(
+                    f"{source} is a {parsed.format} LoRA, but {model_name} does not name its layers the "
+                    f"{parsed.convention} way (it does not implement refiners_core.module_names.ForeignModuleNames): "
+                    "only LoRAs keyed by our own layer paths load onto it"
+                )
+            names = dict(self.model.foreign_module_names(parsed.convention))
+        unmatched = list(parsed.unknown)
+        plan: list[tuple[LoraTarget, ModuleLora]] = []
+        claimed: dict[int, str] = {}
+        for module, lora in parsed.modules.items():
+            path = module if names is None else names.get(module)
+            layer = _resolve(self.model, path) if path is not None else None
+            if path is None or layer is None:
+                unmatched.extend(lora.keys.values())
+                continue
+            key = next(iter(lora.keys.values()))
+            where = f"`{model_name}.{path}`" if path else f"`{model_name}`"
+            if not isinstance(layer, (fl.Linear, fl.Conv2d)):
+                raise WeightsError(
+                    f"{source}: '{key}' targets layer {where}, a {type(layer).__name__}: LoRA patches Linear and "
+                    "Conv2d layers only"
+                )
+            if id(layer) in claimed:
+                raise WeightsError(f"{source}: '{claimed[id(layer)]}' and '{module}' both patch layer {where}")
+            claimed[id(layer)] = module
+            _check(layer, lora, where, source)
+            plan.append((layer, lora))
+        if unmatched and (strict or not plan):
+            shown = ", ".join(f"'{key}'" for key in unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
+            hint = " (pass strict=False to load the others)" if plan else ""
+            raise WeightsError(f"{source}: {len(unmatched)} key(s) match no layer of {model_name}{hint}: {shown}")
+        return plan, unmatched
+
+
+def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> LoraAdapter:
+    """An adapter on `target` holding the file's down and up weights (reshaped, converted to the target's dtype)."""
+    down, up = lora.tensors["down"], lora.tensors["up"]
+    adapter = LoraAdapter(target, rank=down.shape[0], scale=scale * _factor(lora))
+    with torch.no_grad():
+        for layer, tensor in ((adapter.lora.down, down), (adapter.lora.up, up)):
+            assert isinstance(layer, (fl.Linear, fl.Conv2d))
+            layer.weight.copy_(tensor.reshape(layer.weight.shape))
+    return adapter
+
+
+def _resolve(model: nn.Module, path: str) -> nn.Module | None:
+    """The layer at `path`, looking through adapters injected on the way (e.g. another LoRA on the same layer)."""
+    node = _unwrap(model)
+    for name in path.split(".") if path else []:
+        child = node._modules.get(name)  # pyright: ignore[reportPrivateUsage]
+        if child is None:
+            return None
+        node = _unwrap(child)
+    return node
+
+
+def _unwrap(layer: nn.Module) -> nn.Module:
+    while isinstance(layer, Adapter):
+        layer = layer.target  # pyright: ignore[reportUnknownMemberType]
+    return layer  # pyright: ignore[reportUnknownVariableType]
+
+
+def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None:
+    """Raise WeightsError unless `lora`'s down, up and alpha fit `layer` (1x1 kernels and linear weights mix)."""
+    for role in ("down", "up"):
+        if role not in lora.tensors:
+            present = next(iter(lora.keys.values()))
+            raise WeightsError(f"{source}: '{present}' has no {role} weights beside it (LoRA for layer {where})")
+    down, up = lora.tensors["down"], lora.tensors["up"]
+    if down.ndim < 2:
+        raise WeightsError(f"{source}: '{lora.keys['down']}' has shape {tuple(down.shape)}, not a LoRA down weight")
+    rank = down.shape[0]
+    if isinstance(layer, fl.Linear):
+        expected_down: tuple[int, ...] = (rank, layer.in_features)
+        expected_up: tuple[int, ...] = (layer.out_features, rank)
+        kind = f"Linear {layer.in_features} -> {layer.out_features}"
+    else:
+        if layer.groups != 1:
+            raise WeightsError(f"{source}: '{lora.keys['down']}' targets grouped convolution {where}: not supported")
+        expected_down = (rank, layer.in_channels, *layer.kernel_size)
+        expected_up = (layer.out_channels, rank, 1, 1)
+        kind = f"Conv2d {layer.in_channels} -> {layer.out_channels}, kernel {tuple(layer.kernel_size)}"
+    checks: tuple[tuple[Role, torch.Tensor, tuple[int, ...]], ...] = (
+        ("down", down, expected_down),
+        ("up", up, expected_up),
+    )
+    for role, tensor, expected in checks:
+        if not _fits(tensor.shape, expected):
+            raise WeightsError(
+                f"{source}: '{lora.keys[role]}' has shape {tuple(tensor.shape)} but layer {where} ({kind}) expects "
+                f"{expected} for a rank-{rank} LoRA"
+            )
+    if "alpha" in lora.tensors and lora.tensors["alpha"].numel() != 1:
+        shape = tuple(lora.tensors["alpha"].shape)
+        raise WeightsError(f"{source}: '{lora.keys['alpha']}' has shape {shape}, expected a single number")
+
+
+def _fits(found: torch.Size, expected: tuple[int, ...]) -> bool:
+    return tuple(found) == expected or _squeezed(tuple(found)) == _squeezed(expected)
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape without trailing 1s past two dimensions: a 1x1 kernel `(o, i, 1, 1)` reads as `(o, i)`."""
+    while len(shape) > 2 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _factor(lora: ModuleLora) -> float:
+    """alpha / rank (1 without an alpha)."""
+    alpha = lora.tensors.get("alpha")
+    rank = lora.tensors["down"].shape[0]
+    return 1.0 if alpha is None else float(alpha.item()) / rank
+
+
+def _delta(adapter: LoraAdapter) -> torch.Tensor:
+    """`scale * up @ down` in the shape of the target's weight (for a convolution: the composed kernel)."""
+    down, up = adapter.lora.down, adapter.lora.up
+    assert isinstance(down, (fl.Linear, fl.Conv2d)) and isinstance(up, (fl.Linear, fl.Conv2d))
+    down_weight, up_weight = down.weight, up.weight.flatten(1)
+    delta = torch.einsum("or,r...->o...", up_weight, down_weight)
+    return delta.mul_(adapter.scale).to(adapter.target.weight.dtype)

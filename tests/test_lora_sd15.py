@@ -1,0 +1,406 @@
+"""LoRA files in the kohya (with LoCon), diffusers / PEFT and older diffusers attention-processor layouts, built from
+the module names of diffusers' `UNet2DConditionModel` and transformers' `CLIPTextModel`, loaded by `LoraManager`
+onto a `StableDiffusion_1` read from a diffusers folder.
+
+The reference is the diffusers / transformers model whose weights have every delta fused by hand
+(`W + scale * alpha / rank * up @ down`); outputs agree within 1e-4 of max |reference| in fp32. The small
+configurations cover every kind of layer; one test runs the published SD1.5 UNet and text encoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
+
+import refiners_core.fluxion as fl
+from refiners_core.cli import main
+from refiners_core.module_names import DIFFUSERS, KOHYA, ForeignModuleNames
+from refiners_core.weights import WeightsError
+from refiners_lora import LoraAdapter, LoraManager
+from refiners_sd15 import StableDiffusion_1
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "refiners_sd15" / "tests"))
+from published_configs import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG  # noqa: E402
+
+SMALL_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,  # the text encoder's width, so that `refiners generate` runs on the folder
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+SMALL_CLIP: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 1,
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+SMALL_VAE: dict[str, Any] = {
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [32],
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+}
+PROMPT = "a photograph of an astronaut riding a horse"
+
+Lora = dict[str, torch.Tensor]
+Delta = tuple[str, str, torch.Tensor, torch.Tensor, float]  # (component, module name, down, up, alpha / rank)
+
+
+class References:
+    """The diffusers UNet and transformers text encoder, saved as a diffusers folder."""
+
+    def __init__(self, unet_config: dict[str, Any], clip_config: dict[str, Any], folder: Path) -> None:
+        torch.manual_seed(0)
+        self.unet = UNet2DConditionModel(**unet_config).eval()
+        self.text_encoder = CLIPTextModel(CLIPTextConfig(**clip_config)).eval()
+        self.unet.save_pretrained(folder / "unet")
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        AutoencoderKL(**SMALL_VAE).save_pretrained(folder / "vae")
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        self.folder = folder
+        self.cross_attention_dim = unet_config["cross_attention_dim"]
+
+    def targets(self) -> Iterator[tuple[str, str, nn.Linear | nn.Conv2d]]:
+        """(component, module name, module) of every Linear and Conv2d a LoRA can patch."""
+        for component, model in (("unet", self.unet), ("text_encoder", self.text_encoder)):
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear | nn.Conv2d):
+                    yield component, name, module
+
+    def component(self, name: str) -> nn.Module:
+        return self.unet if name == "unet" else self.text_encoder
+
+
+def published_name(component: str, name: str) -> str:
+    """The module path as published files write it: transformers 4.x had a `text_model.` level."""
+    return name if component == "unet" else f"text_model.{name}"
+
+
+def random_lora(module: nn.Linear | nn.Conv2d, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """(down, up): LoCon for a convolution (down with the kernel, 1x1 up), plain matrices for a linear."""
+    if isinstance(module, nn.Conv2d):
+        down_shape: tuple[int, ...] = (rank, module.in_channels, *module.kernel_size)
+        up_shape: tuple[int, ...] = (module.out_channels, rank, 1, 1)
+    else:
+        down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
+    return torch.randn(down_shape, generator=generator) * 0.2, torch.randn(up_shape, generator=generator) * 0.2
+
+
+def fuse_by_hand(model: nn.Module, deltas: list[Delta], scale: float) -> None:
+    """`W += scale * alpha / rank * up @ down` (for a convolution: the kernel of the 1x1 up after the down)."""
+    with torch.no_grad():
+        for _, name, down, up, factor in deltas:
+            weight = model.get_submodule(name).weight
+            assert isinstance(weight, torch.Tensor)
+            weight.add_((scale * factor * torch.einsum("or,r...->o...", up.flatten(1), down)).reshape(weight.shape))
+
+
+def kohya_lora(references: References, seed: int, rank: int = 4) -> tuple[Lora, list[Delta]]:
+    """A kohya LoRA on every Linear and Conv2d (LoCon), with an alpha on every other module only."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: Lora = {}
+    deltas: list[Delta] = []
+    for index, (component, name, module) in enumerate(references.targets()):
+        prefix = "lora_unet_" if component == "unet" else "lora_te_"
+        key = prefix + published_name(component, name).replace(".", "_")
+        down, up = random_lora(module, rank, generator)
+        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+        alpha = None if index % 2 else float(index % 5 + 1)
+        if alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+        deltas.append((component, name, down, up, (alpha or rank) / rank))
+    return tensors, deltas
+
+
+def peft_lora(references: References, seed: int, rank: int = 3) -> tuple[Lora, list[Delta]]:
+    """A diffusers / PEFT LoRA (`unet.*`, `text_encoder.*`, lora_A / lora_B) on every attention and MLP layer."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: Lora = {}
+    deltas: list[Delta] = []
+    for component, name, module in references.targets():
+        if not any(part in name for part in ("attn", "ff.", "mlp", "proj_in", "proj_out")):
+            continue
+        key = f"{component}.{published_name(component, name)}"
+        down, up = random_lora(module, rank, generator)
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
+        deltas.append((component, name, down, up, 1.0))
+    return tensors, deltas
+
+
+def processor_lora(references: References, seed: int, rank: int = 2) -> tuple[Lora, list[Delta]]:
+    """The older diffusers layout: UNet attention processors without a `unet.` prefix, `to_q_lora` in the text
+    encoder's self-attentions."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+    text = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+    tensors: Lora = {}
+    deltas: list[Delta] = []
+    for component, name, module in references.targets():
+        attention, _, projection = name.rpartition(".")
+        if component == "unet" and name.endswith(".to_out.0"):
+            attention, projection = name.removesuffix(".to_out.0"), "to_out.0"
+        projections = unet if component == "unet" else text
+        old_name = next((old for old, new in projections.items() if new == projection), None)
+        if old_name is None or not attention.endswith(("attn1", "attn2", "self_attn")):
+            continue
+        if component == "unet":
+            key = f"{attention}.processor.{old_name}_lora"
+        else:
+            key = f"text_encoder.{published_name(component, attention)}.{old_name}_lora"
+        down, up = random_lora(module, rank, generator)
+        tensors[f"{key}.down.weight"], tensors[f"{key}.up.weight"] = down, up
+        deltas.append((component, name, down, up, 1.0))
+    return tensors, deltas
+
+
+class Fused:
+    """A copy of the references with LoRA deltas added to their weights by hand."""
+
+    def __init__(self, references: References, *loras: tuple[list[Delta], float]) -> None:
+        self.models = {"unet": copy.deepcopy(references.unet), "text_encoder": copy.deepcopy(references.text_encoder)}
+        for deltas, scale in loras:
+            for component, model in self.models.items():
+                fuse_by_hand(model, [delta for delta in deltas if delta[0] == component], scale)
+
+
+def outputs(
+    sd: StableDiffusion_1, unet: nn.Module, text_encoder: nn.Module, cross_attention_dim: int
+) -> tuple[torch.Tensor, ...]:
+    """(ours, reference) for the UNet on random latents, then for the text encoder on a prompt."""
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, cross_attention_dim, generator=generator)
+    timestep = torch.tensor([500])
+    with torch.no_grad():
+        sd.unet.set_timestep(timestep)
+        sd.unet.set_clip_text_embedding(text)
+        tokens = sd.clip_text_encoder.tokenizer(PROMPT)
+        return (
+            sd.unet(latents),
+            unet(latents, timestep, encoder_hidden_states=text).sample,
+            sd.clip_text_encoder(tokens),
+            text_encoder(tokens).last_hidden_state,
+        )
+
+
+def assert_matches(sd: StableDiffusion_1, references: References, reference: Fused | None = None) -> None:
+    unet = reference.models["unet"] if reference else references.unet
+    text_encoder = reference.models["text_encoder"] if reference else references.text_encoder
+    ours_unet, their_unet, ours_text, their_text = outputs(sd, unet, text_encoder, references.cross_attention_dim)
+    for ours, theirs in ((ours_unet, their_unet), (ours_text, their_text)):
+        error = (ours - theirs).abs().max().item()
+        assert error <= 1e-4 * theirs.abs().max().item(), f"max error {error} for max |reference| {theirs.abs().max()}"
+
+
+def snapshot(sd: StableDiffusion_1) -> dict[str, torch.Tensor]:
+    return {key: tensor.clone() for key, tensor in sd.state_dict().items()}
+
+
+def assert_untouched(sd: StableDiffusion_1, before: dict[str, torch.Tensor]) -> None:
+    after = sd.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[key], tensor) for key, tensor in before.items())
+    assert not any(isinstance(layer, LoraAdapter) for layer in sd.modules())
+    assert LoraManager(sd).names == ()
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> References:
+    return References(SMALL_UNET, SMALL_CLIP, tmp_path_factory.mktemp("sd15_small"))
+
+
+@pytest.fixture
+def sd(references: References) -> StableDiffusion_1:
+    return StableDiffusion_1.from_pretrained(references.folder)
+
+
+def test_every_reference_module_is_named_and_maps_to_the_layer_with_its_weights(
+    sd: StableDiffusion_1, references: References
+) -> None:
+    assert isinstance(sd, ForeignModuleNames)
+    diffusers, kohya = sd.foreign_module_names(DIFFUSERS), sd.foreign_module_names(KOHYA)
+    layers = dict(sd.named_modules())
+    for component, name, module in references.targets():
+        ours = "unet" if component == "unet" else "clip_text_encoder"
+        published = published_name(component, name)
+        prefix = "lora_unet_" if component == "unet" else "lora_te_"
+        paths = {diffusers[f"{component}.{published}"], kohya[prefix + published.replace(".", "_")]}
+        if component == "text_encoder":
+            paths.add(diffusers[f"text_encoder.{name}"])  # as transformers >= 5.6 names it
+        else:
+            paths.add(diffusers[name])  # the older files' UNet keys have no `unet.` prefix
+        (path,) = paths
+        assert path.startswith(f"{ours}.")
+        layer = layers[path]
+        assert isinstance(layer, fl.Linear | fl.Conv2d), path
+        assert torch.equal(layer.weight.reshape(module.weight.shape), module.weight), path
+
+
+@pytest.mark.parametrize("make_lora", [kohya_lora, peft_lora, processor_lora], ids=["kohya", "peft", "processor"])
+def test_a_lora_matches_the_reference_with_its_deltas_fused_by_hand(
+    make_lora: Callable[[References, int], tuple[Lora, list[Delta]]],
+    sd: StableDiffusion_1,
+    references: References,
+    tmp_path: Path,
+) -> None:
+    tensors, deltas = make_lora(references, 1)
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, path)
+    before = snapshot(sd)
+    loras = LoraManager(sd)
+    assert loras.add("style", path, scale=0.8) == []
+    assert sum(isinstance(layer, LoraAdapter) for layer in sd.modules()) == len(deltas)
+    assert_matches(sd, references, Fused(references, (deltas, 0.8)))
+    with pytest.raises(AssertionError):  # the LoRA does change the outputs
+        assert_matches(sd, references)
+    loras.set_scale("style", -0.5)
+    assert_matches(sd, references, Fused(references, (deltas, -0.5)))
+    loras.remove("style")
+    assert_untouched(sd, before)
+    assert_matches(sd, references)
+
+
+def test_kohya_files_with_original_checkpoint_names_load_too(sd: StableDiffusion_1, references: References) -> None:
+    down, up = torch.randn(2, 32, 1, 1), torch.randn(32, 2, 1, 1)
+    LoraManager(sd).add("ldm", {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
+                                "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up})  # fmt: skip
+    deltas: list[Delta] = [("unet", "down_blocks.0.attentions.0.proj_in", down, up, 1.0)]
+    assert_matches(sd, references, Fused(references, (deltas, 1.0)))
+
+
+def test_two_loras_at_once_add_both_deltas_and_fuse_and_unfuse_exactly(
+    sd: StableDiffusion_1, references: References
+) -> None:
+    kohya, kohya_deltas = kohya_lora(references, 1)
+    peft, peft_deltas = peft_lora(references, 2)
+    before = snapshot(sd)
+    loras = LoraManager(sd)
+    loras.add("kohya", kohya, scale=0.7)
+    loras.add("peft", peft, scale=1.3)
+    both = Fused(references, (kohya_deltas, 0.7), (peft_deltas, 1.3))
+    assert_matches(sd, references, both)
+    unfused = snapshot(sd)
+    loras.fuse()
+    assert not any(isinstance(layer, LoraAdapter) for layer in sd.modules())
+    assert list(sd.state_dict()) == list(before)
+    assert_matches(sd, references, both)
+    loras.unfuse()
+    assert all(torch.equal(sd.state_dict()[key], tensor) for key, tensor in unfused.items())
+    loras.remove("kohya")
+    assert_matches(sd, references, Fused(references, (peft_deltas, 1.3)))
+    loras.remove("peft")
+    assert_untouched(sd, before)
+
+
+def _shape_mismatch(references: References, tmp_path: Path) -> tuple[Path, str]:
+    tensors, _ = kohya_lora(references, 1)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    tensors[key] = torch.randn(4, 48)  # the text encoder width of another model
+    path = tmp_path / "other_model.safetensors"
+    save_file(tensors, path)
+    return path, key
+
+
+def test_a_shape_mismatch_names_key_layer_path_and_shapes_and_applies_nothing(
+    sd: StableDiffusion_1, references: References, tmp_path: Path
+) -> None:
+    path, key = _shape_mismatch(references, tmp_path)
+    before = snapshot(sd)
+    with pytest.raises(WeightsError) as error:
+        LoraManager(sd).add("style", path)
+    layer = "StableDiffusion_1.unet.DownBlocks.Chain_2.CrossAttentionBlock2d.Tokens.TransformerBlock.Residual_2"
+    message = str(error.value)
+    assert str(path) in message and f"'{key}' has shape (4, 48)" in message
+    assert f"`{layer}.CrossAttention.Attention.Distribute.Linear_2`" in message and "expects (4, 64)" in message
+    assert_untouched(sd, before)
+
+
+@pytest.mark.parametrize("problem", ["unknown key", "not weights", "truncated"])
+def test_bad_files_are_named_and_leave_the_model_byte_identical(
+    problem: str, sd: StableDiffusion_1, references: References, tmp_path: Path
+) -> None:
+    tensors, _ = kohya_lora(references, 1)
+    path = tmp_path / "lora.safetensors"
+    if problem == "unknown key":
+        unknown = "lora_unet_down_blocks_7_attentions_0_proj_in"
+        tensors |= {f"{unknown}.lora_down.weight": torch.randn(4, 32), f"{unknown}.lora_up.weight": torch.randn(32, 4)}
+        save_file(tensors, path)
+        match = rf"{path}: 2 key\(s\) match no layer of StableDiffusion_1.*'{unknown}.lora_down.weight'"
+    elif problem == "not weights":
+        path.write_text("<html>rate limited</html>")
+        match = str(path)
+    else:
+        save_file(tensors, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        match = str(path)
+    before = snapshot(sd)
+    with pytest.raises(WeightsError, match=match):
+        LoraManager(sd).add("style", path)
+    assert_untouched(sd, before)
+
+
+def test_the_published_architecture_with_a_full_kohya_lora_matches_the_reference(tmp_path: Path) -> None:
+    """One LoCon LoRA on every Linear and Conv2d of the published SD1.5 UNet and text encoder (~90 s on CPU)."""
+    references = References(SD15_UNET_CONFIG, SD15_TEXT_ENCODER_CONFIG, tmp_path)
+    sd = StableDiffusion_1.from_pretrained(tmp_path)
+    tensors, deltas = kohya_lora(references, 1)
+    assert any(".proj_in" in delta[1] for delta in deltas) and len(deltas) > 300
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, path)
+    del tensors
+    versions = {key: (tensor.data_ptr(), tensor._version) for key, tensor in sd.state_dict().items()}
+    with torch.no_grad():
+        plain = outputs(sd, references.unet, references.text_encoder, 768)[::2]
+    LoraManager(sd).add("style", path, scale=0.6)
+    for component in ("unet", "text_encoder"):  # fused into the references themselves: no copy of 4 GB
+        fuse_by_hand(references.component(component), [delta for delta in deltas if delta[0] == component], 0.6)
+    assert_matches(sd, references)
+    LoraManager(sd).remove("style")
+    assert {key: (tensor.data_ptr(), tensor._version) for key, tensor in sd.state_dict().items()} == versions
+    with torch.no_grad():
+        assert all(
+            torch.equal(a, b) for a, b in zip(outputs(sd, references.unet, references.text_encoder, 768)[::2], plain)
+        )
+
+
+def test_refiners_generate_loads_lora_files_given_with_their_scales(
+    references: References, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tensors, _ = kohya_lora(references, 1)
+    lora = tmp_path / "style.safetensors"
+    save_file(tensors, lora)
+
+    def generate(out: Path, *options: str) -> int:
+        arguments = ["--model", str(references.folder), "--steps", "1", "--size", "32x32", "--seed", "0"]
+        return main(["generate", PROMPT, *arguments, "--no-progress", "--out", str(out), *options])
+
+    assert generate(tmp_path / "plain.png") == 0
+    assert generate(tmp_path / "lora.png", "--lora", f"{lora}:0.8") == 0
+    assert generate(tmp_path / "again.png") == 0
+    plain, styled, again = (Image.open(tmp_path / name).tobytes() for name in ("plain.png", "lora.png", "again.png"))
+    assert styled != plain and again == plain
+    capsys.readouterr()
+    assert generate(tmp_path / "missing.png", "--lora", str(tmp_path / "missing.safetensors")) == 2
+    error = capsys.readouterr().err
+    assert "--lora" in error and "missing.safetensors" in error
+    assert not (tmp_path / "missing.png").exists()
