@@ -7,6 +7,8 @@ declared dependencies and their test extras, exactly as a user who pip-installs 
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import nox
@@ -47,8 +49,20 @@ def tests_plugins(session: nox.Session, plugin: str | None) -> None:
         session.skip("no plugin packages under plugins/ yet")
         return
     path = ROOT / "plugins" / plugin
-    _install(session, _local("refiners_core", "[test]"), f"{path}[test]")
+    _install(session, _local("refiners_core", "[test]"), *_monorepo_dependencies(path), f"{path}[test]")
     session.run("pytest", str(path / "tests"), *session.posargs)
+
+
+def _monorepo_dependencies(path: Path) -> list[str]:
+    """The packages of this repository that the plugin at `path` depends on, installed from their folders.
+
+    They are not released: pip must never look them up on PyPI (where another project may hold the name).
+    """
+    dependencies = tomllib.loads((path / "pyproject.toml").read_text())["project"].get("dependencies", [])
+    names = {
+        re.split(r"[\s\[<>=!~;]", dependency, maxsplit=1)[0].lower().replace("-", "_") for dependency in dependencies
+    }
+    return [_local(package) for package in PACKAGES if package in names and package != "refiners_core"]
 
 
 @nox.session
@@ -78,7 +92,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """Install refiners-core and refiners-lora and run `refiners demo`: no download, no weights needed."""
+    """Install our packages and run `refiners demo`: no download, no weights needed; its image goes to .nox/demo/tmp."""
     _install(session, _local("refiners_core"), _local("refiners_lora"), _local("refiners_sd15"), _local("refiners_sam"))
     session.run("refiners", "plugins")
-    session.run("refiners", "demo", *session.posargs)
+    session.run("refiners", "demo", "--output-dir", session.create_tmp(), *session.posargs)

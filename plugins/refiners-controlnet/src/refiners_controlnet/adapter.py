@@ -1,0 +1,144 @@
+"""`ControlNetAdapter`: run a ControlNet inside a SD1UNet and add its residuals to the UNet's through the contexts.
+
+Injecting puts two layers into the UNet, and ejecting takes them out again:
+
+    SD1UNet
+      ControlNet            <- first: computes its residuals into its context
+      TimestepEncoder
+      DownBlocks            (stores the skip connections unet.skip_0, unet.skip_1...)
+      MiddleBlock
+      ControlNetResiduals   <- adds scale * residuals to the skip connections and to the middle block's output
+      UpBlocks              (reads the skip connections)
+      OutputBlock
+
+Several adapters can be injected into one UNet: their residuals add up, each with its own scale, as with
+diffusers' `MultiControlNetModel`.
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+import torch
+
+import refiners_core.fluxion as fl
+from refiners_controlnet.controlnet import ControlNet
+from refiners_sd15.unet import SD1UNet, skip_channels
+
+
+class ControlNetResiduals(fl.Module):
+    """Add the residuals of a ControlNet (its context's `residuals`), times `scale`, to a UNet.
+
+    Placed after the UNet's middle block: the residuals of the skip connections are added to the `unet.skip_<k>`
+    context entries that the up blocks read, the last residual to the middle block's output (the input).
+    """
+
+    def __init__(self, context: str, scale: float = 1.0) -> None:
+        super().__init__()
+        self.context = context
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *down, middle = self.use_context(self.context, key="residuals")["residuals"]
+        skips = self.use_context("unet")
+        for index, residual in enumerate(down):
+            key = f"skip_{index}"
+            skips[key] = skips[key] + self.scale * residual
+        return x + self.scale * middle
+
+    def extra_repr(self) -> str:
+        return f"context={self.context!r}, scale={self.scale}"
+
+
+class ControlNetAdapter(fl.Module, fl.Adapter[SD1UNet]):
+    """Steer a `SD1UNet` with a `ControlNet`: `ControlNetAdapter(unet, controlnet, scale=1.0).inject()`.
+
+    The adapter patches the UNet in place (see the module docstring) and holds the ControlNet as a submodule, so
+    `adapter.parameters()` are the ControlNet's (to train it) and `adapter.to(...)` moves it. Set the conditioning
+    image with `set_condition` and the strength with `scale` at any time. `eject` restores the UNet exactly.
+    Raises ValueError if the ControlNet was not made for a UNet of this architecture.
+    """
+
+    def __init__(self, target: SD1UNet, controlnet: ControlNet, scale: float = 1.0) -> None:
+        if not isinstance(target, SD1UNet):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"ControlNetAdapter adapts a SD1UNet, got {type(target).__name__}")
+        if not isinstance(controlnet, ControlNet):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"ControlNetAdapter needs a ControlNet, got {type(controlnet).__name__}")
+        ours = skip_channels(controlnet.block_out_channels, controlnet.layers_per_block)
+        theirs = skip_channels(target.block_out_channels, target.layers_per_block)
+        if ours != theirs or controlnet.cross_attention_dim != target.cross_attention_dim:
+            raise ValueError(
+                f"this ControlNet (block_out_channels={list(controlnet.block_out_channels)}, layers_per_block="
+                f"{controlnet.layers_per_block}, cross_attention_dim={controlnet.cross_attention_dim}) does not fit "
+                f"the UNet at `{target.get_path()}` (block_out_channels={list(target.block_out_channels)}, "
+                f"layers_per_block={target.layers_per_block}, cross_attention_dim={target.cross_attention_dim})"
+            )
+        with self.setup_adapter(target):
+            super().__init__()
+        self.controlnet = controlnet
+        self.residuals = ControlNetResiduals(controlnet.context_name, scale)
+
+    @property
+    def scale(self) -> float:
+        """How much of the ControlNet's residuals is added to the UNet's (diffusers' `conditioning_scale`)."""
+        return self.residuals.scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.residuals.scale = value
+
+    def set_condition(self, condition: torch.Tensor) -> Self:
+        """Set the conditioning image, `(B, 3, H, W)` in [0, 1] at the size of the generated image."""
+        self.controlnet.set_condition(condition)
+        return self
+
+    @property
+    def is_injected(self) -> bool:
+        return any(layer is self.controlnet for layer in self.target)
+
+    def inject(self, parent: fl.Chain | None = None) -> Self:
+        """Put the ControlNet first in the UNet and its `ControlNetResiduals` after the UNet's middle block.
+
+        `parent`, if given, must be the UNet itself. Raises AdapterError if the adapter is already injected or the
+        UNet has no `MiddleBlock` child; the UNet is then left unchanged.
+        """
+        unet = self.target
+        if parent is not None and parent is not unet:
+            raise fl.AdapterError(
+                f"ControlNetAdapter patches the SD1UNet at `{unet.get_path()}` in place: it cannot be injected into "
+                f"`{parent.get_path()}`"
+            )
+        if self.is_injected:
+            raise fl.AdapterError(f"this ControlNetAdapter is already injected into `{unet.get_path()}`")
+        try:
+            middle = unet["MiddleBlock"]
+        except KeyError as error:
+            raise fl.AdapterError(f"cannot inject a ControlNetAdapter: {error.args[0]}") from None
+        position = next(index for index, layer in enumerate(unet) if layer is middle)
+        unet.insert(position + 1, self.residuals)
+        unet.insert(0, self.controlnet)
+        return self
+
+    def eject(self) -> None:
+        """Take the ControlNet and its residuals out of the UNet; the UNet is then exactly as before `inject`.
+
+        The conditioning image stays with the ControlNet for a later `inject`. Raises AdapterError if the adapter
+        is not injected, or the UNet was edited so that its layers are no longer there.
+        """
+        unet = self.target
+        if not self.is_injected:
+            raise fl.AdapterError(f"cannot eject this ControlNetAdapter from `{unet.get_path()}`: it is not injected")
+        if not any(layer is self.residuals for layer in unet):
+            raise fl.AdapterError(
+                f"cannot eject this ControlNetAdapter: its ControlNetResiduals is no longer a child of "
+                f"`{unet.get_path()}` (was the UNet edited after inject?)"
+            )
+        name = self.controlnet.context_name
+        condition = self.controlnet.use_context(name).get("condition")
+        unet.remove(self.controlnet)
+        unet.remove(self.residuals)
+        root = unet.root
+        if isinstance(root, fl.Chain):
+            root.provider.contexts.pop(name, None)
+        if condition is not None:
+            self.controlnet.provider.set(name, {"condition": condition})

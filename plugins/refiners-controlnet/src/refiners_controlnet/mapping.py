@@ -1,0 +1,132 @@
+"""`ControlNet` keyword arguments from a diffusers `ControlNetModel` config, and the key mapping of its weights.
+
+The ControlNet's encoder is a copy of the UNet's, with the same layer paths (`TimestepEncoder`, `DownBlocks`,
+`MiddleBlock`), so its keys are those of refiners-sd15's UNet mapping; the conditioning image encoder and the zero
+convolutions are mapped here, with loops over the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from refiners_core.weights import WeightsError
+from refiners_sd15.loading import ComponentFormat
+from refiners_sd15.unet import diffusers_unet_mapping, skip_channels, unet_config_from_diffusers
+
+ENCODER_LAYERS = ("TimestepEncoder.", "DownBlocks.", "MiddleBlock.")
+"""Path prefixes of the layers a ControlNet shares with the UNet (and copies from it in `ControlNet.from_unet`)."""
+
+CONDITION_ENCODER = "DownBlocks.Chain_1.ConditionEncoder"
+ZERO_CONVOLUTIONS = "ZeroConvolutions"
+_UP_BLOCK_OF = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+_DEFAULT_DOWN_BLOCKS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+
+
+def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`ControlNet` keyword arguments from a diffusers `ControlNetModel` config (`config.json`).
+
+    The encoder fields are read as refiners-sd15 reads a UNet config (absent fields take diffusers' defaults).
+    Raises ValueError naming the field for an architecture outside the SD1 family or a ControlNet variant this
+    package does not implement (`bgr` channel order, globally pooled conditions).
+    """
+    class_name = config.get("_class_name", "ControlNetModel")
+    if class_name != "ControlNetModel":
+        raise ValueError(f"unsupported ControlNet config: _class_name={class_name!r}; expected 'ControlNetModel'")
+    order = config.get("controlnet_conditioning_channel_order", "rgb")
+    if order != "rgb":
+        raise ValueError(
+            f"unsupported ControlNet config: controlnet_conditioning_channel_order={order!r}; expected 'rgb'"
+        )
+    if config.get("global_pool_conditions", False):
+        raise ValueError("unsupported ControlNet config: global_pool_conditions=true; expected false")
+    down_block_types = list(config.get("down_block_types", _DEFAULT_DOWN_BLOCKS))
+    # The UNet reader checks the encoder fields; a ControlNet has no decoder, so give it the mirror it expects.
+    as_unet = {
+        **config,
+        "_class_name": "UNet2DConditionModel",
+        "up_block_types": [_UP_BLOCK_OF.get(kind, kind) for kind in reversed(down_block_types)],
+    }
+    try:
+        kwargs = unet_config_from_diffusers(as_unet)
+    except ValueError as error:
+        raise ValueError(f"unsupported ControlNet config: {error}") from error
+    del kwargs["out_channels"]
+    kwargs["conditioning_channels"] = int(config.get("conditioning_channels", 3))
+    kwargs["conditioning_embedding_out_channels"] = tuple(
+        int(channels) for channels in config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+    )
+    return kwargs
+
+
+def _numbered(name: str, index: int, count: int) -> str:
+    """The name a chain gives the `index`-th (0-based) of `count` children of the same class."""
+    return name if count == 1 else f"{name}_{index + 1}"
+
+
+def diffusers_controlnet_mapping(config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Diffusers `ControlNetModel` state dict key -> `ControlNet` state dict key.
+
+    `config` holds `ControlNet` keyword arguments (`block_out_channels`, `layers_per_block`,
+    `cross_attention_levels` and `conditioning_embedding_out_channels` shape the mapping); SD1.5's when omitted.
+    """
+    config = config or {}
+    mapping = {key: ours for key, ours in diffusers_unet_mapping(config).items() if ours.startswith(ENCODER_LAYERS)}
+
+    def add(reference: str, ours: str) -> None:
+        for suffix in ("weight", "bias"):
+            mapping[f"{reference}.{suffix}"] = f"{ours}.{suffix}"
+
+    embedding_channels = tuple(config.get("conditioning_embedding_out_channels", (16, 32, 96, 256)))
+    add("controlnet_cond_embedding.conv_in", f"{CONDITION_ENCODER}.Conv2d_1")
+    blocks = len(embedding_channels) - 1
+    for index in range(blocks):
+        block = f"{CONDITION_ENCODER}.{_numbered('ConditionBlock', index, blocks)}"
+        add(f"controlnet_cond_embedding.blocks.{2 * index}", f"{block}.Conv2d_1")
+        add(f"controlnet_cond_embedding.blocks.{2 * index + 1}", f"{block}.Conv2d_2")
+    add("controlnet_cond_embedding.conv_out", f"{CONDITION_ENCODER}.Conv2d_2")
+
+    channels = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    skips = len(skip_channels(channels, config.get("layers_per_block", 2)))
+    for index in range(skips):
+        add(
+            f"controlnet_down_blocks.{index}",
+            f"{ZERO_CONVOLUTIONS}.{_numbered('SkipZeroConvolution', index, skips)}.Conv2d",
+        )
+    add("controlnet_mid_block", f"{ZERO_CONVOLUTIONS}.MiddleZeroConvolution.Conv2d")
+    return mapping
+
+
+def _no_single_file(config: Mapping[str, Any]) -> dict[str, str]:
+    raise WeightsError(
+        "original single-file ControlNet checkpoints (`control_model.*` keys) are not supported: use the diffusers "
+        "version of the ControlNet (a folder or hub id with config.json and diffusion_pytorch_model.safetensors)"
+    )
+
+
+def _architecture(controlnet: Any) -> dict[str, Any]:
+    return {
+        "in_channels": controlnet.in_channels,
+        "block_out_channels": list(controlnet.block_out_channels),
+        "layers_per_block": controlnet.layers_per_block,
+        "attention_head_dim": controlnet.attention_head_dim,
+        "cross_attention_dim": controlnet.cross_attention_dim,
+        "cross_attention_levels": list(controlnet.cross_attention_levels),
+        "norm_num_groups": controlnet.norm_num_groups,
+        "norm_eps": controlnet.norm_eps,
+        "conditioning_channels": controlnet.conditioning_channels,
+        "conditioning_embedding_out_channels": list(controlnet.conditioning_embedding_out_channels),
+    }
+
+
+CONTROLNET_FORMAT = ComponentFormat(
+    name="controlnet",
+    subfolder="",
+    weight_stems=("diffusion_pytorch_model",),
+    config_to_kwargs=controlnet_config_from_diffusers,
+    diffusers_mapping=lambda architecture, file_keys: diffusers_controlnet_mapping(architecture),
+    single_file_prefix="control_model.",
+    single_file_mapping=_no_single_file,
+    architecture=_architecture,
+)
+"""How a ControlNet is stored: a diffusers `ControlNetModel` folder (config.json and its weights at the top)."""

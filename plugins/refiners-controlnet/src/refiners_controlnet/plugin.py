@@ -1,0 +1,43 @@
+"""refiners-controlnet's plugin module, registered under the `refiners` entry point group.
+
+Heavy imports (torch, the model) happen in the hooks and in the option's `apply`, not when the module is imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
+
+
+@hookimpl
+def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
+    from refiners_controlnet.adapter import ControlNetAdapter
+    from refiners_sd15.unet import SD1UNet
+
+    register(
+        AdapterSpec(
+            name="controlnet",
+            factory=ControlNetAdapter,
+            summary="ControlNet for SD1.5, steered by a conditioning image: ControlNetAdapter(unet, controlnet, scale)",
+            targets=(SD1UNet,),
+        )
+    )
+
+
+def _apply(model: Any, values: list[str]) -> None:
+    from refiners_controlnet.cli import apply_controlnet_option
+
+    apply_controlnet_option(model, values)
+
+
+@hookimpl
+def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
+    from refiners_controlnet.cli import OPTION_HELP, OPTION_METAVAR
+
+    register(
+        GenerateOptionSpec(
+            flag="--controlnet", apply=_apply, help=OPTION_HELP, metavar=OPTION_METAVAR, models=("sd15",)
+        )
+    )

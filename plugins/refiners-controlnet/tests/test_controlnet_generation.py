@@ -1,0 +1,151 @@
+"""A 3-step generation with ControlNets against diffusers' `StableDiffusionControlNetPipeline`.
+
+The reference runs the pipeline (DDIM, classifier-free guidance with the ControlNet on the doubled batch, guess mode
+off) with `output_type="latent"`, the same text embeddings, the same conditioning image(s) and the same seeded CPU
+noise; ours runs `StableDiffusion_1`'s loop with the DDIM solver and `ControlNetAdapter`s injected into the UNet.
+The UNet and ControlNets are small SD1-like ones with random weights, loaded on our side from their
+`save_pretrained` folders. Final latents must agree within 1e-3 of max |reference|.
+"""
+
+# pyright: reportPrivateImportUsage=false
+# diffusers exports its classes lazily, which pyright reads as private imports.
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+from controlnet_references import (
+    SMALL_CONTROLNET_CONFIG,
+    SMALL_UNET_CONFIG,
+    assert_close,
+    reference_controlnet,
+    reference_unet,
+)
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDIMScheduler,
+    StableDiffusionControlNetPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+
+from refiners_controlnet import ControlNet, ControlNetAdapter, image_to_condition
+from refiners_sd15 import CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
+from refiners_sd15.solvers import DDIM
+
+SIZE = 128
+STEPS = 3
+GUIDANCE = 7.5
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, UNet2DConditionModel, list[ControlNetModel]]:
+    folder = tmp_path_factory.mktemp("generation")
+    unet = reference_unet(SMALL_UNET_CONFIG, seed=10)
+    controlnets = [reference_controlnet(SMALL_CONTROLNET_CONFIG, seed=seed) for seed in (11, 12)]
+    unet.save_pretrained(folder / "unet")  # pyright: ignore[reportUnknownMemberType]
+    for index, controlnet in enumerate(controlnets):
+        controlnet.save_pretrained(folder / f"controlnet_{index}")  # pyright: ignore[reportUnknownMemberType]
+    return folder, unet, controlnets
+
+
+@pytest.fixture(scope="module")
+def embeddings() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    return torch.randn(1, 77, 24, generator=generator), torch.randn(1, 77, 24, generator=generator)
+
+
+def control_image(seed: int) -> Image.Image:
+    pixels = torch.randint(0, 256, (SIZE, SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray(pixels.numpy())
+
+
+def reference_latents(
+    unet: UNet2DConditionModel,
+    controlnets: list[ControlNetModel],
+    images: list[Image.Image],
+    scales: list[float],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    vae = AutoencoderKL(  # unused with output_type="latent", but its 4 levels make the latents 1/8 of the image
+        block_out_channels=(32,) * 4,  # pyright: ignore[reportArgumentType]
+        down_block_types=("DownEncoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+        up_block_types=("UpDecoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe: Any = StableDiffusionControlNetPipeline(
+        vae=vae,
+        text_encoder=None,  # pyright: ignore[reportArgumentType]
+        tokenizer=None,  # pyright: ignore[reportArgumentType]
+        unet=unet,
+        controlnet=controlnets if len(controlnets) > 1 else controlnets[0],
+        scheduler=scheduler,  # pyright: ignore[reportArgumentType]
+        safety_checker=None,  # pyright: ignore[reportArgumentType]
+        feature_extractor=None,  # pyright: ignore[reportArgumentType]
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    negative, positive = embeddings
+    with torch.no_grad():
+        output = pipe(
+            prompt_embeds=positive,
+            negative_prompt_embeds=negative,
+            image=images if len(images) > 1 else images[0],
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            controlnet_conditioning_scale=scales if len(scales) > 1 else scales[0],
+            generator=torch.Generator().manual_seed(6),
+            output_type="latent",
+        )
+    return cast(torch.Tensor, output.images)
+
+
+def our_latents(
+    folder: Path, images: list[Image.Image], scales: list[float], embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    sd = StableDiffusion_1(
+        unet=SD1UNet.from_pretrained(folder).eval(),
+        lda=SD1Autoencoder(block_out_channels=(32,) * 4, device="meta"),  # unused: the tests compare latents
+        clip_text_encoder=CLIPTextEncoderL(device="meta"),  # unused: the tests give text embeddings
+        show_progress=False,
+    )
+    for index, (image, scale) in enumerate(zip(images, scales)):
+        controlnet = ControlNet.from_pretrained(folder / f"controlnet_{index}").eval()
+        ControlNetAdapter(sd.unet, controlnet, scale=scale).inject().set_condition(image_to_condition(image))
+    sd.solver = DDIM(num_inference_steps=STEPS)
+    negative, positive = embeddings
+    embedding = torch.cat([negative, positive])
+    with torch.no_grad():
+        x = sd.init_latents(size=(SIZE, SIZE), seed=6)
+        for step in sd.steps:
+            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=GUIDANCE)
+    return x
+
+
+@pytest.mark.parametrize("count, scales", [(1, [0.8]), (2, [0.8, 0.4])], ids=["one-controlnet", "two-controlnets"])
+def test_generation_with_controlnets_matches_diffusers_pipeline(
+    references: tuple[Path, UNet2DConditionModel, list[ControlNetModel]],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    count: int,
+    scales: list[float],
+) -> None:
+    folder, unet, controlnets = references
+    images = [control_image(seed) for seed in range(count)]
+    expected = reference_latents(unet, controlnets[:count], images, scales, embeddings)
+    if count == 1:  # the ControlNet does steer the generation (the small tests check that each one counts)
+        without = reference_latents(unet, controlnets[:count], images, [0.0], embeddings)
+        assert (expected - without).abs().max() > 1e-2 * without.abs().max()
+    assert_close(our_latents(folder, images, scales, embeddings), expected, TOLERANCE)

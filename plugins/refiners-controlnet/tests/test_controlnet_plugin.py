@@ -1,0 +1,117 @@
+"""refiners-controlnet as a plugin: found through its entry point, its `controlnet` adapter in the registry and
+`refiners plugins`, and its `--controlnet FOLDER:IMAGE[:SCALE]` option of `refiners generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from controlnet_references import SMALL_CONTROLNET_CONFIG, SMALL_UNET_CONFIG, reference_controlnet
+from PIL import Image
+
+from refiners_controlnet import ControlNet, ControlNetAdapter, ControlNetResiduals, image_to_condition
+from refiners_controlnet.cli import ControlNetOption, parse_controlnet_option
+from refiners_core.cli import main
+from refiners_core.plugins import registry
+from refiners_sd15.unet import SD1UNet, unet_config_from_diffusers
+
+
+def small_unet() -> SD1UNet:
+    kwargs = unet_config_from_diffusers(SMALL_UNET_CONFIG)
+    return SD1UNet(**kwargs).eval()
+
+
+def test_refiners_controlnet_is_discovered_through_its_entry_point() -> None:
+    records = [record for record in registry(reload=True).plugins if record.distribution == "refiners-controlnet"]
+    assert len(records) == 1
+    assert records[0].entry_point == "controlnet = refiners_controlnet.plugin"
+    assert records[0].error is None and records[0].status == "ok"
+    assert registry().adapters["controlnet"].factory is ControlNetAdapter
+    assert registry().generate_options["--controlnet"].applies_to("sd15")
+
+
+def test_refiners_plugins_lists_the_controlnet_adapter_and_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins", "--json"]) == 0
+    records = [
+        record for record in json.loads(capsys.readouterr().out) if record["distribution"] == "refiners-controlnet"
+    ]
+    assert len(records) == 1
+    assert records[0]["adapters"] == ["controlnet"]
+    assert records[0]["generate_options"] == ["--controlnet"]
+
+
+def test_the_registered_adapter_controls_a_unet() -> None:
+    unet = small_unet()
+    controlnet = ControlNet.from_unet(unet)
+    adapter = registry().adapters["controlnet"].create(unet, controlnet=controlnet, scale=0.5)
+    assert isinstance(adapter, ControlNetAdapter) and adapter.scale == 0.5
+    adapter.inject()
+    assert unet[0] is controlnet
+    adapter.eject()
+    with pytest.raises(TypeError, match="cannot wrap a ControlNet"):
+        registry().adapters["controlnet"].create(controlnet, controlnet=controlnet)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (
+            "lllyasviel/sd-controlnet-canny:edges.png",
+            ControlNetOption("lllyasviel/sd-controlnet-canny", Path("edges.png")),
+        ),
+        ("./canny:/tmp/edges.png:0.8", ControlNetOption("./canny", Path("/tmp/edges.png"), 0.8)),
+        (r"C:\nets\canny:D:\edges.png:1.5", ControlNetOption(r"C:\nets\canny", Path(r"D:\edges.png"), 1.5)),
+    ],
+)
+def test_option_values_parse(value: str, expected: ControlNetOption) -> None:
+    assert parse_controlnet_option(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("canny", "expected FOLDER:IMAGE"), (":edges.png", "expected FOLDER:IMAGE"), ("a:b:x", "'x' is not")],
+)
+def test_malformed_option_values_are_refused(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_controlnet_option(value)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("option")
+    reference_controlnet(SMALL_CONTROLNET_CONFIG).save_pretrained(folder / "controlnet")  # pyright: ignore[reportUnknownMemberType]
+    pixels = torch.randint(0, 256, (96, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(pixels.numpy()).save(folder / "edges.png")
+    return folder / "controlnet", folder / "edges.png"
+
+
+def test_generate_option_injects_one_controlnet_per_value(files: tuple[Path, Path]) -> None:
+    folder, image = files
+    model = SimpleNamespace(unet=small_unet())
+    registry().generate_options["--controlnet"].apply(model, [f"{folder}:{image}:0.5", f"{folder}:{image}"])
+    residuals = [layer for layer in model.unet if isinstance(layer, ControlNetResiduals)]
+    assert [layer.scale for layer in residuals] == [1.0, 0.5]  # each new one goes first after the middle block
+    controlnet = model.unet[0]
+    assert isinstance(controlnet, ControlNet)
+    condition = controlnet.use_context(controlnet.context_name)["condition"]
+    with Image.open(image) as opened:
+        assert torch.equal(condition, image_to_condition(opened))
+    assert condition.shape == (1, 3, 96, 64) and 0 <= condition.min() and condition.max() <= 1
+
+
+def test_a_bad_option_value_leaves_the_model_unchanged(files: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, image = files
+    model = SimpleNamespace(unet=small_unet())
+    layers = list(model.unet)
+    apply = registry().generate_options["--controlnet"].apply
+    with pytest.raises(FileNotFoundError, match="cannot read the image"):
+        apply(model, [f"{folder}:{image}", f"{folder}:{tmp_path / 'missing.png'}"])
+    with pytest.raises(FileNotFoundError) as error:
+        apply(model, [f"{folder}:{image}", f"{tmp_path / 'nowhere'}:{image}"])
+    assert "while loading --controlnet" in "\n".join(getattr(error.value, "__notes__", []))
+    with pytest.raises(TypeError, match="needs a Stable Diffusion 1.5 model"):
+        apply(SimpleNamespace(), [f"{folder}:{image}"])
+    assert list(model.unet) == layers

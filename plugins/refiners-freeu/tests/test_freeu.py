@@ -1,0 +1,233 @@
+"""FreeU against its reference, diffusers' `UNet2DConditionModel.enable_freeu(s1, s2, b1, b2)`.
+
+Reference UNets get random weights (every parameter drawn, norms and biases included); ours load them through
+refiners-sd15's key mapping. Parity is checked in float32 on one noise prediction:
+max |ours - reference| <= 1e-4 * max |reference|. Each test also checks that FreeU changes the prediction by far
+more than that, so that a FreeU doing nothing cannot pass.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any, cast
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
+
+import refiners_core.fluxion as fl
+from refiners_core.state_dicts import load_state_dict_checked
+from refiners_freeu import SD15_SCALES, FourierFilter, FreeU, FreeUAdapter
+from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UpBlocks, diffusers_unet_mapping, unet_config_from_diffusers
+
+TOLERANCE = 1e-4
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (the fields that shape the network).
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# A small SD1-like UNet: three levels, cross-attention on the first two.
+SMALL_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "attention_head_dim": 4,
+    "block_out_channels": [32, 64, 64],
+    "cross_attention_dim": 24,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "norm_num_groups": 8,
+    "sample_size": 16,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+
+def reference_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionModel:
+    """A diffusers UNet whose parameters are all random: weights ~ N(0, 1/fan_in), norm scales ~ N(1, 0.1)."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config))  # pyright: ignore[reportUnknownMemberType]
+    unet = unet.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith(".weight"):
+                parameter.normal_(1.0, 0.1)
+            else:
+                parameter.normal_(0.0, 0.1)
+    return unet
+
+
+def our_unet(reference: UNet2DConditionModel) -> SD1UNet:
+    kwargs = unet_config_from_diffusers(dict(reference.config))  # pyright: ignore[reportUnknownArgumentType]
+    ours = SD1UNet(**kwargs, device="meta").to_empty(device="cpu").eval()
+    load_state_dict_checked(ours, reference.state_dict(), source="reference", mapping=diffusers_unet_mapping(kwargs))
+    return ours
+
+
+def reference_output(
+    unet: UNet2DConditionModel, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, **freeu: float
+) -> torch.Tensor:
+    if freeu:
+        unet.enable_freeu(**freeu)
+    try:
+        with torch.no_grad():
+            return unet(x, timestep, encoder_hidden_states=text).sample  # pyright: ignore[reportUnknownMemberType]
+    finally:
+        unet.disable_freeu()
+
+
+def our_output(unet: SD1UNet, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    unet.set_timestep(timestep)
+    unet.set_clip_text_embedding(text)
+    with torch.no_grad():
+        return unet(x)
+
+
+def assert_close(ours: torch.Tensor, reference: torch.Tensor, without_freeu: torch.Tensor) -> None:
+    scale = reference.abs().max().item()
+    error = (ours - reference).abs().max().item()
+    assert error <= TOLERANCE * scale, f"max |ours - reference| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
+    effect = (reference - without_freeu).abs().max().item()
+    assert effect > 100 * TOLERANCE * scale, f"FreeU barely changes the reference ({effect:.3g}): a weak test"
+
+
+def test_freeu_matches_diffusers_enable_freeu_on_the_published_sd15_unet() -> None:
+    # 32x32 latents: the first two decoder levels run at 4x4 and 8x8, where the 2x2 low-frequency window of the
+    # Fourier filter covers part of the spectrum only.
+    torch.manual_seed(1)
+    x, text, timestep = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 768), torch.tensor([999])
+    reference = reference_unet(SD15_UNET_CONFIG)
+    expected = reference_output(reference, x, timestep, text, **SD15_SCALES)
+    without_freeu = reference_output(reference, x, timestep, text)
+    ours = our_unet(reference)
+    del reference
+    gc.collect()  # a full UNet is 3.4 GB in float32: keep one at a time
+
+    before = our_output(ours, x, timestep, text)
+    freeu = FreeU(ours).inject()
+    assert len(freeu.adapters) == 6  # two levels of three skip connections each
+    assert_close(our_output(ours, x, timestep, text), expected, without_freeu)
+    freeu.eject()
+    assert torch.equal(our_output(ours, x, timestep, text), before)
+
+
+@pytest.fixture(scope="module")
+def small_reference() -> UNet2DConditionModel:
+    return reference_unet(SMALL_UNET_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def small_unet(small_reference: UNet2DConditionModel) -> SD1UNet:
+    return our_unet(small_reference)
+
+
+@pytest.mark.parametrize(
+    "size, scales",
+    [
+        ((16, 16), SD15_SCALES),
+        ((32, 24), {"s1": 0.6, "s2": 0.4, "b1": 1.1, "b2": 1.3}),  # SD2.1's recommended factors
+        ((13, 7), SD15_SCALES),  # odd sizes: 4x2 then 7x4 in the first two decoder levels
+        ((8, 8), {"s1": 1.5, "s2": 0.5, "b1": 0.5, "b2": 2.0}),  # 2x2 then 4x4
+    ],
+)
+def test_small_unet_with_freeu_matches_diffusers(
+    small_reference: UNet2DConditionModel, small_unet: SD1UNet, size: tuple[int, int], scales: dict[str, float]
+) -> None:
+    torch.manual_seed(2)
+    x, text, timestep = torch.randn(2, 4, *size), torch.randn(2, 77, 24), torch.tensor([500])
+    freeu = FreeU(small_unet, **scales).inject()
+    try:
+        ours = our_output(small_unet, x, timestep, text)
+    finally:
+        freeu.eject()
+    expected = reference_output(small_reference, x, timestep, text, **scales)
+    assert_close(ours, expected, reference_output(small_reference, x, timestep, text))
+
+
+def test_changed_scales_apply_while_injected(small_reference: UNet2DConditionModel, small_unet: SD1UNet) -> None:
+    torch.manual_seed(3)
+    x, text, timestep = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 24), torch.tensor([10])
+    freeu = FreeU(small_unet).inject()
+    try:
+        freeu.set_scales(s2=0.5, b1=1.4)
+        assert freeu.scales == {"s1": 0.9, "b1": 1.4, "s2": 0.5, "b2": 1.4}
+        ours = our_output(small_unet, x, timestep, text)
+    finally:
+        freeu.eject()
+    scales = {"s1": 0.9, "s2": 0.5, "b1": 1.4, "b2": 1.4}
+    expected = reference_output(small_reference, x, timestep, text, **scales)
+    assert_close(ours, expected, reference_output(small_reference, x, timestep, text))
+
+
+def test_eject_restores_outputs_state_dict_and_layers_exactly(small_unet: SD1UNet) -> None:
+    torch.manual_seed(4)
+    x, text, timestep = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 24), torch.tensor([700])
+    before = our_output(small_unet, x, timestep, text)
+    state_dict = {key: value.clone() for key, value in small_unet.state_dict().items()}
+    skips = list(small_unet.layers(ConcatenateSkip))
+
+    freeu = FreeU(small_unet).inject()
+    assert freeu.is_injected
+    assert list(small_unet.state_dict()) == list(state_dict)  # no weights, and no layer path changes
+    assert not torch.equal(our_output(small_unet, x, timestep, text), before)
+    freeu.eject()
+
+    assert not freeu.is_injected
+    assert not list(small_unet.layers(FreeUAdapter)) and not list(small_unet.layers(FourierFilter))
+    assert all(a is b for a, b in zip(small_unet.layers(ConcatenateSkip), skips, strict=True))
+    assert small_unet.state_dict().keys() == state_dict.keys()
+    assert all(torch.equal(value, state_dict[key]) for key, value in small_unet.state_dict().items())
+    assert torch.equal(our_output(small_unet, x, timestep, text), before)
+
+
+def test_inject_twice_fails_and_leaves_the_unet_unchanged(small_unet: SD1UNet) -> None:
+    freeu = FreeU(small_unet).inject()
+    try:
+        injected = list(small_unet.layers(FreeUAdapter))
+        with pytest.raises(fl.AdapterError, match="already injected"):
+            freeu.inject()
+        assert list(small_unet.layers(FreeUAdapter)) == injected
+    finally:
+        freeu.eject()
+    with pytest.raises(fl.AdapterError, match="not injected"):
+        freeu.eject()
+
+
+def test_freeu_applies_to_the_first_two_decoder_levels_only(small_unet: SD1UNet) -> None:
+    freeu = FreeU(small_unet)
+    stages = list(small_unet.ensure_find(UpBlocks))
+    assert [adapter.target for adapter in freeu.adapters] == [stage.ConcatenateSkip for stage in stages[:6]]  # pyright: ignore[reportUnknownMemberType, reportAttributeAccessIssue]
+    assert [len(level) for level in freeu.levels] == [3, 3]
+
+
+def test_freeu_rejects_what_is_not_an_sd1_unet() -> None:
+    with pytest.raises(TypeError, match="SD1UNet"):
+        FreeU(fl.Chain(fl.Identity()))  # type: ignore[arg-type]
+
+
+def test_fourier_filter_scales_the_lowest_frequencies_only() -> None:
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(FourierFilter(1.0)(x), x, atol=1e-6)
+    constant = torch.ones(1, 1, 8, 8)  # only the zero frequency
+    assert torch.allclose(FourierFilter(0.25)(constant), 0.25 * constant, atol=1e-6)
+    checkerboard = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 2.0 - 1.0  # the highest frequency
+    assert torch.allclose(FourierFilter(0.25)(checkerboard[None, None]), checkerboard[None, None], atol=1e-6)
+    two_by_two = torch.randn(1, 2, 2, 2)  # the window covers the whole spectrum
+    assert torch.allclose(FourierFilter(0.5)(two_by_two), 0.5 * two_by_two, atol=1e-6)
+    assert FourierFilter(0.5)(x.half()).dtype == torch.float16

@@ -1,0 +1,14 @@
+"""Textual inversion for refiners' Stable Diffusion 1.5: new prompt tokens from A1111 and diffusers embedding files.
+
+from refiners_textual_inversion import TextualInversionAdapter
+
+adapter = TextualInversionAdapter(sd.clip_text_encoder)
+adapter.load("cat-toy.safetensors", token="<cat-toy>")
+adapter.inject()
+"""
+
+from refiners_textual_inversion.adapter import TextualInversionAdapter
+from refiners_textual_inversion.files import Embedding, read_embedding
+from refiners_textual_inversion.tokenizer import TextualInversionTokenizer, TokenIdsAdapter
+
+__all__ = ["Embedding", "TextualInversionAdapter", "TextualInversionTokenizer", "TokenIdsAdapter", "read_embedding"]

@@ -1,0 +1,100 @@
+"""Read textual inversion embedding files: AUTOMATIC1111 `.pt`/`.safetensors` and diffusers `learned_embeds`.
+
+Formats, all holding one `(vectors, dim)` (or `(dim,)`) tensor:
+
+- AUTOMATIC1111 `.pt` (also `.bin`): a pickled dict whose `string_to_param` maps `"*"` to the vectors, and whose
+  `name` is the embedding's name. Read with `torch.load(weights_only=True)`, which refuses pickles that run code.
+- AUTOMATIC1111 / kohya `.safetensors`: the vectors under `emb_params`, no name (the file's stem is used).
+- diffusers `learned_embeds.safetensors` (or `.bin`): `{token: vectors}`, the token being the name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from safetensors.torch import load_file  # pyright: ignore[reportUnknownVariableType]
+
+from refiners_core.weights import WeightsError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """The vectors of one textual inversion embedding, `(vectors, dim)`, and the name its file gives it."""
+
+    name: str
+    vectors: torch.Tensor
+    source: str
+    """Where it comes from (the file path), for error messages."""
+
+
+def read_embedding(path: str | os.PathLike[str]) -> Embedding:
+    """The embedding stored in an A1111 `.pt`/`.safetensors` or a diffusers `learned_embeds` file.
+
+    Raises FileNotFoundError if there is no such file, and WeightsError (a ValueError) naming the file when it
+    cannot be read or holds something else than one embedding (say, a LoRA or a model).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no textual inversion embedding file at {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            content: object = load_file(path)
+        except Exception as error:
+            raise WeightsError(f"cannot read {path} as safetensors: {error}") from error
+    elif suffix in TORCH_SUFFIXES:
+        try:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise WeightsError(
+                f"cannot read {path} as a torch file of tensors: {' '.join(str(error).split())}"
+            ) from error
+    else:
+        known = ", ".join((".safetensors", *TORCH_SUFFIXES))
+        raise WeightsError(f"cannot read {path}: unknown embedding file extension {path.suffix!r} (expected {known})")
+    name, vectors = _name_and_vectors(content, path)
+    return Embedding(name=name, vectors=_as_matrix(vectors, path), source=str(path))
+
+
+def _name_and_vectors(content: object, path: Path) -> tuple[str, object]:
+    if isinstance(content, torch.Tensor):
+        return path.stem, content
+    if not isinstance(content, dict):
+        raise WeightsError(f"{path} holds a {type(content).__name__}, not a textual inversion embedding")
+    entries = cast(dict[Any, Any], content)
+    if "string_to_param" in entries:
+        parameters = entries["string_to_param"]
+        if not isinstance(parameters, dict) or "*" not in parameters:
+            raise WeightsError(f"{path}: 'string_to_param' has no '*' entry (not an A1111 embedding)")
+        name = entries.get("name")
+        return (name if isinstance(name, str) and name else path.stem), cast(dict[Any, Any], parameters)["*"]
+    if "emb_params" in entries:
+        return path.stem, entries["emb_params"]
+    if len(entries) == 1:
+        ((token, vectors),) = entries.items()
+        if isinstance(token, str):
+            return token, vectors
+    keys = ", ".join(repr(key) for key in list(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+    raise WeightsError(
+        f"{path} is not a textual inversion embedding: expected 'string_to_param' (A1111 .pt), 'emb_params' "
+        f"(A1111 .safetensors) or a single {{token: tensor}} entry (diffusers), found keys {keys}"
+    )
+
+
+def _as_matrix(vectors: object, path: Path) -> torch.Tensor:
+    if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point():
+        what = f"a {vectors.dtype} tensor" if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise WeightsError(f"{path}: the embedding is {what}, expected a floating point tensor")
+    if vectors.dim() == 1:
+        vectors = vectors.unsqueeze(0)
+    if vectors.dim() != 2 or vectors.shape[0] == 0:
+        raise WeightsError(
+            f"{path}: the embedding has shape {tuple(vectors.shape)}, expected (vectors, dim) with at least one vector"
+        )
+    return vectors
