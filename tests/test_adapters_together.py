@@ -1,0 +1,137 @@
+"""Four adapters from four separately installed packages on one SD1.5: a LoRA file (refiners-lora), a ControlNet
+(refiners-controlnet), a textual inversion (refiners-textual-inversion) and FreeU (refiners-freeu).
+
+They go in together, each changes the generation, and ejected in another order than they went in they give back
+the exact original `state_dict` and the exact original latents (bit for bit, float32 on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
+from safetensors.torch import save_file
+from test_lora_sd15 import SMALL_CLIP, SMALL_UNET, SMALL_VAE
+from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
+
+import refiners_core.fluxion as fl
+from refiners_controlnet import ControlNet, ControlNetAdapter
+from refiners_core.module_names import DIFFUSERS
+from refiners_freeu import FreeU
+from refiners_lora import LoraManager
+from refiners_sd15 import DDIM, StableDiffusion_1
+from refiners_textual_inversion import TextualInversionAdapter
+
+SIZE = (16, 16)  # pixels, and latents: the small autoencoder does not downscale
+CONDITION_SIZE = (128, 128)  # the ControlNet's condition image, 8x the latents
+PROMPT = "a <toy> riding a horse"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small SD1.5-shaped diffusers folder with random weights."""
+    folder = tmp_path_factory.mktemp("sd15")
+    torch.manual_seed(0)
+    UNet2DConditionModel(**SMALL_UNET).save_pretrained(folder / "unet")
+    CLIPTextModel(CLIPTextConfig(**SMALL_CLIP)).save_pretrained(folder / "text_encoder")
+    AutoencoderKL(**SMALL_VAE).save_pretrained(folder / "vae")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+def lora_file(sd: StableDiffusion_1, folder: Path) -> Path:
+    """A diffusers / PEFT LoRA file of rank 4 on every UNet attention projection and text encoder q/v projection."""
+    torch.manual_seed(1)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, path in sd.foreign_module_names(DIFFUSERS).items():
+        if not name.startswith(("unet.", "text_encoder.text_model.")):
+            continue  # the same layers under their other accepted names
+        wanted = (".to_q", ".to_k", ".to_v") if name.startswith("unet.") else (".q_proj", ".v_proj")
+        layer = sd.get_submodule(path)
+        if name.endswith(wanted) and isinstance(layer, fl.Linear):
+            tensors[f"{name}.lora_A.weight"] = torch.randn(4, layer.in_features) * 0.3
+            tensors[f"{name}.lora_B.weight"] = torch.randn(layer.out_features, 4) * 0.3
+    assert any(key.startswith("unet.") for key in tensors) and any(key.startswith("text_encoder.") for key in tensors)
+    path = folder / "lora.safetensors"
+    save_file(tensors, path)
+    return path
+
+
+def controlnet_for(sd: StableDiffusion_1) -> ControlNet:
+    """A ControlNet for the UNet, with every parameter random so that its residuals are not zero."""
+    controlnet = ControlNet.from_unet(sd.unet)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.1)
+    return controlnet
+
+
+def generate(sd: StableDiffusion_1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text embedding of `PROMPT` and the latents of a 2-step DDIM generation with guidance."""
+    sd.solver = DDIM(num_inference_steps=2)
+    with torch.no_grad():
+        embedding = sd.compute_clip_text_embedding(PROMPT, negative_text="blurry")
+        x = sd.init_latents(size=SIZE, seed=3)
+        for step in sd.steps:
+            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=7.5)
+    return embedding, x
+
+
+def state(sd: StableDiffusion_1) -> dict[str, torch.Tensor]:
+    return {key: tensor.clone() for key, tensor in sd.state_dict().items()}
+
+
+def test_lora_controlnet_textual_inversion_and_freeu_together_then_ejected_in_another_order(
+    folder: Path, tmp_path: Path
+) -> None:
+    sd = StableDiffusion_1.from_pretrained(folder)
+    sd.show_progress = False
+    original_state = state(sd)
+    original_embedding, original_latents = generate(sd)
+    modules_before = [type(module) for module in sd.modules()]
+
+    # In: LoRA, ControlNet, textual inversion, FreeU.
+    loras = LoraManager(sd)
+    loras.add("style", lora_file(sd, tmp_path), scale=0.8)
+    controlnet = ControlNetAdapter(sd.unet, controlnet_for(sd), scale=0.7)
+    controlnet.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
+    textual_inversion = TextualInversionAdapter(sd.clip_text_encoder)
+    torch.manual_seed(4)
+    textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP["hidden_size"]))
+    textual_inversion.inject()
+    freeu = FreeU(sd.unet, s1=0.9, s2=0.2, b1=1.2, b2=1.4).inject()
+
+    embedding, latents = generate(sd)
+    assert embedding.shape == original_embedding.shape and latents.shape == original_latents.shape
+    assert torch.isfinite(latents).all()
+    assert not torch.allclose(embedding, original_embedding, atol=1e-3)
+    assert not torch.allclose(latents, original_latents, atol=1e-3)
+
+    # Each adapter on its own matters: taking one out changes the result again.
+    latents_by_state = [latents]
+    controlnet.eject()
+    latents_by_state.append(generate(sd)[1])
+    loras.remove("style")
+    latents_by_state.append(generate(sd)[1])
+    freeu.eject()
+    latents_by_state.append(generate(sd)[1])
+    textual_inversion.eject()
+    latents_by_state.append(generate(sd)[1])
+    for before, after in zip(latents_by_state, latents_by_state[1:]):
+        assert not torch.allclose(before, after, atol=1e-4)
+
+    # Out: ControlNet, LoRA, FreeU, textual inversion -- and everything is exactly as it was.
+    assert loras.names == ()
+    assert [type(module) for module in sd.modules()] == modules_before
+    final_state = sd.state_dict()
+    assert final_state.keys() == original_state.keys()
+    for key, tensor in original_state.items():
+        assert torch.equal(final_state[key], tensor), key
+    final_embedding, final_latents = generate(sd)
+    assert torch.equal(final_embedding, original_embedding)
+    assert torch.equal(final_latents, original_latents)
+    assert torch.equal(latents_by_state[-1], original_latents)
