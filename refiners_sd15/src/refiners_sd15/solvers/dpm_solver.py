@@ -20,30 +20,7 @@ class DPMSolver(Solver):
     """
 
     default_spacing = "linspace"
-
-    def __init__(
-        self,
-        num_inference_steps: int,
-        *,
-        first_inference_step: int = 0,
-        timestep_spacing: TimestepSpacing | None = None,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        steps_offset: int = 1,
-    ) -> None:
-        super().__init__(
-            num_inference_steps,
-            first_inference_step=first_inference_step,
-            timestep_spacing=timestep_spacing,
-            num_train_timesteps=num_train_timesteps,
-            beta_start=beta_start,
-            beta_end=beta_end,
-            steps_offset=steps_offset,
-        )
-        self.sigmas = self.sigmas_at(self.timesteps)
-        """The sigma of each inference step, then 0 (float32)."""
-        self._previous: tuple[int, torch.Tensor] | None = None
+    _previous: tuple[int, torch.Tensor] | None = None  # (step, predicted clean latents) of the last update
 
     def timesteps_for(self, spacing: TimestepSpacing) -> torch.Tensor:
         """Integer timesteps (int64), as diffusers' DPM-Solver scheduler spaces them (`N + 1` points, last dropped)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cached_property
 from typing import ClassVar, Literal, get_args
 
 import torch
@@ -97,6 +98,11 @@ class Solver(ABC):
         if spacing == "leading":
             return (torch.arange(steps, dtype=torch.int64) * (train // steps)).flip(0) + self.steps_offset
         return trailing_timesteps(train, steps)
+
+    @cached_property
+    def sigmas(self) -> torch.Tensor:
+        """The sigma of each inference step, then 0 (float32), for the solvers that work in sigmas."""
+        return self.sigmas_at(self.timesteps)
 
     def sigmas_at(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Noise-to-signal ratios `sqrt((1 - alpha_cumprod) / alpha_cumprod)` at `timesteps`, linearly interpolated
