@@ -15,7 +15,7 @@ model package.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Protocol, runtime_checkable
 
 DIFFUSERS = "diffusers"
@@ -36,6 +36,18 @@ class ForeignModuleNames(Protocol):
 
         `convention` is e.g. `DIFFUSERS` or `KOHYA`. Several foreign names may lead to the same layer (aliases);
         a convention the model does not know gives an empty mapping. Must be cheap and must not touch weights.
+        """
+        ...
+
+
+@runtime_checkable
+class ForeignPointwiseConvolutions(Protocol):
+    """A `ForeignModuleNames` model some of whose `fl.Linear` layers the other library runs as 1x1 convolutions."""
+
+    def foreign_pointwise_convolutions(self, convention: str) -> Collection[str]:
+        """The foreign module names (keys of `foreign_module_names(convention)`) of layers that are an `fl.Linear`
+        here but a 1x1 convolution there (SD1's `proj_in` / `proj_out`): weights written for them, e.g. a LoRA's,
+        must take the shape `(out, in, 1, 1)`. Must be cheap and must not touch weights.
         """
         ...
 

@@ -4,6 +4,8 @@ from refiners_lora import LoraManager
 
 loras = LoraManager(model)
 loras.add("pixel-art", "pixel-art.safetensors", scale=0.8)  # kohya, diffusers / PEFT or refiners keys
+loras.create("mine", layer_paths, rank=8)  # a fresh trainable LoRA
+loras.save("mine", "mine.safetensors", format="kohya")  # or "diffusers", "refiners"
 """
 
 from refiners_lora.adapter import Lora, LoraAdapter

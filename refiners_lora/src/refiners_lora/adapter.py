@@ -17,7 +17,12 @@ class Lora(fl.Module):
     For a Linear target, `down` is `in_features -> rank` and `up` is `rank -> out_features`. For a Conv2d
     target (LoCon), `down` has the target's kernel, stride, padding and dilation and `up` is a 1x1
     convolution. `down` starts random and `up` at zero, so a fresh LoRA leaves outputs unchanged.
+
+    `scale` lives in a 0-dim buffer (not in the `state_dict`) that setting `scale` updates in place: a compiled
+    model (`torch.compile`, CUDA graphs) reads the new value without recompiling or re-capturing.
     """
+
+    _scale: torch.Tensor
 
     def __init__(
         self,
@@ -31,7 +36,7 @@ class Lora(fl.Module):
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
         self.rank = rank
-        self.scale = scale
+        self.register_buffer("_scale", torch.tensor(float(scale), device=device), persistent=False)
         self.down: fl.Linear | fl.Conv2d
         self.up: fl.Linear | fl.Conv2d
         if isinstance(target, fl.Linear):
@@ -54,8 +59,28 @@ class Lora(fl.Module):
             self.up = fl.Conv2d(rank, target.out_channels, kernel_size=1, use_bias=False, device=device, dtype=dtype)
         nn.init.zeros_(self.up.weight)
 
+    @property
+    def scale(self) -> float:
+        return float(self._scale.item())
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        with torch.inference_mode():  # allowed whether or not the buffer was made under inference mode
+            self._scale.fill_(value)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x)) * self.scale
+        # Scaling the rank-sized hidden state costs `rank / out_features` of scaling the output.
+        return self.up(self.down(x) * self._scale)
+
+    def added_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`base + self(x)`; for a Linear `up`, the addition is done by the up projection's matmul (`addmm`)."""
+        up = self.up
+        hidden = self.down(x) * self._scale
+        if type(up) is not fl.Linear or up.bias is not None or base.dtype != hidden.dtype or base.dim() < 2:
+            return base + up(hidden)
+        features = base.shape[-1]
+        flat = torch.addmm(base.reshape(-1, features), hidden.reshape(-1, hidden.shape[-1]), up.weight.t())
+        return flat.view(base.shape)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale}"
@@ -98,3 +123,17 @@ class LoraAdapter(fl.Sum, Adapter[LoraTarget]):
     @scale.setter
     def scale(self, value: float) -> None:
         self.lora.scale = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pyright: ignore[reportIncompatibleMethodOverride]
+        layers = tuple(self)
+        target, lora = layers[0], layers[-1]
+        if len(layers) != 2 or not isinstance(lora, Lora):  # the tree was edited: add outputs the usual way
+            return super().forward(x)
+        layer: fl.Module = target
+        try:
+            base = target(x)
+            layer = lora
+            return lora.added_to(base, x)
+        except Exception as error:
+            self._annotate(error, layer, x)
+            raise

@@ -9,22 +9,34 @@
 - refiners: `<layer path>.down.weight`, `<layer path>.up.weight`, optional `<layer path>.alpha`, where the layer path
   is the one `named_modules` gives for our model: it works on any model, with no name mapping.
 
-Without an alpha, alpha is the rank (the LoRA's factor alpha / rank is 1).
+Without an alpha, alpha is the rank (the LoRA's factor alpha / rank is 1). A diffusers / PEFT safetensors file may
+instead give its alphas in the `lora_adapter_metadata` entry of its metadata (the PEFT `LoraConfig` that diffusers'
+`save_lora_weights` writes, its fields prefixed with `unet.`, `text_encoder.`... or not): `lora_alpha`,
+`alpha_pattern` and `use_rslora` are honoured; an `.alpha` key, where present, wins.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal, cast
 
 import torch
+from safetensors import safe_open
 
 from refiners_core.module_names import DIFFUSERS, KOHYA
 from refiners_core.weights import WeightsError
 
 Role = Literal["down", "up", "alpha"]
 Format = Literal["kohya", "diffusers", "refiners"]
+
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+"""The safetensors metadata entry where diffusers writes the PEFT `LoraConfig` of a LoRA (JSON)."""
+PEFT_DEFAULT_ALPHA = 8
+"""PEFT's `LoraConfig.lora_alpha` when a configuration gives none."""
 
 CONVENTIONS: dict[Format, str | None] = {"kohya": KOHYA, "diffusers": DIFFUSERS, "refiners": None}
 """The module-name convention of each format (None: our own layer paths)."""
@@ -71,10 +83,12 @@ class ParsedLora:
         return CONVENTIONS[self.format]
 
 
-def parse_lora(tensors: dict[str, torch.Tensor], source: str) -> ParsedLora:
+def parse_lora(tensors: dict[str, torch.Tensor], source: str, metadata: dict[str, str] | None = None) -> ParsedLora:
     """Detect the format of a LoRA state dict from its keys and group its tensors per module.
 
-    Raises WeightsError naming `source` if no key is a LoRA weight, or keys of two formats are mixed.
+    For a diffusers / PEFT LoRA, the alphas of the `lora_adapter_metadata` entry of `metadata` (the file's, see
+    `read_metadata`) are added to the modules without an `.alpha` key. Raises WeightsError naming `source` if no
+    key is a LoRA weight, keys of two formats are mixed, or the metadata is not a valid PEFT configuration.
     """
     classified: dict[str, tuple[Format | None, str, Role]] = {}
     examples: dict[Format, str] = {}
@@ -108,7 +122,56 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str) -> ParsedLora:
             raise WeightsError(f"{source}: '{key}' and '{entry.keys[role]}' are both the {role} weights of '{module}'")
         entry.keys[role] = key
         entry.tensors[role] = tensors[key]
+    if lora_format == "diffusers" and metadata and PEFT_METADATA_KEY in metadata:
+        _add_peft_alphas(modules, _peft_configs(metadata[PEFT_METADATA_KEY], source), source)
     return ParsedLora(lora_format, modules, unknown)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a `.safetensors` file (empty for any other file, or a file without metadata)."""
+    if path.suffix.lower() != ".safetensors":
+        return {}
+    with safe_open(path, framework="pt") as file:  # pyright: ignore[reportUnknownVariableType]
+        return dict(cast(dict[str, str] | None, file.metadata()) or {})  # pyright: ignore[reportUnknownMemberType]
+
+
+def _peft_configs(raw: str, source: str) -> dict[str, dict[str, Any]]:
+    """Component prefix ("" for none) -> its PEFT configuration, from the JSON that diffusers writes."""
+    try:
+        config: object = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"{source}: its '{PEFT_METADATA_KEY}' metadata is not JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise WeightsError(f"{source}: its '{PEFT_METADATA_KEY}' metadata is not a JSON object")
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in cast(dict[str, Any], config).items():
+        prefix, _, name = key.rpartition(".")
+        configs.setdefault(prefix, {})[name] = value
+    return configs
+
+
+def _add_peft_alphas(modules: dict[str, ModuleLora], configs: dict[str, dict[str, Any]], source: str) -> None:
+    """Give each module without an alpha the one PEFT would use: its `alpha_pattern` entry, else `lora_alpha`."""
+    for module, lora in modules.items():
+        if "alpha" in lora.tensors or "down" not in lora.tensors:
+            continue
+        prefix = max((p for p in configs if not p or module.startswith(f"{p}.")), key=len, default=None)
+        if prefix is None:
+            continue
+        config, name = configs[prefix], module.removeprefix(f"{prefix}.") if prefix else module
+        patterns: dict[str, Any] = config.get("alpha_pattern") or {}
+        try:
+            pattern = next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)
+        except re.error as error:
+            bad = f"{source}: its '{PEFT_METADATA_KEY}' metadata has a bad alpha_pattern: {error}"
+            raise WeightsError(bad) from error
+        alpha = patterns[pattern] if pattern is not None else config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+            raise WeightsError(f"{source}: its '{PEFT_METADATA_KEY}' metadata gives '{module}' the alpha {alpha!r}")
+        if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(rank), which is (alpha * sqrt(rank)) / rank
+            alpha *= math.sqrt(lora.tensors["down"].shape[0])
+        lora.keys["alpha"] = f"{PEFT_METADATA_KEY} metadata ({prefix or 'no'} prefix)"
+        lora.tensors["alpha"] = torch.tensor(float(alpha))
 
 
 def _classify(key: str) -> tuple[Format | None, str, Role] | None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from weakref import WeakKeyDictionary
@@ -14,9 +16,10 @@ from torch import nn
 import refiners_core.fluxion as fl
 from refiners_core.fluxion.adapters import Adapter
 from refiners_core.module_names import ForeignModuleNames
-from refiners_core.weights import WeightsError, load_tensors
+from refiners_core.weights import WeightsError, load_tensors, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
-from refiners_lora.formats import ModuleLora, Role, parse_lora
+from refiners_lora.export import lora_state_dict
+from refiners_lora.formats import Format, ModuleLora, Role, parse_lora, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class _Loaded:
     adapters: list[LoraAdapter]
     factors: list[float]
     scale: float
+    paths: list[str]  # the layer path of each adapter's target, relative to the model
 
 
 @dataclass
@@ -42,14 +46,14 @@ _STATES: WeakKeyDictionary[nn.Module, _State] = WeakKeyDictionary()
 
 
 class LoraManager:
-    """Add, rescale, remove, fuse and unfuse named LoRAs on `model`.
+    """Add (or create), rescale, remove, fuse, unfuse and save named LoRAs on `model`.
 
     Every manager of the same model shares its state, so `LoraManager(model).names` always tells what is loaded.
     A LoRA's effective update of a layer's weight is `scale * alpha / rank * up @ down`.
 
     Files may be kohya, diffusers / PEFT or refiners LoRAs (see `refiners_lora.formats`); the first two need a
     model that names its layers in their convention (`refiners_core.module_names.ForeignModuleNames`), the last
-    works on any model.
+    works on any model. `state_dict` and `save` write a LoRA in any of the three formats.
 
     While the LoRAs are fused (`fuse()`), `add`, `remove` and `set_scale` raise RuntimeError: call `unfuse()` first.
     """
@@ -85,31 +89,110 @@ class LoraManager:
         RuntimeError while fused. On any error the model is left exactly as it was and `name` is not added.
         """
         self._check_not_fused("add")
-        if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"a LoRA name must be a non-empty string, got {name!r}")
-        if name in self._state.loras:
-            raise ValueError(f"a LoRA named {name!r} is already loaded; remove it first or pick another name")
+        self._check_name(name)
+        metadata: dict[str, str] = {}
         if isinstance(path_or_state_dict, dict):
             source, tensors = f"LoRA state dict {name!r}", path_or_state_dict
         else:
             source, tensors = str(path_or_state_dict), load_tensors(Path(path_or_state_dict))
-        plan, skipped = self._plan(tensors, source, strict=strict)
-        adapters = [_build(target, lora, scale) for target, lora in plan]
-        injected: list[LoraAdapter] = []
-        try:
-            for adapter in adapters:
-                injected.append(adapter.inject())
-        except BaseException:
-            for adapter in reversed(injected):
-                adapter.eject()
-            raise
-        factors = [_factor(lora) for _, lora in plan]
-        self._state.loras[name] = _Loaded(adapters, factors, scale)
+            metadata = read_metadata(Path(path_or_state_dict))
+        plan, skipped = self._plan(tensors, source, strict=strict, metadata=metadata)
+        adapters = [_build(target, lora, scale) for _, target, lora in plan]
+        _inject_all(adapters)
+        factors = [_factor(lora) for _, _, lora in plan]
+        self._state.loras[name] = _Loaded(adapters, factors, scale, [path for path, _, _ in plan])
         if skipped:
             logger.warning(
                 "LoRA %r: %d key(s) of %s match no layer and were skipped: %s", name, len(skipped), source, skipped
             )
         return skipped
+
+    def create(
+        self,
+        name: str,
+        layers: Iterable[str],
+        rank: int,
+        alpha: float | None = None,
+        scale: float = 1.0,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, LoraAdapter]:
+        """Inject a new, trainable LoRA on the layers at the paths `layers` (as `named_modules` gives them).
+
+        Each layer must be an `fl.Linear` or an `fl.Conv2d` (LoCon). `down` starts random (kaiming-uniform, like
+        PEFT and kohya) and `up` at zero, so outputs are unchanged. The LoRA is registered under `name` exactly
+        like a loaded one (update `scale * alpha / rank * up @ down`; `alpha=None` means alpha = rank), so
+        `set_scale`, `remove`, `fuse`, `state_dict` and `save` apply to it. `dtype` defaults to each layer's.
+
+        Returns layer path -> adapter: train `adapter.lora.parameters()` (the model's own weights are left as
+        they are, `requires_grad` included: freeze them yourself). Raises ValueError if `name` is empty or
+        taken, `rank < 1`, `layers` is empty, names a layer twice or has a path with no layer (naming it);
+        TypeError naming a path whose layer is not a Linear or ungrouped Conv2d; RuntimeError while fused. On any error
+        the model is left exactly as it was and `name` is not added.
+        """
+        self._check_not_fused("create")
+        self._check_name(name)
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        paths = [layers] if isinstance(layers, str) else list(layers)
+        if not paths:
+            raise ValueError(f"LoRA {name!r}: no layer paths given")
+        model_name = type(self.model).__name__
+        targets: list[LoraTarget] = []
+        seen: dict[int, str] = {}
+        for path in paths:
+            layer = _resolve(self.model, path)
+            if layer is None:
+                raise ValueError(f"LoRA {name!r}: {model_name} has no layer at path {path!r}")
+            if not isinstance(layer, (fl.Linear, fl.Conv2d)):
+                raise TypeError(
+                    f"LoRA {name!r}: layer `{model_name}.{path}` is a {type(layer).__name__}: LoRA patches Linear "
+                    "and Conv2d layers only"
+                )
+            if isinstance(layer, fl.Conv2d) and layer.groups != 1:
+                raise TypeError(f"LoRA {name!r}: layer `{model_name}.{path}` is a grouped convolution: not supported")
+            if id(layer) in seen:
+                raise ValueError(f"LoRA {name!r}: layer paths {seen[id(layer)]!r} and {path!r} are the same layer")
+            seen[id(layer)] = path
+            targets.append(layer)
+        factor = 1.0 if alpha is None else alpha / rank
+        adapters = [LoraAdapter(target, rank=rank, scale=scale * factor, dtype=dtype) for target in targets]
+        for adapter in adapters:
+            down = adapter.lora.down
+            assert isinstance(down, (fl.Linear, fl.Conv2d))
+            nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+        _inject_all(adapters)
+        self._state.loras[name] = _Loaded(adapters, [factor] * len(adapters), scale, paths)
+        return dict(zip(paths, adapters, strict=True))
+
+    def state_dict(self, name: str, format: Format = "refiners") -> dict[str, torch.Tensor]:
+        """The weights of LoRA `name` (loaded or created), as `add` reads them back.
+
+        `format` is "refiners" (our layer paths, on any model), "kohya" (`lora_unet_*` / `lora_te_*` names with
+        `lora_down`, `lora_up` and `alpha`) or "diffusers" (PEFT's `unet.*` / `text_encoder.*` names with `lora_A`
+        and `lora_B`, alpha / rank baked into `lora_B`); the last two are what kohya tools and diffusers'
+        `load_lora_weights` read. Tensors are copies in the LoRA's dtype; the scale set with `add` / `set_scale` is
+        not included. Raises KeyError for an unknown name, ValueError for an unknown format or, for kohya and
+        diffusers, a model that does not name its layers that way or a LoRA'd layer with no such name (naming its
+        path).
+        """
+        loaded = self._get(name)
+        adapters = list(zip(loaded.paths, loaded.adapters, loaded.factors, strict=True))
+        return lora_state_dict(self.model, adapters, format, name)
+
+    def save(self, name: str, path: str | os.PathLike[str], format: Format = "refiners") -> None:
+        """Write LoRA `name` to the `.safetensors` file `path` in `format` (see `state_dict`), atomically.
+
+        The file is written to a temporary file beside it, flushed to disk and renamed: an error never leaves a
+        partial file, and an existing file is replaced only once the new one is complete. Raises what
+        `state_dict` raises (before any file is touched), FileNotFoundError naming the folder if it does not
+        exist, WeightsError if `path` does not end in `.safetensors`.
+        """
+        tensors = self.state_dict(name, format)
+        folder = Path(path).parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"cannot save LoRA {name!r} to {path}: no folder {folder}")
+        save_tensors(path, tensors, metadata={"format": "pt"})
 
     def set_scale(self, name: str, scale: float) -> None:
         """Change the scale of LoRA `name`, without reading its file again.
@@ -143,11 +226,7 @@ class LoraManager:
         if self.is_fused:
             return
         adapters = self._adapters()
-        saved: dict[LoraTarget, torch.Tensor] = {}
-        for adapter in adapters:
-            target = adapter.target
-            if target not in saved:
-                saved[target] = target.weight.detach().clone()
+        saved = _snapshot(list(dict.fromkeys(adapter.target for adapter in adapters)))
         for adapter in adapters:
             adapter.target.weight.add_(_delta(adapter))
         for adapter in reversed(adapters):
@@ -175,15 +254,21 @@ class LoraManager:
             raise KeyError(f"no LoRA named {name!r} (loaded: {loaded})")
         return self._state.loras[name]
 
+    def _check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"a LoRA name must be a non-empty string, got {name!r}")
+        if name in self._state.loras:
+            raise ValueError(f"a LoRA named {name!r} is already loaded; remove it first or pick another name")
+
     def _check_not_fused(self, action: str) -> None:
         if self.is_fused:
             raise RuntimeError(f"cannot {action} a LoRA while the LoRAs are fused: call unfuse() first")
 
     def _plan(
-        self, tensors: dict[str, torch.Tensor], source: str, *, strict: bool
-    ) -> tuple[list[tuple[LoraTarget, ModuleLora]], list[str]]:
+        self, tensors: dict[str, torch.Tensor], source: str, *, strict: bool, metadata: dict[str, str]
+    ) -> tuple[list[tuple[str, LoraTarget, ModuleLora]], list[str]]:
         """Match every module of the file to a layer of the model and check it fits, changing nothing."""
-        parsed = parse_lora(tensors, source)
+        parsed = parse_lora(tensors, source, metadata)
         model_name = type(self.model).__name__
         names: dict[str, str] | None = None
         if parsed.convention is not None:
@@ -195,7 +280,7 @@ class LoraManager:
                 )
             names = dict(self.model.foreign_module_names(parsed.convention))
         unmatched = list(parsed.unknown)
-        plan: list[tuple[LoraTarget, ModuleLora]] = []
+        plan: list[tuple[str, LoraTarget, ModuleLora]] = []
         claimed: dict[int, str] = {}
         for module, lora in parsed.modules.items():
             path = module if names is None else names.get(module)
@@ -214,12 +299,24 @@ class LoraManager:
                 raise WeightsError(f"{source}: '{claimed[id(layer)]}' and '{module}' both patch layer {where}")
             claimed[id(layer)] = module
             _check(layer, lora, where, source)
-            plan.append((layer, lora))
+            plan.append((path, layer, lora))
         if unmatched and (strict or not plan):
             shown = ", ".join(f"'{key}'" for key in unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
             hint = " (pass strict=False to load the others)" if plan else ""
             raise WeightsError(f"{source}: {len(unmatched)} key(s) match no layer of {model_name}{hint}: {shown}")
         return plan, unmatched
+
+
+def _inject_all(adapters: list[LoraAdapter]) -> None:
+    """Inject every adapter, or none: on an error, the ones already in are taken out again."""
+    injected: list[LoraAdapter] = []
+    try:
+        for adapter in adapters:
+            injected.append(adapter.inject())
+    except BaseException:
+        for adapter in reversed(injected):
+            adapter.eject()
+        raise
 
 
 def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> LoraAdapter:
@@ -301,6 +398,27 @@ def _factor(lora: ModuleLora) -> float:
     alpha = lora.tensors.get("alpha")
     rank = lora.tensors["down"].shape[0]
     return 1.0 if alpha is None else float(alpha.item()) / rank
+
+
+def _snapshot(targets: list[LoraTarget]) -> dict[LoraTarget, torch.Tensor]:
+    """A copy of each target's weight, as views of one buffer per device and dtype.
+
+    One large allocation instead of one per layer: hundreds of separate copies held in the C heap change how
+    the allocator serves the big temporary buffers of a forward pass afterwards (oneDNN's weight reorders on
+    the CPU), which made every fused step page-fault gigabytes and run 1.3-1.7x slower than the plain model.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[LoraTarget]] = {}
+    for target in targets:
+        groups.setdefault((target.weight.device, target.weight.dtype), []).append(target)
+    saved: dict[LoraTarget, torch.Tensor] = {}
+    for (device, dtype), members in groups.items():
+        buffer = torch.empty(sum(target.weight.numel() for target in members), device=device, dtype=dtype)
+        offset = 0
+        for target in members:
+            weight = target.weight
+            saved[target] = buffer[offset : offset + weight.numel()].view_as(weight).copy_(weight)
+            offset += weight.numel()
+    return saved
 
 
 def _delta(adapter: LoraAdapter) -> torch.Tensor:

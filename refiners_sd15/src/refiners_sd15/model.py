@@ -170,6 +170,11 @@ class StableDiffusion_1(fl.Module):
             )
         return prefixed(unet, "", "unet.") | prefixed(text_encoder, "", "clip_text_encoder.")
 
+    def foreign_pointwise_convolutions(self, convention: str) -> set[str]:
+        """The foreign names of the UNet's `proj_in` / `proj_out`: 1x1 convolutions in SD1, our Linears (the
+        `ForeignPointwiseConvolutions` protocol)."""
+        return {name for name in self.foreign_module_names(convention) if name.endswith(("proj_in", "proj_out"))}
+
     @classmethod
     def from_pretrained(
         cls,

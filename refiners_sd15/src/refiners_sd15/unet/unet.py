@@ -286,3 +286,8 @@ class SD1UNet(PretrainedComponent, fl.Chain):
             ldm = module_names(ldm_unet_mapping(architecture))
             return kohya_names(diffusers, "lora_unet_") | kohya_names(ldm, "lora_unet_")
         return {}
+
+    def foreign_pointwise_convolutions(self, convention: str) -> set[str]:
+        """The foreign names of the spatial transformers' `proj_in` / `proj_out`: our Linears, 1x1 convolutions in
+        SD1 (the `ForeignPointwiseConvolutions` protocol, so that LoRAs are written in the shape others load)."""
+        return {name for name in self.foreign_module_names(convention) if name.endswith(("proj_in", "proj_out"))}

@@ -1,0 +1,171 @@
+"""LoRAs created on a `StableDiffusion_1` with `LoraManager.create` and written in the kohya and diffusers layouts
+load in diffusers' own `StableDiffusionPipeline.load_lora_weights` with the same UNet and text-encoder outputs; and a
+LoRA written by diffusers / PEFT with alpha != rank (in its `lora_adapter_metadata`) loads with the right scale.
+
+Tolerance: within 1e-4 of max |reference output| in fp32. Small configurations; every kind of layer a LoRA patches
+is covered: attention projections, feed-forward, SD1's 1x1 convolution projections, LoCon 3x3 and 1x1 convolutions,
+the time embedding, and the text encoder's attention and MLP.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # type: ignore[import-untyped]
+from peft import LoraConfig, get_peft_model_state_dict  # type: ignore[import-untyped]
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
+
+from refiners_core.module_names import DIFFUSERS
+from refiners_lora import LoraManager
+from refiners_sd15 import StableDiffusion_1
+
+SMALL_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+SMALL_CLIP: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 1,
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+SMALL_VAE: dict[str, Any] = {
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [32],
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+}
+_BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
+UNET_MODULES = (
+    "down_blocks.0.attentions.0.proj_in",  # a 1x1 convolution in diffusers, a Linear in ours
+    f"{_BLOCK}.attn1.to_q",
+    f"{_BLOCK}.attn2.to_k",
+    f"{_BLOCK}.attn2.to_out.0",
+    f"{_BLOCK}.ff.net.0.proj",
+    "up_blocks.1.attentions.0.proj_out",
+    "down_blocks.0.resnets.0.conv1",  # LoCon 3x3
+    "up_blocks.0.resnets.0.conv_shortcut",  # LoCon 1x1
+    "mid_block.resnets.0.time_emb_proj",
+)
+TEXT_MODULES = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.out_proj", "encoder.layers.0.mlp.fc1")
+
+
+class References:
+    """diffusers' UNet and transformers' text encoder with random weights, saved as a diffusers folder."""
+
+    def __init__(self, folder: Path) -> None:
+        torch.manual_seed(0)
+        self.unet = UNet2DConditionModel(**SMALL_UNET).eval()
+        self.text_encoder = CLIPTextModel(CLIPTextConfig(**SMALL_CLIP)).eval()
+        self.vae = AutoencoderKL(**SMALL_VAE)
+        self.unet.save_pretrained(folder / "unet")
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        self.vae.save_pretrained(folder / "vae")
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        self.folder = folder
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A fresh pipeline on copies of the reference models (`load_lora_weights` patches them)."""
+        components: dict[str, Any] = {
+            "vae": self.vae,
+            "text_encoder": copy.deepcopy(self.text_encoder),
+            "tokenizer": None,  # our tokenizer makes the token ids of both
+            "unet": copy.deepcopy(self.unet),
+            "scheduler": DDIMScheduler(steps_offset=1, clip_sample=False),
+            "safety_checker": None,
+            "feature_extractor": None,
+        }
+        return StableDiffusionPipeline(**components, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> References:
+    return References(tmp_path_factory.mktemp("sd15_export"))
+
+
+INPUTS = torch.Generator().manual_seed(3)
+LATENTS = torch.randn(1, 4, 8, 8, generator=INPUTS)
+TEXT = torch.randn(1, 77, 64, generator=INPUTS)
+TIMESTEP = torch.tensor([500])
+
+
+@torch.no_grad()
+def assert_same_outputs(sd: StableDiffusion_1, pipe: StableDiffusionPipeline) -> None:
+    """Our UNet and text encoder against the pipeline's, within 1e-4 of max |reference|."""
+    sd.unet.set_timestep(TIMESTEP)
+    sd.unet.set_clip_text_embedding(TEXT)
+    tokens = sd.clip_text_encoder.tokenizer("a photograph of an astronaut riding a horse")
+    ours_unet, ours_text = sd.unet(LATENTS), sd.clip_text_encoder(tokens)
+    their_unet = pipe.unet(LATENTS, TIMESTEP, encoder_hidden_states=TEXT).sample
+    their_text = pipe.text_encoder(tokens).last_hidden_state
+    for ours, theirs in ((ours_unet, their_unet), (ours_text, their_text)):
+        error = (ours - theirs).abs().max().item()
+        assert error <= 1e-4 * theirs.abs().max().item(), f"max error {error} for max |reference| {theirs.abs().max()}"
+
+
+def our_paths(sd: StableDiffusion_1) -> list[str]:
+    names = sd.foreign_module_names(DIFFUSERS)
+    unet = [names[f"unet.{module}"] for module in UNET_MODULES]
+    return unet + [names[f"text_encoder.text_model.{module}"] for module in TEXT_MODULES]
+
+
+@pytest.mark.parametrize("lora_format", ["kohya", "diffusers"])
+def test_a_created_lora_saved_for_diffusers_gives_the_same_outputs_there(
+    lora_format: str, references: References, tmp_path: Path
+) -> None:
+    sd = StableDiffusion_1.from_pretrained(references.folder)
+    adapters = LoraManager(sd).create("style", our_paths(sd), rank=4, alpha=2.0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for adapter in adapters.values():
+            for parameter in adapter.lora.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    path = tmp_path / "style.safetensors"
+    LoraManager(sd).save("style", path, format=lora_format)  # type: ignore[arg-type]
+    pipe = references.pipeline()
+    with pytest.raises(AssertionError):  # the LoRA does change the outputs
+        assert_same_outputs(sd, pipe)
+    pipe.load_lora_weights(str(path))  # pyright: ignore[reportUnknownMemberType]
+    assert_same_outputs(sd, pipe)
+
+
+def test_a_peft_lora_saved_by_diffusers_with_alpha_in_its_metadata_loads_with_that_alpha(
+    references: References, tmp_path: Path
+) -> None:
+    pipe = references.pipeline()
+    torch.manual_seed(1)
+    unet_config = LoraConfig(
+        r=4, lora_alpha=2, target_modules=list(UNET_MODULES), alpha_pattern={"proj_in": 12}, init_lora_weights=False
+    )
+    text_config = LoraConfig(r=2, lora_alpha=5, target_modules=list(TEXT_MODULES), init_lora_weights=False)
+    pipe.unet.add_adapter(unet_config)  # pyright: ignore[reportUnknownMemberType]
+    pipe.text_encoder.add_adapter(text_config)  # pyright: ignore[reportUnknownMemberType]
+    layers: dict[str, Any] = {
+        "unet_lora_layers": get_peft_model_state_dict(pipe.unet),
+        "text_encoder_lora_layers": get_peft_model_state_dict(pipe.text_encoder),
+        "unet_lora_adapter_metadata": unet_config.to_dict(),
+        "text_encoder_lora_adapter_metadata": text_config.to_dict(),
+    }
+    StableDiffusionPipeline.save_lora_weights(tmp_path, **layers)  # pyright: ignore[reportUnknownMemberType]
+    (path,) = tmp_path.glob("*.safetensors")
+    with safe_open(path, framework="pt") as file:  # pyright: ignore[reportUnknownVariableType]
+        assert "lora_adapter_metadata" in file.metadata()  # pyright: ignore[reportUnknownMemberType]
+    sd = StableDiffusion_1.from_pretrained(references.folder)
+    LoraManager(sd).add("peft", path)
+    assert_same_outputs(sd, pipe)
