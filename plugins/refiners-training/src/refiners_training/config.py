@@ -1,0 +1,250 @@
+"""`TrainingConfig`: what a LoRA training run needs, read from a TOML file and checked key by key.
+
+Every key lives in a section (`[model]`, `[data]`, `[lora]`, `[training]`, `[evaluation]`, `[export]`); the README
+of this package lists them all with their defaults. A key that is unknown, missing, of the wrong type or out of
+range raises `ConfigError` naming the file and the `section.key` at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+LayerSelection = Literal["attention", "attention+conv"]
+LrScheduler = Literal["constant", "linear", "cosine"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+ExportFormat = Literal["refiners", "kohya", "diffusers"]
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`[model]`: the Stable Diffusion 1.5 weights to train on (a diffusers folder, hub id or single file)."""
+
+    base: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`[data]`: a folder of images with captions, resized and center-cropped to `resolution` pixels square."""
+
+    path: Path
+    resolution: int = 512
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """`[lora]`: the LoRA to train: its name, rank, alpha (default: the rank) and target layers."""
+
+    name: str = "lora"
+    rank: int = 16
+    alpha: float | None = None
+    layers: LayerSelection = "attention"
+    train_text_encoder: bool = False
+
+
+@dataclass(frozen=True)
+class OptimizationConfig:
+    """`[training]`: optimisation, precision, device, seed, checkpoints and where everything is written."""
+
+    output_dir: Path
+    max_steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    mixed_precision: MixedPrecision = "no"
+    device: DeviceChoice = "auto"
+    seed: int = 0
+    checkpoint_every: int = 500
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """`[evaluation]`: prompts rendered to PNG files at every checkpoint and at the end (none by default)."""
+
+    prompts: list[str] = field(default_factory=lambda: [])
+    negative_prompt: str = ""
+    steps: int = 20
+    resolution: int | None = None
+    condition_scale: float = 7.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`[export]`: the LoRA file formats written at the end of training (and into every checkpoint if asked)."""
+
+    formats: list[ExportFormat] = field(default_factory=lambda: ["refiners", "kohya", "diffusers"])
+    at_checkpoints: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """A whole training run. Build it with `TrainingConfig.from_toml(path)` or from its sections in Python."""
+
+    model: ModelConfig
+    data: DataConfig
+    training: OptimizationConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step for one process: `batch_size * gradient_accumulation_steps` (times the number
+        of processes under torch.distributed)."""
+        return self.training.batch_size * self.training.gradient_accumulation_steps
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> TrainingConfig:
+        """Read a TOML file. Relative paths in it (`data.path`, `training.output_dir`, and `model.base` when it names
+        an existing file or folder) are relative to the file's folder.
+
+        Raises FileNotFoundError for a missing file, ConfigError naming the file and key for anything invalid.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training configuration {path} does not exist")
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not a valid TOML file: {error}") from error
+        return cls.from_dict(document, source=str(path), base_dir=path.parent)
+
+    @classmethod
+    def from_dict(
+        cls, document: dict[str, Any], *, source: str = "config", base_dir: Path | None = None
+    ) -> TrainingConfig:
+        """Build from a parsed TOML document (sections as dicts). Raises ConfigError naming `source` and the key."""
+        hints = get_type_hints(cls)
+        known = {item.name for item in dataclasses.fields(cls)}
+        for name in document:
+            if name not in known:
+                raise ConfigError(f"{source}: unknown section [{name}] (expected one of {', '.join(sorted(known))})")
+        sections: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            table = document.get(item.name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{source}: `{item.name}` must be a [{item.name}] section")
+            sections[item.name] = _section(hints[item.name], typing.cast(dict[str, Any], table), item.name, source)
+        if base_dir is not None:
+            sections = _resolve_paths(sections, base_dir)
+        try:
+            return cls(**sections)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+
+
+def _section(kind: type[Any], table: dict[str, Any], name: str, source: str) -> Any:
+    hints = get_type_hints(kind)
+    fields = {item.name: item for item in dataclasses.fields(kind)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key `{name}.{key}` (known keys: {', '.join(fields)})")
+        values[key] = _coerce(value, hints[key], f"{source}: `{name}.{key}`")
+    for key, item in fields.items():
+        required = item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
+        if required and key not in values:
+            raise ConfigError(f"{source}: missing required key `{name}.{key}`")
+    return kind(**values)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` as type `hint` (bool, int, float, str, Path, a Literal, list of those, or X | None)."""
+    origin = get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [option for option in get_args(hint) if option is not type(None)]
+        return _coerce(value, options[0], where)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = get_args(hint)
+        return [_coerce(element, item, f"{where}[{index}]") for index, element in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str or hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
+        return Path(value) if hint is Path else value
+    raise TypeError(f"{where}: unsupported configuration type {hint!r}")
+
+
+def _resolve_paths(sections: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    model, data, training = sections["model"], sections["data"], sections["training"]
+    base = Path(model.base).expanduser()
+    if not base.is_absolute() and (base_dir / base).exists():
+        model = dataclasses.replace(model, base=str(base_dir / base))
+    return sections | {
+        "model": model,
+        "data": dataclasses.replace(data, path=base_dir / data.path.expanduser()),
+        "training": dataclasses.replace(training, output_dir=base_dir / training.output_dir.expanduser()),
+    }
+
+
+def check(config: TrainingConfig) -> None:
+    """Raise ConfigError naming the key of the first value out of range."""
+    training, lora, evaluation = config.training, config.lora, config.evaluation
+    rules: list[tuple[bool, str, str]] = [
+        (config.data.resolution >= 8 and config.data.resolution % 8 == 0, "data.resolution", "a multiple of 8"),
+        (lora.rank >= 1, "lora.rank", "at least 1"),
+        (lora.alpha is None or lora.alpha > 0, "lora.alpha", "positive"),
+        (bool(lora.name) and not any(c.isspace() or c in "/\\" for c in lora.name), "lora.name", "a file name"),
+        (training.max_steps >= 1, "training.max_steps", "at least 1"),
+        (training.batch_size >= 1, "training.batch_size", "at least 1"),
+        (training.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "at least 1"),
+        (training.learning_rate > 0, "training.learning_rate", "positive"),
+        (0 <= training.lr_warmup_steps <= training.max_steps, "training.lr_warmup_steps", "in [0, max_steps]"),
+        (0 <= training.adam_beta1 < 1, "training.adam_beta1", "in [0, 1)"),
+        (0 <= training.adam_beta2 < 1, "training.adam_beta2", "in [0, 1)"),
+        (training.adam_epsilon > 0, "training.adam_epsilon", "positive"),
+        (training.weight_decay >= 0, "training.weight_decay", "at least 0"),
+        (training.max_grad_norm >= 0, "training.max_grad_norm", "at least 0 (0: no clipping)"),
+        (training.checkpoint_every >= 1, "training.checkpoint_every", "at least 1"),
+        (evaluation.steps >= 1, "evaluation.steps", "at least 1"),
+        (
+            evaluation.resolution is None or (evaluation.resolution >= 8 and evaluation.resolution % 8 == 0),
+            "evaluation.resolution",
+            "a multiple of 8",
+        ),
+        (len(set(config.export.formats)) == len(config.export.formats), "export.formats", "without repeats"),
+    ]
+    for valid, key, expected in rules:
+        if not valid:
+            section, _, name = key.partition(".")
+            value = getattr(getattr(config, section), name)
+            raise ConfigError(f"`{key}` must be {expected}, got {value!r}")

@@ -1,0 +1,263 @@
+"""LoRA training end to end on a small SD1.5 with random weights (a diffusers folder written by `save_pretrained`):
+the loss goes down on a learnable toy task, the base model stays frozen and untouched, exports load in refiners and
+in diffusers with equal outputs, a resumed run and a 2-process torchrun run reproduce an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_references import RED, toml_config, write_colour_patches, write_small_sd15
+
+from refiners_core.cli import main
+from refiners_lora import LoraManager
+from refiners_sd15 import DDIM, StableDiffusion_1
+from refiners_training import TrainingConfig, TrainingResult, train_lora
+from refiners_training import trainer as trainer_module
+
+PROMPT = "a red square"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Small models run faster on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("training")
+    return {"model": write_small_sd15(root / "sd15"), "data": write_colour_patches(root / "data"), "root": root}
+
+
+def load_config(folders: dict[str, Path], name: str, **sections: dict[str, object]) -> tuple[Path, TrainingConfig]:
+    path = folders["root"] / f"{name}.toml"
+    text = toml_config(folders["model"], folders["data"], folders["root"] / name, **sections)  # pyright: ignore[reportArgumentType]
+    path.write_text(text, encoding="utf-8")
+    return path, TrainingConfig.from_toml(path)
+
+
+@pytest.fixture(scope="module")
+def toy_run(folders: dict[str, Path]) -> TrainingResult:
+    """40 steps on the red patch, attention and LoCon convolutions, an evaluation prompt at each checkpoint."""
+    _, config = load_config(
+        folders,
+        "toy",
+        lora={"rank": 8, "layers": "attention+conv"},
+        training={"max_steps": 40, "batch_size": 2, "learning_rate": 1e-2, "checkpoint_every": 20, "seed": 1},
+        evaluation={"prompts": [PROMPT], "steps": 2},
+    )
+    return train_lora(config)
+
+
+def generate(sd: StableDiffusion_1) -> torch.Tensor:
+    """Latents of a 10-step DDIM generation of PROMPT, seed 5, no guidance."""
+    sd.solver, sd.show_progress = DDIM(num_inference_steps=10), False
+    with torch.no_grad():
+        embedding = sd.compute_clip_text_embedding(PROMPT)
+        x = sd.init_latents(size=(16, 16), seed=5)
+        for step in sd.steps:
+            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=1.0)
+    return x
+
+
+def test_the_loss_goes_down_and_generations_move_toward_the_colour_patch(toy_run: TrainingResult) -> None:
+    losses = list(toy_run.losses.values())
+    assert len(losses) == 40 and toy_run.step == 40
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    sd, manager = toy_run.model, LoraManager(toy_run.model)
+    target = sd.lda.encode((torch.tensor(RED) / 127.5 - 1).view(1, 3, 1, 1).expand(1, 3, 16, 16))
+    with_lora = generate(sd)
+    manager.set_scale("lora", 0.0)
+    without_lora = generate(sd)
+    manager.set_scale("lora", 1.0)
+    # The random autoencoder keeps little of the colour in pixels: compare the latents the generation ends on.
+    distance_with, distance_without = (with_lora - target).norm().item(), (without_lora - target).norm().item()
+    assert distance_with < 0.6 * distance_without, (distance_with, distance_without)
+
+
+def test_the_base_model_is_frozen_and_untouched(toy_run: TrainingResult, folders: dict[str, Path]) -> None:
+    sd = toy_run.model
+    manager = LoraManager(sd)
+    trained = {name for name, parameter in sd.named_parameters() if parameter.requires_grad}
+    assert trained and all(".down." in name or ".up." in name for name in trained)
+    weights = manager.state_dict("lora")
+    manager.remove("lora")
+    try:
+        assert not any(parameter.requires_grad for parameter in sd.parameters())
+        fresh = StableDiffusion_1.from_pretrained(folders["model"]).state_dict()
+        after = sd.state_dict()
+        assert after.keys() == fresh.keys()
+        assert all(torch.equal(after[key], fresh[key]) for key in fresh)  # bit for bit
+    finally:
+        manager.add("lora", weights)
+
+
+def test_a_run_writes_checkpoints_samples_a_log_and_every_export(
+    toy_run: TrainingResult, folders: dict[str, Path]
+) -> None:
+    output = folders["root"] / "toy"
+    assert (output / "checkpoints" / "latest").read_text().strip() == "step-000040"
+    assert toy_run.checkpoint == output / "checkpoints" / "step-000040"
+    for step in ("step-000020", "step-000040"):
+        assert (output / "checkpoints" / step / "lora_weights.safetensors").is_file()
+        assert (output / "samples" / step / "00.png").is_file()
+    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, 41))
+    assert [entry["loss"] for entry in log] == list(toy_run.losses.values())
+    assert sorted(toy_run.exports) == ["diffusers", "kohya", "refiners"]
+    assert {path.name for path in toy_run.exports.values()} == {
+        "lora.safetensors",
+        "lora.kohya.safetensors",
+        "lora.diffusers.safetensors",
+    }
+
+
+def unet_output(unet: torch.nn.Module, embedding: torch.Tensor, diffusers: bool = False) -> torch.Tensor:
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    timestep = torch.tensor([400])
+    with torch.no_grad():
+        if diffusers:
+            return unet(x, timestep, encoder_hidden_states=embedding).sample
+        unet.set_timestep(timestep)  # pyright: ignore[reportCallIssue]
+        unet.set_clip_text_embedding(embedding)  # pyright: ignore[reportCallIssue]
+        return unet(x)
+
+
+def test_exports_load_in_refiners_and_in_diffusers_with_the_trained_outputs(
+    toy_run: TrainingResult, folders: dict[str, Path]
+) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # type: ignore[import-untyped]
+    from transformers import CLIPTextModel  # type: ignore[import-untyped]
+
+    embedding = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1))
+    trained = unet_output(toy_run.model.unet, embedding)
+    base = StableDiffusion_1.from_pretrained(folders["model"])
+    assert not torch.allclose(unet_output(base.unet, embedding), trained, atol=1e-3)  # the LoRA matters
+    for format, path in toy_run.exports.items():  # noqa: A001
+        LoraManager(base).add(format, path)
+        assert torch.allclose(unet_output(base.unet, embedding), trained, atol=1e-5), format
+        LoraManager(base).remove(format)
+    for format in ("kohya", "diffusers"):  # noqa: A001
+        model = folders["model"]
+        pipeline = StableDiffusionPipeline(
+            vae=AutoencoderKL.from_pretrained(model / "vae"),  # pyright: ignore[reportUnknownMemberType]
+            text_encoder=CLIPTextModel.from_pretrained(model / "text_encoder"),  # pyright: ignore[reportUnknownMemberType]
+            tokenizer=None,  # pyright: ignore[reportArgumentType]
+            unet=UNet2DConditionModel.from_pretrained(model / "unet"),  # pyright: ignore[reportUnknownMemberType]
+            scheduler=DDIMScheduler(),  # pyright: ignore[reportArgumentType]
+            safety_checker=None,  # pyright: ignore[reportArgumentType]
+            feature_extractor=None,  # pyright: ignore[reportArgumentType]
+            requires_safety_checker=False,
+        )
+        pipeline.load_lora_weights(str(toy_run.exports[format]))  # pyright: ignore[reportUnknownMemberType]
+        reference = unet_output(pipeline.unet, embedding, diffusers=True)  # pyright: ignore[reportUnknownMemberType, reportArgumentType]
+        scale = trained.abs().max().item()
+        assert (reference - trained).abs().max().item() <= 1e-4 * scale, format
+
+
+SMALL_RUN = {
+    "lora": {"rank": 2},
+    "training": {
+        "max_steps": 4,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 1e-3,
+        "lr_scheduler": "linear",
+        "lr_warmup_steps": 1,
+        "checkpoint_every": 2,
+        "seed": 3,
+    },
+    "export": {"formats": ["refiners"]},
+}
+
+
+@pytest.fixture(scope="module")
+def straight_run(folders: dict[str, Path]) -> TrainingResult:
+    """4 steps without interruption: the reference of the resumed and the multi-process runs."""
+    _, config = load_config(folders, "straight", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
+    return train_lora(config)
+
+
+def final_weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(output / "checkpoints" / "step-000004" / "lora_weights.safetensors")
+
+
+def logged_losses(output: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_to_the_same_losses_and_weights(
+    straight_run: TrainingResult,
+    folders: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, config = load_config(folders, "resumed", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
+    write = trainer_module._Run._write_checkpoint  # pyright: ignore[reportPrivateUsage]
+
+    def killed_at_step_4(run: trainer_module._Run, folder: Path) -> None:  # pyright: ignore[reportPrivateUsage]
+        if run.step < 4:
+            return write(run, folder)
+        (folder / trainer_module.LORA_WEIGHTS).write_bytes(b"half a file")
+        raise KeyboardInterrupt  # as if killed in the middle of the write
+
+    monkeypatch.setattr(trainer_module._Run, "_write_checkpoint", killed_at_step_4)  # pyright: ignore[reportPrivateUsage]
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(config)
+    monkeypatch.undo()
+    checkpoints = config.training.output_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-000002"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["latest", "step-000002"]
+
+    assert main(["train", "lora", str(path)]) == 2  # refuses to start over a run with checkpoints
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "lora", str(path), "--resume"]) == 0
+    assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
+    expected, resumed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    assert all(torch.equal(resumed[key], expected[key]) for key in expected)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_same_global_batch(
+    straight_run: TrainingResult, folders: dict[str, Path]
+) -> None:
+    per_process = {**SMALL_RUN, "training": {**SMALL_RUN["training"], "batch_size": 1}}
+    path, config = load_config(folders, "ddp", **per_process)  # pyright: ignore[reportArgumentType]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "refiners_training",
+        "lora",
+        str(path),
+    ]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert logged_losses(config.training.output_dir) == pytest.approx(list(straight_run.losses.values()), rel=1e-5)
+    expected, distributed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    assert expected.keys() == distributed.keys()
+    for key in expected:
+        assert torch.allclose(distributed[key], expected[key], atol=1e-5, rtol=1e-5), key
