@@ -236,11 +236,15 @@ def _build_and_load(
     """Build the model and load `tensors` into it, holding the weights in memory only once.
 
     The model is built on the meta device (no time spent on a random initialisation) and takes the file's
-    tensors as its own. A model with buffers that no weights file provides is built normally instead, since
-    those buffers must keep the values its constructor gives them.
+    tensors as its own: safetensors files are memory-mapped, so a weight is read from disk when first used and
+    is never copied unless its dtype or device changes. Buffers that no weights file provides (not in the
+    `state_dict`) are recreated on the device when empty (they only carry a device and dtype); a model with a
+    non-empty one is built normally instead, since those buffers must keep the values its constructor gives them.
     """
     model = model_class(**kwargs, device="meta", dtype=dtype)
-    if set(dict(model.named_buffers())) - set(model.state_dict()):
+    persistent = set(model.state_dict())
+    extra_buffers = {name: buffer for name, buffer in model.named_buffers() if name not in persistent}
+    if any(buffer.numel() for buffer in extra_buffers.values()):
         model = model_class(**kwargs, device=device, dtype=dtype)
         load_state_dict_checked(model, tensors, source=source, mapping=mapping(model), ignore=ignore)
         return model
@@ -248,6 +252,11 @@ def _build_and_load(
     load_state_dict_checked(
         model, tensors, source=source, mapping=mapping(model), ignore=ignore, assign_to_device=target
     )
+    for name, buffer in extra_buffers.items():
+        owner, _, attribute = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(
+            attribute, torch.empty(0, dtype=buffer.dtype, device=target), persistent=False
+        )
     return model
 
 

@@ -47,7 +47,8 @@ class TokenEncoder(fl.Module):
         self.vocabulary_size = vocabulary_size
         self.embedding_dim = embedding_dim
         self.weight = nn.Parameter(torch.empty(vocabulary_size, embedding_dim, device=device, dtype=dtype))
-        nn.init.normal_(self.weight, std=0.02)
+        if self.weight.device.type != "meta":  # on meta, normal_ would import torch._dynamo (seconds)
+            nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids.to(self.weight.device), self.weight)
@@ -66,7 +67,8 @@ class PositionalEncoder(fl.Module):
         self.max_sequence_length = max_sequence_length
         self.embedding_dim = embedding_dim
         self.weight = nn.Parameter(torch.empty(max_sequence_length, embedding_dim, device=device, dtype=dtype))
-        nn.init.normal_(self.weight, std=0.01)
+        if self.weight.device.type != "meta":  # on meta, normal_ would import torch._dynamo (seconds)
+            nn.init.normal_(self.weight, std=0.01)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         length = token_ids.shape[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -262,6 +263,13 @@ class SD1UNet(PretrainedComponent, fl.Chain):
 
     def init_context(self) -> fl.Contexts:
         return {"diffusion": {}, "unet": {}}
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        noise = super().forward(*args)
+        # The skip connections are not kept alive between steps, and every call starts from the same empty
+        # context, which `torch.compile`'s guards check: a second call then needs no recompilation.
+        self.use_context("unet").clear()
+        return noise
 
     def set_timestep(self, timestep: torch.Tensor) -> None:
         """Set the diffusion timestep: a scalar, or one per sample of the batch (shape `()`, `(1,)` or `(B,)`)."""

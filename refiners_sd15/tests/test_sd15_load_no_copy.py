@@ -1,0 +1,72 @@
+"""`from_pretrained` holds each weight in memory once: the model takes the file's tensors, never a copy of them.
+
+safetensors maps a file into memory and its tensors are views of that one mapping, read from disk when first
+used. A component built on the meta device that takes those tensors as its own has every parameter in that
+same storage; a component built normally (random initialisation, then a copy of the file's weights) would
+hold two copies at its peak and one storage per parameter. Buffers no file provides (the UNet's empty dtype
+and device anchor) are recreated on the target device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
+from published_configs import SD15_UNET_CONFIG
+
+from refiners_sd15 import SD1UNet
+from refiners_sd15.unet.blocks import SinusoidalEmbedding
+
+TINY_UNET_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "attention_head_dim": 8,
+    "block_out_channels": [32, 64],
+    "cross_attention_dim": 32,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+
+def save_reference(folder: Path) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    reference = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(TINY_UNET_CONFIG)).eval()  # pyright: ignore[reportUnknownMemberType]
+    reference.save_pretrained(folder / "unet")  # pyright: ignore[reportUnknownMemberType]
+    return reference
+
+
+def file_mapping(path: Path) -> tuple[int, int]:
+    """The address range where this process maps `path` (Linux: read from /proc/self/maps)."""
+    ranges: list[tuple[int, int]] = []
+    for line in Path("/proc/self/maps").read_text(encoding="utf-8").splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and Path(fields[5]) == path:
+            low, high = fields[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    assert ranges, f"{path} is not memory-mapped"
+    return min(low for low, _ in ranges), max(high for _, high in ranges)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the memory map of the process (Linux)")
+def test_sd15_unet_from_pretrained_takes_the_memory_mapped_file_tensors(tmp_path: Path) -> None:
+    reference = save_reference(tmp_path)
+    unet = SD1UNet.from_pretrained(tmp_path).eval()
+    start, end = file_mapping(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    copied = [name for name, parameter in unet.named_parameters() if not start <= parameter.data_ptr() < end]
+    assert not copied, f"{len(copied)} weights were copied out of the file's mapping, e.g. {copied[0]}"
+    anchor = unet.ensure_find(SinusoidalEmbedding).anchor
+    assert (anchor.device.type, anchor.dtype) == ("cpu", torch.float32)
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        unet.set_timestep(torch.tensor([500]))
+        unet.set_clip_text_embedding(text)
+        expected = reference(x, 500, encoder_hidden_states=text).sample
+        assert (unet(x) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_sd15_unet_from_pretrained_converts_to_the_dtype_asked_for(tmp_path: Path) -> None:
+    save_reference(tmp_path)
+    unet = SD1UNet.from_pretrained(tmp_path, dtype=torch.float64)
+    assert {tensor.dtype for tensor in [*unet.parameters(), *unet.buffers()]} == {torch.float64}
