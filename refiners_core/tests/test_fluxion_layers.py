@@ -265,13 +265,25 @@ def test_pad_matches_functional_pad() -> None:
         (fl.Tanh(), torch.tanh),
         (fl.Softmax(), lambda x: torch.softmax(x, dim=-1)),
         (fl.Softmax(dim=0), lambda x: torch.softmax(x, dim=0)),
-        (fl.QuickGeLU(), lambda x: x * torch.sigmoid(1.702 * x)),
     ],
-    ids=["silu", "relu", "gelu", "gelu-tanh", "sigmoid", "tanh", "softmax", "softmax-dim0", "quick-gelu"],
+    ids=["silu", "relu", "gelu", "gelu-tanh", "sigmoid", "tanh", "softmax", "softmax-dim0"],
 )
 def test_activation_matches_torch(layer: fl.Module, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
     x = torch.randn(3, 5) * 3
     assert torch.equal(layer(x), function(x))
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float64, 1e-15)])
+def test_quick_gelu_and_its_gradient_match_x_sigmoid_1702x(dtype: torch.dtype, tolerance: float) -> None:
+    """Computed as `silu(1.702 x) / 1.702`: the same function up to float rounding (relative tolerance)."""
+    x = (torch.randn(3, 5, dtype=dtype) * 3).requires_grad_()
+    expected = x * torch.sigmoid(1.702 * x)
+    actual = fl.QuickGeLU()(x)
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance)
+    grad_output = torch.randn_like(expected)
+    (grad,) = torch.autograd.grad(actual, x, grad_output)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad_output)
+    torch.testing.assert_close(grad, expected_grad, rtol=tolerance, atol=tolerance)
 
 
 def test_gelu_tanh_differs_from_exact_gelu() -> None:

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 from refiners_core.fluxion.chain import Chain
 from refiners_core.fluxion.context import ContextError
-from refiners_core.fluxion.layers.convolution import Conv2d
+from refiners_core.fluxion.layers.convolution import Conv2d, conv2d
 from refiners_core.fluxion.module import Device, Module
 
 
@@ -157,17 +157,25 @@ def upsample_nearest_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.
     fall on only 2x2 input pixels, so it is a 2x2 convolution of `x` with the taps summed per pixel.
     """
     batch, _, height, width = x.shape
-    out = x.new_empty(batch, weight.shape[0], height, 2, width, 2)
+    out_channels, in_channels = weight.shape[:2]
+    # All four phases' 2x2 kernels in one product over the 9 taps (a single pass over the weights).
+    kernels = (weight.reshape(-1, 9) @ _phase_taps(weight)).view(out_channels, in_channels, 2, 2, 2, 2)
+    out = x.new_empty(batch, out_channels, height, 2, width, 2)
     for row in (0, 1):
-        row_kernel = _fold_taps(weight, 2, row)
         for col in (0, 1):
             # Even output rows see input rows (i - 1, i), odd ones (i, i + 1): pad above or below accordingly.
             padded = F.pad(x, (1 - col, col, 1 - row, row))
-            out[:, :, :, row, :, col] = F.conv2d(padded, _fold_taps(row_kernel, 3, col), bias)
-    return out.view(batch, weight.shape[0], 2 * height, 2 * width)
+            out[:, :, :, row, :, col] = conv2d(padded, kernels[:, :, row, col], bias)
+    return out.view(batch, out_channels, 2 * height, 2 * width)
 
 
-def _fold_taps(kernel: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
-    """The 3 taps of `kernel` along `dim` as seen by an even (`phase` 0) or odd output of a 2x nearest upsampling."""
-    first, middle, last = kernel.unbind(dim)
-    return torch.stack((first, middle + last) if phase == 0 else (first + middle, last), dim)
+def _phase_taps(weight: torch.Tensor) -> torch.Tensor:
+    """The (9, 16) 0/1 matrix that sums a flattened 3x3 kernel into the 2x2 kernels of the four output phases.
+
+    Along one axis, an even output (phase 0) of a 2x nearest upsampling sees its 3 taps as (first, middle + last),
+    an odd one (phase 1) as (first + middle, last). Columns are ordered (row phase, column phase, row, column).
+    """
+    fold = torch.tensor(
+        [[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], dtype=weight.dtype, device=weight.device
+    )  # (phase, folded tap, tap)
+    return torch.einsum("pay,qbx->yxpqab", fold, fold).reshape(9, 16)
