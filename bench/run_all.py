@@ -1,4 +1,4 @@
-"""Run the whole CPU benchmark suite and write one Markdown report, `bench/results/summary.md`.
+"""Run the whole CPU benchmark suite and write one Markdown report, `bench/results/suite/summary.md`.
 
     python bench/run_all.py [--only NAME,...] [--quick] [--results DIR]
 
@@ -212,13 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(SUITE)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="smallest settings, to check that every benchmark runs")
-    parser.add_argument("--results", type=Path, help="folder for the reports (default: bench/results)")
+    parser.add_argument("--results", type=Path, help="folder for the reports (default: bench/results/suite)")
     args = parser.parse_args(argv)
     names = [name.strip() for name in (args.only or ",".join(SUITE)).split(",") if name.strip()]
     unknown = sorted(set(names) - SUITE.keys())
     if unknown or not names:
         parser.error(f"--only takes a comma-separated subset of {', '.join(SUITE)}, got {args.only!r}")
-    results: Path = args.results or (Path(tempfile.mkdtemp(prefix="bench_quick_")) if args.quick else BENCH / "results")
+    results: Path = args.results or (
+        Path(tempfile.mkdtemp(prefix="bench_quick_")) if args.quick else BENCH / "results" / "suite"
+    )
     results.mkdir(parents=True, exist_ok=True)
     env = {**environment(), **versions(), "repository commit": _commit()}
     del env["torch threads (intra-op, inter-op)"]  # this process computes nothing: each benchmark sets its own
