@@ -230,6 +230,42 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_to_the_same_losses_and_
     assert all(torch.equal(resumed[key], expected[key]) for key in expected)
 
 
+KILLED_RUN = """
+import os, signal, sys
+from refiners_core.cli import main
+from refiners_training import trainer
+
+write = trainer._Run._write_checkpoint
+
+def killed_at_step_4(run, folder):
+    if run.step < 4:
+        return write(run, folder)
+    (folder / trainer.LORA_WEIGHTS).write_bytes(b"half a file")
+    os.kill(os.getpid(), signal.SIGKILL)  # no Python cleanup, no finally block, no flush
+
+trainer._Run._write_checkpoint = killed_at_step_4
+main(["train", "lora", sys.argv[1]])
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+def test_a_process_killed_with_sigkill_during_a_checkpoint_write_resumes_to_the_same_losses_and_weights(
+    straight_run: TrainingResult, folders: dict[str, Path]
+) -> None:
+    path, config = load_config(folders, "sigkilled", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", KILLED_RUN, str(path)]
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
+    assert completed.returncode == -9, completed.stderr[-4000:]
+    checkpoints = config.training.output_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-000002"
+
+    assert main(["train", "lora", str(path), "--resume"]) == 0
+    assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
+    expected, resumed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    assert all(torch.equal(resumed[key], expected[key]) for key in expected)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
