@@ -1,6 +1,6 @@
 """`LoraAdapter` and `Lora` on Linear and Conv2d targets (float32, CPU; exact unless a tolerance is stated)."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
@@ -76,6 +76,30 @@ def test_lora_on_a_linear_computes_target_plus_scaled_low_rank_update() -> None:
     down, up = weight(adapter.lora.down), weight(adapter.lora.up)
     expected = F.linear(x, target.weight, target.bias) + 0.5 * (x @ down.T @ up.T)
     torch.testing.assert_close(adapter(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("make_model", [linear_model, conv_model], ids=["linear", "conv2d"])
+def test_stacked_loras_sum_in_place_without_autograd_as_they_do_with_it(
+    grad_mode: str, make_model: Callable[[], fl.Chain]
+) -> None:
+    """Without autograd each adapter adds into its target's fresh output; the result is the autograd one."""
+    model = make_model()
+    targets = [layer for layer in model if isinstance(layer, (fl.Linear, fl.Conv2d))]
+    for target in targets:
+        for scale in (0.5, -2.0, 1.5):  # three LoRAs stacked on the same layer
+            adapter = LoraAdapter(target, rank=2, scale=scale)
+            randomize_up(adapter)
+            adapter.inject()
+    x = torch.randn(2, 6) if isinstance(targets[0], fl.Linear) else torch.randn(2, 3, 9, 9)
+    kept = x.clone()
+    expected = model(x)
+    assert expected.requires_grad
+    with torch.inference_mode() if grad_mode == "inference_mode" else torch.no_grad():
+        first, second = model(x), model(x)
+    assert torch.equal(x, kept)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, expected.detach(), atol=1e-6, rtol=1e-6)
 
 
 def test_lora_on_a_linear_without_bias() -> None:

@@ -72,15 +72,20 @@ class Lora(fl.Module):
         # Scaling the rank-sized hidden state costs `rank / out_features` of scaling the output.
         return self.up(self.down(x) * self._scale)
 
-    def added_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`base + self(x)`; for a Linear `up`, the addition is done by the up projection's matmul (`addmm`)."""
+    def added_to(self, base: torch.Tensor, x: torch.Tensor, overwrite_base: bool = False) -> torch.Tensor:
+        """`base + self(x)`; for a Linear `up`, the addition is done by the up projection's matmul (`addmm`).
+
+        With `overwrite_base`, the sum is written into `base`'s memory (no new output tensor, no copy of `base`):
+        only for a `base` that nothing else holds, outside autograd.
+        """
         up = self.up
         hidden = self.down(x) * self._scale
         if type(up) is not fl.Linear or up.bias is not None or base.dtype != hidden.dtype or base.dim() < 2:
-            return base + up(hidden)
-        features = base.shape[-1]
-        flat = torch.addmm(base.reshape(-1, features), hidden.reshape(-1, hidden.shape[-1]), up.weight.t())
-        return flat.view(base.shape)
+            return base.add_(up(hidden)) if overwrite_base else base + up(hidden)
+        flat, hidden = base.reshape(-1, base.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
+        if overwrite_base:
+            return flat.addmm_(hidden, up.weight.t()).view(base.shape)
+        return torch.addmm(flat, hidden, up.weight.t()).view(base.shape)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale}"
@@ -133,7 +138,13 @@ class LoraAdapter(fl.Sum, Adapter[LoraTarget]):
         try:
             base = target(x)
             layer = lora
-            return lora.added_to(base, x)
+            # Without autograd, the target's fresh output can take the sum in place.
+            return lora.added_to(base, x, overwrite_base=_returns_new_tensor(target) and not torch.is_grad_enabled())
         except Exception as error:
             self._annotate(error, layer, x)
             raise
+
+
+def _returns_new_tensor(layer: fl.Module) -> bool:
+    """Whether `layer(x)` is always a tensor of its own (no view of its input, no cached tensor)."""
+    return type(layer) in (fl.Linear, fl.Conv2d) or type(layer) is LoraAdapter
