@@ -195,7 +195,7 @@ per-round ratios). The last column is max |ours - diffusers| / max |diffusers| f
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds (default: 3)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default: 7)")
     parser.add_argument("--latent-size", type=int, default=32, help="latent height and width (default: 32)")
     parser.add_argument("--rank", type=int, default=16, help="rank of each LoRA (default: 16)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
