@@ -10,47 +10,21 @@ the time embedding, and the text encoder's attention and MLP.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # type: ignore[import-untyped]
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # type: ignore[import-untyped]
 from peft import LoraConfig, get_peft_model_state_dict  # type: ignore[import-untyped]
 from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
+from test_lora_sd15 import SMALL_CLIP, SMALL_UNET
+from test_lora_sd15 import References as SavedReferences
 
 from refiners_core.module_names import DIFFUSERS
 from refiners_lora import LoraManager
 from refiners_sd15 import StableDiffusion_1
 
-SMALL_UNET: dict[str, Any] = {
-    "sample_size": 8,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "cross_attention_dim": 64,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SMALL_CLIP: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 37,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 1,
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
-SMALL_VAE: dict[str, Any] = {
-    "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"],
-    "block_out_channels": [32],
-    "layers_per_block": 1,
-    "norm_num_groups": 32,
-}
 _BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
 UNET_MODULES = (
     "down_blocks.0.attentions.0.proj_in",  # a 1x1 convolution in diffusers, a Linear in ours
@@ -66,24 +40,16 @@ UNET_MODULES = (
 TEXT_MODULES = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.out_proj", "encoder.layers.0.mlp.fc1")
 
 
-class References:
-    """diffusers' UNet and transformers' text encoder with random weights, saved as a diffusers folder."""
+class References(SavedReferences):
+    """`test_lora_sd15`'s small diffusers UNet and transformers text encoder, and a pipeline to load LoRAs into."""
 
     def __init__(self, folder: Path) -> None:
-        torch.manual_seed(0)
-        self.unet = UNet2DConditionModel(**SMALL_UNET).eval()
-        self.text_encoder = CLIPTextModel(CLIPTextConfig(**SMALL_CLIP)).eval()
-        self.vae = AutoencoderKL(**SMALL_VAE)
-        self.unet.save_pretrained(folder / "unet")
-        self.text_encoder.save_pretrained(folder / "text_encoder")
-        self.vae.save_pretrained(folder / "vae")
-        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-        self.folder = folder
+        super().__init__(SMALL_UNET, SMALL_CLIP, folder)
 
     def pipeline(self) -> StableDiffusionPipeline:
         """A fresh pipeline on copies of the reference models (`load_lora_weights` patches them)."""
         components: dict[str, Any] = {
-            "vae": self.vae,
+            "vae": AutoencoderKL.from_pretrained(self.folder / "vae"),
             "text_encoder": copy.deepcopy(self.text_encoder),
             "tokenizer": None,  # our tokenizer makes the token ids of both
             "unet": copy.deepcopy(self.unet),
