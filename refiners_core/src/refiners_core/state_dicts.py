@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from refiners_core.weights import WeightsError
+from refiners_core.weights import WeightsError, check_weights
 
 KeyMapping = Mapping[str, str]
 """File key (as written in the file) -> our `state_dict` key."""
@@ -54,7 +54,9 @@ def load_state_dict_checked(
 
     Every key of the file must map to a key of the model and every key of the model must be provided; shapes
     must match (a 1x1 convolution kernel loads into a linear weight of the same size, the only leniency).
-    Tensors are converted to the dtype and device of the parameter they load into. `ignore` lists file keys
+    Tensors are converted to the dtype and device of the parameter they load into, but an integer, bool or complex
+    tensor is never converted to a floating-point parameter or buffer, and a parameter's tensor must hold finite
+    values only (`check_weights`; buffers may hold infinities, as attention masks do). `ignore` lists file keys
     known to carry nothing the model needs (e.g. position ids buffers).
 
     With `assign_to_device`, the model (typically built on the meta device) takes the file's tensors as its
@@ -62,12 +64,13 @@ def load_state_dict_checked(
     it already has: loading then holds the weights in memory once, not twice.
 
     Raises WeightsError naming `source` (the file), the key as written in the file, our layer path and the
-    expected and found shapes; in that case the model is left untouched.
+    expected and found shapes, or the dtype or non-finite value found; in that case the model is left untouched.
     """
     ignored = set(ignore)
     own = model.state_dict(keep_vars=True)
     reverse = invert(mapping) if mapping is not None else None
     prepared: dict[str, torch.Tensor] = {}
+    file_keys: dict[str, str] = {}
     unexpected: list[str] = []
     for file_key, tensor in tensors.items():
         if file_key in ignored:
@@ -86,6 +89,7 @@ def load_state_dict_checked(
                 )
             tensor = tensor.reshape(target.shape)
         prepared[key] = tensor
+        file_keys[key] = file_key
     if unexpected:
         shown = ", ".join(f"'{key}'" for key in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
         raise WeightsError(f"{source}: {len(unexpected)} key(s) match no layer of {type(model).__name__}: {shown}")
@@ -98,6 +102,13 @@ def load_state_dict_checked(
         )
         more = " ..." if len(missing) > 5 else ""
         raise WeightsError(f"{source}: no weights for {len(missing)} key(s) of {type(model).__name__}: {shown}{more}")
+    floating = [key for key in prepared if own[key].is_floating_point()]
+    parameters = [file_keys[key] for key in floating if isinstance(own[key], nn.Parameter)]
+    check_weights(tensors, source=source, keys=parameters)
+    buffers = {file_keys[key]: prepared[key] for key in floating if not isinstance(own[key], nn.Parameter)}
+    for file_key, tensor in buffers.items():
+        if not tensor.is_floating_point():
+            check_weights({file_key: tensor}, source=source)  # raises, naming the dtype
     if assign_to_device is not None:
         converted = {key: tensor.to(device=assign_to_device, dtype=own[key].dtype) for key, tensor in prepared.items()}
         model.load_state_dict(converted, strict=True, assign=True)

@@ -1,34 +1,64 @@
-"""Read and write weight files, and find them locally or on the Hugging Face Hub.
+"""Read and write weight files, check the weights they hold, and find them locally or on the Hugging Face Hub.
 
-Weights are read with `safetensors`, or for `.pth/.pt/.ckpt/.bin` files with `torch.load(weights_only=True)`,
-which refuses pickles that would run code. Writes are atomic: a failed save leaves any existing file as it was.
+Weights are read with our safetensors reader, or for torch files with `torch.load(weights_only=True)`, which refuses
+pickles that would run code; a file's kind is told from its first bytes, not its name. Loaded tensors live in the
+process's own memory: no file stays memory-mapped, so changing, truncating or deleting a file after loading neither
+changes the loaded weights nor crashes the process, and each weight is held once. Writes are atomic: a failed save
+leaves any existing file as it was.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, cast
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, cast
 
 import torch
-from safetensors.torch import load_file, save_file  # pyright: ignore[reportUnknownVariableType]
+from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariableType]
+
+from refiners_core.weight_formats import (
+    MAX_INFLATION,
+    MAX_PICKLE_BYTES,
+    WeightsError,
+    inspect_torch_archive,
+    read_safetensors,
+    read_safetensors_header,
+    sniff,
+)
+
+__all__ = [
+    "MAX_INFLATION",
+    "MAX_PICKLE_BYTES",
+    "SAFETENSORS_SUFFIX",
+    "TORCH_SUFFIXES",
+    "WeightsError",
+    "check_weights",
+    "load_tensors",
+    "resolve_path",
+    "save_tensors",
+    "shard_files",
+]
 
 SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
-class WeightsError(ValueError):
-    """A file could not be read or written as weights; the message names the file."""
-
-
 def load_tensors(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read the tensors of a `.safetensors`, `.pth`, `.pt`, `.ckpt` or `.bin` file onto `device`.
 
-    A torch checkpoint that wraps its tensors in a `"state_dict"` entry is unwrapped. Raises FileNotFoundError
-    if the file does not exist, WeightsError if it is not a weights file of a known kind (truncated, text, a
-    pickle of anything but tensors...).
+    The content decides how the file is read (a safetensors file named `.pth` is read as safetensors). A torch
+    checkpoint that wraps its tensors in a `"state_dict"` entry is unwrapped. The tensors are copies in this
+    process's memory, read tensor by tensor into one buffer (the weights are held once): the file is closed and
+    unmapped on return, and whatever happens to it afterwards does not reach them.
+
+    Raises FileNotFoundError if the file does not exist, WeightsError naming the file if it is not a weights file of
+    a known kind (truncated, text, a git-lfs pointer, a pickle of anything but tensors...) or is a torch archive
+    whose entries inflate to more than the tensors they declare (`MAX_PICKLE_BYTES`, `MAX_INFLATION`). The dtypes
+    and values are not checked here: see `check_weights`.
     """
     path = Path(path)
     if not path.exists():
@@ -36,19 +66,163 @@ def load_tensors(path: str | os.PathLike[str], *, device: str | torch.device = "
     if not path.is_file():
         raise WeightsError(f"{path} is not a file")
     suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        try:
-            return load_file(path, device=str(device))
-        except Exception as error:
-            raise WeightsError(f"cannot read {path} as safetensors: {error}") from error
-    if suffix in TORCH_SUFFIXES:
-        try:
-            checkpoint: object = torch.load(path, map_location=device, weights_only=True)
-        except Exception as error:
-            raise WeightsError(f"cannot read {path} as a torch checkpoint of tensors: {error}") from error
-        return _tensors_of(checkpoint, path)
-    known = ", ".join((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES))
-    raise WeightsError(f"cannot read {path}: unknown weights file extension {path.suffix!r} (expected {known})")
+    if suffix != SAFETENSORS_SUFFIX and suffix not in TORCH_SUFFIXES:
+        known = ", ".join((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES))
+        raise WeightsError(f"cannot read {path}: unknown weights file extension {path.suffix!r} (expected {known})")
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            kind = sniff(file, size)
+            if kind == "safetensors" or (kind == "unknown" and suffix == SAFETENSORS_SUFFIX):
+                tensors, _ = read_safetensors(file, size, path)
+                return tensors if torch.device(device).type == "cpu" else _moved(tensors, device)
+            if kind == "torch-zip":
+                inspect_torch_archive(file, path)
+                file.seek(0)
+                return _tensors_of(_torch_load(file, path, device), path)
+            if kind == "torch-legacy":
+                return _tensors_of(_torch_load(file, path, device), path)
+    except OSError as error:
+        raise WeightsError(f"cannot read {path}: {error}") from error
+    if kind == "git-lfs":
+        raise WeightsError(
+            f"cannot read {path}: it is a git-lfs pointer ({size} bytes), not the weights: fetch the file itself "
+            "(`git lfs pull`, or download it from the hub)"
+        )
+    what = "the file is empty" if kind == "empty" else "it is neither safetensors nor a torch checkpoint"
+    raise WeightsError(f"cannot read {path}: {what}")
+
+
+def check_weights(tensors: Mapping[str, torch.Tensor], *, source: str, keys: Collection[str] | None = None) -> None:
+    """Raise WeightsError unless each tensor of `tensors` (those of `keys` only, if given) is a floating-point tensor
+    with only finite values: an integer, bool or complex tensor is refused, never cast, and so is a NaN or an
+    infinity. The message names `source` (the file), the key and the dtype or the bad value.
+
+    Every loader calls it on the tensors it uses as float weights; it reads each tensor once (`torch.isfinite`).
+    """
+    for key in tensors if keys is None else keys:
+        tensor = tensors[key]
+        if not isinstance(tensor, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise WeightsError(f"{source}: '{key}' is a {type(tensor).__name__}, not a tensor")
+        if not tensor.is_floating_point():
+            raise WeightsError(
+                f"{source}: '{key}' holds {str(tensor.dtype).removeprefix('torch.')} values, expected floating-point "
+                "weights (they are refused, not converted)"
+            )
+        bad = _first_non_finite(tensor)
+        if bad is not None:
+            raise WeightsError(f"{source}: '{key}' holds {bad} values; weights must be finite numbers")
+
+
+def _first_non_finite(tensor: torch.Tensor) -> str | None:
+    """"NaN" or "infinite" if `tensor` holds such a value, else None.
+
+    First the sum, one fast pass: a NaN or an infinity makes it NaN or infinite, so a finite sum proves every value
+    finite. Only a sum that is not finite (a bad value, or finite values whose sum overflows) costs the exact check,
+    `torch.isfinite`, about ten times slower.
+    """
+    if tensor.element_size() == 1:  # float8: no isfinite, no sum
+        tensor = tensor.float()
+    accumulator = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if bool(tensor.sum(dtype=accumulator).isfinite()) or bool(torch.isfinite(tensor).all()):
+        return None
+    return "NaN" if bool(torch.isnan(tensor).any()) else "infinite"
+
+
+def shard_files(index: str | os.PathLike[str], *, find: Callable[[str], Path | None] | None = None) -> list[Path]:
+    """The shards of a sharded checkpoint, checked against its index (`*.safetensors.index.json` or `*.bin.index.json`).
+
+    The index's `weight_map` maps each key to the shard holding it; `find(name)` gives the local path of the shard
+    `name` (by default the file beside the index), or None if it is missing. Every shard's keys are read (its header
+    or its pickle, not its tensors) and must be exactly those the index assigns to it.
+
+    Raises WeightsError naming the index and the shards (and keys) at fault: an index that is not a JSON object with
+    a `weight_map` of strings, a shard path that is absolute or leaves the index's folder (`../x.safetensors`), a key
+    present in a shard the index does not assign it to, a key present in two shards, an index entry for a key its
+    shard lacks. Raises FileNotFoundError naming the index and shard when a shard is missing.
+    """
+    index = Path(index)
+    weight_map = _weight_map(index)
+    shards: dict[str, Path] = {}
+    for name in sorted(set(weight_map.values())):
+        parts = PurePosixPath(name).parts
+        if (
+            not parts
+            or PurePosixPath(name).is_absolute()
+            or ".." in parts
+            or "\\" in name
+            or re.match(r"^[A-Za-z]:", name)
+        ):
+            raise WeightsError(f"{index}: the shard path {name!r} leaves the index's folder: refused")
+        shard = find(name) if find is not None else index.parent / name
+        if shard is None or not shard.is_file():
+            raise FileNotFoundError(f"{index} lists the shard {name}, which is missing")
+        shards[name] = shard
+    seen: dict[str, str] = {}
+    for name, shard in shards.items():
+        for key in _shard_keys(shard):
+            if key in seen:
+                raise WeightsError(f"{index}: '{key}' is in two shards, {seen[key]} and {name}")
+            seen[key] = name
+            assigned = weight_map.get(key)
+            if assigned != name:
+                where = f"assigns it to {assigned}" if assigned is not None else "does not list it"
+                raise WeightsError(f"{index}: '{key}' is in the shard {name}, but the index {where}")
+    for key, name in weight_map.items():
+        if key not in seen:
+            raise WeightsError(f"{index}: the index puts '{key}' in the shard {name}, which does not hold it")
+    return list(shards.values())
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        content: object = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise WeightsError(f"cannot read {index} as JSON: {error}") from error
+    weight_map = cast(dict[str, Any], content).get("weight_map") if isinstance(content, dict) else None
+    if not weight_map or not isinstance(weight_map, dict):
+        raise WeightsError(f"{index}: has no 'weight_map' object")
+    entries = cast(dict[Any, Any], weight_map)
+    for key, name in entries.items():
+        if not isinstance(key, str) or not isinstance(name, str) or not name:
+            raise WeightsError(f"{index}: its weight_map entry {key!r}: {name!r} does not name a shard file")
+    return cast(dict[str, str], entries)
+
+
+def _shard_keys(shard: Path) -> list[str]:
+    """The keys of a shard, from its safetensors header or its torch pickle (no tensor is read)."""
+    try:
+        with open(shard, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            kind = sniff(file, size)
+            if kind == "safetensors":
+                return [entry.name for entry in read_safetensors_header(file, size, shard)[0]]
+            if kind == "torch-zip":
+                return inspect_torch_archive(file, shard)[0]
+    except OSError as error:
+        raise WeightsError(f"cannot read {shard}: {error}") from error
+    return list(load_tensors(shard))
+
+
+def _moved(tensors: dict[str, torch.Tensor], device: str | torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
+
+
+def _torch_load(file: BinaryIO, path: Path, device: str | torch.device) -> object:
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"cannot read {path} as a torch checkpoint of tensors: {_torch_reason(error)}") from error
+
+
+def _torch_reason(error: Exception) -> str:
+    """torch's reason for refusing a file, without its advice to load it with `weights_only=False` (runs code)."""
+    message = str(error)
+    if "WeightsUnpickler error:" in message:
+        reason = message.split("WeightsUnpickler error:", 1)[1].strip().split(". ", 1)[0].split("\n", 1)[0]
+        return f"it holds pickled objects other than tensors ({reason}); only tensors are read from torch files"
+    lines = [line.strip() for line in message.splitlines() if line.strip() and "weights_only" not in line]
+    return " ".join(lines)[:500] or type(error).__name__
 
 
 def save_tensors(

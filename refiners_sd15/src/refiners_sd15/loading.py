@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from refiners_core.state_dicts import KeyMapping, load_state_dict_checked
-from refiners_core.weights import WeightsError, load_tensors, resolve_path, save_tensors
+from refiners_core.weights import WeightsError, load_tensors, resolve_path, save_tensors, shard_files
 
 TModel = TypeVar("TModel", bound=nn.Module)
 PathOrRepoId = str | os.PathLike[str]
@@ -275,16 +275,7 @@ def _find(path_or_repo_id: PathOrRepoId, filename: str, *, subfolder: str, revis
 
 
 def _shards(path_or_repo_id: PathOrRepoId, index: Path, *, subfolder: str, revision: str | None) -> list[Path]:
-    weight_map: dict[str, str] = _read_json(index).get("weight_map", {})
-    if not weight_map:
-        raise WeightsError(f"{index} has no 'weight_map'")
-    shards: list[Path] = []
-    for name in sorted(set(weight_map.values())):
-        shard = _find(path_or_repo_id, name, subfolder=subfolder, revision=revision)
-        if shard is None:
-            raise FileNotFoundError(f"{index} lists the shard {name}, which is missing")
-        shards.append(shard)
-    return shards
+    return shard_files(index, find=lambda name: _find(path_or_repo_id, name, subfolder=subfolder, revision=revision))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,0 +1,311 @@
+"""The bytes of weight files: what kind a file is, a safetensors reader that copies, a torch archive inspector.
+
+`load_tensors` (in `refiners_core.weights`) uses these; they raise `WeightsError` naming the file for anything
+malformed, and never run code from a file:
+
+- `sniff` tells a file's kind from its first bytes, whatever its name: a safetensors file named `.pth` is read as
+  safetensors, a git-lfs pointer is reported as one.
+- `read_safetensors` checks the header as strictly as the safetensors library does, then reads the data tensor by
+  tensor into one buffer of the process's own memory: nothing stays memory-mapped, so a file changed, truncated or
+  deleted after loading cannot change the tensors or crash the process, and the weights are in memory once.
+- `inspect_torch_archive` reads the pickle of a torch zip archive without building anything from it, to learn the
+  storages it declares, and refuses entries that would inflate to more than those declare (archive bombs).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import math
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, cast
+
+import torch
+
+Kind = Literal["safetensors", "torch-zip", "torch-legacy", "git-lfs", "empty", "unknown"]
+
+MAX_SAFETENSORS_HEADER = 100_000_000
+"""The largest safetensors header read, in bytes (the safetensors library's own limit)."""
+MAX_PICKLE_BYTES = 256 * 2**20
+"""The most that a torch archive's pickle, or any entry other than a declared storage, may inflate to."""
+MAX_INFLATION = 32
+"""How many times its compressed size a compressed archive entry of more than 1 MiB may inflate to (torch itself
+never compresses; float weights deflate by about 10%)."""
+_ALIGNMENT = 64
+
+
+class WeightsError(ValueError):
+    """A file could not be read or written as weights, or its weights are not what a model needs; the message
+    names the file (and the key, where one is at fault). Public as `refiners_core.weights.WeightsError`."""
+
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "U16": torch.uint16,
+    "I16": torch.int16,
+    "U32": torch.uint32,
+    "I32": torch.int32,
+    "U64": torch.uint64,
+    "I64": torch.int64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+}
+
+
+def sniff(file: BinaryIO, size: int) -> Kind:
+    """The kind of an open weights file, from its first bytes (the file is left at its start)."""
+    file.seek(0)
+    head = file.read(64)
+    file.seek(0)
+    if not head:
+        return "empty"
+    if head.startswith(b"version https://git-lfs"):
+        return "git-lfs"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "torch-zip"
+    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_safetensors_header(file: BinaryIO, size: int, path: Path) -> tuple[list[_Entry], dict[str, str], int]:
+    """The tensors (sorted by offset), the metadata and the data offset of a safetensors file, all checked."""
+    file.seek(0)
+    prefix = file.read(8)
+    if len(prefix) < 8:
+        raise WeightsError(f"cannot read {path} as safetensors: {size} bytes, shorter than a header")
+    length = int.from_bytes(prefix, "little")
+    if length > MAX_SAFETENSORS_HEADER or 8 + length > size:
+        raise WeightsError(
+            f"cannot read {path} as safetensors: its header claims {length} bytes, but the file has {size} "
+            f"(the limit is {MAX_SAFETENSORS_HEADER}): truncated or not safetensors"
+        )
+    try:
+        header: object = json.loads(file.read(length).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise WeightsError(f"cannot read {path} as safetensors: its header is not JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise WeightsError(f"cannot read {path} as safetensors: its header is not a JSON object")
+    fields = cast(dict[str, Any], header)
+    raw_metadata: object = fields.pop("__metadata__", None) or {}
+    if not isinstance(raw_metadata, dict) or not all(
+        isinstance(value, str) for value in cast(dict[str, Any], raw_metadata).values()
+    ):
+        raise WeightsError(f"cannot read {path} as safetensors: '__metadata__' must map strings to strings")
+    entries = sorted((_entry(name, info, path) for name, info in fields.items()), key=lambda e: (e.begin, e.end))
+    position = 0
+    for entry in entries:
+        if entry.begin != position:
+            raise WeightsError(
+                f"cannot read {path} as safetensors: tensor '{entry.name}' starts at byte {entry.begin} of the data, "
+                f"expected {position} (tensors overlap or leave a gap)"
+            )
+        position = entry.end
+    if 8 + length + position != size:
+        raise WeightsError(
+            f"cannot read {path} as safetensors: its header describes {position} bytes of data, the file holds "
+            f"{size - 8 - length}: truncated or damaged"
+        )
+    return entries, cast(dict[str, str], raw_metadata), 8 + length
+
+
+def _entry(name: str, info: object, path: Path) -> _Entry:
+    where = f"cannot read {path} as safetensors: tensor '{name}'"
+    if not isinstance(info, dict):
+        raise WeightsError(f"{where} is described by {info!r}, not an object")
+    described = cast(dict[str, Any], info)
+    dtype = SAFETENSORS_DTYPES.get(described.get("dtype"))  # pyright: ignore[reportArgumentType]
+    if dtype is None:
+        raise WeightsError(f"{where} has the unknown dtype {described.get('dtype')!r}")
+    shape, offsets = described.get("shape"), described.get("data_offsets")
+    if not isinstance(shape, list) or not all(_natural(d) for d in cast(list[Any], shape)):
+        raise WeightsError(f"{where} has the shape {shape!r}, not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(cast(list[Any], offsets)) != 2
+        or not all(_natural(o) for o in cast(list[Any], offsets))
+    ):
+        raise WeightsError(f"{where} has the data offsets {offsets!r}, not two non-negative integers")
+    dims, (begin, end) = tuple(cast(list[int], shape)), cast(list[int], offsets)
+    expected = math.prod(dims) * dtype.itemsize
+    if end - begin != expected:
+        raise WeightsError(
+            f"{where} has shape {dims} of {described['dtype']} ({expected} bytes) but data offsets {[begin, end]}"
+        )
+    return _Entry(name, dtype, dims, begin, end)
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file, copied into this process's memory (see the module doc).
+
+    All tensors are views of one buffer, each aligned to 64 bytes, filled tensor by tensor from the file: the
+    weights are held once, and no mapping of the file remains.
+    """
+    entries, metadata, data_start = read_safetensors_header(file, size, path)
+    slots: list[int] = []
+    total = 0
+    for entry in entries:
+        slots.append(total)
+        total += -(-(entry.end - entry.begin) // _ALIGNMENT) * _ALIGNMENT
+    buffer = torch.empty(total, dtype=torch.uint8)
+    view = memoryview(cast(Any, buffer.numpy())) if total else memoryview(bytearray())
+    reader = cast(io.BufferedReader, file)
+    file.seek(data_start)
+    tensors: dict[str, torch.Tensor] = {}
+    for entry, slot in zip(entries, slots, strict=True):
+        length = entry.end - entry.begin
+        filled = 0
+        while filled < length:
+            read = reader.readinto(view[slot + filled : slot + length])
+            if not read:
+                raise WeightsError(f"cannot read {path} as safetensors: the file ended inside tensor '{entry.name}'")
+            filled += read
+        tensors[entry.name] = buffer[slot : slot + length].view(entry.dtype).view(entry.shape)
+    return {entry.name: tensors[entry.name] for entry in sorted(entries, key=lambda e: e.name)}, metadata
+
+
+_STORAGE_ITEMSIZES = {
+    "UntypedStorage": 1,  # bytes: what torch writes for dtypes without a storage class of their own (float8...)
+    **{name: 8 for name in ("DoubleStorage", "LongStorage", "ComplexFloatStorage")},
+    **{name: 4 for name in ("FloatStorage", "IntStorage", "QInt32Storage")},
+    **{name: 2 for name in ("HalfStorage", "BFloat16Storage", "ShortStorage")},
+    **{name: 1 for name in ("CharStorage", "ByteStorage", "BoolStorage", "QInt8Storage", "QUInt8Storage")},
+    **{name: 1 for name in ("QUInt4x2Storage", "QUInt2x4Storage")},
+    "ComplexDoubleStorage": 16,
+}
+"""The storage classes a torch pickle names, with the size of their elements in bytes."""
+
+
+class _Stand(collections.OrderedDict[Any, Any]):
+    """Whatever a pickle asks for: calling, building or filling it does nothing (no code from the file runs)."""
+
+    module: str = ""
+    qualname: str = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Stand:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _Inspector(pickle.Unpickler):
+    """Unpickles a torch archive's `data.pkl` with stand-ins for every global, recording the declared storages."""
+
+    def __init__(self, data: bytes, path: Path) -> None:
+        super().__init__(io.BytesIO(data))
+        self.path = path
+        self.storages: dict[str, int] = {}  # storage key -> declared size in bytes
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        return type(name, (_Stand,), {"module": module, "qualname": name})
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(cast(tuple[Any, ...], pid)) == 5 and pid[0] == "storage"):
+            raise WeightsError(f"{self.path}: its pickle refers to {pid!r}, not to a storage of the archive")
+        _, storage_type, key, _, numel = cast(tuple[Any, ...], pid)
+        itemsize = _STORAGE_ITEMSIZES.get(getattr(storage_type, "qualname", ""))
+        if itemsize is None or not isinstance(key, str) or not _natural(numel):
+            raise WeightsError(f"{self.path}: its pickle declares a storage {pid!r} of no known type and size")
+        self.storages[key] = max(self.storages.get(key, 0), numel * itemsize)
+        return _Stand()
+
+
+def inspect_torch_archive(file: BinaryIO, path: Path) -> tuple[list[str], dict[str, int]]:
+    """The top-level keys (inside a "state_dict" entry if there is one) and the declared storages of a torch zip.
+
+    Raises WeightsError naming the file and entry when an entry would inflate to more than the pickle declares
+    for it, a compressed entry inflates more than `MAX_INFLATION` times, or the pickle is over `MAX_PICKLE_BYTES`.
+    """
+    try:
+        archive = zipfile.ZipFile(file)
+        infos = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as error:
+        raise WeightsError(f"cannot read {path} as a torch checkpoint: not a valid zip archive ({error})") from error
+    pickles = [info for info in infos if info.filename == "data.pkl" or info.filename.endswith("/data.pkl")]
+    if not pickles:
+        raise WeightsError(f"cannot read {path} as a torch checkpoint: the zip archive holds no data.pkl")
+    record = pickles[0]
+    prefix = record.filename.removesuffix("data.pkl")
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > max(2**20, MAX_INFLATION * info.compress_size):
+            raise WeightsError(
+                f"{path}: archive entry '{info.filename}' inflates to {info.file_size} bytes from "
+                f"{info.compress_size} (more than {MAX_INFLATION} times): refused as an archive bomb"
+            )
+    if record.file_size > MAX_PICKLE_BYTES:
+        raise WeightsError(
+            f"{path}: archive entry '{record.filename}' inflates to {record.file_size} bytes, more than a "
+            f"checkpoint's pickle may ({MAX_PICKLE_BYTES})"
+        )
+    try:
+        with archive.open(record) as handle:
+            inspector = _Inspector(handle.read(MAX_PICKLE_BYTES + 1), path)
+        content: object = inspector.load()
+    except WeightsError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise WeightsError(f"cannot read {path} as a torch checkpoint: {error}") from error
+    except Exception as error:  # any malformed pickle: the stand-ins run nothing, so only parsing fails
+        raise WeightsError(f"cannot read {path} as a torch checkpoint: its pickle is malformed ({error})") from error
+    for info in infos:
+        name = info.filename.removeprefix(prefix)
+        declared = inspector.storages.get(name.removeprefix("data/")) if name.startswith("data/") else None
+        if declared is not None and info.file_size != declared:
+            raise WeightsError(
+                f"{path}: archive entry '{info.filename}' inflates to {info.file_size} bytes, but the pickle declares "
+                f"a storage of {declared} bytes for it: refused"
+            )
+        if declared is None and info is not record and info.file_size > MAX_PICKLE_BYTES:
+            raise WeightsError(
+                f"{path}: archive entry '{info.filename}' inflates to {info.file_size} bytes and is no declared "
+                "storage: refused"
+            )
+    return _keys(content), inspector.storages
+
+
+def _keys(content: object) -> list[str]:
+    if isinstance(content, dict):
+        entries = cast(dict[Any, Any], content)
+        nested = entries.get("state_dict")
+        if isinstance(nested, dict) and not isinstance(nested, _Stand):
+            entries = cast(dict[Any, Any], nested)
+        return [key for key in entries if isinstance(key, str)]
+    return []
