@@ -12,7 +12,8 @@
 Without an alpha, alpha is the rank (the LoRA's factor alpha / rank is 1). A diffusers / PEFT safetensors file may
 instead give its alphas in the `lora_adapter_metadata` entry of its metadata (the PEFT `LoraConfig` that diffusers'
 `save_lora_weights` writes, its fields prefixed with `unet.`, `text_encoder.`... or not): `lora_alpha`,
-`alpha_pattern` and `use_rslora` are honoured; an `.alpha` key, where present, wins.
+`alpha_pattern` and `use_rslora` are honoured; an `.alpha` key, where present, wins. The keys of `alpha_pattern` and
+`rank_pattern` are regular expressions from the file: they are matched in bounded time (`refiners_lora.patterns`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from safetensors import safe_open
 
 from refiners_core.module_names import DIFFUSERS, KOHYA
 from refiners_core.weights import WeightsError
+from refiners_lora.patterns import Pattern, PatternError, compile_patterns
 
 Role = Literal["down", "up", "alpha"]
 Format = Literal["kohya", "diffusers", "refiners"]
@@ -139,7 +141,7 @@ def _peft_configs(raw: str, source: str) -> dict[str, dict[str, Any]]:
     """Component prefix ("" for none) -> its PEFT configuration, from the JSON that diffusers writes."""
     try:
         config: object = json.loads(raw)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, RecursionError) as error:
         raise WeightsError(f"{source}: its '{PEFT_METADATA_KEY}' metadata is not JSON: {error}") from error
     if not isinstance(config, dict):
         raise WeightsError(f"{source}: its '{PEFT_METADATA_KEY}' metadata is not a JSON object")
@@ -151,7 +153,26 @@ def _peft_configs(raw: str, source: str) -> dict[str, dict[str, Any]]:
 
 
 def _add_peft_alphas(modules: dict[str, ModuleLora], configs: dict[str, dict[str, Any]], source: str) -> None:
-    """Give each module without an alpha the one PEFT would use: its `alpha_pattern` entry, else `lora_alpha`."""
+    """Give each module without an alpha the one PEFT would use: its `alpha_pattern` entry, else `lora_alpha`.
+
+    Every pattern key of every configuration is compiled first (`refiners_lora.patterns`): a key that could take
+    unbounded time is refused before any matching starts.
+    """
+    compiled: dict[str, list[tuple[Pattern, Any]]] = {}
+    for prefix, config in configs.items():
+        for field_name in ("alpha_pattern", "rank_pattern"):
+            patterns: object = config.get(field_name) or {}
+            where = (
+                f"{source}: its '{PEFT_METADATA_KEY}' metadata has a bad {f'{prefix}.' if prefix else ''}{field_name}"
+            )
+            if not isinstance(patterns, dict):
+                raise WeightsError(f"{where}: a {type(patterns).__name__}, not an object")
+            try:
+                patterns_compiled = compile_patterns(cast(dict[str, Any], patterns))
+            except PatternError as error:
+                raise WeightsError(f"{where}: {error}") from error
+            if field_name == "alpha_pattern":
+                compiled[prefix] = patterns_compiled
     for module, lora in modules.items():
         if "alpha" in lora.tensors or "down" not in lora.tensors:
             continue
@@ -159,19 +180,24 @@ def _add_peft_alphas(modules: dict[str, ModuleLora], configs: dict[str, dict[str
         if prefix is None:
             continue
         config, name = configs[prefix], module.removeprefix(f"{prefix}.") if prefix else module
-        patterns: dict[str, Any] = config.get("alpha_pattern") or {}
-        try:
-            pattern = next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)
-        except re.error as error:
-            bad = f"{source}: its '{PEFT_METADATA_KEY}' metadata has a bad alpha_pattern: {error}"
-            raise WeightsError(bad) from error
-        alpha = patterns[pattern] if pattern is not None else config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-            raise WeightsError(f"{source}: its '{PEFT_METADATA_KEY}' metadata gives '{module}' the alpha {alpha!r}")
+        matched = next((value for pattern, value in compiled[prefix] if pattern.matches(name)), None)
+        alpha = matched if matched is not None else config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not _finite(alpha):
+            raise WeightsError(
+                f"{source}: its '{PEFT_METADATA_KEY}' metadata gives '{module}' the alpha {alpha!r}, "
+                "not a finite number"
+            )
         if config.get("use_rslora"):  # PEFT scales by alpha / sqrt(rank), which is (alpha * sqrt(rank)) / rank
             alpha *= math.sqrt(lora.tensors["down"].shape[0])
         lora.keys["alpha"] = f"{PEFT_METADATA_KEY} metadata ({prefix or 'no'} prefix)"
         lora.tensors["alpha"] = torch.tensor(float(alpha))
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _classify(key: str) -> tuple[Format | None, str, Role] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,9 +15,9 @@ import torch
 from torch import nn
 
 import refiners_core.fluxion as fl
-from refiners_core.fluxion.adapters import Adapter
+from refiners_core.fluxion.adapters import Adapter, AdapterError
 from refiners_core.module_names import ForeignModuleNames
-from refiners_core.weights import WeightsError, load_tensors, save_tensors
+from refiners_core.weights import WeightsError, check_weights, load_tensors, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
 from refiners_lora.export import lora_state_dict
 from refiners_lora.formats import Format, ModuleLora, Role, parse_lora, read_metadata
@@ -83,23 +84,35 @@ class LoraManager:
         raises; with `strict=False` such keys are skipped, logged and returned. Returns the skipped keys (empty
         when every key was used).
 
-        Raises ValueError if `name` is empty or taken, FileNotFoundError for a missing file, WeightsError naming
-        the file for an unreadable or non-LoRA file, a key that matches no layer (strict), a layer that is not a
-        Linear or Conv2d, or a shape that does not fit (naming the key, layer path, expected and found shapes),
-        RuntimeError while fused. On any error the model is left exactly as it was and `name` is not added.
+        Raises ValueError if `name` is empty or taken or `scale` is NaN or infinite, TypeError if `scale` is not a
+        number, FileNotFoundError for a missing file, WeightsError naming the file for an unreadable or non-LoRA
+        file, a value that is not a tensor, a key that matches no layer (strict), a layer that is not a Linear or
+        Conv2d, a shape that does not fit (naming the key, layer path, expected and found shapes), a rank of 0,
+        weights that are not floating point or not finite, or an alpha that is not a finite number; RuntimeError
+        while fused. On any error the model is left exactly as it was and `name` is not added.
         """
         self._check_not_fused("add")
         self._check_name(name)
+        _check_number(scale, "scale", f"LoRA {name!r}")
         metadata: dict[str, str] = {}
         if isinstance(path_or_state_dict, dict):
             source, tensors = f"LoRA state dict {name!r}", path_or_state_dict
+            for key, value in tensors.items():
+                if not isinstance(key, str) or not isinstance(value, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
+                    raise WeightsError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
         else:
             source, tensors = str(path_or_state_dict), load_tensors(Path(path_or_state_dict))
             metadata = read_metadata(Path(path_or_state_dict))
         plan, skipped = self._plan(tensors, source, strict=strict, metadata=metadata)
+        factors = [_factor(lora) for _, _, lora in plan]
+        for (_, _, lora), factor in zip(plan, factors, strict=True):
+            if not _fits_float32(scale * factor):
+                raise WeightsError(
+                    f"{source}: '{lora.keys['alpha']}' with scale {scale} gives the factor {scale * factor}, beyond "
+                    "float32"
+                )
         adapters = [_build(target, lora, scale) for _, target, lora in plan]
         _inject_all(adapters)
-        factors = [_factor(lora) for _, _, lora in plan]
         self._state.loras[name] = _Loaded(adapters, factors, scale, [path for path, _, _ in plan])
         if skipped:
             logger.warning(
@@ -126,14 +139,20 @@ class LoraManager:
 
         Returns layer path -> adapter: train `adapter.lora.parameters()` (the model's own weights are left as
         they are, `requires_grad` included: freeze them yourself). Raises ValueError if `name` is empty or
-        taken, `rank < 1`, `layers` is empty, names a layer twice or has a path with no layer (naming it);
-        TypeError naming a path whose layer is not a Linear or ungrouped Conv2d; RuntimeError while fused. On any error
-        the model is left exactly as it was and `name` is not added.
+        taken, `rank < 1`, `alpha` or `scale` is NaN or infinite, `layers` is empty, names a layer twice or has a
+        path with no layer (naming it); TypeError for a `rank`, `alpha` or `scale` that is not a number, or naming
+        a path whose layer is not a Linear or ungrouped Conv2d; RuntimeError while fused. On any error the model is
+        left exactly as it was and `name` is not added.
         """
         self._check_not_fused("create")
         self._check_name(name)
+        if isinstance(rank, bool) or not isinstance(rank, int):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"LoRA {name!r}: rank must be an integer, got {rank!r}")
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        _check_number(scale, "scale", f"LoRA {name!r}")
+        if alpha is not None:
+            _check_number(alpha, "alpha", f"LoRA {name!r}")
         paths = [layers] if isinstance(layers, str) else list(layers)
         if not paths:
             raise ValueError(f"LoRA {name!r}: no layer paths given")
@@ -197,10 +216,14 @@ class LoraManager:
     def set_scale(self, name: str, scale: float) -> None:
         """Change the scale of LoRA `name`, without reading its file again.
 
-        Raises KeyError for an unknown name, RuntimeError while fused.
+        Raises KeyError for an unknown name, TypeError if `scale` is not a number, ValueError if it is NaN or
+        infinite, RuntimeError while fused.
         """
         self._check_not_fused("set_scale")
         loaded = self._get(name)
+        _check_number(scale, "scale", f"LoRA {name!r}")
+        if not all(_fits_float32(scale * factor) for factor in loaded.factors):
+            raise ValueError(f"LoRA {name!r}: scale {scale!r} times its alpha / rank is beyond float32")
         for adapter, factor in zip(loaded.adapters, loaded.factors, strict=True):
             adapter.scale = scale * factor
         loaded.scale = scale
@@ -208,12 +231,13 @@ class LoraManager:
     def remove(self, name: str) -> None:
         """Take LoRA `name` out: the layers it patched are back, with their weights untouched.
 
-        Raises KeyError for an unknown name, RuntimeError while fused.
+        Adapters of the LoRA that were already ejected by hand (`adapter.eject()`) are left as they are. Raises
+        KeyError for an unknown name, RuntimeError while fused, or if an adapter cannot be ejected because the model
+        was edited around it (naming its layer): then nothing is ejected and the LoRA stays registered.
         """
         self._check_not_fused("remove")
         loaded = self._get(name)
-        for adapter in reversed(loaded.adapters):
-            adapter.eject()
+        _eject_all([adapter for adapter in loaded.adapters if adapter.is_injected], f"remove LoRA {name!r}")
         del self._state.loras[name]
 
     @torch.no_grad()
@@ -226,6 +250,13 @@ class LoraManager:
         if self.is_fused:
             return
         adapters = self._adapters()
+        ejected = next((adapter for adapter in adapters if not adapter.is_injected), None)
+        if ejected is not None:
+            loaded = next(name for name, lora in self._state.loras.items() if ejected in lora.adapters)
+            raise RuntimeError(
+                f"cannot fuse: the adapter of LoRA {loaded!r} on `{ejected.target.get_path()}` was ejected by hand; "
+                f"inject it again or remove({loaded!r}) first"
+            )
         saved = _snapshot(list(dict.fromkeys(adapter.target for adapter in adapters)))
         for adapter in adapters:
             adapter.target.weight.add_(_delta(adapter))
@@ -319,6 +350,33 @@ def _inject_all(adapters: list[LoraAdapter]) -> None:
         raise
 
 
+def _eject_all(adapters: list[LoraAdapter], action: str) -> None:
+    """Eject every adapter (last first), or none: on an error, the ones already out are injected again."""
+    ejected: list[tuple[LoraAdapter, fl.Chain | None]] = []
+    try:
+        for adapter in reversed(adapters):
+            parent = adapter.parent
+            adapter.eject()
+            ejected.append((adapter, parent))
+    except AdapterError as error:
+        for adapter, parent in reversed(ejected):
+            adapter.inject(parent)
+        raise RuntimeError(f"cannot {action}: {error}; nothing was ejected") from error
+
+
+def _check_number(value: object, argument: str, owner: str) -> None:
+    """Raise TypeError unless `value` is a real number (not a bool), ValueError if it is NaN, infinite or beyond
+    float32 (the LoRA's scale is a float32 buffer)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {argument} must be a number, got {value!r}")
+    if not _fits_float32(float(value)):
+        raise ValueError(f"{owner}: {argument} must be a finite number, got {value!r}")
+
+
+def _fits_float32(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max
+
+
 def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> LoraAdapter:
     """An adapter on `target` holding the file's down and up weights (reshaped, converted to the target's dtype)."""
     down, up = lora.tensors["down"], lora.tensors["up"]
@@ -357,6 +415,9 @@ def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None
     if down.ndim < 2:
         raise WeightsError(f"{source}: '{lora.keys['down']}' has shape {tuple(down.shape)}, not a LoRA down weight")
     rank = down.shape[0]
+    if rank == 0:
+        raise WeightsError(f"{source}: '{lora.keys['down']}' has shape {tuple(down.shape)}: a rank-0 LoRA")
+    check_weights({lora.keys["down"]: down, lora.keys["up"]: up}, source=source)
     if isinstance(layer, fl.Linear):
         expected_down: tuple[int, ...] = (rank, layer.in_features)
         expected_up: tuple[int, ...] = (layer.out_features, rank)
@@ -377,9 +438,14 @@ def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None
                 f"{source}: '{lora.keys[role]}' has shape {tuple(tensor.shape)} but layer {where} ({kind}) expects "
                 f"{expected} for a rank-{rank} LoRA"
             )
-    if "alpha" in lora.tensors and lora.tensors["alpha"].numel() != 1:
-        shape = tuple(lora.tensors["alpha"].shape)
-        raise WeightsError(f"{source}: '{lora.keys['alpha']}' has shape {shape}, expected a single number")
+    if "alpha" in lora.tensors:
+        alpha, key = lora.tensors["alpha"], lora.keys["alpha"]
+        if alpha.numel() != 1:
+            raise WeightsError(f"{source}: '{key}' has shape {tuple(alpha.shape)}, expected a single number")
+        if alpha.dtype == torch.bool or alpha.is_complex():
+            raise WeightsError(f"{source}: '{key}' holds a {str(alpha.dtype).removeprefix('torch.')}, not a number")
+        if not math.isfinite(float(alpha.item())):
+            raise WeightsError(f"{source}: '{key}' is {alpha.item()}, not a finite alpha")
 
 
 def _fits(found: torch.Size, expected: tuple[int, ...]) -> bool:
