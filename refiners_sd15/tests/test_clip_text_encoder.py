@@ -296,9 +296,10 @@ def test_constructor_defaults_are_sd15_and_config_conversion() -> None:
         ({"architectures": ["CLIPTextModelWithProjection"]}, "'architectures'"),
         ({"hidden_act": "gelu_new"}, "'hidden_act'"),
         ({"hidden_size": 770}, "'num_attention_heads'"),
-        ({"num_hidden_layers": 0}, "'num_hidden_layers'"),
-        ({"vocab_size": "49408"}, "'vocab_size'"),
-        ({"layer_norm_eps": -1.0}, "'layer_norm_eps'"),
+        ({"num_hidden_layers": 0}, "^num_hidden_layers must be a positive integer, got 0$"),
+        ({"vocab_size": "49408"}, "^vocab_size must be a positive integer, got '49408'$"),
+        ({"layer_norm_eps": -1.0}, "^layer_norm_eps must be a positive finite number, got -1.0$"),
+        ({"hidden_act": ["gelu"]}, "'hidden_act'"),
     ],
 )
 def test_unsupported_config_raises_value_error_naming_the_field(change: dict[str, Any], field: str) -> None:

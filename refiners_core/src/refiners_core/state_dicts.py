@@ -18,6 +18,22 @@ KeyMapping = Mapping[str, str]
 """File key (as written in the file) -> our `state_dict` key."""
 
 
+def shape_of(tensors: Mapping[str, torch.Tensor], key: str, ndim: int, gives: str) -> tuple[int, ...]:
+    """The shape of `tensors[key]`, from which a config reads `gives` (e.g. "in_channels"), checked: the key is
+    there, holds a tensor of `ndim` dimensions, none of them empty. Raises ValueError naming the key otherwise."""
+    tensor = tensors.get(key)
+    if tensor is None:
+        raise ValueError(f"no '{key}', from which {gives} is read")
+    if not isinstance(tensor, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise ValueError(f"'{key}' is a {type(tensor).__name__}, not a tensor ({gives} is read from its shape)")
+    shape = tuple(tensor.shape)
+    if len(shape) != ndim or not all(shape):
+        raise ValueError(
+            f"'{key}' has shape {shape}, expected {ndim} non-empty dimensions ({gives} is read from its shape)"
+        )
+    return shape
+
+
 def compose(first: KeyMapping, second: KeyMapping) -> dict[str, str]:
     """Chain two mappings: `first` takes keys of format A to format B, `second` takes B to ours.
 

@@ -34,6 +34,7 @@ __all__ = [
     "MAX_INFLATION",
     "MAX_PICKLE_BYTES",
     "SAFETENSORS_SUFFIX",
+    "NotInHubCacheError",
     "TORCH_SUFFIXES",
     "WeightsError",
     "check_weights",
@@ -45,6 +46,13 @@ __all__ = [
 
 SAFETENSORS_SUFFIX = ".safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+class NotInHubCacheError(FileNotFoundError):
+    """A path that is no local file or folder, read as a Hugging Face Hub repository id, whose file is not in the
+    hub cache while the hub cannot be asked for it (`HF_HUB_OFFLINE=1`, or no network). The message says where the
+    cache is and how to fill it. Raised by `resolve_path`; a loader that tries several names passes it on when
+    none is found, instead of reporting the names as absent from the repository."""
 
 
 def load_tensors(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -115,7 +123,7 @@ def check_weights(tensors: Mapping[str, torch.Tensor], *, source: str, keys: Col
 
 
 def _first_non_finite(tensor: torch.Tensor) -> str | None:
-    """"NaN" or "infinite" if `tensor` holds such a value, else None.
+    """ "NaN" or "infinite" if `tensor` holds such a value, else None.
 
     First the sum, one fast pass: a NaN or an infinity makes it NaN or infinite, so a finite sum proves every value
     finite. Only a sum that is not finite (a bad value, or finite values whose sum overflows) costs the exact check,
@@ -268,7 +276,8 @@ def resolve_path(
     A local file or folder is used as it is (joined with `subfolder` and `filename` when given). Anything else
     is taken as a hub repository id: with `filename`, that file is fetched with `hf_hub_download`, otherwise
     the repository (or only its `subfolder`) with `snapshot_download`. Both use the hub's cache and honour
-    `HF_HUB_OFFLINE`. Raises FileNotFoundError, naming the path or repository id, when nothing is found, and
+    `HF_HUB_OFFLINE`. Raises FileNotFoundError, naming the path or repository id, when nothing is found
+    (NotInHubCacheError, saying how to get it, for a hub file not in the cache while the hub cannot be asked), and
     ValueError for an empty string.
     """
     if not os.fspath(path_or_repo_id):
@@ -295,19 +304,15 @@ def _download(repo_id: str, filename: str | None, *, revision: str | None, subfo
     )
 
     what = f"{subfolder}/{filename}" if subfolder and filename else filename or subfolder
+    at = f" at revision {revision!r}" if revision else ""
+    target = f"{what!r} of " if what else ""
     try:
         if filename is not None:
             return Path(hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision))
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=f"{subfolder}/*" if subfolder else None)
-    except (
-        EntryNotFoundError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    ) as error:
-        at = f" at revision {revision!r}" if revision else ""
-        target = f"{what!r} in " if what else ""
+    except LocalEntryNotFoundError as error:
+        raise NotInHubCacheError(_cache_miss(repo_id, f"{target}{repo_id!r}{at}")) from error
+    except (EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError) as error:
         message = " ".join(str(error).split())
         raise FileNotFoundError(
             f"cannot find {target}{repo_id!r}{at}: there is no such local file or folder, and the Hugging Face "
@@ -317,6 +322,18 @@ def _download(repo_id: str, filename: str | None, *, revision: str | None, subfo
     if not resolved.is_dir():
         raise FileNotFoundError(f"no folder {subfolder!r} in hub repository {repo_id!r} ({folder})")
     return resolved
+
+
+def _cache_miss(repo_id: str, what: str) -> str:
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE=1 forbids downloading it" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+    cached = Path(constants.HF_HUB_CACHE, f"models--{repo_id.replace('/', '--')}")
+    return (
+        f"{repo_id!r} is no local file or folder, so it was taken as a Hugging Face Hub repository id; {what} is not "
+        f"in the hub cache ({cached}/snapshots/<commit>/) and {why}: download it once with network access and "
+        f"HF_HUB_OFFLINE unset (`hf download {repo_id}`, or any from_pretrained call), or pass a local folder"
+    )
 
 
 def _tensors_of(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
+from refiners_core.state_dicts import shape_of
 from refiners_core.weights import WeightsError
 from refiners_sam.image_encoder import ImageEncoderConfig
 
@@ -23,22 +24,35 @@ def detect_config(tensors: Mapping[str, torch.Tensor], *, source: str) -> ImageE
 
     Width and patch size come from the patch embedding, the grid from the absolute positions, the depth from the
     block indices, the head size from the relative positions, and the global blocks are those whose relative
-    positions span the whole grid. Raises WeightsError naming `source` if a key it needs is missing.
+    positions span the whole grid. Raises WeightsError naming `source` and the key a size is read from when it is
+    missing or of the wrong shape.
     """
+    try:
+        return _detect_config(tensors)
+    except ValueError as error:
+        raise WeightsError(
+            f"{source}: {error}; is it an official Segment Anything checkpoint (the image_encoder.*, "
+            "prompt_encoder.*, mask_decoder.* keys of sam_vit_b_01ec64.pth)?"
+        ) from error
 
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in tensors:
-            raise WeightsError(
-                f"{source}: no '{key}', so this is not an official Segment Anything checkpoint "
-                "(expected the image_encoder.*, prompt_encoder.*, mask_decoder.* keys of sam_vit_b_01ec64.pth)"
-            )
-        return tuple(tensors[key].shape)
 
-    embedding_dim, _, patch_size, _ = shape("image_encoder.patch_embed.proj.weight")
-    grid_size = shape("image_encoder.pos_embed")[1]
-    num_layers = 1 + max(int(match.group(1)) for key in tensors if (match := BLOCK_KEY.match(key)))
-    spans = [shape(f"image_encoder.blocks.{index}.attn.rel_pos_h") for index in range(num_layers)]
+def _detect_config(tensors: Mapping[str, torch.Tensor]) -> ImageEncoderConfig:
+    embedding_dim, _, patch_size, _ = shape_of(tensors, "image_encoder.patch_embed.proj.weight", 4, "the width")
+    grid_size = shape_of(tensors, "image_encoder.pos_embed", 4, "the grid size")[1]
+    blocks = [int(match.group(1)) for key in tensors if (match := BLOCK_KEY.match(key))]
+    if not blocks:
+        raise ValueError("no 'image_encoder.blocks.N.*' keys, from which the depth is read")
+    num_layers = 1 + max(blocks)
+    spans = [
+        shape_of(tensors, f"image_encoder.blocks.{index}.attn.rel_pos_h", 2, f"the head size of block {index}")
+        for index in range(num_layers)
+    ]
     head_dim = spans[0][1]
+    if embedding_dim % head_dim or any(span[1] != head_dim for span in spans):
+        raise ValueError(
+            f"'image_encoder.blocks.N.attn.rel_pos_h' give head sizes {sorted({span[1] for span in spans})}, "
+            f"expected one that divides the width {embedding_dim} (from 'image_encoder.patch_embed.proj.weight')"
+        )
     global_indices = tuple(index for index, span in enumerate(spans) if span[0] == 2 * grid_size - 1)
     windowed = [span[0] for span in spans if span[0] != 2 * grid_size - 1]
     return ImageEncoderConfig(
@@ -49,7 +63,7 @@ def detect_config(tensors: Mapping[str, torch.Tensor], *, source: str) -> ImageE
         window_size=(windowed[0] + 1) // 2 if windowed else 14,
         image_size=grid_size * patch_size,
         patch_size=patch_size,
-        output_dim=shape("image_encoder.neck.0.weight")[0],
+        output_dim=shape_of(tensors, "image_encoder.neck.0.weight", 4, "output_dim")[0],
     )
 
 

@@ -11,15 +11,22 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar, cast
 
 import torch
 from torch import nn
 
 from refiners_core.state_dicts import KeyMapping, load_state_dict_checked
-from refiners_core.weights import WeightsError, load_tensors, resolve_path, save_tensors, shard_files
+from refiners_core.weights import (
+    NotInHubCacheError,
+    WeightsError,
+    load_tensors,
+    resolve_path,
+    save_tensors,
+    shard_files,
+)
 
 TModel = TypeVar("TModel", bound=nn.Module)
 TConfig = TypeVar("TConfig")
@@ -66,16 +73,27 @@ class ComponentFormat(Generic[TConfig]):
         return config_from_dict(self.config_class, values)
 
 
-def config_from_dict(config_class: type[TConfig], values: Mapping[str, Any]) -> TConfig:
-    """`config_class(**values)`, with JSON lists turned back into the tuples the frozen dataclass holds.
+def config_from_dict(config_class: type[TConfig], values: object) -> TConfig:
+    """`config_class(**values)` for a JSON object of its fields (each checked by the config itself).
 
-    Raises ValueError naming a field that `config_class` does not have.
+    Raises ValueError naming the field: one that `config_class` does not have, one it needs that is missing, or
+    a bad value; and for `values` that are not a JSON object.
     """
-    known = {field.name for field in fields(config_class)}  # pyright: ignore[reportArgumentType]
-    unknown = sorted(set(values) - known)
+    if not isinstance(values, dict):
+        raise ValueError(f"expected a JSON object of {config_class.__name__} fields, got {values!r}")
+    given = cast(dict[str, Any], values)
+    known = {field.name: field for field in fields(config_class)}  # pyright: ignore[reportArgumentType]
+    unknown = sorted(set(given) - set(known))
     if unknown:
         raise ValueError(f"{config_class.__name__} has no field {', '.join(map(repr, unknown))}")
-    return config_class(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+    missing = [
+        name
+        for name, field in known.items()
+        if name not in given and field.default is MISSING and field.default_factory is MISSING
+    ]
+    if missing:
+        raise ValueError(f"the {config_class.__name__} field {', '.join(map(repr, missing))} is missing")
+    return config_class(**given)
 
 
 class PretrainedComponent:
@@ -101,8 +119,9 @@ class PretrainedComponent:
         """Load from a diffusers folder or hub id (its component subfolder), or from a file written by `save`.
 
         `subfolder` defaults to the diffusers one (`unet`, `vae`, `text_encoder`); pass `""` for a folder that
-        holds the component directly. Raises FileNotFoundError naming what is missing and WeightsError naming
-        the file, key and layer at fault; nothing is half-loaded.
+        holds the component directly. Raises FileNotFoundError naming what is missing (the folder, its
+        `config.json`, its weights; `NotInHubCacheError` for a hub id missing from the cache while offline) and
+        WeightsError naming the file and the config field, key or layer at fault; nothing is half-loaded.
         """
         return load_component(
             cls,  # pyright: ignore[reportArgumentType]
@@ -137,8 +156,17 @@ def load_component(
     if local.is_file():
         return load_own_format(model_class, component, local, device=device, dtype=dtype)
     folder_subpath = component.subfolder if subfolder is None else subfolder
+    where = _where(path_or_repo_id, folder_subpath)
+    if local.is_dir() and not (local / folder_subpath).is_dir():
+        raise FileNotFoundError(
+            f"no {where} folder: a diffusers folder holds one folder per component (unet/, vae/, text_encoder/)"
+        )
     config_path = _find(path_or_repo_id, "config.json", subfolder=folder_subpath, revision=revision)
-    config = _config_from_diffusers(component, config_path) if config_path is not None else None
+    if config_path is None:
+        raise FileNotFoundError(
+            f"no config.json in {where}: the {component.name}'s architecture is read from it, not guessed"
+        )
+    config = _config_from_diffusers(component, config_path)
     files = find_weight_files(path_or_repo_id, component, subfolder=folder_subpath, variant=variant, revision=revision)
     tensors = _read_all(files)
     return _build_and_load(
@@ -167,7 +195,10 @@ def load_single_file_component(
     own = {key: value for key, value in tensors.items() if key.startswith(prefix)}
     if not own:
         raise WeightsError(f"{source}: no '{prefix}*' keys, so no {component.name} in this checkpoint")
-    config = component.single_file_config({key.removeprefix(prefix): value for key, value in own.items()})
+    try:
+        config = component.single_file_config({key.removeprefix(prefix): value for key, value in own.items()})
+    except ValueError as error:
+        raise WeightsError(f"{source}: the {component.name} under '{prefix}': {error}") from error
     return _build_and_load(
         model_class,
         config,
@@ -190,23 +221,30 @@ def find_weight_files(
 ) -> list[Path]:
     """The weight files of a component: safetensors first, then `.bin`; a sharded index expands to its shards.
 
-    Raises FileNotFoundError naming the folder and every file name tried.
+    Raises FileNotFoundError naming the folder and every file name tried (`NotInHubCacheError` when the hub
+    could not be asked for them).
     """
     tried: list[str] = []
+    cache_miss: NotInHubCacheError | None = None
     for extension in (".safetensors", ".bin"):
         for stem in component.weight_stems:
             name = f"{stem}.{variant}{extension}" if variant else f"{stem}{extension}"
             for candidate in (name, f"{name}.index.json"):
                 tried.append(candidate)
-                path = _find(path_or_repo_id, candidate, subfolder=subfolder, revision=revision)
+                try:
+                    path = _find(path_or_repo_id, candidate, subfolder=subfolder, revision=revision)
+                except NotInHubCacheError as error:
+                    cache_miss = cache_miss or error
+                    continue
                 if path is None:
                     continue
                 if candidate.endswith(".index.json"):
                     return _shards(path_or_repo_id, path, subfolder=subfolder, revision=revision)
                 return [path]
-    where = f"{os.fspath(path_or_repo_id)}/{subfolder}" if subfolder else os.fspath(path_or_repo_id)
+    if cache_miss is not None:
+        raise cache_miss
     raise FileNotFoundError(
-        f"no {component.name} weights in {where} (looked for {', '.join(tried)})"
+        f"no {component.name} weights in {_where(path_or_repo_id, subfolder)} (looked for {', '.join(tried)})"
         + (f"; is the '{variant}' variant published there?" if variant else "")
     )
 
@@ -245,10 +283,14 @@ def load_own_format(
         )
     if metadata.get(COMPONENT_KEY) != component.name:
         raise WeightsError(f"{path} holds a '{metadata.get(COMPONENT_KEY)}', not a '{component.name}'")
+    if CONFIG_KEY not in metadata:
+        raise WeightsError(f"{path}: no '{CONFIG_KEY}' metadata, which holds the {component.name}'s config")
     try:
         config = component.from_json(json.loads(metadata[CONFIG_KEY]))
-    except (KeyError, TypeError, ValueError) as error:
-        raise WeightsError(f"{path}: cannot read the '{CONFIG_KEY}' metadata: {error}") from error
+    except RecursionError as error:
+        raise WeightsError(f"{path}: the '{CONFIG_KEY}' metadata is nested too deeply") from error
+    except ValueError as error:
+        raise WeightsError(f"{path}: the '{CONFIG_KEY}' metadata: {error}") from error
     return _build_and_load(
         model_class,
         config,
@@ -272,12 +314,11 @@ def _build_and_load(
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> TModel:
-    """Build the model from `config` (its default when None) and load `tensors` into it, holding the weights in
-    memory only once.
+    """Build the model from `config` and load `tensors` into it, holding the weights in memory only once.
 
-    The model is built on the meta device (no time spent on a random initialisation) and takes the file's
-    tensors as its own: safetensors files are memory-mapped, so a weight is read from disk when first used and
-    is never copied unless its dtype or device changes. Buffers that no weights file provides (not in the
+    The model is built on the meta device (no time spent on a random initialisation) and takes the loaded tensors
+    as its own (`load_tensors` copies a file into the process's memory once; a weight is not copied again unless
+    its dtype or device changes). Buffers that no weights file provides (not in the
     `state_dict`) are recreated on the device when empty (they only carry a device and dtype); a model with a
     non-empty one is built normally instead, since those buffers must keep the values its constructor gives them.
     """
@@ -303,21 +344,28 @@ def _build_and_load(
 def _build(
     model_class: type[TModel], config: Any, *, device: torch.device | str | None, dtype: torch.dtype | None
 ) -> TModel:
-    if config is None:
-        return model_class(device=device, dtype=dtype)
     return model_class(config, device=device, dtype=dtype)
 
 
 def _config_from_diffusers(component: ComponentFormat[TConfig], config_path: Path) -> TConfig:
+    content = _read_json(config_path)
     try:
-        return component.config_from_diffusers(_read_json(config_path))
+        return component.config_from_diffusers(content)
     except ValueError as error:
-        raise ValueError(f"{config_path}: {error}") from error
+        raise WeightsError(f"{config_path}: {error}") from error
+
+
+def _where(path_or_repo_id: PathOrRepoId, subfolder: str) -> str:
+    return f"{os.fspath(path_or_repo_id)}/{subfolder}" if subfolder else os.fspath(path_or_repo_id)
 
 
 def _find(path_or_repo_id: PathOrRepoId, filename: str, *, subfolder: str, revision: str | None) -> Path | None:
+    """The file's local path, None if it is not there (a hub file missing from the cache while offline raises
+    NotInHubCacheError: it may well be there)."""
     try:
         return resolve_path(path_or_repo_id, filename, subfolder=subfolder or None, revision=revision)
+    except NotInHubCacheError:
+        raise
     except FileNotFoundError:
         return None
 
@@ -329,7 +377,7 @@ def _shards(path_or_repo_id: PathOrRepoId, index: Path, *, subfolder: str, revis
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         content: object = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise WeightsError(f"cannot read {path} as JSON: {error}") from error
     if not isinstance(content, dict):
         raise WeightsError(f"{path} should hold a JSON object")

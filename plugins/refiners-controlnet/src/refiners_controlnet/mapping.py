@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from refiners_core.weights import WeightsError
+from refiners_sd15.config_values import check_fields, positive_int, positive_ints
 from refiners_sd15.loading import ComponentFormat, config_from_dict
 from refiners_sd15.unet import SD15_UNET, UNetConfig, diffusers_unet_mapping, skip_channels, unet_config_from_diffusers
 
@@ -37,6 +38,11 @@ class ControlNetConfig:
     conditioning_channels: int = 3
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not isinstance(self.unet, UNetConfig):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"unet must be a UNetConfig, got {self.unet!r}")
+
 
 SD15_CONTROLNET = ControlNetConfig()
 """The ControlNets of Stable Diffusion 1.5 (e.g. lllyasviel/control_v11p_sd15_canny)."""
@@ -59,12 +65,13 @@ def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> ControlNetCon
         )
     if config.get("global_pool_conditions", False):
         raise ValueError("unsupported ControlNet config: global_pool_conditions=true; expected false")
-    down_block_types = list(config.get("down_block_types", _DEFAULT_DOWN_BLOCKS))
+    down_block_types: object = config.get("down_block_types", _DEFAULT_DOWN_BLOCKS)
     # The UNet reader checks the encoder fields; a ControlNet has no decoder, so give it the mirror it expects.
+    kinds: list[object] = list(down_block_types) if isinstance(down_block_types, list) else []  # pyright: ignore[reportUnknownArgumentType]
     as_unet = {
         **config,
         "_class_name": "UNet2DConditionModel",
-        "up_block_types": [_UP_BLOCK_OF.get(kind, kind) for kind in reversed(down_block_types)],
+        "up_block_types": [_UP_BLOCK_OF.get(kind, kind) if isinstance(kind, str) else kind for kind in reversed(kinds)],
     }
     try:
         unet = unet_config_from_diffusers(as_unet)
@@ -72,9 +79,9 @@ def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> ControlNetCon
         raise ValueError(f"unsupported ControlNet config: {error}") from error
     return ControlNetConfig(
         unet=unet,
-        conditioning_channels=int(config.get("conditioning_channels", 3)),
-        conditioning_embedding_out_channels=tuple(
-            int(channels) for channels in config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+        conditioning_channels=positive_int("conditioning_channels", config.get("conditioning_channels", 3)),
+        conditioning_embedding_out_channels=positive_ints(
+            "conditioning_embedding_out_channels", config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
         ),
     )
 

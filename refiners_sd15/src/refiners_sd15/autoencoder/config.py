@@ -10,6 +10,9 @@ from typing import Any, cast
 
 import torch
 
+from refiners_core.state_dicts import shape_of
+from refiners_sd15.config_values import check_fields, positive_int, positive_ints, positive_number
+
 
 @dataclass(frozen=True, kw_only=True)
 class AutoencoderConfig:
@@ -18,6 +21,9 @@ class AutoencoderConfig:
     `block_out_channels` are the encoder's levels (the decoder mirrors them); each encoder level has
     `layers_per_block` residual blocks, each decoder level one more. Latents are scaled by `scaling_factor`, as the
     diffusion model expects them (SDXL's autoencoder is the same with `scaling_factor=0.13025`).
+
+    Raises ValueError naming the field for a size that is not a positive integer (`scaling_factor`: a positive
+    number) or channels that `norm_num_groups` does not divide.
     """
 
     block_out_channels: tuple[int, ...]
@@ -25,6 +31,15 @@ class AutoencoderConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for channels in self.block_out_channels:
+            if channels % self.norm_num_groups:
+                raise ValueError(
+                    f"block_out_channels {list(self.block_out_channels)} are not all divisible by "
+                    f"norm_num_groups={self.norm_num_groups}"
+                )
 
 
 SD15_AUTOENCODER = AutoencoderConfig(
@@ -46,7 +61,7 @@ def autoencoder_config_from_diffusers(config: dict[str, Any]) -> AutoencoderConf
     class_name = config.get("_class_name", "AutoencoderKL")
     if class_name != "AutoencoderKL":
         raise ValueError(f"autoencoder config: '_class_name' is {class_name!r}, only 'AutoencoderKL' is supported")
-    block_out_channels = [int(c) for c in config.get("block_out_channels", (64,))]
+    block_out_channels = positive_ints("block_out_channels", config.get("block_out_channels", (64,)))
     supported: dict[str, tuple[Any, ...]] = {
         "in_channels": (3,),
         "out_channels": (3,),
@@ -61,11 +76,11 @@ def autoencoder_config_from_diffusers(config: dict[str, Any]) -> AutoencoderConf
         "mid_block_add_attention": (True,),
     }
     read: dict[str, Any] = {
-        "block_out_channels": tuple(block_out_channels),
-        "layers_per_block": int(config.get("layers_per_block", 1)),
-        "latent_channels": int(config.get("latent_channels", 4)),
-        "norm_num_groups": int(config.get("norm_num_groups", 32)),
-        "scaling_factor": float(config.get("scaling_factor", 0.18215)),
+        "block_out_channels": block_out_channels,
+        "layers_per_block": positive_int("layers_per_block", config.get("layers_per_block", 1)),
+        "latent_channels": positive_int("latent_channels", config.get("latent_channels", 4)),
+        "norm_num_groups": positive_int("norm_num_groups", config.get("norm_num_groups", 32)),
+        "scaling_factor": positive_number("scaling_factor", config.get("scaling_factor", 0.18215)),
     }
     for field, value in config.items():
         if field.startswith("_") or field in _IGNORED_FIELDS or field in read:
@@ -75,12 +90,6 @@ def autoencoder_config_from_diffusers(config: dict[str, Any]) -> AutoencoderConf
         if (list(cast(Sequence[Any], value)) if isinstance(value, list | tuple) else value) not in supported[field]:
             accepted = " or ".join(repr(v) for v in supported[field])
             raise ValueError(f"autoencoder config: {field}={value!r} is not supported (supported: {accepted})")
-    for channels in block_out_channels:
-        if channels % read["norm_num_groups"]:
-            raise ValueError(
-                f"autoencoder config: block_out_channels {block_out_channels} are not all divisible by "
-                f"norm_num_groups={read['norm_num_groups']}"
-            )
     return AutoencoderConfig(**read)
 
 
@@ -88,15 +97,21 @@ def autoencoder_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> Autoenco
     """The `AutoencoderConfig` read from the shapes of an original checkpoint's autoencoder tensors.
 
     Keys are without the `first_stage_model.` prefix. Normalisation groups and the scaling factor are not stored
-    in the weights: they are SD1's (32 and 0.18215). Raises ValueError for a tensor set that is not an autoencoder.
+    in the weights: they are SD1's (32 and 0.18215). Raises ValueError for a tensor set that is not an autoencoder,
+    naming the key a size is read from when it is missing or of the wrong shape.
     """
     if "encoder.conv_in.weight" not in tensors or "quant_conv.weight" not in tensors:
         raise ValueError("not an autoencoder checkpoint: no 'encoder.conv_in.weight' or 'quant_conv.weight'")
     levels = sorted({int(match.group(1)) for key in tensors if (match := re.match(r"encoder\.down\.(\d+)\.", key))})
     blocks = {int(match.group(1)) for key in tensors if (match := re.match(r"encoder\.down\.0\.block\.(\d+)\.", key))}
+    if not blocks:
+        raise ValueError("no 'encoder.down.0.block.N.*' keys, from which layers_per_block is read")
     return AutoencoderConfig(
-        block_out_channels=tuple(tensors[f"encoder.down.{level}.block.0.conv2.weight"].shape[0] for level in levels),
+        block_out_channels=tuple(
+            shape_of(tensors, f"encoder.down.{level}.block.0.conv2.weight", 4, f"block_out_channels[{index}]")[0]
+            for index, level in enumerate(levels)
+        ),
         layers_per_block=len(blocks),
-        latent_channels=tensors["quant_conv.weight"].shape[0] // 2,
+        latent_channels=shape_of(tensors, "quant_conv.weight", 4, "latent_channels")[0] // 2,
         scaling_factor=SD15_AUTOENCODER.scaling_factor,
     )

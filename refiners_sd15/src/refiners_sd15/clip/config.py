@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from refiners_core.state_dicts import shape_of
+from refiners_sd15.config_values import check_fields, positive_int, positive_number
+
 
 @dataclass(frozen=True, kw_only=True)
 class CLIPTextEncoderConfig:
@@ -17,7 +20,8 @@ class CLIPTextEncoderConfig:
 
     `use_quick_gelu` picks QuickGeLU (`x * sigmoid(1.702 x)`, OpenAI's CLIP) in the feed-forward blocks, else the
     exact GeLU (OpenCLIP). E.g. OpenCLIP ViT-H of SD2: `embedding_dim=1024, num_layers=23, num_attention_heads=16,
-    feedforward_dim=4096, use_quick_gelu=False`. Raises ValueError if `num_attention_heads` does not divide
+    feedforward_dim=4096, use_quick_gelu=False`. Raises ValueError naming the field for a size that is not a
+    positive integer (`layer_norm_eps`: a positive number), or if `num_attention_heads` does not divide
     `embedding_dim`.
     """
 
@@ -31,6 +35,7 @@ class CLIPTextEncoderConfig:
     use_quick_gelu: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.embedding_dim % self.num_attention_heads:
             raise ValueError(
                 f"CLIPTextEncoderConfig: embedding_dim={self.embedding_dim} is not divisible by "
@@ -77,11 +82,11 @@ def clip_text_config_from_transformers(config: dict[str, Any]) -> CLIPTextEncode
         raise ValueError(f"CLIP text config: 'architectures' is {architectures!r}, only ['CLIPTextModel'] is supported")
     fields = _TRANSFORMERS_DEFAULTS | {field: config[field] for field in _TRANSFORMERS_DEFAULTS if field in config}
     hidden_act = fields["hidden_act"]
-    if hidden_act not in _ACTIVATIONS:
+    if not isinstance(hidden_act, str) or hidden_act not in _ACTIVATIONS:
         supported = " or ".join(repr(name) for name in _ACTIVATIONS)
         raise ValueError(f"CLIP text config: 'hidden_act' is {hidden_act!r}, supported: {supported}")
     sizes = {
-        field: _positive_int(field, fields[field])
+        field: positive_int(field, fields[field])
         for field in (
             "vocab_size",
             "hidden_size",
@@ -96,9 +101,6 @@ def clip_text_config_from_transformers(config: dict[str, Any]) -> CLIPTextEncode
             f"CLIP text config: 'num_attention_heads' ({sizes['num_attention_heads']}) does not divide "
             f"'hidden_size' ({sizes['hidden_size']})"
         )
-    layer_norm_eps = fields["layer_norm_eps"]
-    if isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, int | float) or layer_norm_eps <= 0:
-        raise ValueError(f"CLIP text config: 'layer_norm_eps' is {layer_norm_eps!r}, expected a positive number")
     return CLIPTextEncoderConfig(
         embedding_dim=sizes["hidden_size"],
         num_layers=sizes["num_hidden_layers"],
@@ -106,35 +108,34 @@ def clip_text_config_from_transformers(config: dict[str, Any]) -> CLIPTextEncode
         feedforward_dim=sizes["intermediate_size"],
         max_sequence_length=sizes["max_position_embeddings"],
         vocabulary_size=sizes["vocab_size"],
-        layer_norm_eps=float(layer_norm_eps),
+        layer_norm_eps=positive_number("layer_norm_eps", fields["layer_norm_eps"]),
         use_quick_gelu=_ACTIVATIONS[hidden_act],
     )
-
-
-def _positive_int(field: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"CLIP text config: '{field}' is {value!r}, expected a positive integer")
-    return value
 
 
 def clip_text_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> CLIPTextEncoderConfig:
     """The `CLIPTextEncoderConfig` read from the shapes of an original checkpoint's text encoder tensors.
 
     Keys are without the `cond_stage_model.transformer.` prefix. Heads are not stored in the weights: CLIP uses
-    heads of 64 dimensions. Raises ValueError for a tensor set that is not a CLIP text encoder.
+    heads of 64 dimensions. Raises ValueError for a tensor set that is not a CLIP text encoder, naming the key a
+    size is read from when it is missing or of the wrong shape.
     """
     embedding_key = "text_model.embeddings.token_embedding.weight"
     if embedding_key not in tensors:
         raise ValueError(f"not a CLIP text encoder checkpoint: no '{embedding_key}'")
-    vocabulary_size, embedding_dim = tensors[embedding_key].shape
+    vocabulary_size, embedding_dim = shape_of(tensors, embedding_key, 2, "vocabulary_size and embedding_dim")
     layers = {
         int(match.group(1)) for key in tensors if (match := re.match(r"text_model\.encoder\.layers\.(\d+)\.", key))
     }
+    if not layers:
+        raise ValueError("no 'text_model.encoder.layers.N.*' keys, from which num_layers is read")
+    feedforward = shape_of(tensors, "text_model.encoder.layers.0.mlp.fc1.weight", 2, "feedforward_dim")
+    positions = shape_of(tensors, "text_model.embeddings.position_embedding.weight", 2, "max_sequence_length")
     return CLIPTextEncoderConfig(
         embedding_dim=embedding_dim,
         num_layers=len(layers),
         num_attention_heads=max(1, embedding_dim // 64),
-        feedforward_dim=tensors["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        max_sequence_length=tensors["text_model.embeddings.position_embedding.weight"].shape[0],
+        feedforward_dim=feedforward[0],
+        max_sequence_length=positions[0],
         vocabulary_size=vocabulary_size,
     )

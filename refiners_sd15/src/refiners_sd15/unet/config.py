@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from refiners_core.state_dicts import shape_of
+from refiners_sd15.config_values import check_fields, positive_int, positive_ints, positive_number
+
 
 @dataclass(frozen=True, kw_only=True)
 class UNetConfig:
@@ -21,8 +24,9 @@ class UNetConfig:
     Fields are keyword-only, so that a later architecture (SDXL: transformer depth per level, linear projections,
     additional embeddings) can add fields whose defaults keep SD1.5's UNet as it is.
 
-    Raises ValueError when the levels of `cross_attention_levels` and `block_out_channels` differ in number, or
-    when `attention_head_dim` does not divide the channels of a level with attention.
+    Raises ValueError naming the field when a size is not a positive integer (`norm_eps`: a positive number), when
+    the levels of `cross_attention_levels` and `block_out_channels` differ in number, or when `attention_head_dim`
+    does not divide the channels of a level with attention.
     """
 
     in_channels: int = 4
@@ -36,6 +40,7 @@ class UNetConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if len(self.cross_attention_levels) != len(self.block_out_channels):
             raise ValueError(
                 f"UNetConfig: cross_attention_levels has {len(self.cross_attention_levels)} entries but "
@@ -98,6 +103,7 @@ _FIXED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 _DEFAULTS: dict[str, Any] = {
     "mid_block_type": "UNetMidBlock2DCrossAttn",
     "flip_sin_to_cos": True,
+    "freq_shift": 0,
     "time_embedding_type": "positional",
     "act_fn": "silu",
     "conv_in_kernel": 3,
@@ -139,11 +145,13 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         if not accepts(value):
             raise _unsupported(field, value, expected)
 
-    block_out_channels = [int(channels) for channels in config.get("block_out_channels", (320, 640, 1280, 1280))]
-    down_block_types = list(config.get("down_block_types", [CROSS_ATTENTION_DOWN] * 3 + [PLAIN_DOWN]))
-    up_block_types = list(config.get("up_block_types", [PLAIN_UP] + [CROSS_ATTENTION_UP] * 3))
-    if len(down_block_types) != len(block_out_channels) or any(
-        kind not in (CROSS_ATTENTION_DOWN, PLAIN_DOWN) for kind in down_block_types
+    block_out_channels = positive_ints("block_out_channels", config.get("block_out_channels", (320, 640, 1280, 1280)))
+    down_block_types = config.get("down_block_types", [CROSS_ATTENTION_DOWN] * 3 + [PLAIN_DOWN])
+    up_block_types = config.get("up_block_types", [PLAIN_UP] + [CROSS_ATTENTION_UP] * 3)
+    if (
+        not isinstance(down_block_types, list)
+        or len(down_block_types) != len(block_out_channels)
+        or any(kind not in (CROSS_ATTENTION_DOWN, PLAIN_DOWN) for kind in down_block_types)
     ):
         expected = (
             f"{len(block_out_channels)} of '{CROSS_ATTENTION_DOWN}' or '{PLAIN_DOWN}' (one per block_out_channels)"
@@ -151,22 +159,22 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         raise _unsupported("down_block_types", down_block_types, expected)
     cross_attention_levels = [kind == CROSS_ATTENTION_DOWN for kind in down_block_types]
     mirrored = [CROSS_ATTENTION_UP if attention else PLAIN_UP for attention in reversed(cross_attention_levels)]
-    if up_block_types != mirrored:
+    if up_block_types != mirrored:  # a list equal to it, nothing else
         raise _unsupported("up_block_types", up_block_types, f"{mirrored} (the mirror of down_block_types)")
     embedding_dim = config.get("time_embedding_dim")
     if embedding_dim is not None and embedding_dim != 4 * block_out_channels[0]:
         raise _unsupported("time_embedding_dim", embedding_dim, f"null or {4 * block_out_channels[0]}")
 
     return UNetConfig(
-        in_channels=int(config.get("in_channels", 4)),
-        out_channels=int(config.get("out_channels", 4)),
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=int(_single(config, "layers_per_block", 2)),
-        attention_head_dim=int(_single(config, "attention_head_dim", 8)),
-        cross_attention_dim=int(_single(config, "cross_attention_dim", 1280)),
+        in_channels=positive_int("in_channels", config.get("in_channels", 4)),
+        out_channels=positive_int("out_channels", config.get("out_channels", 4)),
+        block_out_channels=block_out_channels,
+        layers_per_block=positive_int("layers_per_block", _single(config, "layers_per_block", 2)),
+        attention_head_dim=positive_int("attention_head_dim", _single(config, "attention_head_dim", 8)),
+        cross_attention_dim=positive_int("cross_attention_dim", _single(config, "cross_attention_dim", 1280)),
         cross_attention_levels=tuple(cross_attention_levels),
-        norm_num_groups=int(config.get("norm_num_groups", 32)),
-        norm_eps=float(config.get("norm_eps", 1e-5)),
+        norm_num_groups=positive_int("norm_num_groups", config.get("norm_num_groups", 32)),
+        norm_eps=positive_number("norm_eps", config.get("norm_eps", 1e-5)),
     )
 
 
@@ -175,7 +183,7 @@ def unet_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> UNetConfig:
 
     Keys are without the `model.diffusion_model.` prefix. The number of attention heads and of normalisation
     groups are not stored in the weights: they are SD1's (8 and 32). Raises ValueError naming the key for an
-    architecture outside the SD1 family.
+    architecture outside the SD1 family, and the key a size is read from when it is missing or of the wrong shape.
     """
     for key, tensor in tensors.items():
         if key.startswith("label_emb."):
@@ -186,25 +194,32 @@ def unet_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> UNetConfig:
             )
     if "input_blocks.0.0.weight" not in tensors or "out.2.weight" not in tensors:
         raise ValueError("not a UNet checkpoint: no 'input_blocks.0.0.weight' or 'out.2.weight'")
-    conv_in, conv_out = tensors["input_blocks.0.0.weight"], tensors["out.2.weight"]
+    in_channels = shape_of(tensors, "input_blocks.0.0.weight", 4, "in_channels")[1]
+    out_channels = shape_of(tensors, "out.2.weight", 4, "out_channels")[0]
 
     blocks = sorted({int(match.group(1)) for key in tensors if (match := re.match(r"input_blocks\.(\d+)\.", key))})
     downsamples = [index for index in blocks if f"input_blocks.{index}.0.op.weight" in tensors]
     layers_per_block = (downsamples[0] if downsamples else len(blocks)) - 1
+    if layers_per_block < 1:
+        raise ValueError(
+            f"the 'input_blocks.N' keys ({len(blocks)} blocks, downsampling at {downsamples}) give no residual block "
+            "before the first downsample, so no layers_per_block"
+        )
     block_out_channels: list[int] = []
     cross_attention_levels: list[bool] = []
     for level in range(len(downsamples) + 1):
         first = 1 + level * (layers_per_block + 1)
-        block_out_channels.append(tensors[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
+        key = f"input_blocks.{first}.0.out_layers.3.weight"
+        block_out_channels.append(shape_of(tensors, key, 4, f"block_out_channels[{level}]")[0])
         cross_attention_levels.append(f"input_blocks.{first}.1.proj_in.weight" in tensors)
     keys = [key for key in tensors if key.endswith(".attn2.to_k.weight")]
     return UNetConfig(
-        in_channels=conv_in.shape[1],
-        out_channels=conv_out.shape[0],
+        in_channels=in_channels,
+        out_channels=out_channels,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
         attention_head_dim=8,
-        cross_attention_dim=tensors[keys[0]].shape[1] if keys else 768,
+        cross_attention_dim=shape_of(tensors, keys[0], 2, "cross_attention_dim")[1] if keys else 768,
         cross_attention_levels=tuple(cross_attention_levels),
         norm_num_groups=32,
         norm_eps=1e-5,
