@@ -10,6 +10,9 @@ device anchor) are recreated on the target device.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any, cast
 
@@ -65,3 +68,45 @@ def test_sd15_unet_from_pretrained_converts_to_the_dtype_asked_for(tmp_path: Pat
     save_reference(tmp_path)
     unet = SD1UNet.from_pretrained(tmp_path, dtype=torch.float64)
     assert {tensor.dtype for tensor in [*unet.parameters(), *unet.buffers()]} == {torch.float64}
+
+
+CHANGE_AFTER_FROM_PRETRAINED = """
+import os, sys, torch
+from pathlib import Path
+from refiners_sd15 import SD1UNet
+
+path, change = Path(sys.argv[1]), sys.argv[2]
+unet = SD1UNet.from_pretrained(path).eval()
+size = path.stat().st_size
+if change == "truncate":
+    os.truncate(path, 0)
+elif change == "overwrite in place":
+    with open(path, "r+b") as file:
+        file.write(os.urandom(size))
+elif change == "replace like cp":
+    with open(path, "wb") as file:
+        file.write(os.urandom(size // 3))
+torch.manual_seed(0)
+x, text = torch.randn(1, 4, 16, 16), torch.randn(1, 7, 32)
+with torch.no_grad():
+    unet.set_timestep(torch.tensor([500]))
+    unet.set_clip_text_embedding(text)
+    print(float(unet(x).double().sum()), float(sum(p.double().sum() for p in unet.parameters())))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="an open file cannot be changed on Windows")
+@pytest.mark.parametrize("change", ["truncate", "overwrite in place", "replace like cp"])
+def test_changing_the_file_after_from_pretrained_neither_crashes_nor_changes_the_model(
+    change: str, tmp_path: Path
+) -> None:
+    reference = save_reference(tmp_path)
+    path = tmp_path / "unet.safetensors"
+    SD1UNet.from_pretrained(tmp_path).save(path)
+    script = textwrap.dedent(CHANGE_AFTER_FROM_PRETRAINED)
+    unchanged = subprocess.run([sys.executable, "-c", script, str(path), "none"], capture_output=True, text=True)
+    assert unchanged.returncode == 0, unchanged.stderr
+    changed = subprocess.run([sys.executable, "-c", script, str(path), change], capture_output=True, text=True)
+    assert changed.returncode == 0, changed.stderr  # no SIGBUS
+    assert changed.stdout == unchanged.stdout  # the same outputs and parameters, bit for bit
+    assert float(sum(p.detach().double().sum() for p in reference.parameters())) != 0.0
