@@ -249,5 +249,7 @@ def test_resolve_path_finds_hub_files_in_the_cache_offline(tmp_path: Path) -> No
     assert found["subfolder_file"] == str(snapshot / "unet" / "config.json")
     assert found["folder"] == str(snapshot)
     assert found["subfolder"] == str(snapshot / "unet")
-    assert found["missing_repo"].startswith("cannot find 'model.safetensors' in 'acme/missing': ")
-    assert found["missing_file"].startswith("cannot find 'vae.safetensors' in 'acme/tiny': ")
+    hub_id = "is no local file or folder, so it was taken as a Hugging Face Hub repository id"
+    assert found["missing_repo"].startswith(f"'acme/missing' {hub_id}; 'model.safetensors' of 'acme/missing' is not ")
+    assert found["missing_file"].startswith(f"'acme/tiny' {hub_id}; 'vae.safetensors' of 'acme/tiny' is not in the ")
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in found["missing_file"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariable
 import refiners_core.fluxion as fl
 import refiners_core.weight_formats
 from refiners_core.state_dicts import load_state_dict_checked
-from refiners_core.weights import WeightsError, check_weights, load_tensors, shard_files
+from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, shard_files
 
 
 def rewrite_archive(source: Path, target: Path, replace: dict[str, bytes] | None = None) -> None:
@@ -347,3 +348,31 @@ def test_mutated_safetensors_files_load_or_are_refused_naming_the_file(data: st.
         load_tensors(path)
     except WeightsError as error:
         assert str(path) in str(error)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".ckpt"])
+def test_read_metadata_reads_a_safetensors_header_whatever_the_name(suffix: str, tmp_path: Path) -> None:
+    path = tmp_path / f"model{suffix}"
+    save_file({"w": torch.ones(2)}, str(path), metadata={"format": "pt", "k": "v"})
+    assert read_metadata(path) == {"format": "pt", "k": "v"}
+    torch.save({"w": torch.ones(2)}, path)
+    assert read_metadata(path) == {}  # a torch checkpoint has no metadata
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 9\n", "it is a git-lfs pointer"),
+        (b"", "the file is empty"),
+        (b"\x00" * 40, "(neither safetensors nor a torch checkpoint|its header is not JSON)"),
+        ((10**6).to_bytes(8, "little") + b'{"x": 1}', "its header claims 1000000 bytes, but the file has 16"),
+        ((8).to_bytes(8, "little") + b'{"x": 1}', "tensor 'x' is described by 1, not an object"),
+        ((20).to_bytes(8, "little") + b'{"__metadata__": 3} ', "'__metadata__' must map strings to strings"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_read_metadata_names_the_file_and_what_it_is(content: bytes, match: str, suffix: str, tmp_path: Path) -> None:
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match=f"^cannot read {re.escape(str(path))}.*{match}"):
+        read_metadata(path)

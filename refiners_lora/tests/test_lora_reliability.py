@@ -347,3 +347,43 @@ def test_random_peft_metadata_loads_or_is_refused_naming_the_file(
         assert_untouched(model, before)
     else:
         assert LoraManager(model).names == ("style",)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".ckpt", ".bin"])
+def test_a_peft_safetensors_file_named_as_a_torch_checkpoint_keeps_its_metadata_alphas(
+    suffix: str, tmp_path: Path
+) -> None:
+    metadata = json.dumps({"lora_alpha": 4, "alpha_pattern": {"proj_out": 1}})
+    path = peft_file(tmp_path, metadata)
+    model = net()
+    LoraManager(model).add("style", path)
+    expected = model(X)
+    renamed = path.rename(path.with_suffix(suffix))
+    model = net()
+    loras = LoraManager(model)
+    loras.add("style", renamed)
+    assert torch.equal(model(X), expected)
+    loras.remove("style")
+    assert not torch.equal(model(X), expected)  # the LoRA (and its alphas) made the difference
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 9\n", "it is a git-lfs pointer"),
+        (b"", "the file is empty"),
+        (b"<html>not found</html>", "(neither safetensors nor a torch checkpoint|truncated or not safetensors)"),
+        ((10**6).to_bytes(8, "little") + b'{"x": 1}', r"its header claims 1000000 bytes"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_lora_file_that_is_no_weights_file_is_named_for_what_it_is(
+    content: bytes, match: str, suffix: str, tmp_path: Path
+) -> None:
+    path = tmp_path / f"lora{suffix}"
+    path.write_bytes(content)
+    model = net()
+    before = snapshot(model)
+    with pytest.raises(WeightsError, match=f"^cannot read {re.escape(str(path))}.*{match}"):
+        LoraManager(model).add("style", path)
+    assert_untouched(model, before)

@@ -137,9 +137,33 @@ def test_bad_config_metadata_of_our_own_format_is_refused_naming_the_file_and_fi
     assert message in str(error.value)
 
 
-def test_our_own_format_still_round_trips(tmp_path: Path) -> None:
-    path = saved_unet(tmp_path)
-    assert SD1UNet.from_pretrained(path).config == TINY_UNET
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".ckpt"])
+def test_our_own_format_is_read_by_its_content_whatever_its_name(suffix: str, tmp_path: Path) -> None:
+    path = saved_unet(tmp_path).rename(tmp_path / f"unet{suffix}")
+    unet = SD1UNet.from_pretrained(path)
+    assert unet.config == TINY_UNET
+    assert all(torch.equal(unet.state_dict()[key], value) for key, value in load_tensors(path).items())
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 9\n", "it is a git-lfs pointer"),
+        (b"", "the file is empty"),
+        (None, "was not written by refiners-sd15 .*StableDiffusion_1.from_single_file"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_file_that_is_not_our_own_format_is_named_for_what_it_is(
+    content: bytes | None, match: str, suffix: str, tmp_path: Path
+) -> None:
+    path = tmp_path / f"unet{suffix}"
+    if content is None:
+        torch.save({"model.diffusion_model.out.2.weight": torch.zeros(1)}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(WeightsError, match=f"{path}.*{match}"):
+        SD1UNet.from_pretrained(path)
 
 
 def conv(out: int, inputs: int) -> torch.Tensor:

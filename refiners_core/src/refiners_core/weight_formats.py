@@ -74,8 +74,8 @@ def sniff(file: BinaryIO, size: int) -> Kind:
         return "git-lfs"
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "torch-zip"
-    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
-        return "safetensors"
+    if len(head) > 8 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= MAX_SAFETENSORS_HEADER:
+        return "safetensors"  # if the file is shorter than its header claims, the reader says it is truncated
     if head[:1] == b"\x80":
         return "torch-legacy"
     return "unknown"

@@ -39,6 +39,7 @@ __all__ = [
     "WeightsError",
     "check_weights",
     "load_tensors",
+    "read_metadata",
     "resolve_path",
     "save_tensors",
     "shard_files",
@@ -92,13 +93,39 @@ def load_tensors(path: str | os.PathLike[str], *, device: str | torch.device = "
                 return _tensors_of(_torch_load(file, path, device), path)
     except OSError as error:
         raise WeightsError(f"cannot read {path}: {error}") from error
+    raise WeightsError(f"cannot read {path}: {_not_weights(kind, size)}")
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of a weights file, from its header only: a safetensors file's `__metadata__` (told by
+    its content, whatever its name), or `{}` for a torch checkpoint, which has none.
+
+    Raises FileNotFoundError if the file does not exist, WeightsError naming the file for a malformed safetensors
+    header or a file that is no weights file (a git-lfs pointer, an empty file, text...).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            kind = sniff(file, size)
+            if kind == "safetensors" or (kind == "unknown" and path.suffix.lower() == SAFETENSORS_SUFFIX):
+                return read_safetensors_header(file, size, path)[1]
+    except OSError as error:
+        raise WeightsError(f"cannot read {path}: {error}") from error
+    if kind in ("torch-zip", "torch-legacy"):
+        return {}
+    raise WeightsError(f"cannot read {path}: {_not_weights(kind, size)}")
+
+
+def _not_weights(kind: str, size: int) -> str:
     if kind == "git-lfs":
-        raise WeightsError(
-            f"cannot read {path}: it is a git-lfs pointer ({size} bytes), not the weights: fetch the file itself "
-            "(`git lfs pull`, or download it from the hub)"
+        return (
+            f"it is a git-lfs pointer ({size} bytes), not the weights: fetch the file itself (`git lfs pull`, or "
+            "download it from the hub)"
         )
-    what = "the file is empty" if kind == "empty" else "it is neither safetensors nor a torch checkpoint"
-    raise WeightsError(f"cannot read {path}: {what}")
+    return "the file is empty" if kind == "empty" else "it is neither safetensors nor a torch checkpoint"
 
 
 def check_weights(tensors: Mapping[str, torch.Tensor], *, source: str, keys: Collection[str] | None = None) -> None:

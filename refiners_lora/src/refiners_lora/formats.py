@@ -22,11 +22,9 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from safetensors import safe_open
 
 from refiners_core.module_names import DIFFUSERS, KOHYA
 from refiners_core.weights import WeightsError
@@ -89,8 +87,9 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str, metadata: dict[str
     """Detect the format of a LoRA state dict from its keys and group its tensors per module.
 
     For a diffusers / PEFT LoRA, the alphas of the `lora_adapter_metadata` entry of `metadata` (the file's, see
-    `read_metadata`) are added to the modules without an `.alpha` key. Raises WeightsError naming `source` if no
-    key is a LoRA weight, keys of two formats are mixed, or the metadata is not a valid PEFT configuration.
+    `refiners_core.weights.read_metadata`) are added to the modules without an `.alpha` key. Raises WeightsError
+    naming `source` if no key is a LoRA weight, keys of two formats are mixed, or the metadata is not a valid PEFT
+    configuration.
     """
     classified: dict[str, tuple[Format | None, str, Role]] = {}
     examples: dict[Format, str] = {}
@@ -127,14 +126,6 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str, metadata: dict[str
     if lora_format == "diffusers" and metadata and PEFT_METADATA_KEY in metadata:
         _add_peft_alphas(modules, _peft_configs(metadata[PEFT_METADATA_KEY], source), source)
     return ParsedLora(lora_format, modules, unknown)
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The string metadata of a `.safetensors` file (empty for any other file, or a file without metadata)."""
-    if path.suffix.lower() != ".safetensors":
-        return {}
-    with safe_open(path, framework="pt") as file:  # pyright: ignore[reportUnknownVariableType]
-        return dict(cast(dict[str, str] | None, file.metadata()) or {})  # pyright: ignore[reportUnknownMemberType]
 
 
 def _peft_configs(raw: str, source: str) -> dict[str, dict[str, Any]]:

@@ -17,10 +17,10 @@ from torch import nn
 import refiners_core.fluxion as fl
 from refiners_core.fluxion.adapters import Adapter, AdapterError
 from refiners_core.module_names import ForeignModuleNames
-from refiners_core.weights import WeightsError, check_weights, load_tensors, save_tensors
+from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
 from refiners_lora.export import lora_state_dict
-from refiners_lora.formats import Format, ModuleLora, Role, parse_lora, read_metadata
+from refiners_lora.formats import Format, ModuleLora, Role, parse_lora
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ class LoraManager:
                 if not isinstance(key, str) or not isinstance(value, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
                     raise WeightsError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
         else:
+            metadata = read_metadata(Path(path_or_state_dict))  # the header first: it may refuse the file early
             source, tensors = str(path_or_state_dict), load_tensors(Path(path_or_state_dict))
-            metadata = read_metadata(Path(path_or_state_dict))
         plan, skipped = self._plan(tensors, source, strict=strict, metadata=metadata)
         factors = [_factor(lora) for _, _, lora in plan]
         for (_, _, lora), factor in zip(plan, factors, strict=True):

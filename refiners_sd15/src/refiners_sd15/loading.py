@@ -23,6 +23,7 @@ from refiners_core.weights import (
     NotInHubCacheError,
     WeightsError,
     load_tensors,
+    read_metadata,
     resolve_path,
     save_tensors,
     shard_files,
@@ -266,16 +267,9 @@ def load_own_format(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> TModel:
-    """Read a file written by `save_own_format` (raises WeightsError for another component or format)."""
-    from safetensors import safe_open
-
-    if path.suffix != ".safetensors":
-        raise WeightsError(f"{path}: expected a .safetensors file written by save_pretrained")
-    try:
-        with safe_open(path, framework="pt") as handle:  # pyright: ignore[reportUnknownVariableType]
-            metadata: dict[str, str] = handle.metadata() or {}  # pyright: ignore[reportUnknownMemberType]
-    except Exception as error:
-        raise WeightsError(f"cannot read {path} as safetensors: {error}") from error
+    """Read a file written by `save_own_format`, told by its content, whatever its name (raises WeightsError for
+    another component or format)."""
+    metadata = read_metadata(path)
     if metadata.get(FORMAT_KEY) != OUR_FORMAT:
         raise WeightsError(
             f"{path} was not written by refiners-sd15 (no '{FORMAT_KEY}' metadata): pass a diffusers folder, "
