@@ -345,3 +345,35 @@ def test_config_dataclasses_check_their_fields_when_built_directly() -> None:
         AutoencoderConfig(block_out_channels=(32,), layers_per_block=1, scaling_factor=float("inf"))
     config = AutoencoderConfig(block_out_channels=[32, 64], layers_per_block=1, scaling_factor=1)  # pyright: ignore[reportArgumentType]
     assert config.block_out_channels == (32, 64) and isinstance(config.scaling_factor, float)
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 3438167536\n"
+
+
+@pytest.mark.parametrize(
+    ("broken", "expected"),
+    [
+        ({"vae/config.json": '{"latent_channels": 0}'}, WeightsError),
+        ({"vae/config.json": "{}"}, FileNotFoundError),  # no vae weights
+        (
+            {"vae/config.json": "{}", "vae/diffusion_pytorch_model.safetensors": ""},
+            FileNotFoundError,
+        ),  # no text_encoder/
+        (
+            {"vae/config.json": "{}", "vae/diffusion_pytorch_model.safetensors": "", "text_encoder/config.json": "[]"},
+            WeightsError,
+        ),
+    ],
+)
+def test_the_pipeline_checks_every_component_before_reading_any_weights(
+    broken: dict[str, str], expected: type[Exception], tmp_path: Path
+) -> None:
+    write_config(tmp_path, "unet", {})
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(LFS_POINTER)  # fails if it is read
+    for name, content in broken.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(content)
+    with pytest.raises(expected) as error:
+        StableDiffusion_1.from_pretrained(tmp_path)
+    assert "git-lfs" not in str(error.value)
+    assert "vae" in str(error.value) or "text_encoder" in str(error.value)

@@ -156,6 +156,36 @@ def load_component(
     local = Path(path_or_repo_id).expanduser()
     if local.is_file():
         return load_own_format(model_class, component, local, device=device, dtype=dtype)
+    located = locate_component(component, path_or_repo_id, subfolder=subfolder, variant=variant, revision=revision)
+    return load_located(model_class, located, device=device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class LocatedComponent(Generic[TConfig]):
+    """A component of a diffusers folder or hub id, ready to load: its config read and checked, its weight files
+    found (a shard index checked against its shards), no weights read yet."""
+
+    component: ComponentFormat[TConfig]
+    config: TConfig
+    files: list[Path]
+
+
+def locate_component(
+    component: ComponentFormat[TConfig],
+    path_or_repo_id: PathOrRepoId,
+    *,
+    subfolder: str | None = None,
+    variant: str | None = None,
+    revision: str | None = None,
+) -> LocatedComponent[TConfig]:
+    """Read the config and find the weight files of a component (`subfolder`: the diffusers one by default).
+
+    A pipeline locates all its components before loading any, so that a missing or bad one is reported before the
+    others' weights are read. Raises FileNotFoundError naming the missing folder, config.json or weights
+    (`NotInHubCacheError` for a hub id missing from the cache while offline), WeightsError naming the file and the
+    field of a bad config or the shard index at fault.
+    """
+    local = Path(path_or_repo_id).expanduser()
     folder_subpath = component.subfolder if subfolder is None else subfolder
     where = _where(path_or_repo_id, folder_subpath)
     if local.is_dir() and not (local / folder_subpath).is_dir():
@@ -169,14 +199,25 @@ def load_component(
         )
     config = _config_from_diffusers(component, config_path)
     files = find_weight_files(path_or_repo_id, component, subfolder=folder_subpath, variant=variant, revision=revision)
-    tensors = _read_all(files)
+    return LocatedComponent(component, config, files)
+
+
+def load_located(
+    model_class: type[TModel],
+    located: LocatedComponent[Any],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TModel:
+    """Read the weights of a located component and build `model_class` with them (all or nothing)."""
+    tensors = _read_all(located.files)
     return _build_and_load(
         model_class,
-        config,
+        located.config,
         tensors,
-        source=_describe(files),
-        mapping=lambda model: component.diffusers_mapping(model.config, tensors.keys()),
-        ignore=component.ignored_keys,
+        source=_describe(located.files),
+        mapping=lambda model: located.component.diffusers_mapping(model.config, tensors.keys()),
+        ignore=located.component.ignored_keys,
         device=device,
         dtype=dtype,
     )

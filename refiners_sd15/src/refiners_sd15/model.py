@@ -17,7 +17,7 @@ from refiners_core.module_names import DIFFUSERS, prefixed
 from refiners_core.weights import WeightsError, load_tensors
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderL
-from refiners_sd15.loading import PathOrRepoId, load_single_file_component
+from refiners_sd15.loading import PathOrRepoId, load_located, load_single_file_component, locate_component
 from refiners_sd15.solvers import DPMSolver, Solver
 from refiners_sd15.unet import SD1UNet
 
@@ -197,16 +197,15 @@ class StableDiffusion_1(fl.Module):
             return cls.from_single_file(local, device=device, dtype=dtype)
         if (local / OWN_INDEX).is_file():
             return cls._from_own_folder(local, device=device, dtype=dtype)
+        located = [
+            locate_component(component.component_format, path_or_repo_id, variant=variant, revision=revision)
+            for component in (SD1UNet, SD1Autoencoder, CLIPTextEncoderL)
+        ]  # every config and weight file checked before any weights are read
+        unet, lda, clip_text_encoder = located
         return cls(
-            unet=SD1UNet.from_pretrained(
-                path_or_repo_id, device=device, dtype=dtype, variant=variant, revision=revision
-            ),
-            lda=SD1Autoencoder.from_pretrained(
-                path_or_repo_id, device=device, dtype=dtype, variant=variant, revision=revision
-            ),
-            clip_text_encoder=CLIPTextEncoderL.from_pretrained(
-                path_or_repo_id, device=device, dtype=dtype, variant=variant, revision=revision
-            ),
+            unet=load_located(SD1UNet, unet, device=device, dtype=dtype),
+            lda=load_located(SD1Autoencoder, lda, device=device, dtype=dtype),
+            clip_text_encoder=load_located(CLIPTextEncoderL, clip_text_encoder, device=device, dtype=dtype),
         )
 
     @classmethod
