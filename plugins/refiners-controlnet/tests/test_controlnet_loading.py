@@ -137,3 +137,31 @@ def test_bad_weights_name_the_file_key_and_layer(saved: tuple[ControlNetModel, P
         ControlNet.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError):
         ControlNet.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"block_out_channels": 320}, "block_out_channels must be a list of positive integers, got 320"),
+        ({"down_block_types": 4}, "down_block_types=4"),
+        ({"down_block_types": [["CrossAttnDownBlock2D"]] * 4}, "down_block_types"),
+        ({"conditioning_channels": "3"}, "conditioning_channels must be a positive integer, got '3'"),
+        ({"conditioning_embedding_out_channels": [16, 0]}, "conditioning_embedding_out_channels[1] must be a positive"),
+        ({"conditioning_embedding_out_channels": None}, "conditioning_embedding_out_channels must be a list of"),
+    ],
+)
+def test_a_bad_config_json_value_is_refused_naming_the_file_and_field(
+    change: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**SD15_CONTROLNET_CONFIG, **change}))
+    with pytest.raises(WeightsError) as error:
+        ControlNet.from_pretrained(tmp_path)
+    assert str(error.value).startswith(f"{path}: ")
+    assert message in str(error.value)
+
+
+def test_a_missing_config_json_is_reported_as_missing(tmp_path: Path) -> None:
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match=rf"^no config\.json in {tmp_path}: "):
+        ControlNet.from_pretrained(tmp_path)
