@@ -166,7 +166,7 @@ def test_generate_with_a_folder_that_is_not_a_model_names_what_is_missing(
         (["--strength", "0.5"], "--strength needs --init-image"),
         (["--init-image", "missing.png"], "--init-image missing.png: no such file"),
         (["--init-image", "init.png", "--strength", "0.1", "--steps", "5"], "leaves no step to run"),
-        (["--steps", "0"], "--steps must be at least 1"),
+        (["--steps", "0"], "--steps must be from 1 to 1000"),
     ],
 )
 def test_generate_input_errors_are_reported_without_a_traceback(
@@ -188,6 +188,119 @@ def test_generate_rejects_a_size_that_is_not_a_multiple_of_8(
 
     assert exited.value.code == 2
     assert "multiples of 8" in capsys.readouterr().err
+
+
+def huge_declared_png(path: Path, width: int, height: int) -> Path:
+    """A valid PNG of `width`x`height` black pixels, a few kB on disk however large it declares itself."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    rows = zlib.compress(b"\0" * ((width + 1) * height), 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--guidance", "nan"], "--guidance must be a finite number, got nan"),
+        (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+        (["--guidance", "1e999"], "--guidance must be a finite number"),
+        (["--seed", "-1"], "--seed must be from 0 to 2**64-1"),
+        (["--seed", str(2**64)], "--seed must be from 0 to 2**64-1"),
+        (["--steps", "1001"], "--steps must be from 1 to 1000"),
+        (["--steps", "-5"], "--steps must be from 1 to 1000"),
+        (["--device", "no-such-device"], "--device 'no-such-device' is not a device"),
+        (["--device", "meta"], "generation runs on cpu, cuda or mps, not meta"),
+        (["--out", "image.gif"], "unknown image extension '.gif'"),
+        (["--out", "image"], "unknown image extension '(none)'"),
+        (["--out", "folder.png"], "is a folder: name the image file to write"),
+        (["--out", "file.txt/sub/out.png"], "is a file, so it cannot hold the image's folder"),
+        (["--size", "100000x100000"], "each side must be at most 8192"),
+        (["--size", "8192x4096"], "more than the 16777216 (4096x4096) allowed"),
+        (["--init-image", "wide.png"], "is 9000x8: each side must be at most 8192 pixels"),
+        (["--init-image", "init.png", "--mask", "wide.png"], "--mask"),
+        (["--init-image", "folder.png"], "is a folder, not an image"),
+        (["--init-image", "file.txt"], "cannot read it as an image"),
+        (["--strength", "nan", "--init-image", "init.png"], "--strength must be in (0, 1], got nan"),
+    ],
+)
+def test_generate_checks_its_arguments_before_loading_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    """The model given does not exist: an error about the argument proves it was checked before loading."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
+    huge_declared_png(tmp_path / "wide.png", 9000, 8)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file.txt").write_text("not an image")
+    args = [str(tmp_path / arg) if arg.endswith((".png", ".txt")) and "/" not in arg else arg for arg in args]
+    args = [str(tmp_path / arg) if arg.startswith("file.txt/") else arg for arg in args]
+    args = args if "--out" in args else [*args, "--out", str(tmp_path / "out.png")]
+
+    assert generate("--model", tmp_path / "no-such-model", *args) == 2
+
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("refiners generate: error: "), error
+    assert message in error
+    assert "no-such-model" not in error
+
+
+def test_generate_refuses_a_prompt_that_is_not_valid_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["a cat \udcff"], ["a cat", "--negative", "\ud800"]):
+        assert main(["generate", *args, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o.png")]) == 2
+        error = capsys.readouterr().err
+        assert "is not valid text" in error and "lone surrogate" in error, error
+        assert not error.encode("utf-8", "replace").decode().count("\n") > 1
+
+
+def test_generate_warns_how_many_tokens_of_a_long_prompt_are_dropped(
+    model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.png"
+    code = main(
+        ["generate", "cat " * 100, "--negative", "x" * 3_000_000, "--no-progress", "--model", str(model_folder)]
+        + ["--steps", "1", "--size", "32x32", "--out", str(out)]
+    )
+
+    error = capsys.readouterr().err
+    assert code == 0, error
+    assert "warning: the prompt has 100 tokens and the text encoder reads 75: the last 25 are dropped" in error
+    assert "warning: --negative has more than 1000 tokens" in error
+
+
+@pytest.mark.parametrize(("suffix", "image_format"), [(".png", "PNG"), (".JPG", "JPEG"), (".jpeg", "JPEG"), (".webp", "WEBP")])
+def test_generate_writes_the_format_its_extension_names_over_an_existing_file(
+    model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str, image_format: str
+) -> None:
+    out = tmp_path / f"out{suffix}"
+    out.write_bytes(b"an older file")
+
+    assert generate("--model", model_folder, "--steps", "1", "--size", "32x32", "--out", out) == 0, capsys.readouterr()
+
+    with Image.open(out) as image:
+        assert (image.format, image.size) == (image_format, (32, 32))
+    assert sorted(path.name for path in tmp_path.iterdir()) == [out.name]  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_existing_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from refiners_sd15.cli import _write_atomically  # pyright: ignore[reportPrivateUsage]
+
+    out = tmp_path / "out.png"
+    out.write_bytes(b"the previous image")
+
+    def failing_save(self: Image.Image, fp: object, format: str | None = None, **params: object) -> None:
+        fp.write(b"half an image")  # type: ignore[attr-defined]
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        _write_atomically(Image.new("RGB", (8, 8)), out, "PNG")
+
+    assert out.read_bytes() == b"the previous image"
+    assert [path.name for path in tmp_path.iterdir()] == ["out.png"]
 
 
 NOTE_PLUGIN = """

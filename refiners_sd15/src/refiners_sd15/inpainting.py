@@ -8,7 +8,7 @@ from PIL import Image
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.autoencoder.autoencoder import image_to_tensor
 from refiners_sd15.clip import CLIPTextEncoderL
-from refiners_sd15.model import StableDiffusion_1
+from refiners_sd15.model import StableDiffusion_1, check_image_size
 from refiners_sd15.solvers import Solver
 from refiners_sd15.unet import SD15_INPAINTING_UNET, SD1UNet
 
@@ -58,9 +58,11 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):
         """Set what to inpaint: `mask` (white, or any value >= 50 %, marks the area to repaint) over `target_image`.
 
         The mask is converted to grayscale, resized to the image's size and binarized; the image's size must be a
-        multiple of 8. Returns the mask at latent resolution `(1, 1, h, w)` and the masked image's latents.
+        multiple of 8 within `check_image_size`'s bounds (ValueError otherwise). Returns the mask at latent
+        resolution `(1, 1, h, w)` and the masked image's latents.
         """
         width, height = target_image.size
+        check_image_size(width, height, "target image size")
         factor = self.lda.downscale_factor
         if width % factor or height % factor:
             raise ValueError(

@@ -127,7 +127,11 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
 
     :param register: call it with one `GenerateOptionSpec` per option. A generation command for a model
         named in the spec's `models` (or for any model when `models` is None) adds `flag` to its parser,
-        repeatable, one value each time. After the model is loaded, and before anything is generated, it
+        repeatable, one value each time. Right after parsing, before it loads the model or reads anything
+        else, it calls the spec's `validate(values)` when the spec has one: `validate` checks everything it can
+        without the model (syntax, files that exist, are readable and of the expected format, finite numbers)
+        and raises an exception naming the value at fault, reported as `apply`'s are; it must not load models or
+        keep state. After the model is loaded, and before anything is generated, it
         calls `apply(model, values)` with the loaded model (e.g. a `StableDiffusion_1` for "sd15") and the
         list of every value given for the flag, in command-line order; `apply` is not called when the flag
         is absent. `apply` modifies the model in place and returns None; it raises an exception whose
