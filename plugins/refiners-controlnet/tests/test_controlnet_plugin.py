@@ -114,3 +114,36 @@ def test_a_bad_option_value_leaves_the_model_unchanged(files: tuple[Path, Path],
     with pytest.raises(TypeError, match="needs a Stable Diffusion 1.5 model"):
         apply(SimpleNamespace(), [f"{folder}:{image}"])
     assert list(model.unet) == layers
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{folder}:{image}:nan", "the scale must be a finite number, got 'nan'"),
+        ("{folder}:{image}:inf", "the scale must be a finite number"),
+        ("{folder}:{missing}", "no image at"),
+        ("{folder}:{folder}", "cannot read the image"),
+        ("{image}:{image}", "is a file: expected a diffusers ControlNet folder"),
+        ("{empty}:{image}", "has no config.json"),
+        ("./no/such/folder:{image}", "neither a local folder nor a hub id"),
+        ("{folder}:{wide}", "is 8x9000: each side must be at most 8192"),
+    ],
+)
+def test_option_values_are_validated_before_the_model_is_loaded(
+    files: tuple[Path, Path], tmp_path: Path, value: str, message: str
+) -> None:
+    folder, image = files
+    (tmp_path / "empty").mkdir()
+    Image.new("L", (8, 9000)).save(tmp_path / "wide.png")
+    value = value.format(
+        folder=folder,
+        image=image,
+        missing=tmp_path / "missing.png",
+        empty=tmp_path / "empty",
+        wide=tmp_path / "wide.png",
+    )
+    validate = registry().generate_options["--controlnet"].validate
+    assert validate is not None
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        validate([f"{folder}:{image}", value])
+    validate([f"{folder}:{image}:0.5", "lllyasviel/sd-controlnet-canny:" + str(image)])

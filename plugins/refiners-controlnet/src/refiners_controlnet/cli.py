@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ from PIL import Image
 from refiners_controlnet.adapter import ControlNetAdapter
 from refiners_controlnet.condition import image_to_condition
 from refiners_controlnet.controlnet import ControlNet
+from refiners_core.checks import check_finite
+from refiners_sd15 import MAX_IMAGE_SIDE
 from refiners_sd15.unet import SD1UNet
 
 OPTION_HELP = (
@@ -19,6 +23,7 @@ OPTION_HELP = (
     "ControlNets, whose residuals add up"
 )
 OPTION_METAVAR = "FOLDER:IMAGE[:SCALE]"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ def parse_controlnet_option(value: str) -> ControlNetOption:
     """Parse `FOLDER:IMAGE[:SCALE]`: `FOLDER` a local folder or a hub id, the scale 1 when absent.
 
     Paths may not contain ':' except after a drive letter (`C:\\controlnets\\canny`). Raises ValueError naming
-    the value if a part is missing or the scale is not a number.
+    the value if a part is missing or the scale is not a finite number.
     """
     parts: list[str] = []
     for part in value.split(":"):
@@ -52,7 +57,43 @@ def parse_controlnet_option(value: str) -> ControlNetOption:
             scale = float(parts[2])
         except ValueError:
             raise ValueError(f"--controlnet {value!r}: the scale {parts[2]!r} is not a number") from None
+        check_finite(f"--controlnet {value!r}: the scale", parts[2])
     return ControlNetOption(parts[0], Path(parts[1]), scale)
+
+
+def validate_controlnet_option(values: list[str]) -> None:
+    """Check the `--controlnet` values before the model is loaded: the syntax, a finite scale, the image (a readable
+    image file of at most `MAX_IMAGE_SIDE` pixels a side, by its header) and the ControlNet (a local folder with a
+    `config.json`, or a hub id). Raises ValueError or FileNotFoundError naming the value at fault."""
+    for value in values:
+        option = parse_controlnet_option(value)
+        _check_image_header(value, option.image)
+        local = Path(option.controlnet).expanduser()
+        if local.exists():
+            if not local.is_dir():
+                raise ValueError(f"--controlnet {value!r}: {local} is a file: expected a diffusers ControlNet folder")
+            if not (local / "config.json").is_file():
+                raise FileNotFoundError(f"--controlnet {value!r}: {local} has no config.json (not a diffusers folder)")
+        elif not _HUB_ID.match(option.controlnet):
+            raise FileNotFoundError(
+                f"--controlnet {value!r}: {option.controlnet} is neither a local folder nor a hub id (owner/name)"
+            )
+
+
+def _check_image_header(value: str, path: Path) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--controlnet {value!r}: no image at {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"--controlnet {value!r}: cannot read the image {path}: {error}") from None
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"--controlnet {value!r}: the image {path} is {width}x{height}: each side must be at most {MAX_IMAGE_SIDE}"
+        )
 
 
 def apply_controlnet_option(model: Any, values: list[str]) -> None:
