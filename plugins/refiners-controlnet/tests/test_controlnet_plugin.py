@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from controlnet_references import SMALL_CONTROLNET_CONFIG, SMALL_UNET_CONFIG, reference_controlnet
@@ -147,3 +148,11 @@ def test_option_values_are_validated_before_the_model_is_loaded(
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         validate([f"{folder}:{image}", value])
     validate([f"{folder}:{image}:0.5", "lllyasviel/sd-controlnet-canny:" + str(image)])
+
+
+def test_conditioning_images_are_read_by_meaning() -> None:
+    """A 16-bit white image is white and a float one in [0, 1] scaled, not clipped to white or black."""
+    white = image_to_condition(Image.new("RGB", (8, 8), (255, 255, 255)))
+    assert torch.equal(image_to_condition(Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))), white)
+    grey = image_to_condition(Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)))
+    assert torch.allclose(grey, torch.full_like(grey, 128 / 255))

@@ -138,3 +138,14 @@ def test_embedding_option_is_validated_before_the_model_is_loaded(tmp_path: Path
         file.truncate(65 * 2**20)  # sparse: nothing is written, nothing may be read
     with pytest.raises(ValueError, match="model.safetensors is 65 MiB: an embedding file holds a few vectors"):
         validate([str(tmp_path / "model.safetensors")])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_vectors_that_are_not_finite_are_refused_and_change_nothing(bad: float) -> None:
+    encoder = small_encoder()
+    adapter = TextualInversionAdapter(encoder)
+    vectors = torch.randn(2, 32)
+    vectors[1, 5] = bad
+    with pytest.raises(ValueError, match="textual inversion tensor \\(token '<cat>'\\): the vectors has"):
+        adapter.add_embedding("<cat>", vectors)
+    assert adapter.tokens == () and adapter.new_embeddings.num_embeddings == 0

@@ -1,4 +1,5 @@
-"""Checks of user input that commands run before loading anything: finite numbers, weights files.
+"""Checks of user input that commands and models run before loading or computing anything: finite numbers and
+tensors, weights files.
 
 Each raises an exception whose message names the input (`what`, e.g. `"--lora style.safetensors:nan"`), what was
 expected and what was found, so that a command reports it as one line.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+
+import torch
 
 _GIT_LFS_POINTER = b"version https://git-lfs"
 _SNIFFED_BYTES = 64
@@ -23,6 +26,17 @@ def check_finite(what: str, value: object) -> float:
     if not math.isfinite(number):
         raise ValueError(f"{what} must be a finite number, got {value!r}")
     return number
+
+
+def check_finite_tensor(what: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError naming `what` and counting the NaN and infinite values, if the float `tensor` has any."""
+    if tensor.is_floating_point() or tensor.is_complex():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            nans = int(torch.isnan(tensor).sum())
+            raise ValueError(
+                f"{what} has {nans} NaN and {int((~finite).sum()) - nans} infinite values out of {tensor.numel()}"
+            )
 
 
 def sniff_weights_format(path: Path) -> str:

@@ -10,7 +10,14 @@ from importlib.metadata import PackageNotFoundError, version
 from refiners_sd15.autoencoder import SD15_AUTOENCODER, AutoencoderConfig, SD1Autoencoder
 from refiners_sd15.clip import CLIP_TEXT_L, CLIPTextEncoderConfig, CLIPTextEncoderL, CLIPTokenizer
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
-from refiners_sd15.model import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, StableDiffusion_1, check_image_size
+from refiners_sd15.model import (
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    StableDiffusion_1,
+    check_image_size,
+    check_input_image,
+)
 from refiners_sd15.solvers import DDIM, DPMSolver, Euler, Solver
 from refiners_sd15.unet import SD15_INPAINTING_UNET, SD15_UNET, SD1UNet, UNetConfig
 
@@ -24,6 +31,7 @@ __all__ = [
     "DDIM",
     "MAX_IMAGE_PIXELS",
     "MAX_IMAGE_SIDE",
+    "MAX_SEED",
     "SD15_AUTOENCODER",
     "SD15_INPAINTING_UNET",
     "SD15_UNET",
@@ -41,4 +49,5 @@ __all__ = [
     "UNetConfig",
     "__version__",
     "check_image_size",
+    "check_input_image",
 ]

@@ -7,10 +7,12 @@
 inpainting checkpoint. Plugins add options through the `refiners_register_generate_options` hook (refiners-lora
 adds `--lora FILE[:SCALE]`); they are validated right after parsing and applied to the model once it is loaded.
 
-Everything that can be checked without the model is checked before it is loaded: the prompts, every number
-(finite, in range), the size (`check_image_size`), the images' declared sizes, the device, the output path and
-the plugins' options. The image is written atomically: to a temporary file in the output's folder, then renamed
-over `--out`, so an existing file is replaced whole or not at all.
+Everything that can be checked without the model is checked before it is loaded (`check_arguments`, with the
+checks of `generate_checks`): the prompts, every number (finite, in range), the size (`check_image_size`), the
+images' declared sizes, the device, the output path and the plugins' options (`GenerateOptionSpec.validate`).
+Latents that become NaN or infinite stop the run, naming the step. The image is written atomically: to a
+temporary file in the output's folder, then renamed over `--out`, so an existing file is replaced whole or not at
+all.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import re
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,27 @@ from typing import Any
 import torch
 from PIL import Image
 
-from refiners_core.checks import check_finite
+from refiners_core.checks import check_finite_tensor
 from refiners_core.plugins import GenerateOptionSpec, registry
 from refiners_core.weights import WeightsError
-from refiners_sd15.clip import CLIPTokenizer
+from refiners_sd15.generate_checks import (
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    TEMPORARY_PREFIX,
+    GenerateError,
+    check_out,
+    check_text,
+    dropped_tokens_warning,
+    first_step,
+    multiple_of_8,
+    open_image,
+    parse_device,
+    parse_integer,
+    parse_number,
+    parse_size,
+)
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
-from refiners_sd15.model import MAX_IMAGE_SIDE, StableDiffusion_1, check_image_size
+from refiners_sd15.model import MAX_IMAGE_SIDE, MAX_SEED, StableDiffusion_1, check_image_size
 from refiners_sd15.solvers import Solver
 
 MODEL_NAME = "sd15"
@@ -44,20 +60,13 @@ MODEL_NAME = "sd15"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _OPTION_DEST = "generate_option:"
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-"""The `--out` extensions and the format each is written in."""
-MAX_SEED = 2**64 - 1
-MAX_STEPS = 1000
-"""The most denoising steps: SD1.5's noise schedule has 1000 timesteps."""
-_COUNTED_TOKENS = 1000  # tokens of a prompt counted for the warning about what the text encoder drops
-
-
-class GenerateError(Exception):
-    """A problem with the command's input, reported as `refiners generate: error: ...` with exit code 2."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Declare the arguments of `refiners generate`, including those plugins register for the `sd15` model."""
+    """Declare the arguments of `refiners generate`, including those plugins register for the `sd15` model.
+
+    Numbers are declared as strings and checked by `check_arguments`, so that a bad one is a one-line error.
+    """
     parser.add_argument("prompt", help="what to generate")
     parser.add_argument(
         "--model",
@@ -66,16 +75,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "checkpoint (.safetensors/.ckpt); an inpainting model with --mask",
     )
     parser.add_argument("--negative", default="", help="negative prompt (default: none)")
-    parser.add_argument("--steps", type=int, default=30, help="number of denoising steps (default: 30)")
+    parser.add_argument("--steps", default="30", metavar="N", help=f"denoising steps, 1 to {MAX_STEPS} (default: 30)")
     solvers = sorted(registry().solvers)
     parser.add_argument(
         "--solver", default="dpm", choices=solvers, help="diffusion solver, from the plugin registry (default: dpm)"
     )
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn, and printed)")
+    parser.add_argument(
+        "--guidance",
+        default="7.5",
+        metavar="SCALE",
+        help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (default: 7.5)",
+    )
+    parser.add_argument("--seed", default=None, help="random seed, 0 to 2**64-1 (default: drawn, and printed)")
     parser.add_argument(
         "--size",
-        type=_size,
         default=None,
         metavar="WIDTHxHEIGHT",
         help=f"image size, multiples of 8, each side at most {MAX_IMAGE_SIDE} and at most 4096x4096 pixels in all "
@@ -90,12 +103,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-image", type=Path, default=None, help="image to start from (image-to-image)")
     parser.add_argument(
         "--strength",
-        type=float,
         default=None,
         help="how much of the init image to repaint, in (0, 1] (default: 0.8 for image-to-image, 1 to inpaint)",
     )
     parser.add_argument(
-        "--mask", type=Path, default=None, help="mask of the init image to repaint (white), with an inpainting model"
+        "--mask",
+        type=Path,
+        default=None,
+        help="mask of the init image to repaint (white, or what is painted on a transparent layer), with an "
+        "inpainting model",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -121,150 +137,120 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate and write the image. Input problems are reported on stderr with exit code 2, never a traceback."""
-    try:
-        return _generate(args)
-    except GenerateError as error:
-        print(f"refiners generate: error: {error}", file=sys.stderr)
-        return 2
+    """Generate and write the image; returns 0.
+
+    Input problems raise `GenerateError` before the model is loaded (the `refiners` CLI prints it as one line,
+    `refiners generate: error: ...`, and exits with code 2; `refiners --verbose` shows the traceback).
+    """
+    start = time.perf_counter()
+    checked = check_arguments(args)
+    sd = _load(args.model, inpainting=checked.mask is not None, device=checked.device, dtype=checked.dtype)
+    _apply_plugin_options(sd, args)
+    image = _denoise(sd, checked, args.prompt, args.negative, show_progress=not args.no_progress)
+    _write_atomically(image, args.out, checked.image_format)
+    print(
+        f"wrote {_printable(str(args.out))} ({checked.width}x{checked.height}, {len(checked.solver.inference_steps)} "
+        f"{args.solver} steps, seed {checked.seed}) in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
 
 
 @dataclass(frozen=True)
-class _Checked:
-    """What `_check` derived from the arguments, before anything is loaded."""
+class GenerateSettings:
+    """What `check_arguments` derived from the arguments, before anything is loaded."""
 
     init_image: Image.Image | None
     mask: Image.Image | None
     width: int
     height: int
     solver: Solver
+    guidance: float
     device: torch.device
     dtype: torch.dtype
     seed: int
     image_format: str
 
 
-def _generate(args: argparse.Namespace) -> int:
-    start = time.perf_counter()
-    checked = _check(args)
-    inpainting = checked.mask is not None
-    sd = _load(args.model, inpainting=inpainting, device=checked.device, dtype=checked.dtype)
-    _apply_plugin_options(sd, args)
-    sd.solver = checked.solver
-    sd.show_progress = not args.no_progress
-    width, height, init_image = checked.width, checked.height, checked.init_image
-    with torch.no_grad():
-        embedding = sd.compute_clip_text_embedding(args.prompt, negative_text=args.negative)
-        if isinstance(sd, StableDiffusion_1_Inpainting):
-            assert init_image is not None and checked.mask is not None
-            sd.set_inpainting_conditions(init_image.resize((width, height), Image.Resampling.LANCZOS), checked.mask)
-        # as diffusers: image-to-image noises the image's latents; inpainting from scratch starts from noise
-        start_image = init_image if not inpainting or checked.solver.first_inference_step > 0 else None
-        x = sd.init_latents(size=(height, width), init_image=start_image, seed=checked.seed)
-        for step in sd.steps:
-            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=args.guidance)
-        image = sd.lda.latents_to_image(x)
-    _write_atomically(image, args.out, checked.image_format)
-    steps = len(sd.solver.inference_steps)
-    print(
-        f"wrote {args.out} ({width}x{height}, {steps} {args.solver} steps, seed {checked.seed}) "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
-    return 0
-
-
-def _check(args: argparse.Namespace) -> _Checked:
-    """Check every argument that can be checked without the model, and the plugins' options; raise GenerateError."""
+def check_arguments(args: argparse.Namespace) -> GenerateSettings:
+    """Check every argument of `refiners generate` that can be checked without the model, and the plugins' options
+    (their `validate`); print a warning for prompts longer than the text encoder reads. Raises GenerateError naming
+    the argument at fault. Loads nothing but the init image and mask, after their declared sizes are checked.
+    """
     for option, text in (("the prompt", args.prompt), ("--negative", args.negative)):
-        _check_text(option, text)
+        check_text(option, text)
     inpainting = args.mask is not None
     if inpainting and args.init_image is None:
         raise GenerateError("--mask needs --init-image: the image to inpaint")
     if args.strength is not None and args.init_image is None:
         raise GenerateError("--strength needs --init-image")
-    try:
-        check_finite("--guidance", args.guidance)
-    except ValueError as error:
-        raise GenerateError(str(error)) from None
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        raise GenerateError(f"--seed must be from 0 to 2**64-1 ({MAX_SEED}), got {args.seed}")
-    image_format = _check_out(args.out)
-    device = _device(args.device)
+    steps = parse_integer("--steps", args.steps, 1, MAX_STEPS)
+    guidance = parse_number("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    seed = None if args.seed is None else parse_integer("--seed", args.seed, 0, MAX_SEED, bounds="from 0 to 2**64-1")
+    size = None if args.size is None else parse_size(args.size)
+    strength = 1.0 if inpainting or args.init_image is None else 0.8
+    if args.strength is not None:
+        strength = parse_number("--strength", args.strength, 0.0, 1.0, low_open=True)
+    image_format = check_out(args.out)
+    device = parse_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    strength = args.strength if args.strength is not None else (1.0 if inpainting or args.init_image is None else 0.8)
-    first_step = _first_step(args.steps, strength)
-    solver = _solver(args.solver, args.steps, first_step)
+    solver = _solver(args.solver, steps, first_step(steps, strength))
     _validate_plugin_options(args)
-    init_image = _open_image(args.init_image, "--init-image") if args.init_image is not None else None
-    mask = _open_image(args.mask, "--mask") if args.mask is not None else None
-    width, height = args.size or (_multiple_of_8(init_image.size) if init_image is not None else (512, 512))
-    try:
-        check_image_size(width, height, "--size" if args.size else "the size (the init image's, rounded to 8)")
-    except ValueError as error:
-        hint = "" if args.size else ": pass a smaller --size"
-        raise GenerateError(f"{error}{hint}") from None
+    init_image = open_image(args.init_image, "--init-image") if args.init_image is not None else None
+    mask = open_image(args.mask, "--mask") if args.mask is not None else None
+    width, height = size or (multiple_of_8(init_image.size) if init_image is not None else (512, 512))
+    if size is None:
+        try:
+            check_image_size(width, height, "the size (the init image's, rounded to 8)")
+        except ValueError as error:
+            raise GenerateError(f"{error}: pass a smaller --size") from None
     for option, text in (("the prompt", args.prompt), ("--negative", args.negative)):
-        _warn_if_truncated(option, text)
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
-    return _Checked(init_image, mask, width, height, solver, device, dtype, seed, image_format)
+        warning = dropped_tokens_warning(option, text)
+        if warning is not None:
+            print(f"refiners generate: warning: {warning}", file=sys.stderr)
+    _check_model(args.model)  # last: an error about the model means every other argument is fine
+    seed = seed if seed is not None else random.randrange(2**32)
+    return GenerateSettings(init_image, mask, width, height, solver, guidance, device, dtype, seed, image_format)
 
 
-def _check_text(option: str, text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        bad = text[error.start]
-        raise GenerateError(
-            f"{option} is not valid text: character {error.start} is U+{ord(bad):04X}, a lone surrogate (text that "
-            "was not UTF-8: check the shell's locale)"
-        ) from None
+def _denoise(
+    sd: StableDiffusion_1, checked: GenerateSettings, prompt: str, negative: str, *, show_progress: bool
+) -> Image.Image:
+    """Run the denoising loop; raise GenerateError, writing nothing, if the latents stop being finite."""
+    sd.solver = checked.solver
+    sd.show_progress = show_progress
+    width, height, init_image, mask = checked.width, checked.height, checked.init_image, checked.mask
+    with torch.no_grad():
+        embedding = sd.compute_clip_text_embedding(prompt, negative_text=negative)
+        check_finite_tensor("the text embedding of the prompts", embedding)
+        if isinstance(sd, StableDiffusion_1_Inpainting):
+            assert init_image is not None and mask is not None
+            sd.set_inpainting_conditions(init_image.resize((width, height), Image.Resampling.LANCZOS), mask)
+        # as diffusers: image-to-image noises the image's latents; inpainting from scratch starts from noise
+        start_image = init_image if mask is None or checked.solver.first_inference_step > 0 else None
+        x = sd.init_latents(size=(height, width), init_image=start_image, seed=checked.seed)
+        for step in sd.steps:
+            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=checked.guidance)
+            if not bool(torch.isfinite(x).all()):
+                raise GenerateError(
+                    f"the latents have NaN or infinite values after step {step}: with these options the model "
+                    f"overflows {checked.dtype} (lower --guidance or the plugins' scales, or use --dtype float32); "
+                    "nothing was written"
+                )
+        try:
+            return sd.lda.latents_to_image(x)
+        except ValueError as error:
+            raise GenerateError(f"{error}: nothing was written (try --dtype float32)") from error
 
 
-def _warn_if_truncated(option: str, text: str) -> None:
-    tokenizer = _tokenizer()
-    window = tokenizer.sequence_length - 2
-    count = tokenizer.count_tokens(text, limit=_COUNTED_TOKENS)
-    if count > window:
-        counted = f"more than {count - window}" if count >= _COUNTED_TOKENS else str(count - window)
-        print(
-            f"refiners generate: warning: {option} has {'more than ' if count >= _COUNTED_TOKENS else ''}{count} "
-            f"tokens and the text encoder reads {window}: the last {counted} are dropped",
-            file=sys.stderr,
-        )
-
-
-_TOKENIZERS: list[CLIPTokenizer] = []
-
-
-def _tokenizer() -> CLIPTokenizer:
-    if not _TOKENIZERS:
-        _TOKENIZERS.append(CLIPTokenizer())
-    return _TOKENIZERS[0]
-
-
-def _check_out(out: Path) -> str:
-    """The format `out` is written in; GenerateError unless its extension is known and its folder writable."""
-    image_format = IMAGE_FORMATS.get(out.suffix.lower())
-    if image_format is None:
-        raise GenerateError(
-            f"--out {out}: unknown image extension {out.suffix or '(none)'!r}: use {', '.join(IMAGE_FORMATS)}"
-        )
-    if out.is_dir():
-        raise GenerateError(f"--out {out} is a folder: name the image file to write")
-    folder = out.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise GenerateError(f"--out {out}: {folder} is a file, so it cannot hold the image's folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise GenerateError(f"--out {out}: the folder {folder} is not writable")
-    return image_format
+def _printable(text: str) -> str:
+    """`text` with what stdout cannot encode (lone surrogates of a non-UTF-8 path) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _write_atomically(image: Image.Image, out: Path, image_format: str) -> None:
     """Write `image` to a temporary file beside `out`, then rename it over `out`: all or nothing."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=TEMPORARY_PREFIX, suffix=".tmp")
     try:
         with os.fdopen(descriptor, "wb") as file:
             image.save(file, format=image_format)
@@ -275,28 +261,6 @@ def _write_atomically(image: Image.Image, out: Path, image_format: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise GenerateError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise GenerateError(f"--device {name}: CUDA is not available here (torch {torch.__version__}): use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise GenerateError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
-        return device
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise GenerateError(f"--device {name}: MPS is not available here: use cpu")
-        return device
-    raise GenerateError(f"--device {name}: generation runs on cpu, cuda or mps, not {device.type}")
 
 
 def _plugin_options() -> list[GenerateOptionSpec]:
@@ -318,20 +282,31 @@ def _apply_plugin_options(sd: StableDiffusion_1, args: argparse.Namespace) -> No
 
 
 def _run_plugin(spec: GenerateOptionSpec, values: list[str], function: Any, *arguments: Any) -> None:
+    """Call a plugin's `validate` or `apply`: whatever it raises, `SystemExit` included, is a GenerateError naming
+    the option (a plugin cannot end the command, with exit code 0 and no image); Ctrl-C stays an interrupt."""
     try:
         function(*arguments)
-    except Exception as error:  # a plugin's code: whatever it raises is reported the same way
-        message = str(error)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:
+        if isinstance(error, Exception) and str(error):
+            message = " ".join(str(error).split())
+        else:
+            arguments_shown = ", ".join(repr(argument) for argument in error.args)
+            message = f"the plugin's code raised {type(error).__name__}({arguments_shown:.100})"
         if not message.startswith(spec.flag):
             message = f"{spec.flag} {' '.join(values)}: {message}"
         raise GenerateError(message) from error
 
 
+def _check_model(model: str) -> None:
+    if not Path(model).expanduser().exists() and not _HUB_ID.match(model):
+        raise GenerateError(f"--model {model}: no such file or folder")
+
+
 def _load(model: str, *, inpainting: bool, device: torch.device, dtype: torch.dtype) -> StableDiffusion_1:
     model_class = StableDiffusion_1_Inpainting if inpainting else StableDiffusion_1
     local = Path(model).expanduser()
-    if not local.exists() and not _HUB_ID.match(model):
-        raise GenerateError(f"--model {model}: no such file or folder")
     try:
         return model_class.from_pretrained(model, device=device, dtype=dtype)
     except (OSError, ValueError, WeightsError) as error:
@@ -347,54 +322,3 @@ def _solver(name: str, steps: int, first_step: int) -> Solver:
     if not isinstance(solver, Solver):
         raise GenerateError(f"--solver {name}: the registered factory built a {type(solver).__name__}, not a Solver")
     return solver
-
-
-def _first_step(steps: int, strength: float) -> int:
-    """The first inference step for `strength`, as diffusers' image-to-image pipelines compute it."""
-    if not 1 <= steps <= MAX_STEPS:
-        raise GenerateError(f"--steps must be from 1 to {MAX_STEPS} (the noise schedule's timesteps), got {steps}")
-    if not 0 < strength <= 1:
-        raise GenerateError(f"--strength must be in (0, 1], got {strength}")
-    repainted = min(int(steps * strength), steps)
-    if repainted < 1:
-        raise GenerateError(f"--strength {strength} with --steps {steps} leaves no step to run: raise either")
-    return steps - repainted
-
-
-def _open_image(path: Path, option: str) -> Image.Image:
-    """The image at `path`, its declared size checked (each side at most `MAX_IMAGE_SIDE`) before it is decoded."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
-        with image:
-            width, height = image.size
-            if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
-                raise GenerateError(
-                    f"{option} {path} is {width}x{height}: each side must be at most {MAX_IMAGE_SIDE} pixels"
-                )
-            image.load()
-            return image
-    except FileNotFoundError:
-        raise GenerateError(f"{option} {path}: no such file") from None
-    except IsADirectoryError:
-        raise GenerateError(f"{option} {path} is a folder, not an image") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise GenerateError(f"{option} {path}: cannot read it as an image: {error}") from error
-
-
-def _size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x512, got {text!r}")
-    width, height = int(match.group(1)), int(match.group(2))
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text!r}")
-    return width, height
-
-
-def _multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
-    width, height = size
-    if width < 8 or height < 8:
-        raise GenerateError(f"the init image is {width}x{height}: it needs at least 8x8 pixels")
-    return width // 8 * 8, height // 8 * 8

@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import refiners_core.fluxion as fl
-from refiners_core.checks import check_finite
+from refiners_core.checks import check_finite, check_finite_tensor
 from refiners_core.module_names import DIFFUSERS, prefixed
 from refiners_core.weights import WeightsError, load_tensors
 from refiners_sd15.autoencoder import SD1Autoencoder
@@ -54,15 +54,33 @@ def check_image_size(width: int, height: int, what: str = "image size") -> None:
         )
 
 
-def check_finite_tensor(name: str, tensor: torch.Tensor) -> None:
-    """ValueError naming `name` and counting the NaN and infinite values, if `tensor` has any."""
-    if tensor.is_floating_point() or tensor.is_complex():
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            nans = int(torch.isnan(tensor).sum())
-            raise ValueError(
-                f"{name} has {nans} NaN and {int((~finite).sum()) - nans} infinite values out of {tensor.numel()}"
-            )
+def check_input_image(image: object, what: str = "image") -> None:
+    """Raise TypeError unless `image` is a PIL image, ValueError naming `what` unless each of its sides is from 1 to
+    `MAX_IMAGE_SIDE` pixels (init images and masks are resized to the generated size: this bounds what is read)."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"{what} must be a PIL.Image.Image, got {type(image).__name__}")
+    width, height = image.size
+    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+        raise ValueError(
+            f"{what} is {width}x{height} (width x height): each side must be from 1 to {MAX_IMAGE_SIDE} pixels"
+        )
+
+
+def _prompts(what: str, value: object, copies: int) -> list[str]:
+    """`value`, a string (repeated `copies` times) or a list or tuple of strings, as a list; TypeError otherwise."""
+    prompts: list[object] = [value] * copies if isinstance(value, str) else []
+    if isinstance(value, list | tuple):
+        prompts = list(value)  # pyright: ignore[reportUnknownArgumentType]
+    elif not isinstance(value, str):
+        prompts = [value]
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise TypeError(f"a {what} must be a string, got {type(prompt).__name__} {prompt!r:.50}")
+    return [str(prompt) for prompt in prompts]
+
+
+MAX_SEED = 2**64 - 1
+"""The largest seed (torch's generators take 64-bit seeds)."""
 
 
 class StableDiffusion_1(fl.Module):
@@ -105,9 +123,15 @@ class StableDiffusion_1(fl.Module):
 
     @torch.no_grad()
     def compute_clip_text_embedding(self, text: str | list[str], negative_text: str | list[str] = "") -> torch.Tensor:
-        """Text embeddings for classifier-free guidance: `(2, 77, 768)` for one prompt, the negative one first."""
-        texts = [text] if isinstance(text, str) else list(text)
-        negatives = [negative_text] * len(texts) if isinstance(negative_text, str) else list(negative_text)
+        """Text embeddings for classifier-free guidance: `(2, 77, 768)` for one prompt, the negative one first.
+
+        Raises TypeError if a prompt is not a string, ValueError if the counts of prompts and negative prompts
+        differ or there is no prompt.
+        """
+        texts = _prompts("prompt", text, 1)
+        negatives = _prompts("negative prompt", negative_text, len(texts))
+        if not texts:
+            raise ValueError("compute_clip_text_embedding needs at least one prompt")
         if len(negatives) != len(texts):
             raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
         embeddings = self.clip_text_encoder([*negatives, *texts])
@@ -132,14 +156,22 @@ class StableDiffusion_1(fl.Module):
         `noise` (shape `(1, latent_channels, height / 8, width / 8)`) is drawn when not given, from `generator` or
         `seed`, on the CPU in the model's dtype as diffusers does: a seed gives the same noise on every device.
         Without `init_image`, the noise is scaled by the solver's `init_noise_sigma`; with one (resized to `size`),
-        its latents are noised to the level of the solver's `first_inference_step` (image-to-image). Raises
+        its latents are noised to the level of the solver's `first_inference_step` (image-to-image); its pixels are
+        read by meaning (`refiners_core.images.to_rgb`: 16-bit and float images are scaled, not clipped). Raises
         ValueError, before allocating anything, for a size `check_image_size` refuses (multiples of 8, each side at
-        most `MAX_IMAGE_SIDE`, at most `MAX_IMAGE_PIXELS`), a noise of the wrong shape or with NaN or infinite
-        values, both a generator and a seed, or a solver that starts later than its first step without an
-        `init_image`.
+        most `MAX_IMAGE_SIDE`, at most `MAX_IMAGE_PIXELS`), an `init_image` with a side over `MAX_IMAGE_SIDE`, a
+        noise of the wrong shape or with NaN or infinite values, a seed outside 0 to `MAX_SEED`, both a generator and
+        a seed, or a solver that starts later than its first step without an `init_image`.
         """
-        height, width = size
+        try:
+            height, width = size
+        except (TypeError, ValueError):
+            raise ValueError(f"init_latents size must be (height, width), got {size!r}") from None
         check_image_size(width, height, "init_latents size")
+        if init_image is not None:
+            check_input_image(init_image, "init_latents init_image")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"init_latents seed must be an integer from 0 to 2**64-1, got {seed!r}")
         factor = self.lda.downscale_factor
         if height % factor or width % factor:
             raise ValueError(f"size (height, width) must be positive multiples of {factor}, got {size}")
