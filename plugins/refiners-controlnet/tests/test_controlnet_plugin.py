@@ -124,9 +124,11 @@ def test_a_bad_option_value_leaves_the_model_unchanged(files: tuple[Path, Path],
         ("{folder}:{image}:inf", "the scale must be a finite number"),
         ("{folder}:{missing}", "no image at"),
         ("{folder}:{folder}", "cannot read the image"),
-        ("{image}:{image}", "is a file: expected a diffusers ControlNet folder"),
+        ("{image}:{image}", "edges.png is neither a safetensors file nor a PyTorch checkpoint"),
         ("{empty}:{image}", "has no config.json"),
-        ("./no/such/folder:{image}", "neither a local folder nor a hub id"),
+        ("{no_weights}:{image}", "has no diffusion_pytorch_model.safetensors \\(or .bin\\) weights"),
+        ("{pointer}:{image}", "is a git-lfs pointer"),
+        ("./no/such/folder:{image}", "neither a local file or folder nor a hub id"),
         ("{folder}:{wide}", "is 8x9000: each side must be at most 8192"),
     ],
 )
@@ -135,6 +137,11 @@ def test_option_values_are_validated_before_the_model_is_loaded(
 ) -> None:
     folder, image = files
     (tmp_path / "empty").mkdir()
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    (tmp_path / "pointer").mkdir()
+    (tmp_path / "pointer" / "config.json").write_text("{}")
+    (tmp_path / "pointer" / "diffusion_pytorch_model.safetensors").write_text("version https://git-lfs.github.com/x")
     Image.new("L", (8, 9000)).save(tmp_path / "wide.png")
     value = value.format(
         folder=folder,
@@ -142,12 +149,16 @@ def test_option_values_are_validated_before_the_model_is_loaded(
         missing=tmp_path / "missing.png",
         empty=tmp_path / "empty",
         wide=tmp_path / "wide.png",
+        no_weights=tmp_path / "no_weights",
+        pointer=tmp_path / "pointer",
     )
     validate = registry().generate_options["--controlnet"].validate
     assert validate is not None
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         validate([f"{folder}:{image}", value])
-    validate([f"{folder}:{image}:0.5", "lllyasviel/sd-controlnet-canny:" + str(image)])
+    saved = tmp_path / "controlnet.safetensors"
+    ControlNet.from_pretrained(folder, subfolder="").save(saved)
+    validate([f"{folder}:{image}:0.5", "lllyasviel/sd-controlnet-canny:" + str(image), f"{saved}:{image}"])
 
 
 def test_conditioning_images_are_read_by_meaning() -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from refiners_controlnet.adapter import ControlNetAdapter
 from refiners_controlnet.condition import image_to_condition
 from refiners_controlnet.controlnet import ControlNet
-from refiners_core.checks import check_finite
+from refiners_core.checks import check_finite, check_weights_file
 from refiners_sd15 import MAX_IMAGE_SIDE
 from refiners_sd15.unet import SD1UNet
 
@@ -23,6 +23,8 @@ OPTION_HELP = (
     "ControlNets, whose residuals add up"
 )
 OPTION_METAVAR = "FOLDER:IMAGE[:SCALE]"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+"""The name of a diffusers ControlNet folder's weight files (before `.safetensors`, `.fp16.safetensors`...)."""
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -63,20 +65,28 @@ def parse_controlnet_option(value: str) -> ControlNetOption:
 
 def validate_controlnet_option(values: list[str]) -> None:
     """Check the `--controlnet` values before the model is loaded: the syntax, a finite scale, the image (a readable
-    image file of at most `MAX_IMAGE_SIDE` pixels a side, by its header) and the ControlNet (a local folder with a
-    `config.json`, or a hub id). Raises ValueError or FileNotFoundError naming the value at fault."""
+    image file of at most `MAX_IMAGE_SIDE` pixels a side, by its header) and the ControlNet: a file written by
+    `ControlNet.save`, a diffusers folder with a `config.json` and `diffusion_pytorch_model` weights (each a
+    safetensors file or torch checkpoint by its first bytes), or a hub id. Raises ValueError or FileNotFoundError
+    naming the value at fault."""
     for value in values:
         option = parse_controlnet_option(value)
         _check_image_header(value, option.image)
+        what = f"--controlnet {value!r}"
         local = Path(option.controlnet).expanduser()
-        if local.exists():
-            if not local.is_dir():
-                raise ValueError(f"--controlnet {value!r}: {local} is a file: expected a diffusers ControlNet folder")
+        if local.is_file():
+            check_weights_file(what, local)
+        elif local.is_dir():
             if not (local / "config.json").is_file():
-                raise FileNotFoundError(f"--controlnet {value!r}: {local} has no config.json (not a diffusers folder)")
+                raise FileNotFoundError(f"{what}: {local} has no config.json (not a diffusers folder)")
+            weights = sorted(path for path in local.glob(f"{WEIGHTS_STEM}*") if path.suffix in (".safetensors", ".bin"))
+            if not weights:
+                raise FileNotFoundError(f"{what}: {local} has no {WEIGHTS_STEM}.safetensors (or .bin) weights")
+            for path in weights:
+                check_weights_file(what, path)
         elif not _HUB_ID.match(option.controlnet):
             raise FileNotFoundError(
-                f"--controlnet {value!r}: {option.controlnet} is neither a local folder nor a hub id (owner/name)"
+                f"{what}: {option.controlnet} is neither a local file or folder nor a hub id (owner/name)"
             )
 
 
