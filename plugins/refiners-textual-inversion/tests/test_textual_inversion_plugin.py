@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from refiners_core.plugins import registry
 from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
 from refiners_textual_inversion import TextualInversionAdapter
+from refiners_textual_inversion.files import read_embedding
 from refiners_textual_inversion.options import apply_embedding_option, parse_embedding_value
 
 
@@ -149,3 +150,18 @@ def test_vectors_that_are_not_finite_are_refused_and_change_nothing(bad: float) 
     with pytest.raises(ValueError, match="textual inversion tensor \\(token '<cat>'\\): the vectors has"):
         adapter.add_embedding("<cat>", vectors)
     assert adapter.tokens == () and adapter.new_embeddings.num_embeddings == 0
+
+
+def test_embedding_files_are_read_by_their_content_not_their_extension(tmp_path: Path) -> None:
+    vectors = torch.randn(2, 32)
+    save_file({"emb_params": vectors}, tmp_path / "style.safetensors")
+    (tmp_path / "renamed.pt").write_bytes((tmp_path / "style.safetensors").read_bytes())
+    torch.save({"string_to_param": {"*": vectors}, "name": "zip"}, tmp_path / "zipped.safetensors")
+    (tmp_path / "pointer.pt").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert torch.equal(read_embedding(tmp_path / "renamed.pt").vectors, vectors)
+    assert torch.equal(read_embedding(tmp_path / "zipped.safetensors").vectors, vectors)
+    with pytest.raises(ValueError, match="pointer.pt is a git-lfs pointer, not the embedding it stands for"):
+        read_embedding(tmp_path / "pointer.pt")
+    with pytest.raises(ValueError, match="empty.pt: it is empty"):
+        read_embedding(tmp_path / "empty.pt")

@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 from safetensors.torch import load_file  # pyright: ignore[reportUnknownVariableType]
 
+from refiners_core.checks import sniff_weights_format
 from refiners_core.weights import WeightsError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -51,22 +52,30 @@ def read_embedding(path: str | os.PathLike[str]) -> Embedding:
             f"{path} is {size / 2**20:.0f} MiB: an embedding file holds a few vectors (at most "
             f"{MAX_EMBEDDING_BYTES // 2**20} MiB read), is it a model or a LoRA?"
         )
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    known = (".safetensors", *TORCH_SUFFIXES)
+    if path.suffix.lower() not in known:
+        raise WeightsError(
+            f"cannot read {path}: unknown embedding file extension {path.suffix!r} (expected {', '.join(known)})"
+        )
+    kind = sniff_weights_format(path)  # by content: a safetensors file named .pt is read as what it is
+    if kind == "git-lfs-pointer":
+        raise WeightsError(f"{path} is a git-lfs pointer, not the embedding it stands for: run `git lfs pull`")
+    if kind == "safetensors":
         try:
             content: object = load_file(path)
         except Exception as error:
             raise WeightsError(f"cannot read {path} as safetensors: {error}") from error
-    elif suffix in TORCH_SUFFIXES:
+    elif kind in ("torch-zip", "torch-pickle"):
         try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as file:  # a file object: torch.load routes a `.safetensors` path by its name
+                content = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:
             raise WeightsError(
                 f"cannot read {path} as a torch file of tensors: {' '.join(str(error).split())}"
             ) from error
     else:
-        known = ", ".join((".safetensors", *TORCH_SUFFIXES))
-        raise WeightsError(f"cannot read {path}: unknown embedding file extension {path.suffix!r} (expected {known})")
+        what = "empty" if size == 0 else "neither a safetensors file nor a torch file (by its first bytes)"
+        raise WeightsError(f"cannot read {path}: it is {what}")
     name, key, vectors = _name_key_and_vectors(content, path)
     return Embedding(name=name, vectors=_as_matrix(vectors, f"{path}: the embedding {key}"), source=str(path))
 
