@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from refiners_training import CaptionedImages, ConfigError, DatasetError, TrainingConfig
+from refiners_core.cli import main
+from refiners_training import CaptionedImages, ConfigError, DatasetError, TrainingConfig, TrainingError
 from refiners_training.checkpoint import latest_checkpoint, write_checkpoint
 from refiners_training.config import OptimizationConfig
 from refiners_training.diffusion import draw_noise
 from refiners_training.optim import lr_factor
-from refiners_training.trainer import check_mixed_precision
+from refiners_training.trainer import check_mixed_precision, prepare_output_dir
 
 FULL_TOML = """
 [model]
@@ -93,14 +95,44 @@ def test_defaults_fill_every_optional_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("replace", "by", "message"),
     [
-        ("rank = 4", "rank = 0", "`lora.rank` must be at least 1, got 0"),
+        ("rank = 4", "rank = 0", "`lora.rank` must be from 1 to 1024, got 0"),
+        ("rank = 4", "rank = 100000", "`lora.rank` must be from 1 to 1024, got 100000"),
         ("rank = 4", 'rank = "4"', "`lora.rank` must be an integer, got '4'"),
+        ("rank = 4", "rank = 4.5", "`lora.rank` must be an integer, got 4.5"),
+        ("alpha = 2", "alpha = -inf", "`lora.alpha` must be a finite number, got -inf"),
+        ('name = "red"', 'name = "red/../x"', "`lora.name` must be a file name"),
+        ('name = "red"', 'name = "red\\u0000"', "`lora.name` must be a file name"),
+        (
+            "resolution = 256",
+            "resolution = 40000",
+            "`data.resolution` must be a multiple of 8 from 8 to 2048, got 40000",
+        ),
+        ("resolution = 256", "resolution = 0", "`data.resolution` must be a multiple of 8 from 8 to 2048, got 0"),
+        ("learning_rate = 1e-3", "learning_rate = nan", "`training.learning_rate` must be a finite number, got nan"),
+        ("learning_rate = 1e-3", "learning_rate = inf", "`training.learning_rate` must be a finite number, got inf"),
+        ("learning_rate = 1e-3", "learning_rate = -1e-3", "`training.learning_rate` must be positive, got -0.001"),
+        ("learning_rate = 1e-3", 'learning_rate = "fast"', "`training.learning_rate` must be a number, got 'fast'"),
+        (
+            "learning_rate = 1e-3",
+            "learning_rate = 1e-3\nmax_grad_norm = nan",
+            "`training.max_grad_norm` must be a finite",
+        ),
+        ("learning_rate = 1e-3", "learning_rate = 1e-3\nadam_beta2 = 1.0", "`training.adam_beta2` must be in [0, 1)"),
+        ("batch_size = 2", "batch_size = 0", "`training.batch_size` must be from 1 to 1024, got 0"),
+        ("batch_size = 2", "batch_size = 1000000", "`training.batch_size` must be from 1 to 1024, got 1000000"),
+        ("max_steps = 10", "max_steps = 0", "`training.max_steps` must be from 1 to 10000000, got 0"),
+        ("max_steps = 10", "max_steps = 9223372036854775807", "`training.max_steps` must be from 1 to 10000000"),
+        ("seed = 7", "seed = -1", "`training.seed` must be at least 0, got -1"),
+        ('output_dir = "runs/red"', 'output_dir = "runs/\\u0000"', "`training.output_dir` must be a path"),
+        ("steps = 4\n", "steps = 5000\n", "`evaluation.steps` must be from 1 to 1000, got 5000"),
+        ("steps = 4\n", "steps = 4\ncondition_scale = nan\n", "`evaluation.condition_scale` must be a finite number"),
         ('lr_scheduler = "cosine"', 'lr_scheduler = "step"', "`training.lr_scheduler` must be one of"),
         ("seed = 7", "seed = 7\nsede = 8", "unknown key `training.sede`"),
-        ("resolution = 256", "resolution = 100", "`data.resolution` must be a multiple of 8, got 100"),
+        ("resolution = 256", "resolution = 100", "`data.resolution` must be a multiple of 8 from 8 to 2048, got 100"),
         ('output_dir = "runs/red"', "", "missing required key `training.output_dir`"),
         ("[export]", "[exports]", "unknown section [exports]"),
         ("steps = 4\nresolution = 64", "steps = 4\nresolution = 60", "`evaluation.resolution` must be a multiple"),
+        ("steps = 4\nresolution = 64", "steps = 4\nresolution = 4096", "`evaluation.resolution` must be a multiple"),
     ],
 )
 def test_a_bad_value_is_an_error_naming_the_file_and_the_key(
@@ -111,6 +143,17 @@ def test_a_bad_value_is_an_error_naming_the_file_and_the_key(
     with pytest.raises(ConfigError) as error:
         TrainingConfig.from_toml(path)
     assert str(path) in str(error.value) and message in str(error.value)
+
+
+@pytest.mark.parametrize("bad", ["resolution = 40000", "resolution = 256\nstray = 1", "resolution = nan"])
+def test_the_cli_rejects_a_bad_configuration_in_one_line_before_loading_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    path = write_config(tmp_path, FULL_TOML.replace("resolution = 256", bad, 1))  # `sd15` does not even exist
+    assert main(["train", "lora", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"refiners train lora: error: {path}: ") and "data." in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 def colour_image(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
@@ -141,6 +184,98 @@ def test_an_image_without_caption_or_a_bad_metadata_line_is_named(tmp_path: Path
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "missing.png", "text": "x"}\n', encoding="utf-8")
     with pytest.raises(DatasetError, match=r"metadata\.jsonl, line 1: image .*missing\.png does not exist"):
         CaptionedImages(tmp_path, resolution=8)
+
+
+def captioned_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    colour_image(folder / "a.png", (16, 16), (255, 0, 0))
+    (folder / "a.txt").write_text("a red square", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("a.txt", b"a red \xff square", r"a\.txt, line 1: not UTF-8 text \(byte 0xff at column 7\)"),
+        ("a.txt", b"a red\nsquare \xc3(", r"a\.txt, line 2: not UTF-8 text \(byte 0xc3 at column 8\)"),
+        (
+            "metadata.jsonl",
+            b'{"file_name": "a.png", "text": "ok"}\n{"file_name": "a.png", "text": "\xfe"}',
+            r"metadata\.jsonl, line 2: not UTF-8",
+        ),
+        ("metadata.jsonl", b'\n\n{"file_name": "a.png", "text": ', r"metadata\.jsonl, line 3: not a JSON object"),
+        ("metadata.jsonl", b"[" * 100_000, r"metadata\.jsonl, line 1: not a JSON object"),
+        ("metadata.jsonl", b'["a.png", "red"]', r"metadata\.jsonl, line 1: expected a JSON object"),
+        ("metadata.jsonl", b'{"file_name": "a.png", "text": 3}', r"line 1: expected string fields"),
+        ("metadata.jsonl", b'{"file_name": "a.png", "text": "\\ud800"}', r"line 1: `text` is not valid text"),
+        ("metadata.jsonl", b'{"file_name": "a.png\\u0000", "text": "x"}', r"line 1: `file_name` is not valid text"),
+    ],
+)
+def test_undecodable_captions_and_malformed_metadata_are_named_with_their_line(
+    tmp_path: Path, file: str, content: bytes, message: str
+) -> None:
+    folder = captioned_folder(tmp_path)
+    (folder / file).write_bytes(content)
+    with pytest.raises(DatasetError, match=message):
+        CaptionedImages(folder, resolution=8)
+
+
+@pytest.mark.parametrize("file_name", ["../outside.png", "sub/../../outside.png", "{outside}", "{data}/a.png"])
+def test_metadata_paths_that_leave_the_dataset_folder_are_refused(tmp_path: Path, file_name: str) -> None:
+    folder = captioned_folder(tmp_path / "data")
+    colour_image(tmp_path / "outside.png", (16, 16), (0, 0, 255))
+    (folder / "sub").mkdir()
+    file_name = file_name.format(outside=tmp_path / "outside.png", data=folder)  # absolute paths, even inside
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": file_name, "text": "x"}), encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"line 1: `file_name` .* leaves the dataset folder"):
+        CaptionedImages(folder, resolution=8)
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares `width x height` RGB pixels but holds (almost) no data: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "pil_limit"),
+    [(20_000, 20_000, Image.MAX_IMAGE_PIXELS), (9000, 9000, Image.MAX_IMAGE_PIXELS), (100_000, 1000, None)],
+)
+def test_decompression_bombs_are_refused_from_their_header_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, width: int, height: int, pil_limit: int | None
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pil_limit)  # our bound holds whatever PIL's is
+    folder = captioned_folder(tmp_path)
+    png_header_only(folder / "bomb.png", width, height)
+    (folder / "bomb.txt").write_text("boom", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"image .*bomb\.png (is too large|is \d+x\d+ pixels, more than)"):
+        CaptionedImages(folder, resolution=8)
+
+
+@pytest.mark.parametrize(
+    "layout", ["output_dir is a file", "its parent is a file", "checkpoints is a file", "log is a folder"]
+)
+def test_an_output_dir_that_cannot_hold_a_run_is_refused_naming_the_path(tmp_path: Path, layout: str) -> None:
+    output_dir = tmp_path / "parent" / "run"
+    if layout == "its parent is a file":
+        (tmp_path / "parent").write_text("x", encoding="utf-8")
+    else:
+        output_dir.parent.mkdir()
+    if layout == "output_dir is a file":
+        output_dir.write_text("x", encoding="utf-8")
+    elif layout == "checkpoints is a file":
+        output_dir.mkdir()
+        (output_dir / "checkpoints").write_text("x", encoding="utf-8")
+    elif layout == "log is a folder":
+        (output_dir / "log.jsonl").mkdir(parents=True)
+    with pytest.raises(TrainingError, match=rf"`training.output_dir`: .*{tmp_path}/parent"):
+        prepare_output_dir(output_dir)
 
 
 def test_images_are_resized_on_their_short_side_and_center_cropped(tmp_path: Path) -> None:

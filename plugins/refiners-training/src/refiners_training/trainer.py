@@ -73,9 +73,11 @@ def train_lora(config: TrainingConfig, resume: bool = False) -> TrainingResult:
     batch and rank 0 alone writes files.
 
     Raises ConfigError for a device or mixed precision the machine cannot use, DatasetError naming a bad file of
-    the dataset, TrainingError if `output_dir` already holds checkpoints and `resume` is False, CheckpointError
-    naming a checkpoint file that does not fit the configured LoRA; the base model's files are never written.
+    the dataset, TrainingError if `output_dir` is not a usable folder or already holds checkpoints and `resume` is
+    False, CheckpointError naming a checkpoint file that does not fit the configured LoRA; the base model's files are
+    never written.
     """
+    prepare_output_dir(config.training.output_dir)
     device = resolve_device(config.training)
     check_mixed_precision(config.training.mixed_precision, device)
     processes = start_processes(device)
@@ -83,6 +85,18 @@ def train_lora(config: TrainingConfig, resume: bool = False) -> TrainingResult:
         return _Run(config, device, processes).train(resume)
     finally:
         stop_processes(processes)
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create `training.output_dir`; TrainingError naming the path if it, or what the run writes in it, cannot be."""
+    for path, folder in ((output_dir, True), (output_dir / CHECKPOINTS, True), (output_dir / LOG_FILE, False)):
+        if path.exists() and path.is_dir() != folder:
+            kind = "folder" if folder else "file"
+            raise TrainingError(f"`training.output_dir`: {path} must be a {kind} (or not exist yet), but it is not")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainingError(f"`training.output_dir`: cannot create the folder {output_dir}: {error}") from error
 
 
 def resolve_device(config: OptimizationConfig) -> torch.device:
