@@ -19,7 +19,7 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_lora import LoraManager
-from refiners_sd15 import SD1UNet
+from refiners_sd15 import SD1UNet, UNetConfig
 
 TOLERANCE = 1e-6
 RANK = 4
@@ -35,12 +35,14 @@ def fresh_dynamo() -> Iterator[None]:
 def small_unet() -> SD1UNet:
     torch.manual_seed(0)
     unet = SD1UNet(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=4,
-        cross_attention_dim=24,
-        cross_attention_levels=(True, False),
-        norm_num_groups=8,
+        UNetConfig(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=4,
+            cross_attention_dim=24,
+            cross_attention_levels=(True, False),
+            norm_num_groups=8,
+        )
     ).eval()
     unet.set_timestep(torch.tensor([500]))
     unet.set_clip_text_embedding(torch.randn(2, 7, 24))

@@ -5,6 +5,7 @@ Parity tolerance: max |ours - reference| <= 1e-4 * max |reference|, in float32.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from published_configs import SD15_VAE_CONFIG
 from refiners_core.state_dicts import invert, load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors, save_tensors
 from refiners_sd15.autoencoder import (
+    SD15_AUTOENCODER,
+    AutoencoderConfig,
     SD1Autoencoder,
     autoencoder_config_from_diffusers,
     diffusers_autoencoder_mapping,
@@ -72,16 +75,13 @@ def reference_decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / 0.18215).sample  # pyright: ignore
 
 
-def our_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+def our_config(config: dict[str, Any]) -> AutoencoderConfig:
     return autoencoder_config_from_diffusers(config)
 
 
 def load_ours(config: dict[str, Any], tensors: dict[str, torch.Tensor], source: str = "test") -> SD1Autoencoder:
-    kwargs = our_kwargs(config)
-    ours = SD1Autoencoder(**kwargs).eval()
-    mapping = diffusers_autoencoder_mapping(
-        block_out_channels=kwargs["block_out_channels"], layers_per_block=kwargs["layers_per_block"]
-    )
+    ours = SD1Autoencoder(our_config(config)).eval()
+    mapping = diffusers_autoencoder_mapping(ours.config)
     load_state_dict_checked(ours, tensors, source=source, mapping=mapping)
     return ours
 
@@ -177,11 +177,13 @@ def test_diffusers_mapping_is_complete_and_bijective(sd15_reference: Autoencoder
     assert len(set(mapping.values())) == len(mapping)
 
 
-def ldm_state_dict(reference: dict[str, torch.Tensor], **architecture: Any) -> dict[str, torch.Tensor]:
+def ldm_state_dict(
+    reference: dict[str, torch.Tensor], config: AutoencoderConfig = SD15_AUTOENCODER
+) -> dict[str, torch.Tensor]:
     """The original checkpoint layout written from a diffusers state dict through our mappings only."""
-    ours_to_diffusers = invert(diffusers_autoencoder_mapping(**architecture))
+    ours_to_diffusers = invert(diffusers_autoencoder_mapping(config))
     ldm: dict[str, torch.Tensor] = {}
-    for ldm_key, our_key in ldm_autoencoder_mapping(**architecture).items():
+    for ldm_key, our_key in ldm_autoencoder_mapping(config).items():
         tensor = reference[ours_to_diffusers[our_key]]
         if ".mid.attn_1." in ldm_key and ldm_key.endswith("weight") and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]  # the original stores the attention projections as 1x1 convolutions
@@ -208,16 +210,13 @@ def test_small_configs_match_diffusers_through_both_mappings(architecture: dict[
     reference = perturbed_diffusers_vae(config)
     state_dict = reference.state_dict()
     ours = load_ours(config, state_dict)
-    keys = {
-        "block_out_channels": architecture["block_out_channels"],
-        "layers_per_block": architecture["layers_per_block"],
-    }
-    assert set(diffusers_autoencoder_mapping(**keys)) == set(state_dict)
-    ldm = ldm_state_dict(state_dict, **keys)
+    keys = our_config(config)
+    assert set(diffusers_autoencoder_mapping(keys)) == set(state_dict)
+    ldm = ldm_state_dict(state_dict, keys)
     converted = convert_ldm_vae_checkpoint(ldm, config)
     assert set(converted) == set(state_dict) and all(torch.equal(converted[k], v) for k, v in state_dict.items())
-    from_ldm = SD1Autoencoder(**our_kwargs(config)).eval()
-    load_state_dict_checked(from_ldm, ldm, source="ldm", mapping=ldm_autoencoder_mapping(**keys))
+    from_ldm = SD1Autoencoder(our_config(config)).eval()
+    load_state_dict_checked(from_ldm, ldm, source="ldm", mapping=ldm_autoencoder_mapping(keys))
 
     factor = 2 ** (len(architecture["block_out_channels"]) - 1)
     images = torch.rand(2, 3, 8 * factor, 6 * factor, generator=torch.Generator().manual_seed(4)) * 2 - 1
@@ -235,12 +234,14 @@ def test_small_configs_match_diffusers_through_both_mappings(architecture: dict[
 @pytest.fixture(scope="module")
 def small() -> SD1Autoencoder:
     torch.manual_seed(0)
-    return SD1Autoencoder(**our_kwargs(small_diffusers_config(**SMALL_CONFIGS[0]))).eval()
+    return SD1Autoencoder(our_config(small_diffusers_config(**SMALL_CONFIGS[0]))).eval()
 
 
 @pytest.mark.parametrize("size", [(60, 64), (64, 36), (7, 7)])
 def test_image_size_not_multiple_of_eight_raises(size: tuple[int, int]) -> None:
-    four_stages = SD1Autoencoder(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    four_stages = SD1Autoencoder(
+        replace(SD15_AUTOENCODER, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+    )
     assert four_stages.downscale_factor == 8
     with pytest.raises(ValueError, match=rf"{size[0]}x{size[1]} .*not a multiple of 8"):
         four_stages.image_to_latents(random_image(*size))
@@ -273,7 +274,7 @@ def test_dtype_and_device_apply_to_every_parameter_and_buffer() -> None:
     model = SD1Autoencoder(device="cpu", dtype=torch.float64)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     assert tensors and all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors.values())
-    small = SD1Autoencoder(**our_kwargs(small_diffusers_config(**SMALL_CONFIGS[0])), dtype=torch.float64)
+    small = SD1Autoencoder(our_config(small_diffusers_config(**SMALL_CONFIGS[0])), dtype=torch.float64)
     with torch.no_grad():
         latents = small.image_to_latents(random_image(8, 8))
         assert latents.dtype == torch.float64
@@ -281,24 +282,25 @@ def test_dtype_and_device_apply_to_every_parameter_and_buffer() -> None:
 
 
 def test_default_construction_is_the_published_sd15_autoencoder() -> None:
-    kwargs = autoencoder_config_from_diffusers(SD15_VAE_CONFIG)
-    assert kwargs == {
-        "block_out_channels": (128, 256, 512, 512),
-        "layers_per_block": 2,
-        "latent_channels": 4,
-        "norm_num_groups": 32,
-        "scaling_factor": 0.18215,
-    }
+    config = autoencoder_config_from_diffusers(SD15_VAE_CONFIG)
+    assert config == AutoencoderConfig(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=0.18215,
+    )
     model = SD1Autoencoder(device="meta")
-    assert model.downscale_factor == 8 and model.scaling_factor == 0.18215
+    assert model.config == config == SD15_AUTOENCODER
+    assert model.downscale_factor == 8 and model.config.scaling_factor == 0.18215
     assert sum(p.numel() for p in model.parameters()) == 83_653_863
 
 
 def test_config_from_diffusers_reads_saved_configs() -> None:
-    assert autoencoder_config_from_diffusers(SDXL_VAE_CONFIG)["scaling_factor"] == 0.13025
+    assert autoencoder_config_from_diffusers(SDXL_VAE_CONFIG).scaling_factor == 0.13025
     saved = dict(perturbed_diffusers_vae(small_diffusers_config(**SMALL_CONFIGS[2])).config)
-    kwargs = autoencoder_config_from_diffusers(saved)
-    assert kwargs["latent_channels"] == 16 and kwargs["block_out_channels"] == (16, 32, 32)
+    config = autoencoder_config_from_diffusers(saved)
+    assert config.latent_channels == 16 and config.block_out_channels == (16, 32, 32)
 
 
 @pytest.mark.parametrize(
@@ -325,14 +327,16 @@ def test_wrong_latent_channels_file_raises_weights_error_naming_key_layer_and_sh
     file = tmp_path / "vae.safetensors"
     other = small_diffusers_config(**{**SMALL_CONFIGS[0], "latent_channels": 16})
     save_tensors(file, perturbed_diffusers_vae(other).state_dict())
-    ours = SD1Autoencoder(**our_kwargs(small_diffusers_config(**SMALL_CONFIGS[0])))
+    ours = SD1Autoencoder(our_config(small_diffusers_config(**SMALL_CONFIGS[0])))
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     with pytest.raises(WeightsError) as error:
         load_state_dict_checked(
             ours,
             load_tensors(file),
             source=str(file),
-            mapping=diffusers_autoencoder_mapping(block_out_channels=(32, 64), layers_per_block=1),
+            mapping=diffusers_autoencoder_mapping(
+                replace(SD15_AUTOENCODER, block_out_channels=(32, 64), layers_per_block=1)
+            ),
         )
     message = str(error.value)
     assert str(file) in message
@@ -346,13 +350,15 @@ def test_sd15_architecture_rejects_a_differently_sized_autoencoder(tmp_path: Pat
     file = tmp_path / "vae.safetensors"
     wider = small_diffusers_config(block_out_channels=[32, 64], layers_per_block=2, norm_num_groups=8)
     save_tensors(file, perturbed_diffusers_vae(wider).state_dict())
-    ours = SD1Autoencoder(**our_kwargs(small_diffusers_config(**SMALL_CONFIGS[0])))
+    ours = SD1Autoencoder(our_config(small_diffusers_config(**SMALL_CONFIGS[0])))
     with pytest.raises(WeightsError, match=r"match no layer of SD1Autoencoder: 'decoder\.up_blocks\.0\.resnets\.2\."):
         load_state_dict_checked(
             ours,
             load_tensors(file),
             source=str(file),
-            mapping=diffusers_autoencoder_mapping(block_out_channels=(32, 64), layers_per_block=1),
+            mapping=diffusers_autoencoder_mapping(
+                replace(SD15_AUTOENCODER, block_out_channels=(32, 64), layers_per_block=1)
+            ),
         )
 
 

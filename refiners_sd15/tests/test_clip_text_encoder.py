@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -19,12 +20,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from refiners_core.state_dicts import invert, load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors
-from refiners_sd15.clip.mapping import (
-    CLIP_TEXT_IGNORED_KEYS,
-    clip_text_config_from_transformers,
-    ldm_clip_text_mapping,
-    transformers_clip_text_mapping,
-)
+from refiners_sd15.clip.config import CLIP_TEXT_L, CLIPTextEncoderConfig, clip_text_config_from_transformers
+from refiners_sd15.clip.mapping import CLIP_TEXT_IGNORED_KEYS, ldm_clip_text_mapping, transformers_clip_text_mapping
 from refiners_sd15.clip.text_encoder import CLIPTextEncoderL, TokenIds
 from refiners_sd15.clip.tokenizer import CLIPTokenizer
 
@@ -113,10 +110,9 @@ def reference_output(model: CLIPTextModel, token_ids: torch.Tensor) -> torch.Ten
         return model(input_ids=token_ids).last_hidden_state
 
 
-def small_encoder(**kwargs: Any) -> CLIPTextEncoderL:
-    arguments: dict[str, Any] = {"tokenizer": CLIPTokenizer(sequence_length=16)}
-    arguments |= clip_text_config_from_transformers(SMALL_CONFIG) | kwargs
-    return CLIPTextEncoderL(**arguments)
+def small_encoder(tokenizer: CLIPTokenizer | None = None, **changes: Any) -> CLIPTextEncoderL:
+    config = replace(clip_text_config_from_transformers(SMALL_CONFIG), **changes)
+    return CLIPTextEncoderL(config, tokenizer=tokenizer or CLIPTokenizer(sequence_length=16))
 
 
 def test_sd15_text_encoder_matches_transformers_clip_text_model(tmp_path: Path) -> None:
@@ -125,8 +121,8 @@ def test_sd15_text_encoder_matches_transformers_clip_text_model(tmp_path: Path) 
     config = json.loads((tmp_path / "config.json").read_text())
     tensors = load_tensors(tmp_path / "model.safetensors")
 
-    encoder = CLIPTextEncoderL(**clip_text_config_from_transformers(config))
-    mapping = transformers_clip_text_mapping(encoder.num_layers, prefix=key_prefix(tensors))
+    encoder = CLIPTextEncoderL(clip_text_config_from_transformers(config))
+    mapping = transformers_clip_text_mapping(encoder.config, prefix=key_prefix(tensors))
     load_state_dict_checked(
         encoder, tensors, source="model.safetensors", mapping=mapping, ignore=CLIP_TEXT_IGNORED_KEYS
     )
@@ -145,11 +141,11 @@ def test_sd15_text_encoder_matches_transformers_clip_text_model(tmp_path: Path) 
 def test_small_text_encoder_loaded_from_save_pretrained_matches_transformers(tmp_path: Path, hidden_act: str) -> None:
     reference = reference_model(SMALL_CONFIG | {"hidden_act": hidden_act})
     reference.save_pretrained(tmp_path)
-    kwargs = clip_text_config_from_transformers(json.loads((tmp_path / "config.json").read_text()))
-    assert kwargs["use_quick_gelu"] is (hidden_act == "quick_gelu")
-    encoder = CLIPTextEncoderL(tokenizer=CLIPTokenizer(sequence_length=16), **kwargs)
+    config = clip_text_config_from_transformers(json.loads((tmp_path / "config.json").read_text()))
+    assert config.use_quick_gelu is (hidden_act == "quick_gelu")
+    encoder = CLIPTextEncoderL(config, tokenizer=CLIPTokenizer(sequence_length=16))
     tensors = load_tensors(tmp_path / "model.safetensors")
-    mapping = transformers_clip_text_mapping(kwargs["num_layers"], prefix=key_prefix(tensors))
+    mapping = transformers_clip_text_mapping(config, prefix=key_prefix(tensors))
     load_state_dict_checked(
         encoder, tensors, source="model.safetensors", mapping=mapping, ignore=CLIP_TEXT_IGNORED_KEYS
     )
@@ -173,7 +169,7 @@ def test_published_layout_with_position_ids_loads_with_default_mapping(tmp_path:
         encoder,
         load_tensors(tmp_path / "model.safetensors"),
         source="model.safetensors",
-        mapping=transformers_clip_text_mapping(2),
+        mapping=transformers_clip_text_mapping(encoder.config),
         ignore=CLIP_TEXT_IGNORED_KEYS,
     )
     token_ids = torch.randint(0, 1000, (2, 16))
@@ -193,7 +189,11 @@ def test_single_file_checkpoint_loads_with_ldm_mapping(tmp_path: Path) -> None:
     text_tensors = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
     encoder = small_encoder()
     load_state_dict_checked(
-        encoder, text_tensors, source="model.ckpt", mapping=ldm_clip_text_mapping(2), ignore=CLIP_TEXT_IGNORED_KEYS
+        encoder,
+        text_tensors,
+        source="model.ckpt",
+        mapping=ldm_clip_text_mapping(encoder.config),
+        ignore=CLIP_TEXT_IGNORED_KEYS,
     )
     token_ids = torch.randint(0, 1000, (2, 16))
     with torch.no_grad():
@@ -207,10 +207,11 @@ def test_transformers_mapping_is_complete_and_bijective(num_layers: int) -> None
         reference_keys = set(CLIPTextModel(CLIPTextConfig.from_dict(config)).state_dict())
     # as transformers >= 5.6 names them; transformers < 4.31 also lists the position ids buffer
     reference_keys = {key.removeprefix("text_model.") for key in reference_keys - CLIP_TEXT_IGNORED_KEYS}
-    our_keys = set(CLIPTextEncoderL(device="meta", num_layers=num_layers).state_dict())
+    ours = CLIPTextEncoderL(replace(CLIP_TEXT_L, num_layers=num_layers), device="meta")
+    our_keys = set(ours.state_dict())
 
     for prefix in ("text_model.", ""):
-        mapping = transformers_clip_text_mapping(num_layers, prefix=prefix)
+        mapping = transformers_clip_text_mapping(ours.config, prefix=prefix)
         assert set(mapping) == {prefix + key for key in reference_keys}
         assert set(mapping.values()) == our_keys
         assert len(invert(mapping)) == len(mapping) == len(our_keys)
@@ -263,31 +264,29 @@ def test_sd2_text_encoder_file_raises_weights_error_naming_file_key_layer_and_sh
 
 
 def test_constructor_defaults_are_sd15_and_config_conversion() -> None:
-    defaults = {
-        name: parameter.default
-        for name, parameter in inspect.signature(CLIPTextEncoderL).parameters.items()
-        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    defaults = inspect.signature(CLIPTextEncoderL).parameters["config"].default
+    assert defaults is CLIP_TEXT_L
     assert clip_text_config_from_transformers(SD15_TEXT_ENCODER_CONFIG) == defaults
-    assert clip_text_config_from_transformers(SD2_TEXT_ENCODER_CONFIG) == defaults | {
-        "embedding_dim": 1024,
-        "num_layers": 23,
-        "num_attention_heads": 16,
-        "feedforward_dim": 4096,
-        "use_quick_gelu": False,
-    }
+    assert clip_text_config_from_transformers(SD2_TEXT_ENCODER_CONFIG) == replace(
+        defaults,
+        embedding_dim=1024,
+        num_layers=23,
+        num_attention_heads=16,
+        feedforward_dim=4096,
+        use_quick_gelu=False,
+    )
     # Fields left out take transformers' CLIPTextConfig defaults, as transformers reads the file.
     transformers_defaults = CLIPTextConfig()
-    assert clip_text_config_from_transformers({}) == {
-        "embedding_dim": transformers_defaults.hidden_size,
-        "num_layers": transformers_defaults.num_hidden_layers,
-        "num_attention_heads": transformers_defaults.num_attention_heads,
-        "feedforward_dim": transformers_defaults.intermediate_size,
-        "max_sequence_length": transformers_defaults.max_position_embeddings,
-        "vocabulary_size": transformers_defaults.vocab_size,
-        "layer_norm_eps": transformers_defaults.layer_norm_eps,
-        "use_quick_gelu": transformers_defaults.hidden_act == "quick_gelu",
-    }
+    assert clip_text_config_from_transformers({}) == CLIPTextEncoderConfig(
+        embedding_dim=transformers_defaults.hidden_size,
+        num_layers=transformers_defaults.num_hidden_layers,
+        num_attention_heads=transformers_defaults.num_attention_heads,
+        feedforward_dim=transformers_defaults.intermediate_size,
+        max_sequence_length=transformers_defaults.max_position_embeddings,
+        vocabulary_size=transformers_defaults.vocab_size,
+        layer_norm_eps=cast(float, transformers_defaults.layer_norm_eps),
+        use_quick_gelu=transformers_defaults.hidden_act == "quick_gelu",
+    )
 
 
 @pytest.mark.parametrize(
@@ -309,7 +308,8 @@ def test_unsupported_config_raises_value_error_naming_the_field(change: dict[str
 
 def test_float64_construction_puts_every_parameter_in_float64_and_computes_in_it() -> None:
     encoder = CLIPTextEncoderL(
-        dtype=torch.float64, embedding_dim=32, num_layers=2, num_attention_heads=4, feedforward_dim=64
+        CLIPTextEncoderConfig(embedding_dim=32, num_layers=2, num_attention_heads=4, feedforward_dim=64),
+        dtype=torch.float64,
     )
     assert {parameter.dtype for parameter in encoder.parameters()} == {torch.float64}
     assert list(encoder.buffers()) == []

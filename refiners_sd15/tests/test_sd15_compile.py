@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from refiners_sd15 import SD1UNet
+from refiners_sd15 import SD1UNet, UNetConfig
 
 TOLERANCE = 1e-6
 
@@ -32,12 +32,14 @@ def fresh_dynamo() -> Iterator[None]:
 def small_unet() -> SD1UNet:
     torch.manual_seed(0)
     return SD1UNet(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=4,
-        cross_attention_dim=24,
-        cross_attention_levels=(True, False),
-        norm_num_groups=8,
+        UNetConfig(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=4,
+            cross_attention_dim=24,
+            cross_attention_levels=(True, False),
+            norm_num_groups=8,
+        )
     ).eval()
 
 

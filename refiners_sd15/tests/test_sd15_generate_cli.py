@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,14 @@ from refiners_core.cli import main
 from refiners_core.plugins import registry, reset_registry
 from refiners_sd15 import (
     DDIM,
+    SD15_AUTOENCODER,
+    CLIPTextEncoderConfig,
     CLIPTextEncoderL,
     SD1Autoencoder,
     SD1UNet,
     StableDiffusion_1,
     StableDiffusion_1_Inpainting,
+    UNetConfig,
 )
 from refiners_sd15.demo import run_demo
 
@@ -31,16 +35,18 @@ def small_components(in_channels: int) -> dict[str, torch.nn.Module]:
     torch.manual_seed(in_channels)
     return {
         "unet": SD1UNet(
-            in_channels,
-            block_out_channels=(32, 32),
-            layers_per_block=1,
-            attention_head_dim=4,
-            cross_attention_dim=32,
-            cross_attention_levels=(True, False),
+            UNetConfig(
+                in_channels=in_channels,
+                block_out_channels=(32, 32),
+                layers_per_block=1,
+                attention_head_dim=4,
+                cross_attention_dim=32,
+                cross_attention_levels=(True, False),
+            )
         ),
-        "lda": SD1Autoencoder(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+        "lda": SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32, 32, 32, 32), layers_per_block=1)),
         "clip_text_encoder": CLIPTextEncoderL(
-            embedding_dim=32, num_layers=1, num_attention_heads=2, feedforward_dim=64
+            CLIPTextEncoderConfig(embedding_dim=32, num_layers=1, num_attention_heads=2, feedforward_dim=64)
         ),
     }
 

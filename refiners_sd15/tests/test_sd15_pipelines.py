@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import pytest
@@ -45,7 +45,7 @@ from refiners_sd15 import (
     StableDiffusion_1,
     StableDiffusion_1_Inpainting,
 )
-from refiners_sd15.unet import diffusers_unet_mapping
+from refiners_sd15.unet import SD15_UNET, diffusers_unet_mapping
 
 TOLERANCE = 1e-3
 SIZE = 64  # pixels: 8x8 latents
@@ -89,7 +89,7 @@ def diffusers_unet(in_channels: int) -> UNet2DConditionModel:
 
 def our_unet(reference: UNet2DConditionModel, in_channels: int) -> SD1UNet:
     """Our UNet holding the very tensors of `reference` (no copy), through our diffusers key mapping."""
-    unet = SD1UNet(in_channels=in_channels, device="meta")
+    unet = SD1UNet(replace(SD15_UNET, in_channels=in_channels), device="meta")
     tensors = reference.state_dict()
     load_state_dict_checked(unet, tensors, source="reference", mapping=diffusers_unet_mapping(), assign_to_device="cpu")
     for module in unet.modules():  # buffers outside the state dict (empty device anchors) are still on meta

@@ -155,7 +155,7 @@ def test_from_pretrained_reads_the_fp16_variant(references: References, tmp_path
 
 
 def _our_key(unet: SD1UNet, diffusers_key: str) -> str:
-    mapping = SD1UNet.component_format.diffusers_mapping(SD1UNet.component_format.architecture(unet), [])
+    mapping = SD1UNet.component_format.diffusers_mapping(unet.config, [])
     return mapping[diffusers_key]
 
 
@@ -235,9 +235,8 @@ def _single_file_checkpoint(references: References, sd: StableDiffusion_1) -> di
     for model, reference in parts:
         component = model.component_format
         state = reference.state_dict()
-        architecture = component.architecture(model)
-        to_ours = component.diffusers_mapping(architecture, state.keys())
-        to_ldm = invert(component.single_file_mapping(architecture))
+        to_ours = component.diffusers_mapping(model.config, state.keys())
+        to_ldm = invert(component.single_file_mapping(model.config))
         for key, tensor in state.items():
             if key in component.ignored_keys:
                 continue

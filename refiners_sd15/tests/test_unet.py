@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,7 +24,10 @@ import refiners_core.fluxion as fl
 from refiners_core.state_dicts import compose, invert, load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors
 from refiners_sd15.unet import (
+    SD15_INPAINTING_UNET,
+    SD15_UNET,
     SD1UNet,
+    UNetConfig,
     diffusers_unet_mapping,
     ldm_unet_mapping,
     unet_config_from_diffusers,
@@ -119,13 +123,13 @@ def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
     assert error <= TOLERANCE * scale, f"max |ours - reference| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
 
 
-def save_and_load(reference: UNet2DConditionModel, folder: Path, **overrides: Any) -> tuple[SD1UNet, Path]:
+def save_and_load(reference: UNet2DConditionModel, folder: Path) -> tuple[SD1UNet, Path]:
     """Save `reference` with `save_pretrained`, then build an SD1UNet from its config and load its file."""
     reference.save_pretrained(folder, safe_serialization=True)  # pyright: ignore[reportUnknownMemberType]
-    kwargs = unet_config_from_diffusers(dict(reference.config))  # pyright: ignore[reportUnknownArgumentType]
+    unet_config = unet_config_from_diffusers(dict(reference.config))  # pyright: ignore[reportUnknownArgumentType]
     path = folder / "diffusion_pytorch_model.safetensors"
-    ours = SD1UNet(**kwargs, **overrides).eval()
-    load_state_dict_checked(ours, load_tensors(path), source=str(path), mapping=diffusers_unet_mapping(kwargs))
+    ours = SD1UNet(unet_config).eval()
+    load_state_dict_checked(ours, load_tensors(path), source=str(path), mapping=diffusers_unet_mapping(unet_config))
     return ours, path
 
 
@@ -186,7 +190,7 @@ def test_small_unet_matches_diffusers(
 def test_inpainting_unet_with_nine_input_channels_matches_diffusers(tmp_path: Path) -> None:
     reference = reference_unet({**SMALL_UNET_CONFIG, "in_channels": 9})
     ours, _ = save_and_load(reference, tmp_path)
-    assert ours.in_channels == 9
+    assert ours.config.in_channels == 9
     torch.manual_seed(3)
     x, text = inputs(2, 9, 16, 16, 24)
     timestep = torch.tensor([300])
@@ -196,7 +200,7 @@ def test_inpainting_unet_with_nine_input_channels_matches_diffusers(tmp_path: Pa
 def test_unet_with_attention_on_deeper_levels_only_matches_diffusers(tmp_path: Path) -> None:
     reference = reference_unet(TINY_UNET_CONFIG)
     ours, _ = save_and_load(reference, tmp_path)
-    assert ours.cross_attention_levels == (False, True)
+    assert ours.config.cross_attention_levels == (False, True)
     torch.manual_seed(4)
     x, text = inputs(2, 4, 12, 12, 32)
     timestep = torch.tensor([42])
@@ -208,11 +212,11 @@ def test_skip_connections_go_through_the_context(small_unet: SD1UNet) -> None:
     concatenated = [layer.index for layer in small_unet.layers(ConcatenateSkip)]
     assert saved == list(range(len(saved)))
     assert concatenated == saved[::-1]
-    assert len(list(small_unet.layers(Upsample))) == len(small_unet.block_out_channels) - 1
+    assert len(list(small_unet.layers(Upsample))) == len(small_unet.config.block_out_channels) - 1
 
 
 def test_unet_without_timestep_names_the_missing_context() -> None:
-    unet = SD1UNet(**unet_config_from_diffusers(SMALL_UNET_CONFIG))
+    unet = SD1UNet(unet_config_from_diffusers(SMALL_UNET_CONFIG))
     unet.set_clip_text_embedding(torch.randn(1, 77, 24))
     with pytest.raises(fl.ContextError, match="timestep"):
         unet(torch.randn(1, 4, 8, 8))
@@ -234,9 +238,9 @@ CONFIGS["tiny"] = TINY_UNET_CONFIG
 @pytest.mark.parametrize("name", CONFIGS)
 def test_diffusers_mapping_covers_every_key_one_to_one(name: str) -> None:
     config = CONFIGS[name]
-    kwargs = unet_config_from_diffusers(config)
-    mapping = diffusers_unet_mapping(kwargs)
-    ours = SD1UNet(**kwargs, device="meta").state_dict()
+    unet_config = unet_config_from_diffusers(config)
+    mapping = diffusers_unet_mapping(unet_config)
+    ours = SD1UNet(unet_config, device="meta").state_dict()
     assert set(mapping) == set(meta_state_dict(config))
     assert sorted(mapping.values()) == sorted(ours)  # every key of ours, each exactly once
     invert(mapping)  # raises if two file keys map to one of ours
@@ -246,10 +250,10 @@ def test_diffusers_mapping_covers_every_key_one_to_one(name: str) -> None:
 def test_ldm_mapping_agrees_with_the_diffusers_converter(name: str) -> None:
     """Rename a diffusers state dict to the original layout through our mappings; diffusers must convert it back."""
     config = CONFIGS[name]
-    kwargs = unet_config_from_diffusers(config)
-    ldm_mapping = ldm_unet_mapping(kwargs)
-    ldm_to_diffusers = compose(ldm_mapping, invert(diffusers_unet_mapping(kwargs)))
-    assert sorted(ldm_mapping.values()) == sorted(SD1UNet(**kwargs, device="meta").state_dict())
+    unet_config = unet_config_from_diffusers(config)
+    ldm_mapping = ldm_unet_mapping(unet_config)
+    ldm_to_diffusers = compose(ldm_mapping, invert(diffusers_unet_mapping(unet_config)))
+    assert sorted(ldm_mapping.values()) == sorted(SD1UNet(unet_config, device="meta").state_dict())
     diffusers_keys = list(meta_state_dict(config))
     assert sorted(ldm_to_diffusers.values()) == sorted(diffusers_keys)
     diffusers_tensors = {key: torch.full((1,), float(index)) for index, key in enumerate(diffusers_keys)}
@@ -279,17 +283,17 @@ def test_ldm_mapping_names_the_original_keys() -> None:
 
 def ldm_shapes(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors (on the meta device) of an original checkpoint's UNet for `config`, without their prefix."""
-    kwargs = unet_config_from_diffusers(config)
-    ldm_to_diffusers = compose(ldm_unet_mapping(kwargs), invert(diffusers_unet_mapping(kwargs)))
+    unet_config = unet_config_from_diffusers(config)
+    ldm_to_diffusers = compose(ldm_unet_mapping(unet_config), invert(diffusers_unet_mapping(unet_config)))
     diffusers_tensors = meta_state_dict(config)
     return {ldm: diffusers_tensors[diffusers] for ldm, diffusers in ldm_to_diffusers.items()}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_read_from_ldm_tensors_matches_the_diffusers_config(name: str) -> None:
-    kwargs = unet_config_from_diffusers(CONFIGS[name])
+    unet_config = unet_config_from_diffusers(CONFIGS[name])
     from_ldm = unet_config_from_ldm(ldm_shapes(CONFIGS[name]))
-    assert from_ldm == {**kwargs, "attention_head_dim": 8, "norm_num_groups": 32}  # not in the weights: SD1's
+    assert from_ldm == replace(unet_config, attention_head_dim=8, norm_num_groups=32)  # not in the weights: SD1's
 
 
 def test_config_from_sd2_ldm_tensors_is_refused() -> None:
@@ -303,11 +307,12 @@ def test_config_from_sd2_ldm_tensors_is_refused() -> None:
 
 
 def test_published_sd15_config_gives_the_default_unet() -> None:
-    kwargs = unet_config_from_diffusers(SD15_UNET_CONFIG)
+    unet_config = unet_config_from_diffusers(SD15_UNET_CONFIG)
     default = SD1UNet(device="meta")
-    built = SD1UNet(**kwargs, device="meta")
+    built = SD1UNet(unet_config, device="meta")
     assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
-    assert unet_config_from_diffusers(SD15_INPAINTING_UNET_CONFIG) == {**kwargs, "in_channels": 9}
+    assert unet_config_from_diffusers(SD15_INPAINTING_UNET_CONFIG) == replace(unet_config, in_channels=9)
+    assert (unet_config, replace(unet_config, in_channels=9)) == (SD15_UNET, SD15_INPAINTING_UNET)
 
 
 @pytest.mark.parametrize(
@@ -362,14 +367,14 @@ def test_sd2_weights_name_file_key_layer_and_shapes(tmp_path: Path) -> None:
     reference = diffusers_unet(sd2_like)
     reference.save_pretrained(tmp_path, safe_serialization=True)  # pyright: ignore[reportUnknownMemberType]
     path = tmp_path / "diffusion_pytorch_model.safetensors"
-    kwargs = unet_config_from_diffusers(
+    unet_config = unet_config_from_diffusers(
         {**sd2_like, "attention_head_dim": 4, "cross_attention_dim": 768, "use_linear_projection": False}
     )
-    ours = SD1UNet(**kwargs)
+    ours = SD1UNet(unet_config)
     before = {key: value.clone() for key, value in ours.state_dict().items()}
 
     with pytest.raises(WeightsError) as error:
-        load_state_dict_checked(ours, load_tensors(path), source=str(path), mapping=diffusers_unet_mapping(kwargs))
+        load_state_dict_checked(ours, load_tensors(path), source=str(path), mapping=diffusers_unet_mapping(unet_config))
 
     message = str(error.value)
     assert str(path) in message
@@ -407,12 +412,12 @@ class RecordDtypes(TorchFunctionMode):
         return result
 
 
-def small_kwargs() -> dict[str, Any]:
+def small_config() -> UNetConfig:
     return unet_config_from_diffusers(SMALL_UNET_CONFIG)
 
 
 def test_float64_unet_creates_and_computes_everything_in_float64(small_unet: SD1UNet) -> None:
-    unet = SD1UNet(**small_kwargs(), dtype=torch.float64).eval()
+    unet = SD1UNet(small_config(), dtype=torch.float64).eval()
     tensors = list(unet.parameters()) + list(unet.buffers())
     assert tensors and all(tensor.dtype == torch.float64 for tensor in tensors)
     unet.load_state_dict(small_unet.state_dict())
@@ -429,7 +434,7 @@ def test_float64_unet_creates_and_computes_everything_in_float64(small_unet: SD1
 
 
 def test_meta_unet_creates_nothing_on_another_device() -> None:
-    unet = SD1UNet(**small_kwargs(), device="meta", dtype=torch.float16)
+    unet = SD1UNet(small_config(), device="meta", dtype=torch.float16)
     tensors = list(unet.parameters()) + list(unet.buffers())
     assert all(tensor.device.type == "meta" and tensor.dtype == torch.float16 for tensor in tensors)
     x = torch.empty(2, 4, 16, 16, device="meta", dtype=torch.float16)
@@ -443,7 +448,7 @@ def test_meta_unet_creates_nothing_on_another_device() -> None:
 
 
 def test_timestep_embedding_is_computed_in_float32_for_a_half_precision_unet() -> None:
-    sinusoids = SD1UNet(**small_kwargs(), dtype=torch.bfloat16).ensure_find(SinusoidalEmbedding)
+    sinusoids = SD1UNet(small_config(), dtype=torch.bfloat16).ensure_find(SinusoidalEmbedding)
     timestep = torch.tensor([999])
     embedding = sinusoids(timestep)
     half = 16

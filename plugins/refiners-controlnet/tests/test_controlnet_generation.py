@@ -11,6 +11,7 @@ The UNet and ControlNets are small SD1-like ones with random weights, loaded on 
 # diffusers exports its classes lazily, which pyright reads as private imports.
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,7 +34,7 @@ from diffusers import (
 from PIL import Image
 
 from refiners_controlnet import ControlNet, ControlNetAdapter, image_to_condition
-from refiners_sd15 import CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
+from refiners_sd15 import SD15_AUTOENCODER, CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
 from refiners_sd15.solvers import DDIM
 
 SIZE = 128
@@ -118,7 +119,9 @@ def our_latents(
 ) -> torch.Tensor:
     sd = StableDiffusion_1(
         unet=SD1UNet.from_pretrained(folder).eval(),
-        lda=SD1Autoencoder(block_out_channels=(32,) * 4, device="meta"),  # unused: the tests compare latents
+        lda=SD1Autoencoder(
+            replace(SD15_AUTOENCODER, block_out_channels=(32,) * 4), device="meta"
+        ),  # unused: the tests compare latents
         clip_text_encoder=CLIPTextEncoderL(device="meta"),  # unused: the tests give text embeddings
         show_progress=False,
     )

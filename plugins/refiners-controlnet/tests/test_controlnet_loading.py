@@ -13,8 +13,15 @@ from controlnet_references import SD15_CONTROLNET_CONFIG, SMALL_CONTROLNET_CONFI
 from diffusers import ControlNetModel  # pyright: ignore[reportPrivateImportUsage]
 from safetensors.torch import load_file, save_file  # pyright: ignore[reportUnknownVariableType]
 
-from refiners_controlnet import ControlNet, controlnet_config_from_diffusers, diffusers_controlnet_mapping
+from refiners_controlnet import (
+    SD15_CONTROLNET,
+    ControlNet,
+    ControlNetConfig,
+    controlnet_config_from_diffusers,
+    diffusers_controlnet_mapping,
+)
 from refiners_core.weights import WeightsError
+from refiners_sd15.unet import UNetConfig
 
 ARCHITECTURES: list[dict[str, Any]] = [
     SMALL_CONTROLNET_CONFIG,
@@ -31,26 +38,29 @@ def diffusers_keys(config: dict[str, Any]) -> set[str]:
 
 @pytest.mark.parametrize("config", [SD15_CONTROLNET_CONFIG, *ARCHITECTURES])
 def test_mapping_takes_every_diffusers_key_to_every_key_of_ours(config: dict[str, Any]) -> None:
-    kwargs = controlnet_config_from_diffusers(config)
-    mapping = diffusers_controlnet_mapping(kwargs)
+    controlnet_config = controlnet_config_from_diffusers(config)
+    mapping = diffusers_controlnet_mapping(controlnet_config)
     assert set(mapping) == diffusers_keys(config)
-    ours = ControlNet(**kwargs, device="meta")
+    ours = ControlNet(controlnet_config, device="meta")
     assert sorted(mapping.values()) == sorted(ours.state_dict())
 
 
 def test_published_config_reads_as_the_sd15_architecture() -> None:
-    assert controlnet_config_from_diffusers(SD15_CONTROLNET_CONFIG) == {
-        "in_channels": 4,
-        "block_out_channels": (320, 640, 1280, 1280),
-        "layers_per_block": 2,
-        "attention_head_dim": 8,
-        "cross_attention_dim": 768,
-        "cross_attention_levels": (True, True, True, False),
-        "norm_num_groups": 32,
-        "norm_eps": 1e-5,
-        "conditioning_channels": 3,
-        "conditioning_embedding_out_channels": (16, 32, 96, 256),
-    }
+    assert controlnet_config_from_diffusers(SD15_CONTROLNET_CONFIG) == ControlNetConfig(
+        unet=UNetConfig(
+            in_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=8,
+            cross_attention_dim=768,
+            cross_attention_levels=(True, True, True, False),
+            norm_num_groups=32,
+            norm_eps=1e-5,
+        ),
+        conditioning_channels=3,
+        conditioning_embedding_out_channels=(16, 32, 96, 256),
+    )
+    assert controlnet_config_from_diffusers(SD15_CONTROLNET_CONFIG) == SD15_CONTROLNET
 
 
 @pytest.mark.parametrize(
@@ -82,8 +92,8 @@ def test_loaded_weights_are_the_files(saved: tuple[ControlNetModel, Path]) -> No
     controlnet = ControlNet.from_pretrained(folder, dtype=torch.float64)
     theirs = reference.state_dict()  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
     ours = controlnet.state_dict()
-    kwargs = controlnet_config_from_diffusers(dict(reference.config))  # pyright: ignore[reportUnknownArgumentType]
-    for key, our_key in diffusers_controlnet_mapping(kwargs).items():
+    controlnet_config = controlnet_config_from_diffusers(dict(reference.config))  # pyright: ignore[reportUnknownArgumentType]
+    for key, our_key in diffusers_controlnet_mapping(controlnet_config).items():
         assert ours[our_key].dtype == torch.float64
         assert torch.equal(ours[our_key].float().reshape(theirs[key].shape), theirs[key]), key
 
@@ -95,7 +105,7 @@ def test_variant_and_own_format_round_trip(saved: tuple[ControlNetModel, Path], 
     controlnet = ControlNet.from_pretrained(tmp_path / "variant", variant="fp16")
     controlnet.save(tmp_path / "ours.safetensors")
     again = ControlNet.from_pretrained(tmp_path / "ours.safetensors")
-    assert again.conditioning_embedding_out_channels == (8, 16, 16, 32)
+    assert again.config == controlnet.config and again.config.conditioning_embedding_out_channels == (8, 16, 16, 32)
     assert all(torch.equal(again.state_dict()[key], value) for key, value in controlnet.state_dict().items())
     with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors"):
         ControlNet.from_pretrained(tmp_path / "variant")  # no weights without the variant's name

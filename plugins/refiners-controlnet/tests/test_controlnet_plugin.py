@@ -20,8 +20,7 @@ from refiners_sd15.unet import SD1UNet, unet_config_from_diffusers
 
 
 def small_unet() -> SD1UNet:
-    kwargs = unet_config_from_diffusers(SMALL_UNET_CONFIG)
-    return SD1UNet(**kwargs).eval()
+    return SD1UNet(unet_config_from_diffusers(SMALL_UNET_CONFIG)).eval()
 
 
 def test_refiners_controlnet_is_discovered_through_its_entry_point() -> None:

@@ -4,6 +4,7 @@ max |reference|, float32."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel  # pyright: ignore[r
 
 import refiners_core.fluxion as fl
 from refiners_controlnet import ControlNet, ControlNetAdapter, ControlNetResiduals
-from refiners_sd15.unet import SD1UNet
+from refiners_sd15.unet import SD15_UNET, SD1UNet
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,9 @@ def test_adapter_misuse_raises_clear_errors(unet: SD1UNet, controlnets: tuple[Co
         adapter.set_condition(torch.rand(3, 128, 128))
     adapter.eject()
 
-    other_unet = SD1UNet(block_out_channels=(32, 64), cross_attention_levels=(True, False), norm_num_groups=8)
+    other_unet = SD1UNet(
+        replace(SD15_UNET, block_out_channels=(32, 64), cross_attention_levels=(True, False), norm_num_groups=8)
+    )
     with pytest.raises(ValueError, match="does not fit the UNet"):
         ControlNetAdapter(other_unet, controlnets[0])
     with pytest.raises(TypeError, match="adapts a SD1UNet"):

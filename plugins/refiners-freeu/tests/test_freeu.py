@@ -73,9 +73,9 @@ def reference_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionMode
 
 
 def our_unet(reference: UNet2DConditionModel) -> SD1UNet:
-    kwargs = unet_config_from_diffusers(dict(reference.config))  # pyright: ignore[reportUnknownArgumentType]
-    ours = SD1UNet(**kwargs, device="meta").to_empty(device="cpu").eval()
-    load_state_dict_checked(ours, reference.state_dict(), source="reference", mapping=diffusers_unet_mapping(kwargs))
+    config = unet_config_from_diffusers(dict(reference.config))  # pyright: ignore[reportUnknownArgumentType]
+    ours = SD1UNet(config, device="meta").to_empty(device="cpu").eval()
+    load_state_dict_checked(ours, reference.state_dict(), source="reference", mapping=diffusers_unet_mapping(config))
     return ours
 
 

@@ -9,16 +9,18 @@ import pytest
 from refiners_core.plugins import registry
 from refiners_freeu import SD15_SCALES, FreeUAdapter
 from refiners_freeu.options import apply_freeu_option, parse_freeu_scales
-from refiners_sd15.unet import ConcatenateSkip, SD1UNet
+from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UNetConfig
 
 
 def small_unet() -> SD1UNet:
     return SD1UNet(
-        block_out_channels=(32, 64, 64),
-        cross_attention_levels=(True, True, False),
-        attention_head_dim=4,
-        cross_attention_dim=24,
-        norm_num_groups=8,
+        UNetConfig(
+            block_out_channels=(32, 64, 64),
+            cross_attention_levels=(True, True, False),
+            attention_head_dim=4,
+            cross_attention_dim=24,
+            norm_num_groups=8,
+        )
     )
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from refiners_core.weights import WeightsError
-from refiners_sd15.clip import CLIPTextEncoderL
+from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
 from refiners_sd15.clip.tokenizer import DEFAULT_VOCABULARY_PATH
 from refiners_textual_inversion import TextualInversionAdapter, read_embedding
 
@@ -182,7 +182,8 @@ def test_multi_vector_tokens_stand_for_all_their_vectors_in_any_case(embedding_f
 
 def small_encoder() -> CLIPTextEncoderL:
     torch.manual_seed(0)
-    return CLIPTextEncoderL(embedding_dim=DIM, num_layers=1, num_attention_heads=4, feedforward_dim=64).eval()
+    config = CLIPTextEncoderConfig(embedding_dim=DIM, num_layers=1, num_attention_heads=4, feedforward_dim=64)
+    return CLIPTextEncoderL(config).eval()
 
 
 def test_eject_restores_the_vocabulary_and_weights_exactly(embedding_files: dict[str, Path]) -> None:

@@ -10,14 +10,15 @@ import torch
 from safetensors.torch import save_file
 
 from refiners_core.plugins import registry
-from refiners_sd15.clip import CLIPTextEncoderL
+from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
 from refiners_textual_inversion import TextualInversionAdapter
 from refiners_textual_inversion.options import apply_embedding_option, parse_embedding_value
 
 
 def small_encoder() -> CLIPTextEncoderL:
     torch.manual_seed(0)
-    return CLIPTextEncoderL(embedding_dim=32, num_layers=1, num_attention_heads=4, feedforward_dim=64).eval()
+    config = CLIPTextEncoderConfig(embedding_dim=32, num_layers=1, num_attention_heads=4, feedforward_dim=64)
+    return CLIPTextEncoderL(config).eval()
 
 
 def test_plugin_registers_the_adapter_and_the_generate_option() -> None:

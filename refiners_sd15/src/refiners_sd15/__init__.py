@@ -7,12 +7,12 @@ sd = StableDiffusion_1.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v
 
 from importlib.metadata import PackageNotFoundError, version
 
-from refiners_sd15.autoencoder import SD1Autoencoder
-from refiners_sd15.clip import CLIPTextEncoderL, CLIPTokenizer
+from refiners_sd15.autoencoder import SD15_AUTOENCODER, AutoencoderConfig, SD1Autoencoder
+from refiners_sd15.clip import CLIP_TEXT_L, CLIPTextEncoderConfig, CLIPTextEncoderL, CLIPTokenizer
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
 from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import DDIM, DPMSolver, Euler, Solver
-from refiners_sd15.unet import SD1UNet
+from refiners_sd15.unet import SD15_INPAINTING_UNET, SD15_UNET, SD1UNet, UNetConfig
 
 try:
     __version__ = version("refiners-sd15")
@@ -20,7 +20,13 @@ except PackageNotFoundError:  # imported from a source tree that is not installe
     __version__ = "0.0.0"
 
 __all__ = [
+    "CLIP_TEXT_L",
     "DDIM",
+    "SD15_AUTOENCODER",
+    "SD15_INPAINTING_UNET",
+    "SD15_UNET",
+    "AutoencoderConfig",
+    "CLIPTextEncoderConfig",
     "CLIPTextEncoderL",
     "CLIPTokenizer",
     "DPMSolver",
@@ -30,5 +36,6 @@ __all__ = [
     "Solver",
     "StableDiffusion_1",
     "StableDiffusion_1_Inpainting",
+    "UNetConfig",
     "__version__",
 ]

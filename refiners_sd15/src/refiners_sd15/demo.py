@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,11 +18,11 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_core.plugins import registry
-from refiners_sd15.autoencoder import SD1Autoencoder
-from refiners_sd15.clip import CLIPTextEncoderL
+from refiners_sd15.autoencoder import SD15_AUTOENCODER, SD1Autoencoder
+from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
 from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import DPMSolver
-from refiners_sd15.unet import SD1UNet
+from refiners_sd15.unet import SD15_UNET, SD1UNet
 
 PROMPT = "a cute cat"
 SIZE = (128, 128)
@@ -34,14 +35,19 @@ def small_stable_diffusion(seed: int) -> StableDiffusion_1:
     torch.manual_seed(seed)  # pyright: ignore[reportUnknownMemberType]
     return StableDiffusion_1(
         unet=SD1UNet(
-            block_out_channels=(32, 64, 64),
-            layers_per_block=1,
-            attention_head_dim=4,
-            cross_attention_dim=64,
-            cross_attention_levels=(True, True, False),
+            replace(
+                SD15_UNET,
+                block_out_channels=(32, 64, 64),
+                layers_per_block=1,
+                attention_head_dim=4,
+                cross_attention_dim=64,
+                cross_attention_levels=(True, True, False),
+            )
         ),
-        lda=SD1Autoencoder(block_out_channels=(32, 32, 32, 32), layers_per_block=1),
-        clip_text_encoder=CLIPTextEncoderL(embedding_dim=64, num_layers=2, num_attention_heads=2, feedforward_dim=128),
+        lda=SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32, 32, 32, 32), layers_per_block=1)),
+        clip_text_encoder=CLIPTextEncoderL(
+            CLIPTextEncoderConfig(embedding_dim=64, num_layers=2, num_attention_heads=2, feedforward_dim=128)
+        ),
         solver=DPMSolver(num_inference_steps=STEPS),
         show_progress=False,
     ).eval()

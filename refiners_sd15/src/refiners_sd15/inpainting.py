@@ -10,9 +10,9 @@ from refiners_sd15.autoencoder.autoencoder import image_to_tensor
 from refiners_sd15.clip import CLIPTextEncoderL
 from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import Solver
-from refiners_sd15.unet import SD1UNet
+from refiners_sd15.unet import SD15_INPAINTING_UNET, SD1UNet
 
-INPAINTING_CHANNELS = 9
+INPAINTING_CHANNELS = SD15_INPAINTING_UNET.in_channels
 
 
 class StableDiffusion_1_Inpainting(StableDiffusion_1):
@@ -41,11 +41,11 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):
         show_progress: bool = True,
     ) -> None:
         if unet is None:
-            unet = SD1UNet(in_channels=INPAINTING_CHANNELS, device=device, dtype=dtype)
-        if unet.in_channels != INPAINTING_CHANNELS:
+            unet = SD1UNet(SD15_INPAINTING_UNET, device=device, dtype=dtype)
+        if unet.config.in_channels != INPAINTING_CHANNELS:
             raise ValueError(
                 f"StableDiffusion_1_Inpainting needs a UNet with {INPAINTING_CHANNELS} input channels (latents, mask, "
-                f"masked image latents), got {unet.in_channels}: load an inpainting checkpoint"
+                f"masked image latents), got {unet.config.in_channels}: load an inpainting checkpoint"
             )
         super().__init__(unet, lda, clip_text_encoder, device, dtype, solver=solver, show_progress=show_progress)
         self.mask_latents: torch.Tensor | None = None

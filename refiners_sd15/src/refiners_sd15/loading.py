@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from refiners_core.state_dicts import KeyMapping, load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors, resolve_path, save_tensors
 
 TModel = TypeVar("TModel", bound=nn.Module)
+TConfig = TypeVar("TConfig")
 PathOrRepoId = str | os.PathLike[str]
 
 FORMAT_KEY = "refiners.format"
@@ -31,25 +32,60 @@ OUR_FORMAT = "refiners-sd15"
 
 
 @dataclass(frozen=True)
-class ComponentFormat:
-    """How one component is stored in the diffusers layout and in the original single-file checkpoint."""
+class ComponentFormat(Generic[TConfig]):
+    """How one component is stored in the diffusers layout and in the original single-file checkpoint.
+
+    `TConfig` is the component's config dataclass: the model is built as `model_class(config, device=, dtype=)`,
+    and the mappings are computed from that config. Our own format stores `config_to_json(config)` and reads it
+    back with `config_from_json`; by default the dataclass's fields, tuples written as JSON lists.
+    """
 
     name: str
     subfolder: str
     weight_stems: tuple[str, ...]
-    config_to_kwargs: Callable[[dict[str, Any]], dict[str, Any]]
-    diffusers_mapping: Callable[[dict[str, Any], Collection[str]], KeyMapping]
+    config_class: type[TConfig]
+    config_from_diffusers: Callable[[dict[str, Any]], TConfig]
+    diffusers_mapping: Callable[[TConfig, Collection[str]], KeyMapping]
     single_file_prefix: str
-    single_file_mapping: Callable[[dict[str, Any]], KeyMapping]
-    architecture: Callable[[Any], dict[str, Any]]
-    single_file_config: Callable[[Mapping[str, torch.Tensor]], dict[str, Any]] = lambda tensors: {}
+    single_file_mapping: Callable[[TConfig], KeyMapping]
+    single_file_config: Callable[[Mapping[str, torch.Tensor]], TConfig]
     ignored_keys: frozenset[str] = frozenset()
+    config_to_json: Callable[[TConfig], dict[str, Any]] | None = None
+    config_from_json: Callable[[dict[str, Any]], TConfig] | None = None
+
+    def to_json(self, config: TConfig) -> dict[str, Any]:
+        """The config as our own format's metadata stores it."""
+        if self.config_to_json is not None:
+            return self.config_to_json(config)
+        return asdict(config)  # pyright: ignore[reportArgumentType]
+
+    def from_json(self, values: dict[str, Any]) -> TConfig:
+        """The config stored in our own format's metadata (fields left out take their defaults)."""
+        if self.config_from_json is not None:
+            return self.config_from_json(values)
+        return config_from_dict(self.config_class, values)
+
+
+def config_from_dict(config_class: type[TConfig], values: Mapping[str, Any]) -> TConfig:
+    """`config_class(**values)`, with JSON lists turned back into the tuples the frozen dataclass holds.
+
+    Raises ValueError naming a field that `config_class` does not have.
+    """
+    known = {field.name for field in fields(config_class)}  # pyright: ignore[reportArgumentType]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no field {', '.join(map(repr, unknown))}")
+    return config_class(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
 
 class PretrainedComponent:
-    """Mixin giving an SD1.5 component `from_pretrained` and `save` (our own format)."""
+    """Mixin giving an SD1.5 component `from_pretrained` and `save` (our own format).
 
-    component_format: ClassVar[ComponentFormat]
+    The component keeps the config it was built from as `config`.
+    """
+
+    component_format: ClassVar[ComponentFormat[Any]]
+    config: Any
 
     @classmethod
     def from_pretrained(
@@ -80,14 +116,14 @@ class PretrainedComponent:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the weights with our keys to one safetensors file, with the architecture in its metadata."""
+        """Write the weights with our keys to one safetensors file, with the config in its metadata."""
         component = self.component_format
-        save_own_format(self, component, path, component.architecture(self))  # pyright: ignore[reportArgumentType]
+        save_own_format(self, component, path, component.to_json(self.config))  # pyright: ignore[reportArgumentType]
 
 
 def load_component(
     model_class: type[TModel],
-    component: ComponentFormat,
+    component: ComponentFormat[Any],
     path_or_repo_id: PathOrRepoId,
     *,
     subfolder: str | None = None,
@@ -102,15 +138,15 @@ def load_component(
         return load_own_format(model_class, component, local, device=device, dtype=dtype)
     folder_subpath = component.subfolder if subfolder is None else subfolder
     config_path = _find(path_or_repo_id, "config.json", subfolder=folder_subpath, revision=revision)
-    kwargs = _kwargs_from_config(component, config_path) if config_path is not None else {}
+    config = _config_from_diffusers(component, config_path) if config_path is not None else None
     files = find_weight_files(path_or_repo_id, component, subfolder=folder_subpath, variant=variant, revision=revision)
     tensors = _read_all(files)
     return _build_and_load(
         model_class,
-        kwargs,
+        config,
         tensors,
         source=_describe(files),
-        mapping=lambda model: component.diffusers_mapping(component.architecture(model), tensors.keys()),
+        mapping=lambda model: component.diffusers_mapping(model.config, tensors.keys()),
         ignore=component.ignored_keys,
         device=device,
         dtype=dtype,
@@ -119,7 +155,7 @@ def load_component(
 
 def load_single_file_component(
     model_class: type[TModel],
-    component: ComponentFormat,
+    component: ComponentFormat[Any],
     *,
     source: Path,
     tensors: Mapping[str, torch.Tensor],
@@ -131,15 +167,13 @@ def load_single_file_component(
     own = {key: value for key, value in tensors.items() if key.startswith(prefix)}
     if not own:
         raise WeightsError(f"{source}: no '{prefix}*' keys, so no {component.name} in this checkpoint")
-    kwargs = component.single_file_config({key.removeprefix(prefix): value for key, value in own.items()})
+    config = component.single_file_config({key.removeprefix(prefix): value for key, value in own.items()})
     return _build_and_load(
         model_class,
-        kwargs,
+        config,
         own,
         source=str(source),
-        mapping=lambda model: {
-            prefix + key: ours for key, ours in component.single_file_mapping(component.architecture(model)).items()
-        },
+        mapping=lambda model: {prefix + key: ours for key, ours in component.single_file_mapping(model.config).items()},
         ignore={prefix + key for key in component.ignored_keys},
         device=device,
         dtype=dtype,
@@ -148,7 +182,7 @@ def load_single_file_component(
 
 def find_weight_files(
     path_or_repo_id: PathOrRepoId,
-    component: ComponentFormat,
+    component: ComponentFormat[Any],
     *,
     subfolder: str,
     variant: str | None = None,
@@ -177,7 +211,9 @@ def find_weight_files(
     )
 
 
-def save_own_format(model: nn.Module, component: ComponentFormat, path: PathOrRepoId, config: dict[str, Any]) -> None:
+def save_own_format(
+    model: nn.Module, component: ComponentFormat[Any], path: PathOrRepoId, config: dict[str, Any]
+) -> None:
     """Write `model` to one safetensors file with our keys; its metadata records the component and config."""
     tensors = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
     metadata = {FORMAT_KEY: OUR_FORMAT, COMPONENT_KEY: component.name, CONFIG_KEY: json.dumps(config)}
@@ -186,7 +222,7 @@ def save_own_format(model: nn.Module, component: ComponentFormat, path: PathOrRe
 
 def load_own_format(
     model_class: type[TModel],
-    component: ComponentFormat,
+    component: ComponentFormat[Any],
     path: Path,
     *,
     device: torch.device | str | None = None,
@@ -209,10 +245,13 @@ def load_own_format(
         )
     if metadata.get(COMPONENT_KEY) != component.name:
         raise WeightsError(f"{path} holds a '{metadata.get(COMPONENT_KEY)}', not a '{component.name}'")
-    kwargs: dict[str, Any] = json.loads(metadata[CONFIG_KEY])
+    try:
+        config = component.from_json(json.loads(metadata[CONFIG_KEY]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(f"{path}: cannot read the '{CONFIG_KEY}' metadata: {error}") from error
     return _build_and_load(
         model_class,
-        kwargs,
+        config,
         load_tensors(path),
         source=str(path),
         mapping=lambda model: None,
@@ -224,7 +263,7 @@ def load_own_format(
 
 def _build_and_load(
     model_class: type[TModel],
-    kwargs: dict[str, Any],
+    config: Any,
     tensors: Mapping[str, torch.Tensor],
     *,
     source: str,
@@ -233,7 +272,8 @@ def _build_and_load(
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> TModel:
-    """Build the model and load `tensors` into it, holding the weights in memory only once.
+    """Build the model from `config` (its default when None) and load `tensors` into it, holding the weights in
+    memory only once.
 
     The model is built on the meta device (no time spent on a random initialisation) and takes the file's
     tensors as its own: safetensors files are memory-mapped, so a weight is read from disk when first used and
@@ -241,11 +281,11 @@ def _build_and_load(
     `state_dict`) are recreated on the device when empty (they only carry a device and dtype); a model with a
     non-empty one is built normally instead, since those buffers must keep the values its constructor gives them.
     """
-    model = model_class(**kwargs, device="meta", dtype=dtype)
+    model = _build(model_class, config, device="meta", dtype=dtype)
     persistent = set(model.state_dict())
     extra_buffers = {name: buffer for name, buffer in model.named_buffers() if name not in persistent}
     if any(buffer.numel() for buffer in extra_buffers.values()):
-        model = model_class(**kwargs, device=device, dtype=dtype)
+        model = _build(model_class, config, device=device, dtype=dtype)
         load_state_dict_checked(model, tensors, source=source, mapping=mapping(model), ignore=ignore)
         return model
     target = device if device is not None else "cpu"
@@ -260,9 +300,17 @@ def _build_and_load(
     return model
 
 
-def _kwargs_from_config(component: ComponentFormat, config_path: Path) -> dict[str, Any]:
+def _build(
+    model_class: type[TModel], config: Any, *, device: torch.device | str | None, dtype: torch.dtype | None
+) -> TModel:
+    if config is None:
+        return model_class(device=device, dtype=dtype)
+    return model_class(config, device=device, dtype=dtype)
+
+
+def _config_from_diffusers(component: ComponentFormat[TConfig], config_path: Path) -> TConfig:
     try:
-        return component.config_to_kwargs(_read_json(config_path))
+        return component.config_from_diffusers(_read_json(config_path))
     except ValueError as error:
         raise ValueError(f"{config_path}: {error}") from error
 

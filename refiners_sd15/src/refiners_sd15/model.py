@@ -101,7 +101,7 @@ class StableDiffusion_1(fl.Module):
         factor = self.lda.downscale_factor
         if height <= 0 or width <= 0 or height % factor or width % factor:
             raise ValueError(f"size (height, width) must be positive multiples of {factor}, got {size}")
-        shape = (1, self.lda.latent_channels, height // factor, width // factor)
+        shape = (1, self.lda.config.latent_channels, height // factor, width // factor)
         if noise is None:
             if generator is not None and seed is not None:
                 raise ValueError("give init_latents a generator or a seed, not both")

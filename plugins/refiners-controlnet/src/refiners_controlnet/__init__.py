@@ -22,6 +22,8 @@ from refiners_controlnet.controlnet import (
 )
 from refiners_controlnet.mapping import (
     CONTROLNET_FORMAT,
+    SD15_CONTROLNET,
+    ControlNetConfig,
     controlnet_config_from_diffusers,
     diffusers_controlnet_mapping,
 )
@@ -33,11 +35,13 @@ except PackageNotFoundError:  # imported from a source tree that is not installe
 
 __all__ = [
     "CONTROLNET_FORMAT",
+    "SD15_CONTROLNET",
     "Condition",
     "ConditionBlock",
     "ConditionEncoder",
     "ControlNet",
     "ControlNetAdapter",
+    "ControlNetConfig",
     "ControlNetResiduals",
     "MiddleZeroConvolution",
     "SkipZeroConvolution",

@@ -64,14 +64,16 @@ class ControlNetAdapter(fl.Module, fl.Adapter[SD1UNet]):
             raise TypeError(f"ControlNetAdapter adapts a SD1UNet, got {type(target).__name__}")
         if not isinstance(controlnet, ControlNet):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"ControlNetAdapter needs a ControlNet, got {type(controlnet).__name__}")
-        ours = skip_channels(controlnet.block_out_channels, controlnet.layers_per_block)
-        theirs = skip_channels(target.block_out_channels, target.layers_per_block)
-        if ours != theirs or controlnet.cross_attention_dim != target.cross_attention_dim:
+        ours, theirs = controlnet.config.unet, target.config
+        fits = skip_channels(ours.block_out_channels, ours.layers_per_block) == skip_channels(
+            theirs.block_out_channels, theirs.layers_per_block
+        )
+        if not fits or ours.cross_attention_dim != theirs.cross_attention_dim:
             raise ValueError(
-                f"this ControlNet (block_out_channels={list(controlnet.block_out_channels)}, layers_per_block="
-                f"{controlnet.layers_per_block}, cross_attention_dim={controlnet.cross_attention_dim}) does not fit "
-                f"the UNet at `{target.get_path()}` (block_out_channels={list(target.block_out_channels)}, "
-                f"layers_per_block={target.layers_per_block}, cross_attention_dim={target.cross_attention_dim})"
+                f"this ControlNet (block_out_channels={list(ours.block_out_channels)}, layers_per_block="
+                f"{ours.layers_per_block}, cross_attention_dim={ours.cross_attention_dim}) does not fit "
+                f"the UNet at `{target.get_path()}` (block_out_channels={list(theirs.block_out_channels)}, "
+                f"layers_per_block={theirs.layers_per_block}, cross_attention_dim={theirs.cross_attention_dim})"
             )
         with self.setup_adapter(target):
             super().__init__()

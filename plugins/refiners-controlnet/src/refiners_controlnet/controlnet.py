@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
-from refiners_controlnet.mapping import CONTROLNET_FORMAT, ENCODER_LAYERS
+from refiners_controlnet.mapping import CONTROLNET_FORMAT, ENCODER_LAYERS, SD15_CONTROLNET, ControlNetConfig
 from refiners_core.fluxion import Device
 from refiners_sd15.loading import PretrainedComponent
 from refiners_sd15.unet import DownBlocks, MiddleBlock, SD1UNet, TimestepEncoder, skip_channels
@@ -141,8 +141,8 @@ class ControlNet(PretrainedComponent, fl.Passthrough):
         controlnet = ControlNet.from_pretrained("lllyasviel/control_v11p_sd15_canny")
         ControlNetAdapter(sd.unet, controlnet, scale=0.8).inject().set_condition(edges)  # (1, 3, H, W) in [0, 1]
 
-    The architecture arguments are those of `SD1UNet` (the encoder it copies), plus `conditioning_channels` and
-    `conditioning_embedding_out_channels` (the channels of the conditioning image and of its encoder's stages).
+    Its architecture is `config` (a `ControlNetConfig`: the config of the UNet whose encoder it copies, plus the
+    channels of the conditioning image and of its encoder's stages), kept as `controlnet.config`.
     Zero convolutions are initialised to zero, so a new ControlNet (`from_unet`) leaves the UNet's output as it
     is. As a layer it returns its input (the latents) unchanged; the residuals of a call are then in `residuals`.
     It reads the `diffusion` context (timestep and text embedding) and, while it runs, writes over the `unet`
@@ -153,51 +153,14 @@ class ControlNet(PretrainedComponent, fl.Passthrough):
     component_format = CONTROLNET_FORMAT
 
     def __init__(
-        self,
-        in_channels: int = 4,
-        *,
-        block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
-        layers_per_block: int = 2,
-        attention_head_dim: int = 8,
-        cross_attention_dim: int = 768,
-        cross_attention_levels: Sequence[bool] = (True, True, True, False),
-        norm_num_groups: int = 32,
-        norm_eps: float = 1e-5,
-        conditioning_channels: int = 3,
-        conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256),
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        self, config: ControlNetConfig = SD15_CONTROLNET, device: Device = None, dtype: torch.dtype | None = None
     ) -> None:
-        self.in_channels = in_channels
-        self.block_out_channels = tuple(block_out_channels)
-        self.layers_per_block = layers_per_block
-        self.attention_head_dim = attention_head_dim
-        self.cross_attention_dim = cross_attention_dim
-        self.cross_attention_levels = tuple(cross_attention_levels)
-        self.norm_num_groups = norm_num_groups
-        self.norm_eps = norm_eps
-        self.conditioning_channels = conditioning_channels
-        self.conditioning_embedding_out_channels = tuple(conditioning_embedding_out_channels)
+        self.config = config
         self.context_name = f"controlnet_{next(_CONTEXT_NAMES)}"
         """The context holding this ControlNet's `condition` and `residuals` (unique to each ControlNet)."""
-        if len(cross_attention_levels) != len(block_out_channels):
-            raise ValueError(
-                f"ControlNet: cross_attention_levels has {len(cross_attention_levels)} entries but "
-                f"block_out_channels has {len(block_out_channels)} levels"
-            )
-        embedding_dim = 4 * block_out_channels[0]
-        down_blocks = DownBlocks(
-            in_channels,
-            block_out_channels,
-            layers_per_block,
-            cross_attention_levels,
-            num_heads=attention_head_dim,
-            context_dim=cross_attention_dim,
-            num_groups=norm_num_groups,
-            eps=norm_eps,
-            device=device,
-            dtype=dtype,
-        )
+        unet = config.unet
+        channels = unet.block_out_channels
+        down_blocks = DownBlocks(unet, device=device, dtype=dtype)
         input_stage = down_blocks[0]
         assert isinstance(input_stage, fl.Chain)
         # The conditioning image's embedding is added right after the input convolution, before skip_0 is stored.
@@ -205,29 +168,18 @@ class ControlNet(PretrainedComponent, fl.Passthrough):
             1,
             ConditionEncoder(
                 self.context_name,
-                block_out_channels[0],
-                conditioning_embedding_out_channels,
-                conditioning_channels,
+                channels[0],
+                config.conditioning_embedding_out_channels,
+                config.conditioning_channels,
                 device=device,
                 dtype=dtype,
             ),
         )
         super().__init__(
-            TimestepEncoder(block_out_channels[0], embedding_dim, device=device, dtype=dtype),
+            TimestepEncoder(channels[0], 4 * channels[0], device=device, dtype=dtype),
             down_blocks,
-            MiddleBlock(
-                block_out_channels[-1],
-                embedding_dim,
-                num_heads=attention_head_dim,
-                context_dim=cross_attention_dim,
-                num_groups=norm_num_groups,
-                eps=norm_eps,
-                device=device,
-                dtype=dtype,
-            ),
-            ZeroConvolutions(
-                skip_channels(block_out_channels, layers_per_block), block_out_channels[-1], device=device, dtype=dtype
-            ),
+            MiddleBlock(unet, device=device, dtype=dtype),
+            ZeroConvolutions(skip_channels(channels, unet.layers_per_block), channels[-1], device=device, dtype=dtype),
             fl.SetContext(self.context_name, "residuals"),
         )
 
@@ -240,18 +192,7 @@ class ControlNet(PretrainedComponent, fl.Passthrough):
 
         This is how a ControlNet starts its training. It is created on the UNet's device, with its dtype.
         """
-        controlnet = cls(
-            unet.in_channels,
-            block_out_channels=unet.block_out_channels,
-            layers_per_block=unet.layers_per_block,
-            attention_head_dim=unet.attention_head_dim,
-            cross_attention_dim=unet.cross_attention_dim,
-            cross_attention_levels=unet.cross_attention_levels,
-            norm_num_groups=unet.norm_num_groups,
-            norm_eps=unet.norm_eps,
-            device=unet.device,
-            dtype=unet.dtype,
-        )
+        controlnet = cls(ControlNetConfig(unet=unet.config), device=unet.device, dtype=unet.dtype)
         encoder = {key: value for key, value in unet.state_dict().items() if key.startswith(ENCODER_LAYERS)}
         controlnet.load_state_dict(encoder, strict=False)
         return controlnet
@@ -263,9 +204,10 @@ class ControlNet(PretrainedComponent, fl.Passthrough):
         latents' size when the ControlNet runs. Raises ValueError for a tensor that is not 4D with
         `conditioning_channels` channels.
         """
-        if condition.dim() != 4 or condition.shape[1] != self.conditioning_channels:
+        channels = self.config.conditioning_channels
+        if condition.dim() != 4 or condition.shape[1] != channels:
             raise ValueError(
-                f"ControlNet: the conditioning image must be (B, {self.conditioning_channels}, H, W), "
+                f"ControlNet: the conditioning image must be (B, {channels}, H, W), "
                 f"got a tensor of shape {tuple(condition.shape)}"
             )
         self.set_context(self.context_name, {"condition": condition})

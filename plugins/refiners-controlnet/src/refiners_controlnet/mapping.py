@@ -1,4 +1,4 @@
-"""`ControlNet` keyword arguments from a diffusers `ControlNetModel` config, and the key mapping of its weights.
+"""`ControlNetConfig`, read from a diffusers `ControlNetModel` config, and the key mapping of its weights.
 
 The ControlNet's encoder is a copy of the UNet's, with the same layer paths (`TimestepEncoder`, `DownBlocks`,
 `MiddleBlock`), so its keys are those of refiners-sd15's UNet mapping; the conditioning image encoder and the zero
@@ -8,11 +8,12 @@ convolutions are mapped here, with loops over the architecture.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from refiners_core.weights import WeightsError
-from refiners_sd15.loading import ComponentFormat
-from refiners_sd15.unet import diffusers_unet_mapping, skip_channels, unet_config_from_diffusers
+from refiners_sd15.loading import ComponentFormat, config_from_dict
+from refiners_sd15.unet import SD15_UNET, UNetConfig, diffusers_unet_mapping, skip_channels, unet_config_from_diffusers
 
 ENCODER_LAYERS = ("TimestepEncoder.", "DownBlocks.", "MiddleBlock.")
 """Path prefixes of the layers a ControlNet shares with the UNet (and copies from it in `ControlNet.from_unet`)."""
@@ -23,8 +24,26 @@ _UP_BLOCK_OF = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "Up
 _DEFAULT_DOWN_BLOCKS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
 
 
-def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
-    """`ControlNet` keyword arguments from a diffusers `ControlNetModel` config (`config.json`).
+@dataclass(frozen=True, kw_only=True)
+class ControlNetConfig:
+    """The shape of a ControlNet: the UNet whose encoder it copies, and its conditioning image encoder.
+
+    `unet` is the config of that UNet (its `out_channels` is not used: a ControlNet has no decoder);
+    `conditioning_channels` and `conditioning_embedding_out_channels` are the channels of the conditioning image
+    and of its encoder's stages, as in diffusers' `ControlNetModel` config.
+    """
+
+    unet: UNetConfig = SD15_UNET
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+
+
+SD15_CONTROLNET = ControlNetConfig()
+"""The ControlNets of Stable Diffusion 1.5 (e.g. lllyasviel/control_v11p_sd15_canny)."""
+
+
+def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> ControlNetConfig:
+    """The `ControlNetConfig` of a diffusers `ControlNetModel` config (`config.json`).
 
     The encoder fields are read as refiners-sd15 reads a UNet config (absent fields take diffusers' defaults).
     Raises ValueError naming the field for an architecture outside the SD1 family or a ControlNet variant this
@@ -48,15 +67,16 @@ def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any
         "up_block_types": [_UP_BLOCK_OF.get(kind, kind) for kind in reversed(down_block_types)],
     }
     try:
-        kwargs = unet_config_from_diffusers(as_unet)
+        unet = unet_config_from_diffusers(as_unet)
     except ValueError as error:
         raise ValueError(f"unsupported ControlNet config: {error}") from error
-    del kwargs["out_channels"]
-    kwargs["conditioning_channels"] = int(config.get("conditioning_channels", 3))
-    kwargs["conditioning_embedding_out_channels"] = tuple(
-        int(channels) for channels in config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+    return ControlNetConfig(
+        unet=unet,
+        conditioning_channels=int(config.get("conditioning_channels", 3)),
+        conditioning_embedding_out_channels=tuple(
+            int(channels) for channels in config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+        ),
     )
-    return kwargs
 
 
 def _numbered(name: str, index: int, count: int) -> str:
@@ -64,20 +84,19 @@ def _numbered(name: str, index: int, count: int) -> str:
     return name if count == 1 else f"{name}_{index + 1}"
 
 
-def diffusers_controlnet_mapping(config: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Diffusers `ControlNetModel` state dict key -> `ControlNet` state dict key.
-
-    `config` holds `ControlNet` keyword arguments (`block_out_channels`, `layers_per_block`,
-    `cross_attention_levels` and `conditioning_embedding_out_channels` shape the mapping); SD1.5's when omitted.
-    """
-    config = config or {}
-    mapping = {key: ours for key, ours in diffusers_unet_mapping(config).items() if ours.startswith(ENCODER_LAYERS)}
+def diffusers_controlnet_mapping(config: ControlNetConfig = SD15_CONTROLNET) -> dict[str, str]:
+    """Diffusers `ControlNetModel` state dict key -> `ControlNet` state dict key, for the ControlNet `config`
+    describes (its UNet's `block_out_channels`, `layers_per_block`, `cross_attention_levels` and its
+    `conditioning_embedding_out_channels` shape the mapping)."""
+    mapping = {
+        key: ours for key, ours in diffusers_unet_mapping(config.unet).items() if ours.startswith(ENCODER_LAYERS)
+    }
 
     def add(reference: str, ours: str) -> None:
         for suffix in ("weight", "bias"):
             mapping[f"{reference}.{suffix}"] = f"{ours}.{suffix}"
 
-    embedding_channels = tuple(config.get("conditioning_embedding_out_channels", (16, 32, 96, 256)))
+    embedding_channels = config.conditioning_embedding_out_channels
     add("controlnet_cond_embedding.conv_in", f"{CONDITION_ENCODER}.Conv2d_1")
     blocks = len(embedding_channels) - 1
     for index in range(blocks):
@@ -86,8 +105,7 @@ def diffusers_controlnet_mapping(config: Mapping[str, Any] | None = None) -> dic
         add(f"controlnet_cond_embedding.blocks.{2 * index + 1}", f"{block}.Conv2d_2")
     add("controlnet_cond_embedding.conv_out", f"{CONDITION_ENCODER}.Conv2d_2")
 
-    channels = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
-    skips = len(skip_channels(channels, config.get("layers_per_block", 2)))
+    skips = len(skip_channels(config.unet.block_out_channels, config.unet.layers_per_block))
     for index in range(skips):
         add(
             f"controlnet_down_blocks.{index}",
@@ -97,36 +115,42 @@ def diffusers_controlnet_mapping(config: Mapping[str, Any] | None = None) -> dic
     return mapping
 
 
-def _no_single_file(config: Mapping[str, Any]) -> dict[str, str]:
+def _no_single_file(config: object) -> Any:
     raise WeightsError(
         "original single-file ControlNet checkpoints (`control_model.*` keys) are not supported: use the diffusers "
         "version of the ControlNet (a folder or hub id with config.json and diffusion_pytorch_model.safetensors)"
     )
 
 
-def _architecture(controlnet: Any) -> dict[str, Any]:
+def _config_to_json(config: ControlNetConfig) -> dict[str, Any]:
+    """The UNet's fields but `out_channels`, then the conditioning encoder's: our own format's metadata."""
+    unet = {field: value for field, value in asdict(config.unet).items() if field != "out_channels"}
     return {
-        "in_channels": controlnet.in_channels,
-        "block_out_channels": list(controlnet.block_out_channels),
-        "layers_per_block": controlnet.layers_per_block,
-        "attention_head_dim": controlnet.attention_head_dim,
-        "cross_attention_dim": controlnet.cross_attention_dim,
-        "cross_attention_levels": list(controlnet.cross_attention_levels),
-        "norm_num_groups": controlnet.norm_num_groups,
-        "norm_eps": controlnet.norm_eps,
-        "conditioning_channels": controlnet.conditioning_channels,
-        "conditioning_embedding_out_channels": list(controlnet.conditioning_embedding_out_channels),
+        **unet,
+        "conditioning_channels": config.conditioning_channels,
+        "conditioning_embedding_out_channels": config.conditioning_embedding_out_channels,
     }
+
+
+def _config_from_json(values: dict[str, Any]) -> ControlNetConfig:
+    conditioning = ("conditioning_channels", "conditioning_embedding_out_channels")
+    unet = config_from_dict(UNetConfig, {key: value for key, value in values.items() if key not in conditioning})
+    return config_from_dict(
+        ControlNetConfig, {"unet": unet, **{key: values[key] for key in conditioning if key in values}}
+    )
 
 
 CONTROLNET_FORMAT = ComponentFormat(
     name="controlnet",
     subfolder="",
     weight_stems=("diffusion_pytorch_model",),
-    config_to_kwargs=controlnet_config_from_diffusers,
-    diffusers_mapping=lambda architecture, file_keys: diffusers_controlnet_mapping(architecture),
+    config_class=ControlNetConfig,
+    config_from_diffusers=controlnet_config_from_diffusers,
+    diffusers_mapping=lambda config, file_keys: diffusers_controlnet_mapping(config),
     single_file_prefix="control_model.",
     single_file_mapping=_no_single_file,
-    architecture=_architecture,
+    single_file_config=_no_single_file,
+    config_to_json=_config_to_json,
+    config_from_json=_config_from_json,
 )
 """How a ControlNet is stored: a diffusers `ControlNetModel` folder (config.json and its weights at the top)."""

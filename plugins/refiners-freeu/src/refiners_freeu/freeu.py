@@ -135,7 +135,7 @@ class FreeU:
         if not isinstance(unet, SD1UNet):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"FreeU applies to an SD1UNet, not a {type(unet).__name__}")
         stages = list(unet.ensure_find(UpBlocks))
-        blocks_per_level = unet.layers_per_block + 1
+        blocks_per_level = unet.config.layers_per_block + 1
         levels = [stages[:blocks_per_level], stages[blocks_per_level : 2 * blocks_per_level]]
         self.levels = tuple(
             tuple(

@@ -10,6 +10,7 @@ from PIL import Image
 import refiners_core.fluxion as fl
 from refiners_core.fluxion import Device
 from refiners_sd15.autoencoder.blocks import DownBlock, MidBlock, OutputBlock, PosteriorMean, UpBlock
+from refiners_sd15.autoencoder.config import SD15_AUTOENCODER, AutoencoderConfig
 from refiners_sd15.autoencoder.mapping import AUTOENCODER_FORMAT
 from refiners_sd15.loading import PretrainedComponent
 
@@ -18,16 +19,11 @@ class Encoder(fl.Chain):
     """Image `(B, 3, H, W)` in [-1, 1] -> scaled latents `(B, latent_channels, H / 8, W / 8)` (posterior mean)."""
 
     def __init__(
-        self,
-        block_out_channels: Sequence[int] = (128, 256, 512, 512),
-        layers_per_block: int = 2,
-        latent_channels: int = 4,
-        norm_num_groups: int = 32,
-        scaling_factor: float = 0.18215,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        self, config: AutoencoderConfig = SD15_AUTOENCODER, device: Device = None, dtype: torch.dtype | None = None
     ) -> None:
-        channels = list(block_out_channels)
+        channels = list(config.block_out_channels)
+        layers_per_block, latent_channels = config.layers_per_block, config.latent_channels
+        norm_num_groups, scaling_factor = config.norm_num_groups, config.scaling_factor
         super().__init__(
             fl.Conv2d(3, channels[0], kernel_size=3, padding=1, device=device, dtype=dtype),
             (
@@ -53,16 +49,11 @@ class Decoder(fl.Chain):
     """Scaled latents `(B, latent_channels, h, w)` -> image `(B, 3, 8h, 8w)`, nominally in [-1, 1] (not clamped)."""
 
     def __init__(
-        self,
-        block_out_channels: Sequence[int] = (128, 256, 512, 512),
-        layers_per_block: int = 2,
-        latent_channels: int = 4,
-        norm_num_groups: int = 32,
-        scaling_factor: float = 0.18215,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        self, config: AutoencoderConfig = SD15_AUTOENCODER, device: Device = None, dtype: torch.dtype | None = None
     ) -> None:
-        channels = list(reversed(block_out_channels))
+        channels = list(reversed(config.block_out_channels))
+        layers_per_block, latent_channels = config.layers_per_block, config.latent_channels
+        norm_num_groups, scaling_factor = config.norm_num_groups, config.scaling_factor
         super().__init__(
             fl.Multiply(scale=1 / scaling_factor),
             fl.Conv2d(latent_channels, latent_channels, kernel_size=1, device=device, dtype=dtype),
@@ -87,34 +78,24 @@ class Decoder(fl.Chain):
 class SD1Autoencoder(PretrainedComponent, fl.Chain):
     """The Stable Diffusion 1.5 variational autoencoder (diffusers' `AutoencoderKL`), an `Encoder` and a `Decoder`.
 
-    `SD1Autoencoder()` has the published SD1.5 architecture; other `AutoencoderKL` configurations of the same
-    family (e.g. SDXL's, `scaling_factor=0.13025`) are supported through the constructor arguments. Calling the
-    model encodes then decodes. Latents are scaled by `scaling_factor` as the diffusion model expects them.
+    `SD1Autoencoder()` has the published SD1.5 architecture (`SD15_AUTOENCODER`); another `AutoencoderConfig`
+    describes other `AutoencoderKL`s of the same family (e.g. SDXL's, `scaling_factor=0.13025`). The config is kept
+    as `autoencoder.config`. Calling the model encodes then decodes. Latents are scaled by `scaling_factor` as the
+    diffusion model expects them.
     """
 
     component_format = AUTOENCODER_FORMAT
 
     def __init__(
-        self,
-        block_out_channels: Sequence[int] = (128, 256, 512, 512),
-        layers_per_block: int = 2,
-        latent_channels: int = 4,
-        norm_num_groups: int = 32,
-        scaling_factor: float = 0.18215,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        self, config: AutoencoderConfig = SD15_AUTOENCODER, device: Device = None, dtype: torch.dtype | None = None
     ) -> None:
-        self.block_out_channels = tuple(block_out_channels)
-        self.layers_per_block = layers_per_block
-        self.latent_channels = latent_channels
-        self.norm_num_groups = norm_num_groups
-        self.scaling_factor = scaling_factor
-        self.downscale_factor = 2 ** (len(self.block_out_channels) - 1)
-        architecture = (self.block_out_channels, layers_per_block, latent_channels, norm_num_groups, scaling_factor)
-        super().__init__(
-            Encoder(*architecture, device=device, dtype=dtype),
-            Decoder(*architecture, device=device, dtype=dtype),
-        )
+        self.config = config
+        super().__init__(Encoder(config, device=device, dtype=dtype), Decoder(config, device=device, dtype=dtype))
+
+    @property
+    def downscale_factor(self) -> int:
+        """How many pixels one latent covers in each direction: 2 per level after the first (8 for SD1.5)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images `(B, 3, H, W)` in [-1, 1] -> latents (posterior mean times `scaling_factor`, no sampling)."""

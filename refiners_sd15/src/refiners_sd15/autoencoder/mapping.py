@@ -1,4 +1,4 @@
-"""Key mappings from autoencoder weight files to `SD1Autoencoder`, and its configuration from a diffusers config.
+"""Key mappings from autoencoder weight files to `SD1Autoencoder`.
 
 Both formats are walked from the architecture itself: every layer of the autoencoder is listed once with its
 diffusers name, its name in the original latent diffusion checkpoints ("ldm", keys of `first_stage_model.`
@@ -7,12 +7,14 @@ without that prefix) and its path in `SD1Autoencoder`.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Iterator, Sequence
 
-import torch
-
+from refiners_sd15.autoencoder.config import (
+    SD15_AUTOENCODER,
+    AutoencoderConfig,
+    autoencoder_config_from_diffusers,
+    autoencoder_config_from_ldm,
+)
 from refiners_sd15.loading import ComponentFormat
 
 LayerNames = tuple[str, str, str]
@@ -33,20 +35,17 @@ _ATTENTION_LAYERS = (
 )
 
 
-def diffusers_autoencoder_mapping(
-    *, block_out_channels: Sequence[int] = (128, 256, 512, 512), layers_per_block: int = 2
-) -> dict[str, str]:
-    """diffusers `AutoencoderKL` state_dict key -> `SD1Autoencoder` state_dict key, for the given architecture."""
+def diffusers_autoencoder_mapping(config: AutoencoderConfig = SD15_AUTOENCODER) -> dict[str, str]:
+    """diffusers `AutoencoderKL` state_dict key -> `SD1Autoencoder` state_dict key, for the autoencoder `config`
+    describes (its `block_out_channels` and `layers_per_block` shape the mapping)."""
     return {
         f"{diffusers}.{param}": f"{ours}.{param}"
-        for diffusers, _, ours in _layers(block_out_channels, layers_per_block)
+        for diffusers, _, ours in _layers(config.block_out_channels, config.layers_per_block)
         for param in ("weight", "bias")
     }
 
 
-def ldm_autoencoder_mapping(
-    *, block_out_channels: Sequence[int] = (128, 256, 512, 512), layers_per_block: int = 2
-) -> dict[str, str]:
+def ldm_autoencoder_mapping(config: AutoencoderConfig = SD15_AUTOENCODER) -> dict[str, str]:
     """Original (CompVis/ldm single-file) autoencoder key -> `SD1Autoencoder` state_dict key.
 
     Keys are those of the `first_stage_model.` part of a checkpoint, without that prefix (`encoder.down.0...`).
@@ -55,7 +54,7 @@ def ldm_autoencoder_mapping(
     """
     return {
         f"{ldm}.{param}": f"{ours}.{param}"
-        for _, ldm, ours in _layers(block_out_channels, layers_per_block)
+        for _, ldm, ours in _layers(config.block_out_channels, config.layers_per_block)
         for param in ("weight", "bias")
     }
 
@@ -133,92 +132,14 @@ def _nth(name: str, index: int, count: int) -> str:
     return name if count == 1 else f"{name}_{index + 1}"
 
 
-_IGNORED_FIELDS = {"sample_size", "force_upcast"}
-"""Fields of a diffusers config that do not change the model (tiling size, fp16 upcasting advice)."""
-
-
-def autoencoder_config_from_diffusers(config: dict[str, Any]) -> dict[str, Any]:
-    """`SD1Autoencoder` keyword arguments from the `config.json` of a diffusers `AutoencoderKL` (e.g. `vae/`).
-
-    Raises ValueError naming the field when the configuration describes an architecture `SD1Autoencoder`
-    does not implement (another class, activation, block type, channel count, latent shift or normalisation...).
-    """
-    class_name = config.get("_class_name", "AutoencoderKL")
-    if class_name != "AutoencoderKL":
-        raise ValueError(f"autoencoder config: '_class_name' is {class_name!r}, only 'AutoencoderKL' is supported")
-    block_out_channels = [int(c) for c in config.get("block_out_channels", (64,))]
-    supported: dict[str, tuple[Any, ...]] = {
-        "in_channels": (3,),
-        "out_channels": (3,),
-        "act_fn": ("silu",),
-        "down_block_types": (["DownEncoderBlock2D"] * len(block_out_channels),),
-        "up_block_types": (["UpDecoderBlock2D"] * len(block_out_channels),),
-        "shift_factor": (None, 0.0),
-        "latents_mean": (None,),
-        "latents_std": (None,),
-        "use_quant_conv": (True,),
-        "use_post_quant_conv": (True,),
-        "mid_block_add_attention": (True,),
-    }
-    kwargs: dict[str, Any] = {
-        "block_out_channels": tuple(block_out_channels),
-        "layers_per_block": int(config.get("layers_per_block", 1)),
-        "latent_channels": int(config.get("latent_channels", 4)),
-        "norm_num_groups": int(config.get("norm_num_groups", 32)),
-        "scaling_factor": float(config.get("scaling_factor", 0.18215)),
-    }
-    for field, value in config.items():
-        if field.startswith("_") or field in _IGNORED_FIELDS or field in kwargs:
-            continue
-        if field not in supported:
-            raise ValueError(f"autoencoder config: unknown field {field!r} (value {value!r}) is not supported")
-        if (list(cast(Sequence[Any], value)) if isinstance(value, list | tuple) else value) not in supported[field]:
-            accepted = " or ".join(repr(v) for v in supported[field])
-            raise ValueError(f"autoencoder config: {field}={value!r} is not supported (supported: {accepted})")
-    for channels in block_out_channels:
-        if channels % kwargs["norm_num_groups"]:
-            raise ValueError(
-                f"autoencoder config: block_out_channels {block_out_channels} are not all divisible by "
-                f"norm_num_groups={kwargs['norm_num_groups']}"
-            )
-    return kwargs
-
-
-def autoencoder_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """`SD1Autoencoder` keyword arguments read from the shapes of an original checkpoint's autoencoder tensors.
-
-    Keys are without the `first_stage_model.` prefix. Normalisation groups and the scaling factor are not stored
-    in the weights: they are SD1's (32 and 0.18215). Raises ValueError for a tensor set that is not an autoencoder.
-    """
-    if "encoder.conv_in.weight" not in tensors or "quant_conv.weight" not in tensors:
-        raise ValueError("not an autoencoder checkpoint: no 'encoder.conv_in.weight' or 'quant_conv.weight'")
-    levels = sorted({int(match.group(1)) for key in tensors if (match := re.match(r"encoder\.down\.(\d+)\.", key))})
-    blocks = {int(match.group(1)) for key in tensors if (match := re.match(r"encoder\.down\.0\.block\.(\d+)\.", key))}
-    return {
-        "block_out_channels": [tensors[f"encoder.down.{level}.block.0.conv2.weight"].shape[0] for level in levels],
-        "layers_per_block": len(blocks),
-        "latent_channels": tensors["quant_conv.weight"].shape[0] // 2,
-    }
-
-
 AUTOENCODER_FORMAT = ComponentFormat(
     name="autoencoder",
     subfolder="vae",
     weight_stems=("diffusion_pytorch_model",),
-    config_to_kwargs=autoencoder_config_from_diffusers,
-    diffusers_mapping=lambda architecture, file_keys: diffusers_autoencoder_mapping(
-        block_out_channels=architecture["block_out_channels"], layers_per_block=architecture["layers_per_block"]
-    ),
+    config_class=AutoencoderConfig,
+    config_from_diffusers=autoencoder_config_from_diffusers,
+    diffusers_mapping=lambda config, file_keys: diffusers_autoencoder_mapping(config),
     single_file_prefix="first_stage_model.",
-    single_file_mapping=lambda architecture: ldm_autoencoder_mapping(
-        block_out_channels=architecture["block_out_channels"], layers_per_block=architecture["layers_per_block"]
-    ),
+    single_file_mapping=ldm_autoencoder_mapping,
     single_file_config=autoencoder_config_from_ldm,
-    architecture=lambda autoencoder: {
-        "block_out_channels": list(autoencoder.block_out_channels),
-        "layers_per_block": autoencoder.layers_per_block,
-        "latent_channels": autoencoder.latent_channels,
-        "norm_num_groups": autoencoder.norm_num_groups,
-        "scaling_factor": autoencoder.scaling_factor,
-    },
 )

@@ -1,9 +1,14 @@
 """CLIP for Stable Diffusion 1.5: the BPE tokenizer and the ViT-L/14 text encoder."""
 
+from refiners_sd15.clip.config import (
+    CLIP_TEXT_L,
+    CLIPTextEncoderConfig,
+    clip_text_config_from_ldm,
+    clip_text_config_from_transformers,
+)
 from refiners_sd15.clip.mapping import (
     CLIP_TEXT_IGNORED_KEYS,
     TEXT_ENCODER_FORMAT,
-    clip_text_config_from_transformers,
     ldm_clip_text_mapping,
     transformers_clip_text_mapping,
 )
@@ -20,6 +25,8 @@ from refiners_sd15.clip.tokenizer import CLIPTokenizer
 
 __all__ = [
     "CLIP_TEXT_IGNORED_KEYS",
+    "CLIP_TEXT_L",
+    "CLIPTextEncoderConfig",
     "CLIPTextEncoderL",
     "CLIPTokenizer",
     "FeedForwardBlock",
@@ -29,6 +36,7 @@ __all__ = [
     "TokenEncoder",
     "TokenIds",
     "TransformerLayer",
+    "clip_text_config_from_ldm",
     "clip_text_config_from_transformers",
     "ldm_clip_text_mapping",
     "transformers_clip_text_mapping",

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 import refiners_core.fluxion as fl
 from refiners_core.fluxion import Device
 from refiners_core.module_names import DIFFUSERS, KOHYA, kohya_names, module_names
+from refiners_sd15.clip.config import CLIP_TEXT_L, CLIPTextEncoderConfig
 from refiners_sd15.clip.mapping import TEXT_ENCODER_FORMAT, transformers_clip_text_mapping
 from refiners_sd15.clip.tokenizer import CLIPTokenizer
 from refiners_sd15.loading import PretrainedComponent
@@ -148,85 +149,57 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
     `(1, 77, 768)` (or `(N, 77, 768)`); called on token ids `(B, L)` with `L <= max_sequence_length`, it returns
     `(B, L, embedding_dim)`. The output matches transformers' `CLIPTextModel(input_ids).last_hidden_state`.
 
-    `CLIPTextEncoderL()` has the published SD1.5 architecture; the keyword arguments describe other CLIP text
-    transformers (e.g. OpenCLIP ViT-H of SD2: `embedding_dim=1024, num_layers=23, num_attention_heads=16,
-    feedforward_dim=4096, use_quick_gelu=False`). Every parameter is created on `device` with `dtype`.
+    `CLIPTextEncoderL()` has the published SD1.5 architecture (`CLIP_TEXT_L`); another `CLIPTextEncoderConfig`
+    describes other CLIP text transformers. The config is kept as `encoder.config`. Every parameter is created on
+    `device` with `dtype`.
 
     Args:
+        config: the architecture.
         device: device of the parameters.
         dtype: dtype of the parameters (and so of the output).
         tokenizer: turns prompts into token ids; defaults to SD1.5's `CLIPTokenizer` of `max_sequence_length` ids.
-        embedding_dim: width of the transformer.
-        num_layers: number of transformer layers.
-        num_attention_heads: attention heads per layer (must divide `embedding_dim`).
-        feedforward_dim: inner width of the feed-forward blocks.
-        max_sequence_length: number of learned positions.
-        vocabulary_size: number of token ids.
-        layer_norm_eps: epsilon of every layer norm.
-        use_quick_gelu: QuickGeLU (`x * sigmoid(1.702 x)`, OpenAI's CLIP) in the feed-forward blocks, else the
-            exact GeLU.
 
     Raises:
-        ValueError: if `num_attention_heads` does not divide `embedding_dim`, or the tokenizer produces longer
-            sequences than `max_sequence_length`.
+        ValueError: if the tokenizer produces longer sequences than the config's `max_sequence_length`.
     """
 
     component_format = TEXT_ENCODER_FORMAT
 
     def __init__(
         self,
+        config: CLIPTextEncoderConfig = CLIP_TEXT_L,
         device: Device = None,
         dtype: torch.dtype | None = None,
         tokenizer: CLIPTokenizer | None = None,
-        *,
-        embedding_dim: int = 768,
-        num_layers: int = 12,
-        num_attention_heads: int = 12,
-        feedforward_dim: int = 3072,
-        max_sequence_length: int = 77,
-        vocabulary_size: int = 49408,
-        layer_norm_eps: float = 1e-5,
-        use_quick_gelu: bool = True,
     ) -> None:
-        if embedding_dim % num_attention_heads:
-            raise ValueError(
-                f"CLIPTextEncoderL: embedding_dim={embedding_dim} is not divisible by "
-                f"num_attention_heads={num_attention_heads}"
-            )
         if tokenizer is None:
-            tokenizer = CLIPTokenizer(sequence_length=max_sequence_length)
-        if tokenizer.sequence_length > max_sequence_length:
+            tokenizer = CLIPTokenizer(sequence_length=config.max_sequence_length)
+        if tokenizer.sequence_length > config.max_sequence_length:
             raise ValueError(
                 f"CLIPTextEncoderL: the tokenizer gives sequences of {tokenizer.sequence_length} ids but the encoder "
-                f"has max_sequence_length={max_sequence_length} positions"
+                f"has max_sequence_length={config.max_sequence_length} positions"
             )
-        self.embedding_dim = embedding_dim
-        self.num_layers = num_layers
-        self.num_attention_heads = num_attention_heads
-        self.feedforward_dim = feedforward_dim
-        self.max_sequence_length = max_sequence_length
-        self.vocabulary_size = vocabulary_size
-        self.layer_norm_eps = layer_norm_eps
-        self.use_quick_gelu = use_quick_gelu
+        self.config = config
+        dim, eps = config.embedding_dim, config.layer_norm_eps
         super().__init__(
             TokenIds(tokenizer),
             fl.Sum(
-                TokenEncoder(vocabulary_size, embedding_dim, device=device, dtype=dtype),
-                PositionalEncoder(max_sequence_length, embedding_dim, device=device, dtype=dtype),
+                TokenEncoder(config.vocabulary_size, dim, device=device, dtype=dtype),
+                PositionalEncoder(config.max_sequence_length, dim, device=device, dtype=dtype),
             ),
             (
                 TransformerLayer(
-                    embedding_dim,
-                    num_attention_heads,
-                    feedforward_dim,
-                    layer_norm_eps,
-                    use_quick_gelu,
+                    dim,
+                    config.num_attention_heads,
+                    config.feedforward_dim,
+                    eps,
+                    config.use_quick_gelu,
                     device=device,
                     dtype=dtype,
                 )
-                for _ in range(num_layers)
+                for _ in range(config.num_layers)
             ),
-            fl.LayerNorm(embedding_dim, eps=layer_norm_eps, device=device, dtype=dtype),
+            fl.LayerNorm(dim, eps=eps, device=device, dtype=dtype),
         )
 
     @property
@@ -241,15 +214,16 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
         as published) or without (transformers >= 5.6) `text_model.`; `KOHYA` names are `lora_te_` + the published
         path with `_` for `.` (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
         """
-        published = module_names(transformers_clip_text_mapping(self.num_layers, prefix="text_model."))
+        published = module_names(transformers_clip_text_mapping(self.config, prefix="text_model."))
         if convention == DIFFUSERS:
-            return published | module_names(transformers_clip_text_mapping(self.num_layers, prefix=""))
+            return published | module_names(transformers_clip_text_mapping(self.config, prefix=""))
         if convention == KOHYA:
             return kohya_names(published, "lora_te_")
         return {}
 
     def extra_repr(self) -> str:
+        config = self.config
         return (
-            f"embedding_dim={self.embedding_dim}, num_layers={self.num_layers}, "
-            f"num_attention_heads={self.num_attention_heads}"
+            f"embedding_dim={config.embedding_dim}, num_layers={config.num_layers}, "
+            f"num_attention_heads={config.num_attention_heads}"
         )

@@ -1,12 +1,65 @@
-"""`SD1UNet` keyword arguments from a diffusers `config.json`, or from the tensors of an original checkpoint."""
+"""`UNetConfig`, the shape of a UNet, with SD1.5's published values; read from a diffusers `config.json` or from
+the tensors of an original checkpoint."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    """The shape of a Stable Diffusion UNet, in the names and meaning of diffusers' `UNet2DConditionModel` config.
+
+    Except `cross_attention_levels`, which says which resolution levels have cross-attention blocks (diffusers'
+    `CrossAttnDownBlock2D` vs `DownBlock2D`; the up path mirrors the down path), and `attention_head_dim` which is,
+    as in diffusers' SD1 configs, the number of attention heads. The middle block always has cross-attention.
+    Fields are keyword-only, so that a later architecture (SDXL: transformer depth per level, linear projections,
+    additional embeddings) can add fields whose defaults keep SD1.5's UNet as it is.
+
+    Raises ValueError when the levels of `cross_attention_levels` and `block_out_channels` differ in number, or
+    when `attention_head_dim` does not divide the channels of a level with attention.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int = 2
+    attention_head_dim: int
+    cross_attention_dim: int
+    cross_attention_levels: tuple[bool, ...]
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if len(self.cross_attention_levels) != len(self.block_out_channels):
+            raise ValueError(
+                f"UNetConfig: cross_attention_levels has {len(self.cross_attention_levels)} entries but "
+                f"block_out_channels has {len(self.block_out_channels)} levels"
+            )
+        attended = [c for c, attention in zip(self.block_out_channels, self.cross_attention_levels) if attention]
+        for channels in [*attended, self.block_out_channels[-1]]:
+            if channels % self.attention_head_dim:
+                raise ValueError(
+                    f"UNetConfig: {channels} channels cannot be split in attention_head_dim={self.attention_head_dim} "
+                    "heads"
+                )
+
+
+SD15_UNET = UNetConfig(
+    block_out_channels=(320, 640, 1280, 1280),
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    cross_attention_levels=(True, True, True, False),
+)
+"""The UNet of Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5, `unet/config.json`)."""
+
+SD15_INPAINTING_UNET = replace(SD15_UNET, in_channels=9)
+"""The UNet of Stable Diffusion 1.5 inpainting: latents, mask and masked image latents in, 4 + 1 + 4 channels."""
 
 CROSS_ATTENTION_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTENTION_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -72,8 +125,8 @@ def _single(config: Mapping[str, Any], field: str, default: Any) -> Any:
     return value
 
 
-def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
-    """`SD1UNet` keyword arguments from a diffusers `UNet2DConditionModel` config (`unet/config.json`).
+def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
+    """The `UNetConfig` of a diffusers `UNet2DConditionModel` config (`unet/config.json`).
 
     Absent fields take diffusers' defaults. Raises ValueError naming the field for an architecture outside the
     SD1 family (linear projections, class or additional embeddings, other block types, per-level heads...).
@@ -104,21 +157,21 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     if embedding_dim is not None and embedding_dim != 4 * block_out_channels[0]:
         raise _unsupported("time_embedding_dim", embedding_dim, f"null or {4 * block_out_channels[0]}")
 
-    return {
-        "in_channels": int(config.get("in_channels", 4)),
-        "out_channels": int(config.get("out_channels", 4)),
-        "block_out_channels": tuple(block_out_channels),
-        "layers_per_block": int(_single(config, "layers_per_block", 2)),
-        "attention_head_dim": int(_single(config, "attention_head_dim", 8)),
-        "cross_attention_dim": int(_single(config, "cross_attention_dim", 1280)),
-        "cross_attention_levels": tuple(cross_attention_levels),
-        "norm_num_groups": int(config.get("norm_num_groups", 32)),
-        "norm_eps": float(config.get("norm_eps", 1e-5)),
-    }
+    return UNetConfig(
+        in_channels=int(config.get("in_channels", 4)),
+        out_channels=int(config.get("out_channels", 4)),
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=int(_single(config, "layers_per_block", 2)),
+        attention_head_dim=int(_single(config, "attention_head_dim", 8)),
+        cross_attention_dim=int(_single(config, "cross_attention_dim", 1280)),
+        cross_attention_levels=tuple(cross_attention_levels),
+        norm_num_groups=int(config.get("norm_num_groups", 32)),
+        norm_eps=float(config.get("norm_eps", 1e-5)),
+    )
 
 
-def unet_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """`SD1UNet` keyword arguments read from the shapes of an original checkpoint's UNet tensors.
+def unet_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> UNetConfig:
+    """The `UNetConfig` read from the shapes of an original checkpoint's UNet tensors.
 
     Keys are without the `model.diffusion_model.` prefix. The number of attention heads and of normalisation
     groups are not stored in the weights: they are SD1's (8 and 32). Raises ValueError naming the key for an
@@ -145,17 +198,17 @@ def unet_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         block_out_channels.append(tensors[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
         cross_attention_levels.append(f"input_blocks.{first}.1.proj_in.weight" in tensors)
     keys = [key for key in tensors if key.endswith(".attn2.to_k.weight")]
-    return {
-        "in_channels": conv_in.shape[1],
-        "out_channels": conv_out.shape[0],
-        "block_out_channels": tuple(block_out_channels),
-        "layers_per_block": layers_per_block,
-        "attention_head_dim": 8,
-        "cross_attention_dim": tensors[keys[0]].shape[1] if keys else 768,
-        "cross_attention_levels": tuple(cross_attention_levels),
-        "norm_num_groups": 32,
-        "norm_eps": 1e-5,
-    }
+    return UNetConfig(
+        in_channels=conv_in.shape[1],
+        out_channels=conv_out.shape[0],
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        attention_head_dim=8,
+        cross_attention_dim=tensors[keys[0]].shape[1] if keys else 768,
+        cross_attention_levels=tuple(cross_attention_levels),
+        norm_num_groups=32,
+        norm_eps=1e-5,
+    )
 
 
 def skip_channels(block_out_channels: Sequence[int], layers_per_block: int) -> list[int]:

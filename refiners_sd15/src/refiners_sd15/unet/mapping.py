@@ -1,17 +1,23 @@
 """Explicit key mappings from the diffusers and original (ldm) UNet checkpoints to `SD1UNet`'s state dict.
 
-Both are built from the architecture (loops over levels and blocks), for the `SD1UNet` keyword arguments given
-as `config` (those of `unet_config_from_diffusers` or `unet_config_from_ldm`; missing ones are SD1.5's).
+Both are built from the architecture (loops over levels and blocks) that a `UNetConfig` describes (e.g. the one
+`unet_config_from_diffusers` or `unet_config_from_ldm` reads); SD1.5's by default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from refiners_sd15.loading import ComponentFormat
-from refiners_sd15.unet.config import skip_channels, unet_config_from_diffusers, unet_config_from_ldm
+from refiners_sd15.unet.config import (
+    SD15_UNET,
+    UNetConfig,
+    skip_channels,
+    unet_config_from_diffusers,
+    unet_config_from_ldm,
+)
 
 # Keys inside a residual block: (diffusers, ldm, ours), each followed by ".weight" and ".bias".
 RESIDUAL_KEYS = (
@@ -57,10 +63,8 @@ class _Block:
     shortcut: bool = False
 
 
-def _blocks(config: Mapping[str, Any]) -> Iterator[_Block]:
-    channels: tuple[int, ...] = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
-    layers: int = config.get("layers_per_block", 2)
-    attention: tuple[bool, ...] = tuple(config.get("cross_attention_levels", (True, True, True, False)))
+def _blocks(config: UNetConfig) -> Iterator[_Block]:
+    channels, layers, attention = config.block_out_channels, config.layers_per_block, config.cross_attention_levels
     levels = len(channels)
 
     yield _Block("layer", "time_embedding.linear_1", "time_embed.0", "TimestepEncoder.Linear_1")
@@ -110,14 +114,14 @@ def _blocks(config: Mapping[str, Any]) -> Iterator[_Block]:
     yield _Block("layer", "conv_out", "out.2", "OutputBlock.Conv2d")
 
 
-def _mapping(config: Mapping[str, Any] | None, layout: Literal["diffusers", "ldm"]) -> dict[str, str]:
+def _mapping(config: UNetConfig, layout: Literal["diffusers", "ldm"]) -> dict[str, str]:
     mapping: dict[str, str] = {}
 
     def add(reference: str, ours: str, bias: bool = True) -> None:
         for suffix in ("weight", "bias") if bias else ("weight",):
             mapping[f"{reference}.{suffix}"] = f"{ours}.{suffix}"
 
-    for block in _blocks(config or {}):
+    for block in _blocks(config):
         prefix = block.diffusers if layout == "diffusers" else block.ldm
         if block.kind == "layer":
             add(prefix, block.ours)
@@ -130,16 +134,15 @@ def _mapping(config: Mapping[str, Any] | None, layout: Literal["diffusers", "ldm
     return mapping
 
 
-def diffusers_unet_mapping(config: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Diffusers `UNet2DConditionModel` state dict key -> `SD1UNet` state dict key.
+def diffusers_unet_mapping(config: UNetConfig = SD15_UNET) -> dict[str, str]:
+    """Diffusers `UNet2DConditionModel` state dict key -> `SD1UNet` state dict key, for the UNet `config` describes.
 
-    `config` holds `SD1UNet` keyword arguments (`block_out_channels`, `layers_per_block` and
-    `cross_attention_levels` shape the mapping); SD1.5 when omitted.
+    Its `block_out_channels`, `layers_per_block` and `cross_attention_levels` shape the mapping.
     """
     return _mapping(config, "diffusers")
 
 
-def ldm_unet_mapping(config: Mapping[str, Any] | None = None) -> dict[str, str]:
+def ldm_unet_mapping(config: UNetConfig = SD15_UNET) -> dict[str, str]:
     """Original checkpoint UNet key, without its `model.diffusion_model.` prefix -> `SD1UNet` state dict key.
 
     E.g. `input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`. `config` as for `diffusers_unet_mapping`.
@@ -151,20 +154,10 @@ UNET_FORMAT = ComponentFormat(
     name="unet",
     subfolder="unet",
     weight_stems=("diffusion_pytorch_model",),
-    config_to_kwargs=unet_config_from_diffusers,
-    diffusers_mapping=lambda architecture, file_keys: diffusers_unet_mapping(architecture),
+    config_class=UNetConfig,
+    config_from_diffusers=unet_config_from_diffusers,
+    diffusers_mapping=lambda config, file_keys: diffusers_unet_mapping(config),
     single_file_prefix="model.diffusion_model.",
     single_file_mapping=ldm_unet_mapping,
     single_file_config=unet_config_from_ldm,
-    architecture=lambda unet: {
-        "in_channels": unet.in_channels,
-        "out_channels": unet.out_channels,
-        "block_out_channels": list(unet.block_out_channels),
-        "layers_per_block": unet.layers_per_block,
-        "attention_head_dim": unet.attention_head_dim,
-        "cross_attention_dim": unet.cross_attention_dim,
-        "cross_attention_levels": list(unet.cross_attention_levels),
-        "norm_num_groups": unet.norm_num_groups,
-        "norm_eps": unet.norm_eps,
-    },
 )

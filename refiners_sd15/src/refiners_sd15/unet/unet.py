@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from refiners_sd15.unet.blocks import (
     TimestepEncoder,
     Upsample,
 )
-from refiners_sd15.unet.config import skip_channels
+from refiners_sd15.unet.config import SD15_UNET, UNetConfig, skip_channels
 from refiners_sd15.unet.mapping import UNET_FORMAT, diffusers_unet_mapping, ldm_unet_mapping
 
 
@@ -30,23 +29,16 @@ class DownBlocks(fl.Chain):
     checkpoint's `input_blocks`.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        block_out_channels: Sequence[int],
-        layers_per_block: int,
-        cross_attention_levels: Sequence[bool],
-        num_heads: int,
-        context_dim: int,
-        num_groups: int,
-        eps: float,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, config: UNetConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        block_out_channels, layers_per_block = config.block_out_channels, config.layers_per_block
+        num_heads, context_dim = config.attention_head_dim, config.cross_attention_dim
+        num_groups, eps = config.norm_num_groups, config.norm_eps
         embedding_dim = 4 * block_out_channels[0]
         stages: list[fl.Chain] = [
             fl.Chain(
-                fl.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1, device=device, dtype=dtype)
+                fl.Conv2d(
+                    config.in_channels, block_out_channels[0], kernel_size=3, padding=1, device=device, dtype=dtype
+                )
             )
         ]
         channels = block_out_channels[0]
@@ -55,7 +47,7 @@ class DownBlocks(fl.Chain):
                 stage = fl.Chain(
                     ResidualBlock(channels, level_channels, embedding_dim, num_groups, eps, device=device, dtype=dtype)
                 )
-                if cross_attention_levels[level]:
+                if config.cross_attention_levels[level]:
                     stage.append(
                         CrossAttentionBlock2d(
                             level_channels, num_heads, context_dim, num_groups, device=device, dtype=dtype
@@ -73,17 +65,10 @@ class DownBlocks(fl.Chain):
 class MiddleBlock(fl.Chain):
     """Residual block, cross-attention block, residual block, at the lowest resolution."""
 
-    def __init__(
-        self,
-        channels: int,
-        embedding_dim: int,
-        num_heads: int,
-        context_dim: int,
-        num_groups: int,
-        eps: float,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, config: UNetConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        channels, embedding_dim = config.block_out_channels[-1], 4 * config.block_out_channels[0]
+        num_heads, context_dim = config.attention_head_dim, config.cross_attention_dim
+        num_groups, eps = config.norm_num_groups, config.norm_eps
         super().__init__(
             ResidualBlock(channels, channels, embedding_dim, num_groups, eps, device=device, dtype=dtype),
             CrossAttentionBlock2d(channels, num_heads, context_dim, num_groups, device=device, dtype=dtype),
@@ -98,18 +83,10 @@ class UpBlocks(fl.Chain):
     original checkpoint's `output_blocks`.
     """
 
-    def __init__(
-        self,
-        block_out_channels: Sequence[int],
-        layers_per_block: int,
-        cross_attention_levels: Sequence[bool],
-        num_heads: int,
-        context_dim: int,
-        num_groups: int,
-        eps: float,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    def __init__(self, config: UNetConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        block_out_channels, layers_per_block = config.block_out_channels, config.layers_per_block
+        num_heads, context_dim = config.attention_head_dim, config.cross_attention_dim
+        num_groups, eps = config.norm_num_groups, config.norm_eps
         embedding_dim = 4 * block_out_channels[0]
         skips = skip_channels(block_out_channels, layers_per_block)
         skip_index = len(skips) - 1
@@ -130,7 +107,7 @@ class UpBlocks(fl.Chain):
                         dtype=dtype,
                     ),
                 )
-                if cross_attention_levels[level]:
+                if config.cross_attention_levels[level]:
                     stage.append(
                         CrossAttentionBlock2d(
                             level_channels, num_heads, context_dim, num_groups, device=device, dtype=dtype
@@ -166,98 +143,27 @@ class OutputBlock(fl.Chain):
 class SD1UNet(PretrainedComponent, fl.Chain):
     """The Stable Diffusion 1.5 UNet: predicts the noise in a latent, given a timestep and a CLIP text embedding.
 
-        unet = SD1UNet()  # SD1.5; in_channels=9 for the inpainting model
+        unet = SD1UNet()  # SD1.5; SD1UNet(SD15_INPAINTING_UNET) for the inpainting model
         unet.set_timestep(torch.tensor([999]))
         unet.set_clip_text_embedding(text_embedding)  # (B, 77, 768)
         noise = unet(latents)  # (B, 4, H, W)
 
-    The architecture arguments have the names and meaning of diffusers' `UNet2DConditionModel` config, except
-    `cross_attention_levels`, which says which resolution levels have cross-attention blocks (diffusers'
-    `CrossAttnDownBlock2D` vs `DownBlock2D`; the up path mirrors the down path). `attention_head_dim` is,
-    as in diffusers' SD1 configs, the number of attention heads. Every parameter and buffer is created on
+    Its architecture is `config` (a `UNetConfig`, kept as `unet.config`). Every parameter and buffer is created on
     `device` with `dtype`.
     """
 
     component_format = UNET_FORMAT
 
-    def __init__(
-        self,
-        in_channels: int = 4,
-        *,
-        out_channels: int = 4,
-        block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
-        layers_per_block: int = 2,
-        attention_head_dim: int = 8,
-        cross_attention_dim: int = 768,
-        cross_attention_levels: Sequence[bool] = (True, True, True, False),
-        norm_num_groups: int = 32,
-        norm_eps: float = 1e-5,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        if len(cross_attention_levels) != len(block_out_channels):
-            raise ValueError(
-                f"SD1UNet: cross_attention_levels has {len(cross_attention_levels)} entries but block_out_channels "
-                f"has {len(block_out_channels)} levels"
-            )
-        attended = [c for c, attention in zip(block_out_channels, cross_attention_levels) if attention]
-        for channels in [*attended, block_out_channels[-1]]:
-            if channels % attention_head_dim:
-                raise ValueError(
-                    f"SD1UNet: {channels} channels cannot be split in attention_head_dim={attention_head_dim} heads"
-                )
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.block_out_channels = tuple(block_out_channels)
-        self.layers_per_block = layers_per_block
-        self.attention_head_dim = attention_head_dim
-        self.cross_attention_dim = cross_attention_dim
-        self.cross_attention_levels = tuple(cross_attention_levels)
-        self.norm_num_groups = norm_num_groups
-        self.norm_eps = norm_eps
-        embedding_dim = 4 * block_out_channels[0]
+    def __init__(self, config: UNetConfig = SD15_UNET, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        self.config = config
+        channels = config.block_out_channels
         super().__init__(
-            TimestepEncoder(block_out_channels[0], embedding_dim, device=device, dtype=dtype),
-            DownBlocks(
-                in_channels,
-                block_out_channels,
-                layers_per_block,
-                cross_attention_levels,
-                num_heads=attention_head_dim,
-                context_dim=cross_attention_dim,
-                num_groups=norm_num_groups,
-                eps=norm_eps,
-                device=device,
-                dtype=dtype,
-            ),
-            MiddleBlock(
-                block_out_channels[-1],
-                embedding_dim,
-                num_heads=attention_head_dim,
-                context_dim=cross_attention_dim,
-                num_groups=norm_num_groups,
-                eps=norm_eps,
-                device=device,
-                dtype=dtype,
-            ),
-            UpBlocks(
-                block_out_channels,
-                layers_per_block,
-                cross_attention_levels,
-                num_heads=attention_head_dim,
-                context_dim=cross_attention_dim,
-                num_groups=norm_num_groups,
-                eps=norm_eps,
-                device=device,
-                dtype=dtype,
-            ),
+            TimestepEncoder(channels[0], 4 * channels[0], device=device, dtype=dtype),
+            DownBlocks(config, device=device, dtype=dtype),
+            MiddleBlock(config, device=device, dtype=dtype),
+            UpBlocks(config, device=device, dtype=dtype),
             OutputBlock(
-                block_out_channels[0],
-                out_channels,
-                num_groups=norm_num_groups,
-                eps=norm_eps,
-                device=device,
-                dtype=dtype,
+                channels[0], config.out_channels, config.norm_num_groups, config.norm_eps, device=device, dtype=dtype
             ),
         )
 
@@ -286,12 +192,11 @@ class SD1UNet(PretrainedComponent, fl.Chain):
         names are `lora_unet_` + those paths with `_` for `.`, or + the original checkpoint's paths
         (`lora_unet_input_blocks_1_1_proj_in`). Built from the same mappings as `from_pretrained`.
         """
-        architecture = self.component_format.architecture(self)
-        diffusers = module_names(diffusers_unet_mapping(architecture))
+        diffusers = module_names(diffusers_unet_mapping(self.config))
         if convention == DIFFUSERS:
             return diffusers
         if convention == KOHYA:
-            ldm = module_names(ldm_unet_mapping(architecture))
+            ldm = module_names(ldm_unet_mapping(self.config))
             return kohya_names(diffusers, "lora_unet_") | kohya_names(ldm, "lora_unet_")
         return {}
 
