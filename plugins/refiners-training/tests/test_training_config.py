@@ -110,7 +110,8 @@ def test_defaults_fill_every_optional_key(tmp_path: Path) -> None:
         ("resolution = 256", "resolution = 0", "`data.resolution` must be a multiple of 8 from 8 to 2048, got 0"),
         ("learning_rate = 1e-3", "learning_rate = nan", "`training.learning_rate` must be a finite number, got nan"),
         ("learning_rate = 1e-3", "learning_rate = inf", "`training.learning_rate` must be a finite number, got inf"),
-        ("learning_rate = 1e-3", "learning_rate = -1e-3", "`training.learning_rate` must be positive, got -0.001"),
+        ("learning_rate = 1e-3", "learning_rate = -1e-3", "`training.learning_rate` must be in (0, 1], got -0.001"),
+        ("learning_rate = 1e-3", "learning_rate = 1e39", "`training.learning_rate` must be in (0, 1], got 1e+39"),
         ("learning_rate = 1e-3", 'learning_rate = "fast"', "`training.learning_rate` must be a number, got 'fast'"),
         (
             "learning_rate = 1e-3",

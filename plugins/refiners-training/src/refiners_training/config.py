@@ -253,7 +253,7 @@ def check(config: TrainingConfig) -> None:
             "training.gradient_accumulation_steps",
             f"from 1 to {MAX_BATCH_SIZE}",
         ),
-        (training.learning_rate > 0, "training.learning_rate", "positive"),
+        (0 < training.learning_rate <= 1, "training.learning_rate", "in (0, 1]"),
         (0 <= training.lr_warmup_steps <= training.max_steps, "training.lr_warmup_steps", "in [0, max_steps]"),
         (0 <= training.adam_beta1 < 1, "training.adam_beta1", "in [0, 1)"),
         (0 <= training.adam_beta2 < 1, "training.adam_beta2", "in [0, 1)"),
