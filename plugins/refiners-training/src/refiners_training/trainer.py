@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +28,20 @@ from tqdm import tqdm
 
 from refiners_lora import LoraManager
 from refiners_sd15 import CLIPTextEncoderL, SD1UNet, StableDiffusion_1
-from refiners_training.checkpoint import CheckpointError, checkpoint_name, latest_checkpoint, write_checkpoint
+from refiners_training.checkpoint import (
+    CheckpointError,
+    checkpoint_name,
+    checkpoint_step,
+    earlier_checkpoints,
+    latest_checkpoint,
+    point_latest,
+    write_checkpoint,
+)
 from refiners_training.config import ConfigError, MixedPrecision, OptimizationConfig, TrainingConfig
 from refiners_training.dataset import CaptionedImages
 from refiners_training.diffusion import NoiseSchedule, draw_noise
 from refiners_training.distributed import Processes, start_processes, stop_processes
-from refiners_training.evaluation import render_prompts
+from refiners_training.evaluation import render_prompts, tokenize_prompts
 from refiners_training.layers import lora_layer_paths
 from refiners_training.optim import build_optimizer, build_scheduler
 
@@ -63,8 +73,9 @@ class TrainingResult:
     checkpoint: Path | None = None
 
 
-def train_lora(config: TrainingConfig, resume: bool = False) -> TrainingResult:
-    """Train the LoRA `config` describes; with `resume`, go on from the latest checkpoint in `training.output_dir`.
+def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = False) -> TrainingResult:
+    """Train the LoRA `config` describes; with `resume`, go on from the latest checkpoint in `training.output_dir`
+    (with `fallback` too, from the newest one that loads, if the latest is damaged: a warning names each skipped).
 
     Writes checkpoints (`output_dir/checkpoints/step-NNNNNN/`, the `latest` one named by `checkpoints/latest`),
     evaluation images (`output_dir/samples/step-NNNNNN/NN.png`), the loss of every step (`output_dir/log.jsonl`)
@@ -72,17 +83,20 @@ def train_lora(config: TrainingConfig, resume: bool = False) -> TrainingResult:
     `NAME.diffusers.safetensors`). Under torchrun (WORLD_SIZE > 1) each process takes its share of every global
     batch and rank 0 alone writes files.
 
+    A step whose loss is not finite stops the run (TrainingError naming the step and the loss) before the weights
+    change: the checkpoints already written stay, and no checkpoint or export ever holds a non-finite weight.
+
     Raises ConfigError for a device or mixed precision the machine cannot use, DatasetError naming a bad file of
-    the dataset, TrainingError if `output_dir` is not a usable folder or already holds checkpoints and `resume` is
-    False, CheckpointError naming a checkpoint file that does not fit the configured LoRA; the base model's files are
-    never written.
+    the dataset, TrainingError if `output_dir` is not a usable folder, already holds checkpoints and `resume` is
+    False, or the loss stops being finite, CheckpointError naming a checkpoint file that is damaged (unreadable,
+    incomplete, non-finite) or does not fit the configured LoRA; the base model's files are never written.
     """
     prepare_output_dir(config.training.output_dir)
     device = resolve_device(config.training)
     check_mixed_precision(config.training.mixed_precision, device)
     processes = start_processes(device)
     try:
-        return _Run(config, device, processes).train(resume)
+        return _Run(config, device, processes).train(resume, fallback)
     finally:
         stop_processes(processes)
 
@@ -136,9 +150,9 @@ class Denoiser(nn.Module):
         self.clip_text_encoder = clip_text_encoder
         self.train_text_encoder = train_text_encoder
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            embedding = self.clip_text_encoder(captions)
+            embedding = self.clip_text_encoder(tokens)
         self.unet.set_timestep(timesteps)
         self.unet.set_clip_text_embedding(embedding)
         return self.unet(latents)
@@ -178,15 +192,18 @@ class _Run:
         self.scaler = torch.amp.GradScaler(device.type, enabled=training.mixed_precision == "fp16")
         self.noise = NoiseSchedule()
         self.latents: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}  # each caption is tokenized once per run
+        self.prompt_tokens = tokenize_prompts(self.sd, config.evaluation)
         self.step = 0
+        self.last_checkpoint: Path | None = None
         self.position = 0  # samples of the data order consumed so far (all processes together)
 
     @property
     def samples_per_step(self) -> int:
         return self.config.global_batch_size * self.processes.world_size
 
-    def train(self, resume: bool) -> TrainingResult:
-        checkpoint = self._restore(resume)
+    def train(self, resume: bool, fallback: bool) -> TrainingResult:
+        self.last_checkpoint = self._restore(resume, fallback)
         training = self.config.training
         losses: dict[int, float] = {}
         progress = tqdm(
@@ -206,12 +223,13 @@ class _Run:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 if self.step % training.checkpoint_every == 0 or self.step == training.max_steps:
-                    checkpoint = self._checkpoint()
+                    self.last_checkpoint = self._checkpoint()
         finally:
             progress.close()
+        self._check_weights()
         exports = self._export(self.output_dir) if self.processes.is_main else {}
         self.processes.barrier()
-        return TrainingResult(self.sd, self.step, losses, exports, checkpoint)
+        return TrainingResult(self.sd, self.step, losses, exports, self.last_checkpoint)
 
     def _optimizer_step(self) -> float:
         """Forward and backward every micro-batch of the next global batch, then one optimizer step; the mean loss."""
@@ -228,7 +246,7 @@ class _Run:
             positions = list(range(start, start + training.batch_size))
             indices = self.dataset.indices(training.seed, start, training.batch_size)
             latents = torch.stack([self._latents_of(index) for index in indices])
-            captions = [self.dataset.samples[index].caption for index in indices]
+            tokens = torch.cat([self._tokens_of(index) for index in indices])
             noise, timesteps = draw_noise(training.seed, positions, tuple(latents.shape[1:]))
             noise, timesteps = noise.to(self.device), timesteps.to(self.device)
             noisy = self.noise.add_noise(latents, noise, timesteps)
@@ -238,10 +256,20 @@ class _Run:
             )
             with sync:
                 with autocast:
-                    prediction = self.model(noisy, timesteps, captions)
+                    prediction = self.model(noisy, timesteps, tokens)
                 loss = F.mse_loss(prediction.float(), noise.float())
                 self.scaler.scale(loss / accumulation).backward()
             total += loss.item() / accumulation
+        mean = self.processes.mean(total, self.device)
+        if not math.isfinite(mean):
+            self.optimizer.zero_grad(set_to_none=True)
+            latest = self.last_checkpoint
+            kept = f"the latest checkpoint, {latest.name}, is kept" if latest else "no checkpoint was written"
+            raise TrainingError(
+                f"the loss of step {self.step + 1} is {mean}: training stopped before updating the weights ({kept}); "
+                "a lower `training.learning_rate`, `training.max_grad_norm` or another `training.mixed_precision` "
+                "may help"
+            )
         self.scaler.unscale_(self.optimizer)
         if training.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(list(self.parameters.values()), training.max_grad_norm)
@@ -249,7 +277,7 @@ class _Run:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.processes.mean(total, self.device)
+        return mean
 
     @torch.no_grad()
     def _latents_of(self, index: int) -> torch.Tensor:
@@ -259,30 +287,104 @@ class _Run:
             self.latents[index] = self.sd.lda.encode(image.unsqueeze(0).to(self.device))[0]
         return self.latents[index]
 
-    def _restore(self, resume: bool) -> Path | None:
-        """Load the latest checkpoint when resuming; refuse to overwrite one otherwise. Returns the one loaded."""
-        checkpoint = latest_checkpoint(self.root)
-        if checkpoint is not None and not resume:
+    def _tokens_of(self, index: int) -> torch.Tensor:
+        """The token ids `(1, 77)` of sample `index`'s caption (tokenized once per run)."""
+        if index not in self.tokens:
+            self.tokens[index] = self.sd.clip_text_encoder.tokenizer(self.dataset.samples[index].caption)
+        return self.tokens[index]
+
+    def _check_weights(self) -> None:
+        """TrainingError naming the first LoRA weight that is not finite: such weights are never written."""
+        for key, parameter in self.parameters.items():
+            if not bool(torch.isfinite(parameter).all()):
+                raise TrainingError(
+                    f"the LoRA weight '{key}' is not finite at step {self.step}: training stopped without writing "
+                    "a checkpoint or an export; a lower `training.learning_rate` may help"
+                )
+
+    def _restore(self, resume: bool, fallback: bool) -> Path | None:
+        """Load the latest checkpoint when resuming (with `fallback`, the newest that loads); refuse to overwrite
+        one otherwise. Returns the one loaded."""
+        try:
+            checkpoint = latest_checkpoint(self.root)
+        except CheckpointError as error:
+            if resume and not fallback:
+                raise CheckpointError(
+                    f"{error} (--resume --fallback goes on from the newest one that loads)"
+                ) from error
+            if not resume:
+                raise
+            logger.warning("%s; looking for the newest checkpoint that loads", error)
+            checkpoint, skipped = None, True
+        else:
+            skipped = False
+        candidates = [checkpoint] if checkpoint is not None else []
+        if resume and fallback:
+            candidates += earlier_checkpoints(self.root, than=checkpoint_step(checkpoint) if checkpoint else None)
+        if candidates and not resume:
             raise TrainingError(
-                f"{self.root} already holds checkpoints (latest: {checkpoint.name}): resume that run with --resume "
-                "(train_lora(config, resume=True)) or choose another `training.output_dir`"
+                f"{self.root} already holds checkpoints (latest: {candidates[0].name}): resume that run with "
+                "--resume (train_lora(config, resume=True)) or choose another `training.output_dir`"
             )
-        if checkpoint is None:
+        if not candidates:
             if resume:
                 logger.warning("no checkpoint in %s: training starts from step 0", self.root)
             self._rewrite_log(keep_until=0)
             return None
-        self._load(checkpoint)
-        self._rewrite_log(keep_until=self.step)
-        return checkpoint
+        errors: list[str] = []
+        for candidate in candidates:
+            try:
+                self._load(candidate)
+            except CheckpointError as error:
+                if not fallback:
+                    earlier = earlier_checkpoints(self.root, than=checkpoint_step(candidate))
+                    hint = " (--resume --fallback goes on from the newest earlier one that loads)" if earlier else ""
+                    raise CheckpointError(f"{error}{hint}") from error
+                logger.warning("skipping checkpoint %s: %s", candidate.name, error)
+                errors.append(f"{candidate.name}: {error}")
+                continue
+            if errors or skipped:
+                logger.warning("resuming from checkpoint %s", candidate.name)
+                if self.processes.is_main:
+                    point_latest(self.root, candidate.name)
+            self._rewrite_log(keep_until=self.step)
+            return candidate
+        raise CheckpointError(f"no checkpoint of {self.root} loads: " + "; ".join(errors))
 
     def _load(self, checkpoint: Path) -> None:
-        weights_file = checkpoint / LORA_WEIGHTS
+        """Read, check and apply a checkpoint; CheckpointError naming the file at fault (unreadable, incomplete,
+        not finite, not this LoRA's shapes) before any of it is applied, or if applying it fails."""
+        weights_file, state_file = checkpoint / LORA_WEIGHTS, checkpoint / TRAINING_STATE
+        for path in (weights_file, state_file):
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {path.name} is missing")
         try:
             tensors = load_file(weights_file)
-            state: dict[str, Any] = torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as error:
-            raise CheckpointError(f"cannot read checkpoint {checkpoint}: {error}") from error
+        except Exception as error:  # safetensors raises its own error type for a damaged file
+            raise CheckpointError(f"cannot read {weights_file}: {error}") from error
+        try:
+            state: object = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception as error:  # a truncated zip, a bad pickle: torch raises several types
+            raise CheckpointError(f"cannot read {state_file}: {error}") from error
+        self._check_weights_file(weights_file, tensors)
+        state = _check_training_state(state_file, state, list(self.parameters.values()), checkpoint_step(checkpoint))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            rng = state["rng"]
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(rng["python"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{state_file} does not fit this run: {error!r}") from error
+        with torch.no_grad():
+            for key, parameter in self.parameters.items():
+                parameter.copy_(tensors[key])
+        self.step, self.position = int(state["step"]), int(state["position"])
+
+    def _check_weights_file(self, weights_file: Path, tensors: dict[str, torch.Tensor]) -> None:
         missing, unexpected = sorted(set(self.parameters) - set(tensors)), sorted(set(tensors) - set(self.parameters))
         if missing or unexpected:
             raise CheckpointError(
@@ -291,31 +393,29 @@ class _Run:
                 f"(e.g. {unexpected[:1]})"
             )
         for key, parameter in self.parameters.items():
-            if tensors[key].shape != parameter.shape:
+            tensor = tensors[key]
+            if tensor.shape != parameter.shape:
                 raise CheckpointError(
-                    f"{weights_file}: '{key}' has shape {tuple(tensors[key].shape)}, the configured LoRA "
+                    f"{weights_file}: '{key}' has shape {tuple(tensor.shape)}, the configured LoRA "
                     f"(lora.rank = {self.config.lora.rank}) needs {tuple(parameter.shape)}"
                 )
-        with torch.no_grad():
-            for key, parameter in self.parameters.items():
-                parameter.copy_(tensors[key])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(rng["python"])
-        self.step, self.position = int(state["step"]), int(state["position"])
+            if tensor.dtype != parameter.dtype:
+                raise CheckpointError(f"{weights_file}: '{key}' is {tensor.dtype}, expected {parameter.dtype}")
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{weights_file}: '{key}' holds non-finite values (NaN or infinity)")
 
     def _checkpoint(self) -> Path:
         """Write the checkpoint of this step (rank 0) and render the evaluation prompts; every process waits."""
         name = checkpoint_name(self.step)
+        self._check_weights()
         if self.processes.is_main:
             write_checkpoint(self.root, name, self._write_checkpoint)
             render_prompts(
-                self.sd, self.config.evaluation, self.config.data.resolution, self.output_dir / SAMPLES / name
+                self.sd,
+                self.config.evaluation,
+                self.prompt_tokens,
+                self.config.data.resolution,
+                self.output_dir / SAMPLES / name,
             )
         self.processes.barrier()
         return self.root / name
@@ -365,6 +465,66 @@ class _Run:
         lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
         kept = [line for line in lines if _logged_step(line) <= keep_until]
         log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+TRAINING_STATE_KEYS = ("step", "position", "optimizer", "scheduler", "scaler", "rng")
+
+
+def _check_training_state(state_file: Path, state: object, parameters: list[nn.Parameter], step: int) -> dict[str, Any]:
+    """`state` (the content of `state_file`) if it is a complete training state for `parameters` at `step`, every
+    number in it finite and the optimizer's moments of the parameters' shapes; CheckpointError naming it otherwise."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file} is not a training state (got a {type(state).__name__})")
+    state = typing.cast(dict[str, Any], state)
+    missing = [key for key in TRAINING_STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{state_file} is incomplete: it lacks {', '.join(repr(key) for key in missing)}")
+    for key in ("step", "position"):
+        if not isinstance(state[key], int) or state[key] < 0:
+            raise CheckpointError(f"{state_file}: '{key}' must be a non-negative integer, got {state[key]!r}")
+    if state["step"] != step:
+        raise CheckpointError(f"{state_file}: 'step' is {state['step']}, but the checkpoint is that of step {step}")
+    optimizer, rng = state["optimizer"], state["rng"]
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):  # pyright: ignore[reportUnknownMemberType]
+        raise CheckpointError(f"{state_file}: 'optimizer' is not an optimizer state")
+    for index, moments in typing.cast(dict[Any, Any], optimizer["state"]).items():
+        if not isinstance(index, int) or not 0 <= index < len(parameters) or not isinstance(moments, dict):
+            raise CheckpointError(f"{state_file}: 'optimizer' holds a state for parameter {index!r}, not this LoRA's")
+        for name, value in typing.cast(dict[str, Any], moments).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameters[index].shape:
+                raise CheckpointError(
+                    f"{state_file}: optimizer '{name}' of parameter {index} has shape {tuple(value.shape)}, "
+                    f"the configured LoRA needs {tuple(parameters[index].shape)}"
+                )
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or "python" not in rng:  # pyright: ignore[reportUnknownMemberType]
+        raise CheckpointError(f"{state_file}: 'rng' is not the random generators' state")
+    try:
+        where = _first_non_finite(state, "")
+    except RecursionError:
+        raise CheckpointError(f"{state_file} is not a training state: it is nested too deeply") from None
+    if where is not None:
+        raise CheckpointError(f"{state_file}: '{where}' holds non-finite values (NaN or infinity)")
+    return state
+
+
+def _first_non_finite(value: object, path: str) -> str | None:
+    """The path (`optimizer.state.3.exp_avg`) of the first non-finite float or float tensor in `value`, or None."""
+    if isinstance(value, torch.Tensor):
+        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+        return None if finite else path
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        items = typing.cast(dict[Any, Any], value).items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(typing.cast(list[Any], value))
+    else:
+        return None
+    for key, item in items:
+        found = _first_non_finite(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _logged_step(line: str) -> float:
