@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -260,7 +262,15 @@ def test_decompression_bombs_are_refused_from_their_header_naming_the_file(
 
 
 @pytest.mark.parametrize(
-    "layout", ["output_dir is a file", "its parent is a file", "checkpoints is a file", "log is a folder"]
+    "layout",
+    [
+        "output_dir is a file",
+        "its parent is a file",
+        "checkpoints is a file",
+        "samples is a file",
+        "log is a folder",
+        "an export is a folder",
+    ],
 )
 def test_an_output_dir_that_cannot_hold_a_run_is_refused_naming_the_path(tmp_path: Path, layout: str) -> None:
     output_dir = tmp_path / "parent" / "run"
@@ -270,13 +280,169 @@ def test_an_output_dir_that_cannot_hold_a_run_is_refused_naming_the_path(tmp_pat
         output_dir.parent.mkdir()
     if layout == "output_dir is a file":
         output_dir.write_text("x", encoding="utf-8")
-    elif layout == "checkpoints is a file":
+    elif layout in ("checkpoints is a file", "samples is a file"):
         output_dir.mkdir()
-        (output_dir / "checkpoints").write_text("x", encoding="utf-8")
+        (output_dir / layout.split()[0]).write_text("x", encoding="utf-8")
     elif layout == "log is a folder":
         (output_dir / "log.jsonl").mkdir(parents=True)
+    elif layout == "an export is a folder":
+        (output_dir / "red.kohya.safetensors").mkdir(parents=True)
     with pytest.raises(TrainingError, match=rf"`training.output_dir`: .*{tmp_path}/parent"):
-        prepare_output_dir(output_dir)
+        prepare_output_dir(output_dir, ["red.safetensors", "red.kohya.safetensors"])
+
+
+def image_of_mode(mode: str) -> Image.Image:
+    """A 16x16 image in `mode` whose pixels mean mid grey (16-bit, float), or red (alpha, palette)."""
+    if mode == "I;16":
+        return Image.frombytes("I;16", (16, 16), np.full((16, 16), 32768, dtype="<u2").tobytes())
+    if mode == "F":
+        return Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32), mode="F")
+    if mode == "RGBA":
+        return Image.new("RGBA", (16, 16), (255, 0, 0, 0))  # a transparent red: the colour is kept
+    if mode == "LA":
+        return Image.new("LA", (16, 16), (128, 40))
+    palette = Image.new("P", (16, 16), 1)
+    palette.putpalette([0, 0, 255, 255, 0, 0])
+    return palette
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix", "rgb"),
+    [
+        ("I;16", ".png", (128, 128, 128)),  # `convert("RGB")` makes it white
+        ("F", ".tiff", (128, 128, 128)),  # `convert("RGB")` makes it black
+        ("RGBA", ".png", (255, 0, 0)),
+        ("LA", ".png", (128, 128, 128)),
+        ("P", ".png", (255, 0, 0)),
+    ],
+)
+def test_dataset_images_of_any_mode_are_read_by_what_their_pixels_mean(
+    tmp_path: Path, mode: str, suffix: str, rgb: tuple[int, int, int]
+) -> None:
+    image_of_mode(mode).save(tmp_path / f"a{suffix}")
+    with Image.open(tmp_path / f"a{suffix}") as saved:
+        assert saved.mode == mode  # the file keeps the mode under test
+    (tmp_path / "a.txt").write_text("a", encoding="utf-8")
+    pixels, _ = CaptionedImages(tmp_path, resolution=8)[0]
+    expected = (torch.tensor(rgb, dtype=torch.float32) / 127.5 - 1).view(3, 1, 1).expand(3, 8, 8)
+    assert torch.allclose(pixels, expected, atol=1 / 127.5), (mode, pixels[:, 0, 0])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_float_image_with_non_finite_pixels_is_refused_naming_the_file(tmp_path: Path, value: float) -> None:
+    captioned_folder(tmp_path)
+    pixels = np.full((16, 16), 0.5, dtype=np.float32)
+    pixels[3, 4] = value
+    Image.fromarray(pixels, mode="F").save(tmp_path / "b.tiff")
+    (tmp_path / "b.txt").write_text("b", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"cannot read image .*b\.tiff: .*NaN or infinite pixels"):
+        CaptionedImages(tmp_path, resolution=8)
+
+
+def bad_dataset(folder: Path, fault: str) -> str:
+    """Break the dataset `folder` (its captions are .txt files) with `fault`; the name of the file at fault."""
+    if fault == "caption not UTF-8":
+        (folder / "a.txt").write_bytes(b"\xff\xfe red")
+        return "a.txt, line 1"
+    if fault == "metadata not UTF-8":
+        (folder / "metadata.jsonl").write_bytes(b'{"file_name": "a.png", "text": "\xe9t\xe9"}')
+        return "metadata.jsonl, line 1"
+    if fault == "metadata not JSON":
+        (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"file_name"', encoding="utf-8")
+        return "metadata.jsonl, line 2"
+    if fault == "metadata path out of the folder":
+        (folder / "metadata.jsonl").write_text('{"file_name": "../a.png", "text": "x"}', encoding="utf-8")
+        return "metadata.jsonl, line 1"
+    if fault == "decompression bomb":
+        png_header_only(folder / "a.png", 30_000, 30_000)
+        return "a.png"
+    if fault == "float image with NaN":
+        Image.fromarray(np.full((16, 16), np.nan, dtype=np.float32), mode="F").save(folder / "a.tiff")
+        (folder / "a.png").unlink()
+        return "a.tiff"
+    if fault == "not an image":
+        (folder / "a.png").write_bytes(b"GIF89a but not really")
+        return "a.png"
+    (folder / "a.txt").unlink()
+    return "a.png has no caption"
+
+
+DATASET_FAULTS = [
+    "caption not UTF-8",
+    "metadata not UTF-8",
+    "metadata not JSON",
+    "metadata path out of the folder",
+    "decompression bomb",
+    "float image with NaN",
+    "not an image",
+    "no caption",
+]
+
+
+@pytest.mark.parametrize("fault", DATASET_FAULTS)
+def test_the_cli_reports_a_bad_dataset_in_one_line_naming_the_file_before_loading_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fault: str
+) -> None:
+    culprit = bad_dataset(captioned_folder(tmp_path / "images"), fault)
+    path = write_config(tmp_path, FULL_TOML.replace('mixed_precision = "bf16"', 'mixed_precision = "no"'))
+    assert main(["train", "lora", str(path)]) == 2  # `sd15` does not exist: the dataset is checked first
+    out, error = capsys.readouterr()
+    assert out == "" and len(error.splitlines()) == 1, error
+    assert error.startswith("refiners train lora: error: ") and culprit in error, error
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("output_dir is a file", r"`training.output_dir`: .*runs/red must be a folder"),
+        ("an export is a folder", r"`training.output_dir`: .*runs/red/red.kohya.safetensors must be a file"),
+        (
+            "earlier checkpoints",
+            r".*runs/red/checkpoints already holds checkpoints \(step-000005 the newest\).*--resume",
+        ),
+        ("a stray latest pointer", r".*runs/red/checkpoints already holds checkpoints \(its latest pointer\)"),
+        ("config is a folder", r"training configuration .*config.toml is a folder, not a file"),
+        ("config nested too deeply", r"config.toml: not a valid TOML file: its arrays or tables are nested too deeply"),
+        ("--fallback without --resume", r"--fallback only applies with --resume"),
+    ],
+)
+def test_the_cli_reports_an_unusable_output_dir_or_config_in_one_line_before_loading_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str, message: str
+) -> None:
+    captioned_folder(tmp_path / "images")
+    text = FULL_TOML.replace('mixed_precision = "bf16"', 'mixed_precision = "no"')
+    path = tmp_path / "config.toml"
+    if layout == "config is a folder":
+        path.mkdir()
+    else:
+        write_config(tmp_path, text + ("x = " + "[" * 50_000 if layout == "config nested too deeply" else ""))
+    output_dir = tmp_path / "runs" / "red"
+    if layout == "output_dir is a file":
+        output_dir.parent.mkdir()
+        output_dir.write_text("x", encoding="utf-8")
+    elif layout == "an export is a folder":
+        (output_dir / "red.kohya.safetensors").mkdir(parents=True)
+    elif layout == "earlier checkpoints":
+        (output_dir / "checkpoints" / "step-000005").mkdir(parents=True)
+        (output_dir / "checkpoints" / "step-000002").mkdir()
+    elif layout == "a stray latest pointer":
+        (output_dir / "checkpoints").mkdir(parents=True)
+        (output_dir / "checkpoints" / "latest").write_text("step-000002\n", encoding="utf-8")
+    extra = ["--fallback"] if layout == "--fallback without --resume" else []
+    assert main(["train", "lora", str(path), *extra]) == 2  # `sd15` does not exist: nothing loads before the checks
+    out, error = capsys.readouterr()
+    assert out == "" and len(error.splitlines()) == 1, error
+    assert error.startswith("refiners train lora: error: ") and re.search(message, error), error
+
+
+def test_verbose_shows_the_traceback_of_a_training_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad_dataset(captioned_folder(tmp_path / "images"), "caption not UTF-8")
+    path = write_config(tmp_path, FULL_TOML.replace('mixed_precision = "bf16"', 'mixed_precision = "no"'))
+    assert main(["--verbose", "train", "lora", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("Traceback (most recent call last):") and "DatasetError: " in error
+    assert "a.txt, line 1: not UTF-8 text" in error
 
 
 def test_images_are_resized_on_their_short_side_and_center_cropped(tmp_path: Path) -> None:

@@ -403,6 +403,10 @@ DAMAGES: dict[str, tuple[Callable[[Path], None], str]] = {
         edit_state(lambda s: s | {"scheduler": s["scheduler"] | {"base_lrs": [float("nan")]}}),
         f"{STATE}: 'scheduler.base_lrs.0' holds non-finite values",
     ),
+    "latest missing": (
+        lambda f: (f.parent / "latest").unlink(),
+        "checkpoints/latest is missing, but .*checkpoints holds checkpoints \\(step-000004 the newest\\)",
+    ),
     "latest names no checkpoint": (
         write_text("../latest", "../../etc\n"),
         "checkpoints/latest names checkpoint '../../etc', which is not a checkpoint folder",
@@ -410,18 +414,26 @@ DAMAGES: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_resuming_from_a_damaged_checkpoint_is_refused_naming_the_file(
-    straight_run: TrainingResult, folders: dict[str, Path], damage: str
+    straight_run: TrainingResult, folders: dict[str, Path], capsys: pytest.CaptureFixture[str], damage: str
 ) -> None:
     path, config = copy_run(folders, "straight", f"damaged-{damage.replace(' ', '-')}")
     checkpoints = config.training.output_dir / "checkpoints"
     damage_checkpoint, message = DAMAGES[damage]
     damage_checkpoint(checkpoints / "step-000004")
+    before = snapshot(config.training.output_dir)
     with pytest.raises(CheckpointError, match=message) as error:
         train_lora(config, resume=True)
     assert "--resume --fallback" in str(error.value)  # step-000002 is still there
-    assert (checkpoints / "step-000002").is_dir() and not (config.training.output_dir / "lora.safetensors").exists()
+    assert main(["train", "lora", str(path), "--resume"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("refiners train lora: error: ") and re.search(message, line), line
+    assert snapshot(config.training.output_dir) == before  # the run's files are left as they were
 
 
 @pytest.mark.parametrize(
@@ -430,6 +442,7 @@ def test_resuming_from_a_damaged_checkpoint_is_refused_naming_the_file(
         ("weights truncated", "step-000002"),
         ("state with an infinite moment", "step-000002"),
         ("latest names no checkpoint", "step-000004"),  # the newest folder is complete: only the pointer is damaged
+        ("latest missing", "step-000004"),
     ],
 )
 def test_resume_with_fallback_goes_on_from_the_newest_checkpoint_that_loads(
@@ -466,9 +479,10 @@ def test_resume_with_fallback_and_no_checkpoint_that_loads_names_each_one(
 @pytest.mark.parametrize(
     ("cause", "message", "kept"),
     [
-        ("a NaN loss at step 3", r"the loss of step 3 is nan: .*the latest checkpoint, step-000002, is kept", "step-2"),
-        ("an infinite loss at step 1", r"the loss of step 1 is inf: .*\(no checkpoint was written\)", None),
-        ("an infinite weight", r"the LoRA weight '.*' is not finite at step 1: .*without writing", None),
+        ("a NaN loss at step 3", r"the loss of step 3 is nan: .*the latest checkpoint, step-000002, is kept", 2),
+        ("an infinite loss at step 1", r"the loss of step 1 is inf: .*\(no checkpoint was written\)", 0),
+        ("NaN gradients at step 2", r"the gradients of step 2 are not finite .*checkpoint, step-000001, is kept", 1),
+        ("an infinite weight", r"the LoRA weight '.*' is not finite at step 1: .*without writing", 0),
     ],
 )
 def test_a_non_finite_loss_or_weight_stops_the_run_and_never_reaches_a_file(
@@ -477,17 +491,22 @@ def test_a_non_finite_loss_or_weight_stops_the_run_and_never_reaches_a_file(
     capsys: pytest.CaptureFixture[str],
     cause: str,
     message: str,
-    kept: str | None,
+    kept: int,
 ) -> None:
     training = {**SMALL_RUN["training"], "checkpoint_every": 1}
-    path, config = load_config(folders, f"nan-{len(cause)}", **{**SMALL_RUN, "training": training})  # pyright: ignore[reportArgumentType]
+    path, config = load_config(folders, f"nan-{cause.replace(' ', '-')}", **{**SMALL_RUN, "training": training})  # pyright: ignore[reportArgumentType]
     mse_loss, calls = trainer_module.F.mse_loss, [0]
-
-    first_bad_call, bad = (5, float("nan")) if cause == "a NaN loss at step 3" else (1, float("inf"))
+    first_bad_call = {"a NaN loss at step 3": 5, "NaN gradients at step 2": 3}.get(cause, 1)  # 2 passes per step
 
     def diverging(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        calls[0] += 1  # 2 forward passes per step
-        return mse_loss(prediction, target) * (bad if calls[0] >= first_bad_call else 1.0)
+        calls[0] += 1
+        loss = mse_loss(prediction, target)
+        if calls[0] < first_bad_call:
+            return loss
+        if cause == "NaN gradients at step 2":  # a finite loss whose gradient is NaN (0 times the sqrt of -1)
+            never = torch.where(prediction > 1e30, (-1 - prediction.abs()).sqrt(), torch.zeros_like(prediction))
+            return loss + never.sum()
+        return loss * (float("nan") if cause == "a NaN loss at step 3" else float("inf"))
 
     optimizer_step = trainer_module._Run._optimizer_step  # pyright: ignore[reportPrivateUsage]
 
@@ -508,13 +527,16 @@ def test_a_non_finite_loss_or_weight_stops_the_run_and_never_reaches_a_file(
     checkpoints = (
         sorted(p.name for p in (output / "checkpoints").iterdir()) if (output / "checkpoints").exists() else []
     )
-    assert checkpoints == (["latest", "step-000001", "step-000002"] if kept else [])
+    assert checkpoints == (["latest", *(f"step-{step:06d}" for step in range(1, kept + 1))] if kept else [])
     assert not list(output.glob("*.safetensors"))  # no export
+    if cause != "an infinite weight":  # whose step logged its (finite) loss
+        assert len(logged_losses(output)) == kept  # the failing step is not logged
     if kept:
-        assert (output / "checkpoints" / "latest").read_text().strip() == "step-000002"
-        weights = load_file(output / "checkpoints" / "step-000002" / "lora_weights.safetensors")
+        assert (output / "checkpoints" / "latest").read_text().strip() == f"step-{kept:06d}"
+        weights = load_file(output / "checkpoints" / f"step-{kept:06d}" / "lora_weights.safetensors")
         assert all(bool(torch.isfinite(tensor).all()) for tensor in weights.values())
-        assert len(logged_losses(output)) == 2  # the failing step is not logged
+        assert main(["train", "lora", str(path), "--resume"]) == 2  # resumes, then stops at the same step
+        assert len(logged_losses(output)) == kept
 
 
 def test_captions_and_evaluation_prompts_are_tokenized_once_per_run(

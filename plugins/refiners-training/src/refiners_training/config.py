@@ -132,11 +132,15 @@ class TrainingConfig:
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"training configuration {path} does not exist")
+            raise FileNotFoundError(
+                f"training configuration {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist")
+            )
         try:
             document = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: not a valid TOML file: {error}") from error
+        except RecursionError:
+            raise ConfigError(f"{path}: not a valid TOML file: its arrays or tables are nested too deeply") from None
         return cls.from_dict(document, source=str(path), base_dir=path.parent)
 
     @classmethod

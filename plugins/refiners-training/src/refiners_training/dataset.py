@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from refiners_core.images import to_rgb
 from refiners_sd15.autoencoder import image_to_tensor
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
 MAX_IMAGE_PIXELS = 8192 * 8192  # width * height of a dataset image, checked from its header before decoding
 
@@ -39,16 +40,19 @@ class CaptionedImages:
     """The images of `folder` with their captions, as `(3, resolution, resolution)` tensors in [-1, 1].
 
     Every image is opened once when the dataset is built, so that a missing caption, a caption that is not UTF-8
-    text, an unreadable image or one of more than `MAX_IMAGE_PIXELS` pixels (a decompression bomb) is reported
-    (DatasetError naming the file, and the line of `metadata.jsonl`) before training starts. Images are converted to
-    RGB, resized so that their short side is `resolution` and center-cropped to a square.
+    text, an unreadable image, one of more than `MAX_IMAGE_PIXELS` pixels (a decompression bomb) or a float image
+    with NaN or infinite pixels is reported (DatasetError naming the file, and the line of `metadata.jsonl`) before
+    training starts. Images are converted to RGB by what their pixels mean (`refiners_core.images.to_rgb`: 16-bit
+    and float images scaled by their range, alpha dropped, palettes expanded), resized so that their short side is
+    `resolution` and center-cropped to a square.
     """
 
     def __init__(self, folder: str | Path, resolution: int) -> None:
         self.folder = Path(folder)
         self.resolution = resolution
         if not self.folder.is_dir():
-            raise DatasetError(f"dataset folder {self.folder} does not exist")
+            problem = "is a file, not a folder" if self.folder.exists() else "does not exist"
+            raise DatasetError(f"dataset folder {self.folder} {problem}")
         metadata = self.folder / METADATA_FILE
         self.samples = _from_metadata(metadata) if metadata.is_file() else _from_caption_files(self.folder)
         if not self.samples:
@@ -64,8 +68,8 @@ class CaptionedImages:
         sample = self.samples[index]
         try:
             with open_image(sample.image) as image:
-                square = center_crop(image.convert("RGB"), self.resolution)
-        except OSError as error:
+                square = center_crop(to_rgb(image), self.resolution)
+        except (OSError, ValueError) as error:
             raise DatasetError(f"cannot read image {sample.image}: {error}") from error
         return image_to_tensor(square), sample.caption
 
@@ -183,9 +187,14 @@ def _is_text(value: str) -> bool:
 
 
 def _check_readable(path: Path) -> None:
+    """DatasetError naming `path` if it is not an image PIL reads, or a float image with non-finite pixels."""
     try:
         with open_image(path) as image:
+            mode = image.mode
             image.verify()
+        if mode == "F":  # the one mode whose pixel values can make `to_rgb` fail
+            with open_image(path) as image:
+                to_rgb(image)
     except DatasetError:
         raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import typing
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from refiners_lora import LoraManager
 from refiners_sd15 import CLIPTextEncoderL, SD1UNet, StableDiffusion_1
 from refiners_training.checkpoint import (
+    LATEST,
     CheckpointError,
     checkpoint_name,
     checkpoint_step,
@@ -91,19 +93,26 @@ def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = Fa
     False, or the loss stops being finite, CheckpointError naming a checkpoint file that is damaged (unreadable,
     incomplete, non-finite) or does not fit the configured LoRA; the base model's files are never written.
     """
-    prepare_output_dir(config.training.output_dir)
     device = resolve_device(config.training)
     check_mixed_precision(config.training.mixed_precision, device)
+    dataset = CaptionedImages(config.data.path, config.data.resolution)
+    output_dir = config.training.output_dir
+    prepare_output_dir(output_dir, [f"{config.lora.name}{EXPORT_SUFFIXES[name]}" for name in config.export.formats])
+    if not resume:
+        refuse_to_overwrite(output_dir / CHECKPOINTS)
     processes = start_processes(device)
     try:
-        return _Run(config, device, processes).train(resume, fallback)
+        return _Run(config, device, processes, dataset).train(resume, fallback)
     finally:
         stop_processes(processes)
 
 
-def prepare_output_dir(output_dir: Path) -> None:
-    """Create `training.output_dir`; TrainingError naming the path if it, or what the run writes in it, cannot be."""
-    for path, folder in ((output_dir, True), (output_dir / CHECKPOINTS, True), (output_dir / LOG_FILE, False)):
+def prepare_output_dir(output_dir: Path, exports: Sequence[str] = ()) -> None:
+    """Create `training.output_dir`; TrainingError naming the path if it, or what the run writes in it (its
+    checkpoints, samples and log, and the `exports` file names), cannot be."""
+    folders = [(output_dir, True), (output_dir / CHECKPOINTS, True), (output_dir / SAMPLES, True)]
+    files = [(output_dir / name, False) for name in (LOG_FILE, *exports)]
+    for path, folder in folders + files:
         if path.exists() and path.is_dir() != folder:
             kind = "folder" if folder else "file"
             raise TrainingError(f"`training.output_dir`: {path} must be a {kind} (or not exist yet), but it is not")
@@ -111,6 +120,18 @@ def prepare_output_dir(output_dir: Path) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TrainingError(f"`training.output_dir`: cannot create the folder {output_dir}: {error}") from error
+
+
+def refuse_to_overwrite(root: Path) -> None:
+    """TrainingError if `root` (`output_dir/checkpoints`) holds a checkpoint, or the `latest` pointer of one: a run
+    without `resume` never overwrites an earlier run's checkpoints."""
+    folders = earlier_checkpoints(root)
+    if folders or (root / LATEST).exists():
+        latest = f"{folders[0].name} the newest" if folders else f"its {LATEST} pointer"
+        raise TrainingError(
+            f"{root} already holds checkpoints ({latest}): resume that run with --resume "
+            "(train_lora(config, resume=True)) or choose another `training.output_dir`"
+        )
 
 
 def resolve_device(config: OptimizationConfig) -> torch.device:
@@ -161,12 +182,14 @@ class Denoiser(nn.Module):
 class _Run:
     """One call of `train_lora`: the model, its LoRA, the optimizer and where the run stands."""
 
-    def __init__(self, config: TrainingConfig, device: torch.device, processes: Processes) -> None:
+    def __init__(
+        self, config: TrainingConfig, device: torch.device, processes: Processes, dataset: CaptionedImages
+    ) -> None:
         self.config, self.device, self.processes = config, device, processes
         training, lora = config.training, config.lora
         self.output_dir = training.output_dir
         self.root = self.output_dir / CHECKPOINTS
-        self.dataset = CaptionedImages(config.data.path, config.data.resolution)
+        self.dataset = dataset
         torch.manual_seed(training.seed)
         random.seed(training.seed)
         self.sd = StableDiffusion_1.from_pretrained(config.model.base, device=device, dtype=torch.float32)
@@ -262,17 +285,12 @@ class _Run:
             total += loss.item() / accumulation
         mean = self.processes.mean(total, self.device)
         if not math.isfinite(mean):
-            self.optimizer.zero_grad(set_to_none=True)
-            latest = self.last_checkpoint
-            kept = f"the latest checkpoint, {latest.name}, is kept" if latest else "no checkpoint was written"
-            raise TrainingError(
-                f"the loss of step {self.step + 1} is {mean}: training stopped before updating the weights ({kept}); "
-                "a lower `training.learning_rate`, `training.max_grad_norm` or another `training.mixed_precision` "
-                "may help"
-            )
+            self._stop(f"the loss of step {self.step + 1} is {mean}")
         self.scaler.unscale_(self.optimizer)
-        if training.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(list(self.parameters.values()), training.max_grad_norm)
+        # The norm of every gradient (clipping to infinity leaves them as they are); the same on every process.
+        norm = nn.utils.clip_grad_norm_(list(self.parameters.values()), training.max_grad_norm or math.inf)
+        if not self.scaler.is_enabled() and not math.isfinite(float(norm)):  # fp16's scaler skips such a step
+            self._stop(f"the gradients of step {self.step + 1} are not finite (norm {float(norm)})")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -286,6 +304,16 @@ class _Run:
             image, _ = self.dataset[index]
             self.latents[index] = self.sd.lda.encode(image.unsqueeze(0).to(self.device))[0]
         return self.latents[index]
+
+    def _stop(self, reason: str) -> typing.NoReturn:
+        """TrainingError: `reason`, the checkpoint kept and what may help; the weights are left as they are."""
+        self.optimizer.zero_grad(set_to_none=True)
+        latest = self.last_checkpoint
+        kept = f"the latest checkpoint, {latest.name}, is kept" if latest else "no checkpoint was written"
+        raise TrainingError(
+            f"{reason}: training stopped before updating the weights ({kept}); a lower `training.learning_rate`, "
+            "`training.max_grad_norm` or another `training.mixed_precision` may help"
+        )
 
     def _tokens_of(self, index: int) -> torch.Tensor:
         """The token ids `(1, 77)` of sample `index`'s caption (tokenized once per run)."""
@@ -303,35 +331,39 @@ class _Run:
                 )
 
     def _restore(self, resume: bool, fallback: bool) -> Path | None:
-        """Load the latest checkpoint when resuming (with `fallback`, the newest that loads); refuse to overwrite
-        one otherwise. Returns the one loaded."""
-        try:
-            checkpoint = latest_checkpoint(self.root)
-        except CheckpointError as error:
-            if resume and not fallback:
-                raise CheckpointError(
-                    f"{error} (--resume --fallback goes on from the newest one that loads)"
-                ) from error
-            if not resume:
-                raise
-            logger.warning("%s; looking for the newest checkpoint that loads", error)
-            checkpoint, skipped = None, True
-        else:
-            skipped = False
-        candidates = [checkpoint] if checkpoint is not None else []
-        if resume and fallback:
-            candidates += earlier_checkpoints(self.root, than=checkpoint_step(checkpoint) if checkpoint else None)
-        if candidates and not resume:
-            raise TrainingError(
-                f"{self.root} already holds checkpoints (latest: {candidates[0].name}): resume that run with "
-                "--resume (train_lora(config, resume=True)) or choose another `training.output_dir`"
-            )
-        if not candidates:
-            if resume:
-                logger.warning("no checkpoint in %s: training starts from step 0", self.root)
+        """Load the latest checkpoint when resuming (with `fallback`, the newest that loads). Returns the one loaded.
+
+        `train_lora` has already refused a run without `resume` over checkpoints (`refuse_to_overwrite`).
+        """
+        if not resume:
             self._rewrite_log(keep_until=0)
             return None
-        errors: list[str] = []
+        folders = earlier_checkpoints(self.root)  # newest first
+        try:
+            latest = latest_checkpoint(self.root)
+            pointer_error = None
+            if latest is None and folders:
+                pointer_error = CheckpointError(
+                    f"{self.root / LATEST} is missing, but {self.root} holds checkpoints ({folders[0].name} the newest)"
+                )
+        except CheckpointError as error:
+            latest, pointer_error = None, error
+        if pointer_error is not None:
+            if not fallback:
+                raise CheckpointError(
+                    f"{pointer_error} (--resume --fallback goes on from the newest checkpoint that loads)"
+                )
+            logger.warning("%s; looking for the newest checkpoint that loads", pointer_error)
+        if latest is None and pointer_error is None:
+            logger.warning("no checkpoint in %s: training starts from step 0", self.root)
+            self._rewrite_log(keep_until=0)
+            return None
+        candidates = [latest] if latest is not None else []
+        if fallback:
+            candidates += [
+                folder for folder in folders if latest is None or checkpoint_step(folder) < checkpoint_step(latest)
+            ]
+        errors = [f"{LATEST}: {pointer_error}"] if pointer_error is not None else []
         for candidate in candidates:
             try:
                 self._load(candidate)
@@ -343,7 +375,7 @@ class _Run:
                 logger.warning("skipping checkpoint %s: %s", candidate.name, error)
                 errors.append(f"{candidate.name}: {error}")
                 continue
-            if errors or skipped:
+            if errors:
                 logger.warning("resuming from checkpoint %s", candidate.name)
                 if self.processes.is_main:
                     point_latest(self.root, candidate.name)
@@ -462,7 +494,8 @@ class _Run:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log = self.output_dir / LOG_FILE
-        lines = log.read_text(encoding="utf-8").splitlines() if log.is_file() else []
+        # A line cut short by a kill may end in half a character: such lines are dropped, not an error.
+        lines = log.read_bytes().decode("utf-8", errors="replace").splitlines() if log.is_file() else []
         kept = [line for line in lines if _logged_step(line) <= keep_until]
         log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
