@@ -123,6 +123,12 @@ def test_defaults_fill_every_optional_key(tmp_path: Path) -> None:
         ("learning_rate = 1e-3", "learning_rate = 1e-3\nadam_beta2 = 1.0", "`training.adam_beta2` must be in [0, 1)"),
         ("batch_size = 2", "batch_size = 0", "`training.batch_size` must be from 1 to 1024, got 0"),
         ("batch_size = 2", "batch_size = 1000000", "`training.batch_size` must be from 1 to 1024, got 1000000"),
+        (
+            "batch_size = 2",
+            "batch_size = 257",
+            "`training.batch_size` must be at most 16777216 pixels per forward pass with `data.resolution` = 256 (256 "
+            "images; `gradient_accumulation_steps` makes larger batches), got 257",
+        ),
         ("max_steps = 10", "max_steps = 0", "`training.max_steps` must be from 1 to 10000000, got 0"),
         ("max_steps = 10", "max_steps = 9223372036854775807", "`training.max_steps` must be from 1 to 10000000"),
         ("seed = 7", "seed = -1", "`training.seed` must be at least 0, got -1"),
@@ -146,6 +152,20 @@ def test_a_bad_value_is_an_error_naming_the_file_and_the_key(
     with pytest.raises(ConfigError) as error:
         TrainingConfig.from_toml(path)
     assert str(path) in str(error.value) and message in str(error.value)
+
+
+@pytest.mark.parametrize(("resolution", "largest_batch"), [(2048, 4), (512, 64), (8, 1024)])
+def test_the_pixels_of_one_forward_pass_are_bounded(tmp_path: Path, resolution: int, largest_batch: int) -> None:
+    text = FULL_TOML.replace("resolution = 256", f"resolution = {resolution}")
+    config = TrainingConfig.from_toml(
+        write_config(tmp_path, text.replace("batch_size = 2", f"batch_size = {largest_batch}"))
+    )
+    assert config.training.batch_size * resolution**2 <= 64 * 512 * 512
+    if largest_batch < 1024:
+        with pytest.raises(ConfigError, match=r"`training.batch_size` must be at most 16777216 pixels per forward"):
+            TrainingConfig.from_toml(
+                write_config(tmp_path, text.replace("batch_size = 2", f"batch_size = {largest_batch + 1}"))
+            )
 
 
 @pytest.mark.parametrize("bad", ["resolution = 40000", "resolution = 256\nstray = 1", "resolution = nan"])

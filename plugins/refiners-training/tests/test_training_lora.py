@@ -361,6 +361,11 @@ def moment(state: dict[str, Any], value: torch.Tensor) -> dict[str, Any]:
     return state
 
 
+def param_group(state: dict[str, Any], **values: object) -> dict[str, Any]:
+    state["optimizer"]["param_groups"][0].update(values)
+    return state
+
+
 WEIGHTS, STATE = "lora_weights\\.safetensors", "training_state\\.pt"
 DAMAGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "weights truncated": (cut(trainer_module.LORA_WEIGHTS, 0.5), f"cannot read .*step-000004/{WEIGHTS}"),
@@ -397,6 +402,14 @@ DAMAGES: dict[str, tuple[Callable[[Path], None], str]] = {
     "state with a moment of another shape": (
         edit_state(lambda s: moment(s, torch.zeros(3))),
         f"{STATE}: optimizer 'exp_avg' of parameter 0 has shape \\(3,\\)",
+    ),
+    "state of another schedule": (
+        edit_state(lambda s: s | {"scheduler": s["scheduler"] | {"last_epoch": 7}}),
+        f"{STATE}: 'scheduler' is not the learning-rate schedule of step 4",
+    ),
+    "state with a learning rate that is text": (
+        edit_state(lambda s: param_group(s, lr="fast")),
+        f"{STATE}: 'optimizer' holds no valid AdamW parameter groups",
     ),
     "state is JSON text": (write_text(trainer_module.TRAINING_STATE, '{"step": 4}'), f"cannot read .*{STATE}"),
     "state with a NaN learning rate": (

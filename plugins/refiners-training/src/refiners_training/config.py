@@ -26,6 +26,7 @@ DeviceChoice = Literal["auto", "cpu", "cuda"]
 MAX_RESOLUTION = 2048  # training and evaluation images, in pixels (4 times SD1.5's 512)
 MAX_RANK = 1024
 MAX_BATCH_SIZE = 1024  # samples per forward pass, and forward passes per optimizer step
+MAX_BATCH_PIXELS = 64 * 512 * 512  # batch_size * resolution**2: 64 images of 512x512, 4 of 2048x2048
 MAX_STEPS = 10_000_000  # optimizer steps
 MAX_EVALUATION_STEPS = 1000  # DDIM steps: SD1.5 was trained on 1000 timesteps
 MAX_NAME_LENGTH = 200  # `lora.name`, the stem of the exported files
@@ -252,6 +253,13 @@ def check(config: TrainingConfig) -> None:
         ),
         (1 <= training.max_steps <= MAX_STEPS, "training.max_steps", f"from 1 to {MAX_STEPS}"),
         (1 <= training.batch_size <= MAX_BATCH_SIZE, "training.batch_size", f"from 1 to {MAX_BATCH_SIZE}"),
+        (
+            training.batch_size * config.data.resolution**2 <= MAX_BATCH_PIXELS,
+            "training.batch_size",
+            f"at most {MAX_BATCH_PIXELS} pixels per forward pass with `data.resolution` = {config.data.resolution} "
+            f"({MAX_BATCH_PIXELS // max(1, config.data.resolution) ** 2} images; `gradient_accumulation_steps` makes larger "
+            "batches)",
+        ),
         (
             1 <= training.gradient_accumulation_steps <= MAX_BATCH_SIZE,
             "training.gradient_accumulation_steps",

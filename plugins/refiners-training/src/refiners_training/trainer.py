@@ -517,9 +517,14 @@ def _check_training_state(state_file: Path, state: object, parameters: list[nn.P
             raise CheckpointError(f"{state_file}: '{key}' must be a non-negative integer, got {state[key]!r}")
     if state["step"] != step:
         raise CheckpointError(f"{state_file}: 'step' is {state['step']}, but the checkpoint is that of step {step}")
-    optimizer, rng = state["optimizer"], state["rng"]
+    optimizer, scheduler, rng = state["optimizer"], state["scheduler"], state["rng"]
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):  # pyright: ignore[reportUnknownMemberType]
         raise CheckpointError(f"{state_file}: 'optimizer' is not an optimizer state")
+    groups = optimizer.get("param_groups")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    if not isinstance(groups, list) or not all(_is_param_group(group) for group in typing.cast(list[Any], groups)):
+        raise CheckpointError(f"{state_file}: 'optimizer' holds no valid AdamW parameter groups")
+    if not isinstance(scheduler, dict) or typing.cast(dict[str, Any], scheduler).get("last_epoch") != step:
+        raise CheckpointError(f"{state_file}: 'scheduler' is not the learning-rate schedule of step {step}")
     for index, moments in typing.cast(dict[Any, Any], optimizer["state"]).items():
         if not isinstance(index, int) or not 0 <= index < len(parameters) or not isinstance(moments, dict):
             raise CheckpointError(f"{state_file}: 'optimizer' holds a state for parameter {index!r}, not this LoRA's")
@@ -538,6 +543,26 @@ def _check_training_state(state_file: Path, state: object, parameters: list[nn.P
     if where is not None:
         raise CheckpointError(f"{state_file}: '{where}' holds non-finite values (NaN or infinity)")
     return state
+
+
+def _is_param_group(group: object) -> bool:
+    """Whether `group` is an AdamW parameter group: its parameter indices, and numbers for its hyperparameters."""
+    if not isinstance(group, dict):
+        return False
+    group = typing.cast(dict[str, Any], group)
+    numbers = all(
+        isinstance(group.get(key), int | float) and not isinstance(group.get(key), bool)
+        for key in ("lr", "eps", "weight_decay")
+    )
+    betas = group.get("betas")
+    pair = isinstance(betas, tuple | list) and len(typing.cast(tuple[Any, ...], betas)) == 2
+    params = group.get("params")
+    return (
+        numbers
+        and pair
+        and isinstance(params, list)
+        and all(isinstance(index, int) for index in typing.cast(list[Any], params))
+    )
 
 
 def _first_non_finite(value: object, path: str) -> str | None:
