@@ -380,6 +380,12 @@ def bad_dataset(folder: Path, fault: str) -> str:
         Image.fromarray(np.full((16, 16), np.nan, dtype=np.float32), mode="F").save(folder / "a.tiff")
         (folder / "a.png").unlink()
         return "a.tiff"
+    if fault == "truncated JPEG":
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "a.jpg", quality=95)
+        data = (folder / "a.jpg").read_bytes()
+        (folder / "a.jpg").write_bytes(data[: len(data) // 2])
+        (folder / "a.png").unlink()
+        return "a.jpg"
     if fault == "not an image":
         (folder / "a.png").write_bytes(b"GIF89a but not really")
         return "a.png"
@@ -394,6 +400,7 @@ DATASET_FAULTS = [
     "metadata path out of the folder",
     "decompression bomb",
     "float image with NaN",
+    "truncated JPEG",
     "not an image",
     "no caption",
 ]
@@ -424,7 +431,7 @@ def test_the_cli_reports_a_bad_dataset_in_one_line_naming_the_file_before_loadin
         ("a stray latest pointer", r".*runs/red/checkpoints already holds checkpoints \(its latest pointer\)"),
         ("config is a folder", r"training configuration .*config.toml is a folder, not a file"),
         ("config nested too deeply", r"config.toml: not a valid TOML file: its arrays or tables are nested too deeply"),
-        ("--fallback without --resume", r"--fallback only applies with --resume"),
+        ("--fallback without --resume", r"--fallback \(fallback=True\) only applies when resuming: add --resume"),
     ],
 )
 def test_the_cli_reports_an_unusable_output_dir_or_config_in_one_line_before_loading_anything(

@@ -42,10 +42,8 @@ def run(args: argparse.Namespace) -> int:
     (`refiners --verbose train lora ...` shows the traceback).
     """
     from refiners_training.config import TrainingConfig
-    from refiners_training.trainer import TrainingError, train_lora
+    from refiners_training.trainer import train_lora
 
-    if args.fallback and not args.resume:
-        raise TrainingError("--fallback only applies with --resume: `refiners train lora CONFIG --resume --fallback`")
     config = TrainingConfig.from_toml(args.config)
     try:
         result = train_lora(config, resume=args.resume, fallback=args.fallback)

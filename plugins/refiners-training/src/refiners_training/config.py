@@ -257,8 +257,8 @@ def check(config: TrainingConfig) -> None:
             training.batch_size * config.data.resolution**2 <= MAX_BATCH_PIXELS,
             "training.batch_size",
             f"at most {MAX_BATCH_PIXELS} pixels per forward pass with `data.resolution` = {config.data.resolution} "
-            f"({MAX_BATCH_PIXELS // max(1, config.data.resolution) ** 2} images; `gradient_accumulation_steps` makes larger "
-            "batches)",
+            f"({MAX_BATCH_PIXELS // max(1, config.data.resolution) ** 2} images; "
+            "`gradient_accumulation_steps` makes larger batches)",
         ),
         (
             1 <= training.gradient_accumulation_steps <= MAX_BATCH_SIZE,

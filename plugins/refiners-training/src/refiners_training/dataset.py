@@ -39,12 +39,12 @@ class Sample:
 class CaptionedImages:
     """The images of `folder` with their captions, as `(3, resolution, resolution)` tensors in [-1, 1].
 
-    Every image is opened once when the dataset is built, so that a missing caption, a caption that is not UTF-8
-    text, an unreadable image, one of more than `MAX_IMAGE_PIXELS` pixels (a decompression bomb) or a float image
-    with NaN or infinite pixels is reported (DatasetError naming the file, and the line of `metadata.jsonl`) before
-    training starts. Images are converted to RGB by what their pixels mean (`refiners_core.images.to_rgb`: 16-bit
-    and float images scaled by their range, alpha dropped, palettes expanded), resized so that their short side is
-    `resolution` and center-cropped to a square.
+    Every image is decoded once when the dataset is built, so that a missing caption, a caption that is not UTF-8
+    text, an unreadable or truncated image, one of more than `MAX_IMAGE_PIXELS` pixels (a decompression bomb) or a
+    float image with NaN or infinite pixels is reported (DatasetError naming the file, and the line of
+    `metadata.jsonl`) before training starts. Images are converted to RGB by what their pixels mean
+    (`refiners_core.images.to_rgb`: 16-bit and float images scaled by their range, alpha dropped, palettes
+    expanded), resized so that their short side is `resolution` and center-cropped to a square.
     """
 
     def __init__(self, folder: str | Path, resolution: int) -> None:
@@ -187,13 +187,15 @@ def _is_text(value: str) -> bool:
 
 
 def _check_readable(path: Path) -> None:
-    """DatasetError naming `path` if it is not an image PIL reads, or a float image with non-finite pixels."""
+    """DatasetError naming `path` if it is not an image PIL decodes whole (a truncated file, a bad checksum), or a
+    float image with non-finite pixels: decoded once, one image at a time, so that no such error waits for
+    training to reach the image."""
     try:
         with open_image(path) as image:
-            mode = image.mode
             image.verify()
-        if mode == "F":  # the one mode whose pixel values can make `to_rgb` fail
-            with open_image(path) as image:
+        with open_image(path) as image:
+            image.load()
+            if image.mode == "F":  # the one mode whose pixel values can make `to_rgb` fail
                 to_rgb(image)
     except DatasetError:
         raise

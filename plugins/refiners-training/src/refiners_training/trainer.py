@@ -93,6 +93,8 @@ def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = Fa
     False, or the loss stops being finite, CheckpointError naming a checkpoint file that is damaged (unreadable,
     incomplete, non-finite) or does not fit the configured LoRA; the base model's files are never written.
     """
+    if fallback and not resume:
+        raise TrainingError("--fallback (fallback=True) only applies when resuming: add --resume (resume=True)")
     device = resolve_device(config.training)
     check_mixed_precision(config.training.mixed_precision, device)
     dataset = CaptionedImages(config.data.path, config.data.resolution)
