@@ -21,7 +21,7 @@ from refiners_training.checkpoint import latest_checkpoint, write_checkpoint
 from refiners_training.config import OptimizationConfig
 from refiners_training.diffusion import draw_noise
 from refiners_training.optim import lr_factor
-from refiners_training.trainer import check_mixed_precision, prepare_output_dir
+from refiners_training.trainer import check_mixed_precision, check_output_dir
 
 FULL_TOML = """
 [model]
@@ -308,7 +308,7 @@ def test_an_output_dir_that_cannot_hold_a_run_is_refused_naming_the_path(tmp_pat
     elif layout == "an export is a folder":
         (output_dir / "red.kohya.safetensors").mkdir(parents=True)
     with pytest.raises(TrainingError, match=rf"`training.output_dir`: .*{tmp_path}/parent"):
-        prepare_output_dir(output_dir, ["red.safetensors", "red.kohya.safetensors"])
+        check_output_dir(output_dir, ["red.safetensors", "red.kohya.safetensors"])
 
 
 def image_of_mode(mode: str) -> Image.Image:
@@ -461,6 +461,23 @@ def test_the_cli_reports_an_unusable_output_dir_or_config_in_one_line_before_loa
     out, error = capsys.readouterr()
     assert out == "" and len(error.splitlines()) == 1, error
     assert error.startswith("refiners train lora: error: ") and re.search(message, error), error
+
+
+@pytest.mark.parametrize("base", ["sd15", "empty-folder", "not-a-model.safetensors"])
+def test_a_base_model_that_does_not_load_is_one_line_and_leaves_no_output_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, base: str
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    captioned_folder(tmp_path / "images")
+    (tmp_path / "empty-folder").mkdir()
+    (tmp_path / "not-a-model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    text = FULL_TOML.replace('mixed_precision = "bf16"', 'mixed_precision = "no"')
+    path = write_config(tmp_path, text.replace('base = "sd15"', f'base = "{base}"'))
+    assert main(["train", "lora", str(path)]) == 2
+    out, error = capsys.readouterr()
+    assert out == "" and len(error.splitlines()) == 1 and error.startswith("refiners train lora: error: "), error
+    assert base in error, error
+    assert not (tmp_path / "runs").exists()  # the run starts writing only once the model has loaded
 
 
 def test_verbose_shows_the_traceback_of_a_training_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

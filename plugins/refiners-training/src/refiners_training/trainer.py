@@ -85,13 +85,17 @@ def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = Fa
     `NAME.diffusers.safetensors`). Under torchrun (WORLD_SIZE > 1) each process takes its share of every global
     batch and rank 0 alone writes files.
 
-    A step whose loss is not finite stops the run (TrainingError naming the step and the loss) before the weights
+    A step whose loss or gradients are not finite stops the run (TrainingError naming the step) before the weights
     change: the checkpoints already written stay, and no checkpoint or export ever holds a non-finite weight.
+
+    The configuration, the dataset (every file decoded) and `output_dir` are checked before the model loads, and
+    nothing is written before it has loaded.
 
     Raises ConfigError for a device or mixed precision the machine cannot use, DatasetError naming a bad file of
     the dataset, TrainingError if `output_dir` is not a usable folder, already holds checkpoints and `resume` is
-    False, or the loss stops being finite, CheckpointError naming a checkpoint file that is damaged (unreadable,
-    incomplete, non-finite) or does not fit the configured LoRA; the base model's files are never written.
+    False, `fallback` is given without `resume`, or the loss or the gradients stop being finite, CheckpointError
+    naming a checkpoint file that is damaged (unreadable, incomplete, non-finite) or does not fit the configured
+    LoRA; the base model's files are never written.
     """
     if fallback and not resume:
         raise TrainingError("--fallback (fallback=True) only applies when resuming: add --resume (resume=True)")
@@ -99,7 +103,7 @@ def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = Fa
     check_mixed_precision(config.training.mixed_precision, device)
     dataset = CaptionedImages(config.data.path, config.data.resolution)
     output_dir = config.training.output_dir
-    prepare_output_dir(output_dir, [f"{config.lora.name}{EXPORT_SUFFIXES[name]}" for name in config.export.formats])
+    check_output_dir(output_dir, [f"{config.lora.name}{EXPORT_SUFFIXES[name]}" for name in config.export.formats])
     if not resume:
         refuse_to_overwrite(output_dir / CHECKPOINTS)
     processes = start_processes(device)
@@ -109,19 +113,22 @@ def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = Fa
         stop_processes(processes)
 
 
-def prepare_output_dir(output_dir: Path, exports: Sequence[str] = ()) -> None:
-    """Create `training.output_dir`; TrainingError naming the path if it, or what the run writes in it (its
-    checkpoints, samples and log, and the `exports` file names), cannot be."""
+def check_output_dir(output_dir: Path, exports: Sequence[str] = ()) -> None:
+    """TrainingError naming the path if `training.output_dir`, or what the run writes in it (its checkpoints, samples
+    and log, and the `exports` file names), cannot be written. Nothing is created here: the run creates the folder
+    once the model has loaded, so that a run that cannot start leaves no trace."""
     folders = [(output_dir, True), (output_dir / CHECKPOINTS, True), (output_dir / SAMPLES, True)]
     files = [(output_dir / name, False) for name in (LOG_FILE, *exports)]
     for path, folder in folders + files:
         if path.exists() and path.is_dir() != folder:
             kind = "folder" if folder else "file"
             raise TrainingError(f"`training.output_dir`: {path} must be a {kind} (or not exist yet), but it is not")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise TrainingError(f"`training.output_dir`: cannot create the folder {output_dir}: {error}") from error
+    existing = output_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not a folder" if not existing.is_dir() else "is not a folder this user may write in"
+        raise TrainingError(f"`training.output_dir`: cannot create or write {output_dir}: {existing} {problem}")
 
 
 def refuse_to_overwrite(root: Path) -> None:
