@@ -478,6 +478,17 @@ def test_resume_with_fallback_goes_on_from_the_newest_checkpoint_that_loads(
     assert (checkpoints / "latest").read_text().strip() == "step-000004"
 
 
+def test_damaged_log_lines_are_dropped_when_a_run_resumes(
+    straight_run: TrainingResult, folders: dict[str, Path]
+) -> None:
+    path, config = copy_run(folders, "straight", "damaged-log")
+    log = config.training.output_dir / "log.jsonl"
+    damaged = [b'{"step": "x"}', b'{"step": NaN}', b"[" * 100_000, b'{"step": 1, "loss": 0.\xff', b'{"ste', b"[]"]
+    log.write_bytes(b"\n".join([*log.read_bytes().splitlines(), *damaged]) + b"\n")
+    assert main(["train", "lora", str(path), "--resume"]) == 0  # at max_steps already: exports only
+    assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())
+
+
 def test_resume_with_fallback_and_no_checkpoint_that_loads_names_each_one(
     straight_run: TrainingResult, folders: dict[str, Path]
 ) -> None:

@@ -595,8 +595,9 @@ def _first_non_finite(value: object, path: str) -> str | None:
 
 
 def _logged_step(line: str) -> float:
-    """The step of a log line; infinity for a line cut short by a kill, so that it is dropped."""
+    """The step of a log line; infinity (so that it is dropped) for a line cut short by a kill or otherwise damaged."""
     try:
-        return float(json.loads(line)["step"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
+        step = float(json.loads(line)["step"])
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):  # JSONDecodeError is a ValueError
+        return math.inf
+    return step if math.isfinite(step) else math.inf
