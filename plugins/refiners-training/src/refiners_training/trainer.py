@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -39,6 +38,7 @@ from refiners_training.checkpoint import (
     point_latest,
     write_checkpoint,
 )
+from refiners_training.checkpoint_files import LORA_WEIGHTS, TRAINING_STATE, read_checkpoint
 from refiners_training.config import ConfigError, MixedPrecision, OptimizationConfig, TrainingConfig
 from refiners_training.dataset import CaptionedImages
 from refiners_training.diffusion import NoiseSchedule, draw_noise
@@ -52,8 +52,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 LOG_FILE = "log.jsonl"
-LORA_WEIGHTS = "lora_weights.safetensors"
-TRAINING_STATE = "training_state.pt"
 EXPORTS = "exports"
 EXPORT_SUFFIXES = {"refiners": ".safetensors", "kohya": ".kohya.safetensors", "diffusers": ".diffusers.safetensors"}
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -393,22 +391,10 @@ class _Run:
         raise CheckpointError(f"no checkpoint of {self.root} loads: " + "; ".join(errors))
 
     def _load(self, checkpoint: Path) -> None:
-        """Read, check and apply a checkpoint; CheckpointError naming the file at fault (unreadable, incomplete,
-        not finite, not this LoRA's shapes) before any of it is applied, or if applying it fails."""
-        weights_file, state_file = checkpoint / LORA_WEIGHTS, checkpoint / TRAINING_STATE
-        for path in (weights_file, state_file):
-            if not path.is_file():
-                raise CheckpointError(f"checkpoint {checkpoint} is incomplete: {path.name} is missing")
-        try:
-            tensors = load_file(weights_file)
-        except Exception as error:  # safetensors raises its own error type for a damaged file
-            raise CheckpointError(f"cannot read {weights_file}: {error}") from error
-        try:
-            state: object = torch.load(state_file, map_location="cpu", weights_only=True)
-        except Exception as error:  # a truncated zip, a bad pickle: torch raises several types
-            raise CheckpointError(f"cannot read {state_file}: {error}") from error
-        self._check_weights_file(weights_file, tensors)
-        state = _check_training_state(state_file, state, list(self.parameters.values()), checkpoint_step(checkpoint))
+        """Read, check and apply a checkpoint; CheckpointError naming the file at fault (`read_checkpoint`) before
+        any of it is applied, or if applying it fails."""
+        tensors, state = read_checkpoint(checkpoint, self.parameters, self.config.lora.rank)
+        state_file = checkpoint / TRAINING_STATE
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -424,26 +410,6 @@ class _Run:
             for key, parameter in self.parameters.items():
                 parameter.copy_(tensors[key])
         self.step, self.position = int(state["step"]), int(state["position"])
-
-    def _check_weights_file(self, weights_file: Path, tensors: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = sorted(set(self.parameters) - set(tensors)), sorted(set(tensors) - set(self.parameters))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{weights_file} does not fit the configured LoRA (lora.layers, lora.train_text_encoder): "
-                f"{len(missing)} weight(s) missing (e.g. {missing[:1]}), {len(unexpected)} unexpected "
-                f"(e.g. {unexpected[:1]})"
-            )
-        for key, parameter in self.parameters.items():
-            tensor = tensors[key]
-            if tensor.shape != parameter.shape:
-                raise CheckpointError(
-                    f"{weights_file}: '{key}' has shape {tuple(tensor.shape)}, the configured LoRA "
-                    f"(lora.rank = {self.config.lora.rank}) needs {tuple(parameter.shape)}"
-                )
-            if tensor.dtype != parameter.dtype:
-                raise CheckpointError(f"{weights_file}: '{key}' is {tensor.dtype}, expected {parameter.dtype}")
-            if not bool(torch.isfinite(tensor).all()):
-                raise CheckpointError(f"{weights_file}: '{key}' holds non-finite values (NaN or infinity)")
 
     def _checkpoint(self) -> Path:
         """Write the checkpoint of this step (rank 0) and render the evaluation prompts; every process waits."""
@@ -507,91 +473,6 @@ class _Run:
         lines = log.read_bytes().decode("utf-8", errors="replace").splitlines() if log.is_file() else []
         kept = [line for line in lines if _logged_step(line) <= keep_until]
         log.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-TRAINING_STATE_KEYS = ("step", "position", "optimizer", "scheduler", "scaler", "rng")
-
-
-def _check_training_state(state_file: Path, state: object, parameters: list[nn.Parameter], step: int) -> dict[str, Any]:
-    """`state` (the content of `state_file`) if it is a complete training state for `parameters` at `step`, every
-    number in it finite and the optimizer's moments of the parameters' shapes; CheckpointError naming it otherwise."""
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{state_file} is not a training state (got a {type(state).__name__})")
-    state = typing.cast(dict[str, Any], state)
-    missing = [key for key in TRAINING_STATE_KEYS if key not in state]
-    if missing:
-        raise CheckpointError(f"{state_file} is incomplete: it lacks {', '.join(repr(key) for key in missing)}")
-    for key in ("step", "position"):
-        if not isinstance(state[key], int) or state[key] < 0:
-            raise CheckpointError(f"{state_file}: '{key}' must be a non-negative integer, got {state[key]!r}")
-    if state["step"] != step:
-        raise CheckpointError(f"{state_file}: 'step' is {state['step']}, but the checkpoint is that of step {step}")
-    optimizer, scheduler, rng = state["optimizer"], state["scheduler"], state["rng"]
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):  # pyright: ignore[reportUnknownMemberType]
-        raise CheckpointError(f"{state_file}: 'optimizer' is not an optimizer state")
-    groups = optimizer.get("param_groups")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-    if not isinstance(groups, list) or not all(_is_param_group(group) for group in typing.cast(list[Any], groups)):
-        raise CheckpointError(f"{state_file}: 'optimizer' holds no valid AdamW parameter groups")
-    if not isinstance(scheduler, dict) or typing.cast(dict[str, Any], scheduler).get("last_epoch") != step:
-        raise CheckpointError(f"{state_file}: 'scheduler' is not the learning-rate schedule of step {step}")
-    for index, moments in typing.cast(dict[Any, Any], optimizer["state"]).items():
-        if not isinstance(index, int) or not 0 <= index < len(parameters) or not isinstance(moments, dict):
-            raise CheckpointError(f"{state_file}: 'optimizer' holds a state for parameter {index!r}, not this LoRA's")
-        for name, value in typing.cast(dict[str, Any], moments).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameters[index].shape:
-                raise CheckpointError(
-                    f"{state_file}: optimizer '{name}' of parameter {index} has shape {tuple(value.shape)}, "
-                    f"the configured LoRA needs {tuple(parameters[index].shape)}"
-                )
-    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or "python" not in rng:  # pyright: ignore[reportUnknownMemberType]
-        raise CheckpointError(f"{state_file}: 'rng' is not the random generators' state")
-    try:
-        where = _first_non_finite(state, "")
-    except RecursionError:
-        raise CheckpointError(f"{state_file} is not a training state: it is nested too deeply") from None
-    if where is not None:
-        raise CheckpointError(f"{state_file}: '{where}' holds non-finite values (NaN or infinity)")
-    return state
-
-
-def _is_param_group(group: object) -> bool:
-    """Whether `group` is an AdamW parameter group: its parameter indices, and numbers for its hyperparameters."""
-    if not isinstance(group, dict):
-        return False
-    group = typing.cast(dict[str, Any], group)
-    numbers = all(
-        isinstance(group.get(key), int | float) and not isinstance(group.get(key), bool)
-        for key in ("lr", "eps", "weight_decay")
-    )
-    betas = group.get("betas")
-    pair = isinstance(betas, tuple | list) and len(typing.cast(tuple[Any, ...], betas)) == 2
-    params = group.get("params")
-    return (
-        numbers
-        and pair
-        and isinstance(params, list)
-        and all(isinstance(index, int) for index in typing.cast(list[Any], params))
-    )
-
-
-def _first_non_finite(value: object, path: str) -> str | None:
-    """The path (`optimizer.state.3.exp_avg`) of the first non-finite float or float tensor in `value`, or None."""
-    if isinstance(value, torch.Tensor):
-        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
-        return None if finite else path
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path
-    if isinstance(value, dict):
-        items = typing.cast(dict[Any, Any], value).items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(typing.cast(list[Any], value))
-    else:
-        return None
-    for key, item in items:
-        found = _first_non_finite(item, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
-    return None
 
 
 def _logged_step(line: str) -> float:
