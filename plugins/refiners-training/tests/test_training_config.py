@@ -3,16 +3,20 @@ learning-rate schedules, the noise of each sample, atomic checkpoints and the mi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, get_type_hints
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from refiners_core.cli import main
@@ -177,6 +181,59 @@ def test_the_cli_rejects_a_bad_configuration_in_one_line_before_loading_anything
     error = capsys.readouterr().err
     assert error.startswith(f"refiners train lora: error: {path}: ") and "data." in error
     assert len(error.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+VALID: dict[str, dict[str, Any]] = {
+    "model": {"base": "sd15"},
+    "data": {"path": "images", "resolution": 256},
+    "training": {"output_dir": "runs"},
+}
+KEYS = [
+    (section.name, item.name)
+    for section in dataclasses.fields(TrainingConfig)
+    for item in dataclasses.fields(get_type_hints(TrainingConfig)[section.name])
+]
+SCALARS = (
+    st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.booleans()
+    | st.text(max_size=30)
+    | st.sampled_from([0, 1, 8, 2048, 2056, 1024, 1025, 0.0, 1.0, 1e-4, "cpu", "bf16", "fp16", "kohya", "cosine"])
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=2),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    changes=st.lists(
+        st.tuples(st.sampled_from(KEYS) | st.tuples(st.sampled_from(["lora", "bogus"]), st.text(max_size=8)), VALUES),
+        max_size=4,
+    ),
+    dropped=st.lists(st.sampled_from(["model", "data", "training"]), max_size=1),
+)
+def test_any_toml_document_is_a_bounded_configuration_or_a_config_error(
+    changes: list[tuple[tuple[str, str], Any]], dropped: list[str]
+) -> None:
+    document: dict[str, Any] = {name: dict(section) for name, section in VALID.items() if name not in dropped}
+    for (section, key), value in changes:
+        document.setdefault(section, {})[key] = value
+    try:
+        config = TrainingConfig.from_dict(document, source="run.toml")
+    except ConfigError as error:
+        assert str(error).startswith("run.toml: ") and "\n" not in str(error)
+        return
+    for section in dataclasses.fields(config):
+        for item in dataclasses.fields(getattr(config, section.name)):
+            value = getattr(getattr(config, section.name), item.name)
+            assert not isinstance(value, float) or math.isfinite(value), (section.name, item.name, value)
+    assert 8 <= config.data.resolution <= 2048 and config.data.resolution % 8 == 0
+    assert config.training.batch_size * config.data.resolution**2 <= 64 * 512 * 512
+    assert 1 <= config.lora.rank <= 1024 and 1 <= config.training.max_steps <= 10_000_000
+    assert 0 < config.training.learning_rate <= 1 and 1 <= config.evaluation.steps <= 1000
 
 
 def colour_image(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> None:
