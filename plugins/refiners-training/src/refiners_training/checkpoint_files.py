@@ -23,11 +23,10 @@ LORA_WEIGHTS = "lora_weights.safetensors"
 TRAINING_STATE = "training_state.pt"
 
 
-def read_checkpoint(
-    folder: Path, parameters: dict[str, nn.Parameter], rank: int
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The weights and the training state of checkpoint `folder`, checked against the LoRA `parameters` (of rank
-    `rank`); CheckpointError naming the file at fault."""
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights and the training state of checkpoint `folder`, with what can be checked without the model:
+    both files there and readable, the state complete and of the folder's step, every number finite.
+    CheckpointError naming the file at fault; `check_fits` checks them against the LoRA."""
     weights_file, state_file = folder / LORA_WEIGHTS, folder / TRAINING_STATE
     for path in (weights_file, state_file):
         if not path.is_file():
@@ -40,14 +39,22 @@ def read_checkpoint(
         state: object = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated zip, a bad pickle: torch raises several types
         raise CheckpointError(f"cannot read {state_file}: {error}") from error
-    check_weights(weights_file, tensors, parameters, rank)
-    return tensors, check_training_state(state_file, state, list(parameters.values()), checkpoint_step(folder))
+    for key, tensor in sorted(tensors.items()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{weights_file}: '{key}' holds non-finite values (NaN or infinity)")
+    return tensors, check_training_state(state_file, state, checkpoint_step(folder))
 
 
-def check_weights(
-    weights_file: Path, tensors: dict[str, torch.Tensor], parameters: dict[str, nn.Parameter], rank: int
+def check_fits(
+    folder: Path,
+    tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    parameters: dict[str, nn.Parameter],
+    rank: int,
 ) -> None:
-    """CheckpointError naming `weights_file` unless `tensors` are `parameters`' names, shapes and dtype, all finite."""
+    """CheckpointError naming the file of checkpoint `folder` unless its weights `tensors` are `parameters`' names,
+    shapes and dtype, and the optimizer moments of its training `state` of their shapes (the LoRA's rank: `rank`)."""
+    weights_file, state_file = folder / LORA_WEIGHTS, folder / TRAINING_STATE
     missing, unexpected = sorted(set(parameters) - set(tensors)), sorted(set(tensors) - set(parameters))
     if missing or unexpected:
         raise CheckpointError(
@@ -64,16 +71,24 @@ def check_weights(
             )
         if tensor.dtype != parameter.dtype:
             raise CheckpointError(f"{weights_file}: '{key}' is {tensor.dtype}, expected {parameter.dtype}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{weights_file}: '{key}' holds non-finite values (NaN or infinity)")
+    shapes = [parameter.shape for parameter in parameters.values()]
+    for index, moments in typing.cast(dict[int, dict[str, Any]], state["optimizer"]["state"]).items():
+        if not 0 <= index < len(shapes):
+            raise CheckpointError(f"{state_file}: 'optimizer' holds a state for parameter {index!r}, not this LoRA's")
+        for name, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != shapes[index]:
+                raise CheckpointError(
+                    f"{state_file}: optimizer '{name}' of parameter {index} has shape {tuple(value.shape)}, "
+                    f"the configured LoRA needs {tuple(shapes[index])}"
+                )
 
 
 TRAINING_STATE_KEYS = ("step", "position", "optimizer", "scheduler", "scaler", "rng")
 
 
-def check_training_state(state_file: Path, state: object, parameters: list[nn.Parameter], step: int) -> dict[str, Any]:
-    """`state` (the content of `state_file`) if it is a complete training state for `parameters` at `step`, every
-    number in it finite and the optimizer's moments of the parameters' shapes; CheckpointError naming it otherwise."""
+def check_training_state(state_file: Path, state: object, step: int) -> dict[str, Any]:
+    """`state` (the content of `state_file`) if it is a complete training state at `step`, every number in it
+    finite; CheckpointError naming it otherwise."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{state_file} is not a training state (got a {type(state).__name__})")
     state = typing.cast(dict[str, Any], state)
@@ -94,14 +109,8 @@ def check_training_state(state_file: Path, state: object, parameters: list[nn.Pa
     if not isinstance(scheduler, dict) or typing.cast(dict[str, Any], scheduler).get("last_epoch") != step:
         raise CheckpointError(f"{state_file}: 'scheduler' is not the learning-rate schedule of step {step}")
     for index, moments in typing.cast(dict[Any, Any], optimizer["state"]).items():
-        if not isinstance(index, int) or not 0 <= index < len(parameters) or not isinstance(moments, dict):
+        if not isinstance(index, int) or not isinstance(moments, dict):
             raise CheckpointError(f"{state_file}: 'optimizer' holds a state for parameter {index!r}, not this LoRA's")
-        for name, value in typing.cast(dict[str, Any], moments).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameters[index].shape:
-                raise CheckpointError(
-                    f"{state_file}: optimizer '{name}' of parameter {index} has shape {tuple(value.shape)}, "
-                    f"the configured LoRA needs {tuple(parameters[index].shape)}"
-                )
     if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or "python" not in rng:  # pyright: ignore[reportUnknownMemberType]
         raise CheckpointError(f"{state_file}: 'rng' is not the random generators' state")
     try:

@@ -38,7 +38,7 @@ from refiners_training.checkpoint import (
     point_latest,
     write_checkpoint,
 )
-from refiners_training.checkpoint_files import LORA_WEIGHTS, TRAINING_STATE, read_checkpoint
+from refiners_training.checkpoint_files import LORA_WEIGHTS, TRAINING_STATE, check_fits, read_checkpoint
 from refiners_training.config import ConfigError, MixedPrecision, OptimizationConfig, TrainingConfig
 from refiners_training.dataset import CaptionedImages
 from refiners_training.diffusion import NoiseSchedule, draw_noise
@@ -104,6 +104,8 @@ def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = Fa
     check_output_dir(output_dir, [f"{config.lora.name}{EXPORT_SUFFIXES[name]}" for name in config.export.formats])
     if not resume:
         refuse_to_overwrite(output_dir / CHECKPOINTS)
+    elif not fallback:
+        check_resume_point(output_dir / CHECKPOINTS)
     processes = start_processes(device)
     try:
         return _Run(config, device, processes, dataset).train(resume, fallback)
@@ -139,6 +141,43 @@ def refuse_to_overwrite(root: Path) -> None:
             f"{root} already holds checkpoints ({latest}): resume that run with --resume "
             "(train_lora(config, resume=True)) or choose another `training.output_dir`"
         )
+
+
+def find_latest(root: Path) -> tuple[Path | None, CheckpointError | None]:
+    """The checkpoint `root / latest` names (None if there is none), or the error of a damaged pointer: one that
+    names no checkpoint folder, or a missing one beside checkpoint folders."""
+    try:
+        latest = latest_checkpoint(root)
+    except CheckpointError as error:
+        return None, error
+    folders = earlier_checkpoints(root)
+    if latest is None and folders:
+        message = f"{root / LATEST} is missing, but {root} holds checkpoints ({folders[0].name} the newest)"
+        return None, CheckpointError(message)
+    return latest, None
+
+
+def with_fallback_hint(error: CheckpointError, root: Path, checkpoint: Path | None) -> CheckpointError:
+    """`error` (of `checkpoint`, or of the `latest` pointer if None) saying that --resume --fallback exists, when
+    there is a checkpoint to fall back to."""
+    if checkpoint is None:
+        return CheckpointError(f"{error} (--resume --fallback goes on from the newest checkpoint that loads)")
+    if earlier_checkpoints(root, than=checkpoint_step(checkpoint)):
+        return CheckpointError(f"{error} (--resume --fallback goes on from the newest earlier one that loads)")
+    return error
+
+
+def check_resume_point(root: Path) -> None:
+    """Before the model loads, when resuming without fallback: the CheckpointError (with its hint) that resuming
+    would end in for a damaged `latest` pointer or checkpoint file, as far as it shows without the model."""
+    latest, pointer_error = find_latest(root)
+    if pointer_error is not None:
+        raise with_fallback_hint(pointer_error, root, None)
+    if latest is not None:
+        try:
+            read_checkpoint(latest)
+        except CheckpointError as error:
+            raise with_fallback_hint(error, root, latest) from error
 
 
 def resolve_device(config: OptimizationConfig) -> torch.device:
@@ -346,20 +385,10 @@ class _Run:
             self._rewrite_log(keep_until=0)
             return None
         folders = earlier_checkpoints(self.root)  # newest first
-        try:
-            latest = latest_checkpoint(self.root)
-            pointer_error = None
-            if latest is None and folders:
-                pointer_error = CheckpointError(
-                    f"{self.root / LATEST} is missing, but {self.root} holds checkpoints ({folders[0].name} the newest)"
-                )
-        except CheckpointError as error:
-            latest, pointer_error = None, error
+        latest, pointer_error = find_latest(self.root)
         if pointer_error is not None:
             if not fallback:
-                raise CheckpointError(
-                    f"{pointer_error} (--resume --fallback goes on from the newest checkpoint that loads)"
-                )
+                raise with_fallback_hint(pointer_error, self.root, None)
             logger.warning("%s; looking for the newest checkpoint that loads", pointer_error)
         if latest is None and pointer_error is None:
             logger.warning("no checkpoint in %s: training starts from step 0", self.root)
@@ -376,9 +405,7 @@ class _Run:
                 self._load(candidate)
             except CheckpointError as error:
                 if not fallback:
-                    earlier = earlier_checkpoints(self.root, than=checkpoint_step(candidate))
-                    hint = " (--resume --fallback goes on from the newest earlier one that loads)" if earlier else ""
-                    raise CheckpointError(f"{error}{hint}") from error
+                    raise with_fallback_hint(error, self.root, candidate) from error
                 logger.warning("skipping checkpoint %s: %s", candidate.name, error)
                 errors.append(f"{candidate.name}: {error}")
                 continue
@@ -393,7 +420,8 @@ class _Run:
     def _load(self, checkpoint: Path) -> None:
         """Read, check and apply a checkpoint; CheckpointError naming the file at fault (`read_checkpoint`) before
         any of it is applied, or if applying it fails."""
-        tensors, state = read_checkpoint(checkpoint, self.parameters, self.config.lora.rank)
+        tensors, state = read_checkpoint(checkpoint)
+        check_fits(checkpoint, tensors, state, self.parameters, self.config.lora.rank)
         state_file = checkpoint / TRAINING_STATE
         try:
             self.optimizer.load_state_dict(state["optimizer"])
