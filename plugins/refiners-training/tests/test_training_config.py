@@ -437,6 +437,9 @@ def bad_dataset(folder: Path, fault: str) -> str:
         Image.fromarray(np.full((16, 16), np.nan, dtype=np.float32), mode="F").save(folder / "a.tiff")
         (folder / "a.png").unlink()
         return "a.tiff"
+    if fault == "caption too large":
+        (folder / "a.txt").write_bytes(b"red " * 20_000)
+        return "a.txt is 80000 bytes, more than the 65536"
     if fault == "truncated JPEG":
         Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "a.jpg", quality=95)
         data = (folder / "a.jpg").read_bytes()
@@ -457,6 +460,7 @@ DATASET_FAULTS = [
     "metadata path out of the folder",
     "decompression bomb",
     "float image with NaN",
+    "caption too large",
     "truncated JPEG",
     "not an image",
     "no caption",

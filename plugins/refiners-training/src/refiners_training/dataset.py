@@ -22,6 +22,8 @@ from refiners_sd15.autoencoder import image_to_tensor
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
 MAX_IMAGE_PIXELS = 8192 * 8192  # width * height of a dataset image, checked from its header before decoding
+MAX_CAPTION_BYTES = 64 * 1024  # a `.txt` caption (CLIP reads 77 tokens of it), checked before it is read
+MAX_METADATA_BYTES = 256 * 1024 * 1024  # `metadata.jsonl`: about a million captioned images
 
 
 class DatasetError(ValueError):
@@ -133,13 +135,13 @@ def _from_caption_files(folder: Path) -> list[Sample]:
         caption = image.with_suffix(".txt")
         if not caption.is_file():
             raise DatasetError(f"image {image} has no caption: expected {caption} (or a {METADATA_FILE} in {folder})")
-        samples.append(Sample(image, _read_text(caption).strip()))
+        samples.append(Sample(image, _read_text(caption, MAX_CAPTION_BYTES).strip()))
     return samples
 
 
 def _from_metadata(metadata: Path) -> list[Sample]:
     samples: list[Sample] = []
-    for number, line in enumerate(_read_text(metadata).split("\n"), start=1):
+    for number, line in enumerate(_read_text(metadata, MAX_METADATA_BYTES).split("\n"), start=1):
         where = f"{metadata}, line {number}"
         if not line.strip():
             continue
@@ -165,8 +167,12 @@ def _from_metadata(metadata: Path) -> list[Sample]:
     return samples
 
 
-def _read_text(path: Path) -> str:
-    """The UTF-8 text of `path`; DatasetError naming the file, line and column of the first byte that is not."""
+def _read_text(path: Path, limit: int) -> str:
+    """The UTF-8 text of `path`; DatasetError naming the file if it is larger than `limit` bytes (before reading
+    it), or naming the line and column of the first byte that is not UTF-8."""
+    size = path.stat().st_size
+    if size > limit:
+        raise DatasetError(f"{path} is {size} bytes, more than the {limit} bytes such a file may have")
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
