@@ -416,6 +416,10 @@ DAMAGES: dict[str, tuple[Callable[[Path], None], str]] = {
         edit_state(lambda s: s | {"scheduler": s["scheduler"] | {"base_lrs": [float("nan")]}}),
         f"{STATE}: 'scheduler.base_lrs.0' holds non-finite values",
     ),
+    "latest is a huge file": (
+        write_text("../latest", "step-000004" * 1_000_000),
+        "checkpoints/latest names checkpoint 'step-000004step-000004.*', which is not a checkpoint folder",
+    ),
     "latest missing": (
         lambda f: (f.parent / "latest").unlink(),
         "checkpoints/latest is missing, but .*checkpoints holds checkpoints \\(step-000004 the newest\\)",

@@ -76,7 +76,8 @@ def latest_checkpoint(root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     try:
-        name = pointer.read_text(encoding="utf-8").strip()
+        with open(pointer, "rb") as file:
+            name = file.read(1024).decode("utf-8").strip()  # a checkpoint's name is short: no more is read
     except (OSError, UnicodeDecodeError) as error:
         raise CheckpointError(f"cannot read {pointer}: {error}") from error
     folder = root / name
