@@ -110,9 +110,11 @@ def refiners_register_commands(cli: CommandRegistrar) -> None:
     at fault, e.g. `ValueError("--steps must be at least 1, got 0")` or `FileNotFoundError` naming the path;
     it does not print the error or exit itself. The CLI prints it as one line on stderr,
     `refiners NAME: error: MESSAGE` (whitespace collapsed), and exits with code 2; `refiners --verbose NAME`
-    (or `REFINERS_VERBOSE=1`) shows the traceback instead. Ctrl-C exits with code 130. argparse usage errors
-    in the command's own parser keep argparse's format and exit code 2, and a `SystemExit` the command
-    raises keeps its code.
+    (or `REFINERS_VERBOSE=1`) shows the traceback instead. A command with subcommands names the one that ran
+    in that line by setting the parsed default `command_prog` on its subparser
+    (`sub.set_defaults(command_prog=sub.prog)`: `refiners train lora: error: ...`). Ctrl-C exits with code
+    130. argparse usage errors in the command's own parser keep argparse's format and exit code 2, and a
+    `SystemExit` the command raises keeps its code.
 
     Must not parse `sys.argv`, print, or exit here. A name already taken (by a built-in command such as
     `plugins`, or by another plugin) is reported as a conflict on this plugin.
