@@ -10,7 +10,14 @@ from importlib.metadata import PackageNotFoundError, version
 from refiners_sd15.autoencoder import SD15_AUTOENCODER, AutoencoderConfig, SD1Autoencoder
 from refiners_sd15.clip import CLIP_TEXT_L, CLIPTextEncoderConfig, CLIPTextEncoderL, CLIPTokenizer
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
-from refiners_sd15.model import StableDiffusion_1
+from refiners_sd15.model import (
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    StableDiffusion_1,
+    check_image_size,
+    check_input_image,
+)
 from refiners_sd15.solvers import DDIM, DPMSolver, Euler, Solver
 from refiners_sd15.unet import SD15_INPAINTING_UNET, SD15_UNET, SD1UNet, UNetConfig
 
@@ -22,6 +29,9 @@ except PackageNotFoundError:  # imported from a source tree that is not installe
 __all__ = [
     "CLIP_TEXT_L",
     "DDIM",
+    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_SIDE",
+    "MAX_SEED",
     "SD15_AUTOENCODER",
     "SD15_INPAINTING_UNET",
     "SD15_UNET",
@@ -38,4 +48,6 @@ __all__ = [
     "StableDiffusion_1_Inpainting",
     "UNetConfig",
     "__version__",
+    "check_image_size",
+    "check_input_image",
 ]
