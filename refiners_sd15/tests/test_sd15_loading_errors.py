@@ -83,7 +83,8 @@ def test_a_missing_config_json_is_reported_as_missing_not_as_a_shape_mismatch(su
 
 @pytest.mark.parametrize("subfolder", COMPONENTS)
 def test_a_missing_component_folder_is_named(subfolder: str, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=rf"^no {tmp_path}/{subfolder} folder"):
+    name = COMPONENTS[subfolder].component_format.name
+    with pytest.raises(FileNotFoundError, match=rf"^no {tmp_path}/{subfolder} folder, so no {name}: "):
         COMPONENTS[subfolder].from_pretrained(tmp_path)
 
 

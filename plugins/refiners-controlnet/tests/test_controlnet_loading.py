@@ -20,7 +20,7 @@ from refiners_controlnet import (
     controlnet_config_from_diffusers,
     diffusers_controlnet_mapping,
 )
-from refiners_core.weights import WeightsError
+from refiners_core.weights import WeightsError, read_metadata
 from refiners_sd15.unet import UNetConfig
 
 ARCHITECTURES: list[dict[str, Any]] = [
@@ -165,3 +165,28 @@ def test_a_missing_config_json_is_reported_as_missing(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(1)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(FileNotFoundError, match=rf"^no config\.json in {tmp_path}: "):
         ControlNet.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"block_out_channels": 320}, "block_out_channels must be a list of positive integers, got 320"),
+        ({"conditioning_channels": 0}, "conditioning_channels must be a positive integer, got 0"),
+        ({"conditioning_embedding_out_channels": "16"}, "conditioning_embedding_out_channels must be a list of"),
+        ({"extra": 1}, "UNetConfig has no field 'extra'"),
+        (None, "expected a JSON object of ControlNetConfig fields, got []"),
+    ],
+)
+def test_bad_config_metadata_of_our_own_format_is_refused_naming_the_file_and_field(
+    saved: tuple[ControlNetModel, Path], change: dict[str, Any] | None, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "ours.safetensors"
+    ControlNet.from_pretrained(saved[1]).save(path)
+    metadata = read_metadata(path)
+    config = json.loads(metadata["refiners.config"])
+    metadata["refiners.config"] = json.dumps([] if change is None else {**config, **change})
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    with pytest.raises(WeightsError) as error:
+        ControlNet.from_pretrained(path)
+    assert str(error.value).startswith(f"{path}: the 'refiners.config' metadata: ")
+    assert message in str(error.value)

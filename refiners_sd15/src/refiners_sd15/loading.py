@@ -190,7 +190,8 @@ def locate_component(
     where = _where(path_or_repo_id, folder_subpath)
     if local.is_dir() and not (local / folder_subpath).is_dir():
         raise FileNotFoundError(
-            f"no {where} folder: a diffusers folder holds one folder per component (unet/, vae/, text_encoder/)"
+            f"no {where} folder, so no {component.name}: a diffusers folder holds one folder per component "
+            "(unet/, vae/, text_encoder/)"
         )
     config_path = _find(path_or_repo_id, "config.json", subfolder=folder_subpath, revision=revision)
     if config_path is None:
@@ -321,7 +322,10 @@ def load_own_format(
     if CONFIG_KEY not in metadata:
         raise WeightsError(f"{path}: no '{CONFIG_KEY}' metadata, which holds the {component.name}'s config")
     try:
-        config = component.from_json(json.loads(metadata[CONFIG_KEY]))
+        values: object = json.loads(metadata[CONFIG_KEY])
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object of {component.config_class.__name__} fields, got {values!r}")
+        config = component.from_json(cast(dict[str, Any], values))
     except RecursionError as error:
         raise WeightsError(f"{path}: the '{CONFIG_KEY}' metadata is nested too deeply") from error
     except ValueError as error:
