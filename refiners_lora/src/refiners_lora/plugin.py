@@ -10,9 +10,9 @@ from torch import nn
 import refiners_core.fluxion as fl
 from refiners_core.checks import check_finite, check_weights_file
 from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
-from refiners_core.weights import WeightsError, load_tensors
+from refiners_core.weights import WeightsError, load_tensors, read_metadata
 from refiners_lora.adapter import LoraAdapter
-from refiners_lora.formats import parse_lora, read_metadata
+from refiners_lora.formats import parse_lora
 from refiners_lora.manager import LoraManager
 
 
@@ -69,7 +69,8 @@ def validate_lora_option(values: list[str]) -> None:
         path, _ = parse_lora_option(value)
         check_weights_file(f"--lora {value}", path)
         try:
-            parse_lora(load_tensors(path), str(path), read_metadata(path))
+            metadata = read_metadata(path)  # the header first: it may refuse the file early
+            parse_lora(load_tensors(path), str(path), metadata)
         except (OSError, ValueError) as error:
             raise WeightsError(f"--lora {value}: {error}") from error
 
