@@ -58,10 +58,10 @@ def test_weights_files_are_recognised_by_their_first_bytes_whatever_their_name(t
     assert kinds == {
         "model.safetensors": "safetensors",
         "model.pth": "torch-zip",
-        "legacy.pt": "torch-pickle",
-        "pointer.safetensors": "git-lfs-pointer",
+        "legacy.pt": "torch-legacy",
+        "pointer.safetensors": "git-lfs",
         "text.safetensors": "unknown",
-        "empty.safetensors": "unknown",
+        "empty.safetensors": "empty",
     }
     renamed = tmp_path / "actually-safetensors.pth"
     renamed.write_bytes((tmp_path / "model.safetensors").read_bytes())

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-_GIT_LFS_POINTER = b"version https://git-lfs"
-_SNIFFED_BYTES = 64
+from refiners_core.weight_formats import Kind, sniff
 
 
 def check_finite(what: str, value: object) -> float:
@@ -39,24 +38,13 @@ def check_finite_tensor(what: str, tensor: torch.Tensor) -> None:
             )
 
 
-def sniff_weights_format(path: Path) -> str:
-    """What a weights file holds, from its first bytes: `"safetensors"`, `"torch-zip"` (`torch.save`'s zip
-    archive), `"torch-pickle"` (the legacy `torch.save` format), `"git-lfs-pointer"` (a file git-lfs did not fetch)
-    or `"unknown"`. Raises OSError if the file cannot be read."""
+def sniff_weights_format(path: Path) -> Kind:
+    """What a weights file holds, from its first bytes whatever its name (`refiners_core.weight_formats.sniff`):
+    `"safetensors"`, `"torch-zip"` (`torch.save`'s zip archive), `"torch-legacy"` (the older `torch.save` format),
+    `"git-lfs"` (a pointer file git-lfs did not fetch), `"empty"` or `"unknown"`. Raises OSError if the file cannot
+    be read."""
     with open(path, "rb") as file:
-        head = file.read(_SNIFFED_BYTES)
-        size = os.fstat(file.fileno()).st_size
-    if head.startswith(_GIT_LFS_POINTER):
-        return "git-lfs-pointer"
-    if head.startswith(b"PK\x03\x04"):
-        return "torch-zip"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # a pickle's protocol opcode
-        return "torch-pickle"
-    if len(head) > 8:
-        header_size = int.from_bytes(head[:8], "little")
-        if 2 <= header_size <= size - 8 and head[8:9] == b"{":
-            return "safetensors"
-    return "unknown"
+        return sniff(file, os.fstat(file.fileno()).st_size)
 
 
 def check_weights_file(what: str, path: str | os.PathLike[str]) -> str:
@@ -76,12 +64,15 @@ def check_weights_file(what: str, path: str | os.PathLike[str]) -> str:
         raise PermissionError(f"{what}: {path} is not readable (permission denied)") from None
     except OSError as error:
         raise OSError(f"{what}: cannot read {path}: {error.strerror or error}") from None
-    if kind == "git-lfs-pointer":
+    if kind == "git-lfs":
         raise ValueError(f"{what}: {path} is a git-lfs pointer, not the weights it stands for: run `git lfs pull`")
-    if kind == "unknown":
-        empty = path.stat().st_size == 0
+    if kind in ("empty", "unknown"):
         raise ValueError(
             f"{what}: {path} is "
-            + ("empty" if empty else "neither a safetensors file nor a PyTorch checkpoint (by its first bytes)")
+            + (
+                "empty"
+                if kind == "empty"
+                else "neither a safetensors file nor a PyTorch checkpoint (by its first bytes)"
+            )
         )
     return kind

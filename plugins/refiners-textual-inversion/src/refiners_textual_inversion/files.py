@@ -58,14 +58,14 @@ def read_embedding(path: str | os.PathLike[str]) -> Embedding:
             f"cannot read {path}: unknown embedding file extension {path.suffix!r} (expected {', '.join(known)})"
         )
     kind = sniff_weights_format(path)  # by content: a safetensors file named .pt is read as what it is
-    if kind == "git-lfs-pointer":
+    if kind == "git-lfs":
         raise WeightsError(f"{path} is a git-lfs pointer, not the embedding it stands for: run `git lfs pull`")
     if kind == "safetensors":
         try:
             content: object = load_file(path)
         except Exception as error:
             raise WeightsError(f"cannot read {path} as safetensors: {error}") from error
-    elif kind in ("torch-zip", "torch-pickle"):
+    elif kind in ("torch-zip", "torch-legacy"):
         try:
             with open(path, "rb") as file:  # a file object: torch.load routes a `.safetensors` path by its name
                 content = torch.load(file, map_location="cpu", weights_only=True)
