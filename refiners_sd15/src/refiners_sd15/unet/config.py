@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -17,37 +17,79 @@ class UNetConfig:
 
     Except `cross_attention_levels`, which says which resolution levels have cross-attention blocks (diffusers'
     `CrossAttnDownBlock2D` vs `DownBlock2D`; the up path mirrors the down path), and `attention_head_dim` which is,
-    as in diffusers' SD1 configs, the number of attention heads. The middle block always has cross-attention.
-    Fields are keyword-only, so that a later architecture (SDXL: transformer depth per level, linear projections,
-    additional embeddings) can add fields whose defaults keep SD1.5's UNet as it is.
+    as in diffusers' SD1, SD2 and SDXL configs, the number of attention heads: one for every level, or one per level.
+    The middle block always has cross-attention, with the last level's heads and transformer depth.
 
-    Raises ValueError when the levels of `cross_attention_levels` and `block_out_channels` differ in number, or
-    when `attention_head_dim` does not divide the channels of a level with attention.
+    The fields after `norm_eps` describe later architectures; their defaults keep SD1.5's UNet as it is:
+    `transformer_layers_per_block` (the number of transformer blocks in each spatial transformer, for every level or
+    per level), `use_linear_projection` (the reference's transformer projections are linear layers rather than 1x1
+    convolutions: the same computation, weights of another shape), and SDXL's `text_time` added embedding
+    (`addition_embed_type`: sinusoids of `addition_time_embed_dim` features for each time id, concatenated with the
+    pooled text embedding into `projection_class_embeddings_input_dim` features).
+
+    Raises ValueError when a per-level field or `cross_attention_levels` has another number of levels than
+    `block_out_channels`, when the heads do not divide the channels of a level with attention, or when the added
+    embedding's fields are inconsistent.
     """
 
     in_channels: int = 4
     out_channels: int = 4
     block_out_channels: tuple[int, ...]
     layers_per_block: int = 2
-    attention_head_dim: int
+    attention_head_dim: int | tuple[int, ...]
     cross_attention_dim: int
     cross_attention_levels: tuple[bool, ...]
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    use_linear_projection: bool = False
+    addition_embed_type: Literal["text_time"] | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self) -> None:
-        if len(self.cross_attention_levels) != len(self.block_out_channels):
-            raise ValueError(
-                f"UNetConfig: cross_attention_levels has {len(self.cross_attention_levels)} entries but "
-                f"block_out_channels has {len(self.block_out_channels)} levels"
-            )
-        attended = [c for c, attention in zip(self.block_out_channels, self.cross_attention_levels) if attention]
-        for channels in [*attended, self.block_out_channels[-1]]:
-            if channels % self.attention_head_dim:
+        levels = len(self.block_out_channels)
+        for field, value in (
+            ("cross_attention_levels", self.cross_attention_levels),
+            ("attention_head_dim", self.attention_head_dim),
+            ("transformer_layers_per_block", self.transformer_layers_per_block),
+        ):
+            if isinstance(value, tuple) and len(value) != levels:
                 raise ValueError(
-                    f"UNetConfig: {channels} channels cannot be split in attention_head_dim={self.attention_head_dim} "
-                    "heads"
+                    f"UNetConfig: {field} has {len(value)} entries but block_out_channels has {levels} levels"
                 )
+        attended = [level for level, attention in enumerate(self.cross_attention_levels) if attention]
+        for level in [*attended, levels - 1]:
+            channels, heads = self.block_out_channels[level], self.num_heads(level)
+            if channels % heads:
+                raise ValueError(
+                    f"UNetConfig: {channels} channels of level {level} cannot be split in {heads} attention heads "
+                    f"(attention_head_dim={self.attention_head_dim})"
+                )
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(
+                f"UNetConfig: addition_embed_type={self.addition_embed_type!r}; expected None or 'text_time'"
+            )
+        added = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if (None in added) if self.addition_embed_type else (added != (None, None)):
+            raise ValueError(
+                "UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim, and without an added embedding both are None; got "
+                f"addition_embed_type={self.addition_embed_type!r}, addition_time_embed_dim={added[0]}, "
+                f"projection_class_embeddings_input_dim={added[1]}"
+            )
+
+    def num_heads(self, level: int) -> int:
+        """The number of attention heads of the spatial transformers of `level` (-1: the last level and the middle
+        block)."""
+        heads = self.attention_head_dim
+        return heads if isinstance(heads, int) else heads[level]
+
+    def transformer_depth(self, level: int) -> int:
+        """The number of transformer blocks in each spatial transformer of `level` (-1: the last level and the middle
+        block)."""
+        depth = self.transformer_layers_per_block
+        return depth if isinstance(depth, int) else depth[level]
 
 
 SD15_UNET = UNetConfig(
@@ -64,15 +106,14 @@ SD15_INPAINTING_UNET = replace(SD15_UNET, in_channels=9)
 CROSS_ATTENTION_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 CROSS_ATTENTION_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 
-# Fields whose value must be the SD1 one (diffusers' default when absent): field -> (accepts, what SD1UNet supports).
+# Fields whose value must be the SD one (diffusers' default when absent): field -> (accepts, what is supported).
 _FIXED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mid_block_type": (lambda v: v == "UNetMidBlock2DCrossAttn", "'UNetMidBlock2DCrossAttn'"),
-    "use_linear_projection": (lambda v: not v, "false (1x1 convolution projections)"),
     "only_cross_attention": (lambda v: not any(v) if isinstance(v, list) else not v, "false"),
     "dual_cross_attention": (lambda v: not v, "false"),
+    "addition_embed_type": (lambda v: v in (None, "text_time"), "null or 'text_time' (SDXL's added embedding)"),
     "class_embed_type": (lambda v: v is None, "null (no class embedding)"),
     "num_class_embeds": (lambda v: v is None, "null (no class embedding)"),
-    "addition_embed_type": (lambda v: v is None, "null (no additional embedding)"),
     "encoder_hid_dim": (lambda v: v is None, "null"),
     "encoder_hid_dim_type": (lambda v: v is None, "null"),
     "time_cond_proj_dim": (lambda v: v is None, "null (no guidance embedding)"),
@@ -88,12 +129,11 @@ _FIXED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "downsample_padding": (lambda v: v == 1, "1"),
     "mid_block_scale_factor": (lambda v: v == 1, "1"),
     "resnet_time_scale_shift": (lambda v: v == "default", "'default'"),
-    "transformer_layers_per_block": (lambda v: all(n == 1 for n in v) if isinstance(v, list) else v == 1, "1"),
     "reverse_transformer_layers_per_block": (lambda v: v is None, "null"),
     "attention_type": (lambda v: v == "default", "'default'"),
     "cross_attention_norm": (lambda v: v is None, "null"),
     "class_embeddings_concat": (lambda v: not v, "false"),
-    "num_attention_heads": (lambda v: v is None, "null (SD1 configs give the heads as attention_head_dim)"),
+    "num_attention_heads": (lambda v: v is None, "null (SD configs give the heads as attention_head_dim)"),
 }
 _DEFAULTS: dict[str, Any] = {
     "mid_block_type": "UNetMidBlock2DCrossAttn",
@@ -105,17 +145,16 @@ _DEFAULTS: dict[str, Any] = {
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "resnet_time_scale_shift": "default",
-    "transformer_layers_per_block": 1,
     "attention_type": "default",
 }
 
 
 def _unsupported(field: str, value: Any, expected: str) -> ValueError:
-    return ValueError(f"unsupported UNet config: {field}={value!r}; SD1UNet supports {field}={expected}")
+    return ValueError(f"unsupported UNet config: {field}={value!r}; expected {field}={expected}")
 
 
 def _single(config: Mapping[str, Any], field: str, default: Any) -> Any:
-    """A value that diffusers accepts per level as a list: SD1UNet needs the same one for every level."""
+    """A value that diffusers accepts per level as a list, where the UNet needs the same one for every level."""
     value = config.get(field, default)
     if isinstance(value, list | tuple):
         values: list[Any] = list(value)  # pyright: ignore[reportUnknownArgumentType]
@@ -125,11 +164,21 @@ def _single(config: Mapping[str, Any], field: str, default: Any) -> Any:
     return value
 
 
+def _per_level(config: Mapping[str, Any], field: str, default: int, levels: int) -> int | tuple[int, ...]:
+    """A positive integer for every level, or a list of one per level: the same value everywhere reads as one int."""
+    value = config.get(field, default)
+    values: list[Any] = list(value) if isinstance(value, list | tuple) else [value]  # pyright: ignore[reportUnknownArgumentType]
+    if len(values) not in (1, levels) or not all(isinstance(item, int) and item > 0 for item in values):
+        raise _unsupported(field, value, f"a positive integer or a list of {levels} (one per level)")
+    return values[0] if all(item == values[0] for item in values) else tuple(values)
+
+
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     """The `UNetConfig` of a diffusers `UNet2DConditionModel` config (`unet/config.json`).
 
-    Absent fields take diffusers' defaults. Raises ValueError naming the field for an architecture outside the
-    SD1 family (linear projections, class or additional embeddings, other block types, per-level heads...).
+    Absent fields take diffusers' defaults. SD1, SD2 and SDXL configs are read (heads and transformer depths per
+    level, linear projections, SDXL's `text_time` added embedding). Raises ValueError naming the field for an
+    architecture outside that family (class embeddings, other added embeddings, other block types...).
     """
     class_name = config.get("_class_name", "UNet2DConditionModel")
     if class_name != "UNet2DConditionModel":
@@ -157,16 +206,30 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     if embedding_dim is not None and embedding_dim != 4 * block_out_channels[0]:
         raise _unsupported("time_embedding_dim", embedding_dim, f"null or {4 * block_out_channels[0]}")
 
+    addition_embed_type = config.get("addition_embed_type")
+    added: dict[str, int | None] = {"addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None}
+    if addition_embed_type is not None:
+        for field in added:
+            value = config.get(field)
+            if not isinstance(value, int) or value <= 0:
+                raise _unsupported(field, value, "a positive integer (addition_embed_type='text_time' needs it)")
+            added[field] = value
+
+    levels = len(block_out_channels)
     return UNetConfig(
         in_channels=int(config.get("in_channels", 4)),
         out_channels=int(config.get("out_channels", 4)),
         block_out_channels=tuple(block_out_channels),
         layers_per_block=int(_single(config, "layers_per_block", 2)),
-        attention_head_dim=int(_single(config, "attention_head_dim", 8)),
+        attention_head_dim=_per_level(config, "attention_head_dim", 8, levels),
         cross_attention_dim=int(_single(config, "cross_attention_dim", 1280)),
         cross_attention_levels=tuple(cross_attention_levels),
         norm_num_groups=int(config.get("norm_num_groups", 32)),
         norm_eps=float(config.get("norm_eps", 1e-5)),
+        transformer_layers_per_block=_per_level(config, "transformer_layers_per_block", 1, levels),
+        use_linear_projection=bool(config.get("use_linear_projection", False)),
+        addition_embed_type=addition_embed_type,
+        **added,
     )
 
 
