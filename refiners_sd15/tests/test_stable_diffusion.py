@@ -192,12 +192,12 @@ def test_weights_of_another_architecture_are_refused_with_key_path_and_shapes(
 
 
 def test_an_unsupported_config_names_the_file_and_field(diffusers_folder: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "linear_projection"
+    folder = tmp_path / "class_embedding"
     shutil.copytree(diffusers_folder, folder)
     config_path = folder / "unet" / "config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "use_linear_projection": True}))
-    with pytest.raises(ValueError, match=r"unet/config\.json.*use_linear_projection"):
+    config_path.write_text(json.dumps({**config, "class_embed_type": "timestep"}))
+    with pytest.raises(ValueError, match=r"unet/config\.json.*class_embed_type"):
         StableDiffusion_1.from_pretrained(folder)
 
 

@@ -303,10 +303,21 @@ def test_config_read_from_ldm_tensors_matches_the_diffusers_config(name: str) ->
     assert from_ldm == replace(unet_config, attention_head_dim=8, norm_num_groups=32)  # not in the weights: SD1's
 
 
-def test_config_from_sd2_ldm_tensors_is_refused() -> None:
+def test_config_from_sd2_ldm_tensors_reads_linear_projections_and_64_channels_per_head() -> None:
+    config = unet_config_from_ldm(ldm_shapes(SD21_UNET_CONFIG))
+    assert config == unet_config_from_diffusers(SD21_UNET_CONFIG)  # heads (5, 10, 20, 20): not in the weights
+
+
+def test_config_from_ldm_tensors_counts_the_transformer_depths() -> None:
+    config = unet_config_from_ldm(ldm_shapes(PER_LEVEL_UNET_CONFIG))
+    assert config.transformer_layers_per_block == (2, 1, 3)  # the last level's is the middle block's
+    assert config.use_linear_projection and config.attention_head_dim == 1  # 32 or 64 channels: one 64-wide head
+
+
+def test_config_from_ldm_tensors_with_a_class_embedding_is_refused() -> None:
     tensors = ldm_shapes(SMALL_UNET_CONFIG)
-    tensors["input_blocks.1.1.proj_in.weight"] = torch.empty(32, 32, device="meta")  # SD2's linear projection
-    with pytest.raises(ValueError, match=r"input_blocks\.1\.1\.proj_in\.weight.*linear projection"):
+    tensors["label_emb.0.0.weight"] = torch.empty(128, 256, device="meta")  # attention on the first level: not SDXL
+    with pytest.raises(ValueError, match=r"'label_emb\.0\.0\.weight' is a class embedding"):
         unet_config_from_ldm(tensors)
 
 

@@ -18,20 +18,26 @@ from typing import Any, cast
 import pytest
 import torch
 from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 import refiners_core.fluxion as fl
-from refiners_core.state_dicts import invert
-from refiners_sd15.unet import CrossAttentionBlock2d, SD1UNet, unet_config_from_diffusers
+from refiners_core.state_dicts import compose, invert
+from refiners_core.weights import load_tensors, save_tensors
+from refiners_sd15.loading import load_single_file_component
+from refiners_sd15.unet import CrossAttentionBlock2d, SD1UNet, unet_config_from_diffusers, unet_config_from_ldm
 from refiners_sdxl import (
     SDXL_BASE_UNET,
     SDXL_INPAINTING_UNET,
     SDXL_REFINER_UNET,
+    SDXL_UNET_FORMAT,
     SDXLUNet,
     TextTimeEmbedding,
     diffusers_sdxl_unet_mapping,
+    ldm_sdxl_unet_mapping,
 )
 
 TOLERANCE = 1e-4
+LDM_PREFIX = "model.diffusion_model."
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
 SDXL_BASE_UNET_CONFIG: dict[str, Any] = {
@@ -323,6 +329,66 @@ def test_diffusers_mapping_covers_every_key_one_to_one_with_the_same_shapes(name
     assert {key: tuple(reference[key].shape) for key in mapping} == {
         key: tuple(ours[value].shape) for key, value in mapping.items()
     }
+
+
+def meta_state_dict(config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config)).state_dict()  # pyright: ignore[reportUnknownMemberType]
+
+
+def ldm_to_diffusers(config: dict[str, Any]) -> dict[str, str]:
+    """Original checkpoint key (without its prefix) -> diffusers key, through our two mappings."""
+    unet_config = unet_config_from_diffusers(config)
+    return compose(ldm_sdxl_unet_mapping(unet_config), invert(diffusers_sdxl_unet_mapping(unet_config)))
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_ldm_mapping_agrees_with_the_diffusers_converter(name: str) -> None:
+    """Rename a diffusers state dict to the original layout through our mappings; diffusers must convert it back."""
+    config, _ = PUBLISHED[name]
+    renames = ldm_to_diffusers(config)
+    diffusers_keys = list(meta_state_dict(config))
+    assert sorted(renames.values()) == sorted(diffusers_keys)
+    diffusers_tensors = {key: torch.full((1,), float(index)) for index, key in enumerate(diffusers_keys)}
+    checkpoint = {LDM_PREFIX + ldm: diffusers_tensors[diffusers] for ldm, diffusers in renames.items()}
+
+    converted = convert_ldm_unet_checkpoint(checkpoint, config)
+
+    assert set(converted) == set(diffusers_tensors)
+    assert all(torch.equal(converted[key], tensor) for key, tensor in diffusers_tensors.items())
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_config_read_from_ldm_tensors_is_the_published_one(name: str) -> None:
+    """Heads (64 channels each), transformer depths, linear projections and the added embedding, from shapes."""
+    config, unet_config = PUBLISHED[name]
+    shapes = meta_state_dict(config)
+    assert unet_config_from_ldm({ldm: shapes[key] for ldm, key in ldm_to_diffusers(config).items()}) == unet_config
+
+
+def test_sdxl_unet_from_a_single_file_checkpoint_matches_diffusers(tmp_path: Path) -> None:
+    """An original-layout checkpoint (`model.diffusion_model.*`, `label_emb.0.*`) through the single-file loading,
+    its config read from the tensors' shapes. What they do not hold is SDXL's: heads of 64 channels (here 1, 2 and
+    2 per level), 256 sinusoids per time id, 32 normalisation groups."""
+    config = {
+        **SMALL_SDXL_UNET_CONFIG,
+        "norm_num_groups": 32,
+        "block_out_channels": [64, 128, 128],
+        "attention_head_dim": [1, 2, 2],
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": POOLED_DIM + 6 * 256,
+    }
+    reference = reference_unet(config, seed=4)
+    tensors = reference.state_dict()
+    path = tmp_path / "sdxl.safetensors"
+    save_tensors(path, {LDM_PREFIX + ldm: tensors[key] for ldm, key in ldm_to_diffusers(config).items()})
+    del tensors
+
+    unet = load_single_file_component(SDXLUNet, SDXL_UNET_FORMAT, source=path, tensors=load_tensors(path)).eval()
+
+    assert unet.config == unet_config_from_diffusers(config)
+    inputs = Inputs(2, 4, (16, 16), text_dim=48, time_ids=6, seed=6)
+    assert_close(inputs.ours(unet), inputs.reference(reference))
 
 
 def test_added_embedding_keys() -> None:

@@ -236,41 +236,63 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
 def unet_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> UNetConfig:
     """The `UNetConfig` read from the shapes of an original checkpoint's UNet tensors.
 
-    Keys are without the `model.diffusion_model.` prefix. The number of attention heads and of normalisation
-    groups are not stored in the weights: they are SD1's (8 and 32). Raises ValueError naming the key for an
-    architecture outside the SD1 family.
+    Keys are without the `model.diffusion_model.` prefix. What the weights do not store is taken from the published
+    models of the family, as diffusers' converter does: 32 normalisation groups; 8 heads with 1x1 convolution
+    projections (SD1), 64 channels per head with linear ones (SD2, SDXL); SDXL's 256 features per time id for an
+    added embedding (`label_emb.0.*`). Transformer depths are counted. Raises ValueError naming the key for an
+    architecture outside that family.
     """
-    for key, tensor in tensors.items():
-        if key.startswith("label_emb."):
-            raise ValueError(f"unsupported UNet checkpoint: '{key}' is a class/additional embedding (SDXL-like)")
-        if key.endswith(".proj_in.weight") and tensor.dim() == 2:
-            raise ValueError(
-                f"unsupported UNet checkpoint: '{key}' is a linear projection (SD2-like), SD1UNet uses 1x1 convolutions"
-            )
     if "input_blocks.0.0.weight" not in tensors or "out.2.weight" not in tensors:
         raise ValueError("not a UNet checkpoint: no 'input_blocks.0.0.weight' or 'out.2.weight'")
     conv_in, conv_out = tensors["input_blocks.0.0.weight"], tensors["out.2.weight"]
+    keys = [key for key in tensors if key.endswith(".attn2.to_k.weight")]
+    cross_attention_dim = tensors[keys[0]].shape[1] if keys else 768
+    # SDXL's added embedding is an MLP (`label_emb.0.0`, `label_emb.0.2`) in a UNet without attention on its first
+    # level; other `label_emb` (SD2's upscaler, unCLIP) are class embeddings.
+    added = tensors.get("label_emb.0.0.weight")
+    if added is not None and "input_blocks.1.1.proj_in.weight" in tensors:
+        added = None
+    for key in tensors:
+        if key.startswith("label_emb.") and added is None:
+            raise ValueError(
+                f"unsupported UNet checkpoint: '{key}' is a class embedding; only SDXL's added embedding "
+                "('label_emb.0.*', in a UNet without attention on its first level) is supported"
+            )
+    linear = [key for key in tensors if key.endswith(".proj_in.weight") and tensors[key].dim() == 2]
+
+    def depth(prefix: str) -> int:
+        pattern = re.compile(re.escape(prefix) + r"\.transformer_blocks\.(\d+)\.")
+        return 1 + max((int(match.group(1)) for key in tensors if (match := pattern.match(key))), default=0)
 
     blocks = sorted({int(match.group(1)) for key in tensors if (match := re.match(r"input_blocks\.(\d+)\.", key))})
     downsamples = [index for index in blocks if f"input_blocks.{index}.0.op.weight" in tensors]
     layers_per_block = (downsamples[0] if downsamples else len(blocks)) - 1
     block_out_channels: list[int] = []
     cross_attention_levels: list[bool] = []
+    depths: list[int] = []
     for level in range(len(downsamples) + 1):
         first = 1 + level * (layers_per_block + 1)
         block_out_channels.append(tensors[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
         cross_attention_levels.append(f"input_blocks.{first}.1.proj_in.weight" in tensors)
-    keys = [key for key in tensors if key.endswith(".attn2.to_k.weight")]
+        depths.append(depth(f"input_blocks.{first}.1") if cross_attention_levels[-1] else 1)
+    depths[-1] = depth("middle_block.1")  # the middle block's, which the last level gives
+    attended = [d for d, attention in zip(depths, cross_attention_levels) if attention] + [depths[-1]]
+    heads = [max(1, channels // 64) for channels in block_out_channels] if linear else [8]
     return UNetConfig(
         in_channels=conv_in.shape[1],
         out_channels=conv_out.shape[0],
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
-        attention_head_dim=8,
-        cross_attention_dim=tensors[keys[0]].shape[1] if keys else 768,
+        attention_head_dim=heads[0] if len(set(heads)) == 1 else tuple(heads),
+        cross_attention_dim=cross_attention_dim,
         cross_attention_levels=tuple(cross_attention_levels),
         norm_num_groups=32,
         norm_eps=1e-5,
+        transformer_layers_per_block=attended[0] if len(set(attended)) == 1 else tuple(depths),
+        use_linear_projection=bool(linear),
+        addition_embed_type="text_time" if added is not None else None,
+        addition_time_embed_dim=256 if added is not None else None,
+        projection_class_embeddings_input_dim=added.shape[1] if added is not None else None,
     )
 
 
