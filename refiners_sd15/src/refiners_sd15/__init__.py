@@ -8,7 +8,16 @@ sd = StableDiffusion_1.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v
 from importlib.metadata import PackageNotFoundError, version
 
 from refiners_sd15.autoencoder import SD15_AUTOENCODER, AutoencoderConfig, SD1Autoencoder
-from refiners_sd15.clip import CLIP_TEXT_L, CLIPTextEncoderConfig, CLIPTextEncoderL, CLIPTokenizer
+from refiners_sd15.clip import (
+    CLIP_TEXT_G,
+    CLIP_TEXT_L,
+    CLIP_TEXT_L_PENULTIMATE,
+    CLIPTextEncoderConfig,
+    CLIPTextEncoderG,
+    CLIPTextEncoderL,
+    CLIPTokenizer,
+    DoubleTextEncoder,
+)
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
 from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import DDIM, DPMSolver, Euler, Solver
@@ -20,16 +29,20 @@ except PackageNotFoundError:  # imported from a source tree that is not installe
     __version__ = "0.0.0"
 
 __all__ = [
+    "CLIP_TEXT_G",
     "CLIP_TEXT_L",
+    "CLIP_TEXT_L_PENULTIMATE",
     "DDIM",
     "SD15_AUTOENCODER",
     "SD15_INPAINTING_UNET",
     "SD15_UNET",
     "AutoencoderConfig",
     "CLIPTextEncoderConfig",
+    "CLIPTextEncoderG",
     "CLIPTextEncoderL",
     "CLIPTokenizer",
     "DPMSolver",
+    "DoubleTextEncoder",
     "Euler",
     "SD1Autoencoder",
     "SD1UNet",

@@ -38,6 +38,8 @@ class ComponentFormat(Generic[TConfig]):
     `TConfig` is the component's config dataclass: the model is built as `model_class(config, device=, dtype=)`,
     and the mappings are computed from that config. Our own format stores `config_to_json(config)` and reads it
     back with `config_from_json`; by default the dataclass's fields, tuples written as JSON lists.
+    `single_file_tensors`, when set, rewrites a single file's tensors (keys without the prefix, after
+    `single_file_config` read them) into those `single_file_mapping` maps, e.g. splits fused projections into views.
     """
 
     name: str
@@ -52,6 +54,7 @@ class ComponentFormat(Generic[TConfig]):
     ignored_keys: frozenset[str] = frozenset()
     config_to_json: Callable[[TConfig], dict[str, Any]] | None = None
     config_from_json: Callable[[dict[str, Any]], TConfig] | None = None
+    single_file_tensors: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None
 
     def to_json(self, config: TConfig) -> dict[str, Any]:
         """The config as our own format's metadata stores it."""
@@ -167,7 +170,10 @@ def load_single_file_component(
     own = {key: value for key, value in tensors.items() if key.startswith(prefix)}
     if not own:
         raise WeightsError(f"{source}: no '{prefix}*' keys, so no {component.name} in this checkpoint")
-    config = component.single_file_config({key.removeprefix(prefix): value for key, value in own.items()})
+    unprefixed = {key.removeprefix(prefix): value for key, value in own.items()}
+    config = component.single_file_config(unprefixed)
+    if component.single_file_tensors is not None:
+        own = {prefix + key: value for key, value in component.single_file_tensors(unprefixed).items()}
     return _build_and_load(
         model_class,
         config,
