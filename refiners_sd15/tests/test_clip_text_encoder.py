@@ -21,6 +21,7 @@ from published_configs import SD15_TEXT_ENCODER_CONFIG
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from refiners_core.fluxion.context import ContextError
 from refiners_core.state_dicts import invert, load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors
 from refiners_sd15.clip import (
@@ -30,6 +31,7 @@ from refiners_sd15.clip import (
     SDXL_TEXT_ENCODER_FORMAT,
     CLIPTextEncoderG,
     DoubleTextEncoder,
+    PooledTextEmbedding,
     open_clip_text_mapping,
     open_clip_text_tensors,
 )
@@ -637,6 +639,14 @@ def test_open_clip_mapping_is_complete_and_splits_without_copying() -> None:
     fused = torch.arange(12.0).reshape(6, 2)
     thirds = open_clip_text_tensors({"transformer.resblocks.0.attn.in_proj_weight": fused})
     assert [tensor.data_ptr() for tensor in thirds.values()] == [fused[i].data_ptr() for i in (0, 2, 4)]
+
+
+def test_pooling_without_token_ids_raises_context_error_naming_the_context() -> None:
+    pooled = PooledTextEmbedding(replace(CLIP_TEXT_G, embedding_dim=64, num_attention_heads=4, feedforward_dim=128))
+    with pytest.raises(
+        ContextError, match="EndOfTextToken at `PooledTextEmbedding.EndOfTextToken` needs the token ids"
+    ):
+        pooled(torch.zeros(1, 3, 64))
 
 
 def test_sdxl_text_encoder_2_saves_and_loads_in_our_format(tmp_path: Path) -> None:

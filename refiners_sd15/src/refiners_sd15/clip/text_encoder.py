@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
 from refiners_core.fluxion import Device
-from refiners_core.fluxion.context import Contexts
+from refiners_core.fluxion.context import ContextError, Contexts
 from refiners_core.module_names import DIFFUSERS, KOHYA, kohya_names, module_names
 from refiners_sd15.clip.config import CLIP_TEXT_G, CLIP_TEXT_L, CLIPTextEncoderConfig
 from refiners_sd15.clip.mapping import (
@@ -165,7 +165,13 @@ class EndOfTextToken(fl.Module):
         self.end_of_text_token_id = end_of_text_token_id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        token_ids: torch.Tensor = self.use_context(TOKEN_IDS_CONTEXT, key="token_ids")["token_ids"]
+        token_ids: torch.Tensor | None = self.use_context(TOKEN_IDS_CONTEXT, key="token_ids").get("token_ids")
+        if token_ids is None:
+            raise ContextError(
+                f"EndOfTextToken at `{self.get_path()}` needs the token ids: its encoder puts them in the "
+                f"'{TOKEN_IDS_CONTEXT}' context after tokenizing (or `set_context('{TOKEN_IDS_CONTEXT}', "
+                "{'token_ids': ...})`)"
+            )
         token_ids = token_ids.to(device=x.device)
         if self.end_of_text_token_id is None:
             positions = token_ids.argmax(dim=-1)
@@ -196,6 +202,9 @@ class PooledTextEmbedding(fl.Chain):
                 else [fl.Linear(dim, config.projection_dim, bias=False, device=device, dtype=dtype)]
             ),
         )
+
+    def init_context(self) -> Contexts:
+        return {TOKEN_IDS_CONTEXT: {}}
 
 
 def _transformer_layer(
@@ -272,9 +281,6 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
             (_transformer_layer(config, device=device, dtype=dtype) for _ in range(config.num_layers - 1)),
             fl.Parallel(fl.Identity(), PooledTextEmbedding(config, device=device, dtype=dtype)),
         )
-
-    def init_context(self) -> Contexts:
-        return {TOKEN_IDS_CONTEXT: {}}
 
     @property
     def tokenizer(self) -> CLIPTokenizer:
