@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from refiners_core.cli import demo, main
 from refiners_core.cli.plugins import format_table
@@ -105,8 +107,9 @@ def test_plugin_command_whose_configure_fails_does_not_break_other_commands(
     plugin_site("t-greeter", GREETER)
 
     assert main(["t-hello"]) == 3
-    with pytest.raises(RuntimeError, match="bad configure"):
-        main(["t-bad"])
+    capsys.readouterr()
+    assert main(["t-bad"]) == 2
+    assert capsys.readouterr().err == "refiners t-bad: error: bad configure\n"
 
 
 def test_plugins_command_prints_a_table_and_exits_0_with_a_broken_plugin(
@@ -162,12 +165,31 @@ def test_plugins_json_has_one_object_per_entry_point_with_the_documented_keys(
     assert "ModuleNotFoundError" in objects["t-broken"]["error"]
 
 
-def test_strict_mode_makes_the_cli_raise(plugin_site: AddPlugin, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_strict_mode_makes_a_plugin_error_a_one_line_cli_error(
+    plugin_site: AddPlugin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = plugin_site("t-broken", BROKEN)
+    monkeypatch.setenv("REFINERS_STRICT_PLUGINS", "1")
+
+    assert main(["plugins"]) == 2
+
+    assert capsys.readouterr().err == (
+        f"refiners: error: refiners plugin t-broken 1.0 (entry point `{broken}`): import failed: "
+        "ModuleNotFoundError: No module named 'refiners_test_dependency_that_does_not_exist'\n"
+    )
+
+
+def test_strict_mode_with_verbose_shows_the_plugin_error_chained_from_the_original(
+    plugin_site: AddPlugin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     plugin_site("t-broken", BROKEN)
     monkeypatch.setenv("REFINERS_STRICT_PLUGINS", "1")
 
-    with pytest.raises(PluginError, match="t-broken"):
-        main(["plugins"])
+    assert main(["--verbose", "plugins"]) == 2
+
+    err = capsys.readouterr().err
+    assert "ModuleNotFoundError: No module named 'refiners_test_dependency_that_does_not_exist'" in err
+    assert f"{PluginError.__module__}.PluginError: refiners plugin t-broken 1.0" in err
 
 
 def test_version_option_prints_the_refiners_core_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -223,3 +245,180 @@ def test_model_demos_run_with_the_demo_options_and_report_their_checks(
         ("t-demo: the t-demo model works", True),
         ("t-demo: a check that fails", False),
     ]
+
+
+FAILING_COMMAND = """
+    import builtins
+    import sys
+    from refiners_core.plugins import hookimpl
+
+    class WeightsProblem(ValueError):
+        pass
+
+    class UserFacing(Exception):
+        pass
+
+    class Escape(BaseException):
+        pass
+
+    OURS = {"WeightsProblem": WeightsProblem, "UserFacing": UserFacing, "Escape": Escape}
+
+    def configure(parser):
+        parser.add_argument("kind")
+        parser.add_argument("message", nargs="?", default="")
+
+    def run(args):
+        if args.kind == "exit":
+            sys.exit(int(args.message))
+        if args.kind == "missing-file":
+            raise FileNotFoundError(2, "No such file or directory", args.message)
+        raise (OURS.get(args.kind) or getattr(builtins, args.kind))(args.message)
+
+    @hookimpl
+    def refiners_register_commands(cli):
+        cli.add_command("t-fail", run, help="Fail as told", configure=configure)
+"""
+
+
+@pytest.fixture
+def failing_command(plugin_site: AddPlugin) -> None:
+    """`refiners t-fail KIND [MESSAGE]` raises KIND(MESSAGE) (`exit N` calls sys.exit(N))."""
+    plugin_site("t-failing", FAILING_COMMAND)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message", "line"),
+    [
+        ("ValueError", "--steps must be at least 1, got 0", "--steps must be at least 1, got 0"),
+        (
+            "WeightsProblem",
+            "x.safetensors: not a\nsafetensors file\n\n  (bad header)",
+            "x.safetensors: not a safetensors file (bad header)",
+        ),
+        ("KeyError", "no model named 'x' is registered", "no model named 'x' is registered"),
+        ("missing-file", "x.safetensors", "[Errno 2] No such file or directory: 'x.safetensors'"),
+        ("RuntimeError", "", "RuntimeError"),
+        ("UserFacing", "the LoRA file names no layer", "the LoRA file names no layer"),
+        (
+            "AttributeError",
+            "'NoneType' object has no attribute 'x'",
+            "AttributeError: 'NoneType' object has no attribute 'x'",
+        ),
+        ("ZeroDivisionError", "division by zero", "ZeroDivisionError: division by zero"),
+        ("GeneratorExit", "", "GeneratorExit"),
+        ("Escape", "out", "out"),
+    ],
+)
+def test_an_exception_escaping_a_command_is_one_error_line_with_exit_code_2(
+    failing_command: None, capsys: pytest.CaptureFixture[str], kind: str, message: str, line: str
+) -> None:
+    assert main(["t-fail", kind, message]) == 2
+
+    assert capsys.readouterr() == ("", f"refiners t-fail: error: {line}\n")
+
+
+def test_a_very_long_error_message_is_cut_on_its_one_line(
+    failing_command: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["t-fail", "ValueError", "bad key; " * 1000]) == 2
+
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("refiners t-fail: error: bad key; bad key;")
+    assert line.endswith("... (cut; `refiners --verbose` shows it whole)")
+    assert len(line) < 600
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_verbose_shows_the_traceback_instead_of_the_error_line(
+    failing_command: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    if how == "environment":
+        monkeypatch.setenv("REFINERS_VERBOSE", "1")
+
+    assert main([*(["--verbose"] if how == "option" else []), "t-fail", "ValueError", "bad\nvalue"]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):\n")
+    assert err.endswith("ValueError: bad\nvalue\n")
+    assert "refiners t-fail: error:" not in err
+
+
+def test_verbose_is_listed_as_a_global_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+
+    assert "--verbose" in capsys.readouterr().out
+
+
+def test_verbose_after_the_command_is_a_usage_error_of_that_command(
+    failing_command: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["t-fail", "ValueError", "x", "--verbose"])
+
+    assert exited.value.code == 2
+    assert "refiners t-fail: error: unrecognized arguments: --verbose" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog"),
+    [
+        (["t-fail"], "refiners t-fail"),
+        (["t-fail", "ValueError", "x", "--unknown"], "refiners t-fail"),
+        (["t-no-such-command"], "refiners"),
+    ],
+)
+def test_usage_errors_keep_the_argparse_format_and_exit_code_2(
+    failing_command: None, capsys: pytest.CaptureFixture[str], argv: list[str], prog: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert err.startswith(f"usage: {prog} ")
+    assert err.splitlines()[-1].startswith(f"{prog}: error: ")
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("code", [0, 1, 4])
+def test_system_exit_raised_by_a_command_keeps_its_code(
+    failing_command: None, capsys: pytest.CaptureFixture[str], code: int
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["t-fail", "exit", str(code)])
+
+    assert exited.value.code == code
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("message", ["", "stop"])
+def test_keyboard_interrupt_in_a_command_exits_130_with_one_line(
+    failing_command: None, capsys: pytest.CaptureFixture[str], message: str
+) -> None:
+    assert main(["t-fail", "KeyboardInterrupt", message]) == 130
+
+    assert capsys.readouterr().err == "refiners t-fail: interrupted\n"
+
+
+KINDS = ["ValueError", "KeyError", "RuntimeError", "WeightsProblem", "UserFacing", "AttributeError", "Escape"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(KINDS), message=st.text(max_size=600))
+def test_any_exception_message_becomes_exactly_one_error_line(
+    failing_command: None, capsys: pytest.CaptureFixture[str], kind: str, message: str
+) -> None:
+    capsys.readouterr()
+
+    assert main(["t-fail", kind, "--", message]) == 2
+
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert err == line + "\n"
+    assert line.startswith("refiners t-fail: error: ")
+    words = " ".join(message.split())
+    if words and len(words) <= 500:
+        assert line.endswith(words)
+    assert len(line) < 600

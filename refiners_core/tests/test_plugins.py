@@ -229,7 +229,7 @@ def test_plugin_command_named_like_a_builtin_command_is_a_conflict(plugin_site: 
     assert loaded.commands["plugins"].help.startswith("List installed plugins")
 
 
-@pytest.mark.parametrize("disable", ["t-off", "T_Off", "off", " other , off "])
+@pytest.mark.parametrize("disable", ["t-off", "T_Off", "off", " t-off , off ,,"])
 def test_disabled_plugins_are_listed_but_not_imported(
     plugin_site: AddPlugin, monkeypatch: pytest.MonkeyPatch, disable: str
 ) -> None:
@@ -245,6 +245,30 @@ def test_disabled_plugins_are_listed_but_not_imported(
     assert (record.status, record.error) == ("disabled", None)
     assert "refiners_test_t_off_plugin" not in sys.modules
     assert "t-on" in loaded.adapters
+
+
+@pytest.mark.parametrize(
+    ("disable", "unknown"),
+    [("nothing-here", ["nothing-here"]), (" off , Typo_Plugin ", ["Typo_Plugin"]), ("a,b,a", ["a", "b"])],
+)
+def test_disabled_names_that_match_no_installed_plugin_are_warned_about(
+    plugin_site: AddPlugin, monkeypatch: pytest.MonkeyPatch, disable: str, unknown: list[str]
+) -> None:
+    plugin_site("t-off", adapter_plugin("t-off"), entry_point="off")
+    monkeypatch.setenv("REFINERS_DISABLE_PLUGINS", disable)
+
+    with pytest.warns(RefinersPluginWarning) as caught:
+        loaded = registry()
+
+    expected = [
+        f"REFINERS_DISABLE_PLUGINS names {name!r}, which matches no installed plugin (installed: t-off; "
+        "use a distribution or entry point name)"
+        for name in unknown
+    ]
+    assert [str(warning.message) for warning in caught] == expected
+    assert list(loaded.warnings) == expected
+    assert caught[0].filename == __file__
+    assert all(record.status != "error" for record in loaded.plugins)
 
 
 def test_strict_mode_raises_plugin_error_chained_from_the_original(plugin_site: AddPlugin) -> None:

@@ -311,7 +311,12 @@ def test_disabled_installed_plugin_is_listed_as_disabled_and_not_imported(instal
 
 def test_strict_mode_makes_the_cli_fail_naming_the_broken_distribution(installed: None) -> None:
     result = refiners("plugins", REFINERS_STRICT_PLUGINS="1")
+    verbose = refiners("--verbose", "plugins", REFINERS_STRICT_PLUGINS="1")
 
-    assert result.returncode == 1
-    assert "PluginError: refiners plugin refiners-test-broken 0.7.1 (entry point `broken = " in result.stderr
-    assert "ModuleNotFoundError" in result.stderr  # the original error is chained
+    assert result.returncode == 2
+    assert result.stderr.startswith("refiners: error: refiners plugin refiners-test-broken 0.7.1 (entry point `broken")
+    assert "ModuleNotFoundError" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert verbose.returncode == 2
+    assert "PluginError: refiners plugin refiners-test-broken 0.7.1" in verbose.stderr
+    assert "Traceback" in verbose.stderr and "ModuleNotFoundError" in verbose.stderr  # the original error is chained

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +14,22 @@ from refiners_core.fluxion import Device
 from refiners_core.state_dicts import load_state_dict_checked
 from refiners_core.weights import SAFETENSORS_SUFFIX, TORCH_SUFFIXES, WeightsError, load_tensors, resolve_path
 from refiners_sam.image_encoder import VIT_B, ImageEncoder, ImageEncoderConfig
+from refiners_sam.inputs import (
+    Box,
+    Boxes,
+    Point,
+    Points,
+    check_boxes,
+    check_image,
+    check_low_res_mask,
+    check_point_count,
+    check_points,
+)
 from refiners_sam.mapping import detect_config, official_mapping
 from refiners_sam.mask_decoder import MaskDecoder
 from refiners_sam.preprocessing import image_to_input, logits_to_image_size
 from refiners_sam.prompt_encoder import MaskEncoder, PointEncoder, PointType
 
-Point = tuple[float, float]
 MASK_THRESHOLD = 0.0
 
 
@@ -91,8 +100,15 @@ class SegmentAnything(fl.Module):
 
     @torch.no_grad()
     def compute_image_embedding(self, image: Image.Image) -> ImageEmbedding:
-        """Encode a PIL image of any size once, for as many `predict` calls as wanted."""
+        """Encode a PIL image once, for as many `predict` calls as wanted.
+
+        Any mode is read by what its pixels mean (`refiners_core.images.to_rgb`: 16-bit and float images scaled by
+        their range, alpha dropped). Raises TypeError for anything but a PIL image, ValueError, before the image is
+        decoded, for one without pixels, over `MAX_IMAGE_PIXELS` (100 megapixels), or more than 2048 times longer
+        than wide (or the reverse; its short side would vanish when resized to 1024).
+        """
         image_size = self.config.image_size
+        check_image(image, image_size)
         pixels, input_size = image_to_input(image, image_size, device=self.device, dtype=self.dtype)
         return ImageEmbedding(self.image_encoder(pixels), (image.height, image.width), input_size)
 
@@ -100,31 +116,50 @@ class SegmentAnything(fl.Module):
     def predict(
         self,
         image: Image.Image | ImageEmbedding,
-        foreground_points: Sequence[Point] | None = None,
-        background_points: Sequence[Point] | None = None,
-        box_points: Sequence[Sequence[Point]] | None = None,
+        foreground_points: Points | None = None,
+        background_points: Points | None = None,
+        box_points: Boxes | None = None,
         low_res_mask: torch.Tensor | None = None,
         multimask_output: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masks for the object the prompts point at: `(masks, scores, low_res_logits)`.
 
-        `image` is a PIL image or what `compute_image_embedding` returned for one. Points are `(x, y)` pixel
-        coordinates in the image, a box is `[(x1, y1), (x2, y2)]` (top left, bottom right); several boxes all
-        describe the one object. `low_res_mask` is a `(1, 1, 256, 256)` logits mask, such as one mask of the
-        `low_res_logits` of a previous call. With `multimask_output`, three candidate masks come back, else one.
+        `image` is a PIL image (checked as `compute_image_embedding` does) or what `compute_image_embedding` returned
+        for one. Points are `(x, y)` pixel coordinates in the image: sequences of pairs or `(N, 2)` arrays or
+        tensors. A box is `[(x1, y1), (x2, y2)]` (top left, bottom right; a `(B, 2, 2)` array for several), and
+        several boxes all describe the one object. `low_res_mask` is a `(1, 1, 256, 256)` float logits mask, such as
+        one mask of the `low_res_logits` of a previous call. With `multimask_output`, three candidate masks come
+        back, else one.
+
+        Every prompt is checked before any work: a point or a box corner outside the image (`0 <= x <= width`,
+        `0 <= y <= height`, edges included) is refused, not clamped, since it is most often `(y, x)` given for
+        `(x, y)`; so are NaN or infinite coordinates, bools, strings, wrongly nested points, a box whose corners
+        are swapped, more than `MAX_PROMPT_POINTS` (1024) points in all, and a `low_res_mask` of another shape, of
+        booleans or with NaN. Raises TypeError or ValueError naming the argument and item (`foreground_points[2]`).
 
         Returns the masks `(1, M, H, W)` as booleans at the image's own size, their predicted IoU `(1, M)` and
-        their logits `(1, M, 256, 256)`. Raises ValueError for a badly shaped box or mask.
+        their logits `(1, M, 256, 256)`.
         """
-        embedding = image if isinstance(image, ImageEmbedding) else self.compute_image_embedding(image)
-        coordinates, labels = self._prompt_points(embedding, foreground_points, background_points, box_points)
+        if not isinstance(image, ImageEmbedding | Image.Image):
+            raise TypeError(f"image must be a PIL.Image.Image or an ImageEmbedding, got {type(image).__name__}")
+        if isinstance(image, Image.Image):
+            check_image(image, self.config.image_size)
+        image_size = image.original_size if isinstance(image, ImageEmbedding) else (image.height, image.width)
+        foreground = check_points(foreground_points, "foreground_points", image_size)
+        background = check_points(background_points, "background_points", image_size)
+        boxes = check_boxes(box_points, "box_points", image_size)
+        check_point_count(len(foreground) + len(background) + 2 * len(boxes))
         grid_size = self.image_encoder.grid_size
+        if low_res_mask is not None:
+            check_low_res_mask(low_res_mask, (1, 1, 4 * grid_size, 4 * grid_size))
+        if not isinstance(multimask_output, bool):
+            raise TypeError(f"multimask_output must be a bool, got {type(multimask_output).__name__}")
+
+        embedding = image if isinstance(image, ImageEmbedding) else self.compute_image_embedding(image)
+        coordinates, labels = self._prompt_points(embedding, foreground, background, boxes)
         if low_res_mask is None:
             dense = self.mask_encoder.no_mask(1, grid_size, grid_size)
         else:
-            expected = (1, 1, 4 * grid_size, 4 * grid_size)
-            if tuple(low_res_mask.shape) != expected:
-                raise ValueError(f"low_res_mask must have shape {expected}, got {tuple(low_res_mask.shape)}")
             dense = self.mask_encoder(low_res_mask.to(device=self.device, dtype=self.dtype))
         positions = self.point_encoder.positional_encoding.grid(grid_size, grid_size)
         self.mask_decoder.set_inputs(embedding.features, positions, dense)
@@ -139,20 +174,18 @@ class SegmentAnything(fl.Module):
     def _prompt_points(
         self,
         embedding: ImageEmbedding,
-        foreground_points: Sequence[Point] | None,
-        background_points: Sequence[Point] | None,
-        box_points: Sequence[Sequence[Point]] | None,
+        foreground_points: list[Point],
+        background_points: list[Point],
+        box_points: list[Box],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coordinates `(1, N, 2)` in the resized image's pixels and labels `(1, N)` of every prompt point."""
+        """Coordinates `(1, N, 2)` in the resized image's pixels and labels `(1, N)` of every (checked) prompt point."""
         points: list[Point] = []
         labels: list[int] = []
         for group, label in ((foreground_points, PointType.FOREGROUND), (background_points, PointType.BACKGROUND)):
-            for point in group or ():
+            for point in group:
                 points.append(point)
                 labels.append(label)
-        for box in box_points or ():
-            if len(box) != 2:
-                raise ValueError(f"a box is two points [(x1, y1), (x2, y2)], got {box!r}")
+        for box in box_points:
             points.extend(box)
             labels.extend((PointType.BOX_TOP_LEFT, PointType.BOX_BOTTOM_RIGHT))
         if points and not box_points:

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from refiners_core.images import to_rgb
+
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -25,8 +27,11 @@ def resized_size(height: int, width: int, long_side: int) -> tuple[int, int]:
 def image_to_input(
     image: Image.Image, image_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The encoder's input `(1, 3, image_size, image_size)` for a PIL image, and the size the image was resized to."""
-    rgb = image.convert("RGB")
+    """The encoder's input `(1, 3, image_size, image_size)` for a PIL image, and the size the image was resized to.
+
+    The image is first made 8-bit RGB by what its pixels mean (`refiners_core.images.to_rgb`).
+    """
+    rgb = to_rgb(image)
     height, width = resized_size(rgb.height, rgb.width, image_size)
     resized = rgb.resize((width, height), Image.Resampling.BILINEAR)
     pixels = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8).view(height, width, 3)

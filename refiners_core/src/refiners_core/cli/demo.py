@@ -147,7 +147,9 @@ def _model_demos(args: argparse.Namespace) -> list[tuple[str, bool]]:
         try:
             results = spec.demo(seed=args.seed, lora_rank=args.rank, output_dir=args.output_dir, quiet=args.quiet)
             checks += [(f"{name}: {description}", bool(passed)) for description, passed in results]
-        except Exception as error:  # a plugin's demo: report whatever it raises as a failed check
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:  # a plugin's demo, sys.exit included: report it as a failed check
             checks.append((f"{name}: the demo raised {type(error).__name__}: {error}", False))
     return checks
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 from refiners_core.plugins import PluginRecord, registry
@@ -16,13 +17,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    records = registry().plugins
+    """Print the table (or the JSON list), then the registry's other warnings (on stderr with `--json`)."""
+    loaded = registry()
+    records = loaded.plugins
     if args.json:
         print(json.dumps([record.to_json() for record in records], indent=2))
-    elif not records:
+        for warning in loaded.warnings:
+            print(f"refiners plugins: warning: {warning}", file=sys.stderr)
+        return 0
+    if not records:
         print("No refiners plugins are installed (entry point group `refiners`).")
     else:
         print(format_table(records))
+    for warning in loaded.warnings:
+        print(f"warning: {warning}")
     return 0
 
 

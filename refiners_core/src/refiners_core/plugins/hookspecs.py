@@ -31,6 +31,12 @@ Rules shared by every hook:
 - Hooks must be quick and free of side effects: no downloads, no reading of weights, no building of
   models, no printing. The plugin module is imported by every `refiners` invocation (`--help` included),
   so keep what it imports to what the specs need.
+- The plugin's import and its hooks run isolated (see `refiners_core.plugins.loader`): anything they raise,
+  `SystemExit` (`sys.exit`, argparse) and other `BaseException`s included, fails this plugin only, with its
+  distribution and error recorded; only `KeyboardInterrupt` propagates. What they print is captured and
+  reported as a warning, never mixed into a command's output. They see `sys.argv` as `[sys.argv[0]]`: the
+  command line belongs to the program loading the plugin, and a plugin reads its options through the
+  parser its command's `configure` receives, never from `sys.argv`.
 """
 
 from __future__ import annotations
@@ -99,6 +105,14 @@ def refiners_register_commands(cli: CommandRegistrar) -> None:
         `configure(parser)` receives the command's own `argparse.ArgumentParser` and only adds arguments
         to it; it is called only when that command is invoked. `run(args)` receives the parsed
         `argparse.Namespace` and returns the exit code (None means 0).
+
+    How a command reports errors: `run` (or `configure`) raises an exception whose message names the thing
+    at fault, e.g. `ValueError("--steps must be at least 1, got 0")` or `FileNotFoundError` naming the path;
+    it does not print the error or exit itself. The CLI prints it as one line on stderr,
+    `refiners NAME: error: MESSAGE` (whitespace collapsed), and exits with code 2; `refiners --verbose NAME`
+    (or `REFINERS_VERBOSE=1`) shows the traceback instead. Ctrl-C exits with code 130. argparse usage errors
+    in the command's own parser keep argparse's format and exit code 2, and a `SystemExit` the command
+    raises keeps its code.
 
     Must not parse `sys.argv`, print, or exit here. A name already taken (by a built-in command such as
     `plugins`, or by another plugin) is reported as a conflict on this plugin.

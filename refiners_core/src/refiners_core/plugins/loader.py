@@ -4,20 +4,35 @@ Each entry point is loaded on its own, in a deterministic order, and each of its
 so a failure is attributed to the right distribution and never stops the others. What a plugin registers is
 collected first and committed only once all its hooks succeeded.
 
+A plugin's code (its import and its hooks) runs isolated from the program that loads it:
+
+- Whatever it raises, `SystemExit` from `sys.exit(0)` or argparse and any other `BaseException` included,
+  fails that plugin only: it is recorded with status "error" and its distribution. `KeyboardInterrupt` alone
+  propagates, so Ctrl-C still interrupts.
+- What it prints to `sys.stdout` or `sys.stderr` is captured, so it can neither corrupt a command's output
+  (`refiners plugins --json`) nor pass for the program's own messages: a plugin that fails has its output
+  summarized in its error, one that loads has it reported as a warning.
+- It sees `sys.argv` reduced to the program name (`[sys.argv[0]]`), restored afterwards: the arguments belong
+  to the program (the `refiners` command, a user's script), so a plugin that parses them at import neither
+  fails on options it does not know nor changes what the program parses.
+
 Environment variables:
 
 - `REFINERS_DISABLE_PLUGINS=a,b`: do not import these plugins (entry point or distribution names); they are
-  listed with status "disabled".
+  listed with status "disabled". A name that matches no installed plugin is warned about.
 - `REFINERS_STRICT_PLUGINS=1`: raise `PluginError` on the first plugin error instead of warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import re
+import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
@@ -48,7 +63,8 @@ Status = Literal["ok", "error", "disabled"]
 
 
 class RefinersPluginWarning(UserWarning):
-    """A plugin failed to load, one of its hooks failed, or it registered a name already taken."""
+    """A plugin failed to load, one of its hooks failed, it registered a name already taken or printed while
+    loading, or `REFINERS_DISABLE_PLUGINS` names no installed plugin."""
 
 
 class PluginError(RuntimeError):
@@ -136,6 +152,9 @@ class Registry:
     generate_options: SpecTable[GenerateOptionSpec]
     """Options of generation commands, by flag (`--lora`)."""
     plugins: tuple[PluginRecord, ...]
+    warnings: tuple[str, ...] = ()
+    """Problems that leave every plugin's status as it is, one line each: a plugin printed while loading, a
+    name in `REFINERS_DISABLE_PLUGINS` matches no installed plugin. They are also warned about."""
 
 
 _cached: Registry | None = None
@@ -186,6 +205,7 @@ class _Loader:
             "generate_options": {},
         }
         self.owners: dict[tuple[str, str], str] = {}  # (kind, name) -> who registered it, for conflict messages
+        self.warnings: list[str] = []
 
     def load_builtin(self, module_name: str) -> None:
         owner = f"refiners-core {_version('refiners-core')} (built-in)"
@@ -195,22 +215,35 @@ class _Loader:
                 self.tables[kind][spec.name] = spec
                 self.owners[kind, spec.name] = owner
 
-    def load_entry_point(self, entry_point: importlib_metadata.EntryPoint, disabled: set[str]) -> PluginRecord:
+    def load_entry_point(self, entry_point: importlib_metadata.EntryPoint, disabled: list[str]) -> PluginRecord:
         distribution, version = _distribution(entry_point)
         ep_text = f"{entry_point.name} = {entry_point.value}"
         record = PluginRecord(distribution, version, ep_text)
-        if entry_point.name in disabled or _normalize(distribution) in disabled:
+        if any(_names(name, entry_point, distribution) for name in disabled):
             return PluginRecord(distribution, version, ep_text, status="disabled")
+        output = io.StringIO()
         try:
-            plugin = entry_point.load()
-        except Exception as error:
-            return self.fail(record, f"import failed: {_describe(error)}", error)
+            with _isolated(output):
+                plugin = entry_point.load()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as error:
+            return self.fail(record, f"import failed: {_describe(error)}{_printed(output)}", error)
         try:
-            collected = self.collect(plugin, f"{distribution}:{entry_point.name}")
+            with _isolated(output):
+                collected = self.collect(plugin, f"{distribution}:{entry_point.name}")
+        except KeyboardInterrupt:
+            raise
         except _HookFailed as error:
-            return self.fail(record, str(error), error.__cause__)
-        except Exception as error:
-            return self.fail(record, _describe(error), error)
+            return self.fail(record, f"{error}{_printed(output)}", error.__cause__)
+        except BaseException as error:
+            return self.fail(record, f"{_describe(error)}{_printed(output)}", error)
+        if output.getvalue().strip():
+            self.warn(
+                f"refiners plugin {distribution} {version} (entry point `{ep_text}`): printed while loading, which "
+                f"plugins must not do (the output was discarded): {_one_line(output.getvalue())}",
+                stacklevel=5,  # warn < load_entry_point < _load < registry < the caller of registry()
+            )
 
         owner = f"{distribution} {version} (entry point `{ep_text}`)"
         registered: dict[str, list[str]] = {kind: [] for kind in self.tables}
@@ -259,7 +292,9 @@ class _Loader:
                     raise ValueError(f"{hook_name}: refiners hooks do not support wrapper hookimpls")
                 try:
                     result = impl.function(**{name: kwargs[name] for name in impl.argnames})
-                except Exception as error:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as error:
                     raise _HookFailed(f"{hook_name} raised {_describe(error)}") from error
                 if result is not None:
                     raise ValueError(f"{hook_name} returned {result!r}; hooks must call their callback and return None")
@@ -268,10 +303,10 @@ class _Loader:
     def fail(self, record: PluginRecord, message: str, error: BaseException | None) -> PluginRecord:
         if self.strict:
             raise _plugin_error(record, message, error)
-        warnings.warn(
+        self.warn(
             f"refiners plugin {record.distribution} {record.version} (entry point `{record.entry_point}`): {message}",
-            RefinersPluginWarning,
-            stacklevel=5,  # fail < load_entry_point < _load < registry < the caller of registry()
+            stacklevel=6,  # warn < fail < load_entry_point < _load < registry < the caller of registry()
+            noted=False,  # the plugin's record holds it
         )
         error_text = message if record.error is None else f"{record.error}; {message}"
         return PluginRecord(
@@ -288,6 +323,12 @@ class _Loader:
             exception=record.exception or error,
         )
 
+    def warn(self, message: str, *, stacklevel: int, noted: bool = True) -> None:
+        """Warn with `RefinersPluginWarning`, and keep `message` for `Registry.warnings` unless `noted=False`."""
+        if noted:
+            self.warnings.append(message)
+        warnings.warn(message, RefinersPluginWarning, stacklevel=stacklevel)
+
 
 class _HookFailed(Exception):
     """A hook implementation raised; the original exception is the cause."""
@@ -299,9 +340,18 @@ def _load(*, strict: bool) -> Registry:
     for module_name in _BUILTIN_PLUGINS:
         loader.load_builtin(module_name)
     disabled = _disabled()
+    entry_points = _entry_points()
     records: list[PluginRecord] = []
-    for entry_point in _entry_points():
+    for entry_point in entry_points:  # a loop, not a comprehension: warnings' stack levels count on it
         records.append(loader.load_entry_point(entry_point, disabled))
+    for name in disabled:
+        if not any(_names(name, entry_point, _distribution(entry_point)[0]) for entry_point in entry_points):
+            installed = ", ".join(sorted({record.distribution for record in records})) or "none"
+            loader.warn(
+                f"{DISABLE_ENV} names {name!r}, which matches no installed plugin "
+                f"(installed: {installed}; use a distribution or entry point name)",
+                stacklevel=4,  # warn < _load < registry < the caller of registry()
+            )
     tables = loader.tables
     return Registry(
         adapters=SpecTable("adapter", tables["adapters"]),
@@ -310,6 +360,7 @@ def _load(*, strict: bool) -> Registry:
         commands=SpecTable("command", tables["commands"]),
         generate_options=SpecTable("generate option", tables["generate_options"]),
         plugins=tuple(records),
+        warnings=tuple(loader.warnings),
     )
 
 
@@ -350,9 +401,39 @@ def _distribution(entry_point: importlib_metadata.EntryPoint) -> tuple[str, str]
     return name or "<unknown distribution>", version or "?"
 
 
-def _disabled() -> set[str]:
-    names = os.environ.get(DISABLE_ENV, "").split(",")
-    return {name.strip() for name in names if name.strip()} | {_normalize(name) for name in names if name.strip()}
+def _disabled() -> list[str]:
+    """The names listed in `REFINERS_DISABLE_PLUGINS`, in order, without duplicates."""
+    names = (name.strip() for name in os.environ.get(DISABLE_ENV, "").split(","))
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def _names(name: str, entry_point: importlib_metadata.EntryPoint, distribution: str) -> bool:
+    """Whether `name`, as written in `REFINERS_DISABLE_PLUGINS`, names this entry point or its distribution."""
+    return entry_point.name in (name, _normalize(name)) or _normalize(name) == _normalize(distribution)
+
+
+@contextlib.contextmanager
+def _isolated(output: io.StringIO) -> Generator[None]:
+    """Run a plugin's code with its prints captured into `output` and `sys.argv` reduced to the program name."""
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            yield
+    finally:
+        sys.argv = argv
+
+
+def _printed(output: io.StringIO) -> str:
+    """`; it printed: ...` with the captured output on one line, or "" if there was none."""
+    text = _one_line(output.getvalue())
+    return f"; it printed: {text}" if text else ""
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """`text` with its whitespace collapsed, cut after `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _normalize(distribution: str) -> str:
