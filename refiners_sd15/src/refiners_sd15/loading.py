@@ -156,6 +156,26 @@ def load_component(
     )
 
 
+def read_component_config(
+    component: ComponentFormat[TConfig],
+    path_or_repo_id: PathOrRepoId,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+) -> TConfig:
+    """The config of a component of a diffusers folder or hub id, read from its `config.json` without its weights.
+
+    `subfolder` defaults to the component's diffusers one. Raises FileNotFoundError naming the component and the
+    folder when there is no `config.json`, and ValueError naming the file and field for an unsupported config.
+    """
+    folder_subpath = component.subfolder if subfolder is None else subfolder
+    config_path = _find(path_or_repo_id, "config.json", subfolder=folder_subpath, revision=revision)
+    if config_path is None:
+        where = f"{os.fspath(path_or_repo_id)}/{folder_subpath}" if folder_subpath else os.fspath(path_or_repo_id)
+        raise FileNotFoundError(f"no {component.name} in {where}: it has no config.json")
+    return _config_from_diffusers(component, config_path)
+
+
 def load_single_file_component(
     model_class: type[TModel],
     component: ComponentFormat[Any],

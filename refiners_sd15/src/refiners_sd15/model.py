@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from PIL import Image
-from tqdm import tqdm
 
-import refiners_core.fluxion as fl
 from refiners_core.module_names import DIFFUSERS, prefixed
-from refiners_core.weights import WeightsError, load_tensors
+from refiners_core.weights import WeightsError, load_tensors, resolve_path
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderL
+from refiners_sd15.latent_diffusion import LatentDiffusionModel
 from refiners_sd15.loading import PathOrRepoId, load_single_file_component
-from refiners_sd15.solvers import DPMSolver, Solver
+from refiners_sd15.solvers import Solver
 from refiners_sd15.unet import SD1UNet
 
 OWN_INDEX = "refiners_sd15.json"
@@ -26,7 +23,25 @@ OWN_FILES = {"unet": "unet.safetensors", "lda": "lda.safetensors", "clip_text_en
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 
 
-class StableDiffusion_1(fl.Module):
+def check_not_sdxl(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> None:
+    """Raise ValueError naming `model_index.json` when a diffusers folder or hub id holds an SDXL pipeline (its
+    components would otherwise fail one by one, on the UNet's added embedding). A folder without one passes."""
+    try:
+        path = resolve_path(path_or_repo_id, "model_index.json", revision=revision)
+    except FileNotFoundError:
+        return
+    try:
+        pipeline: object = json.loads(path.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        raise WeightsError(f"cannot read {path} as a JSON object: {error}") from error
+    if isinstance(pipeline, str) and pipeline.startswith("StableDiffusionXL"):
+        raise ValueError(
+            f"{path}: _class_name is {pipeline!r}, a Stable Diffusion XL model: load it with "
+            "refiners_sdxl.StableDiffusion_XL (the refiners-sdxl package), not StableDiffusion_1"
+        )
+
+
+class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
     """Stable Diffusion 1.5: `unet`, `lda` (the autoencoder) and `clip_text_encoder`, driven by `solver`.
 
     `StableDiffusion_1()` builds the published architecture with random weights; `from_pretrained` reads a
@@ -55,11 +70,12 @@ class StableDiffusion_1(fl.Module):
         solver: Solver | None = None,
         show_progress: bool = True,
     ) -> None:
-        super().__init__()
-        self.solver: Solver = solver if solver is not None else DPMSolver(num_inference_steps=30)
-        self.show_progress = show_progress
-        self.unet = unet if unet is not None else SD1UNet(device=device, dtype=dtype)
-        self.lda = lda if lda is not None else SD1Autoencoder(device=device, dtype=dtype)
+        super().__init__(
+            unet if unet is not None else SD1UNet(device=device, dtype=dtype),
+            lda if lda is not None else SD1Autoencoder(device=device, dtype=dtype),
+            solver=solver,
+            show_progress=show_progress,
+        )
         self.clip_text_encoder = (
             clip_text_encoder if clip_text_encoder is not None else CLIPTextEncoderL(device=device, dtype=dtype)
         )
@@ -73,54 +89,6 @@ class StableDiffusion_1(fl.Module):
             raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
         embeddings = self.clip_text_encoder([*negatives, *texts])
         return embeddings
-
-    @property
-    def steps(self) -> Iterable[int]:
-        """The solver's inference steps, with a tqdm progress bar unless `show_progress` is False."""
-        return tqdm(self.solver.inference_steps, desc="denoising", unit="step", disable=not self.show_progress)
-
-    def init_latents(
-        self,
-        size: tuple[int, int],
-        init_image: Image.Image | None = None,
-        noise: torch.Tensor | None = None,
-        *,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
-    ) -> torch.Tensor:
-        """The latents a denoising run starts from, for an image of `size = (height, width)` pixels.
-
-        `noise` (shape `(1, latent_channels, height / 8, width / 8)`) is drawn when not given, from `generator` or
-        `seed`, on the CPU in the model's dtype as diffusers does: a seed gives the same noise on every device.
-        Without `init_image`, the noise is scaled by the solver's `init_noise_sigma`; with one (resized to `size`),
-        its latents are noised to the level of the solver's `first_inference_step` (image-to-image). Raises
-        ValueError for a size that is not a multiple of 8, a noise of the wrong shape, both a generator and a seed,
-        or a solver that starts later than its first step without an `init_image`.
-        """
-        height, width = size
-        factor = self.lda.downscale_factor
-        if height <= 0 or width <= 0 or height % factor or width % factor:
-            raise ValueError(f"size (height, width) must be positive multiples of {factor}, got {size}")
-        shape = (1, self.lda.config.latent_channels, height // factor, width // factor)
-        if noise is None:
-            if generator is not None and seed is not None:
-                raise ValueError("give init_latents a generator or a seed, not both")
-            if seed is not None:
-                generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape} for size {size}, got {tuple(noise.shape)}")
-        noise = noise.to(device=self.unet.device, dtype=self.unet.dtype)
-        if init_image is None:
-            if self.solver.first_inference_step > 0:
-                raise ValueError(
-                    f"the solver starts at step {self.solver.first_inference_step}: image-to-image needs an init_image"
-                )
-            return noise * self.solver.init_noise_sigma
-        if init_image.size != (width, height):
-            init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
-        latents = self.lda.image_to_latents(init_image).to(dtype=noise.dtype)
-        return self.solver.add_noise(latents, noise, self.solver.first_inference_step)
 
     def forward(
         self, x: torch.Tensor, step: int, *, clip_text_embedding: torch.Tensor, condition_scale: float = 7.5
@@ -197,6 +165,7 @@ class StableDiffusion_1(fl.Module):
             return cls.from_single_file(local, device=device, dtype=dtype)
         if (local / OWN_INDEX).is_file():
             return cls._from_own_folder(local, device=device, dtype=dtype)
+        check_not_sdxl(path_or_repo_id, revision=revision)
         return cls(
             unet=SD1UNet.from_pretrained(
                 path_or_repo_id, device=device, dtype=dtype, variant=variant, revision=revision
