@@ -1,13 +1,14 @@
-"""The published SDXL UNets as `UNetConfig`s: refiners-sd15's dataclass, with SDXL's values.
+"""The published SDXL components as refiners-sd15's config dataclasses, with SDXL's values.
 
-Each is the `unet/config.json` of the published diffusers repository, as `unet_config_from_diffusers` reads it.
-`attention_head_dim` is, as in those files, the number of heads per level (64 channels per head everywhere).
+Each UNet config is the `unet/config.json` of the published diffusers repository, as `unet_config_from_diffusers`
+reads it; `attention_head_dim` is, as in those files, the number of heads per level (64 channels per head).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from refiners_sd15.autoencoder import SD15_AUTOENCODER
 from refiners_sd15.unet import UNetConfig
 
 SDXL_BASE_UNET = UNetConfig(
@@ -47,3 +48,7 @@ embedding, 1280 + 1280 = 2560 features. Its original config (Stability-AI/genera
 SDXL_INPAINTING_UNET = replace(SDXL_BASE_UNET, in_channels=9)
 """The UNet of SDXL inpainting (diffusers/stable-diffusion-xl-1.0-inpainting-0.1, `unet/config.json`): the base
 UNet with latents, mask and masked image latents in, 4 + 1 + 4 channels."""
+
+SDXL_AUTOENCODER = replace(SD15_AUTOENCODER, scaling_factor=0.13025)
+"""The autoencoder of SDXL (stabilityai/stable-diffusion-xl-base-1.0, `vae/config.json`): SD1.5's architecture, with
+latents scaled by 0.13025. The fp16-fixed VAE (madebyollin/sdxl-vae-fp16-fix) has the same config."""
