@@ -12,11 +12,11 @@ import torch
 from refiners_core.module_names import DIFFUSERS, prefixed
 from refiners_core.weights import WeightsError, load_tensors, resolve_path
 from refiners_sd15.autoencoder import SD1Autoencoder
-from refiners_sd15.clip import CLIPTextEncoderL
+from refiners_sd15.clip import TEXT_ENCODER_FORMAT, CLIPTextEncoderL
 from refiners_sd15.latent_diffusion import LatentDiffusionModel
-from refiners_sd15.loading import PathOrRepoId, load_single_file_component
+from refiners_sd15.loading import PathOrRepoId, load_single_file_component, read_component_config
 from refiners_sd15.solvers import Solver
-from refiners_sd15.unet import SD1UNet
+from refiners_sd15.unet import UNET_FORMAT, SD1UNet
 
 OWN_INDEX = "refiners_sd15.json"
 OWN_FILES = {"unet": "unet.safetensors", "lda": "lda.safetensors", "clip_text_encoder": "clip_text_encoder.safetensors"}
@@ -38,6 +38,24 @@ def check_not_sdxl(path_or_repo_id: PathOrRepoId, *, revision: str | None = None
         raise ValueError(
             f"{path}: _class_name is {pipeline!r}, a Stable Diffusion XL model: load it with "
             "refiners_sdxl.StableDiffusion_XL (the refiners-sdxl package), not StableDiffusion_1"
+        )
+
+
+def check_text_width(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> None:
+    """Raise ValueError naming both components and both widths when the UNet of a diffusers folder or hub id does not
+    attend to text as wide as its text encoder gives (e.g. an SD2 UNet, `cross_attention_dim` 1024, next to SD1.5's
+    768-wide CLIP-L), which would otherwise fail only at the first generation. Components without a config.json
+    are not checked here (their defaults are SD1.5's)."""
+    try:
+        unet = read_component_config(UNET_FORMAT, path_or_repo_id, revision=revision)
+        text_encoder = read_component_config(TEXT_ENCODER_FORMAT, path_or_repo_id, revision=revision)
+    except FileNotFoundError:
+        return
+    if unet.cross_attention_dim != text_encoder.embedding_dim:
+        raise ValueError(
+            f"{os.fspath(path_or_repo_id)}: unet attends to {unet.cross_attention_dim}-wide text "
+            f"(unet/config.json cross_attention_dim) but text_encoder gives {text_encoder.embedding_dim}-wide "
+            "embeddings (text_encoder/config.json hidden_size): these components do not belong together"
         )
 
 
@@ -166,6 +184,7 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         if (local / OWN_INDEX).is_file():
             return cls._from_own_folder(local, device=device, dtype=dtype)
         check_not_sdxl(path_or_repo_id, revision=revision)
+        check_text_width(path_or_repo_id, revision=revision)
         return cls(
             unet=SD1UNet.from_pretrained(
                 path_or_repo_id, device=device, dtype=dtype, variant=variant, revision=revision
