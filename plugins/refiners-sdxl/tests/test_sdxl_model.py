@@ -1,6 +1,7 @@
 # pyright: reportPrivateImportUsage=false
 """`StableDiffusion_XL`: loading a diffusers `StableDiffusionXLPipeline` folder, the errors for folders that are not
-an SDXL base, its API, and its denoising loop against diffusers' `StableDiffusionXLPipeline`.
+an SDXL base, its API, and its denoising loop against diffusers' `StableDiffusionXLPipeline` (text-to-image) and
+`StableDiffusionXLImg2ImgPipeline` (image-to-image).
 
 The folder is written by diffusers' `save_pretrained` from small components with random weights (an SDXL-like UNet
 with the `text_time` added embedding, a CLIP-L-like `CLIPTextModel`, a CLIP-G-like `CLIPTextModelWithProjection`, a
@@ -25,9 +26,11 @@ from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from refiners_sd15 import DDIM, DPMSolver, Euler, Solver, StableDiffusion_1
@@ -295,3 +298,42 @@ def test_three_guided_steps_match_stable_diffusion_xl_pipeline(
     assert not torch.allclose(expected, noise, atol=0.1)  # the loop moved the latents
     error, scale = (x - expected).abs().max().item(), expected.abs().max().item()
     assert error <= TOLERANCE * scale, f"{name}: max |ours - diffusers| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
+
+
+@torch.no_grad()
+def test_image_to_image_matches_stable_diffusion_xl_img2img_pipeline(
+    reference: Reference, sdxl: StableDiffusion_XL
+) -> None:
+    """4 DPM steps at strength 0.75: diffusers runs the last 3 from the image's latents noised to the second
+    timestep; ours is a solver with `first_inference_step=1` and `init_latents(..., init_image=image)`."""
+    pixels = torch.randint(0, 256, (SIZE, SIZE, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
+    init_latents = sdxl.lda.image_to_latents(image)
+
+    pipeline = StableDiffusionXLImg2ImgPipeline(**reference.pipeline.components)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(reference.pipeline.scheduler.config)
+    output: Any = pipeline(
+        image=init_latents,  # diffusers takes 4-channel images as latents
+        prompt_embeds=embedding[1:],
+        negative_prompt_embeds=embedding[:1],
+        pooled_prompt_embeds=pooled[1:],
+        negative_pooled_prompt_embeds=pooled[:1],
+        strength=0.75,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(7),
+        output_type="latent",
+    )
+    expected: torch.Tensor = output.images
+
+    sdxl.solver = DPMSolver(num_inference_steps=4, first_inference_step=1, **sdxl.solver_defaults)
+    x = sdxl.init_latents(size=(SIZE, SIZE), init_image=image, seed=7)
+    time_ids = sdxl.time_ids(original_size=(SIZE, SIZE), target_size=(SIZE, SIZE))
+    for step in sdxl.steps:
+        x = sdxl(x, step=step, clip_text_embedding=embedding, pooled_text_embedding=pooled, time_ids=time_ids)
+
+    assert not torch.allclose(expected, init_latents, atol=0.1)
+    error, scale = (x - expected).abs().max().item(), expected.abs().max().item()
+    assert error <= TOLERANCE * scale, f"max |ours - diffusers| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
