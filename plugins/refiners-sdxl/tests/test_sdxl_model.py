@@ -14,7 +14,10 @@ max |reference| for every solver.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,3 +340,47 @@ def test_image_to_image_matches_stable_diffusion_xl_img2img_pipeline(
     assert not torch.allclose(expected, init_latents, atol=0.1)
     error, scale = (x - expected).abs().max().item(), expected.abs().max().item()
     assert error <= TOLERANCE * scale, f"max |ours - diffusers| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
+
+
+def test_save_pretrained_round_trip_keeps_every_weight_config_and_solver_default(
+    sdxl: StableDiffusion_XL, tmp_path: Path
+) -> None:
+    sdxl.save_pretrained(tmp_path / "ours")
+    loaded = StableDiffusion_XL.from_pretrained(tmp_path / "ours")
+
+    assert loaded.unet.config == sdxl.unet.config and loaded.lda.config == sdxl.lda.config
+    assert loaded.clip_text_encoder.text_encoder_l.config == sdxl.clip_text_encoder.text_encoder_l.config
+    assert loaded.clip_text_encoder.text_encoder_g.tokenizer.pad_token_id == 0
+    assert loaded.solver_defaults == sdxl.solver_defaults
+    expected = sdxl.state_dict()
+    assert set(loaded.state_dict()) == set(expected)
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items())
+    assert torch.equal(loaded.compute_clip_text_embedding("a cat")[1], sdxl.compute_clip_text_embedding("a cat")[1])
+
+
+def test_an_sd15_save_pretrained_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "refiners_sd15.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"refiners_sd15\.json: a Stable Diffusion 1\.5 model .*StableDiffusion_1"):
+        StableDiffusion_XL.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_resolves_a_hub_id_from_the_offline_cache(reference: Reference, tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    repository = cache / "models--acme--tiny-sdxl"
+    shutil.copytree(reference.folder, repository / "snapshots" / ("0" * 40))
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text("0" * 40)
+    script = "\n".join(
+        (
+            "from refiners_sdxl import StableDiffusion_XL",
+            'sdxl = StableDiffusion_XL.from_pretrained("acme/tiny-sdxl")',
+            "print(sum(p.numel() for p in sdxl.parameters()), sdxl.solver_defaults['timestep_spacing'])",
+        )
+    )
+    environment = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    expected = sum(p.numel() for p in StableDiffusion_XL.from_pretrained(reference.folder).parameters())
+    assert result.stdout.split()[-2:] == [str(expected), "leading"]

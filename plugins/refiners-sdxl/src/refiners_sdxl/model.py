@@ -3,6 +3,9 @@ drives them with a solver (refiners-sd15's `LatentDiffusionModel`)."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +20,14 @@ from refiners_sdxl.folder import SCHEDULER_DEFAULTS, check_sdxl_components, read
 from refiners_sdxl.unet import SDXLUNet
 
 DEFAULT_SIZE = (1024, 1024)
+OWN_INDEX = "refiners_sdxl.json"
+OWN_FILES = {
+    "unet": "unet.safetensors",
+    "lda": "lda.safetensors",
+    "text_encoder_l": "text_encoder_l.safetensors",
+    "text_encoder_g": "text_encoder_g.safetensors",
+}
+SD15_OWN_INDEX = "refiners_sd15.json"
 
 
 class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
@@ -171,13 +182,22 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
         revision: str | None = None,
     ) -> StableDiffusion_XL:
         """Load from a diffusers `StableDiffusionXLPipeline` folder or hub id: `unet/`, `vae/`, `text_encoder/`,
-        `text_encoder_2/` (and `scheduler/` for the solver's settings; the tokenizers ship with refiners-sd15).
+        `text_encoder_2/` (and `scheduler/` for the solver's settings; the tokenizers ship with refiners-sd15), or
+        from a folder written by `save_pretrained`.
 
         Configs are read and checked before any weight (see `read_sdxl_folder`); weights are memory-mapped and
         every parameter lands on `device` with `dtype`. Raises ValueError naming `model_index.json` for another
         pipeline (SD1.5, the refiner) or the components that do not fit each other, FileNotFoundError naming a
         missing component, WeightsError naming the file, key and layer at fault.
         """
+        local = Path(path_or_repo_id).expanduser()
+        if (local / OWN_INDEX).is_file():
+            return cls._from_own_folder(local, device=device, dtype=dtype)
+        if (local / SD15_OWN_INDEX).is_file():
+            raise ValueError(
+                f"{local / SD15_OWN_INDEX}: a Stable Diffusion 1.5 model saved by StableDiffusion_1.save_pretrained, "
+                "not an SDXL one: load it with StableDiffusion_1"
+            )
         folder = read_sdxl_folder(path_or_repo_id, revision=revision)
         options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "revision": revision}
         return cls(
@@ -188,4 +208,37 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
                 CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options),
             ),
             solver_defaults=folder.solver_defaults,
+        )
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        """Write the four components in our own format (one safetensors file each, its config in the metadata) and
+        `refiners_sdxl.json` (the files and the solver defaults) into `folder`, which `from_pretrained` reads back."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.save(folder / OWN_FILES["unet"])
+        self.lda.save(folder / OWN_FILES["lda"])
+        self.clip_text_encoder.text_encoder_l.save(folder / OWN_FILES["text_encoder_l"])
+        self.clip_text_encoder.text_encoder_g.save(folder / OWN_FILES["text_encoder_g"])
+        index = {"format": "refiners-sdxl", "components": OWN_FILES, "solver_defaults": self.solver_defaults}
+        (folder / OWN_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def _from_own_folder(
+        cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> StableDiffusion_XL:
+        index_path = folder / OWN_INDEX
+        try:
+            index: dict[str, Any] = json.loads(index_path.read_text(encoding="utf-8"))
+            solver_defaults: dict[str, Any] = index["solver_defaults"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{index_path}: cannot read the index written by save_pretrained: {error}") from error
+        files = {name: folder / file for name, file in OWN_FILES.items()}
+        return cls(
+            unet=SDXLUNet.from_pretrained(files["unet"], device=device, dtype=dtype),
+            lda=SD1Autoencoder.from_pretrained(files["lda"], device=device, dtype=dtype),
+            clip_text_encoder=DoubleTextEncoder(
+                CLIPTextEncoderL.from_pretrained(files["text_encoder_l"], device=device, dtype=dtype),
+                CLIPTextEncoderG.from_pretrained(files["text_encoder_g"], device=device, dtype=dtype),
+            ),
+            solver_defaults=solver_defaults,
         )
