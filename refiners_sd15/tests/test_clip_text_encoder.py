@@ -40,6 +40,7 @@ from refiners_sd15.clip.mapping import CLIP_TEXT_IGNORED_KEYS, ldm_clip_text_map
 from refiners_sd15.clip.text_encoder import CLIPTextEncoderL, TokenIds
 from refiners_sd15.clip.tokenizer import CLIPTokenizer
 from refiners_sd15.loading import load_component, load_single_file_component
+from refiners_sd15.testing import open_clip_state_dict
 
 # stabilityai/stable-diffusion-2, text_encoder/config.json (OpenCLIP ViT-H/14's text model).
 SD2_TEXT_ENCODER_CONFIG: dict[str, Any] = {
@@ -560,31 +561,6 @@ def test_with_projection_mapping_is_complete_and_bijective(num_layers: int) -> N
     assert set(transformers_clip_text_mapping(penultimate_l.config).values()) == set(penultimate_l.state_dict())
 
 
-def open_clip_state_dict(model: Any) -> dict[str, torch.Tensor]:
-    """The OpenCLIP text tower of a CLIPTextModelWithProjection, as `conditioner.embedders.1.model.*` of SDXL's
-    single files holds it: fused attention projections, `text_projection` multiplied from the right."""
-    theirs = {key.removeprefix("text_model."): value for key, value in model.state_dict().items()}
-    tensors = {
-        "token_embedding.weight": theirs["embeddings.token_embedding.weight"],
-        "positional_embedding": theirs["embeddings.position_embedding.weight"],
-        "ln_final.weight": theirs["final_layer_norm.weight"],
-        "ln_final.bias": theirs["final_layer_norm.bias"],
-        "text_projection": theirs["text_projection.weight"].t().contiguous(),
-        "logit_scale": torch.tensor(4.6052),
-    }
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    names |= {"self_attn.out_proj": "attn.out_proj"}
-    for index in range(model.config.num_hidden_layers):
-        layer, block = f"encoder.layers.{index}", f"transformer.resblocks.{index}"
-        for param in ("weight", "bias"):
-            for their_name, open_clip_name in names.items():
-                tensors[f"{block}.{open_clip_name}.{param}"] = theirs[f"{layer}.{their_name}.{param}"]
-            tensors[f"{block}.attn.in_proj_{param}"] = torch.cat(
-                [theirs[f"{layer}.self_attn.{name}_proj.{param}"] for name in "qkv"]
-            )
-    return tensors
-
-
 def test_sdxl_single_file_text_encoders_load_and_match_transformers(tmp_path: Path) -> None:
     """`conditioner.embedders.0.transformer.*` (transformers names) and `.1.model.*` (OpenCLIP names, fused q/k/v,
     converted as diffusers' `convert_open_clip_checkpoint` does): heads of 64 dimensions, as the readers assume."""
@@ -594,7 +570,7 @@ def test_sdxl_single_file_text_encoders_load_and_match_transformers(tmp_path: Pa
     config_g = SMALL_G_CONFIG | {"hidden_size": 192, "num_attention_heads": 3, "intermediate_size": 384}
     reference_l = reference_model(config_l, seed=0)
     reference_g = reference_model(config_g, seed=1, model_class=CLIPTextModelWithProjection)
-    open_clip = open_clip_state_dict(reference_g)
+    open_clip = open_clip_state_dict(reference_g.state_dict(), reference_g.config.num_hidden_layers)
     checkpoint = {
         f"conditioner.embedders.0.transformer.{key}": value for key, value in published_state_dict(reference_l).items()
     }
@@ -627,7 +603,7 @@ def test_sdxl_single_file_text_encoders_load_and_match_transformers(tmp_path: Pa
 def test_open_clip_mapping_is_complete_and_splits_without_copying() -> None:
     with torch.device("meta"):
         reference = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(SDXL_TEXT_ENCODER_2_CONFIG))
-    open_clip = open_clip_state_dict(reference)
+    open_clip = open_clip_state_dict(reference.state_dict(), reference.config.num_hidden_layers)
     converted = open_clip_text_tensors(open_clip)
     mapping = open_clip_text_mapping()
     ours = CLIPTextEncoderG(device="meta")

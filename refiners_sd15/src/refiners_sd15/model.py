@@ -211,6 +211,11 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise WeightsError(f"{path}: not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
         tensors = load_tensors(path)
+        sdxl = next((key for key in tensors if key.startswith("conditioner.embedders.")), None)
+        if sdxl is not None:
+            raise ValueError(
+                f"{path}: '{sdxl}' is an SDXL text encoder: load this checkpoint with refiners_sdxl.StableDiffusion_XL"
+            )
         return cls(
             unet=load_single_file_component(
                 SD1UNet, SD1UNet.component_format, source=path, tensors=tensors, device=device, dtype=dtype

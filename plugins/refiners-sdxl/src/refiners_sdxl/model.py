@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from refiners_core.weights import load_tensors
 from refiners_sd15 import SD1Autoencoder
 from refiners_sd15.clip import SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderG, CLIPTextEncoderL, DoubleTextEncoder
 from refiners_sd15.latent_diffusion import LatentDiffusionModel
@@ -17,6 +18,7 @@ from refiners_sd15.loading import PathOrRepoId, load_component
 from refiners_sd15.solvers import DPMSolver, Solver
 from refiners_sdxl.config import SDXL_AUTOENCODER
 from refiners_sdxl.folder import SCHEDULER_DEFAULTS, check_sdxl_components, read_sdxl_folder
+from refiners_sdxl.single_file import load_sdxl_single_file
 from refiners_sdxl.unet import SDXLUNet
 
 DEFAULT_SIZE = (1024, 1024)
@@ -183,7 +185,7 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
     ) -> StableDiffusion_XL:
         """Load from a diffusers `StableDiffusionXLPipeline` folder or hub id: `unet/`, `vae/`, `text_encoder/`,
         `text_encoder_2/` (and `scheduler/` for the solver's settings; the tokenizers ship with refiners-sd15), or
-        from a folder written by `save_pretrained`.
+        from a folder written by `save_pretrained`, or an original single-file checkpoint (`from_single_file`).
 
         Configs are read and checked before any weight (see `read_sdxl_folder`); weights are memory-mapped and
         every parameter lands on `device` with `dtype`. Raises ValueError naming `model_index.json` for another
@@ -191,6 +193,8 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
         missing component, WeightsError naming the file, key and layer at fault.
         """
         local = Path(path_or_repo_id).expanduser()
+        if local.is_file():
+            return cls.from_single_file(local, device=device, dtype=dtype)
         if (local / OWN_INDEX).is_file():
             return cls._from_own_folder(local, device=device, dtype=dtype)
         if (local / SD15_OWN_INDEX).is_file():
@@ -209,6 +213,24 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
             ),
             solver_defaults=folder.solver_defaults,
         )
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> StableDiffusion_XL:
+        """Load an original SDXL base checkpoint (`sd_xl_base_1.0.safetensors`: `model.diffusion_model.*`,
+        `conditioner.embedders.0.*` and `.1.*`, `first_stage_model.*`), each config read from the tensors' shapes
+        (so a scaled-down checkpoint loads too; heads of 64 channels, 256 features per time id and the 0.13025
+        latent scale are SDXL's, as the weights do not store them). Raises ValueError naming the file and key for an
+        SD1.5 checkpoint or a refiner, WeightsError naming the file, key and layer for weights that do not fit."""
+        path = Path(path)
+        tensors = load_tensors(path)
+        unet, lda, clip_text_encoder = load_sdxl_single_file(path, tensors, device=device, dtype=dtype)
+        return cls(unet=unet, lda=lda, clip_text_encoder=clip_text_encoder)
 
     def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
         """Write the four components in our own format (one safetensors file each, its config in the metadata) and
