@@ -9,6 +9,7 @@ sdxl = StableDiffusion_XL.from_pretrained("stabilityai/stable-diffusion-xl-base-
 from refiners_sdxl.config import SDXL_AUTOENCODER, SDXL_BASE_UNET, SDXL_INPAINTING_UNET, SDXL_REFINER_UNET
 from refiners_sdxl.folder import SDXLFolder, check_sdxl_components, read_sdxl_folder
 from refiners_sdxl.model import StableDiffusion_XL
+from refiners_sdxl.single_file import SDXL_AUTOENCODER_FORMAT, check_sdxl_base_checkpoint, load_sdxl_single_file
 from refiners_sdxl.unet import (
     SDXL_UNET_FORMAT,
     SDXLUNet,
@@ -20,6 +21,7 @@ from refiners_sdxl.unet import (
 
 __all__ = [
     "SDXL_AUTOENCODER",
+    "SDXL_AUTOENCODER_FORMAT",
     "SDXL_BASE_UNET",
     "SDXL_INPAINTING_UNET",
     "SDXL_REFINER_UNET",
@@ -29,8 +31,10 @@ __all__ = [
     "StableDiffusion_XL",
     "TextTimeEmbedding",
     "TimeIdsEmbedding",
+    "check_sdxl_base_checkpoint",
     "check_sdxl_components",
     "diffusers_sdxl_unet_mapping",
     "ldm_sdxl_unet_mapping",
+    "load_sdxl_single_file",
     "read_sdxl_folder",
 ]
