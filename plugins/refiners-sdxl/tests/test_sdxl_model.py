@@ -229,6 +229,13 @@ def test_text_encoders_that_do_not_fit_the_unet_are_named_with_their_widths(
         StableDiffusion_XL.from_pretrained(folder)
 
 
+def test_a_refiner_unet_is_refused_naming_the_pooled_width_and_time_ids(reference: Reference, tmp_path: Path) -> None:
+    folder = variant(reference, tmp_path, "refiner_unet")
+    edit_json(folder / "unet" / "config.json", projection_class_embeddings_input_dim=POOLED_DIM + 5 * TIME_ID_DIM)
+    with pytest.raises(ValueError, match=r"added embedding takes 80 features .* \(40\) and 6 time ids .*refiner"):
+        StableDiffusion_XL.from_pretrained(folder)
+
+
 # API
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from refiners_core.weights import resolve_path
 from refiners_sd15.clip import SDXL_TEXT_ENCODER_2_FORMAT, SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderConfig
 from refiners_sd15.loading import PathOrRepoId, read_component_config
 from refiners_sd15.unet import UNetConfig
@@ -95,8 +96,6 @@ def check_sdxl_components(
 
 
 def _check_model_index(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> None:
-    from refiners_core.weights import resolve_path
-
     try:
         path = resolve_path(path_or_repo_id, "model_index.json", revision=revision)
     except FileNotFoundError:
@@ -113,8 +112,6 @@ def _check_model_index(path_or_repo_id: PathOrRepoId, *, revision: str | None) -
 
 
 def _solver_defaults(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> dict[str, Any]:
-    from refiners_core.weights import resolve_path
-
     try:
         path = resolve_path(path_or_repo_id, "scheduler_config.json", subfolder="scheduler", revision=revision)
     except FileNotFoundError:
