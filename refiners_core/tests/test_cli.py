@@ -422,3 +422,36 @@ def test_any_exception_message_becomes_exactly_one_error_line(
     if words and len(words) <= 500:
         assert line.endswith(words)
     assert len(line) < 600
+
+
+NESTED_COMMAND = """
+    from refiners_core.plugins import hookimpl
+
+    def configure(parser):
+        subcommands = parser.add_subparsers(dest="what", required=True)
+        for name in ("lora", "embedding"):
+            sub = subcommands.add_parser(name)
+            sub.set_defaults(command_prog=sub.prog)
+        subcommands.add_parser("plain")
+
+    def run(args):
+        raise ValueError(f"cannot fit a {args.what}")
+
+    @hookimpl
+    def refiners_register_commands(cli):
+        cli.add_command("t-fit", run, help="Fail in a subcommand", configure=configure)
+"""
+
+
+@pytest.mark.parametrize(
+    ("what", "prog"),
+    [("lora", "refiners t-fit lora"), ("embedding", "refiners t-fit embedding"), ("plain", "refiners t-fit")],
+)
+def test_a_subcommand_that_sets_command_prog_is_named_in_its_error_line(
+    plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str], what: str, prog: str
+) -> None:
+    plugin_site("t-nested", NESTED_COMMAND)
+
+    assert main(["t-fit", what]) == 2
+
+    assert capsys.readouterr() == ("", f"{prog}: error: cannot fit a {what}\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,36 @@ def test_a_bad_file_undoes_the_loras_loaded_before_it(tmp_path: Path) -> None:
 def test_the_lora_option_is_registered_for_every_model() -> None:
     spec = registry(reload=True).generate_options["--lora"]
     assert spec.apply is apply_lora_option and spec.metavar == "FILE[:SCALE]" and spec.models is None
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        ("{good}:nan", ValueError, "the scale must be a finite number, got 'nan'"),
+        ("{good}:inf", ValueError, "the scale must be a finite number, got 'inf'"),
+        ("{good}:-1e999", ValueError, "the scale must be a finite number"),
+        ("{good}:strong", ValueError, "'strong' is not a scale"),
+        ("{folder}/missing.safetensors:0.5", FileNotFoundError, "no such file: .*missing.safetensors"),
+        ("{folder}", IsADirectoryError, "is a folder, not a weights file"),
+        ("{folder}/empty.safetensors", ValueError, "empty.safetensors is empty"),
+        ("{folder}/notes.safetensors", ValueError, "neither a safetensors file nor a PyTorch checkpoint"),
+        ("{folder}/pointer.safetensors", ValueError, "git-lfs pointer, not the weights it stands for"),
+        ("{folder}/model.safetensors", ValueError, "not a LoRA file: no key ends in lora_down/lora_up"),
+        ("{folder}/truncated.safetensors:2", ValueError, "truncated.safetensors"),
+    ],
+)
+def test_lora_option_values_are_validated_before_the_model_is_loaded(
+    tmp_path: Path, value: str, error: type[Exception], message: str
+) -> None:
+    good = lora_file(tmp_path / "good.safetensors")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "notes.safetensors").write_text("my favourite LoRAs")
+    (tmp_path / "pointer.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\n")
+    save_file({"Linear_1.weight": torch.randn(4, 4)}, tmp_path / "model.safetensors")
+    (tmp_path / "truncated.safetensors").write_bytes(good.read_bytes()[:-8])
+    validate = registry().generate_options["--lora"].validate
+    assert validate is not None
+    value = value.format(good=good, folder=tmp_path)
+    with pytest.raises(error, match=f"--lora '?{re.escape(value)}'?: .*{message}"):
+        validate([f"{good}:0.5", value])
+    validate([str(good), f"{good}:-0.5"])

@@ -223,6 +223,63 @@ def test_random_text_matches_transformers_tokenizer(tokenizer: CLIPTokenizer, re
     check()
 
 
+def test_random_long_words_match_transformers_tokenizer(tokenizer: CLIPTokenizer, reference: Any) -> None:
+    """The heap byte-pair encoding merges as `tokenizers` does (lowest rank, leftmost first) on long words, and
+    `encode`'s bounded mode gives the reference's first ids, around the 75-token window and past it."""
+    hypothesis = pytest.importorskip("hypothesis")
+    strategies = hypothesis.strategies
+    syllables = ["a", "b", "ab", "ba", "aa", "the", "ing", "er", "ss", "é", "\u0301", "!", "1", "猫", "'s", "-"]
+    word = strategies.lists(strategies.sampled_from(syllables), min_size=1, max_size=400).map("".join)
+
+    @hypothesis.settings(max_examples=150, deadline=None, database=None)
+    @hypothesis.given(strategies.lists(word, min_size=1, max_size=4).map(" ".join), strategies.integers(1, 120))
+    def check(text: str, max_tokens: int) -> None:
+        expected = reference.encode(text, add_special_tokens=False)
+        assert tokenizer.encode(text) == expected
+        assert tokenizer.encode(text, max_tokens=max_tokens) == expected[:max_tokens]
+        assert tokenizer(text).tolist() == _reference_ids(reference, text).tolist()
+
+    check()
+
+
+HUGE_PROMPTS = {
+    "one 1 MB word": "ab" * 500_000,
+    "1 MB of combining marks": "a" + "\u0301\u0316" * 500_000,  # quadratic in CPython's NFC as a whole
+    "1 MB of punctuation": "!?" * 500_000,
+    "a million words": "cat " * 1_000_000,
+    "a long word after 70 short ones": "cat " * 70 + "xy" * 500_000,
+}
+
+
+@pytest.mark.parametrize("prompt", HUGE_PROMPTS.values(), ids=HUGE_PROMPTS.keys())
+def test_huge_prompts_tokenize_in_bounded_time(tokenizer: CLIPTokenizer, prompt: str) -> None:
+    """Only what the 77-token window can hold is normalized and byte-pair encoded: each of these took minutes when the
+    whole text was encoded (byte-pair encoding was quadratic in the length of a word). A generous 10 s alarm, for a
+    loaded machine: it takes well under a second."""
+    signal = pytest.importorskip("signal")
+    if not hasattr(signal, "setitimer"):
+        pytest.skip("needs signal.setitimer")
+
+    def timeout(signum: int, frame: object) -> None:
+        raise TimeoutError("tokenizing took more than 10 s")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.setitimer(signal.ITIMER_REAL, 10.0)
+    try:
+        ids = tokenizer(prompt)
+        count = tokenizer.count_tokens(prompt, limit=1000)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert ids.shape == (1, 77) and ids[0, -1] == 49407 != ids[0, -2]
+    assert count == 1000
+
+
+def test_huge_word_keeps_the_reference_first_tokens(tokenizer: CLIPTokenizer, reference: Any) -> None:
+    for prompt in ["ab" * 20_000, "a" * 30_000, "cat " * 70 + "xy" * 20_000]:
+        assert tokenizer(prompt).tolist() == _reference_ids(reference, prompt).tolist()
+
+
 def _has_unicode_subtleties(code_point: int) -> bool:
     """Whether the module's Unicode tables name `code_point`, or this Python's `unicodedata` gives it a combining
     class, a decomposition, a case mapping or a category other than letter, number, unassigned and private use."""

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from controlnet_references import SMALL_CONTROLNET_CONFIG, SMALL_UNET_CONFIG, reference_controlnet
@@ -114,3 +115,55 @@ def test_a_bad_option_value_leaves_the_model_unchanged(files: tuple[Path, Path],
     with pytest.raises(TypeError, match="needs a Stable Diffusion 1.5 model"):
         apply(SimpleNamespace(), [f"{folder}:{image}"])
     assert list(model.unet) == layers
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{folder}:{image}:nan", "the scale must be a finite number, got 'nan'"),
+        ("{folder}:{image}:inf", "the scale must be a finite number"),
+        ("{folder}:{missing}", "no image at"),
+        ("{folder}:{folder}", "cannot read the image"),
+        ("{image}:{image}", "edges.png is neither a safetensors file nor a PyTorch checkpoint"),
+        ("{empty}:{image}", "has no config.json"),
+        ("{no_weights}:{image}", "has no diffusion_pytorch_model.safetensors \\(or .bin\\) weights"),
+        ("{pointer}:{image}", "is a git-lfs pointer"),
+        ("./no/such/folder:{image}", "neither a local file or folder nor a hub id"),
+        ("{folder}:{wide}", "is 8x9000: each side must be at most 8192"),
+    ],
+)
+def test_option_values_are_validated_before_the_model_is_loaded(
+    files: tuple[Path, Path], tmp_path: Path, value: str, message: str
+) -> None:
+    folder, image = files
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "config.json").write_text("{}")
+    (tmp_path / "pointer").mkdir()
+    (tmp_path / "pointer" / "config.json").write_text("{}")
+    (tmp_path / "pointer" / "diffusion_pytorch_model.safetensors").write_text("version https://git-lfs.github.com/x")
+    Image.new("L", (8, 9000)).save(tmp_path / "wide.png")
+    value = value.format(
+        folder=folder,
+        image=image,
+        missing=tmp_path / "missing.png",
+        empty=tmp_path / "empty",
+        wide=tmp_path / "wide.png",
+        no_weights=tmp_path / "no_weights",
+        pointer=tmp_path / "pointer",
+    )
+    validate = registry().generate_options["--controlnet"].validate
+    assert validate is not None
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        validate([f"{folder}:{image}", value])
+    saved = tmp_path / "controlnet.safetensors"
+    ControlNet.from_pretrained(folder, subfolder="").save(saved)
+    validate([f"{folder}:{image}:0.5", "lllyasviel/sd-controlnet-canny:" + str(image), f"{saved}:{image}"])
+
+
+def test_conditioning_images_are_read_by_meaning() -> None:
+    """A 16-bit white image is white and a float one in [0, 1] scaled, not clipped to white or black."""
+    white = image_to_condition(Image.new("RGB", (8, 8), (255, 255, 255)))
+    assert torch.equal(image_to_condition(Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))), white)
+    grey = image_to_condition(Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)))
+    assert torch.allclose(grey, torch.full_like(grey, 128 / 255))

@@ -209,6 +209,22 @@ def test_adapter_misuse_raises_clear_errors(unet: SD1UNet, controlnets: tuple[Co
         ControlNetAdapter(fl.Chain(), controlnets[0])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), float("-inf"), "1.0x"])
+def test_a_scale_or_condition_that_is_not_finite_is_refused(
+    unet: SD1UNet, controlnets: tuple[ControlNet, ControlNet], scale: object
+) -> None:
+    with pytest.raises(ValueError, match="ControlNet scale must be a finite number"):
+        ControlNetAdapter(unet, controlnets[0], scale=scale)  # type: ignore[arg-type]
+    adapter = ControlNetAdapter(unet, controlnets[0], scale=0.5)
+    with pytest.raises(ValueError, match="ControlNet scale must be a finite number"):
+        adapter.scale = scale  # type: ignore[assignment]
+    assert adapter.scale == 0.5
+    condition = torch.rand(1, 3, 64, 64)
+    condition[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="the ControlNet condition has 1 NaN and 0 infinite values out of 12288"):
+        adapter.set_condition(condition)
+
+
 def test_a_condition_of_another_size_is_resized_to_the_generated_size(
     unet: SD1UNet, controlnets: tuple[ControlNet, ControlNet]
 ) -> None:

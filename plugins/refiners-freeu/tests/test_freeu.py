@@ -231,3 +231,23 @@ def test_fourier_filter_scales_the_lowest_frequencies_only() -> None:
     two_by_two = torch.randn(1, 2, 2, 2)  # the window covers the whole spectrum
     assert torch.allclose(FourierFilter(0.5)(two_by_two), 0.5 * two_by_two, atol=1e-6)
     assert FourierFilter(0.5)(x.half()).dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    ("scales", "message"),
+    [
+        ({"s1": float("nan")}, "FreeU s1 must be a finite number, got nan"),
+        ({"b2": float("inf")}, "FreeU b2 must be a finite number, got inf"),
+        ({"s2": float("-inf"), "b1": 1.0}, "FreeU s2 must be a finite number"),
+        ({"b1": "strong"}, "FreeU b1 must be a finite number, got 'strong'"),
+    ],
+)
+def test_factors_that_are_not_finite_are_refused_and_change_nothing(
+    small_unet: SD1UNet, scales: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        FreeU(small_unet, **scales)
+    freeu = FreeU(small_unet)
+    with pytest.raises(ValueError, match=message):
+        freeu.set_scales(**scales)
+    assert freeu.scales == SD15_SCALES

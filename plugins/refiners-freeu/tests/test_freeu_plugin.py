@@ -60,3 +60,25 @@ def test_freeu_option_injects_freeu_into_the_unet() -> None:
     assert (adapters[-1].skip_scale, adapters[-1].backbone_scale) == (0.4, 1.3)
     with pytest.raises(ValueError, match="given 2 times"):
         apply_freeu_option(SimpleNamespace(unet=small_unet()), ["default", "default"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["nan,0.4,1.1,1.3"], "S1 must be a finite number, got 'nan'"),
+        (["0.6,inf,1.1,1.3"], "S2 must be a finite number, got 'inf'"),
+        (["0.6,0.4,-inf,1.3"], "B1 must be a finite number"),
+        (["0.6,0.4,1.1,1e999"], "B2 must be a finite number"),
+        (["0.6,0.4"], "expected four comma-separated numbers"),
+        (["default", "default"], "--freeu is given 2 times"),
+    ],
+)
+def test_freeu_option_is_validated_before_the_model_is_loaded(values: list[str], message: str) -> None:
+    validate = registry().generate_options["--freeu"].validate
+    assert validate is not None
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        validate(values)
+    model = SimpleNamespace(unet=small_unet())
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        apply_freeu_option(model, values)
+    assert not list(model.unet.layers(FreeUAdapter))

@@ -5,22 +5,26 @@ in diffusers with equal outputs, a resumed run and a 2-process torchrun run repr
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from training_references import RED, toml_config, write_colour_patches, write_small_sd15
 
 from refiners_core.cli import main
 from refiners_lora import LoraManager
-from refiners_sd15 import DDIM, StableDiffusion_1
-from refiners_training import TrainingConfig, TrainingResult, train_lora
+from refiners_sd15 import DDIM, CLIPTokenizer, StableDiffusion_1
+from refiners_training import CheckpointError, TrainingConfig, TrainingResult, train_lora
 from refiners_training import trainer as trainer_module
 
 PROMPT = "a red square"
@@ -297,3 +301,314 @@ def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_
     assert expected.keys() == distributed.keys()
     for key in expected:
         assert torch.allclose(distributed[key], expected[key], atol=1e-5, rtol=1e-5), key
+
+
+def copy_run(folders: dict[str, Path], source: str, name: str, **sections: object) -> tuple[Path, TrainingConfig]:
+    """A copy of run `source`'s checkpoints and log (not its exports), configured as `name` with SMALL_RUN's keys."""
+    path, config = load_config(folders, name, **{**SMALL_RUN, **sections})  # pyright: ignore[reportArgumentType]
+    shutil.copytree(folders["root"] / source, config.training.output_dir)
+    for export in config.training.output_dir.glob("*.safetensors"):
+        export.unlink()
+    return path, config
+
+
+def edit_weights(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        tensors = load_file(folder / trainer_module.LORA_WEIGHTS)
+        edit(tensors)
+        save_file(tensors, folder / trainer_module.LORA_WEIGHTS)
+
+    return damage
+
+
+def edit_state(edit: Callable[[dict[str, Any]], object]) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        state = torch.load(folder / trainer_module.TRAINING_STATE, weights_only=True)
+        torch.save(edit(state), folder / trainer_module.TRAINING_STATE)
+
+    return damage
+
+
+def cut(name: str, keep: float) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: int(len(data) * keep)])
+
+    return damage
+
+
+def write_text(name: str, text: str) -> Callable[[Path], None]:
+    def damage(folder: Path) -> None:
+        (folder / name).write_text(text, encoding="utf-8")
+
+    return damage
+
+
+def first_key(tensors: dict[str, torch.Tensor]) -> str:
+    return sorted(tensors)[0]
+
+
+def drop_first(tensors: dict[str, torch.Tensor]) -> None:
+    del tensors[first_key(tensors)]
+
+
+def nan_first(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[first_key(tensors)].fill_(float("nan"))
+
+
+def moment(state: dict[str, Any], value: torch.Tensor) -> dict[str, Any]:
+    state["optimizer"]["state"][0]["exp_avg"] = value
+    return state
+
+
+def param_group(state: dict[str, Any], **values: object) -> dict[str, Any]:
+    state["optimizer"]["param_groups"][0].update(values)
+    return state
+
+
+WEIGHTS, STATE = "lora_weights\\.safetensors", "training_state\\.pt"
+DAMAGES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "weights truncated": (cut(trainer_module.LORA_WEIGHTS, 0.5), f"cannot read .*step-000004/{WEIGHTS}"),
+    "weights empty": (cut(trainer_module.LORA_WEIGHTS, 0.0), f"cannot read .*step-000004/{WEIGHTS}"),
+    "weights missing": (lambda f: (f / trainer_module.LORA_WEIGHTS).unlink(), f"step-000004 is incomplete: {WEIGHTS}"),
+    "weights lack a key": (
+        edit_weights(drop_first),
+        f"{WEIGHTS} does not fit the configured LoRA .*1 weight\\(s\\) missing",
+    ),
+    "weights of another rank": (
+        edit_weights(lambda t: t.update({k: torch.zeros(3, *v.shape[1:]) for k, v in t.items() if ".down." in k})),
+        f"{WEIGHTS}: '.*down.*' has shape \\(3, .*\\), the configured LoRA \\(lora.rank = 2\\) needs \\(2, ",
+    ),
+    "weights NaN": (
+        edit_weights(nan_first),
+        f"{WEIGHTS}: '.*' holds non-finite values",
+    ),
+    "weights integers": (
+        edit_weights(lambda t: t.update({first_key(t): t[first_key(t)].long()})),
+        f"{WEIGHTS}: '.*' is torch.int64, expected torch.float32",
+    ),
+    "state truncated": (cut(trainer_module.TRAINING_STATE, 0.7), f"cannot read .*step-000004/{STATE}"),
+    "state empty": (cut(trainer_module.TRAINING_STATE, 0.0), f"cannot read .*step-000004/{STATE}"),
+    "state lacks a key": (
+        edit_state(lambda s: {k: v for k, v in s.items() if k != "optimizer"}),
+        f"{STATE} is incomplete: it lacks 'optimizer'",
+    ),
+    "state is a list": (edit_state(lambda s: [1, 2]), f"{STATE} is not a training state"),
+    "state of another step": (edit_state(lambda s: s | {"step": 3}), f"{STATE}: 'step' is 3, but .* step 4"),
+    "state with an infinite moment": (
+        edit_state(lambda s: moment(s, torch.full_like(s["optimizer"]["state"][0]["exp_avg"], float("inf")))),
+        f"{STATE}: 'optimizer.state.0.exp_avg' holds non-finite values",
+    ),
+    "state with a moment of another shape": (
+        edit_state(lambda s: moment(s, torch.zeros(3))),
+        f"{STATE}: optimizer 'exp_avg' of parameter 0 has shape \\(3,\\)",
+    ),
+    "state of another schedule": (
+        edit_state(lambda s: s | {"scheduler": s["scheduler"] | {"last_epoch": 7}}),
+        f"{STATE}: 'scheduler' is not the learning-rate schedule of step 4",
+    ),
+    "state with a learning rate that is text": (
+        edit_state(lambda s: param_group(s, lr="fast")),
+        f"{STATE}: 'optimizer' holds no valid AdamW parameter groups",
+    ),
+    "state is JSON text": (write_text(trainer_module.TRAINING_STATE, '{"step": 4}'), f"cannot read .*{STATE}"),
+    "state with a NaN learning rate": (
+        edit_state(lambda s: s | {"scheduler": s["scheduler"] | {"base_lrs": [float("nan")]}}),
+        f"{STATE}: 'scheduler.base_lrs.0' holds non-finite values",
+    ),
+    "latest is a huge file": (
+        write_text("../latest", "step-000004" * 1_000_000),
+        "checkpoints/latest names checkpoint 'step-000004step-000004.*', which is not a checkpoint folder",
+    ),
+    "latest missing": (
+        lambda f: (f.parent / "latest").unlink(),
+        "checkpoints/latest is missing, but .*checkpoints holds checkpoints \\(step-000004 the newest\\)",
+    ),
+    "latest names no checkpoint": (
+        write_text("../latest", "../../etc\n"),
+        "checkpoints/latest names checkpoint '../../etc', which is not a checkpoint folder",
+    ),
+}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+NEEDS_THE_MODEL = {
+    "weights lack a key",
+    "weights of another rank",
+    "weights integers",
+    "state with a moment of another shape",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_resuming_from_a_damaged_checkpoint_is_refused_naming_the_file(
+    straight_run: TrainingResult,
+    folders: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    damage: str,
+) -> None:
+    path, config = copy_run(folders, "straight", f"damaged-{damage.replace(' ', '-')}")
+    checkpoints = config.training.output_dir / "checkpoints"
+    damage_checkpoint, message = DAMAGES[damage]
+    damage_checkpoint(checkpoints / "step-000004")
+    before = snapshot(config.training.output_dir)
+    loads: list[object] = []
+
+    class CountingLoads(StableDiffusion_1):
+        @classmethod
+        def from_pretrained(cls, *args: Any, **kwargs: Any) -> StableDiffusion_1:
+            loads.append(args)
+            return StableDiffusion_1.from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "StableDiffusion_1", CountingLoads)
+    with pytest.raises(CheckpointError, match=message) as error:
+        train_lora(config, resume=True)
+    assert "--resume --fallback" in str(error.value)  # step-000002 is still there
+    assert main(["train", "lora", str(path), "--resume"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("refiners train lora: error: ") and re.search(message, line), line
+    assert snapshot(config.training.output_dir) == before  # the run's files are left as they were
+    # Only what depends on the LoRA's shapes waits for the model: anything else is found before it loads.
+    assert len(loads) == (2 if damage in NEEDS_THE_MODEL else 0), loads
+
+
+@pytest.mark.parametrize(
+    ("damage", "resumed_from"),
+    [
+        ("weights truncated", "step-000002"),
+        ("state with an infinite moment", "step-000002"),
+        ("latest names no checkpoint", "step-000004"),  # the newest folder is complete: only the pointer is damaged
+        ("latest missing", "step-000004"),
+    ],
+)
+def test_resume_with_fallback_goes_on_from_the_newest_checkpoint_that_loads(
+    straight_run: TrainingResult,
+    folders: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+    resumed_from: str,
+) -> None:
+    path, config = copy_run(folders, "straight", f"fallback-{damage.replace(' ', '-')}")
+    checkpoints = config.training.output_dir / "checkpoints"
+    damage_checkpoint, message = DAMAGES[damage]
+    damage_checkpoint(checkpoints / "step-000004")
+    with caplog.at_level(logging.WARNING, logger="refiners_training.trainer"):
+        assert main(["train", "lora", str(path), "--resume", "--fallback"]) == 0
+    assert re.search(message, caplog.text) and f"resuming from checkpoint {resumed_from}" in caplog.text
+    assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())
+    expected, resumed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    assert all(torch.equal(resumed[key], expected[key]) for key in expected)  # step 4 written anew, whole
+    assert (checkpoints / "latest").read_text().strip() == "step-000004"
+
+
+def test_damaged_log_lines_are_dropped_when_a_run_resumes(
+    straight_run: TrainingResult, folders: dict[str, Path]
+) -> None:
+    path, config = copy_run(folders, "straight", "damaged-log")
+    log = config.training.output_dir / "log.jsonl"
+    damaged = [b'{"step": "x"}', b'{"step": NaN}', b"[" * 100_000, b'{"step": 1, "loss": 0.\xff', b'{"ste', b"[]"]
+    log.write_bytes(b"\n".join([*log.read_bytes().splitlines(), *damaged]) + b"\n")
+    assert main(["train", "lora", str(path), "--resume"]) == 0  # at max_steps already: exports only
+    assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())
+
+
+def test_resume_with_fallback_and_no_checkpoint_that_loads_names_each_one(
+    straight_run: TrainingResult, folders: dict[str, Path]
+) -> None:
+    _, config = copy_run(folders, "straight", "all-damaged")
+    checkpoints = config.training.output_dir / "checkpoints"
+    DAMAGES["weights NaN"][0](checkpoints / "step-000004")
+    DAMAGES["state empty"][0](checkpoints / "step-000002")
+    with pytest.raises(CheckpointError, match=r"no checkpoint of .* loads: step-000004: .*non-finite.*; step-000002"):
+        train_lora(config, resume=True, fallback=True)
+
+
+@pytest.mark.parametrize(
+    ("cause", "message", "kept"),
+    [
+        ("a NaN loss at step 3", r"the loss of step 3 is nan: .*the latest checkpoint, step-000002, is kept", 2),
+        ("an infinite loss at step 1", r"the loss of step 1 is inf: .*\(no checkpoint was written\)", 0),
+        ("NaN gradients at step 2", r"the gradients of step 2 are not finite .*checkpoint, step-000001, is kept", 1),
+        ("an infinite weight", r"the LoRA weight '.*' is not finite at step 1: .*without writing", 0),
+    ],
+)
+def test_a_non_finite_loss_or_weight_stops_the_run_and_never_reaches_a_file(
+    folders: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    cause: str,
+    message: str,
+    kept: int,
+) -> None:
+    training = {**SMALL_RUN["training"], "checkpoint_every": 1}
+    path, config = load_config(folders, f"nan-{cause.replace(' ', '-')}", **{**SMALL_RUN, "training": training})  # pyright: ignore[reportArgumentType]
+    mse_loss, calls = trainer_module.F.mse_loss, [0]
+    first_bad_call = {"a NaN loss at step 3": 5, "NaN gradients at step 2": 3}.get(cause, 1)  # 2 passes per step
+
+    def diverging(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        loss = mse_loss(prediction, target)
+        if calls[0] < first_bad_call:
+            return loss
+        if cause == "NaN gradients at step 2":  # a finite loss whose gradient is NaN (0 times the sqrt of -1)
+            never = torch.where(prediction > 1e30, (-1 - prediction.abs()).sqrt(), torch.zeros_like(prediction))
+            return loss + never.sum()
+        return loss * (float("nan") if cause == "a NaN loss at step 3" else float("inf"))
+
+    optimizer_step = trainer_module._Run._optimizer_step  # pyright: ignore[reportPrivateUsage]
+
+    def overflowing(run: trainer_module._Run) -> float:  # pyright: ignore[reportPrivateUsage]
+        loss = optimizer_step(run)  # as an optimizer step that overflows would leave the weights
+        next(iter(run.parameters.values())).data.fill_(float("inf"))
+        return loss
+
+    if cause == "an infinite weight":
+        monkeypatch.setattr(trainer_module._Run, "_optimizer_step", overflowing)  # pyright: ignore[reportPrivateUsage]
+    else:
+        monkeypatch.setattr(trainer_module.F, "mse_loss", diverging)
+    assert main(["train", "lora", str(path)]) == 2
+    error = capsys.readouterr().err
+    last_line = error.strip().splitlines()[-1]  # after the progress bar
+    assert last_line.startswith("refiners train lora: error: ") and re.search(message, last_line), error
+    output = config.training.output_dir
+    checkpoints = (
+        sorted(p.name for p in (output / "checkpoints").iterdir()) if (output / "checkpoints").exists() else []
+    )
+    assert checkpoints == (["latest", *(f"step-{step:06d}" for step in range(1, kept + 1))] if kept else [])
+    assert not list(output.glob("*.safetensors"))  # no export
+    if cause != "an infinite weight":  # whose step logged its (finite) loss
+        assert len(logged_losses(output)) == kept  # the failing step is not logged
+    if kept:
+        assert (output / "checkpoints" / "latest").read_text().strip() == f"step-{kept:06d}"
+        weights = load_file(output / "checkpoints" / f"step-{kept:06d}" / "lora_weights.safetensors")
+        assert all(bool(torch.isfinite(tensor).all()) for tensor in weights.values())
+        assert main(["train", "lora", str(path), "--resume"]) == 2  # resumes, then stops at the same step
+        assert len(logged_losses(output)) == kept
+
+
+def test_captions_and_evaluation_prompts_are_tokenized_once_per_run(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts: list[object] = []
+    tokenize = CLIPTokenizer.forward
+
+    def counting(tokenizer: CLIPTokenizer, text: str | list[str]) -> torch.Tensor:
+        texts.append(text)
+        return tokenize(tokenizer, text)
+
+    monkeypatch.setattr(CLIPTokenizer, "forward", counting)
+    training = {**SMALL_RUN["training"], "max_steps": 3, "checkpoint_every": 1, "lr_warmup_steps": 0}
+    prompts = ["a red square", "a blue circle"]
+    _, config = load_config(
+        folders,
+        "tokenized-once",
+        **{**SMALL_RUN, "training": training, "evaluation": {"prompts": prompts, "steps": 1}},  # pyright: ignore[reportArgumentType]
+    )
+    train_lora(config)
+    assert [text for text in texts if isinstance(text, list)] == [["", prompt] for prompt in prompts]
+    assert texts.count("a red square") == 3  # one per image, however many steps and checkpoints
+    assert (config.training.output_dir / "samples" / "step-000003" / "01.png").is_file()

@@ -8,8 +8,11 @@ from pathlib import Path
 from torch import nn
 
 import refiners_core.fluxion as fl
+from refiners_core.checks import check_finite, check_weights_file
 from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
+from refiners_core.weights import WeightsError, load_tensors
 from refiners_lora.adapter import LoraAdapter
+from refiners_lora.formats import parse_lora, read_metadata
 from refiners_lora.manager import LoraManager
 
 
@@ -33,6 +36,7 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
             apply=apply_lora_option,
             help="load a LoRA file (kohya, diffusers / PEFT or refiners keys) with an optional scale; repeatable",
             metavar="FILE[:SCALE]",
+            validate=validate_lora_option,
         )
     )
 
@@ -41,17 +45,33 @@ def parse_lora_option(value: str) -> tuple[Path, float]:
     """`FILE[:SCALE]` -> (path, scale); the scale defaults to 1.
 
     A colon followed by something that is not a number belongs to the path when it is a drive letter
-    (`C:\\loras\\style.safetensors`). Raises ValueError naming the value otherwise.
+    (`C:\\loras\\style.safetensors`). Raises ValueError naming the value otherwise, or for a NaN or infinite scale.
     """
     head, colon, tail = value.rpartition(":")
     if not colon or Path(value).exists():
         return Path(value), 1.0
     try:
-        return Path(head), float(tail)
+        float(tail)
     except ValueError:
         if len(head) == 1 and head.isalpha():
             return Path(value), 1.0
         raise ValueError(f"--lora {value!r}: {tail!r} is not a scale (expected FILE or FILE:SCALE)") from None
+    return Path(head), check_finite(f"--lora {value!r}: the scale", tail)
+
+
+def validate_lora_option(values: list[str]) -> None:
+    """Check every `--lora FILE[:SCALE]` before the model is loaded: a finite scale, a readable safetensors file or
+    PyTorch checkpoint (by its first bytes) whose keys are those of a LoRA format `parse_lora` knows.
+
+    Raises ValueError (WeightsError for the file's content), FileNotFoundError or PermissionError naming the value.
+    """
+    for value in values:
+        path, _ = parse_lora_option(value)
+        check_weights_file(f"--lora {value}", path)
+        try:
+            parse_lora(load_tensors(path), str(path), read_metadata(path))
+        except (OSError, ValueError) as error:
+            raise WeightsError(f"--lora {value}: {error}") from error
 
 
 def apply_lora_option(model: nn.Module, values: list[str]) -> None:

@@ -19,6 +19,14 @@ from refiners_sd15.clip import (
     DoubleTextEncoder,
 )
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
+from refiners_sd15.latent_diffusion import (
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    LatentDiffusionModel,
+    check_image_size,
+    check_input_image,
+)
 from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import DDIM, DPMSolver, Euler, Solver
 from refiners_sd15.unet import SD15_INPAINTING_UNET, SD15_UNET, SD1UNet, UNetConfig
@@ -33,6 +41,9 @@ __all__ = [
     "CLIP_TEXT_L",
     "CLIP_TEXT_L_PENULTIMATE",
     "DDIM",
+    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_SIDE",
+    "MAX_SEED",
     "SD15_AUTOENCODER",
     "SD15_INPAINTING_UNET",
     "SD15_UNET",
@@ -42,6 +53,7 @@ __all__ = [
     "CLIPTextEncoderL",
     "CLIPTokenizer",
     "DPMSolver",
+    "LatentDiffusionModel",
     "DoubleTextEncoder",
     "Euler",
     "SD1Autoencoder",
@@ -51,4 +63,6 @@ __all__ = [
     "StableDiffusion_1_Inpainting",
     "UNetConfig",
     "__version__",
+    "check_image_size",
+    "check_input_image",
 ]

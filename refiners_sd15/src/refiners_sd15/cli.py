@@ -5,24 +5,54 @@
 
 `--init-image` (with `--strength`) starts from an image, `--mask` (white: what to repaint) inpaints it with an
 inpainting checkpoint. Plugins add options through the `refiners_register_generate_options` hook (refiners-lora
-adds `--lora FILE[:SCALE]`); they are applied to the model once it is loaded.
+adds `--lora FILE[:SCALE]`); they are validated right after parsing and applied to the model once it is loaded.
+
+Everything that can be checked without the model is checked before it is loaded (`check_arguments`, with the
+checks of `generate_checks`): the prompts, every number (finite, in range), the size (`check_image_size`), the
+images' declared sizes, the device, the output path and the plugins' options (`GenerateOptionSpec.validate`).
+Latents that become NaN or infinite stop the run, naming the step. The image is written atomically: to a
+temporary file in the output's folder, then renamed over `--out`, so an existing file is replaced whole or not at
+all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import random
 import re
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 
+from refiners_core.checks import check_finite_tensor
 from refiners_core.plugins import GenerateOptionSpec, registry
 from refiners_core.weights import WeightsError
+from refiners_sd15.generate_checks import (
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    TEMPORARY_PREFIX,
+    GenerateError,
+    check_out,
+    check_text,
+    dropped_tokens_warning,
+    first_step,
+    multiple_of_8,
+    open_image,
+    parse_device,
+    parse_integer,
+    parse_number,
+    parse_size,
+)
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
+from refiners_sd15.latent_diffusion import MAX_IMAGE_SIDE, MAX_SEED, check_image_size
 from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import Solver
 
@@ -33,12 +63,11 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _OPTION_DEST = "generate_option:"
 
 
-class GenerateError(Exception):
-    """A problem with the command's input, reported as `refiners generate: error: ...` with exit code 2."""
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Declare the arguments of `refiners generate`, including those plugins register for the `sd15` model."""
+    """Declare the arguments of `refiners generate`, including those plugins register for the `sd15` model.
+
+    Numbers are declared as strings and checked by `check_arguments`, so that a bad one is a one-line error.
+    """
     parser.add_argument("prompt", help="what to generate")
     parser.add_argument(
         "--model",
@@ -47,30 +76,43 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "checkpoint (.safetensors/.ckpt); an inpainting model with --mask",
     )
     parser.add_argument("--negative", default="", help="negative prompt (default: none)")
-    parser.add_argument("--steps", type=int, default=30, help="number of denoising steps (default: 30)")
+    parser.add_argument("--steps", default="30", metavar="N", help=f"denoising steps, 1 to {MAX_STEPS} (default: 30)")
     solvers = sorted(registry().solvers)
     parser.add_argument(
         "--solver", default="dpm", choices=solvers, help="diffusion solver, from the plugin registry (default: dpm)"
     )
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: drawn, and printed)")
+    parser.add_argument(
+        "--guidance",
+        default="7.5",
+        metavar="SCALE",
+        help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (default: 7.5)",
+    )
+    parser.add_argument("--seed", default=None, help="random seed, 0 to 2**64-1 (default: drawn, and printed)")
     parser.add_argument(
         "--size",
-        type=_size,
         default=None,
         metavar="WIDTHxHEIGHT",
-        help="image size, multiples of 8 (default: 512x512, or the init image's size)",
+        help=f"image size, multiples of 8, each side at most {MAX_IMAGE_SIDE} and at most 4096x4096 pixels in all "
+        "(default: 512x512, or the init image's size)",
     )
-    parser.add_argument("--out", type=Path, default=Path("generated.png"), help="output PNG (default: generated.png)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("generated.png"),
+        help="output image, .png, .jpg or .webp, written atomically (default: generated.png)",
+    )
     parser.add_argument("--init-image", type=Path, default=None, help="image to start from (image-to-image)")
     parser.add_argument(
         "--strength",
-        type=float,
         default=None,
         help="how much of the init image to repaint, in (0, 1] (default: 0.8 for image-to-image, 1 to inpaint)",
     )
     parser.add_argument(
-        "--mask", type=Path, default=None, help="mask of the init image to repaint (white), with an inpainting model"
+        "--mask",
+        type=Path,
+        default=None,
+        help="mask of the init image to repaint (white, or what is painted on a transparent layer), with an "
+        "inpainting model",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -96,78 +138,176 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate and write the image. Input problems are reported on stderr with exit code 2, never a traceback."""
-    try:
-        return _generate(args)
-    except GenerateError as error:
-        print(f"refiners generate: error: {error}", file=sys.stderr)
-        return 2
+    """Generate and write the image; returns 0.
 
-
-def _generate(args: argparse.Namespace) -> int:
+    Input problems raise `GenerateError` before the model is loaded (the `refiners` CLI prints it as one line,
+    `refiners generate: error: ...`, and exits with code 2; `refiners --verbose` shows the traceback).
+    """
     start = time.perf_counter()
+    checked = check_arguments(args)
+    sd = _load(args.model, inpainting=checked.mask is not None, device=checked.device, dtype=checked.dtype)
+    _apply_plugin_options(sd, args)
+    image = _denoise(sd, checked, args.prompt, args.negative, show_progress=not args.no_progress)
+    _write_atomically(image, args.out, checked.image_format)
+    print(
+        f"wrote {_printable(str(args.out))} ({checked.width}x{checked.height}, {len(checked.solver.inference_steps)} "
+        f"{args.solver} steps, seed {checked.seed}) in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """What `check_arguments` derived from the arguments, before anything is loaded."""
+
+    init_image: Image.Image | None
+    mask: Image.Image | None
+    width: int
+    height: int
+    solver: Solver
+    guidance: float
+    device: torch.device
+    dtype: torch.dtype
+    seed: int
+    image_format: str
+
+
+def check_arguments(args: argparse.Namespace) -> GenerateSettings:
+    """Check every argument of `refiners generate` that can be checked without the model, and the plugins' options
+    (their `validate`); print a warning for prompts longer than the text encoder reads. Raises GenerateError naming
+    the argument at fault. Loads nothing but the init image and mask, after their declared sizes are checked.
+    """
+    for option, text in (("the prompt", args.prompt), ("--negative", args.negative)):
+        check_text(option, text)
     inpainting = args.mask is not None
     if inpainting and args.init_image is None:
         raise GenerateError("--mask needs --init-image: the image to inpaint")
     if args.strength is not None and args.init_image is None:
         raise GenerateError("--strength needs --init-image")
-    init_image = _open_image(args.init_image, "--init-image") if args.init_image is not None else None
-    mask = _open_image(args.mask, "--mask") if args.mask is not None else None
-    width, height = args.size or (_multiple_of_8(init_image.size) if init_image is not None else (512, 512))
-    strength = args.strength if args.strength is not None else (1.0 if inpainting or init_image is None else 0.8)
-    first_step = _first_step(args.steps, strength)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    steps = parse_integer("--steps", args.steps, 1, MAX_STEPS)
+    guidance = parse_number("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    seed = None if args.seed is None else parse_integer("--seed", args.seed, 0, MAX_SEED, bounds="from 0 to 2**64-1")
+    size = None if args.size is None else parse_size(args.size)
+    strength = 1.0 if inpainting or args.init_image is None else 0.8
+    if args.strength is not None:
+        strength = parse_number("--strength", args.strength, 0.0, 1.0, low_open=True)
+    image_format = check_out(args.out)
+    device = parse_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    solver = _solver(args.solver, steps, first_step(steps, strength))
+    _validate_plugin_options(args)
+    init_image = open_image(args.init_image, "--init-image") if args.init_image is not None else None
+    mask = open_image(args.mask, "--mask") if args.mask is not None else None
+    width, height = size or (multiple_of_8(init_image.size) if init_image is not None else (512, 512))
+    if size is None:
+        try:
+            check_image_size(width, height, "the size (the init image's, rounded to 8)")
+        except ValueError as error:
+            raise GenerateError(f"{error}: pass a smaller --size") from None
+    for option, text in (("the prompt", args.prompt), ("--negative", args.negative)):
+        warning = dropped_tokens_warning(option, text)
+        if warning is not None:
+            print(f"refiners generate: warning: {warning}", file=sys.stderr)
+    _check_model(args.model)  # last: an error about the model means every other argument is fine
+    seed = seed if seed is not None else random.randrange(2**32)
+    return GenerateSettings(init_image, mask, width, height, solver, guidance, device, dtype, seed, image_format)
 
-    sd = _load(args.model, inpainting=inpainting, device=device, dtype=dtype)
-    _apply_plugin_options(sd, args)
-    sd.solver = _solver(args.solver, args.steps, first_step)
-    sd.show_progress = not args.no_progress
+
+def _denoise(
+    sd: StableDiffusion_1, checked: GenerateSettings, prompt: str, negative: str, *, show_progress: bool
+) -> Image.Image:
+    """Run the denoising loop; raise GenerateError, writing nothing, if the latents stop being finite."""
+    sd.solver = checked.solver
+    sd.show_progress = show_progress
+    width, height, init_image, mask = checked.width, checked.height, checked.init_image, checked.mask
     with torch.no_grad():
-        embedding = sd.compute_clip_text_embedding(args.prompt, negative_text=args.negative)
+        embedding = sd.compute_clip_text_embedding(prompt, negative_text=negative)
+        check_finite_tensor("the text embedding of the prompts", embedding)
         if isinstance(sd, StableDiffusion_1_Inpainting):
             assert init_image is not None and mask is not None
             sd.set_inpainting_conditions(init_image.resize((width, height), Image.Resampling.LANCZOS), mask)
         # as diffusers: image-to-image noises the image's latents; inpainting from scratch starts from noise
-        start_image = init_image if not inpainting or first_step > 0 else None
-        x = sd.init_latents(size=(height, width), init_image=start_image, seed=seed)
+        start_image = init_image if mask is None or checked.solver.first_inference_step > 0 else None
+        x = sd.init_latents(size=(height, width), init_image=start_image, seed=checked.seed)
         for step in sd.steps:
-            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=args.guidance)
-        image = sd.lda.latents_to_image(x)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out, format="PNG")
-    steps = len(sd.solver.inference_steps)
-    print(
-        f"wrote {args.out} ({width}x{height}, {steps} {args.solver} steps, seed {seed}) "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
-    return 0
+            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=checked.guidance)
+            if not bool(torch.isfinite(x).all()):
+                raise GenerateError(
+                    f"the latents have NaN or infinite values after step {step}: with these options the model "
+                    f"overflows {checked.dtype} (lower --guidance or the plugins' scales, or use --dtype float32); "
+                    "nothing was written"
+                )
+        try:
+            return sd.lda.latents_to_image(x)
+        except ValueError as error:
+            raise GenerateError(f"{error}: nothing was written (try --dtype float32)") from error
+
+
+def _printable(text: str) -> str:
+    """`text` with what stdout cannot encode (lone surrogates of a non-UTF-8 path) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _write_atomically(image: Image.Image, out: Path, image_format: str) -> None:
+    """Write `image` to a temporary file beside `out`, then rename it over `out`: all or nothing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=TEMPORARY_PREFIX, suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            image.save(file, format=image_format)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _plugin_options() -> list[GenerateOptionSpec]:
     return [spec for spec in registry().generate_options.values() if spec.applies_to(MODEL_NAME)]
 
 
+def _validate_plugin_options(args: argparse.Namespace) -> None:
+    for spec in _plugin_options():
+        values: list[str] | None = getattr(args, _OPTION_DEST + spec.flag, None)
+        if values and spec.validate is not None:
+            _run_plugin(spec, values, spec.validate, values)
+
+
 def _apply_plugin_options(sd: StableDiffusion_1, args: argparse.Namespace) -> None:
     for spec in _plugin_options():
         values: list[str] | None = getattr(args, _OPTION_DEST + spec.flag, None)
-        if not values:
-            continue
-        try:
-            spec.apply(sd, values)
-        except Exception as error:  # a plugin's code: whatever it raises is reported the same way
-            message = str(error)
-            if not message.startswith(spec.flag):
-                message = f"{spec.flag} {' '.join(values)}: {message}"
-            raise GenerateError(message) from error
+        if values:
+            _run_plugin(spec, values, spec.apply, sd, values)
+
+
+def _run_plugin(spec: GenerateOptionSpec, values: list[str], function: Any, *arguments: Any) -> None:
+    """Call a plugin's `validate` or `apply`: whatever it raises, `SystemExit` included, is a GenerateError naming
+    the option (a plugin cannot end the command, with exit code 0 and no image); Ctrl-C stays an interrupt."""
+    try:
+        function(*arguments)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as error:
+        if isinstance(error, Exception) and str(error):
+            message = " ".join(str(error).split())
+        else:
+            arguments_shown = ", ".join(repr(argument) for argument in error.args)
+            message = f"the plugin's code raised {type(error).__name__}({arguments_shown:.100})"
+        if not message.startswith(spec.flag):
+            message = f"{spec.flag} {' '.join(values)}: {message}"
+        raise GenerateError(message) from error
+
+
+def _check_model(model: str) -> None:
+    if not Path(model).expanduser().exists() and not _HUB_ID.match(model):
+        raise GenerateError(f"--model {model}: no such file or folder")
 
 
 def _load(model: str, *, inpainting: bool, device: torch.device, dtype: torch.dtype) -> StableDiffusion_1:
     model_class = StableDiffusion_1_Inpainting if inpainting else StableDiffusion_1
     local = Path(model).expanduser()
-    if not local.exists() and not _HUB_ID.match(model):
-        raise GenerateError(f"--model {model}: no such file or folder")
     try:
         return model_class.from_pretrained(model, device=device, dtype=dtype)
     except (OSError, ValueError, WeightsError) as error:
@@ -183,43 +323,3 @@ def _solver(name: str, steps: int, first_step: int) -> Solver:
     if not isinstance(solver, Solver):
         raise GenerateError(f"--solver {name}: the registered factory built a {type(solver).__name__}, not a Solver")
     return solver
-
-
-def _first_step(steps: int, strength: float) -> int:
-    """The first inference step for `strength`, as diffusers' image-to-image pipelines compute it."""
-    if steps < 1:
-        raise GenerateError(f"--steps must be at least 1, got {steps}")
-    if not 0 < strength <= 1:
-        raise GenerateError(f"--strength must be in (0, 1], got {strength}")
-    repainted = min(int(steps * strength), steps)
-    if repainted < 1:
-        raise GenerateError(f"--strength {strength} with --steps {steps} leaves no step to run: raise either")
-    return steps - repainted
-
-
-def _open_image(path: Path, option: str) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except FileNotFoundError:
-        raise GenerateError(f"{option} {path}: no such file") from None
-    except (OSError, ValueError) as error:
-        raise GenerateError(f"{option} {path}: cannot read it as an image: {error}") from error
-
-
-def _size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 512x512, got {text!r}")
-    width, height = int(match.group(1)), int(match.group(2))
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text!r}")
-    return width, height
-
-
-def _multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
-    width, height = size
-    if width < 8 or height < 8:
-        raise GenerateError(f"the init image is {width}x{height}: it needs at least 8x8 pixels")
-    return width // 8 * 8, height // 8 * 8

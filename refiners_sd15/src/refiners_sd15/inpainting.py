@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from refiners_core.images import to_mask
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.autoencoder.autoencoder import image_to_tensor
 from refiners_sd15.clip import CLIPTextEncoderL
+from refiners_sd15.latent_diffusion import check_image_size, check_input_image
 from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import Solver
 from refiners_sd15.unet import SD15_INPAINTING_UNET, SD1UNet
@@ -57,18 +59,25 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Set what to inpaint: `mask` (white, or any value >= 50 %, marks the area to repaint) over `target_image`.
 
-        The mask is converted to grayscale, resized to the image's size and binarized; the image's size must be a
-        multiple of 8. Returns the mask at latent resolution `(1, 1, h, w)` and the masked image's latents.
+        Both are read by meaning (`refiners_core.images`): the mask with `to_mask`, so a mask drawn on a transparent
+        layer masks what is painted (its alpha channel) and a 16-bit or float mask is scaled, not clipped; the image
+        with `to_rgb`. The mask is resized to the image's size and binarized; the image's size must be a multiple of
+        8 within `check_image_size`'s bounds and the mask's sides at most `MAX_IMAGE_SIDE` (ValueError otherwise,
+        TypeError if either is not a PIL image). Returns the mask at latent resolution `(1, 1, h, w)` and the
+        masked image's latents.
         """
+        check_input_image(target_image, "target image")
+        check_input_image(mask, "mask")
         width, height = target_image.size
+        check_image_size(width, height, "target image size")
         factor = self.lda.downscale_factor
         if width % factor or height % factor:
             raise ValueError(
                 f"target image size {width}x{height} (width x height) is not a multiple of {factor}: resize or crop it"
             )
-        if mask.size != target_image.size:
-            mask = mask.resize((width, height), Image.Resampling.LANCZOS)
-        gray = mask.convert("L")
+        gray = to_mask(mask)
+        if gray.size != target_image.size:
+            gray = gray.resize((width, height), Image.Resampling.LANCZOS)
         values = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(1, 1, height, width)
         binary_mask = (values.float() / 255 >= 0.5).float()
         masked_image = image_to_tensor(target_image).unsqueeze(0) * (binary_mask < 0.5)

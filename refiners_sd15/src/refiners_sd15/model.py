@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from refiners_core.checks import check_finite
 from refiners_core.module_names import DIFFUSERS, prefixed
 from refiners_core.weights import WeightsError, load_tensors, resolve_path
 from refiners_sd15.autoencoder import SD1Autoencoder
@@ -21,6 +22,19 @@ from refiners_sd15.unet import UNET_FORMAT, SD1UNet
 OWN_INDEX = "refiners_sd15.json"
 OWN_FILES = {"unet": "unet.safetensors", "lda": "lda.safetensors", "clip_text_encoder": "clip_text_encoder.safetensors"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
+
+
+def _prompts(what: str, value: object, copies: int) -> list[str]:
+    """`value`, a string (repeated `copies` times) or a list or tuple of strings, as a list; TypeError otherwise."""
+    prompts: list[object] = [value] * copies if isinstance(value, str) else []
+    if isinstance(value, list | tuple):
+        prompts = list(value)  # pyright: ignore[reportUnknownArgumentType]
+    elif not isinstance(value, str):
+        prompts = [value]
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise TypeError(f"a {what} must be a string, got {type(prompt).__name__} {prompt!r:.50}")
+    return [str(prompt) for prompt in prompts]
 
 
 def check_not_sdxl(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> None:
@@ -100,9 +114,15 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
 
     @torch.no_grad()
     def compute_clip_text_embedding(self, text: str | list[str], negative_text: str | list[str] = "") -> torch.Tensor:
-        """Text embeddings for classifier-free guidance: `(2, 77, 768)` for one prompt, the negative one first."""
-        texts = [text] if isinstance(text, str) else list(text)
-        negatives = [negative_text] * len(texts) if isinstance(negative_text, str) else list(negative_text)
+        """Text embeddings for classifier-free guidance: `(2, 77, 768)` for one prompt, the negative one first.
+
+        Raises TypeError if a prompt is not a string, ValueError if the counts of prompts and negative prompts
+        differ or there is no prompt.
+        """
+        texts = _prompts("prompt", text, 1)
+        negatives = _prompts("negative prompt", negative_text, len(texts))
+        if not texts:
+            raise ValueError("compute_clip_text_embedding needs at least one prompt")
         if len(negatives) != len(texts):
             raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
         embeddings = self.clip_text_encoder([*negatives, *texts])
@@ -115,8 +135,12 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
 
         Classifier-free guidance: the UNet runs once on the batch `[x, x]` with `clip_text_embedding` (negative
         embeddings first, as `compute_clip_text_embedding` gives them) and the two predictions are combined as
-        `negative + condition_scale * (positive - negative)`.
+        `negative + condition_scale * (positive - negative)`. Raises ValueError if `step` is not one of the solver's
+        steps (0 to `num_inference_steps - 1`; no negative indexing) or `condition_scale` is not a finite number.
         """
+        steps = self.solver.num_inference_steps
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < steps:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"step must be an integer from 0 to {steps - 1} (the solver's steps), got {step!r}")
         timestep = self.solver.timesteps[step]
         unet_input = self.solver.scale_model_input(x, step)
         predicted_noise = self.compute_noise(unet_input, timestep, clip_text_embedding, condition_scale)
@@ -125,7 +149,11 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
     def compute_noise(
         self, x: torch.Tensor, timestep: torch.Tensor, clip_text_embedding: torch.Tensor, condition_scale: float
     ) -> torch.Tensor:
-        """The noise predicted in the (already scaled) latents `x` at `timestep`, with classifier-free guidance."""
+        """The noise predicted in the (already scaled) latents `x` at `timestep`, with classifier-free guidance.
+
+        Raises ValueError if `condition_scale` is NaN or infinite (it would turn every latent into NaN).
+        """
+        check_finite("condition_scale", condition_scale)
         if clip_text_embedding.shape[0] != 2 * x.shape[0]:
             raise ValueError(
                 f"clip_text_embedding must hold a negative and a positive embedding per latent: {2 * x.shape[0]} for "

@@ -23,6 +23,7 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_controlnet.controlnet import ControlNet
+from refiners_core.checks import check_finite, check_finite_tensor
 from refiners_sd15.unet import SD1UNet, skip_channels
 
 
@@ -34,9 +35,10 @@ class ControlNetResiduals(fl.Module):
     """
 
     def __init__(self, context: str, scale: float = 1.0) -> None:
+        """Raises ValueError if `scale` is NaN or infinite."""
         super().__init__()
         self.context = context
-        self.scale = scale
+        self.scale = check_finite("ControlNet scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         *down, middle = self.use_context(self.context, key="residuals")["residuals"]
@@ -56,7 +58,7 @@ class ControlNetAdapter(fl.Module, fl.Adapter[SD1UNet]):
     The adapter patches the UNet in place (see the module docstring) and holds the ControlNet as a submodule, so
     `adapter.parameters()` are the ControlNet's (to train it) and `adapter.to(...)` moves it. Set the conditioning
     image with `set_condition` and the strength with `scale` at any time. `eject` restores the UNet exactly.
-    Raises ValueError if the ControlNet was not made for a UNet of this architecture.
+    Raises ValueError if the ControlNet was not made for a UNet of this architecture, or `scale` is NaN or infinite.
     """
 
     def __init__(self, target: SD1UNet, controlnet: ControlNet, scale: float = 1.0) -> None:
@@ -87,10 +89,14 @@ class ControlNetAdapter(fl.Module, fl.Adapter[SD1UNet]):
 
     @scale.setter
     def scale(self, value: float) -> None:
-        self.residuals.scale = value
+        self.residuals.scale = check_finite("ControlNet scale", value)
 
     def set_condition(self, condition: torch.Tensor) -> Self:
-        """Set the conditioning image, `(B, 3, H, W)` in [0, 1] at the size of the generated image."""
+        """Set the conditioning image, `(B, 3, H, W)` in [0, 1] at the size of the generated image.
+
+        Raises ValueError if it has NaN or infinite values.
+        """
+        check_finite_tensor("the ControlNet condition", condition)
         self.controlnet.set_condition(condition)
         return self
 

@@ -32,12 +32,23 @@ def _apply(model: Any, values: list[str]) -> None:
     apply_controlnet_option(model, values)
 
 
+def _validate(values: list[str]) -> None:
+    from refiners_controlnet.cli import validate_controlnet_option
+
+    validate_controlnet_option(values)
+
+
 @hookimpl
 def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
     from refiners_controlnet.cli import OPTION_HELP, OPTION_METAVAR
 
     register(
         GenerateOptionSpec(
-            flag="--controlnet", apply=_apply, help=OPTION_HELP, metavar=OPTION_METAVAR, models=("sd15",)
+            flag="--controlnet",
+            apply=_apply,
+            help=OPTION_HELP,
+            metavar=OPTION_METAVAR,
+            models=("sd15",),
+            validate=_validate,
         )
     )

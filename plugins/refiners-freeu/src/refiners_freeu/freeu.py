@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 import refiners_core.fluxion as fl
+from refiners_core.checks import check_finite
 from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UpBlocks
 
 SD15_SCALES = {"s1": 0.9, "s2": 0.2, "b1": 1.2, "b2": 1.4}
@@ -116,12 +117,16 @@ class FreeUAdapter(fl.Chain, fl.Adapter[ConcatenateSkip]):
         self._skip_filter[0].eject()
 
 
+_NAMES = ("s1", "s2", "b1", "b2")
+
+
 class FreeU:
     """FreeU on an `SD1UNet`: a `FreeUAdapter` on each skip connection of the first two decoder levels.
 
     `b1, s1` apply to the first level (lowest resolution), `b2, s2` to the second; the defaults are the values
     recommended for SD1.5 (`SD15_SCALES`). `inject()` and `eject()` act on every adapter, all or nothing; the
-    factors can be changed while injected with `set_scales`. Raises TypeError if `unet` is not an `SD1UNet`.
+    factors can be changed while injected with `set_scales`. Raises TypeError if `unet` is not an `SD1UNet`,
+    ValueError naming the factor if one is NaN or infinite.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class FreeU:
     ) -> None:
         if not isinstance(unet, SD1UNet):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"FreeU applies to an SD1UNet, not a {type(unet).__name__}")
+        s1, s2, b1, b2 = (check_finite(f"FreeU {name}", value) for name, value in zip(_NAMES, (s1, s2, b1, b2)))
         stages = list(unet.ensure_find(UpBlocks))
         blocks_per_level = unet.config.layers_per_block + 1
         levels = [stages[:blocks_per_level], stages[blocks_per_level : 2 * blocks_per_level]]
@@ -156,7 +162,11 @@ class FreeU:
     def set_scales(
         self, *, s1: float | None = None, s2: float | None = None, b1: float | None = None, b2: float | None = None
     ) -> None:
-        """Change some of the factors; the others keep their value."""
+        """Change some of the factors; the others keep their value. Raises ValueError, changing nothing, if one is
+        NaN or infinite."""
+        for name, value in zip(_NAMES, (s1, s2, b1, b2)):
+            if value is not None:
+                check_finite(f"FreeU {name}", value)
         for level, (backbone_scale, skip_scale) in zip(self.levels, [(b1, s1), (b2, s2)]):
             for adapter in level:
                 if backbone_scale is not None:

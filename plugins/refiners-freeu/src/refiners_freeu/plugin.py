@@ -31,10 +31,15 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
 
 @hookimpl
 def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
-    from refiners_freeu.options import FREEU_HELP, FREEU_METAVAR, apply_freeu_option
+    from refiners_freeu.options import FREEU_HELP, FREEU_METAVAR, apply_freeu_option, validate_freeu_option
 
     register(
         GenerateOptionSpec(
-            flag="--freeu", apply=apply_freeu_option, help=FREEU_HELP, metavar=FREEU_METAVAR, models=("sd15",)
+            flag="--freeu",
+            apply=apply_freeu_option,
+            help=FREEU_HELP,
+            metavar=FREEU_METAVAR,
+            models=("sd15",),
+            validate=validate_freeu_option,
         )
     )

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import refiners_core.fluxion as fl
+from refiners_core.checks import check_finite_tensor
 from refiners_sd15.clip import CLIPTextEncoderL, TokenEncoder, TokenIds
 from refiners_textual_inversion.files import read_embedding
 from refiners_textual_inversion.tokenizer import TextualInversionTokenizer, TokenIdsAdapter
@@ -81,11 +82,12 @@ class TextualInversionAdapter(fl.Chain, fl.Adapter[TokenEncoder]):
 
         Raises ValueError, naming `source` (e.g. the file read), if the token is empty, already in the CLIP
         vocabulary or added already (any case: prompts are matched in any case), or if the vectors do not have
-        the encoder's `embedding_dim`. Nothing is changed then.
+        the encoder's `embedding_dim` or have NaN or infinite values. Nothing is changed then.
         """
         if vectors.dim() == 1:
             vectors = vectors.unsqueeze(0)
         names = self._check(token, vectors, source)
+        check_finite_tensor(f"textual inversion {source} (token {token!r}): the vectors", vectors)
         table = self.new_embeddings
         start = table.num_embeddings
         with torch.no_grad():

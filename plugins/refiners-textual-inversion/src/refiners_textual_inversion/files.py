@@ -18,9 +18,12 @@ from typing import Any, cast
 import torch
 from safetensors.torch import load_file  # pyright: ignore[reportUnknownVariableType]
 
+from refiners_core.checks import sniff_weights_format
 from refiners_core.weights import WeightsError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+MAX_EMBEDDING_BYTES = 64 * 2**20
+"""The largest embedding file read: embeddings hold a few vectors (kilobytes); a bigger file is something else."""
 
 
 @dataclass(frozen=True)
@@ -37,34 +40,50 @@ def read_embedding(path: str | os.PathLike[str]) -> Embedding:
     """The embedding stored in an A1111 `.pt`/`.safetensors` or a diffusers `learned_embeds` file.
 
     Raises FileNotFoundError if there is no such file, and WeightsError (a ValueError) naming the file when it
-    cannot be read or holds something else than one embedding (say, a LoRA or a model).
+    cannot be read, is larger than `MAX_EMBEDDING_BYTES`, or holds something else than one finite embedding (say,
+    a LoRA, a model, or vectors with NaN or infinite values).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no textual inversion embedding file at {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    size = path.stat().st_size
+    if size > MAX_EMBEDDING_BYTES:
+        raise WeightsError(
+            f"{path} is {size / 2**20:.0f} MiB: an embedding file holds a few vectors (at most "
+            f"{MAX_EMBEDDING_BYTES // 2**20} MiB read), is it a model or a LoRA?"
+        )
+    known = (".safetensors", *TORCH_SUFFIXES)
+    if path.suffix.lower() not in known:
+        raise WeightsError(
+            f"cannot read {path}: unknown embedding file extension {path.suffix!r} (expected {', '.join(known)})"
+        )
+    kind = sniff_weights_format(path)  # by content: a safetensors file named .pt is read as what it is
+    if kind == "git-lfs-pointer":
+        raise WeightsError(f"{path} is a git-lfs pointer, not the embedding it stands for: run `git lfs pull`")
+    if kind == "safetensors":
         try:
             content: object = load_file(path)
         except Exception as error:
             raise WeightsError(f"cannot read {path} as safetensors: {error}") from error
-    elif suffix in TORCH_SUFFIXES:
+    elif kind in ("torch-zip", "torch-pickle"):
         try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as file:  # a file object: torch.load routes a `.safetensors` path by its name
+                content = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:
             raise WeightsError(
                 f"cannot read {path} as a torch file of tensors: {' '.join(str(error).split())}"
             ) from error
     else:
-        known = ", ".join((".safetensors", *TORCH_SUFFIXES))
-        raise WeightsError(f"cannot read {path}: unknown embedding file extension {path.suffix!r} (expected {known})")
-    name, vectors = _name_and_vectors(content, path)
-    return Embedding(name=name, vectors=_as_matrix(vectors, path), source=str(path))
+        what = "empty" if size == 0 else "neither a safetensors file nor a torch file (by its first bytes)"
+        raise WeightsError(f"cannot read {path}: it is {what}")
+    name, key, vectors = _name_key_and_vectors(content, path)
+    return Embedding(name=name, vectors=_as_matrix(vectors, f"{path}: the embedding {key}"), source=str(path))
 
 
-def _name_and_vectors(content: object, path: Path) -> tuple[str, object]:
+def _name_key_and_vectors(content: object, path: Path) -> tuple[str, str, object]:
+    """The embedding's name, where the file keeps its vectors (for messages) and the vectors."""
     if isinstance(content, torch.Tensor):
-        return path.stem, content
+        return path.stem, "tensor", content
     if not isinstance(content, dict):
         raise WeightsError(f"{path} holds a {type(content).__name__}, not a textual inversion embedding")
     entries = cast(dict[Any, Any], content)
@@ -73,13 +92,14 @@ def _name_and_vectors(content: object, path: Path) -> tuple[str, object]:
         if not isinstance(parameters, dict) or "*" not in parameters:
             raise WeightsError(f"{path}: 'string_to_param' has no '*' entry (not an A1111 embedding)")
         name = entries.get("name")
-        return (name if isinstance(name, str) and name else path.stem), cast(dict[Any, Any], parameters)["*"]
+        name = name if isinstance(name, str) and name else path.stem
+        return name, "string_to_param['*']", cast(dict[Any, Any], parameters)["*"]
     if "emb_params" in entries:
-        return path.stem, entries["emb_params"]
+        return path.stem, "'emb_params'", entries["emb_params"]
     if len(entries) == 1:
         ((token, vectors),) = entries.items()
         if isinstance(token, str):
-            return token, vectors
+            return token, repr(token), vectors
     keys = ", ".join(repr(key) for key in list(entries)[:5]) + (", ..." if len(entries) > 5 else "")
     raise WeightsError(
         f"{path} is not a textual inversion embedding: expected 'string_to_param' (A1111 .pt), 'emb_params' "
@@ -87,14 +107,17 @@ def _name_and_vectors(content: object, path: Path) -> tuple[str, object]:
     )
 
 
-def _as_matrix(vectors: object, path: Path) -> torch.Tensor:
+def _as_matrix(vectors: object, what: str) -> torch.Tensor:
     if not isinstance(vectors, torch.Tensor) or not vectors.is_floating_point():
-        what = f"a {vectors.dtype} tensor" if isinstance(vectors, torch.Tensor) else type(vectors).__name__
-        raise WeightsError(f"{path}: the embedding is {what}, expected a floating point tensor")
+        kind = f"a {vectors.dtype} tensor" if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+        raise WeightsError(f"{what} is {kind}, expected a floating point tensor")
     if vectors.dim() == 1:
         vectors = vectors.unsqueeze(0)
     if vectors.dim() != 2 or vectors.shape[0] == 0:
-        raise WeightsError(
-            f"{path}: the embedding has shape {tuple(vectors.shape)}, expected (vectors, dim) with at least one vector"
-        )
+        raise WeightsError(f"{what} has shape {tuple(vectors.shape)}, expected (vectors, dim) with at least one vector")
+    finite = torch.isfinite(vectors)
+    if not bool(finite.all()):
+        bad = sorted({int(row) for row in (~finite).nonzero()[:, 0].tolist()})
+        listed = ", ".join(str(row) for row in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise WeightsError(f"{what} has {int((~finite).sum())} NaN or infinite values (in vectors {listed})")
     return vectors

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from refiners_textual_inversion.adapter import TextualInversionAdapter
+from refiners_textual_inversion.files import read_embedding
 
 EMBEDDING_METAVAR = "FILE[:TOKEN]"
 EMBEDDING_HELP = (
@@ -37,3 +38,19 @@ def apply_embedding_option(model: Any, values: list[str]) -> None:
         path, token = parse_embedding_value(value)
         adapter.load(path, token=token)
     adapter.inject()
+
+
+def validate_embedding_option(values: list[str]) -> None:
+    """Read every `--embedding` file before the model is loaded (they are small): raises FileNotFoundError or
+    ValueError naming the file (missing, unreadable, not an embedding, NaN or infinite values) or a token given
+    twice."""
+    tokens: dict[str, str] = {}
+    for value in values:
+        path, token = parse_embedding_value(value)
+        embedding = read_embedding(path)
+        token = token if token is not None else embedding.name
+        if token in tokens:
+            raise ValueError(
+                f"--embedding {value}: the token {token!r} is already given by --embedding {tokens[token]}"
+            )
+        tokens[token] = value

@@ -31,7 +31,12 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
 
 @hookimpl
 def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
-    from refiners_textual_inversion.options import EMBEDDING_HELP, EMBEDDING_METAVAR, apply_embedding_option
+    from refiners_textual_inversion.options import (
+        EMBEDDING_HELP,
+        EMBEDDING_METAVAR,
+        apply_embedding_option,
+        validate_embedding_option,
+    )
 
     register(
         GenerateOptionSpec(
@@ -40,5 +45,6 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
             help=EMBEDDING_HELP,
             metavar=EMBEDDING_METAVAR,
             models=("sd15",),
+            validate=validate_embedding_option,
         )
     )

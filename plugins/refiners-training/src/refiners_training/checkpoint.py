@@ -9,12 +9,14 @@ was cut short is therefore never the one `latest` names, and its leftovers are r
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 LATEST = "latest"
 TEMPORARY_PREFIX = ".tmp-"
+NAME_PATTERN = re.compile(r"step-(\d{6,})")
 
 
 class CheckpointError(RuntimeError):
@@ -50,6 +52,12 @@ def write_checkpoint(root: Path, name: str, write: Callable[[Path], None]) -> Pa
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     _fsync(root)
+    point_latest(root, name)
+    return final
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Make `root / latest` name checkpoint `name`, atomically (an fsynced temporary file renamed over it)."""
     pointer = root / f"{TEMPORARY_PREFIX}{LATEST}-{os.getpid()}"
     with open(pointer, "w", encoding="utf-8") as file:
         file.write(name + "\n")
@@ -57,22 +65,37 @@ def write_checkpoint(root: Path, name: str, write: Callable[[Path], None]) -> Pa
         os.fsync(file.fileno())
     os.replace(pointer, root / LATEST)
     _fsync(root)
-    return final
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The folder `root / latest` names, or None if there is no checkpoint yet.
 
-    Raises CheckpointError if `latest` names a folder that does not exist.
+    Raises CheckpointError if `latest` is not the name of a checkpoint folder of `root`.
     """
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text(encoding="utf-8").strip()
+    try:
+        with open(pointer, "rb") as file:
+            name = file.read(1024).decode("utf-8").strip()  # a checkpoint's name is short: no more is read
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"cannot read {pointer}: {error}") from error
     folder = root / name
-    if not name or os.sep in name or not folder.is_dir():
-        raise CheckpointError(f"{pointer} names checkpoint {name!r}, which is not a folder of {root}")
+    if not NAME_PATTERN.fullmatch(name) or not folder.is_dir():
+        raise CheckpointError(f"{pointer} names checkpoint {name[:100]!r}, which is not a checkpoint folder of {root}")
     return folder
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of checkpoint folder `step-NNNNNN`; -1 for a folder that is not a checkpoint."""
+    match = NAME_PATTERN.fullmatch(folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def earlier_checkpoints(root: Path, than: int | None = None) -> list[Path]:
+    """The checkpoint folders of `root` (`step-NNNNNN`) before step `than` (all of them if None), newest first."""
+    folders = [path for path in root.iterdir() if path.is_dir() and checkpoint_step(path) >= 0] if root.is_dir() else []
+    return sorted((path for path in folders if than is None or checkpoint_step(path) < than), key=checkpoint_step)[::-1]
 
 
 def remove_leftovers(root: Path) -> None:

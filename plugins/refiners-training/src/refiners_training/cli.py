@@ -1,6 +1,7 @@
 """`refiners train lora CONFIG.toml [--resume]`: LoRA training from the shell (one process, or many with torchrun).
 
 refiners train lora my-lora.toml
+refiners train lora my-lora.toml --resume [--fallback]
 torchrun --nproc_per_node=2 -m refiners_training lora my-lora.toml
 """
 
@@ -22,23 +23,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
         description="Fine-tune a LoRA on Stable Diffusion 1.5 as CONFIG describes (see the README of "
         "refiners-training for every key). Under torchrun, every process trains on its share of each batch.",
     )
+    lora.set_defaults(command_prog=lora.prog)  # errors read `refiners train lora: error: ...`
     lora.add_argument("config", type=Path, help="the TOML configuration of the run")
     lora.add_argument("--resume", action="store_true", help="go on from the latest checkpoint in training.output_dir")
+    lora.add_argument(
+        "--fallback",
+        action="store_true",
+        help="with --resume: if the latest checkpoint is damaged, go on from the newest one that loads "
+        "(a warning names each checkpoint skipped, and why)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `refiners train lora`: 0 once trained, 2 for a bad configuration or dataset, 130 when interrupted."""
-    from refiners_training.checkpoint import CheckpointError
-    from refiners_training.config import ConfigError, TrainingConfig
-    from refiners_training.dataset import DatasetError
-    from refiners_training.trainer import TrainingError, train_lora
+    """Run `refiners train lora`: 0 once trained, 130 when interrupted (with the command that resumes the run).
 
+    Errors (ConfigError, DatasetError, CheckpointError, TrainingError, and those of the model's loading) propagate to
+    `refiners`' `main`, which prints them as one line, `refiners train lora: error: ...`, and exits with code 2
+    (`refiners --verbose train lora ...` shows the traceback).
+    """
+    from refiners_training.config import TrainingConfig
+    from refiners_training.trainer import train_lora
+
+    config = TrainingConfig.from_toml(args.config)
     try:
-        config = TrainingConfig.from_toml(args.config)
-        result = train_lora(config, resume=args.resume)
-    except (FileNotFoundError, ConfigError, DatasetError, CheckpointError, TrainingError) as error:
-        print(f"refiners train lora: error: {error}", file=sys.stderr)
-        return 2
+        result = train_lora(config, resume=args.resume, fallback=args.fallback)
     except KeyboardInterrupt:
         print(
             f"\nrefiners train lora: interrupted; continue with `refiners train lora {args.config} --resume`",

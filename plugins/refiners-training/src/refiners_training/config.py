@@ -8,6 +8,7 @@ range raises `ConfigError` naming the file and the `section.key` at fault.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -20,6 +21,15 @@ LrScheduler = Literal["constant", "linear", "cosine"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 ExportFormat = Literal["refiners", "kohya", "diffusers"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
+
+# Bounds checked when a configuration is built, before anything is allocated or loaded (the README lists them).
+MAX_RESOLUTION = 2048  # training and evaluation images, in pixels (4 times SD1.5's 512)
+MAX_RANK = 1024
+MAX_BATCH_SIZE = 1024  # samples per forward pass, and forward passes per optimizer step
+MAX_BATCH_PIXELS = 64 * 512 * 512  # batch_size * resolution**2: 64 images of 512x512, 4 of 2048x2048
+MAX_STEPS = 10_000_000  # optimizer steps
+MAX_EVALUATION_STEPS = 1000  # DDIM steps: SD1.5 was trained on 1000 timesteps
+MAX_NAME_LENGTH = 200  # `lora.name`, the stem of the exported files
 
 
 class ConfigError(ValueError):
@@ -123,11 +133,15 @@ class TrainingConfig:
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"training configuration {path} does not exist")
+            raise FileNotFoundError(
+                f"training configuration {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist")
+            )
         try:
             document = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: not a valid TOML file: {error}") from error
+        except RecursionError:
+            raise ConfigError(f"{path}: not a valid TOML file: its arrays or tables are nested too deeply") from None
         return cls.from_dict(document, source=str(path), base_dir=path.parent)
 
     @classmethod
@@ -200,6 +214,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is str or hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where} must be a non-empty string, got {value!r}")
+        if hint is Path and "\0" in value:
+            raise ConfigError(f"{where} must be a path, got {value!r} (it holds a NUL character)")
         return Path(value) if hint is Path else value
     raise TypeError(f"{where}: unsupported configuration type {hint!r}")
 
@@ -217,30 +233,54 @@ def _resolve_paths(sections: dict[str, Any], base_dir: Path) -> dict[str, Any]:
 
 
 def check(config: TrainingConfig) -> None:
-    """Raise ConfigError naming the key of the first value out of range."""
+    """Raise ConfigError naming the key of the first value out of range (non-finite numbers first)."""
+    for section in dataclasses.fields(config):
+        table = getattr(config, section.name)
+        for item in dataclasses.fields(table):
+            value = getattr(table, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"`{section.name}.{item.name}` must be a finite number, got {value!r}")
     training, lora, evaluation = config.training, config.lora, config.evaluation
     rules: list[tuple[bool, str, str]] = [
-        (config.data.resolution >= 8 and config.data.resolution % 8 == 0, "data.resolution", "a multiple of 8"),
-        (lora.rank >= 1, "lora.rank", "at least 1"),
+        ("\0" not in config.model.base, "model.base", "a path or hub id without NUL characters"),
+        (_is_resolution(config.data.resolution), "data.resolution", f"a multiple of 8 from 8 to {MAX_RESOLUTION}"),
+        (1 <= lora.rank <= MAX_RANK, "lora.rank", f"from 1 to {MAX_RANK}"),
         (lora.alpha is None or lora.alpha > 0, "lora.alpha", "positive"),
-        (bool(lora.name) and not any(c.isspace() or c in "/\\" for c in lora.name), "lora.name", "a file name"),
-        (training.max_steps >= 1, "training.max_steps", "at least 1"),
-        (training.batch_size >= 1, "training.batch_size", "at least 1"),
-        (training.gradient_accumulation_steps >= 1, "training.gradient_accumulation_steps", "at least 1"),
-        (training.learning_rate > 0, "training.learning_rate", "positive"),
+        (
+            _is_file_name(lora.name),
+            "lora.name",
+            f'a file name (at most {MAX_NAME_LENGTH} printable characters, no spaces and none of / \\ : * ? " < > |)',
+        ),
+        (1 <= training.max_steps <= MAX_STEPS, "training.max_steps", f"from 1 to {MAX_STEPS}"),
+        (1 <= training.batch_size <= MAX_BATCH_SIZE, "training.batch_size", f"from 1 to {MAX_BATCH_SIZE}"),
+        (
+            training.batch_size * config.data.resolution**2 <= MAX_BATCH_PIXELS,
+            "training.batch_size",
+            f"at most {MAX_BATCH_PIXELS} pixels per forward pass with `data.resolution` = {config.data.resolution} "
+            f"({MAX_BATCH_PIXELS // max(1, config.data.resolution) ** 2} images; "
+            "`gradient_accumulation_steps` makes larger batches)",
+        ),
+        (
+            1 <= training.gradient_accumulation_steps <= MAX_BATCH_SIZE,
+            "training.gradient_accumulation_steps",
+            f"from 1 to {MAX_BATCH_SIZE}",
+        ),
+        (0 < training.learning_rate <= 1, "training.learning_rate", "in (0, 1]"),
         (0 <= training.lr_warmup_steps <= training.max_steps, "training.lr_warmup_steps", "in [0, max_steps]"),
         (0 <= training.adam_beta1 < 1, "training.adam_beta1", "in [0, 1)"),
         (0 <= training.adam_beta2 < 1, "training.adam_beta2", "in [0, 1)"),
         (training.adam_epsilon > 0, "training.adam_epsilon", "positive"),
         (training.weight_decay >= 0, "training.weight_decay", "at least 0"),
         (training.max_grad_norm >= 0, "training.max_grad_norm", "at least 0 (0: no clipping)"),
+        (training.seed >= 0, "training.seed", "at least 0"),
         (training.checkpoint_every >= 1, "training.checkpoint_every", "at least 1"),
-        (evaluation.steps >= 1, "evaluation.steps", "at least 1"),
+        (1 <= evaluation.steps <= MAX_EVALUATION_STEPS, "evaluation.steps", f"from 1 to {MAX_EVALUATION_STEPS}"),
         (
-            evaluation.resolution is None or (evaluation.resolution >= 8 and evaluation.resolution % 8 == 0),
+            evaluation.resolution is None or _is_resolution(evaluation.resolution),
             "evaluation.resolution",
-            "a multiple of 8",
+            f"a multiple of 8 from 8 to {MAX_RESOLUTION}",
         ),
+        (evaluation.seed >= 0, "evaluation.seed", "at least 0"),
         (len(set(config.export.formats)) == len(config.export.formats), "export.formats", "without repeats"),
     ]
     for valid, key, expected in rules:
@@ -248,3 +288,15 @@ def check(config: TrainingConfig) -> None:
             section, _, name = key.partition(".")
             value = getattr(getattr(config, section), name)
             raise ConfigError(f"`{key}` must be {expected}, got {value!r}")
+
+
+def _is_resolution(pixels: int) -> bool:
+    return 8 <= pixels <= MAX_RESOLUTION and pixels % 8 == 0
+
+
+def _is_file_name(name: str) -> bool:
+    return (
+        0 < len(name) <= MAX_NAME_LENGTH
+        and name.isprintable()
+        and not any(c.isspace() or c in '/\\:*?"<>|' for c in name)
+    )

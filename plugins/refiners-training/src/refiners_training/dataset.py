@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from refiners_core.images import to_rgb
 from refiners_sd15.autoencoder import image_to_tensor
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 METADATA_FILE = "metadata.jsonl"
+MAX_IMAGE_PIXELS = 8192 * 8192  # width * height of a dataset image, checked from its header before decoding
+MAX_CAPTION_BYTES = 64 * 1024  # a `.txt` caption (CLIP reads 77 tokens of it), checked before it is read
+MAX_METADATA_BYTES = 256 * 1024 * 1024  # `metadata.jsonl`: about a million captioned images
 
 
 class DatasetError(ValueError):
@@ -36,16 +41,20 @@ class Sample:
 class CaptionedImages:
     """The images of `folder` with their captions, as `(3, resolution, resolution)` tensors in [-1, 1].
 
-    Every image is opened once when the dataset is built, so that a missing caption or an unreadable image is
-    reported (DatasetError naming the file) before training starts. Images are converted to RGB, resized so that
-    their short side is `resolution` and center-cropped to a square.
+    Every image is decoded once when the dataset is built, so that a missing caption, a caption that is not UTF-8
+    text, an unreadable or truncated image, one of more than `MAX_IMAGE_PIXELS` pixels (a decompression bomb) or a
+    float image with NaN or infinite pixels is reported (DatasetError naming the file, and the line of
+    `metadata.jsonl`) before training starts. Images are converted to RGB by what their pixels mean
+    (`refiners_core.images.to_rgb`: 16-bit and float images scaled by their range, alpha dropped, palettes
+    expanded), resized so that their short side is `resolution` and center-cropped to a square.
     """
 
     def __init__(self, folder: str | Path, resolution: int) -> None:
         self.folder = Path(folder)
         self.resolution = resolution
         if not self.folder.is_dir():
-            raise DatasetError(f"dataset folder {self.folder} does not exist")
+            problem = "is a file, not a folder" if self.folder.exists() else "does not exist"
+            raise DatasetError(f"dataset folder {self.folder} {problem}")
         metadata = self.folder / METADATA_FILE
         self.samples = _from_metadata(metadata) if metadata.is_file() else _from_caption_files(self.folder)
         if not self.samples:
@@ -59,8 +68,11 @@ class CaptionedImages:
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         """The image at `index` as a `(3, resolution, resolution)` float32 tensor in [-1, 1], and its caption."""
         sample = self.samples[index]
-        with Image.open(sample.image) as image:
-            square = center_crop(image.convert("RGB"), self.resolution)
+        try:
+            with open_image(sample.image) as image:
+                square = center_crop(to_rgb(image), self.resolution)
+        except (OSError, ValueError) as error:
+            raise DatasetError(f"cannot read image {sample.image}: {error}") from error
         return image_to_tensor(square), sample.caption
 
     def indices(self, seed: int, start: int, count: int) -> list[int]:
@@ -98,41 +110,100 @@ def center_crop(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def open_image(path: Path) -> Image.Image:
+    """`Image.open(path)`, refused (DatasetError naming the file) if its header declares more than
+    `MAX_IMAGE_PIXELS` pixels: nothing is decoded before the check."""
+    try:
+        with warnings.catch_warnings():  # PIL warns of images it still opens: the bound below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise DatasetError(f"image {path} is too large to decode safely: {error}") from error
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise DatasetError(
+            f"image {path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} pixels a dataset image may "
+            "have (a decompression bomb?): resize it first"
+        )
+    return image
+
+
 def _from_caption_files(folder: Path) -> list[Sample]:
     samples: list[Sample] = []
     for image in sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES):
         caption = image.with_suffix(".txt")
         if not caption.is_file():
             raise DatasetError(f"image {image} has no caption: expected {caption} (or a {METADATA_FILE} in {folder})")
-        samples.append(Sample(image, caption.read_text(encoding="utf-8").strip()))
+        samples.append(Sample(image, _read_text(caption, MAX_CAPTION_BYTES).strip()))
     return samples
 
 
 def _from_metadata(metadata: Path) -> list[Sample]:
     samples: list[Sample] = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(metadata, MAX_METADATA_BYTES).split("\n"), start=1):
+        where = f"{metadata}, line {number}"
         if not line.strip():
             continue
-        where = f"{metadata}, line {number}"
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             raise DatasetError(f"{where}: not a JSON object: {error}") from error
         if not isinstance(entry, dict):
-            raise DatasetError(f"{where}: expected a JSON object with `file_name` and `text`, got {line!r}")
+            raise DatasetError(f"{where}: expected a JSON object with `file_name` and `text`, got {line[:200]!r}")
         file_name, text = entry.get("file_name"), entry.get("text")  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
         if not isinstance(file_name, str) or not isinstance(text, str):
-            raise DatasetError(f"{where}: expected string fields `file_name` and `text`, got {line!r}")
-        image = metadata.parent / file_name
+            raise DatasetError(f"{where}: expected string fields `file_name` and `text`, got {line[:200]!r}")
+        for key, value in (("file_name", file_name), ("text", text)):
+            if not _is_text(value):
+                raise DatasetError(f"{where}: `{key}` is not valid text (a lone surrogate or NUL character)")
+        relative = Path(file_name)
+        if relative.is_absolute() or relative.drive or ".." in relative.parts:
+            raise DatasetError(f"{where}: `file_name` {file_name!r} leaves the dataset folder {metadata.parent}")
+        image = metadata.parent / relative
         if not image.is_file():
             raise DatasetError(f"{where}: image {image} does not exist")
         samples.append(Sample(image, text.strip()))
     return samples
 
 
-def _check_readable(path: Path) -> None:
+def _read_text(path: Path, limit: int) -> str:
+    """The UTF-8 text of `path`; DatasetError naming the file if it is larger than `limit` bytes (before reading
+    it), or naming the line and column of the first byte that is not UTF-8."""
+    size = path.stat().st_size
+    if size > limit:
+        raise DatasetError(f"{path} is {size} bytes, more than the {limit} bytes such a file may have")
+    data = path.read_bytes()
     try:
-        with Image.open(path) as image:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise DatasetError(
+            f"{path}, line {line}: not UTF-8 text (byte {data[error.start]:#04x} at column {column})"
+        ) from error
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in value
+
+
+def _check_readable(path: Path) -> None:
+    """DatasetError naming `path` if it is not an image PIL decodes whole (a truncated file, a bad checksum), or a
+    float image with non-finite pixels: decoded once, one image at a time, so that no such error waits for
+    training to reach the image."""
+    try:
+        with open_image(path) as image:
             image.verify()
+        with open_image(path) as image:
+            image.load()
+            if image.mode == "F":  # the one mode whose pixel values can make `to_rgb` fail
+                to_rgb(image)
+    except DatasetError:
+        raise
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DatasetError(f"cannot read image {path}: {error}") from error

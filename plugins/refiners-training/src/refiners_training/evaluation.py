@@ -10,13 +10,22 @@ from refiners_sd15 import DDIM, StableDiffusion_1
 from refiners_training.config import EvaluationConfig
 
 
+def tokenize_prompts(sd: StableDiffusion_1, config: EvaluationConfig) -> list[torch.Tensor]:
+    """The token ids `(2, 77)` of each prompt, its negative prompt first: tokenized once for the whole run."""
+    tokenizer = sd.clip_text_encoder.tokenizer
+    return [tokenizer([config.negative_prompt, prompt]) for prompt in config.prompts]
+
+
 @torch.no_grad()
-def render_prompts(sd: StableDiffusion_1, config: EvaluationConfig, resolution: int, folder: Path) -> list[Path]:
-    """Render every prompt with DDIM (`config.steps` steps, same seed each time) into `folder/NN.png`.
+def render_prompts(
+    sd: StableDiffusion_1, config: EvaluationConfig, tokens: list[torch.Tensor], resolution: int, folder: Path
+) -> list[Path]:
+    """Render every prompt (`tokens`, from `tokenize_prompts`) with DDIM (`config.steps` steps, same seed each time)
+    into `folder/NN.png`.
 
     The model's solver and progress setting are restored afterwards. Returns the paths written.
     """
-    if not config.prompts:
+    if not tokens:
         return []
     folder.mkdir(parents=True, exist_ok=True)
     solver, show_progress = sd.solver, sd.show_progress
@@ -24,8 +33,8 @@ def render_prompts(sd: StableDiffusion_1, config: EvaluationConfig, resolution: 
     size = config.resolution or resolution
     paths: list[Path] = []
     try:
-        for index, prompt in enumerate(config.prompts):
-            embedding = sd.compute_clip_text_embedding(prompt, negative_text=config.negative_prompt)
+        for index, prompt_tokens in enumerate(tokens):
+            embedding = sd.clip_text_encoder(prompt_tokens)
             x = sd.init_latents(size=(size, size), seed=config.seed)
             for step in sd.steps:
                 x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=config.condition_scale)

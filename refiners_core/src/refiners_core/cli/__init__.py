@@ -13,7 +13,9 @@ How every command, built-in or from a plugin, ends:
   whitespace, newlines included, is collapsed to single spaces and a very long message is cut; the
   exception's type is shown before it only for built-in exceptions that signal a bug rather than bad input
   (`AttributeError: ...`), or when the message is empty. Errors before a command is known (a plugin error
-  under `REFINERS_STRICT_PLUGINS=1`) read `refiners: error: ...`.
+  under `REFINERS_STRICT_PLUGINS=1`) read `refiners: error: ...`. A command with subcommands names the one
+  that ran by giving its subparser the default `command_prog` (`sub.set_defaults(command_prog=sub.prog)`):
+  `refiners train lora: error: ...`.
 - `refiners --verbose COMMAND ...` (a global option, before the command), or `REFINERS_VERBOSE=1`, prints
   the full traceback instead of that line; the exit code stays 2.
 - Ctrl-C (`KeyboardInterrupt`) prints `refiners COMMAND: interrupted` and exits with code 130.
@@ -43,6 +45,7 @@ DEMO_HELP = (
 
 
 VERBOSE_ENV = "REFINERS_VERBOSE"
+COMMAND_PROG = "command_prog"  # a parsed default naming a subcommand in error lines (see the module docstring)
 
 # Exceptions whose message is written for the user: shown without their type. Other built-in exceptions
 # (AttributeError, AssertionError, ZeroDivisionError, ...) signal a bug, and their type says which.
@@ -82,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         command_parser = argparse.ArgumentParser(prog=prog, description=spec.help or None)
         if spec.configure is not None:
             spec.configure(command_parser)
-        result = spec.run(command_parser.parse_args(rest))
+        command_args = command_parser.parse_args(rest)
+        prog = str(getattr(command_args, COMMAND_PROG, None) or prog)
+        result = spec.run(command_args)
         return 0 if result is None else int(result)
     except SystemExit:
         raise

@@ -110,9 +110,11 @@ def refiners_register_commands(cli: CommandRegistrar) -> None:
     at fault, e.g. `ValueError("--steps must be at least 1, got 0")` or `FileNotFoundError` naming the path;
     it does not print the error or exit itself. The CLI prints it as one line on stderr,
     `refiners NAME: error: MESSAGE` (whitespace collapsed), and exits with code 2; `refiners --verbose NAME`
-    (or `REFINERS_VERBOSE=1`) shows the traceback instead. Ctrl-C exits with code 130. argparse usage errors
-    in the command's own parser keep argparse's format and exit code 2, and a `SystemExit` the command
-    raises keeps its code.
+    (or `REFINERS_VERBOSE=1`) shows the traceback instead. A command with subcommands names the one that ran
+    in that line by setting the parsed default `command_prog` on its subparser
+    (`sub.set_defaults(command_prog=sub.prog)`: `refiners train lora: error: ...`). Ctrl-C exits with code
+    130. argparse usage errors in the command's own parser keep argparse's format and exit code 2, and a
+    `SystemExit` the command raises keeps its code.
 
     Must not parse `sys.argv`, print, or exit here. A name already taken (by a built-in command such as
     `plugins`, or by another plugin) is reported as a conflict on this plugin.
@@ -127,7 +129,11 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
 
     :param register: call it with one `GenerateOptionSpec` per option. A generation command for a model
         named in the spec's `models` (or for any model when `models` is None) adds `flag` to its parser,
-        repeatable, one value each time. After the model is loaded, and before anything is generated, it
+        repeatable, one value each time. Right after parsing, before it loads the model or reads anything
+        else, it calls the spec's `validate(values)` when the spec has one: `validate` checks everything it can
+        without the model (syntax, files that exist, are readable and of the expected format, finite numbers)
+        and raises an exception naming the value at fault, reported as `apply`'s are; it must not load models or
+        keep state. After the model is loaded, and before anything is generated, it
         calls `apply(model, values)` with the loaded model (e.g. a `StableDiffusion_1` for "sd15") and the
         list of every value given for the flag, in command-line order; `apply` is not called when the flag
         is absent. `apply` modifies the model in place and returns None; it raises an exception whose

@@ -106,9 +106,12 @@ class GenerateOptionSpec:
 
     The generation command adds `flag` to its parser (repeatable, taking one value each time) and, once the
     model is loaded, calls `apply(model, values)` with every value given for the flag, in order; `apply` is
-    not called when the flag is absent. `models`, when given, restricts the option to those registered model
+    not called when the flag is absent. `validate`, when given, is called as `validate(values)` right after the
+    command line is parsed, before any model is loaded: it checks what it can without the model (the values'
+    syntax, that files exist, are readable and of the right format, that numbers are finite) and raises an
+    exception naming the value at fault. `models`, when given, restricts the option to those registered model
     names (`None`: every model). The flag names the option in the registry.
-    Raises TypeError or ValueError on construction if the flag, `apply` or `models` is invalid.
+    Raises TypeError or ValueError on construction if the flag, `apply`, `validate` or `models` is invalid.
     """
 
     flag: str
@@ -116,12 +119,15 @@ class GenerateOptionSpec:
     help: str = ""
     metavar: str | None = None
     models: tuple[str, ...] | None = None
+    validate: Callable[[list[str]], None] | None = None
 
     def __post_init__(self) -> None:
         check_name("generate option", self.flag)
         if not self.flag.startswith("--") or len(self.flag) < 3 or self.flag[2] == "-":
             raise ValueError(f"generate option flag must look like '--name', got {self.flag!r}")
         _check_callable("generate option", self.flag, "apply", self.apply)
+        if self.validate is not None:
+            _check_callable("generate option", self.flag, "validate", self.validate)
         if self.models is not None:
             if not isinstance(self.models, tuple) or not self.models:  # pyright: ignore[reportUnnecessaryIsInstance]
                 raise TypeError(

@@ -8,7 +8,9 @@ import torch
 from PIL import Image
 
 import refiners_core.fluxion as fl
+from refiners_core.checks import check_finite_tensor
 from refiners_core.fluxion import Device
+from refiners_core.images import to_rgb
 from refiners_sd15.autoencoder.blocks import DownBlock, MidBlock, OutputBlock, PosteriorMean, UpBlock
 from refiners_sd15.autoencoder.config import SD15_AUTOENCODER, AutoencoderConfig
 from refiners_sd15.autoencoder.mapping import AUTOENCODER_FORMAT
@@ -143,13 +145,21 @@ class SD1Autoencoder(PretrainedComponent, fl.Chain):
 
     @torch.no_grad()
     def latents_to_images(self, latents: torch.Tensor) -> list[Image.Image]:
-        """Decode a batch of latents into RGB images (clamped to [-1, 1], rounded to 8 bits), without gradients."""
-        return [tensor_to_image(image) for image in self.decode(latents)]
+        """Decode a batch of latents into RGB images (clamped to [-1, 1], rounded to 8 bits), without gradients.
+
+        Raises ValueError if the latents, or what the decoder makes of them (float16 can overflow), have NaN or
+        infinite values: they would be written as black pixels.
+        """
+        check_finite_tensor("latents_to_images: the latents", latents)
+        decoded = self.decode(latents)
+        check_finite_tensor(f"latents_to_images: the decoded images ({decoded.dtype})", decoded)
+        return [tensor_to_image(image) for image in decoded]
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An image as a float32 `(3, H, W)` tensor in [-1, 1] (converted to RGB first), computed as diffusers does."""
-    rgb = image.convert("RGB")
+    """An image as a float32 `(3, H, W)` tensor in [-1, 1], computed as diffusers does, after `to_rgb`: pixels are
+    read by meaning (16-bit and float images scaled, not clipped to white or black; the alpha channel dropped)."""
+    rgb = to_rgb(image)
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
     return pixels.permute(2, 0, 1).float().div_(255).mul_(2).sub_(1)
 

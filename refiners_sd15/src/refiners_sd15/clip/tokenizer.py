@@ -53,6 +53,7 @@ wheel (`open_clip/bpe_simple_vocab_16e6.txt.gz`), sha256
 from __future__ import annotations
 
 import gzip
+import heapq
 import re
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -73,7 +74,8 @@ _END_OF_TEXT = "<|endoftext|>"
 _PIECES = re.compile(
     r"(?P<special><\|startoftext\|>|<\|endoftext\|>)|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+", flags=re.ASCII
 )
-_UNMERGED = 1 << 30  # rank of a pair that is not in the merges list
+_WHITESPACE = re.compile(r"[^\S\x1c-\x1f]")  # what `_PIECES` reads as a space: pieces never span one
+_MAX_COMPOSED = 4  # NFC makes one character of at most 4 (U+1F82 is U+03B1 U+0313 U+0300 U+0345)
 _CACHE_SIZE = 1 << 16  # pieces whose ids are kept; the cache is emptied when it is full
 
 
@@ -169,7 +171,43 @@ _STAND_INS = _StandIns(_STAND_IN_OVERRIDES)
 def _nfc(text: str) -> str:
     """NFC with Unicode 9.0's tables: text between the characters of `_NFC_UNKNOWN` is normalized on its own."""
     parts = _NFC_UNKNOWN.split(text)
-    return "".join(part if index % 2 else unicodedata.normalize("NFC", part) for index, part in enumerate(parts))
+    return "".join(
+        part if index % 2 else unicodedata.normalize("NFC", _canonical_order(part)) for index, part in enumerate(parts)
+    )
+
+
+def _canonical_order(text: str) -> str:
+    """`text` with each run of combining characters stably sorted by combining class, as NFC orders them.
+
+    NFC gives the same result from it, but in linear time: CPython sorts a run by insertion, quadratic in its length
+    (a 100 000-mark run took 40 s). Canonical decompositions of combining characters keep their class, and the
+    classes of characters assigned after Unicode 9.0, which Python's tables may have, are split off before.
+    """
+    if text.isascii():
+        return text
+    ordered: list[str] = []
+    run: list[str] = []
+    for char in text:
+        if unicodedata.combining(char):
+            run.append(char)
+            continue
+        if run:
+            ordered.extend(sorted(run, key=unicodedata.combining))
+            run = []
+        ordered.append(char)
+    ordered.extend(sorted(run, key=unicodedata.combining))
+    return "".join(ordered)
+
+
+def _chunks(text: str) -> Iterator[str]:
+    """`text` cut before each space: a space ends any piece and NFC composes nothing across it, so the chunks are
+    normalized and split into pieces on their own with the same result as the whole text."""
+    start = 0
+    for match in _WHITESPACE.finditer(text):
+        if match.start() > start:
+            yield text[start : match.start()]
+            start = match.start()
+    yield text[start:]
 
 
 def _pieces(text: str) -> Iterator[str]:
@@ -243,6 +281,7 @@ class CLIPTokenizer(fl.Module):
         names = sorted(self._special_ids, key=len, reverse=True)
         self._special_tokens = re.compile("(" + "|".join(map(re.escape, names)) + ")")
         self._byte_symbols = [byte_symbols[byte] for byte in range(256)]
+        self._longest_token = max(len(token.removesuffix("</w>")) for token in vocabulary)  # in bytes
         self._piece_ids: dict[str, tuple[int, ...]] = {}
 
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
@@ -251,16 +290,41 @@ class CLIPTokenizer(fl.Module):
         rows = [self._sequence(prompt) for prompt in prompts]
         return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), self.sequence_length)
 
-    def encode(self, text: str) -> list[int]:
-        """The content token ids of `text`: no start/end of text tokens, no padding, no truncation."""
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """The content token ids of `text`: no start/end of text tokens, no padding, no truncation.
+
+        With `max_tokens`, the first `max_tokens` ids only (at most), in time bounded by `max_tokens` whatever the
+        length of `text` beyond its linear scan: a word too long for `max_tokens` tokens is cut before it is
+        normalized and byte-pair encoded. The ids are those of the whole text's first `max_tokens` whenever the text
+        has at most `max_tokens` tokens; past that, a cut word may end in other tokens. Without it, the time grows
+        with the text (byte-pair encoding is O(n log n) in the length of a word).
+        """
         ids: list[int] = []
         for index, segment in enumerate(self._special_tokens.split(text)):
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
             if index % 2:
                 ids.append(self._special_ids[segment])
                 continue
-            for piece in _pieces(segment):
-                ids.extend(self._encode_piece(piece))
-        return ids
+            if max_tokens is None:
+                for piece in _pieces(segment):
+                    ids.extend(self._encode_piece(piece))
+                continue
+            for chunk in _chunks(segment):
+                # a chunk of more characters than this makes more than the remaining tokens (each token covers at
+                # most `_longest_token` bytes, NFC joins at most `_MAX_COMPOSED` characters): cut it
+                bound = _MAX_COMPOSED * self._longest_token * (max_tokens - len(ids) + 1)
+                for piece in _pieces(chunk[:bound]):
+                    ids.extend(self._encode_piece(piece[: self._longest_token * (max_tokens - len(ids) + 1)]))
+                    if len(ids) >= max_tokens:
+                        break
+                if len(ids) >= max_tokens:
+                    break
+        return ids if max_tokens is None else ids[:max_tokens]
+
+    def count_tokens(self, text: str, limit: int) -> int:
+        """The number of content tokens of `text`, counting at most `limit` (bounded time, as `encode`)."""
+        return len(self.encode(text, max_tokens=limit))
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary entry (`"cat"`, `"cat</w>"`, `"<|endoftext|>"`), None if `token` is not one.
@@ -278,7 +342,7 @@ class CLIPTokenizer(fl.Module):
         return f"sequence_length={self.sequence_length}{padding}"
 
     def _sequence(self, text: str) -> list[int]:
-        content = self.encode(text)[: self.sequence_length - 2]
+        content = self.encode(text, max_tokens=self.sequence_length - 2)
         ids = [self.start_of_text_token_id, *content, self.end_of_text_token_id]
         return ids + [self.pad_token_id] * (self.sequence_length - len(ids))
 
@@ -291,26 +355,39 @@ class CLIPTokenizer(fl.Module):
         return ids
 
     def _byte_pair_encode(self, piece: str) -> list[str]:
-        """Merge the byte symbols of `piece` (the last one marked `</w>`), lowest ranked pair first."""
-        symbols = [self._byte_symbols[byte] for byte in piece.encode("utf-8")]
+        """Merge the byte symbols of `piece` (the last one marked `</w>`), lowest ranked pair first, leftmost first
+        among equals, as `tokenizers`' BPE does: a heap of candidate pairs over a linked list, O(n log n)."""
+        symbols: list[str] = [self._byte_symbols[byte] for byte in piece.encode("utf-8")]
         symbols[-1] += "</w>"
         ranks = self._merge_ranks
-        while len(symbols) > 1:
-            pairs = [f"{first} {second}" for first, second in zip(symbols, symbols[1:])]
-            best = min(pairs, key=lambda pair: ranks.get(pair, _UNMERGED))
-            if best not in ranks:
-                break
-            merged: list[str] = []
-            index = 0
-            while index < len(symbols):
-                if index < len(pairs) and pairs[index] == best:
-                    merged.append(symbols[index] + symbols[index + 1])
-                    index += 2
-                else:
-                    merged.append(symbols[index])
-                    index += 1
-            symbols = merged
-        return symbols
+        following = list(range(1, len(symbols) + 1))  # index of the next live symbol (len: none)
+        preceding = list(range(-1, len(symbols) - 1))
+        heap: list[tuple[int, int, str, str]] = []
+
+        def push(left: int) -> None:
+            right = following[left]
+            if right < len(symbols):
+                rank = ranks.get(f"{symbols[left]} {symbols[right]}")
+                if rank is not None:
+                    heapq.heappush(heap, (rank, left, symbols[left], symbols[right]))
+
+        for index in range(len(symbols) - 1):
+            push(index)
+        while heap:
+            _, left, first, second = heapq.heappop(heap)
+            right = following[left]
+            # a pair is stale once either symbol has changed: symbols only grow, a merged-away one is emptied
+            if right >= len(symbols) or symbols[left] != first or symbols[right] != second:
+                continue
+            symbols[left] = first + second
+            symbols[right] = ""
+            following[left] = following[right]
+            if following[left] < len(symbols):
+                preceding[following[left]] = left
+            if preceding[left] >= 0:
+                push(preceding[left])
+            push(left)
+        return [symbol for symbol in symbols if symbol]
 
 
 def _read_merges(path: Path) -> list[str]:
