@@ -155,6 +155,39 @@ def test_batch_ids_match_transformers_tokenizer(tokenizer: CLIPTokenizer, refere
     assert torch.equal(ids, _reference_ids(reference, PROMPTS))
 
 
+def test_sdxl_tokenizer_2_padding_with_bang_matches_transformers_tokenizer(
+    reference: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SDXL's `tokenizer_2` is CLIP's with `pad_token` `!` (id 0, its published special_tokens_map.json): padded with
+    0, and a `!` written in a prompt is the special token 0 too, not the `!</w>` (256) of SD1.5's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("clip_tokenizer_2")
+    _write_byte_pair_files(directory)
+    reference_2 = transformers.CLIPTokenizer.from_pretrained(str(directory), pad_token="!")
+    assert reference_2.pad_token_id == 0
+    tokenizer_2 = CLIPTokenizer(pad_token_id=0)
+    prompts = ["a photo of a cat", "", "a very long prompt, " * 30, "猫 🐱", "(masterpiece:1.2), [blurry]"]
+    bangs = ["it's 1984!!", "a ! b !!", "wow!wow", "!" * 80, "<|endoftext|>!<|startoftext|>", "¡hola! ！"]
+    ids = tokenizer_2(prompts + bangs)
+    assert torch.equal(ids, _reference_ids(reference_2, prompts + bangs))
+    assert ids[1].tolist() == [49406, 49407] + [0] * 75
+    assert tokenizer_2.encode("a ! b !!") == [320, 0, 321, 0, 0]
+    assert torch.equal(ids[: len(prompts)], _reference_ids(reference, prompts).masked_fill(ids[: len(prompts)] == 0, 0))
+    assert torch.equal(_reference_ids(reference, prompts).eq(49407).sum(dim=-1) - 1, ids[: len(prompts)].eq(0).sum(-1))
+    assert "pad_token_id=0" in repr(tokenizer_2) and "pad_token_id" not in repr(CLIPTokenizer())
+
+    hypothesis = pytest.importorskip("hypothesis")
+    fragments = [*"!!!¡！ ab'<|>", "'s", "!'s", "<|endoftext|>", "<|startoftext|>", "word", "1girl", "猫", "🐱"]
+
+    @hypothesis.settings(max_examples=100, deadline=None, database=None)
+    @hypothesis.given(hypothesis.strategies.lists(hypothesis.strategies.sampled_from(fragments), max_size=40))
+    def check(parts: list[str]) -> None:
+        text = "".join(parts)
+        assert tokenizer_2(text).tolist() == _reference_ids(reference_2, text).tolist()
+
+    check()
+
+
 @pytest.mark.parametrize("prompt", ["a very long prompt, " * 30, "word " * 100, "🐱" * 80])
 def test_encode_matches_untruncated_reference(tokenizer: CLIPTokenizer, reference: Any, prompt: str) -> None:
     ids = tokenizer.encode(prompt)

@@ -35,7 +35,7 @@ TINY_UNET: dict[str, Any] = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [32, 64],
     "layers_per_block": 1,
-    "cross_attention_dim": 32,
+    "cross_attention_dim": 64,  # the tiny text encoder's width
     "attention_head_dim": 8,
     "norm_num_groups": 32,
 }
@@ -108,7 +108,7 @@ def _assert_matches(sd: StableDiffusion_1, references: References) -> None:
         assert _close(sd.clip_text_encoder(PROMPT), reference_text)
 
         latents = torch.randn(2, 4, 8, 8)
-        text = torch.randn(2, 77, 32)  # the tiny UNet's cross-attention width
+        text = torch.randn(2, 77, 64)  # the tiny UNet's cross-attention width
         timestep = torch.tensor([500])
         sd.unet.set_timestep(timestep)
         sd.unet.set_clip_text_embedding(text)
@@ -188,16 +188,28 @@ def test_weights_of_another_architecture_are_refused_with_key_path_and_shapes(
     message = str(error.value)
     assert "diffusion_pytorch_model.safetensors" in message
     assert "attn2.to_k.weight' has shape (32, 48)" in message
-    assert "SD1UNet." in message and "expects (32, 32)" in message
+    assert "SD1UNet." in message and "expects (32, 64)" in message
+
+
+def test_a_unet_wider_than_its_text_encoder_is_refused_naming_both_widths(
+    diffusers_folder: Path, tmp_path: Path
+) -> None:
+    """An SD2-width UNet (its weights are never read) next to the 64-wide text encoder: refused at load time."""
+    folder = tmp_path / "sd2_unet"
+    shutil.copytree(diffusers_folder, folder)
+    config_path = folder / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "cross_attention_dim": 1024}))
+    with pytest.raises(ValueError, match=r"unet attends to 1024-wide text .* text_encoder gives 64-wide"):
+        StableDiffusion_1.from_pretrained(folder)
 
 
 def test_an_unsupported_config_names_the_file_and_field(diffusers_folder: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "linear_projection"
+    folder = tmp_path / "class_embedding"
     shutil.copytree(diffusers_folder, folder)
     config_path = folder / "unet" / "config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "use_linear_projection": True}))
-    with pytest.raises(ValueError, match=r"unet/config\.json.*use_linear_projection"):
+    config_path.write_text(json.dumps({**config, "class_embed_type": "timestep"}))
+    with pytest.raises(ValueError, match=r"unet/config\.json.*class_embed_type"):
         StableDiffusion_1.from_pretrained(folder)
 
 

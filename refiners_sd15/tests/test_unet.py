@@ -33,7 +33,7 @@ from refiners_sd15.unet import (
     unet_config_from_diffusers,
     unet_config_from_ldm,
 )
-from refiners_sd15.unet.blocks import ConcatenateSkip, SaveSkip, SinusoidalEmbedding, Upsample
+from refiners_sd15.unet.blocks import ConcatenateSkip, CrossAttentionBlock2d, SaveSkip, SinusoidalEmbedding, Upsample
 
 TOLERANCE = 1e-4
 LDM_PREFIX = "model.diffusion_model."
@@ -64,6 +64,13 @@ SMALL_UNET_CONFIG: dict[str, Any] = {
     "norm_num_groups": 8,
     "sample_size": 16,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# The small UNet with what SD2 and SDXL changed: heads and transformer depths per level, linear projections.
+PER_LEVEL_UNET_CONFIG: dict[str, Any] = {
+    **SMALL_UNET_CONFIG,
+    "attention_head_dim": [2, 4, 8],
+    "transformer_layers_per_block": [2, 1, 3],
+    "use_linear_projection": True,
 }
 # diffusers' own tiny test UNet (hf-internal-testing/tiny-stable-diffusion-pipe): attention on the deeper level only.
 TINY_UNET_CONFIG: dict[str, Any] = {
@@ -296,10 +303,21 @@ def test_config_read_from_ldm_tensors_matches_the_diffusers_config(name: str) ->
     assert from_ldm == replace(unet_config, attention_head_dim=8, norm_num_groups=32)  # not in the weights: SD1's
 
 
-def test_config_from_sd2_ldm_tensors_is_refused() -> None:
+def test_config_from_sd2_ldm_tensors_reads_linear_projections_and_64_channels_per_head() -> None:
+    config = unet_config_from_ldm(ldm_shapes(SD21_UNET_CONFIG))
+    assert config == unet_config_from_diffusers(SD21_UNET_CONFIG)  # heads (5, 10, 20, 20): not in the weights
+
+
+def test_config_from_ldm_tensors_counts_the_transformer_depths() -> None:
+    config = unet_config_from_ldm(ldm_shapes(PER_LEVEL_UNET_CONFIG))
+    assert config.transformer_layers_per_block == (2, 1, 3)  # the last level's is the middle block's
+    assert config.use_linear_projection and config.attention_head_dim == 1  # 32 or 64 channels: one 64-wide head
+
+
+def test_config_from_ldm_tensors_with_a_class_embedding_is_refused() -> None:
     tensors = ldm_shapes(SMALL_UNET_CONFIG)
-    tensors["input_blocks.1.1.proj_in.weight"] = torch.empty(32, 32, device="meta")  # SD2's linear projection
-    with pytest.raises(ValueError, match=r"input_blocks\.1\.1\.proj_in\.weight.*linear projection"):
+    tensors["label_emb.0.0.weight"] = torch.empty(128, 256, device="meta")  # attention on the first level: not SDXL
+    with pytest.raises(ValueError, match=r"'label_emb\.0\.0\.weight' is a class embedding"):
         unet_config_from_ldm(tensors)
 
 
@@ -318,13 +336,14 @@ def test_published_sd15_config_gives_the_default_unet() -> None:
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("use_linear_projection", True),
-        ("addition_embed_type", "text_time"),
+        ("addition_embed_type", "text"),
         ("class_embed_type", "timestep"),
         ("num_class_embeds", 10),
         ("time_cond_proj_dim", 256),
-        ("attention_head_dim", [5, 10, 20, 20]),
-        ("transformer_layers_per_block", 2),
+        ("attention_head_dim", [5, 10, 20]),  # one per level, but 3 levels for 4
+        ("transformer_layers_per_block", [[1, 2], [1, 2], [1, 2], [1, 2]]),  # one per transformer: not supported
+        ("reverse_transformer_layers_per_block", [[1, 1, 1]] * 4),
+        ("num_attention_heads", 8),
         ("down_block_types", ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"]),
         ("up_block_types", ["UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]),
         ("mid_block_type", None),
@@ -348,9 +367,35 @@ def test_config_with_one_value_per_level_or_attention_upcast_is_accepted() -> No
     assert unet_config_from_diffusers(config) == unet_config_from_diffusers(SD15_UNET_CONFIG)
 
 
-def test_sd21_config_is_refused() -> None:
-    with pytest.raises(ValueError, match="use_linear_projection"):
-        unet_config_from_diffusers(SD21_UNET_CONFIG)
+def test_sd21_config_gives_heads_per_level_and_linear_projections() -> None:
+    config = unet_config_from_diffusers(SD21_UNET_CONFIG)
+    assert config == replace(
+        SD15_UNET, attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True
+    )
+    assert [config.num_heads(level) for level in range(4)] == [5, 10, 20, 20]  # 64 channels per head
+    assert config.transformer_depth(-1) == 1
+
+
+def test_unet_with_heads_and_depths_per_level_and_linear_projections_matches_diffusers(tmp_path: Path) -> None:
+    """What SD2 and SDXL changed in the spatial transformers: per-level heads and transformer depths (the middle
+    block takes the last level's), and linear projections."""
+    reference = reference_unet(PER_LEVEL_UNET_CONFIG, seed=1)
+    ours, _ = save_and_load(reference, tmp_path)
+    assert ours.config.attention_head_dim == (2, 4, 8)
+    assert ours.config.transformer_layers_per_block == (2, 1, 3)
+    assert ours.config.use_linear_projection
+    assert ours.foreign_pointwise_convolutions("diffusers") == set()  # diffusers' proj_in / proj_out are Linears
+    depths = [block.depth for block in ours.layers(CrossAttentionBlock2d)]
+    assert depths == [2, 2, 1, 1, 3, 1, 1, 1, 2, 2, 2]  # down levels 0 and 1, middle, up levels 1 and 0
+    torch.manual_seed(7)
+    x, text = inputs(2, 4, 13, 7, 24)
+    timestep = torch.tensor([10, 600])
+    assert_close(our_output(ours, x, timestep, text), reference_output(reference, x, timestep, text))
+
+
+def test_heads_per_level_that_do_not_divide_the_channels_are_refused() -> None:
+    with pytest.raises(ValueError, match="64 channels of level 1 cannot be split in 5 attention heads"):
+        unet_config_from_diffusers({**SMALL_UNET_CONFIG, "attention_head_dim": [4, 5, 4]})
 
 
 # Wrong weights

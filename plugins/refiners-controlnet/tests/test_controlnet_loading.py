@@ -69,7 +69,15 @@ def test_published_config_reads_as_the_sd15_architecture() -> None:
         ({"_class_name": "UNet2DConditionModel"}, "_class_name='UNet2DConditionModel'; expected 'ControlNetModel'"),
         ({"controlnet_conditioning_channel_order": "bgr"}, "controlnet_conditioning_channel_order='bgr'"),
         ({"global_pool_conditions": True}, "global_pool_conditions=true"),
-        ({"use_linear_projection": True}, "use_linear_projection=True"),
+        (
+            {
+                "addition_embed_type": "text_time",
+                "addition_time_embed_dim": 256,
+                "projection_class_embeddings_input_dim": 2816,
+            },
+            "addition_embed_type='text_time' (an SDXL ControlNet",
+        ),
+        ({"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
         ({"down_block_types": ["CrossAttnDownBlock2D", "Whatever"]}, "down_block_types"),
     ],
 )
@@ -132,8 +140,8 @@ def test_bad_weights_name_the_file_key_and_layer(saved: tuple[ControlNetModel, P
         ControlNet.from_pretrained(tmp_path)
 
     config = json.loads((folder / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "use_linear_projection": True}))
-    with pytest.raises(ValueError, match=r"config\.json: unsupported ControlNet config: .*use_linear_projection"):
+    (tmp_path / "config.json").write_text(json.dumps({**config, "class_embed_type": "timestep"}))
+    with pytest.raises(ValueError, match=r"config\.json: unsupported ControlNet config: .*class_embed_type"):
         ControlNet.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError):
         ControlNet.from_pretrained(tmp_path / "missing")

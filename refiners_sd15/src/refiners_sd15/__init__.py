@@ -8,16 +8,26 @@ sd = StableDiffusion_1.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v
 from importlib.metadata import PackageNotFoundError, version
 
 from refiners_sd15.autoencoder import SD15_AUTOENCODER, AutoencoderConfig, SD1Autoencoder
-from refiners_sd15.clip import CLIP_TEXT_L, CLIPTextEncoderConfig, CLIPTextEncoderL, CLIPTokenizer
+from refiners_sd15.clip import (
+    CLIP_TEXT_G,
+    CLIP_TEXT_L,
+    CLIP_TEXT_L_PENULTIMATE,
+    CLIPTextEncoderConfig,
+    CLIPTextEncoderG,
+    CLIPTextEncoderL,
+    CLIPTokenizer,
+    DoubleTextEncoder,
+)
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
-from refiners_sd15.model import (
+from refiners_sd15.latent_diffusion import (
     MAX_IMAGE_PIXELS,
     MAX_IMAGE_SIDE,
     MAX_SEED,
-    StableDiffusion_1,
+    LatentDiffusionModel,
     check_image_size,
     check_input_image,
 )
+from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import DDIM, DPMSolver, Euler, Solver
 from refiners_sd15.unet import SD15_INPAINTING_UNET, SD15_UNET, SD1UNet, UNetConfig
 
@@ -27,7 +37,9 @@ except PackageNotFoundError:  # imported from a source tree that is not installe
     __version__ = "0.0.0"
 
 __all__ = [
+    "CLIP_TEXT_G",
     "CLIP_TEXT_L",
+    "CLIP_TEXT_L_PENULTIMATE",
     "DDIM",
     "MAX_IMAGE_PIXELS",
     "MAX_IMAGE_SIDE",
@@ -37,9 +49,12 @@ __all__ = [
     "SD15_UNET",
     "AutoencoderConfig",
     "CLIPTextEncoderConfig",
+    "CLIPTextEncoderG",
     "CLIPTextEncoderL",
     "CLIPTokenizer",
     "DPMSolver",
+    "LatentDiffusionModel",
+    "DoubleTextEncoder",
     "Euler",
     "SD1Autoencoder",
     "SD1UNet",

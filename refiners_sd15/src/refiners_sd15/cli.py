@@ -52,7 +52,8 @@ from refiners_sd15.generate_checks import (
     parse_size,
 )
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
-from refiners_sd15.model import MAX_IMAGE_SIDE, MAX_SEED, StableDiffusion_1, check_image_size
+from refiners_sd15.latent_diffusion import MAX_IMAGE_SIDE, MAX_SEED, check_image_size
+from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import Solver
 
 MODEL_NAME = "sd15"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from refiners_core.checks import check_finite
 from refiners_sd15.clip import CLIPTokenizer
-from refiners_sd15.model import MAX_IMAGE_SIDE, check_image_size
+from refiners_sd15.latent_diffusion import MAX_IMAGE_SIDE, check_image_size
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 """The `--out` extensions and the format each is written in."""

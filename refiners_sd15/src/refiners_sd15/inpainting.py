@@ -9,7 +9,8 @@ from refiners_core.images import to_mask
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.autoencoder.autoencoder import image_to_tensor
 from refiners_sd15.clip import CLIPTextEncoderL
-from refiners_sd15.model import StableDiffusion_1, check_image_size, check_input_image
+from refiners_sd15.latent_diffusion import check_image_size, check_input_image
+from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import Solver
 from refiners_sd15.unet import SD15_INPAINTING_UNET, SD1UNet
 

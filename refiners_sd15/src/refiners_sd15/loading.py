@@ -46,6 +46,8 @@ class ComponentFormat(Generic[TConfig]):
     `TConfig` is the component's config dataclass: the model is built as `model_class(config, device=, dtype=)`,
     and the mappings are computed from that config. Our own format stores `config_to_json(config)` and reads it
     back with `config_from_json`; by default the dataclass's fields, tuples written as JSON lists.
+    `single_file_tensors`, when set, rewrites a single file's tensors (keys without the prefix, after
+    `single_file_config` read them) into those `single_file_mapping` maps, e.g. splits fused projections into views.
     """
 
     name: str
@@ -60,6 +62,7 @@ class ComponentFormat(Generic[TConfig]):
     ignored_keys: frozenset[str] = frozenset()
     config_to_json: Callable[[TConfig], dict[str, Any]] | None = None
     config_from_json: Callable[[dict[str, Any]], TConfig] | None = None
+    single_file_tensors: Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]] | None = None
 
     def to_json(self, config: TConfig) -> dict[str, Any]:
         """The config as our own format's metadata stores it."""
@@ -224,6 +227,26 @@ def load_located(
     )
 
 
+def read_component_config(
+    component: ComponentFormat[TConfig],
+    path_or_repo_id: PathOrRepoId,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+) -> TConfig:
+    """The config of a component of a diffusers folder or hub id, read from its `config.json` without its weights.
+
+    `subfolder` defaults to the component's diffusers one. Raises FileNotFoundError naming the component and the
+    folder when there is no `config.json`, and ValueError naming the file and field for an unsupported config.
+    """
+    folder_subpath = component.subfolder if subfolder is None else subfolder
+    config_path = _find(path_or_repo_id, "config.json", subfolder=folder_subpath, revision=revision)
+    if config_path is None:
+        where = f"{os.fspath(path_or_repo_id)}/{folder_subpath}" if folder_subpath else os.fspath(path_or_repo_id)
+        raise FileNotFoundError(f"no {component.name} in {where}: it has no config.json")
+    return _config_from_diffusers(component, config_path)
+
+
 def load_single_file_component(
     model_class: type[TModel],
     component: ComponentFormat[Any],
@@ -238,10 +261,13 @@ def load_single_file_component(
     own = {key: value for key, value in tensors.items() if key.startswith(prefix)}
     if not own:
         raise WeightsError(f"{source}: no '{prefix}*' keys, so no {component.name} in this checkpoint")
+    unprefixed = {key.removeprefix(prefix): value for key, value in own.items()}
     try:
-        config = component.single_file_config({key.removeprefix(prefix): value for key, value in own.items()})
+        config = component.single_file_config(unprefixed)
     except ValueError as error:
         raise WeightsError(f"{source}: the {component.name} under '{prefix}': {error}") from error
+    if component.single_file_tensors is not None:
+        own = {prefix + key: value for key, value in component.single_file_tensors(unprefixed).items()}
     return _build_and_load(
         model_class,
         config,

@@ -4,66 +4,30 @@ denoising loop that drives them with a solver."""
 from __future__ import annotations
 
 import json
-import operator
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from PIL import Image
-from tqdm import tqdm
 
-import refiners_core.fluxion as fl
-from refiners_core.checks import check_finite, check_finite_tensor
+from refiners_core.checks import check_finite
 from refiners_core.module_names import DIFFUSERS, prefixed
-from refiners_core.weights import WeightsError, load_tensors
+from refiners_core.weights import WeightsError, load_tensors, resolve_path
 from refiners_sd15.autoencoder import SD1Autoencoder
-from refiners_sd15.clip import CLIPTextEncoderL
-from refiners_sd15.loading import PathOrRepoId, load_located, load_single_file_component, locate_component
-from refiners_sd15.solvers import DPMSolver, Solver
-from refiners_sd15.unet import SD1UNet
+from refiners_sd15.clip import TEXT_ENCODER_FORMAT, CLIPTextEncoderL
+from refiners_sd15.latent_diffusion import LatentDiffusionModel
+from refiners_sd15.loading import (
+    PathOrRepoId,
+    load_located,
+    load_single_file_component,
+    locate_component,
+    read_component_config,
+)
+from refiners_sd15.solvers import Solver
+from refiners_sd15.unet import UNET_FORMAT, SD1UNet
 
 OWN_INDEX = "refiners_sd15.json"
 OWN_FILES = {"unet": "unet.safetensors", "lda": "lda.safetensors", "clip_text_encoder": "clip_text_encoder.safetensors"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
-MAX_IMAGE_SIDE = 8192
-"""The largest width or height, in pixels, of a generated image, an init image or a mask."""
-MAX_IMAGE_PIXELS = 4096 * 4096
-"""The largest width times height of a generated image (16.8 megapixels: 4096x4096, or 8192x2048)."""
-
-
-def check_image_size(width: int, height: int, what: str = "image size") -> None:
-    """Raise ValueError, naming `what` and the size, unless `width`x`height` is a size SD1.5 can generate: positive
-    multiples of 8, each side at most `MAX_IMAGE_SIDE` and the area at most `MAX_IMAGE_PIXELS`.
-
-    Checked before anything is allocated: a 100000x100000 request is refused at once rather than dying in the
-    allocator.
-    """
-    try:
-        width, height = operator.index(width), operator.index(height)
-    except TypeError:
-        raise ValueError(f"{what} must be integers, got {width!r}x{height!r}") from None
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise ValueError(f"{what} {width}x{height} (width x height): each side must be a positive multiple of 8")
-    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
-        raise ValueError(f"{what} {width}x{height} (width x height): each side must be at most {MAX_IMAGE_SIDE}")
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(
-            f"{what} {width}x{height} (width x height) has {width * height} pixels, more than the {MAX_IMAGE_PIXELS} "
-            "(4096x4096) allowed"
-        )
-
-
-def check_input_image(image: object, what: str = "image") -> None:
-    """Raise TypeError unless `image` is a PIL image, ValueError naming `what` unless each of its sides is from 1 to
-    `MAX_IMAGE_SIDE` pixels (init images and masks are resized to the generated size: this bounds what is read)."""
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"{what} must be a PIL.Image.Image, got {type(image).__name__}")
-    width, height = image.size
-    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
-        raise ValueError(
-            f"{what} is {width}x{height} (width x height): each side must be from 1 to {MAX_IMAGE_SIDE} pixels"
-        )
 
 
 def _prompts(what: str, value: object, copies: int) -> list[str]:
@@ -79,11 +43,43 @@ def _prompts(what: str, value: object, copies: int) -> list[str]:
     return [str(prompt) for prompt in prompts]
 
 
-MAX_SEED = 2**64 - 1
-"""The largest seed (torch's generators take 64-bit seeds)."""
+def check_not_sdxl(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> None:
+    """Raise ValueError naming `model_index.json` when a diffusers folder or hub id holds an SDXL pipeline (its
+    components would otherwise fail one by one, on the UNet's added embedding). A folder without one passes."""
+    try:
+        path = resolve_path(path_or_repo_id, "model_index.json", revision=revision)
+    except FileNotFoundError:
+        return
+    try:
+        pipeline: object = json.loads(path.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        raise WeightsError(f"cannot read {path} as a JSON object: {error}") from error
+    if isinstance(pipeline, str) and pipeline.startswith("StableDiffusionXL"):
+        raise ValueError(
+            f"{path}: _class_name is {pipeline!r}, a Stable Diffusion XL model: load it with "
+            "refiners_sdxl.StableDiffusion_XL (the refiners-sdxl package), not StableDiffusion_1"
+        )
 
 
-class StableDiffusion_1(fl.Module):
+def check_text_width(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> None:
+    """Raise ValueError naming both components and both widths when the UNet of a diffusers folder or hub id does not
+    attend to text as wide as its text encoder gives (e.g. an SD2 UNet, `cross_attention_dim` 1024, next to SD1.5's
+    768-wide CLIP-L), which would otherwise fail only at the first generation. Components without a config.json
+    are not checked here (their defaults are SD1.5's)."""
+    try:
+        unet = read_component_config(UNET_FORMAT, path_or_repo_id, revision=revision)
+        text_encoder = read_component_config(TEXT_ENCODER_FORMAT, path_or_repo_id, revision=revision)
+    except FileNotFoundError:
+        return
+    if unet.cross_attention_dim != text_encoder.embedding_dim:
+        raise ValueError(
+            f"{os.fspath(path_or_repo_id)}: unet attends to {unet.cross_attention_dim}-wide text "
+            f"(unet/config.json cross_attention_dim) but text_encoder gives {text_encoder.embedding_dim}-wide "
+            "embeddings (text_encoder/config.json hidden_size): these components do not belong together"
+        )
+
+
+class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
     """Stable Diffusion 1.5: `unet`, `lda` (the autoencoder) and `clip_text_encoder`, driven by `solver`.
 
     `StableDiffusion_1()` builds the published architecture with random weights; `from_pretrained` reads a
@@ -112,11 +108,12 @@ class StableDiffusion_1(fl.Module):
         solver: Solver | None = None,
         show_progress: bool = True,
     ) -> None:
-        super().__init__()
-        self.solver: Solver = solver if solver is not None else DPMSolver(num_inference_steps=30)
-        self.show_progress = show_progress
-        self.unet = unet if unet is not None else SD1UNet(device=device, dtype=dtype)
-        self.lda = lda if lda is not None else SD1Autoencoder(device=device, dtype=dtype)
+        super().__init__(
+            unet if unet is not None else SD1UNet(device=device, dtype=dtype),
+            lda if lda is not None else SD1Autoencoder(device=device, dtype=dtype),
+            solver=solver,
+            show_progress=show_progress,
+        )
         self.clip_text_encoder = (
             clip_text_encoder if clip_text_encoder is not None else CLIPTextEncoderL(device=device, dtype=dtype)
         )
@@ -136,67 +133,6 @@ class StableDiffusion_1(fl.Module):
             raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
         embeddings = self.clip_text_encoder([*negatives, *texts])
         return embeddings
-
-    @property
-    def steps(self) -> Iterable[int]:
-        """The solver's inference steps, with a tqdm progress bar unless `show_progress` is False."""
-        return tqdm(self.solver.inference_steps, desc="denoising", unit="step", disable=not self.show_progress)
-
-    def init_latents(
-        self,
-        size: tuple[int, int],
-        init_image: Image.Image | None = None,
-        noise: torch.Tensor | None = None,
-        *,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
-    ) -> torch.Tensor:
-        """The latents a denoising run starts from, for an image of `size = (height, width)` pixels.
-
-        `noise` (shape `(1, latent_channels, height / 8, width / 8)`) is drawn when not given, from `generator` or
-        `seed`, on the CPU in the model's dtype as diffusers does: a seed gives the same noise on every device.
-        Without `init_image`, the noise is scaled by the solver's `init_noise_sigma`; with one (resized to `size`),
-        its latents are noised to the level of the solver's `first_inference_step` (image-to-image); its pixels are
-        read by meaning (`refiners_core.images.to_rgb`: 16-bit and float images are scaled, not clipped). Raises
-        ValueError, before allocating anything, for a size `check_image_size` refuses (multiples of 8, each side at
-        most `MAX_IMAGE_SIDE`, at most `MAX_IMAGE_PIXELS`), an `init_image` with a side over `MAX_IMAGE_SIDE`, a
-        noise of the wrong shape or with NaN or infinite values, a seed outside 0 to `MAX_SEED`, both a generator and
-        a seed, or a solver that starts later than its first step without an `init_image`.
-        """
-        try:
-            height, width = size
-        except (TypeError, ValueError):
-            raise ValueError(f"init_latents size must be (height, width), got {size!r}") from None
-        check_image_size(width, height, "init_latents size")
-        if init_image is not None:
-            check_input_image(init_image, "init_latents init_image")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"init_latents seed must be an integer from 0 to 2**64-1, got {seed!r}")
-        factor = self.lda.downscale_factor
-        if height % factor or width % factor:
-            raise ValueError(f"size (height, width) must be positive multiples of {factor}, got {size}")
-        shape = (1, self.lda.config.latent_channels, height // factor, width // factor)
-        if noise is None:
-            if generator is not None and seed is not None:
-                raise ValueError("give init_latents a generator or a seed, not both")
-            if seed is not None:
-                generator = torch.Generator().manual_seed(seed)
-            noise = torch.randn(shape, generator=generator, dtype=self.unet.dtype)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {shape} for size {size}, got {tuple(noise.shape)}")
-        else:
-            check_finite_tensor("noise", noise)
-        noise = noise.to(device=self.unet.device, dtype=self.unet.dtype)
-        if init_image is None:
-            if self.solver.first_inference_step > 0:
-                raise ValueError(
-                    f"the solver starts at step {self.solver.first_inference_step}: image-to-image needs an init_image"
-                )
-            return noise * self.solver.init_noise_sigma
-        if init_image.size != (width, height):
-            init_image = init_image.resize((width, height), Image.Resampling.LANCZOS)
-        latents = self.lda.image_to_latents(init_image).to(dtype=noise.dtype)
-        return self.solver.add_noise(latents, noise, self.solver.first_inference_step)
 
     def forward(
         self, x: torch.Tensor, step: int, *, clip_text_embedding: torch.Tensor, condition_scale: float = 7.5
@@ -281,10 +217,12 @@ class StableDiffusion_1(fl.Module):
             return cls.from_single_file(local, device=device, dtype=dtype)
         if (local / OWN_INDEX).is_file():
             return cls._from_own_folder(local, device=device, dtype=dtype)
+        check_not_sdxl(path_or_repo_id, revision=revision)
         located = [
             locate_component(component.component_format, path_or_repo_id, variant=variant, revision=revision)
             for component in (SD1UNet, SD1Autoencoder, CLIPTextEncoderL)
         ]  # every config and weight file checked before any weights are read
+        check_text_width(path_or_repo_id, revision=revision)
         unet, lda, clip_text_encoder = located
         return cls(
             unet=load_located(SD1UNet, unet, device=device, dtype=dtype),
@@ -306,6 +244,11 @@ class StableDiffusion_1(fl.Module):
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise WeightsError(f"{path}: not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
         tensors = load_tensors(path)
+        sdxl = next((key for key in tensors if key.startswith("conditioner.embedders.")), None)
+        if sdxl is not None:
+            raise ValueError(
+                f"{path}: '{sdxl}' is an SDXL text encoder: load this checkpoint with refiners_sdxl.StableDiffusion_XL"
+            )
         return cls(
             unet=load_single_file_component(
                 SD1UNet, SD1UNet.component_format, source=path, tensors=tensors, device=device, dtype=dtype

@@ -52,8 +52,9 @@ def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> ControlNetCon
     """The `ControlNetConfig` of a diffusers `ControlNetModel` config (`config.json`).
 
     The encoder fields are read as refiners-sd15 reads a UNet config (absent fields take diffusers' defaults).
-    Raises ValueError naming the field for an architecture outside the SD1 family or a ControlNet variant this
-    package does not implement (`bgr` channel order, globally pooled conditions).
+    Raises ValueError naming the field for an architecture the UNet reader refuses, an SDXL ControlNet (with the
+    `text_time` added embedding), or a ControlNet variant this package does not implement (`bgr` channel order,
+    globally pooled conditions).
     """
     class_name = config.get("_class_name", "ControlNetModel")
     if class_name != "ControlNetModel":
@@ -77,6 +78,11 @@ def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> ControlNetCon
         unet = unet_config_from_diffusers(as_unet)
     except ValueError as error:
         raise ValueError(f"unsupported ControlNet config: {error}") from error
+    if unet.addition_embed_type is not None:
+        raise ValueError(
+            f"unsupported ControlNet config: addition_embed_type={unet.addition_embed_type!r} (an SDXL ControlNet, "
+            "whose encoder has the added embedding); expected null"
+        )
     return ControlNetConfig(
         unet=unet,
         conditioning_channels=positive_int("conditioning_channels", config.get("conditioning_channels", 3)),

@@ -1,8 +1,9 @@
-"""The CLIP ViT-L/14 text encoder of Stable Diffusion 1.5: prompts to the embeddings the UNet attends to.
+"""CLIP text encoders: prompts to the embeddings a UNet attends to, as Stable Diffusion 1.5 and SDXL use them.
 
-Same computation as transformers' `CLIPTextModel(input_ids).last_hidden_state`: token and position embeddings,
-pre-norm transformer layers with causal self-attention (no padding mask: SD1.5 pads with the end-of-text token and
-every position attends to the ones before it), then a final layer norm.
+Same computation as transformers' `CLIPTextModel` and `CLIPTextModelWithProjection`: token and position embeddings,
+pre-norm transformer layers with causal self-attention (no padding mask: every position attends to the ones before
+it, whatever the padding), then a final layer norm. SD1.5 takes the last hidden state; SDXL the penultimate one and,
+from OpenCLIP ViT-bigG, the projected embedding of the end-of-text token.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
 from refiners_core.fluxion import Device
+from refiners_core.fluxion.context import ContextError, Contexts
 from refiners_core.module_names import DIFFUSERS, KOHYA, kohya_names, module_names
-from refiners_sd15.clip.config import CLIP_TEXT_L, CLIPTextEncoderConfig
-from refiners_sd15.clip.mapping import TEXT_ENCODER_FORMAT, transformers_clip_text_mapping
+from refiners_sd15.clip.config import CLIP_TEXT_G, CLIP_TEXT_L, CLIPTextEncoderConfig
+from refiners_sd15.clip.mapping import (
+    SDXL_TEXT_ENCODER_2_FORMAT,
+    TEXT_ENCODER_FORMAT,
+    transformers_clip_text_mapping,
+)
 from refiners_sd15.clip.tokenizer import CLIPTokenizer
 from refiners_sd15.loading import PretrainedComponent
 
@@ -142,6 +148,79 @@ class TransformerLayer(fl.Chain):
         )
 
 
+TOKEN_IDS_CONTEXT = "clip_text_encoder"
+"""Context in which an encoder with a pooled output keeps the token ids (key `token_ids`) for `EndOfTextToken`."""
+
+
+class EndOfTextToken(fl.Module):
+    """The hidden state at each sequence's end-of-text token: `(B, D)` for hidden states `(B, L, D)`.
+
+    The token ids `(B, L)` are read from the `TOKEN_IDS_CONTEXT` context, where the encoder puts them. The token is
+    the first `end_of_text_token_id` of each sequence or, when None, its largest id (transformers' rule for the
+    published CLIP configs, see `CLIPTextEncoderConfig`).
+    """
+
+    def __init__(self, end_of_text_token_id: int | None = None) -> None:
+        super().__init__()
+        self.end_of_text_token_id = end_of_text_token_id
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        token_ids: torch.Tensor | None = self.use_context(TOKEN_IDS_CONTEXT, key="token_ids").get("token_ids")
+        if token_ids is None:
+            raise ContextError(
+                f"EndOfTextToken at `{self.get_path()}` needs the token ids: its encoder puts them in the "
+                f"'{TOKEN_IDS_CONTEXT}' context after tokenizing (or `set_context('{TOKEN_IDS_CONTEXT}', "
+                "{'token_ids': ...})`)"
+            )
+        token_ids = token_ids.to(device=x.device)
+        if self.end_of_text_token_id is None:
+            positions = token_ids.argmax(dim=-1)
+        else:
+            positions = token_ids.eq(self.end_of_text_token_id).int().argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), positions]
+
+    def extra_repr(self) -> str:
+        if self.end_of_text_token_id is None:
+            return "largest id"
+        return f"end_of_text_token_id={self.end_of_text_token_id}"
+
+
+class PooledTextEmbedding(fl.Chain):
+    """The pooled text embedding `(B, projection_dim)` from the penultimate hidden states `(B, L, D)`: the last
+    layer, the final norm, the hidden state at the end-of-text token, then the text projection (a linear map without
+    bias; none when `projection_dim` is None, which gives `(B, D)`)."""
+
+    def __init__(self, config: CLIPTextEncoderConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        dim = config.embedding_dim
+        super().__init__(
+            _transformer_layer(config, device=device, dtype=dtype),
+            fl.LayerNorm(dim, eps=config.layer_norm_eps, device=device, dtype=dtype),
+            EndOfTextToken(config.end_of_text_token_id),
+            (
+                []
+                if config.projection_dim is None
+                else [fl.Linear(dim, config.projection_dim, bias=False, device=device, dtype=dtype)]
+            ),
+        )
+
+    def init_context(self) -> Contexts:
+        return {TOKEN_IDS_CONTEXT: {}}
+
+
+def _transformer_layer(
+    config: CLIPTextEncoderConfig, device: Device = None, dtype: torch.dtype | None = None
+) -> TransformerLayer:
+    return TransformerLayer(
+        config.embedding_dim,
+        config.num_attention_heads,
+        config.feedforward_dim,
+        config.layer_norm_eps,
+        config.use_quick_gelu,
+        device=device,
+        dtype=dtype,
+    )
+
+
 class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
     """CLIP ViT-L/14's text encoder, as Stable Diffusion 1.5 uses it: its last hidden state, after the final norm.
 
@@ -150,11 +229,13 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
     `(B, L, embedding_dim)`. The output matches transformers' `CLIPTextModel(input_ids).last_hidden_state`.
 
     `CLIPTextEncoderL()` has the published SD1.5 architecture (`CLIP_TEXT_L`); another `CLIPTextEncoderConfig`
-    describes other CLIP text transformers. The config is kept as `encoder.config`. Every parameter is created on
-    `device` with `dtype`.
+    describes other CLIP text transformers or outputs: with `CLIP_TEXT_L_PENULTIMATE` (SDXL's first text encoder)
+    it returns the tuple `(penultimate hidden states (B, L, D), pooled embedding (B, D))`, matching transformers'
+    `hidden_states[-2]` and `pooler_output` (see `CLIPTextEncoderConfig.output`). The config is kept as
+    `encoder.config`. Every parameter is created on `device` with `dtype`.
 
     Args:
-        config: the architecture.
+        config: the architecture and output.
         device: device of the parameters.
         dtype: dtype of the parameters (and so of the output).
         tokenizer: turns prompts into token ids; defaults to SD1.5's `CLIPTokenizer` of `max_sequence_length` ids.
@@ -176,30 +257,29 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
             tokenizer = CLIPTokenizer(sequence_length=config.max_sequence_length)
         if tokenizer.sequence_length > config.max_sequence_length:
             raise ValueError(
-                f"CLIPTextEncoderL: the tokenizer gives sequences of {tokenizer.sequence_length} ids but the encoder "
-                f"has max_sequence_length={config.max_sequence_length} positions"
+                f"{type(self).__name__}: the tokenizer gives sequences of {tokenizer.sequence_length} ids but the "
+                f"encoder has max_sequence_length={config.max_sequence_length} positions"
             )
         self.config = config
-        dim, eps = config.embedding_dim, config.layer_norm_eps
+        dim = config.embedding_dim
+        embeddings = fl.Sum(
+            TokenEncoder(config.vocabulary_size, dim, device=device, dtype=dtype),
+            PositionalEncoder(config.max_sequence_length, dim, device=device, dtype=dtype),
+        )
+        if config.output == "last_hidden_state":
+            super().__init__(
+                TokenIds(tokenizer),
+                embeddings,
+                (_transformer_layer(config, device=device, dtype=dtype) for _ in range(config.num_layers)),
+                fl.LayerNorm(dim, eps=config.layer_norm_eps, device=device, dtype=dtype),
+            )
+            return
         super().__init__(
             TokenIds(tokenizer),
-            fl.Sum(
-                TokenEncoder(config.vocabulary_size, dim, device=device, dtype=dtype),
-                PositionalEncoder(config.max_sequence_length, dim, device=device, dtype=dtype),
-            ),
-            (
-                TransformerLayer(
-                    dim,
-                    config.num_attention_heads,
-                    config.feedforward_dim,
-                    eps,
-                    config.use_quick_gelu,
-                    device=device,
-                    dtype=dtype,
-                )
-                for _ in range(config.num_layers)
-            ),
-            fl.LayerNorm(dim, eps=eps, device=device, dtype=dtype),
+            fl.SetContext(TOKEN_IDS_CONTEXT, "token_ids"),
+            embeddings,
+            (_transformer_layer(config, device=device, dtype=dtype) for _ in range(config.num_layers - 1)),
+            fl.Parallel(fl.Identity(), PooledTextEmbedding(config, device=device, dtype=dtype)),
         )
 
     @property
@@ -226,4 +306,44 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
         return (
             f"embedding_dim={config.embedding_dim}, num_layers={config.num_layers}, "
             f"num_attention_heads={config.num_attention_heads}"
+            + ("" if config.output == "last_hidden_state" else f", output={config.output!r}")
         )
+
+
+class CLIPTextEncoderG(CLIPTextEncoderL):
+    """OpenCLIP ViT-bigG/14's text encoder, as SDXL uses it (`text_encoder_2/`): penultimate hidden states and
+    projected pooled embedding.
+
+    Called on a prompt (or N prompts), it returns the tuple `(penultimate hidden states (N, 77, 1280), pooled
+    embedding (N, 1280))`, matching transformers' `CLIPTextModelWithProjection(input_ids, output_hidden_states=True)`
+    `hidden_states[-2]` and `text_embeds`. The same layers as `CLIPTextEncoderL`, with the exact GeLU and a text
+    projection (`CLIP_TEXT_G`); its default tokenizer pads with `!` (id 0) as SDXL's `tokenizer_2` does.
+    `CLIPTextEncoderG.from_pretrained` reads the `text_encoder_2/` folder of an SDXL diffusers repository.
+
+    Args:
+        config: the architecture; its `output` must be `"penultimate_and_pooled"`.
+        device: device of the parameters.
+        dtype: dtype of the parameters (and so of the outputs).
+        tokenizer: defaults to `CLIPTokenizer(sequence_length=config.max_sequence_length, pad_token_id=0)`.
+
+    Raises:
+        ValueError: for a config with another output, or a tokenizer of longer sequences than the config allows.
+    """
+
+    component_format = SDXL_TEXT_ENCODER_2_FORMAT
+
+    def __init__(
+        self,
+        config: CLIPTextEncoderConfig = CLIP_TEXT_G,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+    ) -> None:
+        if config.output != "penultimate_and_pooled":
+            raise ValueError(
+                f"CLIPTextEncoderG returns the penultimate hidden states and the pooled embedding: its config needs "
+                f"output='penultimate_and_pooled', got {config.output!r}"
+            )
+        if tokenizer is None:
+            tokenizer = CLIPTokenizer(sequence_length=config.max_sequence_length, pad_token_id=0)
+        super().__init__(config, device=device, dtype=dtype, tokenizer=tokenizer)

@@ -67,7 +67,7 @@ DEFAULT_VOCABULARY_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz
 
 _MERGE_COUNT = 49152 - 256 - 2  # CLIP keeps this many merges from the file: 49408 tokens in all
 _START_OF_TEXT = "<|startoftext|>"
-_SPECIAL_TOKENS = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+_END_OF_TEXT = "<|endoftext|>"
 # CLIP's split pattern, on the ASCII stand-ins of `_STAND_INS`: `z` stands for any other letter, `0` for any number,
 # `!` for anything else that is not a space. Its `special` group finds the names that step 5 of the module docstring
 # splits again.
@@ -243,7 +243,9 @@ class CLIPTokenizer(fl.Module):
         sequence_length: number of ids per prompt, special tokens included.
         start_of_text_token_id: id put first, and given to `<|startoftext|>` written in a prompt.
         end_of_text_token_id: id put after the content, and given to `<|endoftext|>` written in a prompt.
-        pad_token_id: id filling the rest of the sequence (SD1.5 pads with `<|endoftext|>`).
+        pad_token_id: id filling the rest of the sequence (SD1.5 pads with `<|endoftext|>`, SDXL's second tokenizer
+            with `!`, id 0). The pad token is special, as transformers makes it: its vocabulary entry written in a
+            prompt (`!` for id 0) is that id on its own, cut out of the text around it (`wow!!` is `wow</w>`, 0, 0).
 
     Raises:
         ValueError: if `sequence_length` leaves no room for the two special tokens, or the merges file is malformed.
@@ -273,6 +275,11 @@ class CLIPTokenizer(fl.Module):
         symbols = list(byte_symbols.values())
         vocabulary = [*symbols, *(symbol + "</w>" for symbol in symbols), *(merge.replace(" ", "") for merge in merges)]
         self._token_ids = {token: index for index, token in enumerate(vocabulary)}
+        self._special_ids = {_START_OF_TEXT: start_of_text_token_id, _END_OF_TEXT: end_of_text_token_id}
+        if pad_token_id not in self._special_ids.values() and 0 <= pad_token_id < len(vocabulary):
+            self._special_ids[vocabulary[pad_token_id]] = pad_token_id
+        names = sorted(self._special_ids, key=len, reverse=True)
+        self._special_tokens = re.compile("(" + "|".join(map(re.escape, names)) + ")")
         self._byte_symbols = [byte_symbols[byte] for byte in range(256)]
         self._longest_token = max(len(token.removesuffix("</w>")) for token in vocabulary)  # in bytes
         self._piece_ids: dict[str, tuple[int, ...]] = {}
@@ -293,11 +300,11 @@ class CLIPTokenizer(fl.Module):
         with the text (byte-pair encoding is O(n log n) in the length of a word).
         """
         ids: list[int] = []
-        for index, segment in enumerate(_SPECIAL_TOKENS.split(text)):
+        for index, segment in enumerate(self._special_tokens.split(text)):
             if max_tokens is not None and len(ids) >= max_tokens:
                 break
             if index % 2:
-                ids.append(self.start_of_text_token_id if segment == _START_OF_TEXT else self.end_of_text_token_id)
+                ids.append(self._special_ids[segment])
                 continue
             if max_tokens is None:
                 for piece in _pieces(segment):
@@ -326,12 +333,13 @@ class CLIPTokenizer(fl.Module):
         """
         if token == _START_OF_TEXT:
             return self.start_of_text_token_id
-        if token == "<|endoftext|>":
+        if token == _END_OF_TEXT:
             return self.end_of_text_token_id
         return self._token_ids.get(token)
 
     def extra_repr(self) -> str:
-        return f"sequence_length={self.sequence_length}"
+        padding = "" if self.pad_token_id == self.end_of_text_token_id else f", pad_token_id={self.pad_token_id}"
+        return f"sequence_length={self.sequence_length}{padding}"
 
     def _sequence(self, text: str) -> list[int]:
         content = self.encode(text, max_tokens=self.sequence_length - 2)

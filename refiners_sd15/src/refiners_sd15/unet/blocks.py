@@ -197,10 +197,11 @@ class Tokens(fl.Chain):
 
 
 class CrossAttentionBlock2d(fl.Residual):
-    """The spatial transformer: `x + proj_out(transformer(proj_in(GroupNorm(x))))`, on the pixels as tokens.
+    """The spatial transformer: `x + proj_out(transformers(proj_in(GroupNorm(x))))`, on the pixels as tokens.
 
-    The input and output projections are the 1x1 convolutions of the reference, applied as linear layers
-    on the tokens (a 1x1 convolution kernel loads into them).
+    `depth` transformer blocks run one after the other between the projections (1 in SD1.5, up to 10 in SDXL).
+    The input and output projections are linear layers on the tokens: the reference's 1x1 convolutions (SD1) or
+    linear projections (SD2, SDXL), which compute the same thing (a 1x1 convolution kernel loads into them).
     """
 
     def __init__(
@@ -211,20 +212,23 @@ class CrossAttentionBlock2d(fl.Residual):
         num_groups: int = 32,
         device: Device = None,
         dtype: torch.dtype | None = None,
+        depth: int = 1,
     ) -> None:
         self.channels = channels
         self.num_heads = num_heads
+        self.depth = depth
         super().__init__(
             fl.GroupNorm(channels, num_groups, eps=1e-6, device=device, dtype=dtype),
             Tokens(
                 fl.Linear(channels, channels, device=device, dtype=dtype),
-                TransformerBlock(channels, num_heads, context_dim, device=device, dtype=dtype),
+                *(TransformerBlock(channels, num_heads, context_dim, device=device, dtype=dtype) for _ in range(depth)),
                 fl.Linear(channels, channels, device=device, dtype=dtype),
             ),
         )
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, num_heads={self.num_heads}"
+        depth = f", depth={self.depth}" if self.depth != 1 else ""
+        return f"channels={self.channels}, num_heads={self.num_heads}{depth}"
 
 
 class SaveSkip(fl.SetContext):

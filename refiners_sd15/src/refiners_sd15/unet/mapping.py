@@ -29,26 +29,28 @@ RESIDUAL_KEYS = (
 )
 SHORTCUT_KEYS = ("conv_shortcut", "skip_connection", "Conv2d")
 
-# Keys inside a spatial transformer, named alike in diffusers and ldm: (reference, ours, has a bias).
-_BLOCK = "transformer_blocks.0"
-_OURS = "Tokens.TransformerBlock"
+# Keys inside a spatial transformer, named alike in diffusers and ldm: (reference, ours, has a bias). Around the
+# transformer blocks, then in each of them (`transformer_blocks.<i>`: our `TransformerBlock`, or
+# `TransformerBlock_<i+1>` when there are several).
 ATTENTION_KEYS = (
     ("norm", "GroupNorm", True),
     ("proj_in", "Tokens.Linear_1", True),
-    (f"{_BLOCK}.norm1", f"{_OURS}.Residual_1.LayerNorm", True),
-    (f"{_BLOCK}.attn1.to_q", f"{_OURS}.Residual_1.SelfAttention.Distribute.Linear_1", False),
-    (f"{_BLOCK}.attn1.to_k", f"{_OURS}.Residual_1.SelfAttention.Distribute.Linear_2", False),
-    (f"{_BLOCK}.attn1.to_v", f"{_OURS}.Residual_1.SelfAttention.Distribute.Linear_3", False),
-    (f"{_BLOCK}.attn1.to_out.0", f"{_OURS}.Residual_1.SelfAttention.Linear", True),
-    (f"{_BLOCK}.norm2", f"{_OURS}.Residual_2.LayerNorm", True),
-    (f"{_BLOCK}.attn2.to_q", f"{_OURS}.Residual_2.CrossAttention.Attention.Distribute.Linear_1", False),
-    (f"{_BLOCK}.attn2.to_k", f"{_OURS}.Residual_2.CrossAttention.Attention.Distribute.Linear_2", False),
-    (f"{_BLOCK}.attn2.to_v", f"{_OURS}.Residual_2.CrossAttention.Attention.Distribute.Linear_3", False),
-    (f"{_BLOCK}.attn2.to_out.0", f"{_OURS}.Residual_2.CrossAttention.Attention.Linear", True),
-    (f"{_BLOCK}.norm3", f"{_OURS}.Residual_3.LayerNorm", True),
-    (f"{_BLOCK}.ff.net.0.proj", f"{_OURS}.Residual_3.FeedForward.Linear_1", True),
-    (f"{_BLOCK}.ff.net.2", f"{_OURS}.Residual_3.FeedForward.Linear_2", True),
     ("proj_out", "Tokens.Linear_2", True),
+)
+TRANSFORMER_BLOCK_KEYS = (
+    ("norm1", "Residual_1.LayerNorm", True),
+    ("attn1.to_q", "Residual_1.SelfAttention.Distribute.Linear_1", False),
+    ("attn1.to_k", "Residual_1.SelfAttention.Distribute.Linear_2", False),
+    ("attn1.to_v", "Residual_1.SelfAttention.Distribute.Linear_3", False),
+    ("attn1.to_out.0", "Residual_1.SelfAttention.Linear", True),
+    ("norm2", "Residual_2.LayerNorm", True),
+    ("attn2.to_q", "Residual_2.CrossAttention.Attention.Distribute.Linear_1", False),
+    ("attn2.to_k", "Residual_2.CrossAttention.Attention.Distribute.Linear_2", False),
+    ("attn2.to_v", "Residual_2.CrossAttention.Attention.Distribute.Linear_3", False),
+    ("attn2.to_out.0", "Residual_2.CrossAttention.Attention.Linear", True),
+    ("norm3", "Residual_3.LayerNorm", True),
+    ("ff.net.0.proj", "Residual_3.FeedForward.Linear_1", True),
+    ("ff.net.2", "Residual_3.FeedForward.Linear_2", True),
 )
 
 
@@ -61,6 +63,7 @@ class _Block:
     ldm: str
     ours: str
     shortcut: bool = False
+    depth: int = 1
 
 
 def _blocks(config: UNetConfig) -> Iterator[_Block]:
@@ -80,7 +83,11 @@ def _blocks(config: UNetConfig) -> Iterator[_Block]:
             yield _Block("residual", f"{diffusers}.resnets.{layer}", f"{ldm}.0", f"{ours}.ResidualBlock", shortcut)
             if attention[level]:
                 yield _Block(
-                    "attention", f"{diffusers}.attentions.{layer}", f"{ldm}.1", f"{ours}.CrossAttentionBlock2d"
+                    "attention",
+                    f"{diffusers}.attentions.{layer}",
+                    f"{ldm}.1",
+                    f"{ours}.CrossAttentionBlock2d",
+                    depth=config.transformer_depth(level),
                 )
             index, previous = index + 1, channels[level]
         if level < levels - 1:
@@ -89,7 +96,10 @@ def _blocks(config: UNetConfig) -> Iterator[_Block]:
             index += 1
 
     yield _Block("residual", "mid_block.resnets.0", "middle_block.0", "MiddleBlock.ResidualBlock_1")
-    yield _Block("attention", "mid_block.attentions.0", "middle_block.1", "MiddleBlock.CrossAttentionBlock2d")
+    middle_depth = config.transformer_depth(-1)
+    yield _Block(
+        "attention", "mid_block.attentions.0", "middle_block.1", "MiddleBlock.CrossAttentionBlock2d", depth=middle_depth
+    )
     yield _Block("residual", "mid_block.resnets.1", "middle_block.2", "MiddleBlock.ResidualBlock_2")
 
     # Up path: `output_blocks.m` is our `UpBlocks.Chain_<m + 1>`; each block takes one skip connection.
@@ -102,7 +112,11 @@ def _blocks(config: UNetConfig) -> Iterator[_Block]:
             yield _Block("residual", f"{diffusers}.resnets.{layer}", f"{ldm}.0", f"{ours}.ResidualBlock", shortcut)
             if attention[level]:
                 yield _Block(
-                    "attention", f"{diffusers}.attentions.{layer}", f"{ldm}.1", f"{ours}.CrossAttentionBlock2d"
+                    "attention",
+                    f"{diffusers}.attentions.{layer}",
+                    f"{ldm}.1",
+                    f"{ours}.CrossAttentionBlock2d",
+                    depth=config.transformer_depth(level),
                 )
             index, previous = index + 1, channels[level]
         if level > 0:
@@ -131,13 +145,18 @@ def _mapping(config: UNetConfig, layout: Literal["diffusers", "ldm"]) -> dict[st
         else:
             for reference, ours, bias in ATTENTION_KEYS:
                 add(f"{prefix}.{reference}", f"{block.ours}.{ours}", bias)
+            for index in range(block.depth):
+                name = "TransformerBlock" if block.depth == 1 else f"TransformerBlock_{index + 1}"
+                for reference, ours, bias in TRANSFORMER_BLOCK_KEYS:
+                    add(f"{prefix}.transformer_blocks.{index}.{reference}", f"{block.ours}.Tokens.{name}.{ours}", bias)
     return mapping
 
 
 def diffusers_unet_mapping(config: UNetConfig = SD15_UNET) -> dict[str, str]:
     """Diffusers `UNet2DConditionModel` state dict key -> `SD1UNet` state dict key, for the UNet `config` describes.
 
-    Its `block_out_channels`, `layers_per_block` and `cross_attention_levels` shape the mapping.
+    Its `block_out_channels`, `layers_per_block`, `cross_attention_levels` and `transformer_layers_per_block` shape
+    the mapping. An added embedding (SDXL's `add_embedding.*`) is not in it: refiners-sdxl maps those keys.
     """
     return _mapping(config, "diffusers")
 
@@ -161,3 +180,4 @@ UNET_FORMAT = ComponentFormat(
     single_file_mapping=ldm_unet_mapping,
     single_file_config=unet_config_from_ldm,
 )
+"""How a UNet is stored: diffusers' `unet/` folder, or `model.diffusion_model.*` in an original checkpoint."""

@@ -22,6 +22,21 @@ from refiners_sd15.unet.config import SD15_UNET, UNetConfig, skip_channels
 from refiners_sd15.unet.mapping import UNET_FORMAT, diffusers_unet_mapping, ldm_unet_mapping
 
 
+def _attention_block(
+    config: UNetConfig, level: int, device: Device = None, dtype: torch.dtype | None = None
+) -> CrossAttentionBlock2d:
+    """The spatial transformer of `level` (-1: the middle block's), with that level's heads and depth."""
+    return CrossAttentionBlock2d(
+        config.block_out_channels[level],
+        config.num_heads(level),
+        config.cross_attention_dim,
+        config.norm_num_groups,
+        device=device,
+        dtype=dtype,
+        depth=config.transformer_depth(level),
+    )
+
+
 class DownBlocks(fl.Chain):
     """The encoder path: the input convolution, then per level residual (+ attention) blocks and a downsample.
 
@@ -31,7 +46,6 @@ class DownBlocks(fl.Chain):
 
     def __init__(self, config: UNetConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
         block_out_channels, layers_per_block = config.block_out_channels, config.layers_per_block
-        num_heads, context_dim = config.attention_head_dim, config.cross_attention_dim
         num_groups, eps = config.norm_num_groups, config.norm_eps
         embedding_dim = 4 * block_out_channels[0]
         stages: list[fl.Chain] = [
@@ -48,11 +62,7 @@ class DownBlocks(fl.Chain):
                     ResidualBlock(channels, level_channels, embedding_dim, num_groups, eps, device=device, dtype=dtype)
                 )
                 if config.cross_attention_levels[level]:
-                    stage.append(
-                        CrossAttentionBlock2d(
-                            level_channels, num_heads, context_dim, num_groups, device=device, dtype=dtype
-                        )
-                    )
+                    stage.append(_attention_block(config, level, device=device, dtype=dtype))
                 stages.append(stage)
                 channels = level_channels
             if level < len(block_out_channels) - 1:
@@ -67,11 +77,10 @@ class MiddleBlock(fl.Chain):
 
     def __init__(self, config: UNetConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
         channels, embedding_dim = config.block_out_channels[-1], 4 * config.block_out_channels[0]
-        num_heads, context_dim = config.attention_head_dim, config.cross_attention_dim
         num_groups, eps = config.norm_num_groups, config.norm_eps
         super().__init__(
             ResidualBlock(channels, channels, embedding_dim, num_groups, eps, device=device, dtype=dtype),
-            CrossAttentionBlock2d(channels, num_heads, context_dim, num_groups, device=device, dtype=dtype),
+            _attention_block(config, -1, device=device, dtype=dtype),
             ResidualBlock(channels, channels, embedding_dim, num_groups, eps, device=device, dtype=dtype),
         )
 
@@ -85,7 +94,6 @@ class UpBlocks(fl.Chain):
 
     def __init__(self, config: UNetConfig, device: Device = None, dtype: torch.dtype | None = None) -> None:
         block_out_channels, layers_per_block = config.block_out_channels, config.layers_per_block
-        num_heads, context_dim = config.attention_head_dim, config.cross_attention_dim
         num_groups, eps = config.norm_num_groups, config.norm_eps
         embedding_dim = 4 * block_out_channels[0]
         skips = skip_channels(block_out_channels, layers_per_block)
@@ -108,11 +116,7 @@ class UpBlocks(fl.Chain):
                     ),
                 )
                 if config.cross_attention_levels[level]:
-                    stage.append(
-                        CrossAttentionBlock2d(
-                            level_channels, num_heads, context_dim, num_groups, device=device, dtype=dtype
-                        )
-                    )
+                    stage.append(_attention_block(config, level, device=device, dtype=dtype))
                 stages.append(stage)
                 channels = level_channels
                 skip_index -= 1
@@ -149,12 +153,17 @@ class SD1UNet(PretrainedComponent, fl.Chain):
         noise = unet(latents)  # (B, 4, H, W)
 
     Its architecture is `config` (a `UNetConfig`, kept as `unet.config`). Every parameter and buffer is created on
-    `device` with `dtype`.
+    `device` with `dtype`. Raises ValueError for a config with an added embedding (SDXL's: see refiners-sdxl).
     """
 
     component_format = UNET_FORMAT
 
     def __init__(self, config: UNetConfig = SD15_UNET, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        if config.addition_embed_type is not None:
+            raise ValueError(
+                f"SD1UNet has no added embedding, the config gives addition_embed_type={config.addition_embed_type!r} "
+                "(an SDXL UNet: use refiners_sdxl.SDXLUNet)"
+            )
         self.config = config
         channels = config.block_out_channels
         super().__init__(
@@ -202,5 +211,8 @@ class SD1UNet(PretrainedComponent, fl.Chain):
 
     def foreign_pointwise_convolutions(self, convention: str) -> set[str]:
         """The foreign names of the spatial transformers' `proj_in` / `proj_out`: our Linears, 1x1 convolutions in
-        SD1 (the `ForeignPointwiseConvolutions` protocol, so that LoRAs are written in the shape others load)."""
+        SD1 (the `ForeignPointwiseConvolutions` protocol, so that LoRAs are written in the shape others load); none
+        when the config has `use_linear_projection`."""
+        if self.config.use_linear_projection:
+            return set()
         return {name for name in self.foreign_module_names(convention) if name.endswith(("proj_in", "proj_out"))}

@@ -1,0 +1,40 @@
+"""Stable Diffusion XL for refiners: `StableDiffusion_XL` (base) and its SDXL UNet (base, refiner, inpainting configs),
+built from refiners-sd15's blocks, text encoders, autoencoder and solvers.
+
+from refiners_sdxl import StableDiffusion_XL
+
+sdxl = StableDiffusion_XL.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", dtype=torch.float16)
+"""
+
+from refiners_sdxl.config import SDXL_AUTOENCODER, SDXL_BASE_UNET, SDXL_INPAINTING_UNET, SDXL_REFINER_UNET
+from refiners_sdxl.folder import SDXLFolder, check_sdxl_components, read_sdxl_folder
+from refiners_sdxl.model import StableDiffusion_XL
+from refiners_sdxl.single_file import SDXL_AUTOENCODER_FORMAT, check_sdxl_base_checkpoint, load_sdxl_single_file
+from refiners_sdxl.unet import (
+    SDXL_UNET_FORMAT,
+    SDXLUNet,
+    TextTimeEmbedding,
+    TimeIdsEmbedding,
+    diffusers_sdxl_unet_mapping,
+    ldm_sdxl_unet_mapping,
+)
+
+__all__ = [
+    "SDXL_AUTOENCODER",
+    "SDXL_AUTOENCODER_FORMAT",
+    "SDXL_BASE_UNET",
+    "SDXL_INPAINTING_UNET",
+    "SDXL_REFINER_UNET",
+    "SDXL_UNET_FORMAT",
+    "SDXLFolder",
+    "SDXLUNet",
+    "StableDiffusion_XL",
+    "TextTimeEmbedding",
+    "TimeIdsEmbedding",
+    "check_sdxl_base_checkpoint",
+    "check_sdxl_components",
+    "diffusers_sdxl_unet_mapping",
+    "ldm_sdxl_unet_mapping",
+    "load_sdxl_single_file",
+    "read_sdxl_folder",
+]

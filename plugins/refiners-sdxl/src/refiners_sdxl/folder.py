@@ -1,0 +1,132 @@
+"""Read and check a diffusers SDXL folder before any weight is loaded: what `model_index.json` says it is, the
+configs of its UNet and text encoders (and whether they fit each other), and its scheduler's timestep settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from refiners_core.weights import resolve_path
+from refiners_sd15.clip import SDXL_TEXT_ENCODER_2_FORMAT, SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderConfig
+from refiners_sd15.loading import PathOrRepoId, read_component_config
+from refiners_sd15.unet import UNetConfig
+from refiners_sdxl.unet import SDXL_UNET_FORMAT
+
+BASE_PIPELINE = "StableDiffusionXLPipeline"
+TIME_IDS = 6
+"""The base model's micro-conditioning: original size, crop top-left and target size, as (height, width) pairs."""
+
+SCHEDULER_DEFAULTS: dict[str, Any] = {
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+}
+"""The solver settings of SDXL's published `scheduler/scheduler_config.json` (an EulerDiscreteScheduler), for a
+folder without one."""
+
+_DIFFUSERS_SCHEDULER_DEFAULTS: dict[str, Any] = {
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+}
+"""diffusers' scheduler defaults, for the fields a `scheduler_config.json` leaves out."""
+
+
+@dataclass(frozen=True)
+class SDXLFolder:
+    """The configs of a diffusers SDXL base folder, checked to fit each other."""
+
+    unet: UNetConfig
+    text_encoder: CLIPTextEncoderConfig
+    text_encoder_2: CLIPTextEncoderConfig
+    solver_defaults: dict[str, Any]
+
+
+def read_sdxl_folder(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> SDXLFolder:
+    """The configs of the SDXL base model in a diffusers folder or hub id, read and checked without its weights.
+
+    Raises ValueError naming `model_index.json` for another pipeline (an SD1.5 folder, an SDXL refiner), naming the
+    components and their widths when they do not fit each other (an SD1.5 UNet, a text encoder of another width);
+    FileNotFoundError naming a missing component (`text_encoder_2/`).
+    """
+    _check_model_index(path_or_repo_id, revision=revision)
+    unet = read_component_config(SDXL_UNET_FORMAT, path_or_repo_id, revision=revision)
+    text_encoder = read_component_config(SDXL_TEXT_ENCODER_FORMAT, path_or_repo_id, revision=revision)
+    text_encoder_2 = read_component_config(SDXL_TEXT_ENCODER_2_FORMAT, path_or_repo_id, revision=revision)
+    check_sdxl_components(unet, text_encoder, text_encoder_2)
+    return SDXLFolder(unet, text_encoder, text_encoder_2, _solver_defaults(path_or_repo_id, revision=revision))
+
+
+def check_sdxl_components(
+    unet: UNetConfig, text_encoder: CLIPTextEncoderConfig, text_encoder_2: CLIPTextEncoderConfig
+) -> None:
+    """Raise ValueError, naming the components and both widths, when an SDXL base UNet and its two text encoders do
+    not fit each other: the UNet must have the `text_time` added embedding, attend to both encoders' hidden states
+    side by side, and take the second encoder's pooled embedding with six time ids."""
+    if unet.addition_embed_type != "text_time" or unet.addition_time_embed_dim is None:
+        raise ValueError(
+            "unet: no 'text_time' added embedding (addition_embed_type="
+            f"{unet.addition_embed_type!r}): an SD1.5 UNet, not SDXL's; load this model with StableDiffusion_1"
+        )
+    width = text_encoder.embedding_dim + text_encoder_2.embedding_dim
+    if unet.cross_attention_dim != width:
+        raise ValueError(
+            f"unet attends to {unet.cross_attention_dim}-wide text (cross_attention_dim) but text_encoder "
+            f"({text_encoder.embedding_dim}) and text_encoder_2 ({text_encoder_2.embedding_dim}) give {width}"
+        )
+    pooled = text_encoder_2.projection_dim or text_encoder_2.embedding_dim
+    expected = pooled + TIME_IDS * unet.addition_time_embed_dim
+    if unet.projection_class_embeddings_input_dim != expected:
+        raise ValueError(
+            f"unet's added embedding takes {unet.projection_class_embeddings_input_dim} features "
+            f"(projection_class_embeddings_input_dim) but text_encoder_2's pooled embedding ({pooled}) and "
+            f"{TIME_IDS} time ids of {unet.addition_time_embed_dim} give {expected}"
+            + (
+                " (an SDXL refiner UNet, which takes 5 time ids)"
+                if unet.projection_class_embeddings_input_dim == pooled + 5 * unet.addition_time_embed_dim
+                else ""
+            )
+        )
+
+
+def _check_model_index(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> None:
+    try:
+        path = resolve_path(path_or_repo_id, "model_index.json", revision=revision)
+    except FileNotFoundError:
+        return  # a folder of components without the pipeline's index: the components' configs are checked
+    index = _read_json(path)
+    pipeline = index.get("_class_name")
+    if pipeline == BASE_PIPELINE or (isinstance(pipeline, str) and pipeline.startswith(BASE_PIPELINE)):
+        text_encoder = index.get("text_encoder")
+        if isinstance(text_encoder, list) and not any(text_encoder):
+            raise ValueError(f"{path}: a {pipeline} without text_encoder (CLIP-L): an SDXL refiner, not a base model")
+        return
+    kind = " (Stable Diffusion 1.5: load it with StableDiffusion_1)" if pipeline == "StableDiffusionPipeline" else ""
+    raise ValueError(f"{path}: _class_name is {pipeline!r}{kind}, StableDiffusion_XL expects {BASE_PIPELINE!r}")
+
+
+def _solver_defaults(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> dict[str, Any]:
+    try:
+        path = resolve_path(path_or_repo_id, "scheduler_config.json", subfolder="scheduler", revision=revision)
+    except FileNotFoundError:
+        return dict(SCHEDULER_DEFAULTS)
+    config = _read_json(path)
+    if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise ValueError(f"{path}: beta_schedule is {config['beta_schedule']!r}, our solvers use 'scaled_linear'")
+    return {key: config.get(key, default) for key, default in _DIFFUSERS_SCHEDULER_DEFAULTS.items()}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        content: object = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path} as JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} should hold a JSON object")
+    return content  # pyright: ignore[reportUnknownVariableType]

@@ -1,0 +1,69 @@
+"""SDXL's first text encoder: the full published CLIP ViT-L/14 (`text_encoder/` of
+stabilityai/stable-diffusion-xl-base-1.0) read for its penultimate hidden states, against transformers'
+`CLIPTextModel(..., output_hidden_states=True)`.
+
+Random weights (every parameter perturbed), written with `save_pretrained` and loaded through refiners-sd15's
+`SDXL_TEXT_ENCODER_FORMAT`, as `StableDiffusion_XL.from_pretrained` loads it; within 1e-4 of max |reference|. (The full
+OpenCLIP ViT-bigG with its projection is checked in refiners-sd15's tests.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from refiners_sd15.clip import CLIP_TEXT_L_PENULTIMATE, SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderL
+from refiners_sd15.loading import load_component
+
+TOLERANCE = 1e-4
+
+# stabilityai/stable-diffusion-xl-base-1.0, text_encoder/config.json (the fields that shape the model)
+SDXL_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "architectures": ["CLIPTextModel"],
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
+
+def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    assert ours.shape == reference.shape
+    error, scale = (ours - reference).abs().max().item(), reference.abs().max().item()
+    assert error <= TOLERANCE * scale, f"max |ours - reference| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
+
+
+@torch.no_grad()
+def test_full_clip_l_penultimate_hidden_states_match_transformers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = {
+        key: value for key, value in SDXL_TEXT_ENCODER_CONFIG.items() if key not in ("architectures", "model_type")
+    }
+    reference = CLIPTextModel(CLIPTextConfig(**config)).eval()
+    for parameter in reference.parameters():
+        parameter.add_(torch.randn_like(parameter) * 0.02)
+    reference.save_pretrained(tmp_path / "text_encoder")
+    token_ids = torch.randint(0, 49407, (2, 77), generator=torch.Generator().manual_seed(1))
+    token_ids[:, 0], token_ids[:, 20:] = 49406, 49407  # start, then end-of-text padding as CLIP-L's tokenizer pads
+    expected = reference(token_ids, output_hidden_states=True)
+    del reference
+
+    encoder = load_component(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT, tmp_path).eval()
+    assert encoder.config == CLIP_TEXT_L_PENULTIMATE
+    penultimate, pooled = encoder(token_ids)
+
+    assert_close(penultimate, expected.hidden_states[-2])
+    assert_close(pooled, expected.pooler_output)
+    assert not torch.allclose(expected.hidden_states[-2], expected.last_hidden_state, atol=1e-2)
