@@ -537,7 +537,7 @@ def test_published_sdxl_configs_read_as_clip_text_g_and_l_penultimate() -> None:
     assert penultimate == CLIP_TEXT_L_PENULTIMATE
     with pytest.raises(ValueError, match="read it with output='penultimate_and_pooled'"):
         clip_text_config_from_transformers(SDXL_TEXT_ENCODER_2_CONFIG)
-    with pytest.raises(ValueError, match="'projection_dim'"):
+    with pytest.raises(ValueError, match="projection_dim must be a positive integer, got 0"):
         clip_text_config_from_transformers(
             SDXL_TEXT_ENCODER_2_CONFIG | {"projection_dim": 0}, output="penultimate_and_pooled"
         )

@@ -153,7 +153,9 @@ class TrainingConfig:
         known = {item.name for item in dataclasses.fields(cls)}
         for name in document:
             if name not in known:
-                raise ConfigError(f"{source}: unknown section [{name}] (expected one of {', '.join(sorted(known))})")
+                raise ConfigError(
+                    f"{source}: unknown section [{_shown(name)}] (expected one of {', '.join(sorted(known))})"
+                )
         sections: dict[str, Any] = {}
         for item in dataclasses.fields(cls):
             table = document.get(item.name, {})
@@ -168,13 +170,19 @@ class TrainingConfig:
             raise ConfigError(f"{source}: {error}") from None
 
 
+def _shown(name: str) -> str:
+    """A key or section name of the user's TOML as messages show it: as written when printable, else quoted with
+    escapes (a key may hold a newline, and an error stays one line)."""
+    return name if name.isprintable() else repr(name)
+
+
 def _section(kind: type[Any], table: dict[str, Any], name: str, source: str) -> Any:
     hints = get_type_hints(kind)
     fields = {item.name: item for item in dataclasses.fields(kind)}
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key `{name}.{key}` (known keys: {', '.join(fields)})")
+            raise ConfigError(f"{source}: unknown key `{name}.{_shown(key)}` (known keys: {', '.join(fields)})")
         values[key] = _coerce(value, hints[key], f"{source}: `{name}.{key}`")
     for key, item in fields.items():
         required = item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING

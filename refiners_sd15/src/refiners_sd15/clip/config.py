@@ -146,7 +146,12 @@ def clip_text_config_from_transformers(
         hint = ": pass its 'text_config'" if model_type == "clip" else ""
         raise ValueError(f"CLIP text config: 'model_type' is {model_type!r}, expected 'clip_text_model'{hint}")
     architectures = config.get("architectures") or ["CLIPTextModel"]
-    if len(architectures) != 1 or architectures[0] not in _ARCHITECTURES:
+    if (
+        not isinstance(architectures, list)
+        or len(architectures) != 1  # pyright: ignore[reportUnknownArgumentType]
+        or not isinstance(architectures[0], str)
+        or architectures[0] not in _ARCHITECTURES
+    ):
         supported = " or ".join(repr([name]) for name in _ARCHITECTURES)
         raise ValueError(f"CLIP text config: 'architectures' is {architectures!r}, supported: {supported}")
     has_projection = _ARCHITECTURES[architectures[0]]

@@ -177,10 +177,10 @@ def _single(config: Mapping[str, Any], field: str, default: Any) -> Any:
 def _per_level(config: Mapping[str, Any], field: str, default: int, levels: int) -> int | tuple[int, ...]:
     """A positive integer for every level, or a list of one per level: the same value everywhere reads as one int."""
     value = config.get(field, default)
-    values: list[Any] = list(value) if isinstance(value, list | tuple) else [value]  # pyright: ignore[reportUnknownArgumentType]
-    if len(values) not in (1, levels) or not all(isinstance(item, int) and item > 0 for item in values):
+    values = positive_ints(field, value) if isinstance(value, list | tuple) else (positive_int(field, value),)
+    if len(values) not in (1, levels):
         raise _unsupported(field, value, f"a positive integer or a list of {levels} (one per level)")
-    return values[0] if all(item == values[0] for item in values) else tuple(values)
+    return values[0] if all(item == values[0] for item in values) else values
 
 
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
