@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -158,7 +159,31 @@ def test_option_values_are_validated_before_the_model_is_loaded(
         validate([f"{folder}:{image}", value])
     saved = tmp_path / "controlnet.safetensors"
     ControlNet.from_pretrained(folder, subfolder="").save(saved)
-    validate([f"{folder}:{image}:0.5", "lllyasviel/sd-controlnet-canny:" + str(image), f"{saved}:{image}"])
+    validate([f"{folder}:{image}:0.5", f"{saved}:{image}"])
+
+
+def test_a_hub_id_is_validated_from_the_hub_cache_before_the_model_is_loaded(
+    files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, a cached hub id passes and one missing from the cache is named with where the cache is."""
+    _, image = files
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = tmp_path / "hub" / "models--acme--controlnet-canny"
+    (repository / "snapshots" / commit).mkdir(parents=True)
+    (repository / "snapshots" / commit / "config.json").write_text("{}")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
+    validate = registry().generate_options["--controlnet"].validate
+    assert validate is not None
+    validate([f"acme/controlnet-canny:{image}"])
+    for missing in ("acme/not-cached", "lllyasviel/sd-controlnet-canny"):
+        with pytest.raises(FileNotFoundError) as error:
+            validate([f"{missing}:{image}"])
+        message = str(error.value)
+        assert message.startswith(f"--controlnet '{missing}:{image}': ") and "\n" not in message
+        assert f"{tmp_path}/hub/models--{missing.replace('/', '--')}/snapshots/" in message
 
 
 def test_conditioning_images_are_read_by_meaning() -> None:

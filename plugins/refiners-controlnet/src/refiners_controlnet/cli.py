@@ -14,6 +14,7 @@ from refiners_controlnet.adapter import ControlNetAdapter
 from refiners_controlnet.condition import image_to_condition
 from refiners_controlnet.controlnet import ControlNet
 from refiners_core.checks import check_finite, check_weights_file
+from refiners_core.weights import resolve_path
 from refiners_sd15 import MAX_IMAGE_SIDE
 from refiners_sd15.unet import SD1UNet
 
@@ -67,7 +68,8 @@ def validate_controlnet_option(values: list[str]) -> None:
     """Check the `--controlnet` values before the model is loaded: the syntax, a finite scale, the image (a readable
     image file of at most `MAX_IMAGE_SIDE` pixels a side, by its header) and the ControlNet: a file written by
     `ControlNet.save`, a diffusers folder with a `config.json` and `diffusion_pytorch_model` weights (each a
-    safetensors file or torch checkpoint by its first bytes), or a hub id. Raises ValueError or FileNotFoundError
+    safetensors file or torch checkpoint by its first bytes), or a hub id whose `config.json` is found (in the hub
+    cache when offline). Raises ValueError or FileNotFoundError
     naming the value at fault."""
     for value in values:
         option = parse_controlnet_option(value)
@@ -88,6 +90,11 @@ def validate_controlnet_option(values: list[str]) -> None:
             raise FileNotFoundError(
                 f"{what}: {option.controlnet} is neither a local file or folder nor a hub id (owner/name)"
             )
+        else:
+            try:  # the config alone: a hub id missing from the cache while offline is told before the model loads
+                resolve_path(str(option.controlnet), "config.json")
+            except FileNotFoundError as error:
+                raise type(error)(f"{what}: {error}") from None
 
 
 def _check_image_header(value: str, path: Path) -> None:
