@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,51 +16,26 @@ from refiners_core.cli import main
 from refiners_core.plugins import registry, reset_registry
 from refiners_sd15 import (
     DDIM,
-    SD15_AUTOENCODER,
-    CLIPTextEncoderConfig,
-    CLIPTextEncoderL,
-    SD1Autoencoder,
-    SD1UNet,
     StableDiffusion_1,
     StableDiffusion_1_Inpainting,
-    UNetConfig,
 )
 from refiners_sd15.demo import run_demo
+from refiners_sd15.testing import small_sd15_components
 
 PROMPT = "a cute cat"
-
-
-def small_components(in_channels: int) -> dict[str, torch.nn.Module]:
-    torch.manual_seed(in_channels)
-    return {
-        "unet": SD1UNet(
-            UNetConfig(
-                in_channels=in_channels,
-                block_out_channels=(32, 32),
-                layers_per_block=1,
-                attention_head_dim=4,
-                cross_attention_dim=32,
-                cross_attention_levels=(True, False),
-            )
-        ),
-        "lda": SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32, 32, 32, 32), layers_per_block=1)),
-        "clip_text_encoder": CLIPTextEncoderL(
-            CLIPTextEncoderConfig(embedding_dim=32, num_layers=1, num_attention_heads=2, feedforward_dim=64)
-        ),
-    }
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("sd15")
-    StableDiffusion_1(**small_components(4)).save_pretrained(folder)  # pyright: ignore[reportArgumentType]
+    StableDiffusion_1(**small_sd15_components(4)).save_pretrained(folder)  # pyright: ignore[reportArgumentType]
     return folder
 
 
 @pytest.fixture(scope="module")
 def inpainting_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("sd15_inpainting")
-    StableDiffusion_1_Inpainting(**small_components(9)).save_pretrained(folder)  # pyright: ignore[reportArgumentType]
+    StableDiffusion_1_Inpainting(**small_sd15_components(9)).save_pretrained(folder)  # pyright: ignore[reportArgumentType]
     return folder
 
 

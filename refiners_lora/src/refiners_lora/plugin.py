@@ -36,6 +36,7 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
             apply=apply_lora_option,
             help="load a LoRA file (kohya, diffusers / PEFT or refiners keys) with an optional scale; repeatable",
             metavar="FILE[:SCALE]",
+            models=("sd15",),  # its layer names are SD1.5's: SDXL's LoRAs are another issue
             validate=validate_lora_option,
         )
     )

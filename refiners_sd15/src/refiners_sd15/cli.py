@@ -1,15 +1,22 @@
-"""`refiners generate`: text-to-image, image-to-image and inpainting with Stable Diffusion 1.5 from the shell.
+"""`refiners generate`: text-to-image, image-to-image and inpainting from the shell, with any installed model kind
+that registers what generation needs (`ModelSpec.detect`, `default_size`, `generate`): `sd15` here, `sdxl` with
+refiners-sdxl.
 
     refiners generate "a cute cat" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --negative "blurry" \\
         --steps 30 --solver dpm --seed 2 --size 512x512 --out cat.png
 
+The model kind is told from what `--model` holds (each registered model's `detect`: `model_index.json`, a UNet
+config, a single file's keys); `--model-type KIND` forces it, and a model nothing recognizes is read as `sd15`. The
+default size is the kind's (512x512 for SD1.5, 1024x1024 for SDXL), or the init image's.
+
 `--init-image` (with `--strength`) starts from an image, `--mask` (white: what to repaint) inpaints it with an
-inpainting checkpoint. Plugins add options through the `refiners_register_generate_options` hook (refiners-lora
+SD1.5 inpainting checkpoint. Plugins add options through the `refiners_register_generate_options` hook (refiners-lora
 adds `--lora FILE[:SCALE]`); they are validated right after parsing and applied to the model once it is loaded.
 
 Everything that can be checked without the model is checked before it is loaded (`check_arguments`, with the
 checks of `generate_checks`): the prompts, every number (finite, in range), the size (`check_image_size`), the
-images' declared sizes, the device, the output path and the plugins' options (`GenerateOptionSpec.validate`).
+images' declared sizes, the device, the output path, the model's kind and the plugins' options
+(`GenerateOptionSpec.validate`, and that the option applies to that kind).
 Latents that become NaN or infinite stop the run, naming the step. The image is written atomically: to a
 temporary file in the output's folder, then renamed over `--out`, so an existing file is replaced whole or not at
 all.
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import random
 import re
@@ -32,8 +40,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from refiners_core.checks import check_finite_tensor
-from refiners_core.plugins import GenerateOptionSpec, registry
+from refiners_core.plugins import GenerateOptionSpec, ModelSpec, registry
 from refiners_core.weights import WeightsError
 from refiners_sd15.generate_checks import (
     MAX_GUIDANCE,
@@ -53,18 +60,17 @@ from refiners_sd15.generate_checks import (
 )
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
 from refiners_sd15.latent_diffusion import MAX_IMAGE_SIDE, MAX_SEED, check_image_size
-from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import Solver
 
 MODEL_NAME = "sd15"
-"""The registered model name whose generate options this command offers."""
+"""The model kind read when nothing recognizes `--model` (and the only one that inpaints, with `--mask`)."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _OPTION_DEST = "generate_option:"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Declare the arguments of `refiners generate`, including those plugins register for the `sd15` model.
+    """Declare the arguments of `refiners generate`, including those plugins register for the models it can run.
 
     Numbers are declared as strings and checked by `check_arguments`, so that a bad one is a one-line error.
     """
@@ -74,6 +80,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="a diffusers folder, a Hugging Face hub id, a folder written by save_pretrained or a single-file "
         "checkpoint (.safetensors/.ckpt); an inpainting model with --mask",
+    )
+    parser.add_argument(
+        "--model-type",
+        default=None,
+        metavar="KIND",
+        help=f"the model's kind, one of {', '.join(sorted(_kinds()))} (default: told from what --model holds)",
     )
     parser.add_argument("--negative", default="", help="negative prompt (default: none)")
     parser.add_argument("--steps", default="30", metavar="N", help=f"denoising steps, 1 to {MAX_STEPS} (default: 30)")
@@ -93,7 +105,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="WIDTHxHEIGHT",
         help=f"image size, multiples of 8, each side at most {MAX_IMAGE_SIDE} and at most 4096x4096 pixels in all "
-        "(default: 512x512, or the init image's size)",
+        "(default: the model's, 512x512 for sd15 and 1024x1024 for sdxl, or the init image's size)",
     )
     parser.add_argument(
         "--out",
@@ -145,13 +157,16 @@ def run(args: argparse.Namespace) -> int:
     """
     start = time.perf_counter()
     checked = check_arguments(args)
-    sd = _load(args.model, inpainting=checked.mask is not None, device=checked.device, dtype=checked.dtype)
-    _apply_plugin_options(sd, args)
-    image = _denoise(sd, checked, args.prompt, args.negative, show_progress=not args.no_progress)
+    model = _load(
+        checked.kind, args.model, inpainting=checked.mask is not None, device=checked.device, dtype=checked.dtype
+    )
+    _apply_plugin_options(model, args)
+    model.show_progress = not args.no_progress
+    image = _denoise(model, checked, args)
     _write_atomically(image, args.out, checked.image_format)
     print(
         f"wrote {_printable(str(args.out))} ({checked.width}x{checked.height}, {len(checked.solver.inference_steps)} "
-        f"{args.solver} steps, seed {checked.seed}) in {time.perf_counter() - start:.1f} s"
+        f"{args.solver} steps, seed {checked.seed}, {checked.kind} model) in {time.perf_counter() - start:.1f} s"
     )
     return 0
 
@@ -160,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
 class GenerateSettings:
     """What `check_arguments` derived from the arguments, before anything is loaded."""
 
+    kind: str
     init_image: Image.Image | None
     mask: Image.Image | None
     width: int
@@ -173,9 +189,10 @@ class GenerateSettings:
 
 
 def check_arguments(args: argparse.Namespace) -> GenerateSettings:
-    """Check every argument of `refiners generate` that can be checked without the model, and the plugins' options
-    (their `validate`); print a warning for prompts longer than the text encoder reads. Raises GenerateError naming
-    the argument at fault. Loads nothing but the init image and mask, after their declared sizes are checked.
+    """Check every argument of `refiners generate` that can be checked without the model, tell the model's kind
+    (`model_kind`), and check the plugins' options (their `validate`, and that each applies to that kind); print a
+    warning for prompts longer than the text encoder reads. Raises GenerateError naming the argument at fault. Loads
+    nothing but the init image and mask, after their declared sizes are checked.
     """
     for option, text in (("the prompt", args.prompt), ("--negative", args.negative)):
         check_text(option, text)
@@ -195,13 +212,17 @@ def check_arguments(args: argparse.Namespace) -> GenerateSettings:
     device = parse_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     solver = _solver(args.solver, steps, first_step(steps, strength))
+    kind = model_kind(args.model, args.model_type)
+    _check_options_apply_to(kind, args)
+    if args.mask is not None and kind != MODEL_NAME:
+        raise GenerateError(f"--mask: inpainting is not supported with an {kind} model yet (only with {MODEL_NAME})")
     _validate_plugin_options(args)
     init_image = open_image(args.init_image, "--init-image") if args.init_image is not None else None
     mask = open_image(args.mask, "--mask") if args.mask is not None else None
-    width, height = size or (multiple_of_8(init_image.size) if init_image is not None else (512, 512))
-    if size is None:
+    if size is None and init_image is not None:
+        size = multiple_of_8(init_image.size)
         try:
-            check_image_size(width, height, "the size (the init image's, rounded to 8)")
+            check_image_size(*size, "the size (the init image's, rounded to 8)")
         except ValueError as error:
             raise GenerateError(f"{error}: pass a smaller --size") from None
     for option, text in (("the prompt", args.prompt), ("--negative", args.negative)):
@@ -209,38 +230,79 @@ def check_arguments(args: argparse.Namespace) -> GenerateSettings:
         if warning is not None:
             print(f"refiners generate: warning: {warning}", file=sys.stderr)
     _check_model(args.model)  # last: an error about the model means every other argument is fine
+    width, height = size or _kinds()[kind].default_size or (512, 512)
     seed = seed if seed is not None else random.randrange(2**32)
-    return GenerateSettings(init_image, mask, width, height, solver, guidance, device, dtype, seed, image_format)
+    return GenerateSettings(kind, init_image, mask, width, height, solver, guidance, device, dtype, seed, image_format)
 
 
-def _denoise(
-    sd: StableDiffusion_1, checked: GenerateSettings, prompt: str, negative: str, *, show_progress: bool
-) -> Image.Image:
-    """Run the denoising loop; raise GenerateError, writing nothing, if the latents stop being finite."""
-    sd.solver = checked.solver
-    sd.show_progress = show_progress
-    width, height, init_image, mask = checked.width, checked.height, checked.init_image, checked.mask
-    with torch.no_grad():
-        embedding = sd.compute_clip_text_embedding(prompt, negative_text=negative)
-        check_finite_tensor("the text embedding of the prompts", embedding)
-        if isinstance(sd, StableDiffusion_1_Inpainting):
-            assert init_image is not None and mask is not None
-            sd.set_inpainting_conditions(init_image.resize((width, height), Image.Resampling.LANCZOS), mask)
-        # as diffusers: image-to-image noises the image's latents; inpainting from scratch starts from noise
-        start_image = init_image if mask is None or checked.solver.first_inference_step > 0 else None
-        x = sd.init_latents(size=(height, width), init_image=start_image, seed=checked.seed)
-        for step in sd.steps:
-            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=checked.guidance)
-            if not bool(torch.isfinite(x).all()):
-                raise GenerateError(
-                    f"the latents have NaN or infinite values after step {step}: with these options the model "
-                    f"overflows {checked.dtype} (lower --guidance or the plugins' scales, or use --dtype float32); "
-                    "nothing was written"
-                )
-        try:
-            return sd.lda.latents_to_image(x)
-        except ValueError as error:
-            raise GenerateError(f"{error}: nothing was written (try --dtype float32)") from error
+def model_kind(model: str, model_type: str | None) -> str:
+    """The registered model kind `refiners generate` runs `model` as: the first whose `detect` recognizes what it
+    holds, else `MODEL_NAME`; `model_type` (`--model-type`) forces it. Raises GenerateError for a `model_type` that no
+    installed plugin registers for generation (listing those that are), or one that `model` does not hold (naming
+    what it holds and what shows it)."""
+    kinds = _kinds()
+    if model_type is not None and model_type not in kinds:
+        raise GenerateError(
+            f"--model-type {model_type!r} is not an installed model kind: use one of {', '.join(sorted(kinds))}"
+        )
+    found = next(((name, why) for name, spec in kinds.items() if (why := _detect(spec, model)) is not None), None)
+    if model_type is None:
+        return found[0] if found is not None else MODEL_NAME
+    if found is not None and found[0] != model_type:
+        raise GenerateError(
+            f"--model-type {model_type}: --model {model} holds an {found[0]} model, not an {model_type} one "
+            f"({found[1]})"
+        )
+    return model_type
+
+
+def _kinds() -> dict[str, ModelSpec]:
+    """The registered models `refiners generate` can run (those with a `generate`), by name."""
+    return {name: spec for name, spec in registry().models.items() if spec.generate is not None}
+
+
+def _detect(spec: ModelSpec, model: str) -> str | None:
+    if spec.detect is None:
+        return None
+    try:
+        return spec.detect(model)
+    except Exception:  # noqa: BLE001 - a plugin's detect that breaks its contract only fails to recognize
+        return None
+
+
+def _denoise(model: Any, checked: GenerateSettings, args: argparse.Namespace) -> Image.Image:
+    """Run the kind's `generate`; raise GenerateError, writing nothing, if the latents stop being finite."""
+
+    def after_step(step: int, x: torch.Tensor) -> None:
+        if not bool(torch.isfinite(x).all()):
+            raise GenerateError(
+                f"the latents have NaN or infinite values after step {step}: with these options the model "
+                f"overflows {checked.dtype} (lower --guidance or the plugins' scales, or use --dtype float32); "
+                "nothing was written"
+            )
+
+    solver = checked.solver
+    extra: dict[str, Any] = {"mask": checked.mask} if checked.mask is not None else {}
+    generate = _kinds()[checked.kind].generate
+    assert generate is not None
+    try:
+        with torch.no_grad():
+            return generate(
+                model,
+                prompt=args.prompt,
+                negative_prompt=args.negative,
+                make_solver=functools.partial(
+                    _solver, args.solver, solver.num_inference_steps, solver.first_inference_step
+                ),
+                size=(checked.width, checked.height),
+                guidance=checked.guidance,
+                seed=checked.seed,
+                init_image=checked.init_image,
+                after_step=after_step,
+                **extra,
+            )
+    except ValueError as error:
+        raise GenerateError(f"{error}: nothing was written (try --dtype float32)") from error
 
 
 def _printable(text: str) -> str:
@@ -265,7 +327,16 @@ def _write_atomically(image: Image.Image, out: Path, image_format: str) -> None:
 
 
 def _plugin_options() -> list[GenerateOptionSpec]:
-    return [spec for spec in registry().generate_options.values() if spec.applies_to(MODEL_NAME)]
+    """The plugins' options for any model this command runs."""
+    kinds = _kinds()
+    return [spec for spec in registry().generate_options.values() if any(spec.applies_to(kind) for kind in kinds)]
+
+
+def _check_options_apply_to(kind: str, args: argparse.Namespace) -> None:
+    for spec in _plugin_options():
+        if getattr(args, _OPTION_DEST + spec.flag, None) and not spec.applies_to(kind):
+            supported = ", ".join(spec.models or ())
+            raise GenerateError(f"{spec.flag} is not supported with an {kind} model yet (only with {supported})")
 
 
 def _validate_plugin_options(args: argparse.Namespace) -> None:
@@ -275,7 +346,7 @@ def _validate_plugin_options(args: argparse.Namespace) -> None:
             _run_plugin(spec, values, spec.validate, values)
 
 
-def _apply_plugin_options(sd: StableDiffusion_1, args: argparse.Namespace) -> None:
+def _apply_plugin_options(sd: Any, args: argparse.Namespace) -> None:
     for spec in _plugin_options():
         values: list[str] | None = getattr(args, _OPTION_DEST + spec.flag, None)
         if values:
@@ -305,19 +376,22 @@ def _check_model(model: str) -> None:
         raise GenerateError(f"--model {model}: no such file or folder")
 
 
-def _load(model: str, *, inpainting: bool, device: torch.device, dtype: torch.dtype) -> StableDiffusion_1:
-    model_class = StableDiffusion_1_Inpainting if inpainting else StableDiffusion_1
+def _load(kind: str, model: str, *, inpainting: bool, device: torch.device, dtype: torch.dtype) -> Any:
+    loader = StableDiffusion_1_Inpainting.from_pretrained if inpainting else _kinds()[kind].loader
     local = Path(model).expanduser()
     try:
-        return model_class.from_pretrained(model, device=device, dtype=dtype)
+        return loader(model, device=device, dtype=dtype)
     except (OSError, ValueError, WeightsError) as error:
         where = "" if local.exists() else " (not a local file or folder, so read as a Hugging Face hub id)"
         raise GenerateError(f"--model {model}{where}: {error}") from error
 
 
-def _solver(name: str, steps: int, first_step: int) -> Solver:
+def _solver(name: str, steps: int, first_step: int, **settings: Any) -> Solver:
+    """The registered solver `name`; `settings` are a model's own (e.g. SDXL's timestep spacing)."""
     try:
-        solver = registry().solvers[name].factory(num_inference_steps=steps, first_inference_step=first_step)
+        solver = (
+            registry().solvers[name].factory(num_inference_steps=steps, first_inference_step=first_step, **settings)
+        )
     except ValueError as error:
         raise GenerateError(f"--solver {name}: {error}") from error
     if not isinstance(solver, Solver):

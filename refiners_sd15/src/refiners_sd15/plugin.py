@@ -1,7 +1,7 @@
 """The refiners plugin of refiners-sd15 (entry point `sd15 = refiners_sd15.plugin`).
 
-It registers the `sd15` model (with the `refiners demo` it offers), the `ddim`, `dpm` and `euler` solvers and the
-`refiners generate` command; nothing is built or read here.
+It registers the `sd15` model (with the `refiners demo` it offers and what `refiners generate` needs), the `ddim`,
+`dpm` and `euler` solvers and the `refiners generate` command; nothing is built or read here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from refiners_core.plugins import CommandRegistrar, ModelSpec, SolverSpec, hooki
 @hookimpl
 def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
     from refiners_sd15.demo import run_demo
+    from refiners_sd15.generation import SD15_DEFAULT_SIZE, detect_sd15, generate_sd15
     from refiners_sd15.model import StableDiffusion_1
 
     register(
@@ -22,6 +23,9 @@ def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
             loader=StableDiffusion_1.from_pretrained,
             summary="Stable Diffusion 1.5: StableDiffusion_1.from_pretrained(diffusers folder, hub id or .ckpt)",
             demo=run_demo,
+            detect=detect_sd15,
+            default_size=SD15_DEFAULT_SIZE,
+            generate=generate_sd15,
         )
     )
 
@@ -42,6 +46,6 @@ def refiners_register_commands(cli: CommandRegistrar) -> None:
     cli.add_command(
         "generate",
         generate.run,
-        help="Generate an image with Stable Diffusion 1.5 (text-to-image, image-to-image, inpainting)",
+        help="Generate an image with an installed model (sd15, sdxl...): text-to-image, image-to-image, inpainting",
         configure=generate.configure,
     )

@@ -1,11 +1,16 @@
-"""Helpers for tests of refiners-sd15 and of the packages built on it: original-layout checkpoints written from
-transformers state dicts. Nothing here is used at runtime."""
+"""Helpers for tests of refiners-sd15 and of the packages built on it: small SD1.5 components with random weights,
+and original-layout checkpoints written from transformers state dicts. Nothing here is used at runtime."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
+
+from refiners_sd15.autoencoder import SD15_AUTOENCODER, SD1Autoencoder
+from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
+from refiners_sd15.unet import SD1UNet, UNetConfig
 
 _OPEN_CLIP_NAMES = {
     "layer_norm1": "ln_1",
@@ -38,3 +43,26 @@ def open_clip_state_dict(state_dict: Mapping[str, torch.Tensor], num_layers: int
                 [theirs[f"{layer}.self_attn.{name}_proj.{param}"] for name in "qkv"]
             )
     return tensors
+
+
+def small_sd15_components(in_channels: int) -> dict[str, torch.nn.Module]:
+    """`unet`, `lda` and `clip_text_encoder` of a scaled-down SD1.5 (32 channels, one layer each) with random weights
+    drawn from seed `in_channels`, as keyword arguments of `StableDiffusion_1` (`in_channels` 4) or
+    `StableDiffusion_1_Inpainting` (9)."""
+    torch.manual_seed(in_channels)
+    return {
+        "unet": SD1UNet(
+            UNetConfig(
+                in_channels=in_channels,
+                block_out_channels=(32, 32),
+                layers_per_block=1,
+                attention_head_dim=4,
+                cross_attention_dim=32,
+                cross_attention_levels=(True, False),
+            )
+        ),
+        "lda": SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32, 32, 32, 32), layers_per_block=1)),
+        "clip_text_encoder": CLIPTextEncoderL(
+            CLIPTextEncoderConfig(embedding_dim=32, num_layers=1, num_attention_heads=2, feedforward_dim=64)
+        ),
+    }

@@ -73,18 +73,46 @@ class ModelSpec:
     keyword arguments `seed` (int), `lora_rank` (int), `output_dir` (a `pathlib.Path` where it may write files)
     and `quiet` (bool: no model trees); it builds the model with random weights (no download), prints what it
     does, and returns its checks as `(description, passed)` pairs, which `refiners demo` lists with its own.
+
+    A model that `refiners generate` can run gives the three other fields:
+
+    - `detect(source)`: `source` is `--model` as the user gave it (a local folder or file, or a hub id). Returns a
+      short phrase saying what shows `source` holds this kind of model ("model_index.json's _class_name is
+      'StableDiffusionXLPipeline'"), or None. It reads only small files (indexes, configs, a safetensors header:
+      see `refiners_core.model_kinds`), never weights, never downloads, and raises nothing.
+    - `default_size`: the `(width, height)` generated when neither a size nor an init image is given.
+    - `generate(model, *, prompt, negative_prompt, make_solver, size, guidance, seed, init_image, after_step)`: one
+      image from `model` (what `loader(source, device=..., dtype=...)` returned), as a `PIL.Image.Image`.
+      `make_solver(**settings)` builds the solver the user chose, with the number of steps and the first step
+      already set; `generate` passes the model's own solver settings (e.g. its timestep spacing) and uses it.
+      `size` is `(width, height)`; `init_image` (a `PIL.Image.Image` or None) starts image-to-image from the
+      solver's first step; `after_step(step, latents)` is called after each denoising step and may raise to stop.
+      Raises ValueError for latents the autoencoder cannot decode.
     """
 
     name: str
     loader: Callable[..., Any]
     summary: str = ""
     demo: Callable[..., Sequence[tuple[str, bool]]] | None = None
+    detect: Callable[[str], str | None] | None = None
+    default_size: tuple[int, int] | None = None
+    generate: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         check_name("model", self.name)
         _check_callable("model", self.name, "loader", self.loader)
-        if self.demo is not None:
-            _check_callable("model", self.name, "demo", self.demo)
+        for role in ("demo", "detect", "generate"):
+            if (value := getattr(self, role)) is not None:
+                _check_callable("model", self.name, role, value)
+        size = self.default_size
+        if size is not None and not (
+            isinstance(size, tuple)  # pyright: ignore[reportUnnecessaryIsInstance]
+            and len(size) == 2
+            and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)  # pyright: ignore[reportUnnecessaryIsInstance]
+        ):
+            raise TypeError(
+                f"model {self.name!r}: default_size must be a (width, height) of positive ints, got {size!r}"
+            )
 
 
 @dataclass(frozen=True)
