@@ -76,7 +76,10 @@ def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
     Called once per plugin when the registry is first loaded.
 
     :param register: call it with one `ModelSpec` per model. The loader is called later, by users, with
-        the arguments the plugin documents (typically a local path or hub id, a device and a dtype).
+        the arguments the plugin documents (typically a local path or hub id, a device and a dtype). A model that
+        `refiners generate` can run also gives `detect` (whether a folder, cached hub id or file holds this kind,
+        from its small files only), `default_size` and `generate` (one image from the loaded model); the loader is
+        then called as `loader(source, device=..., dtype=...)`. See `ModelSpec` for their contracts.
 
     Must not download or read weights here: loaders do that when called. Same naming rules as adapters.
     """

@@ -1,0 +1,220 @@
+"""`refiners generate` with SDXL models, in-process through `refiners_core.cli.main`: the kind told from what
+`--model` holds (`model_index.json`, a UNet config, a single file's keys), `--model-type`, SDXL's default size,
+text-to-image and image-to-image against the Python API, and the errors raised before anything is loaded.
+
+The SDXL folder is `refiners_sdxl.testing.write_small_sdxl_folder`'s (a small diffusers folder with random weights);
+the SD1.5 one is `refiners_sd15.testing.small_sd15_components` written with `save_pretrained`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from refiners_core.cli import main
+from refiners_sd15 import DDIM, StableDiffusion_1
+from refiners_sd15.cli import model_kind
+from refiners_sd15.generate_checks import GenerateError
+from refiners_sd15.testing import small_sd15_components
+from refiners_sdxl import StableDiffusion_XL
+from refiners_sdxl.testing import write_small_sdxl_folder
+
+PROMPT = "a cute cat"
+SDXL_FOUND = "model_index.json's _class_name is 'StableDiffusionXLPipeline'"
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_small_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(scope="module")
+def sd15_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sd15")
+    StableDiffusion_1(**small_sd15_components(4)).save_pretrained(folder)  # pyright: ignore[reportArgumentType]
+    return folder
+
+
+def generate(*args: str | Path) -> int:
+    return main(["generate", PROMPT, "--no-progress", *map(str, args)])
+
+
+def api_image(
+    folder: Path, *, seed: int, steps: int, size: tuple[int, int], init_image: Image.Image | None = None, first: int = 0
+) -> Image.Image:
+    """What the Python API gives for `size = (width, height)`, DDIM, an empty negative prompt and guidance 7.5."""
+    sdxl = StableDiffusion_XL.from_pretrained(folder)
+    sdxl.show_progress = False
+    sdxl.solver = DDIM(num_inference_steps=steps, first_inference_step=first, **sdxl.solver_defaults)
+    width, height = size
+    embedding, pooled = sdxl.compute_clip_text_embedding(PROMPT)
+    time_ids = sdxl.time_ids(original_size=(height, width), target_size=(height, width))
+    with torch.no_grad():
+        x = sdxl.init_latents(size=(height, width), init_image=init_image, seed=seed)
+        for step in sdxl.steps:
+            x = sdxl(
+                x,
+                step=step,
+                clip_text_embedding=embedding,
+                pooled_text_embedding=pooled,
+                time_ids=time_ids,
+                condition_scale=7.5,
+            )
+    return sdxl.lda.latents_to_image(x)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_generate_with_an_sdxl_folder_writes_the_image_the_python_api_gives(
+    sdxl_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cat.png"
+
+    code = generate("--model", sdxl_folder, "--steps", "2", "--solver", "ddim", "--seed", "3", "--size", "64x48",
+                    "--out", out)  # fmt: skip
+
+    assert code == 0, capsys.readouterr().err
+    assert "(64x48, 2 ddim steps, seed 3, sdxl model)" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert (image.format, image.size) == ("PNG", (64, 48))
+        expected = pixels(api_image(sdxl_folder, seed=3, steps=2, size=(64, 48)))
+        assert expected.std() > 0  # the comparison means something: not a flat image
+        assert np.abs(pixels(image) - expected).max() <= 1
+
+
+def test_generate_from_an_init_image_with_sdxl_runs_the_steps_its_strength_leaves(
+    sdxl_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    init, out = tmp_path / "init.png", tmp_path / "out.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(init)
+
+    code = generate("--model", sdxl_folder, "--steps", "4", "--strength", "0.5", "--solver", "ddim", "--seed", "5",
+                    "--init-image", init, "--out", out)  # fmt: skip
+
+    assert code == 0, capsys.readouterr().err
+    assert "(40x32, 2 ddim steps, seed 5, sdxl model)" in capsys.readouterr().out
+    with Image.open(init) as init_image, Image.open(out) as image:
+        expected = api_image(sdxl_folder, seed=5, steps=4, size=(40, 32), init_image=init_image.copy(), first=2)
+        text_to_image = api_image(sdxl_folder, seed=5, steps=4, size=(40, 32))
+        assert np.abs(pixels(expected) - pixels(text_to_image)).max() > 10  # the init image matters
+        assert np.abs(pixels(image) - pixels(expected)).max() <= 1
+
+
+def test_generate_with_sdxl_defaults_to_1024x1024(
+    sdxl_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.png"
+
+    assert generate("--model", sdxl_folder, "--model-type", "sdxl", "--steps", "1", "--out", out) == 0
+
+    assert "(1024x1024, 1 dpm steps" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size == (1024, 1024)
+
+
+def write_single_file(path: Path, key: str) -> Path:
+    save_file({key: torch.zeros(1)}, str(path))
+    return path
+
+
+def without_model_index(folder: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "components"
+    shutil.copytree(folder, copy)
+    (copy / "model_index.json").unlink()
+    return copy
+
+
+def test_the_kind_is_told_from_what_the_folder_or_file_holds(
+    sdxl_folder: Path, sd15_folder: Path, tmp_path: Path
+) -> None:
+    sdxl_file = write_single_file(tmp_path / "sdxl.safetensors", "conditioner.embedders.0.transformer.x")
+    sd15_file = write_single_file(tmp_path / "sd15.safetensors", "cond_stage_model.transformer.x")
+    diffusers_sd15 = tmp_path / "diffusers-sd15"
+    diffusers_sd15.mkdir()
+    (diffusers_sd15 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+    assert model_kind(str(sdxl_folder), None) == "sdxl"
+    assert model_kind(str(without_model_index(sdxl_folder, tmp_path)), None) == "sdxl"  # from unet/config.json
+    assert model_kind(str(sdxl_file), None) == "sdxl"
+    assert model_kind(str(sd15_folder), None) == "sd15"
+    assert model_kind(str(sd15_file), None) == "sd15"
+    assert model_kind(str(diffusers_sd15), None) == "sd15"
+    assert model_kind(str(tmp_path / "unknown.ckpt"), None) == "sd15"  # nothing recognizes it: SD1.5, as before
+    assert model_kind(str(sdxl_folder), "sdxl") == "sdxl"
+
+
+@pytest.mark.parametrize(
+    ("source", "model_type", "found"),
+    [
+        ("sdxl", "sd15", f"holds an sdxl model, not an sd15 one ({SDXL_FOUND})"),
+        ("sdxl components", "sd15", "holds an sdxl model, not an sd15 one (unet/config.json has the 'text_time' added "
+         "embedding, as SDXL's UNet)"),
+        ("sdxl file", "sd15", "holds an sdxl model, not an sd15 one (its keys hold 'conditioner.embedders.*', SDXL's "
+         "text encoders)"),
+        ("sd15", "sdxl", "holds an sd15 model, not an sdxl one (it holds refiners_sd15.json)"),
+        ("sd15 file", "sdxl", "holds an sd15 model, not an sdxl one (its keys hold 'cond_stage_model.*', SD1.5's text "
+         "encoder)"),
+    ],
+)  # fmt: skip
+def test_a_forced_model_type_that_the_model_does_not_hold_is_an_error_naming_what_it_holds(
+    source: str,
+    model_type: str,
+    found: str,
+    sdxl_folder: Path,
+    sd15_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model = {
+        "sdxl": sdxl_folder,
+        "sdxl components": without_model_index(sdxl_folder, tmp_path),
+        "sdxl file": write_single_file(tmp_path / "m.safetensors", "conditioner.embedders.1.model.x"),
+        "sd15": sd15_folder,
+        "sd15 file": write_single_file(tmp_path / "m.safetensors", "cond_stage_model.transformer.x"),
+    }[source]
+    out = tmp_path / "out.png"
+
+    assert generate("--model", model, "--model-type", model_type, "--out", out) == 2
+
+    assert capsys.readouterr().err == f"refiners generate: error: --model-type {model_type}: --model {model} {found}\n"
+    assert not out.exists()
+
+
+def test_an_unknown_model_type_is_an_error_listing_the_installed_kinds(
+    sdxl_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert generate("--model", sdxl_folder, "--model-type", "sd3", "--out", tmp_path / "out.png") == 2
+
+    assert capsys.readouterr().err == (
+        "refiners generate: error: --model-type 'sd3' is not an installed model kind: use one of sd15, sdxl\n"
+    )
+    with pytest.raises(GenerateError, match="use one of sd15, sdxl"):
+        model_kind(str(sdxl_folder), "SDXL")
+
+
+def test_inpainting_with_sdxl_is_refused_before_loading(
+    sdxl_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = tmp_path / "image.png"
+    Image.new("RGB", (32, 32)).save(image)
+
+    assert generate("--model", sdxl_folder, "--init-image", image, "--mask", image, "--out", tmp_path / "o.png") == 2
+
+    assert capsys.readouterr().err == (
+        "refiners generate: error: --mask: inpainting is not supported with an sdxl model yet (only with sd15)\n"
+    )
+
+
+def test_refiners_plugins_lists_the_sdxl_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plugins"]) == 0
+
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("refiners-sdxl ")]
+    assert "models: sdxl" in line and line.rstrip().endswith("ok")
