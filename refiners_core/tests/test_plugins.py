@@ -517,3 +517,15 @@ def test_generate_option_spec_checks_apply_and_models() -> None:
         GenerateOptionSpec("--lora", lambda model, values: None, models=("sd 15",))
     spec = GenerateOptionSpec("--lora", lambda model, values: None, metavar="FILE[:SCALE]", models=("sd15",))
     assert (spec.name, spec.applies_to("sd15"), spec.applies_to("sam")) == ("--lora", True, False)
+
+
+def test_model_spec_checks_what_generation_needs() -> None:
+    with pytest.raises(TypeError, match="model 'm': detect must be callable"):
+        ModelSpec("m", dict, detect="model_index.json")  # pyright: ignore[reportArgumentType]
+    with pytest.raises(TypeError, match="model 'm': generate must be callable"):
+        ModelSpec("m", dict, generate=42)  # pyright: ignore[reportArgumentType]
+    for size in [(0, 512), (512,), [512, 512], (512.0, 512), (True, 8)]:
+        with pytest.raises(TypeError, match=r"model 'm': default_size must be a \(width, height\) of positive ints"):
+            ModelSpec("m", dict, default_size=size)  # pyright: ignore[reportArgumentType]
+    spec = ModelSpec("m", dict, detect=lambda source: None, default_size=(768, 512), generate=lambda model: None)
+    assert spec.default_size == (768, 512) and spec.detect is not None and spec.detect("folder") is None

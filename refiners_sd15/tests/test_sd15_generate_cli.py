@@ -65,10 +65,22 @@ def test_generate_writes_the_png_the_python_api_gives(
     )
 
     assert code == 0, capsys.readouterr().err
-    assert f"wrote {out} (64x48, 3 ddim steps, seed 2)" in capsys.readouterr().out
+    assert f"wrote {out} (64x48, 3 ddim steps, seed 2, sd15 model)" in capsys.readouterr().out
     with Image.open(out) as image:
         assert (image.format, image.size) == ("PNG", (64, 48))
         assert image.tobytes() == api_image(model_folder, seed=2, steps=3, size=(48, 64)).tobytes()
+
+
+def test_generate_with_sd15_defaults_to_512x512_and_accepts_its_model_type(
+    model_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.png"
+
+    assert generate("--model", model_folder, "--model-type", "sd15", "--steps", "1", "--out", out) == 0
+
+    assert "(512x512, 1 dpm steps" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size == (512, 512)
 
 
 def test_generate_from_an_init_image_runs_the_steps_its_strength_leaves(

@@ -1,0 +1,60 @@
+"""`refiners_core.model_kinds`: the small-file readers a `ModelSpec.detect` uses, which never read weights, never
+download and never raise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from refiners_core.model_kinds import find_file, read_json, weight_keys
+
+
+def test_find_file_looks_in_a_local_folder_and_its_subfolders(tmp_path: Path) -> None:
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+
+    assert find_file(str(tmp_path), "config.json", subfolder="unet") == tmp_path / "unet" / "config.json"
+    assert find_file(str(tmp_path), "model_index.json") is None
+    assert find_file(str(tmp_path / "unet" / "config.json"), "model_index.json") is None  # a file is no folder
+    assert find_file(str(tmp_path / "missing" / "model.ckpt"), "model_index.json") is None  # nor a hub id
+
+
+def test_find_file_reads_a_hub_id_from_the_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--sdxl" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (cache / "models--acme--sdxl" / "refs").mkdir()
+    (cache / "models--acme--sdxl" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+
+    found = find_file("acme/sdxl", "model_index.json")
+
+    assert found is not None and read_json(found) == {"_class_name": "StableDiffusionXLPipeline"}
+    assert find_file("acme/sdxl", "config.json", subfolder="unet") is None  # not cached: not downloaded
+    assert find_file("acme/not-cached", "model_index.json") is None
+
+
+def test_read_json_gives_none_for_what_is_not_a_json_object(tmp_path: Path) -> None:
+    for name, text in [("list.json", "[1, 2]"), ("broken.json", "{"), ("binary.json", "\xff")]:
+        (tmp_path / name).write_text(text, encoding="latin-1")
+        assert read_json(tmp_path / name) is None, name
+    (tmp_path / "object.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+    assert read_json(tmp_path / "object.json") == {"_class_name": "StableDiffusionPipeline"}
+    assert read_json(None) is None and read_json(tmp_path / "missing.json") is None
+
+
+def test_weight_keys_reads_a_safetensors_header_and_nothing_else(tmp_path: Path) -> None:
+    save_file({"cond_stage_model.x": torch.zeros(2), "model.diffusion_model.y": torch.ones(1)}, str(tmp_path / "m.st"))
+    torch.save({"state_dict": {}}, tmp_path / "m.ckpt")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+
+    assert sorted(weight_keys(tmp_path / "m.st") or []) == ["cond_stage_model.x", "model.diffusion_model.y"]
+    assert weight_keys(tmp_path / "m.ckpt") is None
+    assert weight_keys(tmp_path / "empty.safetensors") is None
+    assert weight_keys(tmp_path / "missing.safetensors") is None
