@@ -218,3 +218,12 @@ def test_refiners_plugins_lists_the_sdxl_model(capsys: pytest.CaptureFixture[str
 
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("refiners-sdxl ")]
     assert "models: sdxl" in line and line.rstrip().endswith("ok")
+
+
+def test_generate_help_names_each_kind_and_its_default_size(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--model-type KIND the model's kind, one of sd15, sdxl" in help_text
+    assert "(default: the model's, 512x512 for sd15, 1024x1024 for sdxl; or the init image's size)" in help_text

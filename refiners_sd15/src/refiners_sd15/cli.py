@@ -100,12 +100,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (default: 7.5)",
     )
     parser.add_argument("--seed", default=None, help="random seed, 0 to 2**64-1 (default: drawn, and printed)")
+    sizes = ", ".join(f"{width}x{height} for {name}" for name, (width, height) in _default_sizes())
     parser.add_argument(
         "--size",
         default=None,
         metavar="WIDTHxHEIGHT",
         help=f"image size, multiples of 8, each side at most {MAX_IMAGE_SIDE} and at most 4096x4096 pixels in all "
-        "(default: the model's, 512x512 for sd15 and 1024x1024 for sdxl, or the init image's size)",
+        f"(default: the model's, {sizes}; or the init image's size)",
     )
     parser.add_argument(
         "--out",
@@ -259,6 +260,11 @@ def model_kind(model: str, model_type: str | None) -> str:
 def _kinds() -> dict[str, ModelSpec]:
     """The registered models `refiners generate` can run (those with a `generate`), by name."""
     return {name: spec for name, spec in registry().models.items() if spec.generate is not None}
+
+
+def _default_sizes() -> list[tuple[str, tuple[int, int]]]:
+    """Each kind's default (width, height), by name."""
+    return [(name, spec.default_size) for name, spec in sorted(_kinds().items()) if spec.default_size is not None]
 
 
 def _detect(spec: ModelSpec, model: str) -> str | None:
