@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -173,13 +174,14 @@ def test_a_forced_model_type_that_the_model_does_not_hold_is_an_error_naming_wha
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    model = {
-        "sdxl": sdxl_folder,
-        "sdxl components": without_model_index(sdxl_folder, tmp_path),
-        "sdxl file": write_single_file(tmp_path / "m.safetensors", "conditioner.embedders.1.model.x"),
-        "sd15": sd15_folder,
-        "sd15 file": write_single_file(tmp_path / "m.safetensors", "cond_stage_model.transformer.x"),
-    }[source]
+    sources: dict[str, Callable[[], Path]] = {
+        "sdxl": lambda: sdxl_folder,
+        "sdxl components": lambda: without_model_index(sdxl_folder, tmp_path),
+        "sdxl file": lambda: write_single_file(tmp_path / "m.safetensors", "conditioner.embedders.1.model.x"),
+        "sd15": lambda: sd15_folder,
+        "sd15 file": lambda: write_single_file(tmp_path / "m.safetensors", "cond_stage_model.transformer.x"),
+    }
+    model = sources[source]()
     out = tmp_path / "out.png"
 
     assert generate("--model", model, "--model-type", model_type, "--out", out) == 2
