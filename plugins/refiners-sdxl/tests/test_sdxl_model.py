@@ -38,71 +38,26 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from refiners_sd15 import DDIM, DPMSolver, Euler, Solver, StableDiffusion_1
 from refiners_sdxl import StableDiffusion_XL, diffusers_sdxl_unet_mapping
+from refiners_sdxl.testing import (
+    G_DIM,
+    L_DIM,
+    POOLED_DIM,
+    SDXL_SCHEDULER,
+    SMALL_TEXT_G,
+    SMALL_TEXT_L,
+    SMALL_UNET,
+    SMALL_VAE,
+    TIME_ID_DIM,
+    randomize,
+)
 
 TOLERANCE = 1e-3
 SIZE = 64  # pixels: 8x8 latents
-TIME_ID_DIM = 8
-L_DIM, G_DIM, POOLED_DIM = 32, 48, 40
-
-SMALL_UNET: dict[str, Any] = {
-    "sample_size": 8,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "attention_head_dim": [1, 2],
-    "transformer_layers_per_block": [1, 2],
-    "norm_num_groups": 32,
-    "cross_attention_dim": L_DIM + G_DIM,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": TIME_ID_DIM,
-    "projection_class_embeddings_input_dim": POOLED_DIM + 6 * TIME_ID_DIM,
-}
-SMALL_VAE: dict[str, Any] = {
-    "block_out_channels": [32, 32, 32, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 32,
-    "scaling_factor": 0.13025,
-}
-TEXT: dict[str, Any] = {"num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77}
-# stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json
-SDXL_SCHEDULER: dict[str, Any] = {
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
 SOLVERS: dict[str, tuple[type[Solver], Any]] = {
     "ddim": (DDIM, lambda config: DDIMScheduler.from_config(config, clip_sample=False)),
     "dpm": (DPMSolver, lambda config: DPMSolverMultistepScheduler.from_config(config)),
     "euler": (Euler, lambda config: EulerDiscreteScheduler.from_config(config)),
 }
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter drawn independently (weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1))."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() > 1:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * parameter[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith(".weight"):
-                parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator))
-            else:
-                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
 
 
 @dataclass
@@ -115,10 +70,8 @@ class Reference:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     unet = UNet2DConditionModel(**SMALL_UNET).eval()
     vae = AutoencoderKL(**SMALL_VAE).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=L_DIM, intermediate_size=64, **TEXT)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(hidden_size=G_DIM, intermediate_size=96, projection_dim=POOLED_DIM, hidden_act="gelu", **TEXT)
-    ).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SMALL_TEXT_L)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SMALL_TEXT_G)).eval()
     for seed, model in enumerate((unet, vae, text_encoder, text_encoder_2)):
         randomize(model, seed)
     pipeline = StableDiffusionXLPipeline(

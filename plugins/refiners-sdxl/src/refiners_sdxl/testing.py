@@ -1,0 +1,97 @@
+"""Helpers for tests of refiners-sdxl and of the packages built on it: small SDXL-like diffusers configs (so that a
+pipeline runs on CPU in seconds), SDXL's published scheduler config, and random weights drawn per parameter. Nothing
+here is used at runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+TIME_ID_DIM = 8
+"""Features per time id in the small UNets."""
+L_DIM, G_DIM, POOLED_DIM = 32, 48, 40
+"""Widths of the small CLIP-L-like and CLIP-G-like text encoders, and of CLIP-G's projected pooled embedding."""
+
+SMALL_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [1, 2],
+    "transformer_layers_per_block": [1, 2],
+    "norm_num_groups": 32,
+    "cross_attention_dim": L_DIM + G_DIM,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": TIME_ID_DIM,
+    "projection_class_embeddings_input_dim": POOLED_DIM + 6 * TIME_ID_DIM,
+}
+"""`UNet2DConditionModel` arguments of a small SDXL base-like UNet: two levels, attention on the second, CLIP-L + CLIP-G
+text, the `text_time` added embedding of the pooled embedding and six time ids."""
+
+SMALL_INPAINTING_UNET: dict[str, Any] = {**SMALL_UNET, "in_channels": 9}
+"""`SMALL_UNET` with latents, mask and masked image latents in (4 + 1 + 4 channels)."""
+
+SMALL_REFINER_UNET: dict[str, Any] = {
+    **SMALL_UNET,
+    "cross_attention_dim": G_DIM,
+    "projection_class_embeddings_input_dim": POOLED_DIM + 5 * TIME_ID_DIM,
+}
+"""`SMALL_UNET` as a refiner: CLIP-G text only, five time ids (with the aesthetic score)."""
+
+SMALL_VAE: dict[str, Any] = {
+    "block_out_channels": [32, 32, 32, 32],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+    "scaling_factor": 0.13025,
+}
+"""`AutoencoderKL` arguments of a small 4-level autoencoder with SDXL's latent scale (8x downscaling)."""
+
+SMALL_TEXT: dict[str, Any] = {"num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77}
+"""`CLIPTextConfig` arguments the small text encoders share."""
+SMALL_TEXT_L: dict[str, Any] = {**SMALL_TEXT, "hidden_size": L_DIM, "intermediate_size": 64}
+"""`CLIPTextConfig` arguments of a small CLIP-L-like `CLIPTextModel`."""
+SMALL_TEXT_G: dict[str, Any] = {
+    **SMALL_TEXT,
+    "hidden_size": G_DIM,
+    "intermediate_size": 96,
+    "projection_dim": POOLED_DIM,
+    "hidden_act": "gelu",
+}
+"""`CLIPTextConfig` arguments of a small CLIP-G-like `CLIPTextModelWithProjection`."""
+
+SDXL_SCHEDULER: dict[str, Any] = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+"""stabilityai/stable-diffusion-xl-base-1.0, `scheduler/scheduler_config.json` (the refiner's is the same)."""
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Draw every parameter independently (weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1)),
+    so that no layer is an identity and a wrong weight mapping shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * parameter[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith(".weight"):
+                parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator))
+            else:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
