@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -46,7 +48,22 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     Image.new("RGB", (64, 64)).save(image)
     (root / "folder").mkdir()
     (root / "file.txt").write_text("a file")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = root / "hub" / "models--acme--controlnet-canny"  # the layout huggingface_hub's cache has
+    (repository / "snapshots" / commit).mkdir(parents=True)
+    (repository / "snapshots" / commit / "config.json").write_text("{}")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
     return Files(root, lora, embedding, image)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def offline_hub_cache(files: Files) -> Iterator[None]:
+    """No network: hub ids are read from a cache under the test's folder, as with HF_HUB_OFFLINE=1."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(files.root / "hub"))
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
 
 
 def integers_as_text(low: int, high: int) -> tuple[st.SearchStrategy[str], st.SearchStrategy[str]]:
@@ -131,8 +148,9 @@ LORAS |= {"{root}/missing.safetensors": False, "{root}/notes.safetensors": False
 FREEUS = {"default": True, "0.9,0.2,1.2,1.4": True, "nan,0.2,1.2,1.4": False, "1,2": False, "": False}
 EMBEDDINGS = {"{embedding}": True, "{embedding}:other": True, "{root}/nan.safetensors": False}
 EMBEDDINGS |= {"{root}/missing.pt": False}
-CONTROLNETS = {"lllyasviel/sd-controlnet-canny:{image}": True, "{root}/no-folder:{image}": False}
-CONTROLNETS |= {"lllyasviel/sd-controlnet-canny:{image}:nan": False, "lllyasviel/sd-controlnet-canny:{root}": False}
+CONTROLNETS = {"acme/controlnet-canny:{image}": True, "{root}/no-folder:{image}": False}
+CONTROLNETS |= {"acme/controlnet-canny:{image}:nan": False, "acme/controlnet-canny:{root}": False}
+CONTROLNETS |= {"acme/not-cached:{image}": False}  # offline, a hub id must be in the cache
 PLUGIN_TABLES = {"--lora": LORAS, "--freeu": FREEUS, "--embedding": EMBEDDINGS, "--controlnet": CONTROLNETS}
 
 

@@ -3,10 +3,9 @@
 an SDXL base, its API, and its denoising loop against diffusers' `StableDiffusionXLPipeline` (text-to-image) and
 `StableDiffusionXLImg2ImgPipeline` (image-to-image).
 
-The folder is written by diffusers' `save_pretrained` from `refiners_sdxl.testing.small_sdxl_pipeline()` (small
-components with random weights: an SDXL-like UNet with the `text_time` added embedding, a CLIP-L-like `CLIPTextModel`,
-a CLIP-G-like `CLIPTextModelWithProjection`, a 4-level autoencoder, SDXL's published Euler scheduler config), and
-loaded through `StableDiffusion_XL.from_pretrained`.
+The folder is written by diffusers' `save_pretrained` from small components with random weights (an SDXL-like UNet
+with the `text_time` added embedding, a CLIP-L-like `CLIPTextModel`, a CLIP-G-like `CLIPTextModelWithProjection`, a
+4-level autoencoder, SDXL's published Euler scheduler config), and loaded through `StableDiffusion_XL.from_pretrained`.
 The denoising loop runs 3 steps of classifier-free guidance on 8x8 latents; both sides start from the same noise and
 get the same text embeddings (ours, passed to diffusers as `prompt_embeds`); final latents must agree within 1e-3 of
 max |reference| for every solver.
@@ -26,21 +25,34 @@ from typing import Any
 import pytest
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
 from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from refiners_sd15 import DDIM, DPMSolver, Euler, Solver, StableDiffusion_1
 from refiners_sdxl import StableDiffusion_XL, diffusers_sdxl_unet_mapping
-from refiners_sdxl.testing import G_DIM, L_DIM, POOLED_DIM, TIME_ID_DIM, small_sdxl_pipeline
+from refiners_sdxl.testing import (
+    G_DIM,
+    L_DIM,
+    POOLED_DIM,
+    SDXL_SCHEDULER,
+    SMALL_TEXT_G,
+    SMALL_TEXT_L,
+    SMALL_UNET,
+    SMALL_VAE,
+    TIME_ID_DIM,
+    randomize,
+)
 
 TOLERANCE = 1e-3
 SIZE = 64  # pixels: 8x8 latents
-
 SOLVERS: dict[str, tuple[type[Solver], Any]] = {
     "ddim": (DDIM, lambda config: DDIMScheduler.from_config(config, clip_sample=False)),
     "dpm": (DPMSolver, lambda config: DPMSolverMultistepScheduler.from_config(config)),
@@ -56,7 +68,23 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    pipeline = small_sdxl_pipeline()
+    unet = UNet2DConditionModel(**SMALL_UNET).eval()
+    vae = AutoencoderKL(**SMALL_VAE).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SMALL_TEXT_L)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SMALL_TEXT_G)).eval()
+    for seed, model in enumerate((unet, vae, text_encoder, text_encoder_2)):
+        randomize(model, seed)
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,  # pyright: ignore[reportArgumentType]
+        tokenizer_2=None,  # pyright: ignore[reportArgumentType]
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),  # pyright: ignore[reportArgumentType]
+        add_watermarker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
     folder = tmp_path_factory.mktemp("sdxl")
     pipeline.save_pretrained(folder)
     return Reference(pipeline, folder)

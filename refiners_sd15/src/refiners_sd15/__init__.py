@@ -18,7 +18,11 @@ from refiners_sd15.clip import (
     CLIPTokenizer,
     DoubleTextEncoder,
 )
-from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
+from refiners_sd15.inpainting import (
+    StableDiffusion_1_Inpainting,
+    compute_inpainting_conditions,
+    concatenate_inpainting_conditions,
+)
 from refiners_sd15.latent_diffusion import (
     MAX_IMAGE_PIXELS,
     MAX_IMAGE_SIDE,
@@ -65,4 +69,6 @@ __all__ = [
     "__version__",
     "check_image_size",
     "check_input_image",
+    "compute_inpainting_conditions",
+    "concatenate_inpainting_conditions",
 ]

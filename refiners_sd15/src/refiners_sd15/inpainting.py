@@ -57,54 +57,76 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):
     def set_inpainting_conditions(
         self, target_image: Image.Image, mask: Image.Image
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Set what to inpaint: `mask` (white, or any value >= 50 %, marks the area to repaint) over `target_image`.
-
-        Both are read by meaning (`refiners_core.images`): the mask with `to_mask`, so a mask drawn on a transparent
-        layer masks what is painted (its alpha channel) and a 16-bit or float mask is scaled, not clipped; the image
-        with `to_rgb`. The mask is resized to the image's size and binarized; the image's size must be a multiple of
-        8 within `check_image_size`'s bounds and the mask's sides at most `MAX_IMAGE_SIDE` (ValueError otherwise,
-        TypeError if either is not a PIL image). Returns the mask at latent resolution `(1, 1, h, w)` and the
-        masked image's latents.
-        """
-        check_input_image(target_image, "target image")
-        check_input_image(mask, "mask")
-        width, height = target_image.size
-        check_image_size(width, height, "target image size")
-        factor = self.lda.downscale_factor
-        if width % factor or height % factor:
-            raise ValueError(
-                f"target image size {width}x{height} (width x height) is not a multiple of {factor}: resize or crop it"
-            )
-        gray = to_mask(mask)
-        if gray.size != target_image.size:
-            gray = gray.resize((width, height), Image.Resampling.LANCZOS)
-        values = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(1, 1, height, width)
-        binary_mask = (values.float() / 255 >= 0.5).float()
-        masked_image = image_to_tensor(target_image).unsqueeze(0) * (binary_mask < 0.5)
-        device, dtype = self.unet.device, self.unet.dtype
-        self.target_image_latents = self.lda.encode(masked_image.to(device=self.lda.device, dtype=self.lda.dtype)).to(
-            device=device, dtype=dtype
-        )
-        self.mask_latents = torch.nn.functional.interpolate(binary_mask, size=(height // factor, width // factor)).to(
-            device=device, dtype=dtype
+        """Set what to inpaint: `mask` (white, or any value >= 50 %, marks the area to repaint) over `target_image`
+        (see `compute_inpainting_conditions`). Returns the mask at latent resolution `(1, 1, h, w)` and the masked
+        image's latents."""
+        self.mask_latents, self.target_image_latents = compute_inpainting_conditions(
+            self.lda, target_image, mask, device=self.unet.device, dtype=self.unet.dtype
         )
         return self.mask_latents, self.target_image_latents
 
     def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
         """`[latents, mask, masked image latents]` on channels. Raises ValueError before `set_inpainting_conditions`."""
-        if self.mask_latents is None or self.target_image_latents is None:
-            raise ValueError("call set_inpainting_conditions(target_image, mask) before denoising")
-        if self.mask_latents.shape[-2:] != latents.shape[-2:]:
-            raise ValueError(
-                f"the inpainting conditions are for latents of size {tuple(self.mask_latents.shape[-2:])}, the latents "
-                f"have size {tuple(latents.shape[-2:])}: init_latents needs the target image's size"
-            )
-        batch = latents.shape[0]
-        return torch.cat(
-            [
-                latents,
-                self.mask_latents.expand(batch, -1, -1, -1),
-                self.target_image_latents.expand(batch, -1, -1, -1),
-            ],
-            dim=1,
+        return concatenate_inpainting_conditions(latents, self.mask_latents, self.target_image_latents)
+
+
+@torch.no_grad()
+def compute_inpainting_conditions(
+    lda: SD1Autoencoder,
+    target_image: Image.Image,
+    mask: Image.Image,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conditions of an inpainting UNet (SD1.5's, SDXL's), as diffusers' inpainting pipelines compute them: the
+    mask at latent resolution `(1, 1, h, w)` (nearest) and the latents of `target_image` with the masked area set to
+    0 (mid grey), on `device` with `dtype`.
+
+    `mask` (white, or any value >= 50 %, marks the area to repaint) and `target_image` are read by meaning
+    (`refiners_core.images`): the mask with `to_mask`, so a mask drawn on a transparent layer masks what is painted
+    (its alpha channel) and a 16-bit or float mask is scaled, not clipped; the image with `to_rgb`. The mask is
+    resized to the image's size and binarized; the image's size must be a multiple of 8 within `check_image_size`'s
+    bounds and the mask's sides at most `MAX_IMAGE_SIDE` (ValueError otherwise, TypeError if either is not a PIL
+    image).
+    """
+    check_input_image(target_image, "target image")
+    check_input_image(mask, "mask")
+    width, height = target_image.size
+    check_image_size(width, height, "target image size")
+    factor = lda.downscale_factor
+    if width % factor or height % factor:
+        raise ValueError(
+            f"target image size {width}x{height} (width x height) is not a multiple of {factor}: resize or crop it"
         )
+    gray = to_mask(mask)
+    if gray.size != target_image.size:
+        gray = gray.resize((width, height), Image.Resampling.LANCZOS)
+    values = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8).view(1, 1, height, width)
+    binary_mask = (values.float() / 255 >= 0.5).float()
+    masked_image = image_to_tensor(target_image).unsqueeze(0) * (binary_mask < 0.5)
+    target_image_latents = lda.encode(masked_image.to(device=lda.device, dtype=lda.dtype)).to(
+        device=device, dtype=dtype
+    )
+    mask_latents = torch.nn.functional.interpolate(binary_mask, size=(height // factor, width // factor)).to(
+        device=device, dtype=dtype
+    )
+    return mask_latents, target_image_latents
+
+
+def concatenate_inpainting_conditions(
+    latents: torch.Tensor, mask_latents: torch.Tensor | None, target_image_latents: torch.Tensor | None
+) -> torch.Tensor:
+    """`[latents, mask, masked image latents]` on channels, the conditions repeated over the batch: an inpainting
+    UNet's input. Raises ValueError when the conditions are not set yet (None) or are for latents of another size."""
+    if mask_latents is None or target_image_latents is None:
+        raise ValueError("call set_inpainting_conditions(target_image, mask) before denoising")
+    if mask_latents.shape[-2:] != latents.shape[-2:]:
+        raise ValueError(
+            f"the inpainting conditions are for latents of size {tuple(mask_latents.shape[-2:])}, the latents "
+            f"have size {tuple(latents.shape[-2:])}: init_latents needs the target image's size"
+        )
+    batch = latents.shape[0]
+    return torch.cat(
+        [latents, mask_latents.expand(batch, -1, -1, -1), target_image_latents.expand(batch, -1, -1, -1)], dim=1
+    )

@@ -1,5 +1,6 @@
-"""Stable Diffusion XL for refiners: `StableDiffusion_XL` (base) and its SDXL UNet (base, refiner, inpainting configs),
-built from refiners-sd15's blocks, text encoders, autoencoder and solvers.
+"""Stable Diffusion XL for refiners: `StableDiffusion_XL` (base), `StableDiffusion_XL_Inpainting`,
+`StableDiffusion_XL_Refiner` and their SDXL UNet, built from refiners-sd15's blocks, text encoders, autoencoder and
+solvers.
 
 from refiners_sdxl import StableDiffusion_XL
 
@@ -7,8 +8,18 @@ sdxl = StableDiffusion_XL.from_pretrained("stabilityai/stable-diffusion-xl-base-
 """
 
 from refiners_sdxl.config import SDXL_AUTOENCODER, SDXL_BASE_UNET, SDXL_INPAINTING_UNET, SDXL_REFINER_UNET
-from refiners_sdxl.folder import SDXLFolder, check_sdxl_components, read_sdxl_folder
+from refiners_sdxl.denoising import SDXLDenoisingModel
+from refiners_sdxl.folder import (
+    SDXLFolder,
+    SDXLRefinerFolder,
+    check_sdxl_components,
+    check_sdxl_refiner_components,
+    read_sdxl_folder,
+    read_sdxl_refiner_folder,
+)
+from refiners_sdxl.inpainting import StableDiffusion_XL_Inpainting
 from refiners_sdxl.model import StableDiffusion_XL
+from refiners_sdxl.refiner import StableDiffusion_XL_Refiner, refiner_first_step
 from refiners_sdxl.single_file import SDXL_AUTOENCODER_FORMAT, check_sdxl_base_checkpoint, load_sdxl_single_file
 from refiners_sdxl.unet import (
     SDXL_UNET_FORMAT,
@@ -26,15 +37,22 @@ __all__ = [
     "SDXL_INPAINTING_UNET",
     "SDXL_REFINER_UNET",
     "SDXL_UNET_FORMAT",
+    "SDXLDenoisingModel",
     "SDXLFolder",
+    "SDXLRefinerFolder",
     "SDXLUNet",
     "StableDiffusion_XL",
+    "StableDiffusion_XL_Inpainting",
+    "StableDiffusion_XL_Refiner",
     "TextTimeEmbedding",
     "TimeIdsEmbedding",
     "check_sdxl_base_checkpoint",
     "check_sdxl_components",
+    "check_sdxl_refiner_components",
     "diffusers_sdxl_unet_mapping",
     "ldm_sdxl_unet_mapping",
     "load_sdxl_single_file",
     "read_sdxl_folder",
+    "read_sdxl_refiner_folder",
+    "refiner_first_step",
 ]

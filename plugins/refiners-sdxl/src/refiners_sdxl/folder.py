@@ -15,8 +15,13 @@ from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.unet import SDXL_UNET_FORMAT
 
 BASE_PIPELINE = "StableDiffusionXLPipeline"
+INPAINT_PIPELINE = "StableDiffusionXLInpaintPipeline"
+IMG2IMG_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
 TIME_IDS = 6
 """The base model's micro-conditioning: original size, crop top-left and target size, as (height, width) pairs."""
+REFINER_TIME_IDS = 5
+"""The refiner's micro-conditioning: original size and crop top-left, as (height, width) pairs, and the aesthetic
+score."""
 
 SCHEDULER_DEFAULTS: dict[str, Any] = {
     "timestep_spacing": "leading",
@@ -48,19 +53,72 @@ class SDXLFolder:
     solver_defaults: dict[str, Any]
 
 
-def read_sdxl_folder(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> SDXLFolder:
+@dataclass(frozen=True)
+class SDXLRefinerFolder:
+    """The configs of a diffusers SDXL refiner folder, checked to fit each other."""
+
+    unet: UNetConfig
+    text_encoder_2: CLIPTextEncoderConfig
+    solver_defaults: dict[str, Any]
+
+
+def read_sdxl_folder(
+    path_or_repo_id: PathOrRepoId, *, revision: str | None = None, pipelines: tuple[str, ...] = (BASE_PIPELINE,)
+) -> SDXLFolder:
     """The configs of the SDXL base model in a diffusers folder or hub id, read and checked without its weights.
 
-    Raises ValueError naming `model_index.json` for another pipeline (an SD1.5 folder, an SDXL refiner), naming the
-    components and their widths when they do not fit each other (an SD1.5 UNet, a text encoder of another width);
-    FileNotFoundError naming a missing component (`text_encoder_2/`).
+    `pipelines` are the `_class_name`s `model_index.json` may give (the inpainting model's folder is a
+    `StableDiffusionXLInpaintPipeline`). Raises ValueError naming `model_index.json` for another pipeline (an SD1.5
+    folder, an SDXL refiner), naming the components and their widths when they do not fit each other (an SD1.5 UNet,
+    a text encoder of another width); FileNotFoundError naming a missing component (`text_encoder_2/`).
     """
-    _check_model_index(path_or_repo_id, revision=revision)
+    _check_model_index(path_or_repo_id, revision=revision, pipelines=pipelines, refiner=False)
     unet = read_component_config(SDXL_UNET_FORMAT, path_or_repo_id, revision=revision)
     text_encoder = read_component_config(SDXL_TEXT_ENCODER_FORMAT, path_or_repo_id, revision=revision)
     text_encoder_2 = read_component_config(SDXL_TEXT_ENCODER_2_FORMAT, path_or_repo_id, revision=revision)
     check_sdxl_components(unet, text_encoder, text_encoder_2)
     return SDXLFolder(unet, text_encoder, text_encoder_2, _solver_defaults(path_or_repo_id, revision=revision))
+
+
+def read_sdxl_refiner_folder(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> SDXLRefinerFolder:
+    """The configs of an SDXL refiner in a diffusers folder or hub id (`unet/`, `text_encoder_2/`, no
+    `text_encoder/`), read and checked without its weights.
+
+    Raises ValueError naming `model_index.json` for a base model (it has a `text_encoder`) or another pipeline,
+    naming the components and their widths when they do not fit each other (see `check_sdxl_refiner_components`);
+    FileNotFoundError naming a missing component (`text_encoder_2/`).
+    """
+    _check_model_index(
+        path_or_repo_id, revision=revision, pipelines=(IMG2IMG_PIPELINE, BASE_PIPELINE, INPAINT_PIPELINE), refiner=True
+    )
+    unet = read_component_config(SDXL_UNET_FORMAT, path_or_repo_id, revision=revision)
+    text_encoder_2 = read_component_config(SDXL_TEXT_ENCODER_2_FORMAT, path_or_repo_id, revision=revision)
+    check_sdxl_refiner_components(unet, text_encoder_2)
+    return SDXLRefinerFolder(unet, text_encoder_2, _solver_defaults(path_or_repo_id, revision=revision))
+
+
+def check_sdxl_refiner_components(unet: UNetConfig, text_encoder_2: CLIPTextEncoderConfig) -> None:
+    """Raise ValueError, naming the components and both widths, when an SDXL refiner UNet and its text encoder (CLIP-G)
+    do not fit each other: the UNet must have the `text_time` added embedding, attend to CLIP-G's hidden states
+    alone, and take its pooled embedding with five time ids (the aesthetic score's)."""
+    if unet.addition_embed_type != "text_time" or unet.addition_time_embed_dim is None:
+        raise ValueError(
+            f"unet: no 'text_time' added embedding (addition_embed_type={unet.addition_embed_type!r}): not an SDXL "
+            "refiner UNet"
+        )
+    if unet.cross_attention_dim != text_encoder_2.embedding_dim:
+        raise ValueError(
+            f"unet attends to {unet.cross_attention_dim}-wide text (cross_attention_dim) but text_encoder_2 gives "
+            f"{text_encoder_2.embedding_dim}: an SDXL refiner attends to CLIP-G alone"
+        )
+    pooled = text_encoder_2.projection_dim or text_encoder_2.embedding_dim
+    expected = pooled + REFINER_TIME_IDS * unet.addition_time_embed_dim
+    if unet.projection_class_embeddings_input_dim != expected:
+        raise ValueError(
+            f"unet's added embedding takes {unet.projection_class_embeddings_input_dim} features "
+            f"(projection_class_embeddings_input_dim) but text_encoder_2's pooled embedding ({pooled}) and "
+            f"{REFINER_TIME_IDS} time ids of {unet.addition_time_embed_dim} (with the aesthetic score) give {expected}"
+        )
 
 
 def check_sdxl_components(
@@ -95,20 +153,37 @@ def check_sdxl_components(
         )
 
 
-def _check_model_index(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> None:
+def _check_model_index(
+    path_or_repo_id: PathOrRepoId, *, revision: str | None, pipelines: tuple[str, ...], refiner: bool
+) -> None:
     try:
         path = resolve_path(path_or_repo_id, "model_index.json", revision=revision)
     except FileNotFoundError:
         return  # a folder of components without the pipeline's index: the components' configs are checked
     index = _read_json(path)
     pipeline = index.get("_class_name")
-    if pipeline == BASE_PIPELINE or (isinstance(pipeline, str) and pipeline.startswith(BASE_PIPELINE)):
+    if isinstance(pipeline, str) and pipeline.startswith("StableDiffusionXL"):
         text_encoder = index.get("text_encoder")
-        if isinstance(text_encoder, list) and not any(text_encoder):
-            raise ValueError(f"{path}: a {pipeline} without text_encoder (CLIP-L): an SDXL refiner, not a base model")
-        return
-    kind = " (Stable Diffusion 1.5: load it with StableDiffusion_1)" if pipeline == "StableDiffusionPipeline" else ""
-    raise ValueError(f"{path}: _class_name is {pipeline!r}{kind}, StableDiffusion_XL expects {BASE_PIPELINE!r}")
+        has_text_encoder = not isinstance(text_encoder, list) or any(text_encoder)
+        if refiner and has_text_encoder:
+            raise ValueError(
+                f"{path}: a {pipeline} with a text_encoder (CLIP-L): an SDXL base model, not a refiner (load it "
+                "with StableDiffusion_XL)"
+            )
+        if not refiner and not has_text_encoder:
+            raise ValueError(
+                f"{path}: a {pipeline} without text_encoder (CLIP-L): an SDXL refiner, not a base model (load it "
+                "with StableDiffusion_XL_Refiner)"
+            )
+        if pipeline.startswith(pipelines):
+            return
+    kinds = {
+        "StableDiffusionPipeline": " (Stable Diffusion 1.5: load it with StableDiffusion_1)",
+        INPAINT_PIPELINE: " (SDXL inpainting: load it with StableDiffusion_XL_Inpainting)",
+    }
+    kind = kinds.get(pipeline, "") if isinstance(pipeline, str) else ""
+    expected = " or ".join(repr(name) for name in pipelines)
+    raise ValueError(f"{path}: _class_name is {pipeline!r}{kind}, expected {expected}")
 
 
 def _solver_defaults(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> dict[str, Any]:

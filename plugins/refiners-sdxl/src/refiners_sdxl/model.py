@@ -6,18 +6,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 
 from refiners_core.weights import load_tensors
 from refiners_sd15 import SD1Autoencoder
 from refiners_sd15.clip import SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderG, CLIPTextEncoderL, DoubleTextEncoder
-from refiners_sd15.latent_diffusion import LatentDiffusionModel
 from refiners_sd15.loading import PathOrRepoId, load_component
 from refiners_sd15.solvers import DPMSolver, Solver
+from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.config import SDXL_AUTOENCODER
-from refiners_sdxl.folder import SCHEDULER_DEFAULTS, check_sdxl_components, read_sdxl_folder
+from refiners_sdxl.denoising import SDXLDenoisingModel
+from refiners_sdxl.folder import BASE_PIPELINE, SCHEDULER_DEFAULTS, check_sdxl_components, read_sdxl_folder
 from refiners_sdxl.single_file import load_sdxl_single_file
 from refiners_sdxl.unet import SDXLUNet
 
@@ -30,9 +31,10 @@ OWN_FILES = {
     "text_encoder_g": "text_encoder_g.safetensors",
 }
 SD15_OWN_INDEX = "refiners_sd15.json"
+REFINER_OWN_INDEX = "refiners_sdxl_refiner.json"
 
 
-class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
+class StableDiffusion_XL(SDXLDenoisingModel):
     """Stable Diffusion XL (base): `unet`, `lda` (the autoencoder) and `clip_text_encoder` (CLIP-L and CLIP-G), driven
     by `solver`.
 
@@ -52,8 +54,14 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
 
     `solver_defaults` are the solver settings of the model's scheduler config (SDXL's: "leading" timesteps, offset
     1); the default solver is `DPMSolver(num_inference_steps=30, **solver_defaults)`. Raises ValueError, naming the
-    components and their widths, for a UNet and text encoders that do not fit each other.
+    components and their widths, for a UNet and text encoders that do not fit each other, or a UNet that does not
+    take 4 input channels (an inpainting UNet: `StableDiffusion_XL_Inpainting`).
     """
+
+    pipelines: ClassVar[tuple[str, ...]] = (BASE_PIPELINE,)
+    """The diffusers pipelines (`_class_name` of `model_index.json`) whose folders `from_pretrained` reads."""
+    unet_in_channels: ClassVar[int] = 4
+    """The input channels the UNet must take."""
 
     def __init__(
         self,
@@ -68,6 +76,7 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
         show_progress: bool = True,
     ) -> None:
         unet = unet if unet is not None else SDXLUNet(device=device, dtype=dtype)
+        self.check_unet_in_channels(unet.config)
         if clip_text_encoder is None:
             clip_text_encoder = DoubleTextEncoder(device=device, dtype=dtype)
         check_sdxl_components(
@@ -122,56 +131,17 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
         """`time_ids()` for 1024x1024 images, uncropped: `[[1024, 1024, 0, 0, 1024, 1024]] * 2`."""
         return self.time_ids()
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        step: int,
-        *,
-        clip_text_embedding: torch.Tensor,
-        pooled_text_embedding: torch.Tensor,
-        time_ids: torch.Tensor,
-        condition_scale: float = 5.0,
-    ) -> torch.Tensor:
-        """One denoising step: the solver's next latents after the UNet's noise prediction at `step`.
-
-        Classifier-free guidance: the UNet runs once on the batch `[x, x]` with the embeddings and time ids of
-        `compute_clip_text_embedding` and `time_ids` (negative first); the predictions are combined as
-        `negative + condition_scale * (positive - negative)`. Raises ValueError when the conditions do not hold a
-        negative and a positive row per latent.
-        """
-        timestep = self.solver.timesteps[step]
-        unet_input = self.solver.scale_model_input(x, step)
-        predicted_noise = self.compute_noise(
-            unet_input, timestep, clip_text_embedding, pooled_text_embedding, time_ids, condition_scale
-        )
-        return self.solver.step(x, predicted_noise, step)
-
-    def compute_noise(
-        self,
-        x: torch.Tensor,
-        timestep: torch.Tensor,
-        clip_text_embedding: torch.Tensor,
-        pooled_text_embedding: torch.Tensor,
-        time_ids: torch.Tensor,
-        condition_scale: float,
-    ) -> torch.Tensor:
-        """The noise predicted in the (already scaled) latents `x` at `timestep`, with classifier-free guidance."""
-        for name, condition in (
-            ("clip_text_embedding", clip_text_embedding),
-            ("pooled_text_embedding", pooled_text_embedding),
-            ("time_ids", time_ids),
-        ):
-            if condition.shape[0] != 2 * x.shape[0]:
-                raise ValueError(
-                    f"{name} must hold a negative and a positive row per latent: {2 * x.shape[0]} for "
-                    f"{x.shape[0]} latents, got {condition.shape[0]}"
-                )
-        self.unet.set_timestep(timestep)
-        self.unet.set_clip_text_embedding(clip_text_embedding)
-        self.unet.set_pooled_text_embedding(pooled_text_embedding)
-        self.unet.set_time_ids(time_ids)
-        negative, positive = self.unet(torch.cat([x, x])).chunk(2)
-        return negative + condition_scale * (positive - negative)
+    @classmethod
+    def check_unet_in_channels(cls, config: UNetConfig) -> None:
+        """Raise ValueError naming the UNet's `in_channels` unless it takes `unet_in_channels` channels."""
+        if config.in_channels != cls.unet_in_channels:
+            kind = (
+                " (an inpainting UNet: load it with StableDiffusion_XL_Inpainting)" if config.in_channels == 9 else ""
+            )
+            raise ValueError(
+                f"{cls.__name__} needs a UNet with {cls.unet_in_channels} input channels, the unet takes "
+                f"{config.in_channels} (in_channels){kind}"
+            )
 
     @classmethod
     def from_pretrained(
@@ -182,7 +152,7 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
         dtype: torch.dtype | None = None,
         variant: str | None = None,
         revision: str | None = None,
-    ) -> StableDiffusion_XL:
+    ) -> Self:
         """Load from a diffusers `StableDiffusionXLPipeline` folder or hub id: `unet/`, `vae/`, `text_encoder/`,
         `text_encoder_2/` (and `scheduler/` for the solver's settings; the tokenizers ship with refiners-sd15), or
         from a folder written by `save_pretrained`, or an original single-file checkpoint (`from_single_file`).
@@ -197,12 +167,18 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
             return cls.from_single_file(local, device=device, dtype=dtype)
         if (local / OWN_INDEX).is_file():
             return cls._from_own_folder(local, device=device, dtype=dtype)
+        if (local / REFINER_OWN_INDEX).is_file():
+            raise ValueError(
+                f"{local / REFINER_OWN_INDEX}: an SDXL refiner saved by StableDiffusion_XL_Refiner.save_pretrained, "
+                "not a base model: load it with StableDiffusion_XL_Refiner"
+            )
         if (local / SD15_OWN_INDEX).is_file():
             raise ValueError(
                 f"{local / SD15_OWN_INDEX}: a Stable Diffusion 1.5 model saved by StableDiffusion_1.save_pretrained, "
                 "not an SDXL one: load it with StableDiffusion_1"
             )
-        folder = read_sdxl_folder(path_or_repo_id, revision=revision)
+        folder = read_sdxl_folder(path_or_repo_id, revision=revision, pipelines=cls.pipelines)
+        cls.check_unet_in_channels(folder.unet)
         options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "revision": revision}
         return cls(
             unet=SDXLUNet.from_pretrained(path_or_repo_id, **options),
@@ -221,7 +197,7 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> StableDiffusion_XL:
+    ) -> Self:
         """Load an original SDXL base checkpoint (`sd_xl_base_1.0.safetensors`: `model.diffusion_model.*`,
         `conditioner.embedders.0.*` and `.1.*`, `first_stage_model.*`), each config read from the tensors' shapes
         (so a scaled-down checkpoint loads too; heads of 64 channels, 256 features per time id and the 0.13025
@@ -245,9 +221,7 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet]):
         (folder / OWN_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def _from_own_folder(
-        cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None
-    ) -> StableDiffusion_XL:
+    def _from_own_folder(cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None) -> Self:
         index_path = folder / OWN_INDEX
         try:
             index: dict[str, Any] = json.loads(index_path.read_text(encoding="utf-8"))

@@ -1,9 +1,6 @@
-# pyright: reportPrivateImportUsage=false
-"""Helpers for tests of refiners-sdxl and of the packages built on it: a small diffusers `StableDiffusionXLPipeline`
-with random weights (an SDXL-like UNet with the `text_time` added embedding, a CLIP-L-like `CLIPTextModel`, a
-CLIP-G-like `CLIPTextModelWithProjection`, a 4-level autoencoder, SDXL's published Euler scheduler config), saved as
-a diffusers folder that `StableDiffusion_XL.from_pretrained` and `refiners generate` read. Nothing here is used at
-runtime: it needs diffusers and transformers (the `test` extra)."""
+"""Helpers for tests of refiners-sdxl and of the packages built on it: small SDXL-like diffusers configs (so that a
+pipeline runs on CPU in seconds), SDXL's published scheduler config, and random weights drawn per parameter. Nothing
+here is used at runtime."""
 
 from __future__ import annotations
 
@@ -13,7 +10,9 @@ from typing import Any
 import torch
 
 TIME_ID_DIM = 8
+"""Features per time id in the small UNets."""
 L_DIM, G_DIM, POOLED_DIM = 32, 48, 40
+"""Widths of the small CLIP-L-like and CLIP-G-like text encoders, and of CLIP-G's projected pooled embedding."""
 
 SMALL_UNET: dict[str, Any] = {
     "sample_size": 8,
@@ -31,7 +30,19 @@ SMALL_UNET: dict[str, Any] = {
     "addition_time_embed_dim": TIME_ID_DIM,
     "projection_class_embeddings_input_dim": POOLED_DIM + 6 * TIME_ID_DIM,
 }
-"""diffusers `UNet2DConditionModel` arguments of a 2-level SDXL-like UNet."""
+"""`UNet2DConditionModel` arguments of a small SDXL base-like UNet: two levels, attention on the second, CLIP-L + CLIP-G
+text, the `text_time` added embedding of the pooled embedding and six time ids."""
+
+SMALL_INPAINTING_UNET: dict[str, Any] = {**SMALL_UNET, "in_channels": 9}
+"""`SMALL_UNET` with latents, mask and masked image latents in (4 + 1 + 4 channels)."""
+
+SMALL_REFINER_UNET: dict[str, Any] = {
+    **SMALL_UNET,
+    "cross_attention_dim": G_DIM,
+    "projection_class_embeddings_input_dim": POOLED_DIM + 5 * TIME_ID_DIM,
+}
+"""`SMALL_UNET` as a refiner: CLIP-G text only, five time ids (with the aesthetic score)."""
+
 SMALL_VAE: dict[str, Any] = {
     "block_out_channels": [32, 32, 32, 32],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -40,9 +51,21 @@ SMALL_VAE: dict[str, Any] = {
     "norm_num_groups": 32,
     "scaling_factor": 0.13025,
 }
-"""diffusers `AutoencoderKL` arguments of a narrow autoencoder with SDXL's 8x downscaling and scaling factor."""
-TEXT: dict[str, Any] = {"num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77}
-"""transformers `CLIPTextConfig` arguments shared by both small text encoders."""
+"""`AutoencoderKL` arguments of a small 4-level autoencoder with SDXL's latent scale (8x downscaling)."""
+
+SMALL_TEXT: dict[str, Any] = {"num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77}
+"""`CLIPTextConfig` arguments the small text encoders share."""
+SMALL_TEXT_L: dict[str, Any] = {**SMALL_TEXT, "hidden_size": L_DIM, "intermediate_size": 64}
+"""`CLIPTextConfig` arguments of a small CLIP-L-like `CLIPTextModel`."""
+SMALL_TEXT_G: dict[str, Any] = {
+    **SMALL_TEXT,
+    "hidden_size": G_DIM,
+    "intermediate_size": 96,
+    "projection_dim": POOLED_DIM,
+    "hidden_act": "gelu",
+}
+"""`CLIPTextConfig` arguments of a small CLIP-G-like `CLIPTextModelWithProjection`."""
+
 SDXL_SCHEDULER: dict[str, Any] = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -58,12 +81,12 @@ SDXL_SCHEDULER: dict[str, Any] = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
-"""stabilityai/stable-diffusion-xl-base-1.0's `scheduler/scheduler_config.json`."""
+"""stabilityai/stable-diffusion-xl-base-1.0, `scheduler/scheduler_config.json` (the refiner's is the same)."""
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Draw every parameter independently (weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1)), so
-    that no layer is an identity and every output depends on every weight."""
+    """Draw every parameter independently (weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1)),
+    so that no layer is an identity and a wrong weight mapping shows."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -76,17 +99,15 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def small_sdxl_pipeline() -> Any:
-    """A diffusers `StableDiffusionXLPipeline` of the small components above, randomized with fixed seeds (no
-    tokenizers: our tokenizers ship with refiners-sd15), its progress bar off."""
+    """A diffusers `StableDiffusionXLPipeline` of `SMALL_UNET`, `SMALL_VAE`, `SMALL_TEXT_L`, `SMALL_TEXT_G` and
+    `SDXL_SCHEDULER`, randomized with fixed seeds (no tokenizers: ours ship with refiners-sd15), progress bar off."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     unet = UNet2DConditionModel(**SMALL_UNET).eval()
     vae = AutoencoderKL(**SMALL_VAE).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=L_DIM, intermediate_size=64, **TEXT)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(hidden_size=G_DIM, intermediate_size=96, projection_dim=POOLED_DIM, hidden_act="gelu", **TEXT)
-    ).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**SMALL_TEXT_L)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SMALL_TEXT_G)).eval()
     for seed, model in enumerate((unet, vae, text_encoder, text_encoder_2)):
         randomize(model, seed)
     pipeline = StableDiffusionXLPipeline(

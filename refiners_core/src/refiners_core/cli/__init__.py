@@ -19,8 +19,10 @@ How every command, built-in or from a plugin, ends:
 - `refiners --verbose COMMAND ...` (a global option, before the command), or `REFINERS_VERBOSE=1`, prints
   the full traceback instead of that line; the exit code stays 2.
 - Ctrl-C (`KeyboardInterrupt`) prints `refiners COMMAND: interrupted` and exits with code 130.
-- argparse usage errors keep argparse's own format (usage, then `refiners COMMAND: error: ...`) and exit
-  code 2; `SystemExit` raised by a command (`--help`, `sys.exit(n)`) keeps its code.
+- A usage error (an unknown option, a missing or malformed argument) is one line too, `refiners COMMAND:
+  error: MESSAGE (see `refiners COMMAND --help`)`, exit code 2: the parsers are `OneLineArgumentParser`s, and
+  so are the subcommand parsers a command adds. `SystemExit` raised by a command (`--help`, `sys.exit(n)`)
+  keeps its code.
 - Otherwise the exit code is what the command's `run` returns (None means 0).
 """
 
@@ -32,6 +34,7 @@ import os
 import sys
 import traceback
 import warnings
+from typing import NoReturn
 
 import importlib_metadata
 
@@ -51,6 +54,15 @@ COMMAND_PROG = "command_prog"  # a parsed default naming a subcommand in error l
 # (AttributeError, AssertionError, ZeroDivisionError, ...) signal a bug, and their type says which.
 _MESSAGE_ERRORS = (ValueError, TypeError, LookupError, OSError, RuntimeError)
 _MESSAGE_LIMIT = 500
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose usage errors are one line on stderr, `PROG: error: MESSAGE (see `PROG
+    --help`)`, exit code 2, instead of the usage followed by the error (`--help` still prints the usage). Every
+    parser of `refiners` is one; `add_subparsers` makes its subparsers of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         spec = loaded.commands[args.command]
         prog = f"refiners {spec.name}"
-        command_parser = argparse.ArgumentParser(prog=prog, description=spec.help or None)
+        command_parser = OneLineArgumentParser(prog=prog, description=spec.help or None)
         if spec.configure is not None:
             spec.configure(command_parser)
         command_args = command_parser.parse_args(rest)
@@ -150,7 +162,7 @@ def _parser(loaded: Registry) -> argparse.ArgumentParser:
     epilog = None
     if failed:
         epilog = f"{len(failed)} plugin(s) failed to load ({', '.join(failed)}): `refiners plugins` shows why."
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="refiners",
         description="Refiners: adapters and models for PyTorch, extended by installed plugins.",
         epilog=epilog,
