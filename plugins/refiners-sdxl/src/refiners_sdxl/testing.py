@@ -1,3 +1,4 @@
+# pyright: reportPrivateImportUsage=false
 """Helpers for tests of refiners-sdxl and of the packages built on it: small SDXL-like diffusers configs (so that a
 pipeline runs on CPU in seconds), SDXL's published scheduler config, and random weights drawn per parameter. Nothing
 here is used at runtime."""
