@@ -25,16 +25,13 @@ from typing import Any
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from refiners_sd15 import DDIM, DPMSolver, Euler, Solver, StableDiffusion_1
 from refiners_sdxl import StableDiffusion_XL, diffusers_sdxl_unet_mapping
@@ -42,13 +39,8 @@ from refiners_sdxl.testing import (
     G_DIM,
     L_DIM,
     POOLED_DIM,
-    SDXL_SCHEDULER,
-    SMALL_TEXT_G,
-    SMALL_TEXT_L,
-    SMALL_UNET,
-    SMALL_VAE,
     TIME_ID_DIM,
-    randomize,
+    small_sdxl_pipeline,
 )
 
 TOLERANCE = 1e-3
@@ -68,23 +60,7 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    unet = UNet2DConditionModel(**SMALL_UNET).eval()
-    vae = AutoencoderKL(**SMALL_VAE).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SMALL_TEXT_L)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SMALL_TEXT_G)).eval()
-    for seed, model in enumerate((unet, vae, text_encoder, text_encoder_2)):
-        randomize(model, seed)
-    pipeline = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=None,  # pyright: ignore[reportArgumentType]
-        tokenizer_2=None,  # pyright: ignore[reportArgumentType]
-        unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),  # pyright: ignore[reportArgumentType]
-        add_watermarker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = small_sdxl_pipeline()
     folder = tmp_path_factory.mktemp("sdxl")
     pipeline.save_pretrained(folder)
     return Reference(pipeline, folder)
