@@ -89,9 +89,10 @@ SDXL_BASE_UNET_CONFIG: dict[str, Any] = {
     "upcast_attention": None,
     "use_linear_projection": True,
 }
-# stabilityai/stable-diffusion-xl-refiner-1.0, unet/config.json: what diffusers' converter gives for the original
-# sd_xl_refiner.yaml (model_channels 384, channel_mult [1, 2, 4, 4], attention_resolutions [4, 2], 64 channels per
-# head, transformer_depth 4, context_dim 1280, adm_in_channels 2560).
+# stabilityai/stable-diffusion-xl-refiner-1.0, unet/config.json: the fields it sets apart from the base's (the others
+# are equal), as diffusers' converter also gives them for the original sd_xl_refiner.yaml (model_channels 384,
+# channel_mult [1, 2, 4, 4], attention_resolutions [4, 2], 64 channels per head, transformer_depth 4, context_dim 1280,
+# adm_in_channels 2560).
 SDXL_REFINER_UNET_CONFIG: dict[str, Any] = {
     **SDXL_BASE_UNET_CONFIG,
     "attention_head_dim": [6, 12, 24, 24],
@@ -445,22 +446,43 @@ def test_text_time_config_without_its_dimensions_is_refused() -> None:
 # The full published architecture
 
 
-def test_full_sdxl_base_unet_matches_diffusers(tmp_path: Path) -> None:
-    """The published SDXL base architecture (2.6 B parameters, 10.3 GB in float32), on a 16x16 latent.
+FULL = {
+    "base": (
+        SDXL_BASE_UNET_CONFIG,
+        SDXL_BASE_UNET,
+        Inputs(1, 4, (16, 16), text_dim=2048, pooled_dim=1280, time_ids=6, seed=5),
+    ),
+    "refiner": (
+        SDXL_REFINER_UNET_CONFIG,
+        SDXL_REFINER_UNET,
+        Inputs(1, 4, (16, 16), text_dim=1280, pooled_dim=1280, time_ids=5, seed=6),
+    ),
+    "inpainting": (
+        SDXL_INPAINTING_UNET_CONFIG,
+        SDXL_INPAINTING_UNET,
+        Inputs(1, 9, (16, 16), text_dim=2048, pooled_dim=1280, time_ids=6, seed=7),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_published_sdxl_unet_matches_diffusers(name: str, tmp_path: Path) -> None:
+    """The published SDXL base (2.6 B parameters, 10.3 GB in float32), refiner (2.3 B, 9.1 GB) and inpainting (the
+    base with 9 input channels) architectures, batch 1 on a 16x16 latent.
 
     One full UNet in memory at a time: the reference's output is computed and kept, the reference written in
     1 GB shards (so that writing does not hold a second copy of the weights) and freed, then ours is loaded
     memory-mapped from that folder. The folder is deleted at the end.
     """
-    inputs = Inputs(1, 4, (16, 16), text_dim=2048, pooled_dim=1280, time_ids=6, seed=5)
-    reference = reference_unet(SDXL_BASE_UNET_CONFIG, seed=3)
+    config, unet_config, inputs = FULL[name]
+    reference = reference_unet(config, seed=3)
     expected = inputs.reference(reference)
     try:
         save_in_the_published_layout(reference, tmp_path, max_shard_size="1GB")
         del reference
         gc.collect()
         unet = SDXLUNet.from_pretrained(tmp_path).eval()
-        assert unet.config == SDXL_BASE_UNET
+        assert unet.config == unet_config
         assert_close(inputs.ours(unet), expected)
         del unet
         gc.collect()
