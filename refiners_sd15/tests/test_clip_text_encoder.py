@@ -648,16 +648,17 @@ def test_sdxl_text_encoder_2_compiles_with_fullgraph() -> None:
 
 def test_published_sdxl_text_encoder_2_matches_transformers(tmp_path: Path) -> None:
     """The full OpenCLIP ViT-bigG/14 text model (695M parameters, 2.8 GB in float32): one model in memory at a time,
-    the reference's outputs kept, then ours loaded (memory-mapped) from the folder the reference saved."""
+    the reference's outputs kept, then ours loaded (memory-mapped) from the folder the reference saved, in the
+    published layout (`text_encoder_2/config.json` and `model.safetensors`), as `StableDiffusion_XL` loads it."""
     reference = reference_model(
         SDXL_TEXT_ENCODER_2_CONFIG | {"torch_dtype": "float32"}, model_class=CLIPTextModelWithProjection
     )
     token_ids = CLIPTokenizer(pad_token_id=0)(PROMPTS)
     expected = reference_sdxl_outputs(reference, token_ids)
-    reference.save_pretrained(tmp_path)
+    reference.save_pretrained(tmp_path / "text_encoder_2")
     del reference
 
-    encoder = CLIPTextEncoderG.from_pretrained(tmp_path, subfolder="")
+    encoder = CLIPTextEncoderG.from_pretrained(tmp_path)
     assert encoder.config == CLIP_TEXT_G
     with torch.no_grad():
         outputs = encoder(PROMPTS)
