@@ -20,16 +20,13 @@ from typing import Any
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from refiners_sd15 import DPMSolver, Euler, Solver
 from refiners_sdxl import (
@@ -38,16 +35,7 @@ from refiners_sdxl import (
     StableDiffusion_XL_Refiner,
     refiner_first_step,
 )
-from refiners_sdxl.testing import (
-    SDXL_SCHEDULER,
-    SMALL_INPAINTING_UNET,
-    SMALL_REFINER_UNET,
-    SMALL_TEXT_G,
-    SMALL_TEXT_L,
-    SMALL_UNET,
-    SMALL_VAE,
-    randomize,
-)
+from refiners_sdxl.testing import SDXL_SCHEDULER, SDXLReferences, sdxl_references
 
 TOLERANCE = 1e-3
 SIZE = 64  # pixels: 8x8 latents
@@ -62,48 +50,19 @@ class Folders:
     base: Path
     inpainting: Path
     refiner: Path
-    components: dict[str, Any]
-    inpainting_unet: UNet2DConditionModel
-    refiner_unet: UNet2DConditionModel
+    references: SDXLReferences
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> Folders:
-    unet = UNet2DConditionModel(**SMALL_UNET).eval()
-    inpainting_unet = UNet2DConditionModel(**SMALL_INPAINTING_UNET).eval()
-    refiner_unet = UNet2DConditionModel(**SMALL_REFINER_UNET).eval()
-    vae = AutoencoderKL(**SMALL_VAE).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SMALL_TEXT_L)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SMALL_TEXT_G)).eval()
-    for seed, model in enumerate((unet, vae, text_encoder, text_encoder_2, inpainting_unet, refiner_unet)):
-        randomize(model, seed)
-    quant_conv = vae.quant_conv
+    references = sdxl_references()
+    quant_conv = references.vae.quant_conv
     assert quant_conv is not None and quant_conv.bias is not None
     with torch.no_grad():
-        latent_channels = vae.config["latent_channels"]
+        latent_channels = references.vae.config["latent_channels"]
         quant_conv.weight[latent_channels:] = 0.0  # log-variance -30: diffusers' sampled latents are the mean
         quant_conv.bias[latent_channels:] = -30.0
-    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
-    no_tokenizers: dict[str, Any] = {"tokenizer": None, "tokenizer_2": None}
-    components: dict[str, Any] = {
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "text_encoder_2": text_encoder_2,
-        "unet": unet,
-        "scheduler": scheduler,
-        **no_tokenizers,
-    }
-    root = tmp_path_factory.mktemp("sdxl_pipelines")
-    StableDiffusionXLPipeline(**components, add_watermarker=False).save_pretrained(root / "base")
-    StableDiffusionXLInpaintPipeline(**{**components, "unet": inpainting_unet}, add_watermarker=False).save_pretrained(
-        root / "inpainting"
-    )
-    StableDiffusionXLImg2ImgPipeline(
-        **{**components, "unet": refiner_unet, "text_encoder": None},
-        requires_aesthetics_score=True,
-        add_watermarker=False,
-    ).save_pretrained(root / "refiner")
-    return Folders(root / "base", root / "inpainting", root / "refiner", components, inpainting_unet, refiner_unet)
+    return Folders(*references.save_folders(tmp_path_factory.mktemp("sdxl_pipelines")), references)
 
 
 def images() -> tuple[Image.Image, Image.Image]:
@@ -134,7 +93,7 @@ def test_inpainting_matches_stable_diffusion_xl_inpaint_pipeline(folders: Folder
     image, mask = images()
 
     pipeline = StableDiffusionXLInpaintPipeline(
-        **{**folders.components, "unet": folders.inpainting_unet}, add_watermarker=False
+        **folders.references.components(unet=folders.references.inpainting_unet), add_watermarker=False
     )
     pipeline.set_progress_bar_config(disable=True)
     output: Any = pipeline(
@@ -204,7 +163,9 @@ def test_base_then_refiner_matches_denoising_end_then_denoising_start(folders: F
     noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
 
     scheduler = scheduler_class.from_config(SDXL_SCHEDULER)
-    base_pipeline = StableDiffusionXLPipeline(**{**folders.components, "scheduler": scheduler}, add_watermarker=False)
+    base_pipeline = StableDiffusionXLPipeline(
+        **folders.references.components(scheduler=scheduler), add_watermarker=False
+    )
     base_pipeline.set_progress_bar_config(disable=True)
     output: Any = base_pipeline(
         prompt_embeds=embedding[1:],
@@ -221,12 +182,11 @@ def test_base_then_refiner_matches_denoising_end_then_denoising_start(folders: F
     )
     expected_handover: torch.Tensor = output.images
     refiner_pipeline = StableDiffusionXLImg2ImgPipeline(
-        **{
-            **folders.components,
-            "unet": folders.refiner_unet,
-            "text_encoder": None,
-            "scheduler": scheduler_class.from_config(SDXL_SCHEDULER),
-        },
+        **folders.references.components(
+            unet=folders.references.refiner_unet,
+            text_encoder=None,
+            scheduler=scheduler_class.from_config(SDXL_SCHEDULER),
+        ),
         requires_aesthetics_score=True,
         add_watermarker=False,
     )

@@ -247,6 +247,22 @@ def read_component_config(
     return _config_from_diffusers(component, config_path)
 
 
+def read_single_file_config(
+    component: ComponentFormat[TConfig], *, source: Path, tensors: Mapping[str, torch.Tensor]
+) -> TConfig:
+    """The config of one component of an original single-file checkpoint, read from the shapes of the tensors under
+    its prefix (no weight is read: check components against each other before loading any). Raises WeightsError
+    naming `source` when no key has the prefix or the shapes do not describe a supported config."""
+    prefix = component.single_file_prefix
+    unprefixed = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+    if not unprefixed:
+        raise WeightsError(f"{source}: no '{prefix}*' keys, so no {component.name} in this checkpoint")
+    try:
+        return component.single_file_config(unprefixed)
+    except ValueError as error:
+        raise WeightsError(f"{source}: the {component.name} under '{prefix}': {error}") from error
+
+
 def load_single_file_component(
     model_class: type[TModel],
     component: ComponentFormat[Any],
@@ -258,14 +274,9 @@ def load_single_file_component(
 ) -> TModel:
     """Build one component from the tensors of an original single-file checkpoint (keys under its prefix)."""
     prefix = component.single_file_prefix
+    config = read_single_file_config(component, source=source, tensors=tensors)
     own = {key: value for key, value in tensors.items() if key.startswith(prefix)}
-    if not own:
-        raise WeightsError(f"{source}: no '{prefix}*' keys, so no {component.name} in this checkpoint")
     unprefixed = {key.removeprefix(prefix): value for key, value in own.items()}
-    try:
-        config = component.single_file_config(unprefixed)
-    except ValueError as error:
-        raise WeightsError(f"{source}: the {component.name} under '{prefix}': {error}") from error
     if component.single_file_tensors is not None:
         own = {prefix + key: value for key, value in component.single_file_tensors(unprefixed).items()}
     return _build_and_load(

@@ -20,7 +20,16 @@ from refiners_sdxl.folder import (
 from refiners_sdxl.inpainting import StableDiffusion_XL_Inpainting
 from refiners_sdxl.model import StableDiffusion_XL
 from refiners_sdxl.refiner import StableDiffusion_XL_Refiner, refiner_first_step
-from refiners_sdxl.single_file import SDXL_AUTOENCODER_FORMAT, check_sdxl_base_checkpoint, load_sdxl_single_file
+from refiners_sdxl.single_file import (
+    SDXL_AUTOENCODER_FORMAT,
+    SDXL_REFINER_TEXT_ENCODER_FORMAT,
+    check_sdxl_base_checkpoint,
+    check_sdxl_refiner_checkpoint,
+    load_sdxl_refiner_single_file,
+    load_sdxl_single_file,
+    read_sdxl_refiner_single_file,
+    read_sdxl_single_file,
+)
 from refiners_sdxl.unet import (
     SDXL_UNET_FORMAT,
     SDXLUNet,
@@ -35,6 +44,7 @@ __all__ = [
     "SDXL_AUTOENCODER_FORMAT",
     "SDXL_BASE_UNET",
     "SDXL_INPAINTING_UNET",
+    "SDXL_REFINER_TEXT_ENCODER_FORMAT",
     "SDXL_REFINER_UNET",
     "SDXL_UNET_FORMAT",
     "SDXLDenoisingModel",
@@ -48,11 +58,15 @@ __all__ = [
     "TimeIdsEmbedding",
     "check_sdxl_base_checkpoint",
     "check_sdxl_components",
+    "check_sdxl_refiner_checkpoint",
     "check_sdxl_refiner_components",
     "diffusers_sdxl_unet_mapping",
     "ldm_sdxl_unet_mapping",
+    "load_sdxl_refiner_single_file",
     "load_sdxl_single_file",
     "read_sdxl_folder",
     "read_sdxl_refiner_folder",
+    "read_sdxl_refiner_single_file",
+    "read_sdxl_single_file",
     "refiner_first_step",
 ]

@@ -1,20 +1,206 @@
-"""`SDXLDenoisingModel`: the denoising step the SDXL models share (base, inpainting, refiner), a solver driving the
-SDXL UNet with classifier-free guidance on text, pooled text and time ids."""
+"""`SDXLDenoisingModel`: what the SDXL models (base, inpainting, refiner) share: the defaults of their components
+and solver, their text embeddings, their loading (a diffusers folder or hub id, an original single file, the folder
+`save_pretrained` writes) and the denoising step, a solver driving the SDXL UNet with classifier-free guidance on
+text, pooled text and time ids."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Self, TypeVar
+
 import torch
 
+import refiners_core.fluxion as fl
+from refiners_core.weights import load_tensors
+from refiners_sd15 import SD1Autoencoder
 from refiners_sd15.latent_diffusion import LatentDiffusionModel
+from refiners_sd15.loading import PathOrRepoId, PretrainedComponent
+from refiners_sd15.solvers import DPMSolver, Solver
+from refiners_sd15.unet import UNetConfig
+from refiners_sdxl.config import SDXL_AUTOENCODER
+from refiners_sdxl.folder import SCHEDULER_DEFAULTS
+from refiners_sdxl.own_format import (
+    check_own_index,
+    component_file,
+    read_own_solver_defaults,
+    write_own_folder,
+)
 from refiners_sdxl.unet import SDXLUNet
 
+TTextEncoder = TypeVar("TTextEncoder", bound=fl.Module)
 
-class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet]):
-    """An SDXL UNet denoising latents step by step with `solver`: `forward` is one step with classifier-free guidance.
 
-    `StableDiffusion_XL` (and its inpainting model) and `StableDiffusion_XL_Refiner` add their text encoders and
-    time ids; `unet_input` is where a model adds its own conditions to the latents (the inpainting model's mask).
+class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
+    """An SDXL UNet denoising latents step by step with `solver`, its autoencoder `lda` and its text encoder
+    `clip_text_encoder` (`TTextEncoder`): `forward` is one step with classifier-free guidance.
+
+    `StableDiffusion_XL` (and its inpainting model) and `StableDiffusion_XL_Refiner` give what differs between them:
+    `default_unet`, `own_index` and the class methods on their text encoders (`_default_text_encoder`,
+    `_check_components`, `_read_folder`, `_load_text_encoder`, `_load_single_file`, `_own_text_encoders`,
+    `_load_own_text_encoder`), and their time ids; `unet_input` is where a model adds its own conditions to the
+    latents (the inpainting model's mask).
+
+    Components not given are built with random weights: `SDXLUNet(default_unet)`, the SDXL autoencoder, the model's
+    text encoder; `solver` defaults to `DPMSolver(num_inference_steps=30, **solver_defaults)`, `solver_defaults` to
+    SDXL's published scheduler settings (`SCHEDULER_DEFAULTS`). Raises ValueError, naming the components and their
+    widths, when they do not fit each other.
     """
+
+    default_unet: ClassVar[UNetConfig]
+    """The UNet built when none is given: the published architecture."""
+    own_index: ClassVar[str]
+    """The index file `save_pretrained` writes and `from_pretrained` reads back (see `refiners_sdxl.own_format`)."""
+
+    def __init__(
+        self,
+        unet: SDXLUNet | None = None,
+        lda: SD1Autoencoder | None = None,
+        clip_text_encoder: TTextEncoder | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        solver: Solver | None = None,
+        solver_defaults: dict[str, Any] | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        unet = unet if unet is not None else SDXLUNet(self.default_unet, device=device, dtype=dtype)
+        if clip_text_encoder is None:
+            clip_text_encoder = self._default_text_encoder(device=device, dtype=dtype)
+        self._check_components(unet.config, clip_text_encoder)
+        defaults = dict(SCHEDULER_DEFAULTS if solver_defaults is None else solver_defaults)
+        super().__init__(
+            unet,
+            lda if lda is not None else SD1Autoencoder(SDXL_AUTOENCODER, device=device, dtype=dtype),
+            solver=solver if solver is not None else DPMSolver(num_inference_steps=30, **defaults),
+            show_progress=show_progress,
+        )
+        self.clip_text_encoder: TTextEncoder = clip_text_encoder
+        self.solver_defaults: dict[str, Any] = defaults
+        """Keyword arguments of every refiners-sd15 solver that reproduce the model's scheduler config."""
+
+    @torch.no_grad()
+    def compute_clip_text_embedding(
+        self, text: str | list[str], negative_text: str | list[str] = ""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text and pooled text embeddings for classifier-free guidance, the negative ones first: for one prompt
+        `(2, 77, 2048)` and `(2, 1280)` with the base model's CLIP-L and CLIP-G, `(2, 77, 1280)` and `(2, 1280)` with
+        the refiner's CLIP-G (`(2N, ...)` for N prompts). Raises ValueError for lists of different lengths."""
+        texts = [text] if isinstance(text, str) else list(text)
+        negatives = [negative_text] * len(texts) if isinstance(negative_text, str) else list(negative_text)
+        if len(negatives) != len(texts):
+            raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
+        return self.clip_text_encoder([*negatives, *texts])
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: PathOrRepoId,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+    ) -> Self:
+        """Load from a diffusers folder or hub id (`unet/`, `vae/`, the text encoders' folders, and `scheduler/` for
+        the solver's settings; the tokenizers ship with refiners-sd15), a folder written by `save_pretrained`, or an
+        original single-file checkpoint (`from_single_file`).
+
+        Configs are read and checked before any weight; weights are memory-mapped and every parameter lands on
+        `device` with `dtype`. Raises ValueError naming `model_index.json`, the index file or the single file when
+        they hold another model (SD1.5, an SDXL base given to the refiner or the reverse), or naming the components
+        that do not fit each other; FileNotFoundError naming a missing component; WeightsError naming the file, key
+        and layer at fault.
+        """
+        local = Path(path_or_repo_id).expanduser()
+        if local.is_file():
+            return cls.from_single_file(local, device=device, dtype=dtype)
+        if (local / cls.own_index).is_file():
+            return cls._from_own_folder(local, device=device, dtype=dtype)
+        check_own_index(local, cls.own_index)
+        solver_defaults = cls._read_folder(path_or_repo_id, revision=revision)
+        options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "revision": revision}
+        return cls(
+            unet=SDXLUNet.from_pretrained(path_or_repo_id, **options),
+            lda=SD1Autoencoder.from_pretrained(path_or_repo_id, **options),
+            clip_text_encoder=cls._load_text_encoder(path_or_repo_id, options),
+            solver_defaults=solver_defaults,
+        )
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """Load an original single-file checkpoint (see `refiners_sdxl.single_file`), each config read from the
+        tensors' shapes (so a scaled-down checkpoint loads too; heads of 64 channels, 256 features per time id and
+        the 0.13025 latent scale are SDXL's, as the weights do not store them) and checked before any weight is
+        loaded. Raises ValueError naming the file and the key for another model's checkpoint (SD1.5, an SDXL base
+        given to the refiner or the reverse), naming the file and the components that do not fit each other;
+        WeightsError naming the file, key and layer for weights that do not fit."""
+        path = Path(path)
+        unet, lda, clip_text_encoder = cls._load_single_file(
+            path, load_tensors(path), {"device": device, "dtype": dtype}
+        )
+        return cls(unet=unet, lda=lda, clip_text_encoder=clip_text_encoder)
+
+    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+        """Write the components in our own format (one safetensors file each, its config in the metadata) and the
+        index `own_index` (the files and the solver defaults) into `folder`, which `from_pretrained` reads back."""
+        components: dict[str, PretrainedComponent] = {"unet": self.unet, "lda": self.lda}
+        write_own_folder(Path(folder), self.own_index, components | self._own_text_encoders(), self.solver_defaults)
+
+    @classmethod
+    def _from_own_folder(cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None) -> Self:
+        solver_defaults = read_own_solver_defaults(folder, cls.own_index)
+        return cls(
+            unet=SDXLUNet.from_pretrained(component_file(folder, "unet"), device=device, dtype=dtype),
+            lda=SD1Autoencoder.from_pretrained(component_file(folder, "lda"), device=device, dtype=dtype),
+            clip_text_encoder=cls._load_own_text_encoder(folder, {"device": device, "dtype": dtype}),
+            solver_defaults=solver_defaults,
+        )
+
+    # What each model gives
+
+    @classmethod
+    def _default_text_encoder(cls, *, device: torch.device | str | None, dtype: torch.dtype | None) -> TTextEncoder:
+        """The published text encoder(s) with random weights."""
+        raise NotImplementedError
+
+    @classmethod
+    def _check_components(cls, unet: UNetConfig, clip_text_encoder: TTextEncoder) -> None:
+        """Raise ValueError, naming the components and their widths, when they do not fit each other."""
+        raise NotImplementedError
+
+    @classmethod
+    def _read_folder(cls, path_or_repo_id: PathOrRepoId, *, revision: str | None) -> dict[str, Any]:
+        """Check a diffusers folder's `model_index.json` and configs without reading weights; its solver defaults."""
+        raise NotImplementedError
+
+    @classmethod
+    def _load_text_encoder(cls, path_or_repo_id: PathOrRepoId, options: Mapping[str, Any]) -> TTextEncoder:
+        """The text encoder(s) of a diffusers folder, loaded with `from_pretrained`'s `options`."""
+        raise NotImplementedError
+
+    @classmethod
+    def _load_single_file(
+        cls, path: Path, tensors: Mapping[str, torch.Tensor], options: Mapping[str, Any]
+    ) -> tuple[SDXLUNet, SD1Autoencoder, TTextEncoder]:
+        """The components of an original single file, checked before any weight is loaded (`options`: device, dtype)."""
+        raise NotImplementedError
+
+    def _own_text_encoders(self) -> dict[str, PretrainedComponent]:
+        """The text encoder(s) `save_pretrained` writes, by component name (`text_encoder_l`, `text_encoder_g`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _load_own_text_encoder(cls, folder: Path, options: Mapping[str, Any]) -> TTextEncoder:
+        """The text encoder(s) `_own_text_encoders` wrote into `folder`."""
+        raise NotImplementedError
 
     def forward(
         self,

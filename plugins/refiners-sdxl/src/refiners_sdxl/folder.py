@@ -101,24 +101,13 @@ def check_sdxl_refiner_components(unet: UNetConfig, text_encoder_2: CLIPTextEnco
     """Raise ValueError, naming the components and both widths, when an SDXL refiner UNet and its text encoder (CLIP-G)
     do not fit each other: the UNet must have the `text_time` added embedding, attend to CLIP-G's hidden states
     alone, and take its pooled embedding with five time ids (the aesthetic score's)."""
-    if unet.addition_embed_type != "text_time" or unet.addition_time_embed_dim is None:
-        raise ValueError(
-            f"unet: no 'text_time' added embedding (addition_embed_type={unet.addition_embed_type!r}): not an SDXL "
-            "refiner UNet"
-        )
+    _check_text_time(unet, "not an SDXL refiner UNet")
     if unet.cross_attention_dim != text_encoder_2.embedding_dim:
         raise ValueError(
             f"unet attends to {unet.cross_attention_dim}-wide text (cross_attention_dim) but text_encoder_2 gives "
             f"{text_encoder_2.embedding_dim}: an SDXL refiner attends to CLIP-G alone"
         )
-    pooled = text_encoder_2.projection_dim or text_encoder_2.embedding_dim
-    expected = pooled + REFINER_TIME_IDS * unet.addition_time_embed_dim
-    if unet.projection_class_embeddings_input_dim != expected:
-        raise ValueError(
-            f"unet's added embedding takes {unet.projection_class_embeddings_input_dim} features "
-            f"(projection_class_embeddings_input_dim) but text_encoder_2's pooled embedding ({pooled}) and "
-            f"{REFINER_TIME_IDS} time ids of {unet.addition_time_embed_dim} (with the aesthetic score) give {expected}"
-        )
+    _check_added_embedding(unet, text_encoder_2, REFINER_TIME_IDS)
 
 
 def check_sdxl_components(
@@ -127,30 +116,44 @@ def check_sdxl_components(
     """Raise ValueError, naming the components and both widths, when an SDXL base UNet and its two text encoders do
     not fit each other: the UNet must have the `text_time` added embedding, attend to both encoders' hidden states
     side by side, and take the second encoder's pooled embedding with six time ids."""
-    if unet.addition_embed_type != "text_time" or unet.addition_time_embed_dim is None:
-        raise ValueError(
-            "unet: no 'text_time' added embedding (addition_embed_type="
-            f"{unet.addition_embed_type!r}): an SD1.5 UNet, not SDXL's; load this model with StableDiffusion_1"
-        )
+    _check_text_time(unet, "an SD1.5 UNet, not SDXL's; load this model with StableDiffusion_1")
     width = text_encoder.embedding_dim + text_encoder_2.embedding_dim
     if unet.cross_attention_dim != width:
         raise ValueError(
             f"unet attends to {unet.cross_attention_dim}-wide text (cross_attention_dim) but text_encoder "
             f"({text_encoder.embedding_dim}) and text_encoder_2 ({text_encoder_2.embedding_dim}) give {width}"
         )
-    pooled = text_encoder_2.projection_dim or text_encoder_2.embedding_dim
-    expected = pooled + TIME_IDS * unet.addition_time_embed_dim
-    if unet.projection_class_embeddings_input_dim != expected:
+    _check_added_embedding(unet, text_encoder_2, TIME_IDS)
+
+
+def _check_text_time(unet: UNetConfig, kind: str) -> None:
+    if unet.addition_embed_type != "text_time" or unet.addition_time_embed_dim is None:
         raise ValueError(
-            f"unet's added embedding takes {unet.projection_class_embeddings_input_dim} features "
-            f"(projection_class_embeddings_input_dim) but text_encoder_2's pooled embedding ({pooled}) and "
-            f"{TIME_IDS} time ids of {unet.addition_time_embed_dim} give {expected}"
-            + (
-                " (an SDXL refiner UNet, which takes 5 time ids)"
-                if unet.projection_class_embeddings_input_dim == pooled + 5 * unet.addition_time_embed_dim
-                else ""
-            )
+            f"unet: no 'text_time' added embedding (addition_embed_type={unet.addition_embed_type!r}): {kind}"
         )
+
+
+def _check_added_embedding(unet: UNetConfig, text_encoder_2: CLIPTextEncoderConfig, time_ids: int) -> None:
+    """The added embedding takes text_encoder_2's pooled embedding and `time_ids` time ids (6: the base's, 5: the
+    refiner's); the error says when the UNet fits the other model's."""
+    assert unet.addition_time_embed_dim is not None  # checked by _check_text_time
+    taken, time_id_dim = unet.projection_class_embeddings_input_dim, unet.addition_time_embed_dim
+    pooled = text_encoder_2.projection_dim or text_encoder_2.embedding_dim
+    if taken == pooled + time_ids * time_id_dim:
+        return
+    other_time_ids, other = (
+        (REFINER_TIME_IDS, "an SDXL refiner") if time_ids == TIME_IDS else (TIME_IDS, "an SDXL base")
+    )
+    hint = (
+        f" ({other} UNet, which takes {other_time_ids} time ids)"
+        if taken == pooled + other_time_ids * time_id_dim
+        else ""
+    )
+    raise ValueError(
+        f"unet's added embedding takes {taken} features (projection_class_embeddings_input_dim) but text_encoder_2's "
+        f"pooled embedding ({pooled}) and {time_ids} time ids of {time_id_dim} give {pooled + time_ids * time_id_dim}"
+        + hint
+    )
 
 
 def _check_model_index(

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from PIL import Image
 
-from refiners_sd15 import SD1Autoencoder, compute_inpainting_conditions, concatenate_inpainting_conditions
-from refiners_sd15.clip import DoubleTextEncoder
-from refiners_sd15.solvers import Solver
+from refiners_sd15 import compute_inpainting_conditions, concatenate_inpainting_conditions
+from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.config import SDXL_INPAINTING_UNET
 from refiners_sdxl.folder import BASE_PIPELINE, INPAINT_PIPELINE
 from refiners_sdxl.model import StableDiffusion_XL
-from refiners_sdxl.unet import SDXLUNet
 
 
 class StableDiffusion_XL_Inpainting(StableDiffusion_XL):
@@ -34,33 +32,11 @@ class StableDiffusion_XL_Inpainting(StableDiffusion_XL):
 
     pipelines: ClassVar[tuple[str, ...]] = (INPAINT_PIPELINE, BASE_PIPELINE)
     unet_in_channels: ClassVar[int] = SDXL_INPAINTING_UNET.in_channels
-
-    def __init__(
-        self,
-        unet: SDXLUNet | None = None,
-        lda: SD1Autoencoder | None = None,
-        clip_text_encoder: DoubleTextEncoder | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        solver: Solver | None = None,
-        solver_defaults: dict[str, Any] | None = None,
-        show_progress: bool = True,
-    ) -> None:
-        if unet is None:
-            unet = SDXLUNet(SDXL_INPAINTING_UNET, device=device, dtype=dtype)
-        super().__init__(
-            unet,
-            lda,
-            clip_text_encoder,
-            device,
-            dtype,
-            solver=solver,
-            solver_defaults=solver_defaults,
-            show_progress=show_progress,
-        )
-        self.mask_latents: torch.Tensor | None = None
-        self.target_image_latents: torch.Tensor | None = None
+    default_unet: ClassVar[UNetConfig] = SDXL_INPAINTING_UNET
+    mask_latents: torch.Tensor | None = None
+    """The mask at latent resolution `(1, 1, h, w)` that `set_inpainting_conditions` sets."""
+    target_image_latents: torch.Tensor | None = None
+    """The latents of the masked target image that `set_inpainting_conditions` sets."""
 
     @torch.no_grad()
     def set_inpainting_conditions(

@@ -3,43 +3,35 @@ drives them with a solver (refiners-sd15's `LatentDiffusionModel`)."""
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import torch
 
-from refiners_core.weights import load_tensors
 from refiners_sd15 import SD1Autoencoder
 from refiners_sd15.clip import SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderG, CLIPTextEncoderL, DoubleTextEncoder
-from refiners_sd15.loading import PathOrRepoId, load_component
-from refiners_sd15.solvers import DPMSolver, Solver
+from refiners_sd15.loading import PathOrRepoId, PretrainedComponent, load_component
 from refiners_sd15.unet import UNetConfig
-from refiners_sdxl.config import SDXL_AUTOENCODER
+from refiners_sdxl.config import SDXL_BASE_UNET
 from refiners_sdxl.denoising import SDXLDenoisingModel
-from refiners_sdxl.folder import BASE_PIPELINE, SCHEDULER_DEFAULTS, check_sdxl_components, read_sdxl_folder
-from refiners_sdxl.single_file import load_sdxl_single_file
+from refiners_sdxl.folder import BASE_PIPELINE, check_sdxl_components, read_sdxl_folder
+from refiners_sdxl.own_format import BASE_OWN_INDEX, component_file
+from refiners_sdxl.single_file import load_sdxl_single_file, read_sdxl_single_file
 from refiners_sdxl.unet import SDXLUNet
 
 DEFAULT_SIZE = (1024, 1024)
-OWN_INDEX = "refiners_sdxl.json"
-OWN_FILES = {
-    "unet": "unet.safetensors",
-    "lda": "lda.safetensors",
-    "text_encoder_l": "text_encoder_l.safetensors",
-    "text_encoder_g": "text_encoder_g.safetensors",
-}
-SD15_OWN_INDEX = "refiners_sd15.json"
-REFINER_OWN_INDEX = "refiners_sdxl_refiner.json"
+OWN_INDEX = BASE_OWN_INDEX
+"""The index file of the folders `StableDiffusion_XL.save_pretrained` writes."""
 
 
-class StableDiffusion_XL(SDXLDenoisingModel):
+class StableDiffusion_XL(SDXLDenoisingModel[DoubleTextEncoder]):
     """Stable Diffusion XL (base): `unet`, `lda` (the autoencoder) and `clip_text_encoder` (CLIP-L and CLIP-G), driven
     by `solver`.
 
     `StableDiffusion_XL()` builds the published architecture with random weights; `from_pretrained` reads a
-    diffusers folder or hub id.
+    diffusers folder or hub id, a folder written by `save_pretrained`, or an original single file
+    (`sd_xl_base_1.0.safetensors`).
 
         sdxl = StableDiffusion_XL.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
         sdxl.solver = DPMSolver(num_inference_steps=30, **sdxl.solver_defaults)  # the default solver
@@ -62,48 +54,8 @@ class StableDiffusion_XL(SDXLDenoisingModel):
     """The diffusers pipelines (`_class_name` of `model_index.json`) whose folders `from_pretrained` reads."""
     unet_in_channels: ClassVar[int] = 4
     """The input channels the UNet must take."""
-
-    def __init__(
-        self,
-        unet: SDXLUNet | None = None,
-        lda: SD1Autoencoder | None = None,
-        clip_text_encoder: DoubleTextEncoder | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        solver: Solver | None = None,
-        solver_defaults: dict[str, Any] | None = None,
-        show_progress: bool = True,
-    ) -> None:
-        unet = unet if unet is not None else SDXLUNet(device=device, dtype=dtype)
-        self.check_unet_in_channels(unet.config)
-        if clip_text_encoder is None:
-            clip_text_encoder = DoubleTextEncoder(device=device, dtype=dtype)
-        check_sdxl_components(
-            unet.config, clip_text_encoder.text_encoder_l.config, clip_text_encoder.text_encoder_g.config
-        )
-        defaults = dict(SCHEDULER_DEFAULTS if solver_defaults is None else solver_defaults)
-        super().__init__(
-            unet,
-            lda if lda is not None else SD1Autoencoder(SDXL_AUTOENCODER, device=device, dtype=dtype),
-            solver=solver if solver is not None else DPMSolver(num_inference_steps=30, **defaults),
-            show_progress=show_progress,
-        )
-        self.clip_text_encoder = clip_text_encoder
-        self.solver_defaults: dict[str, Any] = defaults
-        """Keyword arguments of every refiners-sd15 solver that reproduce the model's scheduler config."""
-
-    @torch.no_grad()
-    def compute_clip_text_embedding(
-        self, text: str | list[str], negative_text: str | list[str] = ""
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text and pooled text embeddings for classifier-free guidance, the negative ones first: `(2, 77, 2048)` and
-        `(2, 1280)` for one prompt (`(2N, ...)` for N). Raises ValueError for lists of different lengths."""
-        texts = [text] if isinstance(text, str) else list(text)
-        negatives = [negative_text] * len(texts) if isinstance(negative_text, str) else list(negative_text)
-        if len(negatives) != len(texts):
-            raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
-        return self.clip_text_encoder([*negatives, *texts])
+    default_unet: ClassVar[UNetConfig] = SDXL_BASE_UNET
+    own_index: ClassVar[str] = BASE_OWN_INDEX
 
     def time_ids(
         self,
@@ -132,109 +84,59 @@ class StableDiffusion_XL(SDXLDenoisingModel):
         return self.time_ids()
 
     @classmethod
-    def check_unet_in_channels(cls, config: UNetConfig) -> None:
-        """Raise ValueError naming the UNet's `in_channels` unless it takes `unet_in_channels` channels."""
+    def check_unet_in_channels(cls, config: UNetConfig, source: Path | None = None) -> None:
+        """Raise ValueError naming the UNet's `in_channels` (and `source`, the file it comes from) unless it takes
+        `unet_in_channels` channels."""
         if config.in_channels != cls.unet_in_channels:
             kind = (
                 " (an inpainting UNet: load it with StableDiffusion_XL_Inpainting)" if config.in_channels == 9 else ""
             )
+            where = f"{source}: " if source is not None else ""
             raise ValueError(
-                f"{cls.__name__} needs a UNet with {cls.unet_in_channels} input channels, the unet takes "
+                f"{where}{cls.__name__} needs a UNet with {cls.unet_in_channels} input channels, the unet takes "
                 f"{config.in_channels} (in_channels){kind}"
             )
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: PathOrRepoId,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        variant: str | None = None,
-        revision: str | None = None,
-    ) -> Self:
-        """Load from a diffusers `StableDiffusionXLPipeline` folder or hub id: `unet/`, `vae/`, `text_encoder/`,
-        `text_encoder_2/` (and `scheduler/` for the solver's settings; the tokenizers ship with refiners-sd15), or
-        from a folder written by `save_pretrained`, or an original single-file checkpoint (`from_single_file`).
+    def _default_text_encoder(
+        cls, *, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> DoubleTextEncoder:
+        return DoubleTextEncoder(device=device, dtype=dtype)
 
-        Configs are read and checked before any weight (see `read_sdxl_folder`); weights are memory-mapped and
-        every parameter lands on `device` with `dtype`. Raises ValueError naming `model_index.json` for another
-        pipeline (SD1.5, the refiner) or the components that do not fit each other, FileNotFoundError naming a
-        missing component, WeightsError naming the file, key and layer at fault.
-        """
-        local = Path(path_or_repo_id).expanduser()
-        if local.is_file():
-            return cls.from_single_file(local, device=device, dtype=dtype)
-        if (local / OWN_INDEX).is_file():
-            return cls._from_own_folder(local, device=device, dtype=dtype)
-        if (local / REFINER_OWN_INDEX).is_file():
-            raise ValueError(
-                f"{local / REFINER_OWN_INDEX}: an SDXL refiner saved by StableDiffusion_XL_Refiner.save_pretrained, "
-                "not a base model: load it with StableDiffusion_XL_Refiner"
-            )
-        if (local / SD15_OWN_INDEX).is_file():
-            raise ValueError(
-                f"{local / SD15_OWN_INDEX}: a Stable Diffusion 1.5 model saved by StableDiffusion_1.save_pretrained, "
-                "not an SDXL one: load it with StableDiffusion_1"
-            )
+    @classmethod
+    def _check_components(cls, unet: UNetConfig, clip_text_encoder: DoubleTextEncoder) -> None:
+        cls.check_unet_in_channels(unet)
+        check_sdxl_components(unet, clip_text_encoder.text_encoder_l.config, clip_text_encoder.text_encoder_g.config)
+
+    @classmethod
+    def _read_folder(cls, path_or_repo_id: PathOrRepoId, *, revision: str | None) -> dict[str, Any]:
         folder = read_sdxl_folder(path_or_repo_id, revision=revision, pipelines=cls.pipelines)
         cls.check_unet_in_channels(folder.unet)
-        options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "revision": revision}
-        return cls(
-            unet=SDXLUNet.from_pretrained(path_or_repo_id, **options),
-            lda=SD1Autoencoder.from_pretrained(path_or_repo_id, **options),
-            clip_text_encoder=DoubleTextEncoder(
-                load_component(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT, path_or_repo_id, **options),
-                CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options),
-            ),
-            solver_defaults=folder.solver_defaults,
+        return folder.solver_defaults
+
+    @classmethod
+    def _load_text_encoder(cls, path_or_repo_id: PathOrRepoId, options: Mapping[str, Any]) -> DoubleTextEncoder:
+        return DoubleTextEncoder(
+            load_component(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT, path_or_repo_id, **options),
+            CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options),
         )
 
     @classmethod
-    def from_single_file(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> Self:
-        """Load an original SDXL base checkpoint (`sd_xl_base_1.0.safetensors`: `model.diffusion_model.*`,
-        `conditioner.embedders.0.*` and `.1.*`, `first_stage_model.*`), each config read from the tensors' shapes
-        (so a scaled-down checkpoint loads too; heads of 64 channels, 256 features per time id and the 0.13025
-        latent scale are SDXL's, as the weights do not store them). Raises ValueError naming the file and key for an
-        SD1.5 checkpoint or a refiner, WeightsError naming the file, key and layer for weights that do not fit."""
-        path = Path(path)
-        tensors = load_tensors(path)
-        unet, lda, clip_text_encoder = load_sdxl_single_file(path, tensors, device=device, dtype=dtype)
-        return cls(unet=unet, lda=lda, clip_text_encoder=clip_text_encoder)
+    def _load_single_file(
+        cls, path: Path, tensors: Mapping[str, torch.Tensor], options: Mapping[str, Any]
+    ) -> tuple[SDXLUNet, SD1Autoencoder, DoubleTextEncoder]:
+        cls.check_unet_in_channels(read_sdxl_single_file(path, tensors).unet, source=path)
+        return load_sdxl_single_file(path, tensors, **options)
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
-        """Write the four components in our own format (one safetensors file each, its config in the metadata) and
-        `refiners_sdxl.json` (the files and the solver defaults) into `folder`, which `from_pretrained` reads back."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.unet.save(folder / OWN_FILES["unet"])
-        self.lda.save(folder / OWN_FILES["lda"])
-        self.clip_text_encoder.text_encoder_l.save(folder / OWN_FILES["text_encoder_l"])
-        self.clip_text_encoder.text_encoder_g.save(folder / OWN_FILES["text_encoder_g"])
-        index = {"format": "refiners-sdxl", "components": OWN_FILES, "solver_defaults": self.solver_defaults}
-        (folder / OWN_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    def _own_text_encoders(self) -> dict[str, PretrainedComponent]:
+        return {
+            "text_encoder_l": self.clip_text_encoder.text_encoder_l,
+            "text_encoder_g": self.clip_text_encoder.text_encoder_g,
+        }
 
     @classmethod
-    def _from_own_folder(cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None) -> Self:
-        index_path = folder / OWN_INDEX
-        try:
-            index: dict[str, Any] = json.loads(index_path.read_text(encoding="utf-8"))
-            solver_defaults: dict[str, Any] = index["solver_defaults"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{index_path}: cannot read the index written by save_pretrained: {error}") from error
-        files = {name: folder / file for name, file in OWN_FILES.items()}
-        return cls(
-            unet=SDXLUNet.from_pretrained(files["unet"], device=device, dtype=dtype),
-            lda=SD1Autoencoder.from_pretrained(files["lda"], device=device, dtype=dtype),
-            clip_text_encoder=DoubleTextEncoder(
-                CLIPTextEncoderL.from_pretrained(files["text_encoder_l"], device=device, dtype=dtype),
-                CLIPTextEncoderG.from_pretrained(files["text_encoder_g"], device=device, dtype=dtype),
-            ),
-            solver_defaults=solver_defaults,
+    def _load_own_text_encoder(cls, folder: Path, options: Mapping[str, Any]) -> DoubleTextEncoder:
+        return DoubleTextEncoder(
+            CLIPTextEncoderL.from_pretrained(component_file(folder, "text_encoder_l"), **options),
+            CLIPTextEncoderG.from_pretrained(component_file(folder, "text_encoder_g"), **options),
         )

@@ -1,12 +1,18 @@
-"""SDXL's original single-file checkpoints (`sd_xl_base_1.0.safetensors`): `model.diffusion_model.*` (UNet),
-`conditioner.embedders.0.transformer.*` (CLIP-L, transformers names), `conditioner.embedders.1.model.*` (OpenCLIP
-ViT-bigG, OpenCLIP names) and `first_stage_model.*` (autoencoder), each config read from the tensors' shapes."""
+"""SDXL's original single-file checkpoints, each config read from the tensors' shapes:
+
+- the base model (`sd_xl_base_1.0.safetensors`, and the inpainting model's, whose UNet takes 9 channels):
+  `model.diffusion_model.*` (UNet), `conditioner.embedders.0.transformer.*` (CLIP-L, transformers names),
+  `conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG, OpenCLIP names) and `first_stage_model.*` (autoencoder);
+- the refiner (`sd_xl_refiner_1.0.safetensors`): the same, with OpenCLIP ViT-bigG, its only text encoder, as
+  `conditioner.embedders.0.model.*`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,8 +24,15 @@ from refiners_sd15.clip import (
     CLIPTextEncoderL,
     DoubleTextEncoder,
 )
-from refiners_sd15.loading import load_single_file_component
+from refiners_sd15.loading import load_single_file_component, read_single_file_config
 from refiners_sdxl.config import SDXL_AUTOENCODER
+from refiners_sdxl.folder import (
+    SCHEDULER_DEFAULTS,
+    SDXLFolder,
+    SDXLRefinerFolder,
+    check_sdxl_components,
+    check_sdxl_refiner_components,
+)
 from refiners_sdxl.unet import SDXL_UNET_FORMAT, SDXLUNet
 
 SDXL_AUTOENCODER_FORMAT = replace(
@@ -30,8 +43,15 @@ SDXL_AUTOENCODER_FORMAT = replace(
 )
 """SDXL's autoencoder: SD1.5's format, whose single files do not store the scaling factor: SDXL's 0.13025."""
 
+SDXL_REFINER_TEXT_ENCODER_FORMAT = replace(
+    SDXL_TEXT_ENCODER_2_FORMAT, single_file_prefix="conditioner.embedders.0.model."
+)
+"""The SDXL refiner's only text encoder (OpenCLIP ViT-bigG/14, `CLIPTextEncoderG`): `text_encoder_2/` in a diffusers
+folder, `conditioner.embedders.0.model.*` in an original single file (the base model's second text encoder's layout
+under the first embedder's prefix)."""
+
 _SD15_TEXT_ENCODER = "cond_stage_model."
-_REFINER_TEXT_ENCODER = "conditioner.embedders.0.model."
+_BASE_TEXT_ENCODERS = (SDXL_TEXT_ENCODER_FORMAT.single_file_prefix, "conditioner.embedders.1.")
 
 
 def check_sdxl_base_checkpoint(path: Path, keys: Mapping[str, torch.Tensor]) -> None:
@@ -42,21 +62,97 @@ def check_sdxl_base_checkpoint(path: Path, keys: Mapping[str, torch.Tensor]) -> 
             raise ValueError(
                 f"{path}: '{key}' is Stable Diffusion 1.5's text encoder: load this checkpoint with StableDiffusion_1"
             )
-        if key.startswith(_REFINER_TEXT_ENCODER):
-            raise ValueError(f"{path}: '{key}' is an SDXL refiner's only text encoder (CLIP-G): not a base model")
+        if key.startswith(SDXL_REFINER_TEXT_ENCODER_FORMAT.single_file_prefix):
+            raise ValueError(
+                f"{path}: '{key}' is an SDXL refiner's only text encoder (CLIP-G, where a base model has CLIP-L): "
+                "not a base model, load it with StableDiffusion_XL_Refiner"
+            )
+
+
+def check_sdxl_refiner_checkpoint(path: Path, keys: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError naming the file and the key that tells an SD1.5 checkpoint or an SDXL base model (CLIP-L as
+    `conditioner.embedders.0.transformer.*`, CLIP-G as `conditioner.embedders.1.model.*`) from an SDXL refiner."""
+    for key in keys:
+        if key.startswith(_SD15_TEXT_ENCODER):
+            raise ValueError(
+                f"{path}: '{key}' is Stable Diffusion 1.5's text encoder: load this checkpoint with StableDiffusion_1"
+            )
+        if key.startswith(_BASE_TEXT_ENCODERS):
+            raise ValueError(
+                f"{path}: '{key}' is a text encoder of an SDXL base model (CLIP-L and CLIP-G, where a refiner has "
+                "CLIP-G alone as 'conditioner.embedders.0.model.'): not a refiner, load it with StableDiffusion_XL"
+            )
+
+
+def read_sdxl_single_file(path: Path, tensors: Mapping[str, torch.Tensor]) -> SDXLFolder:
+    """The configs of an SDXL base (or inpainting) single-file checkpoint, read from its tensors' shapes and checked
+    to fit each other before any weight is loaded; the solver defaults are SDXL's (a single file has no scheduler).
+
+    Raises ValueError naming the file and the key for an SD1.5 checkpoint or a refiner (`check_sdxl_base_checkpoint`),
+    naming the file, the components and their widths when they do not fit each other (`check_sdxl_components`);
+    WeightsError naming the file for a missing component or shapes that describe no supported config."""
+    check_sdxl_base_checkpoint(path, tensors)
+    configs = SDXLFolder(
+        unet=read_single_file_config(SDXL_UNET_FORMAT, source=path, tensors=tensors),
+        text_encoder=read_single_file_config(SDXL_TEXT_ENCODER_FORMAT, source=path, tensors=tensors),
+        text_encoder_2=read_single_file_config(SDXL_TEXT_ENCODER_2_FORMAT, source=path, tensors=tensors),
+        solver_defaults=dict(SCHEDULER_DEFAULTS),
+    )
+    _named(path, check_sdxl_components, configs.unet, configs.text_encoder, configs.text_encoder_2)
+    return configs
+
+
+def read_sdxl_refiner_single_file(path: Path, tensors: Mapping[str, torch.Tensor]) -> SDXLRefinerFolder:
+    """The configs of an SDXL refiner single-file checkpoint, read from its tensors' shapes and checked to fit each
+    other before any weight is loaded; the solver defaults are SDXL's (a single file has no scheduler).
+
+    Raises ValueError naming the file and the key for an SD1.5 checkpoint or an SDXL base model
+    (`check_sdxl_refiner_checkpoint`), naming the file, the components and their widths when they do not fit each
+    other (`check_sdxl_refiner_components`); WeightsError naming the file for a missing component or shapes that
+    describe no supported config."""
+    check_sdxl_refiner_checkpoint(path, tensors)
+    configs = SDXLRefinerFolder(
+        unet=read_single_file_config(SDXL_UNET_FORMAT, source=path, tensors=tensors),
+        text_encoder_2=read_single_file_config(SDXL_REFINER_TEXT_ENCODER_FORMAT, source=path, tensors=tensors),
+        solver_defaults=dict(SCHEDULER_DEFAULTS),
+    )
+    _named(path, check_sdxl_refiner_components, configs.unet, configs.text_encoder_2)
+    return configs
 
 
 def load_sdxl_single_file(
     path: Path, tensors: Mapping[str, torch.Tensor], *, device: torch.device | str | None, dtype: torch.dtype | None
 ) -> tuple[SDXLUNet, SD1Autoencoder, DoubleTextEncoder]:
-    """The four components of an SDXL base single-file checkpoint (see the module's docstring), memory-mapped."""
-    check_sdxl_base_checkpoint(path, tensors)
-    options = {"source": path, "tensors": tensors, "device": device, "dtype": dtype}
+    """The four components of an SDXL base single-file checkpoint (see the module's docstring), memory-mapped,
+    after `read_sdxl_single_file`'s checks."""
+    read_sdxl_single_file(path, tensors)
+    options: dict[str, Any] = {"source": path, "tensors": tensors, "device": device, "dtype": dtype}
+    text_encoder_l = load_single_file_component(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT, **options)
+    text_encoder_g = load_single_file_component(CLIPTextEncoderG, SDXL_TEXT_ENCODER_2_FORMAT, **options)
+    return (*_load_unet_and_autoencoder(options), DoubleTextEncoder(text_encoder_l, text_encoder_g))
+
+
+def load_sdxl_refiner_single_file(
+    path: Path, tensors: Mapping[str, torch.Tensor], *, device: torch.device | str | None, dtype: torch.dtype | None
+) -> tuple[SDXLUNet, SD1Autoencoder, CLIPTextEncoderG]:
+    """The three components of an SDXL refiner single-file checkpoint (see the module's docstring), memory-mapped,
+    after `read_sdxl_refiner_single_file`'s checks."""
+    read_sdxl_refiner_single_file(path, tensors)
+    options: dict[str, Any] = {"source": path, "tensors": tensors, "device": device, "dtype": dtype}
+    text_encoder = load_single_file_component(CLIPTextEncoderG, SDXL_REFINER_TEXT_ENCODER_FORMAT, **options)
+    return (*_load_unet_and_autoencoder(options), text_encoder)
+
+
+def _load_unet_and_autoencoder(options: Mapping[str, Any]) -> tuple[SDXLUNet, SD1Autoencoder]:
     return (
         load_single_file_component(SDXLUNet, SDXL_UNET_FORMAT, **options),
         load_single_file_component(SD1Autoencoder, SDXL_AUTOENCODER_FORMAT, **options),
-        DoubleTextEncoder(
-            load_single_file_component(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT, **options),
-            load_single_file_component(CLIPTextEncoderG, SDXL_TEXT_ENCODER_2_FORMAT, **options),
-        ),
     )
+
+
+def _named(path: Path, check: Callable[..., None], *configs: object) -> None:
+    """`check(*configs)`, its ValueError naming `path`."""
+    try:
+        check(*configs)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error

@@ -1,14 +1,26 @@
 # pyright: reportPrivateImportUsage=false
 """Helpers for tests of refiners-sdxl and of the packages built on it: small SDXL-like diffusers configs (so that a
-pipeline runs on CPU in seconds), SDXL's published scheduler config, and random weights drawn per parameter. Nothing
-here is used at runtime."""
+pipeline runs on CPU in seconds), SDXL's published scheduler config, random weights drawn per parameter, and
+original-layout single-file checkpoints written from diffusers and transformers models. Nothing here is used at
+runtime."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from refiners_core.state_dicts import compose, invert
+from refiners_sd15.autoencoder import (
+    autoencoder_config_from_diffusers,
+    diffusers_autoencoder_mapping,
+    ldm_autoencoder_mapping,
+)
+from refiners_sd15.testing import open_clip_state_dict
+from refiners_sd15.unet import unet_config_from_diffusers
+from refiners_sdxl.unet import diffusers_sdxl_unet_mapping, ldm_sdxl_unet_mapping
 
 TIME_ID_DIM = 8
 """Features per time id in the small UNets."""
@@ -67,6 +79,45 @@ SMALL_TEXT_G: dict[str, Any] = {
 }
 """`CLIPTextConfig` arguments of a small CLIP-G-like `CLIPTextModelWithProjection`."""
 
+SINGLE_FILE_POOLED_DIM = 32
+"""Width of the projected pooled embedding of `SINGLE_FILE_TEXT_G`."""
+SINGLE_FILE_UNET: dict[str, Any] = {
+    **SMALL_UNET,
+    "block_out_channels": [64, 128],
+    "attention_head_dim": [1, 2],
+    "cross_attention_dim": 64 + 128,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": SINGLE_FILE_POOLED_DIM + 6 * 256,
+}
+"""`SMALL_UNET` with what an original single file does not store but reads as SDXL's: heads of 64 channels, 256
+features per time id, 32 normalisation groups; CLIP-L-like and CLIP-G-like text (`SINGLE_FILE_TEXT_L`, `_G`)."""
+SINGLE_FILE_INPAINTING_UNET: dict[str, Any] = {**SINGLE_FILE_UNET, "in_channels": 9}
+"""`SINGLE_FILE_UNET` with latents, mask and masked image latents in (4 + 1 + 4 channels)."""
+SINGLE_FILE_REFINER_UNET: dict[str, Any] = {
+    **SINGLE_FILE_UNET,
+    "cross_attention_dim": 128,
+    "projection_class_embeddings_input_dim": SINGLE_FILE_POOLED_DIM + 5 * 256,
+}
+"""`SINGLE_FILE_UNET` as a refiner: CLIP-G text only, five time ids (with the aesthetic score)."""
+SINGLE_FILE_TEXT: dict[str, Any] = {"num_hidden_layers": 2, "max_position_embeddings": 77, "eos_token_id": 2}
+"""`CLIPTextConfig` arguments the single-file text encoders share (eos_token_id 2, as published)."""
+SINGLE_FILE_TEXT_L: dict[str, Any] = {
+    **SINGLE_FILE_TEXT,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 1,
+}
+"""`CLIPTextConfig` arguments of a CLIP-L-like `CLIPTextModel` with heads of 64 channels."""
+SINGLE_FILE_TEXT_G: dict[str, Any] = {
+    **SINGLE_FILE_TEXT,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 2,
+    "projection_dim": SINGLE_FILE_POOLED_DIM,
+    "hidden_act": "gelu",
+}
+"""`CLIPTextConfig` arguments of a CLIP-G-like `CLIPTextModelWithProjection` with heads of 64 channels."""
+
 SDXL_SCHEDULER: dict[str, Any] = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -100,27 +151,11 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def small_sdxl_pipeline() -> Any:
-    """A diffusers `StableDiffusionXLPipeline` of `SMALL_UNET`, `SMALL_VAE`, `SMALL_TEXT_L`, `SMALL_TEXT_G` and
-    `SDXL_SCHEDULER`, randomized with fixed seeds (no tokenizers: ours ship with refiners-sd15), progress bar off."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """A diffusers `StableDiffusionXLPipeline` of `sdxl_references()`'s base components (`SMALL_UNET`, `SMALL_VAE`,
+    `SMALL_TEXT_L`, `SMALL_TEXT_G`, `SDXL_SCHEDULER`, no tokenizers: ours ship with refiners-sd15), progress bar off."""
+    from diffusers import StableDiffusionXLPipeline
 
-    unet = UNet2DConditionModel(**SMALL_UNET).eval()
-    vae = AutoencoderKL(**SMALL_VAE).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**SMALL_TEXT_L)).eval()
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SMALL_TEXT_G)).eval()
-    for seed, model in enumerate((unet, vae, text_encoder, text_encoder_2)):
-        randomize(model, seed)
-    pipeline = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=None,  # pyright: ignore[reportArgumentType]
-        tokenizer_2=None,  # pyright: ignore[reportArgumentType]
-        unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),  # pyright: ignore[reportArgumentType]
-        add_watermarker=False,
-    )
+    pipeline = StableDiffusionXLPipeline(**sdxl_references().components(), add_watermarker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -130,3 +165,111 @@ def write_small_sdxl_folder(folder: Path) -> Path:
     `text_encoder_2/`, `scheduler/`) in `folder`, and return it."""
     small_sdxl_pipeline().save_pretrained(folder)
     return folder
+
+
+@dataclass
+class SDXLReferences:
+    """diffusers and transformers models of an SDXL base, its inpainting model and its refiner, sharing their
+    autoencoder and text encoders (see `sdxl_references`)."""
+
+    unet: Any
+    inpainting_unet: Any
+    refiner_unet: Any
+    vae: Any
+    text_encoder: Any
+    text_encoder_2: Any
+
+    def components(self, **changes: Any) -> dict[str, Any]:
+        """Keyword arguments of diffusers' SDXL pipelines: the base UNet, the shared autoencoder and text encoders,
+        an `EulerDiscreteScheduler` of `SDXL_SCHEDULER`, no tokenizers (ours ship with refiners-sd15); `changes`
+        replace some."""
+        from diffusers import EulerDiscreteScheduler
+
+        components: dict[str, Any] = {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2,
+            "unet": self.unet,
+            "scheduler": EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+            "tokenizer": None,
+            "tokenizer_2": None,
+        }
+        return components | changes
+
+    def save_folders(self, root: Path) -> tuple[Path, Path, Path]:
+        """Save the base (`StableDiffusionXLPipeline`), inpainting (`StableDiffusionXLInpaintPipeline`) and refiner
+        (`StableDiffusionXLImg2ImgPipeline` without `text_encoder`, with aesthetic scores) as diffusers folders
+        `root/base`, `root/inpainting` and `root/refiner`, and return them."""
+        from diffusers import (
+            StableDiffusionXLImg2ImgPipeline,
+            StableDiffusionXLInpaintPipeline,
+            StableDiffusionXLPipeline,
+        )
+
+        base, inpainting, refiner = root / "base", root / "inpainting", root / "refiner"
+        StableDiffusionXLPipeline(**self.components(), add_watermarker=False).save_pretrained(base)
+        StableDiffusionXLInpaintPipeline(
+            **self.components(unet=self.inpainting_unet), add_watermarker=False
+        ).save_pretrained(inpainting)
+        StableDiffusionXLImg2ImgPipeline(
+            **self.components(unet=self.refiner_unet, text_encoder=None),
+            requires_aesthetics_score=True,
+            add_watermarker=False,
+        ).save_pretrained(refiner)
+        return base, inpainting, refiner
+
+
+def sdxl_references(
+    unet: dict[str, Any] = SMALL_UNET,
+    inpainting_unet: dict[str, Any] = SMALL_INPAINTING_UNET,
+    refiner_unet: dict[str, Any] = SMALL_REFINER_UNET,
+    text_encoder: dict[str, Any] = SMALL_TEXT_L,
+    text_encoder_2: dict[str, Any] = SMALL_TEXT_G,
+) -> SDXLReferences:
+    """`SDXLReferences` of these `UNet2DConditionModel` and `CLIPTextConfig` arguments and `SMALL_VAE`, every
+    parameter drawn by `randomize` with fixed seeds, in eval mode."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    references = SDXLReferences(
+        unet=UNet2DConditionModel(**unet).eval(),
+        inpainting_unet=UNet2DConditionModel(**inpainting_unet).eval(),
+        refiner_unet=UNet2DConditionModel(**refiner_unet).eval(),
+        vae=AutoencoderKL(**SMALL_VAE).eval(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_encoder)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_encoder_2)).eval(),
+    )
+    models = ("unet", "vae", "text_encoder", "text_encoder_2", "inpainting_unet", "refiner_unet")
+    for seed, name in enumerate(models):
+        randomize(getattr(references, name), seed)
+    return references
+
+
+def original_layout_checkpoint(
+    unet: Any, vae: Any, text_encoder_2: Any, text_encoder: Any | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of an original single-file checkpoint holding diffusers' `unet` and `vae` and transformers'
+    text encoders, renamed through our original-layout mappings (which the component tests check against diffusers'
+    own converters): `model.diffusion_model.*`, `first_stage_model.*` (the mid-block attention projections as 1x1
+    convolutions), `denoiser.sigmas`, and either a base model's CLIP-L `conditioner.embedders.0.transformer.*` and
+    OpenCLIP-layout CLIP-G `conditioner.embedders.1.model.*`, or, without `text_encoder`, a refiner's CLIP-G alone,
+    `conditioner.embedders.0.model.*`."""
+    unet_config = unet_config_from_diffusers(dict(unet.config))
+    vae_config = autoencoder_config_from_diffusers(dict(vae.config))
+    unet_state, vae_state = unet.state_dict(), vae.state_dict()
+    checkpoint: dict[str, torch.Tensor] = {"denoiser.sigmas": torch.rand(1000)}  # beside the models, as published
+    unet_keys = compose(ldm_sdxl_unet_mapping(unet_config), invert(diffusers_sdxl_unet_mapping(unet_config)))
+    checkpoint |= {f"model.diffusion_model.{ldm}": unet_state[key] for ldm, key in unet_keys.items()}
+    vae_keys = compose(ldm_autoencoder_mapping(vae_config), invert(diffusers_autoencoder_mapping(vae_config)))
+    for ldm, key in vae_keys.items():
+        tensor = vae_state[key]
+        if ".mid.attn_1." in ldm and ldm.endswith("weight") and tensor.dim() == 2:
+            tensor = tensor[:, :, None, None]  # the original stores these projections as 1x1 convolutions
+        checkpoint[f"first_stage_model.{ldm}"] = tensor
+    open_clip = open_clip_state_dict(text_encoder_2.state_dict(), text_encoder_2.config.num_hidden_layers)
+    clip_g_prefix = "conditioner.embedders.1.model." if text_encoder is not None else "conditioner.embedders.0.model."
+    checkpoint |= {clip_g_prefix + key: value for key, value in open_clip.items()}
+    if text_encoder is not None:
+        clip_l = {key.removeprefix("text_model."): value for key, value in text_encoder.state_dict().items()}
+        checkpoint |= {f"conditioner.embedders.0.transformer.text_model.{key}": value for key, value in clip_l.items()}
+    return {key: value.contiguous() for key, value in checkpoint.items()}
