@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from refiners_core.weights import save_tensors
 from refiners_sd15 import StableDiffusion_1
+from refiners_sd15.loading import PretrainedComponent
 from refiners_sdxl import StableDiffusion_XL, StableDiffusion_XL_Inpainting, StableDiffusion_XL_Refiner
 from refiners_sdxl.denoising import SDXLDenoisingModel
 from refiners_sdxl.testing import (
@@ -66,11 +67,27 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> Sources:
     return Sources(*(Source(folder, file) for folder, file in zip(folders, files, strict=True)))
 
 
-def assert_same_model(loaded: SDXLDenoisingModel[Any], expected: SDXLDenoisingModel[Any]) -> None:
+@pytest.mark.parametrize(
+    "name, model_class",
+    [
+        ("base", StableDiffusion_XL),
+        ("inpainting", StableDiffusion_XL_Inpainting),
+        ("refiner", StableDiffusion_XL_Refiner),
+    ],
+)
+def test_single_file_loads_as_the_diffusers_folder_of_the_same_weights(
+    sources: Sources, name: str, model_class: type[SDXLDenoisingModel[Any]]
+) -> None:
     """Same configs (but the first level's unused transformer depth: not in the weights, so (1, 2) reads as 2), every
     parameter in float64, equal to the folder's."""
+    source: Source = getattr(sources, name)
+    expected = model_class.from_pretrained(source.folder)
+    loaded = model_class.from_pretrained(source.file, dtype=torch.float64)
+
     assert loaded.unet.config == replace(expected.unet.config, transformer_layers_per_block=2)
     assert loaded.lda.config == expected.lda.config and loaded.lda.config.scaling_factor == 0.13025
+    assert len(text_encoder_configs(loaded)) == (1 if name == "refiner" else 2)  # CLIP-G, or CLIP-L and CLIP-G
+    assert text_encoder_configs(loaded) == text_encoder_configs(expected)
     assert loaded.solver_defaults == expected.solver_defaults
     state, expected_state = loaded.state_dict(), expected.state_dict()
     assert set(state) == set(expected_state)
@@ -78,66 +95,54 @@ def assert_same_model(loaded: SDXLDenoisingModel[Any], expected: SDXLDenoisingMo
     assert all(torch.equal(tensor, expected_state[key].double()) for key, tensor in state.items())
 
 
-def test_base_single_file_loads_as_the_diffusers_folder_of_the_same_weights(sources: Sources) -> None:
-    expected = StableDiffusion_XL.from_pretrained(sources.base.folder)
-    loaded = StableDiffusion_XL.from_pretrained(sources.base.file, dtype=torch.float64)
-
-    assert_same_model(loaded, expected)
-    encoders = (loaded.clip_text_encoder, expected.clip_text_encoder)
-    assert encoders[0].text_encoder_l.config == encoders[1].text_encoder_l.config
-    assert encoders[0].text_encoder_g.config == encoders[1].text_encoder_g.config
-
-
-def test_inpainting_single_file_loads_as_the_diffusers_folder_of_the_same_weights(sources: Sources) -> None:
-    expected = StableDiffusion_XL_Inpainting.from_pretrained(sources.inpainting.folder)
-    loaded = StableDiffusion_XL_Inpainting.from_pretrained(sources.inpainting.file, dtype=torch.float64)
-
-    assert loaded.unet.config.in_channels == 9
-    assert_same_model(loaded, expected)
-
-
-def test_refiner_single_file_loads_as_the_diffusers_folder_of_the_same_weights(sources: Sources) -> None:
-    expected = StableDiffusion_XL_Refiner.from_pretrained(sources.refiner.folder)
-    loaded = StableDiffusion_XL_Refiner.from_pretrained(sources.refiner.file, dtype=torch.float64)
-
-    assert loaded.unet.config.cross_attention_dim == 128 and loaded.unet.config.addition_time_embed_dim == 256
-    assert loaded.clip_text_encoder.config == expected.clip_text_encoder.config
-    assert_same_model(loaded, expected)
+def text_encoder_configs(model: SDXLDenoisingModel[Any]) -> list[Any]:
+    """The configs of the model's text encoders: CLIP-L and CLIP-G for a base model, CLIP-G for a refiner."""
+    return [module.config for module in model.clip_text_encoder.modules() if isinstance(module, PretrainedComponent)]
 
 
 # Another model's file
 
 
-def test_a_base_file_is_refused_by_the_refiner_naming_the_file_and_the_text_encoder(sources: Sources) -> None:
-    with pytest.raises(
-        ValueError,
-        match=r"sd_xl_base\.safetensors: 'conditioner\.embedders\.(0\.transformer|1\.model)\..*' is a text encoder of "
-        r"an SDXL base model .*not a refiner, load it with StableDiffusion_XL$",
-    ):
-        StableDiffusion_XL_Refiner.from_pretrained(sources.base.file)
+BASE_TEXT_ENCODER = r"'conditioner\.embedders\.(0\.transformer|1\.model)\..*' is a text encoder of an SDXL base model"
+REFINER_TEXT_ENCODER = r"'conditioner\.embedders\.0\.model\..*' is an SDXL refiner's only text encoder"
+REFUSALS: dict[str, tuple[type[SDXLDenoisingModel[Any]], str, str]] = {
+    "base to refiner": (
+        StableDiffusion_XL_Refiner,
+        "base",
+        rf"sd_xl_base\.safetensors: {BASE_TEXT_ENCODER} .*not a refiner, load it with StableDiffusion_XL$",
+    ),
+    "refiner to base": (
+        StableDiffusion_XL,
+        "refiner",
+        rf"sd_xl_refiner\.safetensors: {REFINER_TEXT_ENCODER} .*not a base model, "
+        r"load it with StableDiffusion_XL_Refiner$",
+    ),
+    "refiner to inpainting": (
+        StableDiffusion_XL_Inpainting,
+        "refiner",
+        rf"sd_xl_refiner\.safetensors: {REFINER_TEXT_ENCODER} .*load it with StableDiffusion_XL_Refiner$",
+    ),
+    "inpainting to base": (
+        StableDiffusion_XL,
+        "inpainting",
+        r"sd_xl_inpainting\.safetensors: StableDiffusion_XL needs a UNet with 4 input channels, the unet takes 9 "
+        r"\(in_channels\) \(an inpainting UNet: load it with StableDiffusion_XL_Inpainting\)$",
+    ),
+    "base to inpainting": (
+        StableDiffusion_XL_Inpainting,
+        "base",
+        r"sd_xl_base\.safetensors: StableDiffusion_XL_Inpainting needs a UNet with 9 input channels, the unet takes 4 "
+        r"\(in_channels\)$",
+    ),
+}
 
 
-def test_a_refiner_file_is_refused_as_a_base_naming_the_file_and_the_text_encoder(sources: Sources) -> None:
-    for model_class in (StableDiffusion_XL, StableDiffusion_XL_Inpainting):
-        with pytest.raises(
-            ValueError,
-            match=r"sd_xl_refiner\.safetensors: 'conditioner\.embedders\.0\.model\..*' is an SDXL refiner's only text "
-            r"encoder .*not a base model, load it with StableDiffusion_XL_Refiner$",
-        ):
-            model_class.from_pretrained(sources.refiner.file)
-
-
-def test_base_and_inpainting_files_refuse_each_other_naming_the_file_and_in_channels(sources: Sources) -> None:
-    with pytest.raises(
-        ValueError,
-        match=r"sd_xl_inpainting\.safetensors: StableDiffusion_XL needs a UNet with 4 input channels, the unet takes "
-        r"9 \(in_channels\) \(an inpainting UNet: load it with StableDiffusion_XL_Inpainting\)",
-    ):
-        StableDiffusion_XL.from_pretrained(sources.inpainting.file)
-    with pytest.raises(
-        ValueError, match=r"sd_xl_base\.safetensors: StableDiffusion_XL_Inpainting needs .* 9 .*takes 4"
-    ):
-        StableDiffusion_XL_Inpainting.from_pretrained(sources.base.file)
+@pytest.mark.parametrize("case", REFUSALS)
+def test_another_sdxl_models_file_is_refused_naming_the_file_and_what_differs(sources: Sources, case: str) -> None:
+    model_class, name, message = REFUSALS[case]
+    source: Source = getattr(sources, name)
+    with pytest.raises(ValueError, match=message):
+        model_class.from_pretrained(source.file)
 
 
 def test_a_refiner_file_whose_unet_does_not_fit_clip_g_is_refused_naming_both_widths(

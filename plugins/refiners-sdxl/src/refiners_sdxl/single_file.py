@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -126,10 +126,16 @@ def load_sdxl_single_file(
     """The four components of an SDXL base single-file checkpoint (see the module's docstring), memory-mapped,
     after `read_sdxl_single_file`'s checks."""
     read_sdxl_single_file(path, tensors)
-    options: dict[str, Any] = {"source": path, "tensors": tensors, "device": device, "dtype": dtype}
-    text_encoder_l = load_single_file_component(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT, **options)
-    text_encoder_g = load_single_file_component(CLIPTextEncoderG, SDXL_TEXT_ENCODER_2_FORMAT, **options)
-    return (*_load_unet_and_autoencoder(options), DoubleTextEncoder(text_encoder_l, text_encoder_g))
+    load = partial(load_single_file_component, source=path, tensors=tensors, device=device, dtype=dtype)
+    text_encoder_l, text_encoder_g = (
+        load(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT),
+        load(CLIPTextEncoderG, SDXL_TEXT_ENCODER_2_FORMAT),
+    )
+    return (
+        load(SDXLUNet, SDXL_UNET_FORMAT),
+        load(SD1Autoencoder, SDXL_AUTOENCODER_FORMAT),
+        DoubleTextEncoder(text_encoder_l, text_encoder_g),
+    )
 
 
 def load_sdxl_refiner_single_file(
@@ -138,16 +144,9 @@ def load_sdxl_refiner_single_file(
     """The three components of an SDXL refiner single-file checkpoint (see the module's docstring), memory-mapped,
     after `read_sdxl_refiner_single_file`'s checks."""
     read_sdxl_refiner_single_file(path, tensors)
-    options: dict[str, Any] = {"source": path, "tensors": tensors, "device": device, "dtype": dtype}
-    text_encoder = load_single_file_component(CLIPTextEncoderG, SDXL_REFINER_TEXT_ENCODER_FORMAT, **options)
-    return (*_load_unet_and_autoencoder(options), text_encoder)
-
-
-def _load_unet_and_autoencoder(options: Mapping[str, Any]) -> tuple[SDXLUNet, SD1Autoencoder]:
-    return (
-        load_single_file_component(SDXLUNet, SDXL_UNET_FORMAT, **options),
-        load_single_file_component(SD1Autoencoder, SDXL_AUTOENCODER_FORMAT, **options),
-    )
+    load = partial(load_single_file_component, source=path, tensors=tensors, device=device, dtype=dtype)
+    text_encoder = load(CLIPTextEncoderG, SDXL_REFINER_TEXT_ENCODER_FORMAT)
+    return load(SDXLUNet, SDXL_UNET_FORMAT), load(SD1Autoencoder, SDXL_AUTOENCODER_FORMAT), text_encoder
 
 
 def _named(path: Path, check: Callable[..., None], *configs: object) -> None:
