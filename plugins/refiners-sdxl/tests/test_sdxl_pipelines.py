@@ -279,3 +279,21 @@ def test_refiner_save_pretrained_round_trip_keeps_every_weight_and_is_refused_by
     assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items())
     with pytest.raises(ValueError, match=r"refiners_sdxl_refiner\.json: an SDXL refiner .*StableDiffusion_XL_Refiner"):
         StableDiffusion_XL.from_pretrained(tmp_path / "ours")
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        (
+            "refiners_sdxl.json",
+            r"refiners_sdxl\.json: an SDXL base model .*not an SDXL refiner: load it with StableDiffusion_XL$",
+        ),
+        ("refiners_sd15.json", r"refiners_sd15\.json: a Stable Diffusion 1\.5 model .*load it with StableDiffusion_1$"),
+    ],
+)
+def test_a_folder_saved_by_another_model_is_refused_by_the_refiner_naming_its_index(
+    tmp_path: Path, index: str, message: str
+) -> None:
+    (tmp_path / index).write_text("{}")
+    with pytest.raises(ValueError, match=message):
+        StableDiffusion_XL_Refiner.from_pretrained(tmp_path)
