@@ -297,3 +297,23 @@ def test_a_folder_saved_by_another_model_is_refused_by_the_refiner_naming_its_in
     (tmp_path / index).write_text("{}")
     with pytest.raises(ValueError, match=message):
         StableDiffusion_XL_Refiner.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, negative_text, error, message",
+    [
+        ([], "", ValueError, "at least one prompt"),
+        (["a", "b"], ["c"], ValueError, "got 2 prompts but 1 negative prompts"),
+        (["a", 3], "", TypeError, "a prompt must be a string, got int 3"),
+        ("a", None, TypeError, "a negative prompt must be a string, got NoneType"),
+    ],
+)
+def test_base_and_refiner_refuse_prompts_that_are_not_strings_or_do_not_pair(
+    folders: Folders, text: Any, negative_text: Any, error: type[Exception], message: str
+) -> None:
+    for model in (
+        StableDiffusion_XL.from_pretrained(folders.base),
+        StableDiffusion_XL_Refiner.from_pretrained(folders.refiner),
+    ):
+        with pytest.raises(error, match=message):
+            model.compute_clip_text_embedding(text, negative_text=negative_text)

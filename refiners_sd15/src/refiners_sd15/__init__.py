@@ -30,6 +30,7 @@ from refiners_sd15.latent_diffusion import (
     LatentDiffusionModel,
     check_image_size,
     check_input_image,
+    guidance_prompts,
 )
 from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.solvers import DDIM, DPMSolver, Euler, Solver
@@ -71,4 +72,5 @@ __all__ = [
     "check_input_image",
     "compute_inpainting_conditions",
     "concatenate_inpainting_conditions",
+    "guidance_prompts",
 ]

@@ -58,6 +58,33 @@ def check_input_image(image: object, what: str = "image") -> None:
         )
 
 
+def guidance_prompts(text: object, negative_text: object = "") -> list[str]:
+    """The prompts of a classifier-free guidance batch, the negative ones first: `text` (a string, or a list or tuple
+    of strings) and `negative_text` (one string for every prompt, or one per prompt), as `compute_clip_text_embedding`
+    encodes them. Raises TypeError if a prompt is not a string, ValueError if there is no prompt or the counts of
+    prompts and negative prompts differ."""
+    texts = _prompts("prompt", text, 1)
+    negatives = _prompts("negative prompt", negative_text, len(texts))
+    if not texts:
+        raise ValueError("compute_clip_text_embedding needs at least one prompt")
+    if len(negatives) != len(texts):
+        raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
+    return [*negatives, *texts]
+
+
+def _prompts(what: str, value: object, copies: int) -> list[str]:
+    """`value`, a string (repeated `copies` times) or a list or tuple of strings, as a list; TypeError otherwise."""
+    prompts: list[object] = [value] * copies if isinstance(value, str) else []
+    if isinstance(value, list | tuple):
+        prompts = list(value)  # pyright: ignore[reportUnknownArgumentType]
+    elif not isinstance(value, str):
+        prompts = [value]
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise TypeError(f"a {what} must be a string, got {type(prompt).__name__} {prompt!r:.50}")
+    return [str(prompt) for prompt in prompts]
+
+
 MAX_SEED = 2**64 - 1
 """The largest seed (torch's generators take 64-bit seeds)."""
 

@@ -14,7 +14,7 @@ from refiners_core.module_names import DIFFUSERS, prefixed
 from refiners_core.weights import WeightsError, load_tensors, resolve_path
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.clip import TEXT_ENCODER_FORMAT, CLIPTextEncoderL
-from refiners_sd15.latent_diffusion import LatentDiffusionModel
+from refiners_sd15.latent_diffusion import LatentDiffusionModel, guidance_prompts
 from refiners_sd15.loading import (
     PathOrRepoId,
     load_located,
@@ -28,19 +28,6 @@ from refiners_sd15.unet import UNET_FORMAT, SD1UNet
 OWN_INDEX = "refiners_sd15.json"
 OWN_FILES = {"unet": "unet.safetensors", "lda": "lda.safetensors", "clip_text_encoder": "clip_text_encoder.safetensors"}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
-
-
-def _prompts(what: str, value: object, copies: int) -> list[str]:
-    """`value`, a string (repeated `copies` times) or a list or tuple of strings, as a list; TypeError otherwise."""
-    prompts: list[object] = [value] * copies if isinstance(value, str) else []
-    if isinstance(value, list | tuple):
-        prompts = list(value)  # pyright: ignore[reportUnknownArgumentType]
-    elif not isinstance(value, str):
-        prompts = [value]
-    for prompt in prompts:
-        if not isinstance(prompt, str):
-            raise TypeError(f"a {what} must be a string, got {type(prompt).__name__} {prompt!r:.50}")
-    return [str(prompt) for prompt in prompts]
 
 
 def check_not_sdxl(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> None:
@@ -125,14 +112,7 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         Raises TypeError if a prompt is not a string, ValueError if the counts of prompts and negative prompts
         differ or there is no prompt.
         """
-        texts = _prompts("prompt", text, 1)
-        negatives = _prompts("negative prompt", negative_text, len(texts))
-        if not texts:
-            raise ValueError("compute_clip_text_embedding needs at least one prompt")
-        if len(negatives) != len(texts):
-            raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
-        embeddings = self.clip_text_encoder([*negatives, *texts])
-        return embeddings
+        return self.clip_text_encoder(guidance_prompts(text, negative_text))
 
     def forward(
         self, x: torch.Tensor, step: int, *, clip_text_embedding: torch.Tensor, condition_scale: float = 7.5

@@ -15,7 +15,7 @@ import torch
 import refiners_core.fluxion as fl
 from refiners_core.weights import load_tensors
 from refiners_sd15 import SD1Autoencoder
-from refiners_sd15.latent_diffusion import LatentDiffusionModel
+from refiners_sd15.latent_diffusion import LatentDiffusionModel, guidance_prompts
 from refiners_sd15.loading import PathOrRepoId, PretrainedComponent
 from refiners_sd15.solvers import DPMSolver, Solver
 from refiners_sd15.unet import UNetConfig
@@ -86,12 +86,9 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Text and pooled text embeddings for classifier-free guidance, the negative ones first: for one prompt
         `(2, 77, 2048)` and `(2, 1280)` with the base model's CLIP-L and CLIP-G, `(2, 77, 1280)` and `(2, 1280)` with
-        the refiner's CLIP-G (`(2N, ...)` for N prompts). Raises ValueError for lists of different lengths."""
-        texts = [text] if isinstance(text, str) else list(text)
-        negatives = [negative_text] * len(texts) if isinstance(negative_text, str) else list(negative_text)
-        if len(negatives) != len(texts):
-            raise ValueError(f"got {len(texts)} prompts but {len(negatives)} negative prompts")
-        return self.clip_text_encoder([*negatives, *texts])
+        the refiner's CLIP-G (`(2N, ...)` for N prompts). Raises TypeError if a prompt is not a string, ValueError if
+        there is no prompt or the counts of prompts and negative prompts differ (refiners-sd15's `guidance_prompts`)."""
+        return self.clip_text_encoder(guidance_prompts(text, negative_text))
 
     @classmethod
     def from_pretrained(
