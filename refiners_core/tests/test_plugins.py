@@ -252,16 +252,22 @@ def test_disabled_plugins_are_listed_but_not_imported(
     [("nothing-here", ["nothing-here"]), (" off , Typo_Plugin ", ["Typo_Plugin"]), ("a,b,a", ["a", "b"])],
 )
 def test_disabled_names_that_match_no_installed_plugin_are_warned_about(
-    plugin_site: AddPlugin, monkeypatch: pytest.MonkeyPatch, disable: str, unknown: list[str]
+    plugin_site: AddPlugin,
+    installed_plugins: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+    disable: str,
+    unknown: list[str],
 ) -> None:
     plugin_site("t-off", adapter_plugin("t-off"), entry_point="off")
     monkeypatch.setenv("REFINERS_DISABLE_PLUGINS", disable)
+    installed = installed_plugins()
+    assert "t-off" in installed.split(", ")
 
     with pytest.warns(RefinersPluginWarning) as caught:
         loaded = registry()
 
     expected = [
-        f"REFINERS_DISABLE_PLUGINS names {name!r}, which matches no installed plugin (installed: t-off; "
+        f"REFINERS_DISABLE_PLUGINS names {name!r}, which matches no installed plugin (installed: {installed}; "
         "use a distribution or entry point name)"
         for name in unknown
     ]
