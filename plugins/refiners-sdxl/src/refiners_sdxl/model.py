@@ -14,7 +14,7 @@ from refiners_core.weights import load_tensors
 from refiners_sd15 import SD1Autoencoder
 from refiners_sd15.clip import SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderG, CLIPTextEncoderL, DoubleTextEncoder
 from refiners_sd15.loading import PathOrRepoId, load_component
-from refiners_sd15.solvers import DPMSolver, Solver
+from refiners_sd15.solvers import Solver
 from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.config import SDXL_AUTOENCODER
 from refiners_sdxl.denoising import SDXLDenoisingModel
@@ -42,7 +42,7 @@ class StableDiffusion_XL(SDXLDenoisingModel):
     diffusers folder or hub id.
 
         sdxl = StableDiffusion_XL.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
-        sdxl.solver = DPMSolver(num_inference_steps=30, **sdxl.solver_defaults)  # the default solver
+        sdxl.solver = DPMSolver(num_inference_steps=30)  # the default solver, with SDXL's "leading" spacing
         clip_text_embedding, pooled_text_embedding = sdxl.compute_clip_text_embedding("a cute cat", negative_text="")
         time_ids = sdxl.time_ids(original_size=(1024, 1024), crop_top_left=(0, 0), target_size=(1024, 1024))
         with torch.no_grad():
@@ -53,7 +53,8 @@ class StableDiffusion_XL(SDXLDenoisingModel):
         image = sdxl.lda.latents_to_image(x)
 
     `solver_defaults` are the solver settings of the model's scheduler config (SDXL's: "leading" timesteps, offset
-    1); the default solver is `DPMSolver(num_inference_steps=30, **solver_defaults)`. Raises ValueError, naming the
+    1); a solver set on the model takes those it was not given (a spacing given explicitly is kept), and the default
+    solver is `DPMSolver(num_inference_steps=30)`. Raises ValueError, naming the
     components and their widths, for a UNet and text encoders that do not fit each other, or a UNet that does not
     take 4 input channels (an inpainting UNet: `StableDiffusion_XL_Inpainting`).
     """
@@ -82,16 +83,14 @@ class StableDiffusion_XL(SDXLDenoisingModel):
         check_sdxl_components(
             unet.config, clip_text_encoder.text_encoder_l.config, clip_text_encoder.text_encoder_g.config
         )
-        defaults = dict(SCHEDULER_DEFAULTS if solver_defaults is None else solver_defaults)
         super().__init__(
             unet,
             lda if lda is not None else SD1Autoencoder(SDXL_AUTOENCODER, device=device, dtype=dtype),
-            solver=solver if solver is not None else DPMSolver(num_inference_steps=30, **defaults),
+            solver=solver,
+            solver_defaults=SCHEDULER_DEFAULTS if solver_defaults is None else solver_defaults,
             show_progress=show_progress,
         )
         self.clip_text_encoder = clip_text_encoder
-        self.solver_defaults: dict[str, Any] = defaults
-        """Keyword arguments of every refiners-sd15 solver that reproduce the model's scheduler config."""
 
     @torch.no_grad()
     def compute_clip_text_embedding(

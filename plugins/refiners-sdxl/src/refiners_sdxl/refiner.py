@@ -1,5 +1,6 @@
 """`StableDiffusion_XL_Refiner`: the SDXL refiner (CLIP-G text only, the aesthetic score in its time ids), run after
-the base model on the last part of the schedule, and `refiner_first_step`, where that part starts."""
+the base model on the last part of the schedule, and `refiner_first_step` (refiners-sd15's `denoising_end_step`), where
+that part starts."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from typing import Any
 
 import torch
 
-from refiners_core.checks import check_finite
 from refiners_sd15 import SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderG
 from refiners_sd15.loading import PathOrRepoId
-from refiners_sd15.solvers import DPMSolver, Solver
+from refiners_sd15.solvers import Solver
 from refiners_sdxl.config import SDXL_AUTOENCODER, SDXL_REFINER_UNET
 from refiners_sdxl.denoising import SDXLDenoisingModel
 from refiners_sdxl.folder import SCHEDULER_DEFAULTS, check_sdxl_refiner_components, read_sdxl_refiner_folder
@@ -26,41 +26,18 @@ OWN_FILES = {"unet": "unet.safetensors", "lda": "lda.safetensors", "text_encoder
 BASE_OWN_INDEX = "refiners_sdxl.json"
 
 
-def refiner_first_step(solver: Solver, denoising_end: float) -> int:
-    """The step where the base model hands over to the refiner when it denoises the first `denoising_end` fraction of
-    the schedule, as diffusers' `denoising_end` (base) and `denoising_start` (refiner): the first of `solver`'s steps
-    whose timestep is below `round((1 - denoising_end) * num_train_timesteps)`.
-
-    The base runs `range(solver.first_inference_step, step)`, the refiner a solver of the same kind and settings
-    with `first_inference_step=step`, from the base's latents as they are (no noise added). Raises ValueError
-    unless `denoising_end` is strictly between 0 and 1, or when the split leaves either model no step.
-    """
-    check_finite("denoising_end", denoising_end)
-    if not 0.0 < denoising_end < 1.0:
-        raise ValueError(f"denoising_end must be strictly between 0 and 1, got {denoising_end}")
-    cutoff = round(solver.num_train_timesteps - denoising_end * solver.num_train_timesteps)
-    step = int((solver.timesteps >= cutoff).sum().item())
-    if not solver.first_inference_step < step < solver.num_inference_steps:
-        raise ValueError(
-            f"denoising_end={denoising_end} hands over at step {step} of {solver.num_inference_steps} (timestep "
-            f"cutoff {cutoff}, the solver starting at step {solver.first_inference_step}): the base or the refiner "
-            "would run no step; use more steps or another fraction"
-        )
-    return step
-
-
 class StableDiffusion_XL_Refiner(SDXLDenoisingModel):
     """The SDXL refiner: `unet` (CLIP-G text only, five time ids), `lda` and `clip_text_encoder` (CLIP-G), driven by
     `solver`, usually on the last steps of a run whose first steps the base model made.
 
         sdxl = StableDiffusion_XL.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
         refiner = StableDiffusion_XL_Refiner.from_pretrained("stabilityai/stable-diffusion-xl-refiner-1.0")
-        sdxl.solver = DPMSolver(num_inference_steps=40, **sdxl.solver_defaults)
+        sdxl.solver = DPMSolver(num_inference_steps=40)  # with the model's spacing (SDXL's: "leading")
         handover = refiner_first_step(sdxl.solver, denoising_end=0.8)
         x = sdxl.init_latents(size=(1024, 1024), seed=2)
         for step in range(handover):
             x = sdxl(x, step=step, clip_text_embedding=..., pooled_text_embedding=..., time_ids=sdxl.default_time_ids)
-        refiner.solver = DPMSolver(num_inference_steps=40, first_inference_step=handover, **refiner.solver_defaults)
+        refiner.solver = DPMSolver(num_inference_steps=40, first_inference_step=handover)
         clip_text_embedding, pooled_text_embedding = refiner.compute_clip_text_embedding("a cute cat")
         for step in refiner.steps:
             x = refiner(x, step=step, clip_text_embedding=clip_text_embedding,
@@ -86,16 +63,14 @@ class StableDiffusion_XL_Refiner(SDXLDenoisingModel):
         if clip_text_encoder is None:
             clip_text_encoder = CLIPTextEncoderG(device=device, dtype=dtype)
         check_sdxl_refiner_components(unet.config, clip_text_encoder.config)
-        defaults = dict(SCHEDULER_DEFAULTS if solver_defaults is None else solver_defaults)
         super().__init__(
             unet,
             lda if lda is not None else SD1Autoencoder(SDXL_AUTOENCODER, device=device, dtype=dtype),
-            solver=solver if solver is not None else DPMSolver(num_inference_steps=30, **defaults),
+            solver=solver,
+            solver_defaults=SCHEDULER_DEFAULTS if solver_defaults is None else solver_defaults,
             show_progress=show_progress,
         )
         self.clip_text_encoder = clip_text_encoder
-        self.solver_defaults: dict[str, Any] = defaults
-        """Keyword arguments of every refiners-sd15 solver that reproduce the model's scheduler config."""
 
     @torch.no_grad()
     def compute_clip_text_embedding(
