@@ -153,6 +153,13 @@ def check_sdxl_components(
         )
 
 
+def index_has_text_encoder(index: dict[str, Any]) -> bool:
+    """Whether a diffusers `model_index.json` (read as `index`) gives a `text_encoder` (CLIP-L): an SDXL base model
+    does, the refiner's gives `[null, null]`."""
+    text_encoder = index.get("text_encoder")
+    return not isinstance(text_encoder, list) or any(text_encoder)  # pyright: ignore[reportUnknownArgumentType]
+
+
 def _check_model_index(
     path_or_repo_id: PathOrRepoId, *, revision: str | None, pipelines: tuple[str, ...], refiner: bool
 ) -> None:
@@ -163,8 +170,7 @@ def _check_model_index(
     index = _read_json(path)
     pipeline = index.get("_class_name")
     if isinstance(pipeline, str) and pipeline.startswith("StableDiffusionXL"):
-        text_encoder = index.get("text_encoder")
-        has_text_encoder = not isinstance(text_encoder, list) or any(text_encoder)
+        has_text_encoder = index_has_text_encoder(index)
         if refiner and has_text_encoder:
             raise ValueError(
                 f"{path}: a {pipeline} with a text_encoder (CLIP-L): an SDXL base model, not a refiner (load it "

@@ -130,3 +130,26 @@ def write_small_sdxl_folder(folder: Path) -> Path:
     `text_encoder_2/`, `scheduler/`) in `folder`, and return it."""
     small_sdxl_pipeline().save_pretrained(folder)
     return folder
+
+
+def write_small_sdxl_refiner_folder(folder: Path) -> Path:
+    """Save a small SDXL refiner as a diffusers folder in `folder` (a `StableDiffusionXLImg2ImgPipeline` of
+    `SMALL_REFINER_UNET`, randomized with its own seed, and `small_sdxl_pipeline()`'s autoencoder, CLIP-G-like text
+    encoder and scheduler; no `text_encoder`, aesthetic-score time ids), and return it."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    base = small_sdxl_pipeline()
+    unet = UNet2DConditionModel(**SMALL_REFINER_UNET).eval()
+    randomize(unet, 4)
+    StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,  # pyright: ignore[reportArgumentType]
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,  # pyright: ignore[reportArgumentType]
+        tokenizer_2=None,  # pyright: ignore[reportArgumentType]
+        unet=unet,
+        scheduler=base.scheduler,
+        requires_aesthetics_score=True,
+        add_watermarker=False,
+    ).save_pretrained(folder)
+    return folder
