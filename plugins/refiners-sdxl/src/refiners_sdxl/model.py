@@ -153,7 +153,8 @@ class StableDiffusion_XL(SDXLDenoisingModel):
         revision: str | None = None,
     ) -> Self:
         """Load from a diffusers `StableDiffusionXLPipeline` folder or hub id: `unet/`, `vae/`, `text_encoder/`,
-        `text_encoder_2/` (and `scheduler/` for the solver's settings; the tokenizers ship with refiners-sd15), or
+        `text_encoder_2/` (and `scheduler/` for the solver's settings, `tokenizer_2/tokenizer_config.json` for CLIP-G's
+        pad token and length; the tokenizers' vocabulary ships with refiners-sd15), or
         from a folder written by `save_pretrained`, or an original single-file checkpoint (`from_single_file`).
 
         Configs are read and checked before any weight (see `read_sdxl_folder`); weights are memory-mapped and
@@ -179,12 +180,14 @@ class StableDiffusion_XL(SDXLDenoisingModel):
         folder = read_sdxl_folder(path_or_repo_id, revision=revision, pipelines=cls.pipelines)
         cls.check_unet_in_channels(folder.unet)
         options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "revision": revision}
+        text_encoder_g = CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options)
+        if folder.tokenizer_2 is not None:
+            text_encoder_g.set_tokenizer(folder.tokenizer_2)
         return cls(
             unet=SDXLUNet.from_pretrained(path_or_repo_id, **options),
             lda=SD1Autoencoder.from_pretrained(path_or_repo_id, **options),
             clip_text_encoder=DoubleTextEncoder(
-                load_component(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT, path_or_repo_id, **options),
-                CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options),
+                load_component(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT, path_or_repo_id, **options), text_encoder_g
             ),
             solver_defaults=folder.solver_defaults,
         )

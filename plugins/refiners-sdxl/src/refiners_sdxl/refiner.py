@@ -122,7 +122,8 @@ class StableDiffusion_XL_Refiner(SDXLDenoisingModel):
         revision: str | None = None,
     ) -> StableDiffusion_XL_Refiner:
         """Load from a diffusers SDXL refiner folder or hub id (a `StableDiffusionXLImg2ImgPipeline` without
-        `text_encoder`): `unet/`, `vae/`, `text_encoder_2/` (and `scheduler/` for the solver's settings), or from a
+        `text_encoder`): `unet/`, `vae/`, `text_encoder_2/` (and `scheduler/` for the solver's settings,
+        `tokenizer_2/tokenizer_config.json` for CLIP-G's pad token and length), or from a
         folder written by `save_pretrained`.
 
         Configs are read and checked before any weight (see `read_sdxl_refiner_folder`); weights are memory-mapped
@@ -140,10 +141,13 @@ class StableDiffusion_XL_Refiner(SDXLDenoisingModel):
             )
         folder = read_sdxl_refiner_folder(path_or_repo_id, revision=revision)
         options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "revision": revision}
+        text_encoder_g = CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options)
+        if folder.tokenizer_2 is not None:
+            text_encoder_g.set_tokenizer(folder.tokenizer_2)
         return cls(
             unet=SDXLUNet.from_pretrained(path_or_repo_id, **options),
             lda=SD1Autoencoder.from_pretrained(path_or_repo_id, **options),
-            clip_text_encoder=CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options),
+            clip_text_encoder=text_encoder_g,
             solver_defaults=folder.solver_defaults,
         )
 

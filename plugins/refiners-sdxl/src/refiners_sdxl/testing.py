@@ -84,6 +84,23 @@ SDXL_SCHEDULER: dict[str, Any] = {
 }
 """stabilityai/stable-diffusion-xl-base-1.0, `scheduler/scheduler_config.json` (the refiner's is the same)."""
 
+SDXL_TOKENIZER_2_CONFIG: dict[str, Any] = {
+    "add_prefix_space": False,
+    "bos_token": {"__type": "AddedToken", "content": "<|startoftext|>", "lstrip": False, "normalized": True,
+                  "rstrip": False, "single_word": False},
+    "clean_up_tokenization_spaces": True,
+    "do_lower_case": True,
+    "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True,
+                  "rstrip": False, "single_word": False},
+    "errors": "replace",
+    "model_max_length": 77,
+    "pad_token": "!",
+    "tokenizer_class": "CLIPTokenizer",
+    "unk_token": {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True,
+                  "rstrip": False, "single_word": False},
+}  # fmt: skip
+"""stabilityai/stable-diffusion-xl-base-1.0, `tokenizer_2/tokenizer_config.json` (CLIP-G's: pads with `!`)."""
+
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Draw every parameter independently (weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1)),
