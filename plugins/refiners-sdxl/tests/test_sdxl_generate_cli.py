@@ -27,6 +27,7 @@ from refiners_sd15.cli import check_arguments, configure, model_kind
 from refiners_sd15.generate_checks import GenerateError
 from refiners_sd15.testing import small_sd15_components
 from refiners_sdxl import StableDiffusion_XL, StableDiffusion_XL_Refiner, refiner_first_step
+from refiners_sdxl.generation import detect_sdxl, detect_sdxl_refiner
 from refiners_sdxl.testing import write_small_sdxl_folder, write_small_sdxl_refiner_folder
 
 PROMPT = "a cute cat"
@@ -399,3 +400,22 @@ def test_sdxl_generates_with_guidance_5_by_default_and_sd15_with_7_5(
     assert guidance(sdxl_folder) == 5.0
     assert guidance(sd15_folder) == 7.5
     assert guidance(sdxl_folder, "--guidance", "7") == 7.0
+
+
+def test_refiners_are_told_from_base_models(sdxl_folder: Path, refiner_folder: Path, tmp_path: Path) -> None:
+    refiner_components = without_model_index(refiner_folder, tmp_path / "refiner")
+    base_components = without_model_index(sdxl_folder, tmp_path / "base")
+    own_refiner = tmp_path / "own-refiner"
+    StableDiffusion_XL_Refiner.from_pretrained(refiner_folder).save_pretrained(own_refiner)
+
+    assert detect_sdxl_refiner(str(refiner_folder)) == (
+        "model_index.json's _class_name is 'StableDiffusionXLImg2ImgPipeline' without text_encoder"
+    )
+    assert detect_sdxl_refiner(str(refiner_components)) == (
+        "unet/config.json has the 'text_time' added embedding and there is no text_encoder/, as SDXL's refiner"
+    )
+    assert detect_sdxl_refiner(str(own_refiner)) == "it holds refiners_sdxl_refiner.json"
+    for refiner in (refiner_folder, refiner_components, own_refiner):
+        assert detect_sdxl(str(refiner)) is None, refiner
+    for base in (sdxl_folder, base_components):
+        assert detect_sdxl_refiner(str(base)) is None, base

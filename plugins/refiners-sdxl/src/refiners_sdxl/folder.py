@@ -3,9 +3,7 @@ configs of its UNet and text encoders (and whether they fit each other), and its
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from refiners_core.weights import resolve_path
@@ -15,7 +13,7 @@ from refiners_sd15.clip import (
     CLIPTextEncoderConfig,
     CLIPTokenizer,
 )
-from refiners_sd15.loading import PathOrRepoId, read_component_config
+from refiners_sd15.loading import PathOrRepoId, read_component_config, read_json_object
 from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.tokenizer_config import read_clip_tokenizer
 from refiners_sdxl.unet import SDXL_UNET_FORMAT
@@ -190,7 +188,7 @@ def _check_model_index(
         path = resolve_path(path_or_repo_id, "model_index.json", revision=revision)
     except FileNotFoundError:
         return  # a folder of components without the pipeline's index: the components' configs are checked
-    index = _read_json(path)
+    index = read_json_object(path)
     pipeline = index.get("_class_name")
     if isinstance(pipeline, str) and pipeline.startswith("StableDiffusionXL"):
         has_text_encoder = index_has_text_encoder(index)
@@ -220,17 +218,7 @@ def _solver_defaults(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> 
         path = resolve_path(path_or_repo_id, "scheduler_config.json", subfolder="scheduler", revision=revision)
     except FileNotFoundError:
         return dict(SCHEDULER_DEFAULTS)
-    config = _read_json(path)
+    config = read_json_object(path)
     if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
         raise ValueError(f"{path}: beta_schedule is {config['beta_schedule']!r}, our solvers use 'scaled_linear'")
     return {key: config.get(key, default) for key, default in _DIFFUSERS_SCHEDULER_DEFAULTS.items()}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content: object = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {path} as JSON: {error}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{path} should hold a JSON object")
-    return content  # pyright: ignore[reportUnknownVariableType]

@@ -35,41 +35,14 @@ def detect_sdxl(source: str) -> str | None:
     `refiners_sdxl.json`, `model_index.json`'s `_class_name` with a `text_encoder`, a UNet config with the `text_time`
     added embedding beside a `text_encoder/` config, or a single file's `conditioner.embedders.*` keys. Reads no
     weight and downloads nothing."""
-    local = Path(source).expanduser()
-    if local.is_file():
-        keys = weight_keys(local) or []
-        if any(key.startswith(_SINGLE_FILE_TEXT_ENCODERS) for key in keys):
-            return f"its keys hold '{_SINGLE_FILE_TEXT_ENCODERS}*', SDXL's text encoders"
-        return None
-    if find_file(source, OWN_INDEX) is not None:
-        return f"it holds {OWN_INDEX}"
-    index = read_json(find_file(source, "model_index.json"))
-    if index is not None:
-        pipeline = index.get("_class_name")
-        is_sdxl = isinstance(pipeline, str) and pipeline.startswith(SDXL_PIPELINE_PREFIX)
-        return f"model_index.json's _class_name is {pipeline!r}" if is_sdxl and index_has_text_encoder(index) else None
-    if _has_text_time_unet(source) and find_file(source, "config.json", subfolder="text_encoder") is not None:
-        return "unet/config.json has the 'text_time' added embedding, as SDXL's UNet"
-    return None
+    return _detect(source, refiner=False)
 
 
 def detect_sdxl_refiner(source: str) -> str | None:
     """What shows that the folder or cached hub id `source` holds an SDXL refiner, or None: its
     `refiners_sdxl_refiner.json`, `model_index.json`'s `_class_name` without a `text_encoder`, or a UNet config with
     the `text_time` added embedding and no `text_encoder/` (CLIP-G only). Reads no weight and downloads nothing."""
-    if Path(source).expanduser().is_file():
-        return None
-    if find_file(source, REFINER_OWN_INDEX) is not None:
-        return f"it holds {REFINER_OWN_INDEX}"
-    index = read_json(find_file(source, "model_index.json"))
-    if index is not None:
-        pipeline = index.get("_class_name")
-        is_sdxl = isinstance(pipeline, str) and pipeline.startswith(SDXL_PIPELINE_PREFIX)
-        is_refiner = is_sdxl and not index_has_text_encoder(index)
-        return f"model_index.json's _class_name is {pipeline!r} without text_encoder" if is_refiner else None
-    if _has_text_time_unet(source) and find_file(source, "config.json", subfolder="text_encoder") is None:
-        return "unet/config.json has the 'text_time' added embedding and there is no text_encoder/, as SDXL's refiner"
-    return None
+    return _detect(source, refiner=True)
 
 
 def generate_sdxl(
@@ -133,6 +106,29 @@ def _conditions(
     }
 
 
-def _has_text_time_unet(source: str) -> bool:
+def _detect(source: str, *, refiner: bool) -> str | None:
+    """`detect_sdxl` (`refiner` False) or `detect_sdxl_refiner`: the two differ by the CLIP-L text encoder, which only
+    the base model has (refiners do not come as single files here)."""
+    local = Path(source).expanduser()
+    if local.is_file():
+        keys = [] if refiner else weight_keys(local) or []
+        if any(key.startswith(_SINGLE_FILE_TEXT_ENCODERS) for key in keys):
+            return f"its keys hold '{_SINGLE_FILE_TEXT_ENCODERS}*', SDXL's text encoders"
+        return None
+    own_index = REFINER_OWN_INDEX if refiner else OWN_INDEX
+    if find_file(source, own_index) is not None:
+        return f"it holds {own_index}"
+    index = read_json(find_file(source, "model_index.json"))
+    if index is not None:
+        pipeline = index.get("_class_name")
+        is_sdxl = isinstance(pipeline, str) and pipeline.startswith(SDXL_PIPELINE_PREFIX)
+        if not is_sdxl or index_has_text_encoder(index) == refiner:
+            return None
+        return f"model_index.json's _class_name is {pipeline!r}" + (" without text_encoder" if refiner else "")
     unet = read_json(find_file(source, "config.json", subfolder="unet"))
-    return unet is not None and unet.get("addition_embed_type") == "text_time"
+    has_text_encoder = find_file(source, "config.json", subfolder="text_encoder") is not None
+    if unet is None or unet.get("addition_embed_type") != "text_time" or has_text_encoder == refiner:
+        return None
+    if refiner:
+        return "unet/config.json has the 'text_time' added embedding and there is no text_encoder/, as SDXL's refiner"
+    return "unet/config.json has the 'text_time' added embedding, as SDXL's UNet"

@@ -4,13 +4,12 @@ that ours (refiners-sd15's `CLIPTokenizer`, CLIP's vocabulary) would not reprodu
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from refiners_core.weights import resolve_path
 from refiners_sd15.clip import CLIPTokenizer
-from refiners_sd15.loading import PathOrRepoId
+from refiners_sd15.loading import PathOrRepoId, read_json_object
 
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 """The `tokenizer_class` values of a `tokenizer_config.json` whose tokenizer ours reproduces."""
@@ -31,7 +30,7 @@ def read_clip_tokenizer(
         path = resolve_path(path_or_repo_id, "tokenizer_config.json", subfolder=subfolder, revision=revision)
     except FileNotFoundError:
         return None
-    config = _read_object(path)
+    config = read_json_object(path)
     tokenizer_class = config.get("tokenizer_class", TOKENIZER_CLASSES[0])
     if tokenizer_class not in TOKENIZER_CLASSES:
         raise ValueError(
@@ -65,7 +64,7 @@ def _pad_token(
         special = resolve_path(path_or_repo_id, "special_tokens_map.json", subfolder=subfolder, revision=revision)
     except FileNotFoundError:
         raise ValueError(f"{path}: no pad_token, and no special_tokens_map.json beside it gives one") from None
-    token = _read_object(special).get("pad_token")
+    token = read_json_object(special).get("pad_token")
     if token is None:
         raise ValueError(f"{path} and {special}: no pad_token")
     return _token_text(token, special), special
@@ -77,13 +76,3 @@ def _token_text(token: object, path: Path) -> str:
     if not isinstance(content, str):
         raise ValueError(f"{path}: pad_token must be a string or an object with a 'content' string, got {token!r}")
     return content
-
-
-def _read_object(path: Path) -> dict[str, Any]:
-    try:
-        content: object = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {path} as JSON: {error}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{path} should hold a JSON object")
-    return content  # pyright: ignore[reportUnknownVariableType]
