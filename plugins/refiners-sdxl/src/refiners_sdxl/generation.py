@@ -68,7 +68,9 @@ def generate_sdxl(
     model.solver = make_solver()
     handover = None
     if refiner is not None:
-        handover = denoising_end_step(model.solver, 1.0 - (refiner_fraction or 0.0))
+        if refiner_fraction is None:
+            raise ValueError("generate_sdxl: a refiner needs refiner_fraction, the last part of the steps it runs")
+        handover = denoising_end_step(model.solver, 1.0 - refiner_fraction)
     width, height = size
     with torch.no_grad():
         x = model.init_latents(size=(height, width), init_image=init_image, seed=seed)
