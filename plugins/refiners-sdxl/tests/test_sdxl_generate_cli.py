@@ -223,9 +223,8 @@ def test_the_kind_is_told_from_what_the_folder_or_file_holds(
 
 
 def test_a_model_whose_kind_cannot_be_told_is_an_error_asking_for_model_type(
-    sdxl_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     torch.save({"state_dict": {"model.x": torch.zeros(1)}}, tmp_path / "unknown.ckpt")
     (tmp_path / "notes.bin").write_text("not weights")
     out = tmp_path / "out.png"
@@ -233,7 +232,7 @@ def test_a_model_whose_kind_cannot_be_told_is_an_error_asking_for_model_type(
 
     for model, why in [
         (
-            "stabilityai/stable-diffusion-xl-base-1.0",
+            "acme/sdxl-finetune-never-downloaded",
             "a hub id whose model_index.json is not in the Hugging Face cache",
         ),
         (str(tmp_path / "unknown.ckpt"), "no installed model kind recognizes what it holds"),
