@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import importlib
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import importlib_metadata
 import pytest
 
 from refiners_core.plugins import reset_registry
@@ -51,3 +53,17 @@ def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
     for module in modules:
         sys.modules.pop(module, None)
     reset_registry()
+
+
+@pytest.fixture
+def installed_plugins() -> Callable[[], str]:
+    """`installed_plugins() -> "refiners-lora, t-off"`: the distributions that declare a `refiners` entry point in
+    this environment (those `plugin_site` added included), sorted and comma-separated as the registry's warnings list
+    them, read from the entry points themselves: the same in nox's one-package sessions and in an all-packages venv."""
+
+    def names() -> str:
+        importlib.invalidate_caches()
+        entry_points = importlib_metadata.entry_points(group="refiners")  # pyright: ignore[reportUnknownMemberType]
+        return ", ".join(sorted({entry_point.dist.name for entry_point in entry_points if entry_point.dist}))
+
+    return names

@@ -49,12 +49,18 @@ def test_read_json_gives_none_for_what_is_not_a_json_object(tmp_path: Path) -> N
     assert read_json(None) is None and read_json(tmp_path / "missing.json") is None
 
 
-def test_weight_keys_reads_a_safetensors_header_and_nothing_else(tmp_path: Path) -> None:
+def test_weight_keys_reads_a_safetensors_header_or_a_torch_checkpoint_memory_mapped(tmp_path: Path) -> None:
     save_file({"cond_stage_model.x": torch.zeros(2), "model.diffusion_model.y": torch.ones(1)}, str(tmp_path / "m.st"))
-    torch.save({"state_dict": {}}, tmp_path / "m.ckpt")
+    torch.save({"state_dict": {"conditioner.embedders.0.x": torch.zeros(2)}, "global_step": 3}, tmp_path / "m.ckpt")
+    torch.save({"cond_stage_model.x": torch.zeros(2)}, tmp_path / "flat.pt")
+    torch.save({"state_dict": {}}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
     (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
 
     assert sorted(weight_keys(tmp_path / "m.st") or []) == ["cond_stage_model.x", "model.diffusion_model.y"]
-    assert weight_keys(tmp_path / "m.ckpt") is None
+    assert weight_keys(tmp_path / "m.ckpt") == ["conditioner.embedders.0.x"]  # the state_dict entry, unwrapped
+    assert weight_keys(tmp_path / "flat.pt") == ["cond_stage_model.x"]
+    assert weight_keys(tmp_path / "legacy.ckpt") is None  # cannot be memory-mapped: not read
+    assert weight_keys(tmp_path / "notes.ckpt") is None
     assert weight_keys(tmp_path / "empty.safetensors") is None
     assert weight_keys(tmp_path / "missing.safetensors") is None

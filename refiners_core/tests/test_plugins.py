@@ -252,16 +252,22 @@ def test_disabled_plugins_are_listed_but_not_imported(
     [("nothing-here", ["nothing-here"]), (" off , Typo_Plugin ", ["Typo_Plugin"]), ("a,b,a", ["a", "b"])],
 )
 def test_disabled_names_that_match_no_installed_plugin_are_warned_about(
-    plugin_site: AddPlugin, monkeypatch: pytest.MonkeyPatch, disable: str, unknown: list[str]
+    plugin_site: AddPlugin,
+    installed_plugins: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+    disable: str,
+    unknown: list[str],
 ) -> None:
     plugin_site("t-off", adapter_plugin("t-off"), entry_point="off")
     monkeypatch.setenv("REFINERS_DISABLE_PLUGINS", disable)
+    installed = installed_plugins()
+    assert "t-off" in installed.split(", ")
 
     with pytest.warns(RefinersPluginWarning) as caught:
         loaded = registry()
 
     expected = [
-        f"REFINERS_DISABLE_PLUGINS names {name!r}, which matches no installed plugin (installed: t-off; "
+        f"REFINERS_DISABLE_PLUGINS names {name!r}, which matches no installed plugin (installed: {installed}; "
         "use a distribution or entry point name)"
         for name in unknown
     ]
@@ -529,3 +535,15 @@ def test_model_spec_checks_what_generation_needs() -> None:
             ModelSpec("m", dict, default_size=size)  # pyright: ignore[reportArgumentType]
     spec = ModelSpec("m", dict, detect=lambda source: None, default_size=(768, 512), generate=lambda model: None)
     assert spec.default_size == (768, 512) and spec.detect is not None and spec.detect("folder") is None
+
+
+def test_model_spec_checks_its_default_guidance_solver_defaults_and_refiner() -> None:
+    for guidance in [-1.0, float("nan"), float("inf"), True, "5"]:
+        with pytest.raises(TypeError, match="model 'm': default_guidance must be a finite number >= 0"):
+            ModelSpec("m", dict, default_guidance=guidance)  # pyright: ignore[reportArgumentType]
+    with pytest.raises(TypeError, match="model 'm': solver_defaults must be a mapping"):
+        ModelSpec("m", dict, solver_defaults=[("timestep_spacing", "leading")])  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="model 'm': refiner name must be non-empty and contain no whitespace"):
+        ModelSpec("m", dict, refiner="m refiner")
+    spec = ModelSpec("m", dict, default_guidance=5, solver_defaults={"timestep_spacing": "leading"}, refiner="m-r")
+    assert (spec.default_guidance, spec.solver_defaults, spec.refiner) == (5, {"timestep_spacing": "leading"}, "m-r")

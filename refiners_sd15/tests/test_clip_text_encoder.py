@@ -664,3 +664,17 @@ def test_published_sdxl_text_encoder_2_matches_transformers(tmp_path: Path) -> N
         outputs = encoder(PROMPTS)
     assert outputs[0].shape == (3, 77, 1280) and outputs[1].shape == (3, 1280)
     assert_sdxl_close(outputs, expected)
+
+
+def test_set_tokenizer_replaces_the_tokenizer_and_refuses_longer_sequences() -> None:
+    config = replace(CLIP_TEXT_L, embedding_dim=32, num_layers=1, num_attention_heads=2, feedforward_dim=64)
+    encoder = CLIPTextEncoderL(config)
+    layers = [type(layer) for layer in encoder]
+
+    encoder.set_tokenizer(CLIPTokenizer(sequence_length=77, pad_token_id=0))
+
+    assert encoder.tokenizer.pad_token_id == 0
+    assert [type(layer) for layer in encoder] == layers  # replaced inside TokenIds, no layer added
+    assert encoder.ensure_find(TokenIds).tokenizer is encoder.tokenizer
+    with pytest.raises(ValueError, match="the tokenizer gives sequences of 78 ids but the encoder has max_sequence"):
+        encoder.set_tokenizer(CLIPTokenizer(sequence_length=78))

@@ -139,6 +139,12 @@ def test_generate_with_a_folder_that_is_not_a_model_names_what_is_missing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert generate("--model", tmp_path, "--out", tmp_path / "out.png") == 2
+    assert capsys.readouterr().err.startswith(
+        f"refiners generate: error: --model {tmp_path}: cannot tell its model kind (no installed model kind "
+        "recognizes what it holds): pass --model-type sd15"
+    )
+
+    assert generate("--model", tmp_path, "--model-type", "sd15", "--out", tmp_path / "out.png") == 2
 
     error = capsys.readouterr().err
     assert error.startswith(f"refiners generate: error: --model {tmp_path}: ")

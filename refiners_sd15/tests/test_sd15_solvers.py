@@ -18,7 +18,9 @@ from diffusers import (
 )
 
 from refiners_core.plugins import registry
+from refiners_sd15 import StableDiffusion_1
 from refiners_sd15.solvers import DDIM, DPMSolver, Euler, Solver
+from refiners_sd15.testing import small_sd15_components
 
 TOLERANCE = 1e-6
 SD15_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -160,3 +162,27 @@ def test_solvers_are_registered_with_the_plugin_manager() -> None:
     built = {name: solvers[name].factory(num_inference_steps=4) for name in ("ddim", "dpm", "euler")}
     assert {name: type(solver) for name, solver in built.items()} == {"ddim": DDIM, "dpm": DPMSolver, "euler": Euler}
     assert built["dpm"].num_inference_steps == 4
+
+
+@pytest.mark.parametrize("solver", [DDIM, DPMSolver, Euler])
+def test_with_defaults_fills_only_the_settings_the_solver_was_not_given(solver: type[Solver]) -> None:
+    given = solver(num_inference_steps=10, first_inference_step=2, timestep_spacing="trailing")
+    model_defaults = {"timestep_spacing": "leading", "steps_offset": 0, "beta_end": 0.02}
+
+    filled = given.with_defaults(model_defaults)
+
+    assert type(filled) is solver and filled is not given
+    assert (filled.num_inference_steps, filled.first_inference_step) == (10, 2)
+    assert (filled.timestep_spacing, filled.steps_offset) == ("trailing", 0)  # the spacing given is kept
+    assert not torch.equal(filled.alphas_cumprod, given.alphas_cumprod)  # beta_end 0.02
+    assert filled.given_settings == {"timestep_spacing": "trailing"}
+    assert given.with_defaults({}) is given  # SD1.5 models: no defaults, the solver itself
+
+
+def test_a_solver_set_on_an_sd15_model_is_kept_as_it_is() -> None:
+    sd = StableDiffusion_1(**small_sd15_components(4))  # pyright: ignore[reportArgumentType]
+    solver = Euler(num_inference_steps=5)
+
+    sd.solver = solver
+
+    assert sd.solver is solver and sd.solver.timestep_spacing == "linspace"

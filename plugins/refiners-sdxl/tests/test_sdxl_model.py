@@ -97,6 +97,26 @@ def test_from_pretrained_reads_every_config_and_the_scheduler(sdxl: StableDiffus
     assert isinstance(sdxl.solver, DPMSolver) and sdxl.solver.timestep_spacing == "leading"
 
 
+@pytest.mark.parametrize("solver_class", [DDIM, DPMSolver, Euler])
+def test_a_solver_set_on_sdxl_takes_the_model_spacing_unless_given_one(
+    sdxl: StableDiffusion_XL, solver_class: type[Solver]
+) -> None:
+    sdxl.solver = solver_class(num_inference_steps=30)
+    with_defaults = sdxl.solver
+    sdxl.solver = solver_class(num_inference_steps=30, timestep_spacing="linspace")
+    explicit = sdxl.solver
+    sdxl.solver = solver_class(num_inference_steps=30, steps_offset=0)
+    other_offset = sdxl.solver
+
+    assert isinstance(with_defaults, solver_class)
+    assert (with_defaults.timestep_spacing, with_defaults.steps_offset) == ("leading", 1)
+    assert torch.equal(with_defaults.timesteps, solver_class(30, **sdxl.solver_defaults).timesteps)
+    assert (explicit.timestep_spacing, explicit.steps_offset) == ("linspace", 1)
+    assert not torch.equal(explicit.timesteps, with_defaults.timesteps)
+    assert (other_offset.timestep_spacing, other_offset.steps_offset) == ("leading", 0)
+    assert solver_class(num_inference_steps=30).timestep_spacing == solver_class.default_spacing  # off a model
+
+
 def test_from_pretrained_puts_every_parameter_on_the_requested_dtype(reference: Reference) -> None:
     model = StableDiffusion_XL.from_pretrained(reference.folder, device="cpu", dtype=torch.float64)
     tensors = [*model.parameters(), *model.buffers()]
@@ -202,7 +222,7 @@ def test_three_guided_steps_match_stable_diffusion_xl_pipeline(
     reference: Reference, sdxl: StableDiffusion_XL, name: str
 ) -> None:
     solver_class, scheduler = SOLVERS[name]
-    sdxl.solver = solver_class(num_inference_steps=3, **sdxl.solver_defaults)
+    sdxl.solver = solver_class(num_inference_steps=3)  # the model's spacing, as the API example
     embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
     noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
 
@@ -267,7 +287,7 @@ def test_image_to_image_matches_stable_diffusion_xl_img2img_pipeline(
     )
     expected: torch.Tensor = output.images
 
-    sdxl.solver = DPMSolver(num_inference_steps=4, first_inference_step=1, **sdxl.solver_defaults)
+    sdxl.solver = DPMSolver(num_inference_steps=4, first_inference_step=1)
     x = sdxl.init_latents(size=(SIZE, SIZE), init_image=image, seed=7)
     time_ids = sdxl.time_ids(original_size=(SIZE, SIZE), target_size=(SIZE, SIZE))
     for step in sdxl.steps:

@@ -2,8 +2,8 @@
 without reading weights or downloading anything.
 
 A plugin's `detect(source)` looks at `model_index.json`, its own index, a component's `config.json` (`find_file`,
-`read_json`) or a single file's tensor names (`weight_keys`), and says what it found; `refiners generate` asks every
-registered model this way which kind `--model` holds.
+`read_json`) or a single file's tensor names (`weight_keys`: safetensors or torch checkpoints), and says what it
+found; `refiners generate` asks every registered model this way which kind `--model` holds.
 """
 
 from __future__ import annotations
@@ -42,9 +42,16 @@ def read_json(path: Path | None) -> dict[str, Any] | None:
     return content if isinstance(content, dict) else None  # pyright: ignore[reportUnknownVariableType]
 
 
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+"""The suffixes of the torch checkpoints `weight_keys` reads the names of."""
+
+
 def weight_keys(path: Path) -> list[str] | None:
-    """The tensor names of the safetensors file at `path`, read from its header only; None for another file (a torch
-    checkpoint is not unpickled here) or one that cannot be read."""
+    """The tensor names of the weights file at `path`, without reading a weight: a safetensors file's header, or a
+    torch checkpoint (`TORCH_SUFFIXES`, in the zip format torch has saved since 1.6) loaded memory-mapped with
+    `weights_only=True` (its `state_dict` entry unwrapped); None for another file or one that cannot be read so."""
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        return _torch_keys(path)
     from safetensors import safe_open
 
     try:
@@ -52,3 +59,17 @@ def weight_keys(path: Path) -> list[str] | None:
             return list(file.keys())  # pyright: ignore[reportUnknownArgumentType, reportUnknownMemberType]
     except Exception:  # noqa: BLE001 - safetensors raises its own error types for files that are not safetensors
         return None
+
+
+def _torch_keys(path: Path) -> list[str] | None:
+    import torch
+
+    try:
+        content: object = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - torch raises many error types for files it cannot load memory-mapped
+        return None
+    if isinstance(content, dict) and isinstance(content.get("state_dict"), dict):  # pyright: ignore[reportUnknownMemberType]
+        content = content["state_dict"]  # pyright: ignore[reportUnknownVariableType]
+    if not isinstance(content, dict):
+        return None
+    return [key for key in content if isinstance(key, str)]  # pyright: ignore[reportUnknownVariableType]

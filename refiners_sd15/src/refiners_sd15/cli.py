@@ -6,8 +6,12 @@ refiners-sdxl.
         --steps 30 --solver dpm --seed 2 --size 512x512 --out cat.png
 
 The model kind is told from what `--model` holds (each registered model's `detect`: `model_index.json`, a UNet
-config, a single file's keys); `--model-type KIND` forces it, and a model nothing recognizes is read as `sd15`. The
-default size is the kind's (512x512 for SD1.5, 1024x1024 for SDXL), or the init image's.
+config, a single file's keys); `--model-type KIND` forces it, and a model nothing recognizes (a hub id not in the
+cache, an unknown file) is an error asking for it. The default size and guidance are the kind's (512x512 and 7.5 for
+SD1.5, 1024x1024 and 5 for SDXL; the init image's size when there is one).
+
+`--refiner MODEL[:FRACTION]` runs the kind's refiner (`ModelSpec.refiner`: SDXL's) on the last FRACTION of the steps
+(default `DEFAULT_REFINER_FRACTION`, 0.2: diffusers' `denoising_end=0.8`), after the base model on the first ones.
 
 `--init-image` (with `--strength`) starts from an image, `--mask` (white: what to repaint) inpaints it with an
 SD1.5 inpainting checkpoint. Plugins add options through the `refiners_register_generate_options` hook (refiners-lora
@@ -60,10 +64,15 @@ from refiners_sd15.generate_checks import (
 )
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
 from refiners_sd15.latent_diffusion import MAX_IMAGE_SIDE, MAX_SEED, check_image_size
-from refiners_sd15.solvers import Solver
+from refiners_sd15.solvers import Solver, denoising_end_step
 
 MODEL_NAME = "sd15"
-"""The model kind read when nothing recognizes `--model` (and the only one that inpaints, with `--mask`)."""
+"""The only model kind that inpaints, with `--mask`."""
+DEFAULT_GUIDANCE = 7.5
+"""The guidance scale of a kind that gives no `ModelSpec.default_guidance`."""
+DEFAULT_REFINER_FRACTION = 0.2
+"""The part of the steps `--refiner MODEL` runs the refiner on: the last 20%, as diffusers' SDXL docs do with
+`denoising_end=0.8` / `denoising_start=0.8`."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _OPTION_DEST = "generate_option:"
@@ -93,11 +102,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--solver", default="dpm", choices=solvers, help="diffusion solver, from the plugin registry (default: dpm)"
     )
+    guidances = ", ".join(f"{guidance:g} for {name}" for name, guidance in _default_guidances())
     parser.add_argument(
         "--guidance",
-        default="7.5",
+        default=None,
         metavar="SCALE",
-        help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (default: 7.5)",
+        help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (default: the model's, {guidances})",
+    )
+    refiners = ", ".join(f"{name} ({spec.refiner})" for name, spec in sorted(_kinds().items()) if spec.refiner)
+    parser.add_argument(
+        "--refiner",
+        default=None,
+        metavar="MODEL[:FRACTION]",
+        help=f"a refiner model (folder or hub id) run after the base model on the last FRACTION of the steps, in "
+        f"(0, 1) (default: {DEFAULT_REFINER_FRACTION:g}, as diffusers' denoising_end=0.8); for "
+        f"{refiners or 'no installed kind'}",
     )
     parser.add_argument("--seed", default=None, help="random seed, 0 to 2**64-1 (default: drawn, and printed)")
     sizes = ", ".join(f"{width}x{height} for {name}" for name, (width, height) in _default_sizes())
@@ -158,18 +177,35 @@ def run(args: argparse.Namespace) -> int:
     """
     start = time.perf_counter()
     checked = check_arguments(args)
+    extra: dict[str, Any] = {}
+    if checked.refiner is not None:  # first: its configs are checked before the base model's weights are read
+        refiner = _load_refiner(checked.refiner, device=checked.device, dtype=checked.dtype)
+        refiner.show_progress = not args.no_progress
+        extra = {"refiner": refiner, "refiner_fraction": checked.refiner.fraction}
     model = _load(
         checked.kind, args.model, inpainting=checked.mask is not None, device=checked.device, dtype=checked.dtype
     )
     _apply_plugin_options(model, args)
     model.show_progress = not args.no_progress
-    image = _denoise(model, checked, args)
+    image = _denoise(model, checked, args, **extra)
     _write_atomically(image, args.out, checked.image_format)
     print(
         f"wrote {_printable(str(args.out))} ({checked.width}x{checked.height}, {len(checked.solver.inference_steps)} "
-        f"{args.solver} steps, seed {checked.seed}, {checked.kind} model) in {time.perf_counter() - start:.1f} s"
+        f"{args.solver} steps, seed {checked.seed}, {checked.kind} model{_refined(checked)}) in "
+        f"{time.perf_counter() - start:.1f} s"
     )
     return 0
+
+
+@dataclass(frozen=True)
+class RefinerSettings:
+    """`--refiner MODEL[:FRACTION]`, checked: the refiner's registered kind, where it is, the part of the steps it
+    runs and the step where it starts."""
+
+    kind: str
+    source: str
+    fraction: float
+    first_step: int
 
 
 @dataclass(frozen=True)
@@ -187,6 +223,7 @@ class GenerateSettings:
     dtype: torch.dtype
     seed: int
     image_format: str
+    refiner: RefinerSettings | None = None
 
 
 def check_arguments(args: argparse.Namespace) -> GenerateSettings:
@@ -203,7 +240,8 @@ def check_arguments(args: argparse.Namespace) -> GenerateSettings:
     if args.strength is not None and args.init_image is None:
         raise GenerateError("--strength needs --init-image")
     steps = parse_integer("--steps", args.steps, 1, MAX_STEPS)
-    guidance = parse_number("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    guidance = None if args.guidance is None else parse_number("--guidance", args.guidance, 0.0, MAX_GUIDANCE)
+    refiner = None if args.refiner is None else parse_refiner(args.refiner, DEFAULT_REFINER_FRACTION)
     seed = None if args.seed is None else parse_integer("--seed", args.seed, 0, MAX_SEED, bounds="from 0 to 2**64-1")
     size = None if args.size is None else parse_size(args.size)
     strength = 1.0 if inpainting or args.init_image is None else 0.8
@@ -212,8 +250,11 @@ def check_arguments(args: argparse.Namespace) -> GenerateSettings:
     image_format = check_out(args.out)
     device = parse_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    solver = _solver(args.solver, steps, first_step(steps, strength))
     kind = model_kind(args.model, args.model_type)
+    spec = _kinds()[kind]
+    solver = _solver(args.solver, steps, first_inference_step=first_step(steps, strength))
+    solver = solver.with_defaults(spec.solver_defaults or {})  # the model's published settings, until it is loaded
+    refiner_settings = None if refiner is None else _check_refiner(kind, *refiner, solver)
     _check_options_apply_to(kind, args)
     if args.mask is not None and kind != MODEL_NAME:
         raise GenerateError(f"--mask: inpainting is not supported with an {kind} model yet (only with {MODEL_NAME})")
@@ -230,31 +271,121 @@ def check_arguments(args: argparse.Namespace) -> GenerateSettings:
         warning = dropped_tokens_warning(option, text)
         if warning is not None:
             print(f"refiners generate: warning: {warning}", file=sys.stderr)
-    _check_model(args.model)  # last: an error about the model means every other argument is fine
-    width, height = size or _kinds()[kind].default_size or (512, 512)
+    _check_model("--model", args.model)  # last: an error about the model means every other argument is fine
+    if refiner_settings is not None:
+        _check_model("--refiner", refiner_settings.source)
+    width, height = size or spec.default_size or (512, 512)
     seed = seed if seed is not None else random.randrange(2**32)
-    return GenerateSettings(kind, init_image, mask, width, height, solver, guidance, device, dtype, seed, image_format)
+    return GenerateSettings(
+        kind,
+        init_image,
+        mask,
+        width,
+        height,
+        solver,
+        _guidance(spec) if guidance is None else guidance,
+        device,
+        dtype,
+        seed,
+        image_format,
+        refiner_settings,
+    )
 
 
 def model_kind(model: str, model_type: str | None) -> str:
     """The registered model kind `refiners generate` runs `model` as: the first whose `detect` recognizes what it
-    holds, else `MODEL_NAME`; `model_type` (`--model-type`) forces it. Raises GenerateError for a `model_type` that no
-    installed plugin registers for generation (listing those that are), or one that `model` does not hold (naming
-    what it holds and what shows it)."""
+    holds; `model_type` (`--model-type`) forces it. A `model` that is neither a local path nor a hub id is read as
+    `MODEL_NAME` (the error about it comes last, after every other argument is checked). Raises GenerateError for a
+    `model_type` that no installed plugin registers for generation (listing those that are), one that `model` does
+    not hold (naming what it holds and what shows it), a model that `refiners generate` cannot run as `--model` (a
+    refiner), or one that nothing recognizes without `model_type` (a hub id not in the cache, an unknown file)."""
     kinds = _kinds()
     if model_type is not None and model_type not in kinds:
         raise GenerateError(
             f"--model-type {model_type!r} is not an installed model kind: use one of {', '.join(sorted(kinds))}"
         )
-    found = next(((name, why) for name, spec in kinds.items() if (why := _detect(spec, model)) is not None), None)
+    found = _detected(model)
+    if found is not None and found[0] not in kinds:
+        users = [name for name, spec in sorted(kinds.items()) if spec.refiner == found[0]]
+        how = f"pass it as --refiner with an {' or '.join(users)} model" if users else "refiners generate cannot run it"
+        raise GenerateError(f"--model {model} holds an {found[0]} model ({found[1]}): {how}")
     if model_type is None:
-        return found[0] if found is not None else MODEL_NAME
+        if found is not None:
+            return found[0]
+        if Path(model).expanduser().exists():
+            why = "no installed model kind recognizes what it holds"
+        elif _HUB_ID.match(model):
+            why = "a hub id whose model_index.json is not in the Hugging Face cache"
+        else:
+            return MODEL_NAME
+        raise GenerateError(
+            f"--model {model}: cannot tell its model kind ({why}): pass --model-type {'|'.join(sorted(kinds))}"
+        )
     if found is not None and found[0] != model_type:
         raise GenerateError(
             f"--model-type {model_type}: --model {model} holds an {found[0]} model, not an {model_type} one "
             f"({found[1]})"
         )
     return model_type
+
+
+def parse_refiner(text: str, default_fraction: float) -> tuple[str, float]:
+    """`--refiner MODEL[:FRACTION]` -> (model, fraction), the fraction `default_fraction` when not given. A colon
+    followed by something that is not a number belongs to the model when it is a drive letter (`C:\\models\\x`).
+    Raises GenerateError naming the value for an empty model or a fraction that is not a number in (0, 1)."""
+    head, colon, tail = text.rpartition(":")
+    if not colon or Path(text).expanduser().exists() or (len(head) == 1 and head.isalpha()):
+        model, fraction = text, default_fraction
+    else:
+        model = head
+        fraction = parse_number(f"--refiner {text}: the fraction", tail, 0.0, 1.0, low_open=True, high_open=True)
+    if not model.strip():
+        raise GenerateError(f"--refiner {text!r}: no model before the fraction (expected MODEL or MODEL:FRACTION)")
+    return model, fraction
+
+
+def _check_refiner(kind: str, source: str, fraction: float, solver: Solver) -> RefinerSettings:
+    """`--refiner`, checked against the base model's kind, what `source` holds and `solver`'s steps."""
+    shown = f"--refiner {source}"
+    refiner_kind = _kinds()[kind].refiner
+    if refiner_kind is None or refiner_kind not in registry().models:
+        with_refiner = [name for name, spec in sorted(_kinds().items()) if spec.refiner in registry().models]
+        raise GenerateError(
+            f"--refiner: an {kind} model has no refiner (refiners run after {', '.join(with_refiner) or 'no kind'})"
+        )
+    found = _detected(source)
+    if found is not None and found[0] != refiner_kind:
+        raise GenerateError(f"{shown} holds an {found[0]} model, not an {refiner_kind} one ({found[1]})")
+    try:
+        step = denoising_end_step(solver, 1.0 - fraction)
+    except ValueError as error:
+        raise GenerateError(
+            f"{shown}, the base model denoising the first {1.0 - fraction:g} of the schedule: {error}"
+        ) from None
+    return RefinerSettings(refiner_kind, source, fraction, step)
+
+
+def _refined(checked: GenerateSettings) -> str:
+    refiner = checked.refiner
+    if refiner is None:
+        return ""
+    steps = checked.solver.num_inference_steps - refiner.first_step
+    return f", the last {steps} by the {refiner.kind} model"
+
+
+def _detected(model: str) -> tuple[str, str] | None:
+    """The first registered model (any, `--model` kinds or not) whose `detect` recognizes `model`, and why."""
+    specs = registry().models.items()
+    return next(((name, why) for name, spec in specs if (why := _detect(spec, model)) is not None), None)
+
+
+def _default_guidances() -> list[tuple[str, float]]:
+    """Each kind's default guidance scale, by name."""
+    return [(name, _guidance(spec)) for name, spec in sorted(_kinds().items())]
+
+
+def _guidance(spec: ModelSpec) -> float:
+    return DEFAULT_GUIDANCE if spec.default_guidance is None else spec.default_guidance
 
 
 def _kinds() -> dict[str, ModelSpec]:
@@ -276,7 +407,7 @@ def _detect(spec: ModelSpec, model: str) -> str | None:
         return None
 
 
-def _denoise(model: Any, checked: GenerateSettings, args: argparse.Namespace) -> Image.Image:
+def _denoise(model: Any, checked: GenerateSettings, args: argparse.Namespace, **extra: Any) -> Image.Image:
     """Run the kind's `generate`; raise GenerateError, writing nothing, if the latents stop being finite."""
 
     def after_step(step: int, x: torch.Tensor) -> None:
@@ -288,7 +419,8 @@ def _denoise(model: Any, checked: GenerateSettings, args: argparse.Namespace) ->
             )
 
     solver = checked.solver
-    extra: dict[str, Any] = {"mask": checked.mask} if checked.mask is not None else {}
+    if checked.mask is not None:
+        extra["mask"] = checked.mask
     generate = _kinds()[checked.kind].generate
     assert generate is not None
     try:
@@ -298,7 +430,7 @@ def _denoise(model: Any, checked: GenerateSettings, args: argparse.Namespace) ->
                 prompt=args.prompt,
                 negative_prompt=args.negative,
                 make_solver=functools.partial(
-                    _solver, args.solver, solver.num_inference_steps, solver.first_inference_step
+                    _solver, args.solver, solver.num_inference_steps, first_inference_step=solver.first_inference_step
                 ),
                 size=(checked.width, checked.height),
                 guidance=checked.guidance,
@@ -377,27 +509,35 @@ def _run_plugin(spec: GenerateOptionSpec, values: list[str], function: Any, *arg
         raise GenerateError(message) from error
 
 
-def _check_model(model: str) -> None:
+def _check_model(option: str, model: str) -> None:
     if not Path(model).expanduser().exists() and not _HUB_ID.match(model):
-        raise GenerateError(f"--model {model}: no such file or folder")
+        raise GenerateError(f"{option} {model}: no such file or folder")
 
 
 def _load(kind: str, model: str, *, inpainting: bool, device: torch.device, dtype: torch.dtype) -> Any:
     loader = StableDiffusion_1_Inpainting.from_pretrained if inpainting else _kinds()[kind].loader
-    local = Path(model).expanduser()
+    return _call_loader("--model", loader, model, device=device, dtype=dtype)
+
+
+def _load_refiner(refiner: RefinerSettings, *, device: torch.device, dtype: torch.dtype) -> Any:
+    loader = registry().models[refiner.kind].loader
+    return _call_loader("--refiner", loader, refiner.source, device=device, dtype=dtype)
+
+
+def _call_loader(option: str, loader: Any, model: str, *, device: torch.device, dtype: torch.dtype) -> Any:
     try:
         return loader(model, device=device, dtype=dtype)
     except (OSError, ValueError, WeightsError) as error:
+        local = Path(model).expanduser()
         where = "" if local.exists() else " (not a local file or folder, so read as a Hugging Face hub id)"
-        raise GenerateError(f"--model {model}{where}: {error}") from error
+        raise GenerateError(f"{option} {model}{where}: {error}") from error
 
 
-def _solver(name: str, steps: int, first_step: int, **settings: Any) -> Solver:
-    """The registered solver `name`; `settings` are a model's own (e.g. SDXL's timestep spacing)."""
+def _solver(name: str, steps: int, **settings: Any) -> Solver:
+    """The registered solver `name` with `steps` steps; `settings` are its other keyword arguments (the first step,
+    a refiner's)."""
     try:
-        solver = (
-            registry().solvers[name].factory(num_inference_steps=steps, first_inference_step=first_step, **settings)
-        )
+        solver = registry().solvers[name].factory(num_inference_steps=steps, **settings)
     except ValueError as error:
         raise GenerateError(f"--solver {name}: {error}") from error
     if not isinstance(solver, Solver):

@@ -48,14 +48,16 @@ def parse_integer(option: str, text: str, low: int, high: int, *, bounds: str | 
     return number
 
 
-def parse_number(option: str, text: str, low: float, high: float, *, low_open: bool = False) -> float:
-    """`text` as a finite number in `[low, high]` (`(low, high]` if `low_open`)."""
+def parse_number(
+    option: str, text: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> float:
+    """`text` as a finite number in `[low, high]` (open at `low` if `low_open`, at `high` if `high_open`)."""
     try:
         number = check_finite(option, text)
     except ValueError as error:
         raise GenerateError(str(error) if len(text) <= _SHOWN else f"{option} must be a finite number") from None
-    if not (low < number if low_open else low <= number) or number > high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    if not (low < number if low_open else low <= number) or not (number < high if high_open else number <= high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise GenerateError(f"{option} must be in {interval}, got {_shown(text)}")
     return number
 

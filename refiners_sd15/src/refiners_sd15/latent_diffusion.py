@@ -4,8 +4,8 @@ autoencoder (SD1.5's `StableDiffusion_1`, refiners-sdxl's `StableDiffusion_XL`).
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
-from typing import Generic, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 import torch
 from PIL import Image
@@ -96,16 +96,39 @@ class LatentDiffusionModel(fl.Module, Generic[TUNet]):
     `init_latents` (the starting latents of text-to-image or image-to-image). Subclasses add the text encoders and
     the denoising step `forward(x, step, ...)`: `solver.scale_model_input`, the UNet with classifier-free guidance,
     then `solver.step`. `solver` defaults to `DPMSolver(num_inference_steps=30)`.
+
+    `solver_defaults` are the solver settings of the model's scheduler config (keyword arguments of every `Solver`;
+    none for SD1.5, whose schedule is the solvers' own): a solver set on the model takes those it was not given
+    (`Solver.with_defaults`), so `sdxl.solver = DPMSolver(num_inference_steps=30)` has SDXL's "leading" spacing while
+    `DPMSolver(num_inference_steps=30, timestep_spacing="linspace")` keeps its own.
     """
 
     def __init__(
-        self, unet: TUNet, lda: SD1Autoencoder, *, solver: Solver | None = None, show_progress: bool = True
+        self,
+        unet: TUNet,
+        lda: SD1Autoencoder,
+        *,
+        solver: Solver | None = None,
+        solver_defaults: Mapping[str, Any] | None = None,
+        show_progress: bool = True,
     ) -> None:
         super().__init__()
-        self.solver: Solver = solver if solver is not None else DPMSolver(num_inference_steps=30)
+        self.solver_defaults: dict[str, Any] = dict(solver_defaults or {})
+        """Keyword arguments of every refiners-sd15 solver that reproduce the model's scheduler config."""
+        self.solver = solver if solver is not None else DPMSolver(num_inference_steps=30)
         self.show_progress = show_progress
         self.unet: TUNet = unet
         self.lda = lda
+
+    @property
+    def solver(self) -> Solver:
+        """The solver of the denoising loop; one set here takes the model's `solver_defaults` for the settings it was
+        not given (it is then a new solver, `Solver.with_defaults`)."""
+        return self._solver
+
+    @solver.setter
+    def solver(self, solver: Solver) -> None:
+        self._solver = solver.with_defaults(self.solver_defaults)
 
     @property
     def steps(self) -> Iterable[int]:

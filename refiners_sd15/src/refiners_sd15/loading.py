@@ -424,7 +424,7 @@ def _build(
 
 
 def _config_from_diffusers(component: ComponentFormat[TConfig], config_path: Path) -> TConfig:
-    content = _read_json(config_path)
+    content = read_json_object(config_path)
     try:
         return component.config_from_diffusers(content)
     except ValueError as error:
@@ -450,7 +450,9 @@ def _shards(path_or_repo_id: PathOrRepoId, index: Path, *, subfolder: str, revis
     return shard_files(index, find=lambda name: _find(path_or_repo_id, name, subfolder=subfolder, revision=revision))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in the file at `path` (a config, an index). Raises WeightsError (a ValueError) naming the file
+    when it cannot be read, is not JSON or holds something else than an object."""
     try:
         content: object = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:

@@ -14,7 +14,7 @@ from refiners_core.plugins import CommandRegistrar, ModelSpec, SolverSpec, hooki
 @hookimpl
 def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
     from refiners_sd15.demo import run_demo
-    from refiners_sd15.generation import SD15_DEFAULT_SIZE, detect_sd15, generate_sd15
+    from refiners_sd15.generation import SD15_DEFAULT_GUIDANCE, SD15_DEFAULT_SIZE, detect_sd15, generate_sd15
     from refiners_sd15.model import StableDiffusion_1
 
     register(
@@ -26,6 +26,7 @@ def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
             detect=detect_sd15,
             default_size=SD15_DEFAULT_SIZE,
             generate=generate_sd15,
+            default_guidance=SD15_DEFAULT_GUIDANCE,
         )
     )
 

@@ -7,6 +7,7 @@ from refiners_sdxl import StableDiffusion_XL
 sdxl = StableDiffusion_XL.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", dtype=torch.float16)
 """
 
+from refiners_sd15.solvers import denoising_end_step as refiner_first_step
 from refiners_sdxl.config import SDXL_AUTOENCODER, SDXL_BASE_UNET, SDXL_INPAINTING_UNET, SDXL_REFINER_UNET
 from refiners_sdxl.denoising import SDXLDenoisingModel
 from refiners_sdxl.folder import (
@@ -19,7 +20,7 @@ from refiners_sdxl.folder import (
 )
 from refiners_sdxl.inpainting import StableDiffusion_XL_Inpainting
 from refiners_sdxl.model import StableDiffusion_XL
-from refiners_sdxl.refiner import StableDiffusion_XL_Refiner, refiner_first_step
+from refiners_sdxl.refiner import StableDiffusion_XL_Refiner
 from refiners_sdxl.single_file import (
     SDXL_AUTOENCODER_FORMAT,
     SDXL_REFINER_TEXT_ENCODER_FORMAT,

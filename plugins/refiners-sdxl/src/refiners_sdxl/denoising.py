@@ -15,9 +15,10 @@ import torch
 import refiners_core.fluxion as fl
 from refiners_core.weights import load_tensors
 from refiners_sd15 import SD1Autoencoder
+from refiners_sd15.clip import CLIPTextEncoderG, CLIPTokenizer
 from refiners_sd15.latent_diffusion import LatentDiffusionModel, guidance_prompts
 from refiners_sd15.loading import PathOrRepoId, PretrainedComponent
-from refiners_sd15.solvers import DPMSolver, Solver
+from refiners_sd15.solvers import Solver
 from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.config import SDXL_AUTOENCODER
 from refiners_sdxl.folder import SCHEDULER_DEFAULTS
@@ -43,9 +44,9 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
     latents (the inpainting model's mask).
 
     Components not given are built with random weights: `SDXLUNet(default_unet)`, the SDXL autoencoder, the model's
-    text encoder; `solver` defaults to `DPMSolver(num_inference_steps=30, **solver_defaults)`, `solver_defaults` to
-    SDXL's published scheduler settings (`SCHEDULER_DEFAULTS`). Raises ValueError, naming the components and their
-    widths, when they do not fit each other.
+    text encoder; `solver_defaults` default to SDXL's published scheduler settings (`SCHEDULER_DEFAULTS`), which a
+    solver set on the model takes for the settings it was not given; `solver` to `DPMSolver(num_inference_steps=30)`.
+    Raises ValueError, naming the components and their widths, when they do not fit each other.
     """
 
     default_unet: ClassVar[UNetConfig]
@@ -69,16 +70,14 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
         if clip_text_encoder is None:
             clip_text_encoder = self._default_text_encoder(device=device, dtype=dtype)
         self._check_components(unet.config, clip_text_encoder)
-        defaults = dict(SCHEDULER_DEFAULTS if solver_defaults is None else solver_defaults)
         super().__init__(
             unet,
             lda if lda is not None else SD1Autoencoder(SDXL_AUTOENCODER, device=device, dtype=dtype),
-            solver=solver if solver is not None else DPMSolver(num_inference_steps=30, **defaults),
+            solver=solver,
+            solver_defaults=SCHEDULER_DEFAULTS if solver_defaults is None else solver_defaults,
             show_progress=show_progress,
         )
         self.clip_text_encoder: TTextEncoder = clip_text_encoder
-        self.solver_defaults: dict[str, Any] = defaults
-        """Keyword arguments of every refiners-sd15 solver that reproduce the model's scheduler config."""
 
     @torch.no_grad()
     def compute_clip_text_embedding(
@@ -116,12 +115,12 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
         if (local / cls.own_index).is_file():
             return cls._from_own_folder(local, device=device, dtype=dtype)
         check_own_index(local, cls.own_index)
-        solver_defaults = cls._read_folder(path_or_repo_id, revision=revision)
+        solver_defaults, tokenizer_2 = cls._read_folder(path_or_repo_id, revision=revision)
         options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "revision": revision}
         return cls(
             unet=SDXLUNet.from_pretrained(path_or_repo_id, **options),
             lda=SD1Autoencoder.from_pretrained(path_or_repo_id, **options),
-            clip_text_encoder=cls._load_text_encoder(path_or_repo_id, options),
+            clip_text_encoder=cls._load_text_encoder(path_or_repo_id, options, tokenizer_2),
             solver_defaults=solver_defaults,
         )
 
@@ -174,13 +173,19 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
         raise NotImplementedError
 
     @classmethod
-    def _read_folder(cls, path_or_repo_id: PathOrRepoId, *, revision: str | None) -> dict[str, Any]:
-        """Check a diffusers folder's `model_index.json` and configs without reading weights; its solver defaults."""
+    def _read_folder(
+        cls, path_or_repo_id: PathOrRepoId, *, revision: str | None
+    ) -> tuple[dict[str, Any], CLIPTokenizer | None]:
+        """Check a diffusers folder's `model_index.json` and configs (`tokenizer_2/` included) without reading
+        weights; its solver defaults and CLIP-G's tokenizer as `tokenizer_2/` describes it (None without one)."""
         raise NotImplementedError
 
     @classmethod
-    def _load_text_encoder(cls, path_or_repo_id: PathOrRepoId, options: Mapping[str, Any]) -> TTextEncoder:
-        """The text encoder(s) of a diffusers folder, loaded with `from_pretrained`'s `options`."""
+    def _load_text_encoder(
+        cls, path_or_repo_id: PathOrRepoId, options: Mapping[str, Any], tokenizer_2: CLIPTokenizer | None
+    ) -> TTextEncoder:
+        """The text encoder(s) of a diffusers folder, loaded with `from_pretrained`'s `options`, CLIP-G with
+        `tokenizer_2` when the folder describes one."""
         raise NotImplementedError
 
     @classmethod
@@ -253,3 +258,10 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
     def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
         """What the UNet gets for `latents` (themselves; the inpainting model adds its conditions)."""
         return latents
+
+
+def text_encoder_g_with_tokenizer(text_encoder: CLIPTextEncoderG, tokenizer: CLIPTokenizer | None) -> CLIPTextEncoderG:
+    """`text_encoder` with `tokenizer` (the one a folder's `tokenizer_2/` describes) when there is one."""
+    if tokenizer is not None:
+        text_encoder.set_tokenizer(tokenizer)
+    return text_encoder

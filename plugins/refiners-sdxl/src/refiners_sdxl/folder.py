@@ -3,15 +3,19 @@ configs of its UNet and text encoders (and whether they fit each other), and its
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from refiners_core.weights import resolve_path
-from refiners_sd15.clip import SDXL_TEXT_ENCODER_2_FORMAT, SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderConfig
-from refiners_sd15.loading import PathOrRepoId, read_component_config
+from refiners_sd15.clip import (
+    SDXL_TEXT_ENCODER_2_FORMAT,
+    SDXL_TEXT_ENCODER_FORMAT,
+    CLIPTextEncoderConfig,
+    CLIPTokenizer,
+)
+from refiners_sd15.loading import PathOrRepoId, read_component_config, read_json_object
 from refiners_sd15.unet import UNetConfig
+from refiners_sdxl.tokenizer_config import read_clip_tokenizer
 from refiners_sdxl.unet import SDXL_UNET_FORMAT
 
 BASE_PIPELINE = "StableDiffusionXLPipeline"
@@ -51,6 +55,8 @@ class SDXLFolder:
     text_encoder: CLIPTextEncoderConfig
     text_encoder_2: CLIPTextEncoderConfig
     solver_defaults: dict[str, Any]
+    tokenizer_2: CLIPTokenizer | None = None
+    """CLIP-G's tokenizer as `tokenizer_2/` describes it, None without one (`read_clip_tokenizer`)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,8 @@ class SDXLRefinerFolder:
     unet: UNetConfig
     text_encoder_2: CLIPTextEncoderConfig
     solver_defaults: dict[str, Any]
+    tokenizer_2: CLIPTokenizer | None = None
+    """CLIP-G's tokenizer as `tokenizer_2/` describes it, None without one (`read_clip_tokenizer`)."""
 
 
 def read_sdxl_folder(
@@ -70,14 +78,21 @@ def read_sdxl_folder(
     `pipelines` are the `_class_name`s `model_index.json` may give (the inpainting model's folder is a
     `StableDiffusionXLInpaintPipeline`). Raises ValueError naming `model_index.json` for another pipeline (an SD1.5
     folder, an SDXL refiner), naming the components and their widths when they do not fit each other (an SD1.5 UNet,
-    a text encoder of another width); FileNotFoundError naming a missing component (`text_encoder_2/`).
+    a text encoder of another width), or naming the file and field of a `tokenizer_2/` ours does not reproduce
+    (`read_clip_tokenizer`); FileNotFoundError naming a missing component (`text_encoder_2/`).
     """
     _check_model_index(path_or_repo_id, revision=revision, pipelines=pipelines, refiner=False)
     unet = read_component_config(SDXL_UNET_FORMAT, path_or_repo_id, revision=revision)
     text_encoder = read_component_config(SDXL_TEXT_ENCODER_FORMAT, path_or_repo_id, revision=revision)
     text_encoder_2 = read_component_config(SDXL_TEXT_ENCODER_2_FORMAT, path_or_repo_id, revision=revision)
     check_sdxl_components(unet, text_encoder, text_encoder_2)
-    return SDXLFolder(unet, text_encoder, text_encoder_2, _solver_defaults(path_or_repo_id, revision=revision))
+    return SDXLFolder(
+        unet,
+        text_encoder,
+        text_encoder_2,
+        _solver_defaults(path_or_repo_id, revision=revision),
+        read_clip_tokenizer(path_or_repo_id, sequence_length=text_encoder_2.max_sequence_length, revision=revision),
+    )
 
 
 def read_sdxl_refiner_folder(path_or_repo_id: PathOrRepoId, *, revision: str | None = None) -> SDXLRefinerFolder:
@@ -85,8 +100,9 @@ def read_sdxl_refiner_folder(path_or_repo_id: PathOrRepoId, *, revision: str | N
     `text_encoder/`), read and checked without its weights.
 
     Raises ValueError naming `model_index.json` for a base model (it has a `text_encoder`) or another pipeline,
-    naming the components and their widths when they do not fit each other (see `check_sdxl_refiner_components`);
-    FileNotFoundError naming a missing component (`text_encoder_2/`).
+    naming the components and their widths when they do not fit each other (see `check_sdxl_refiner_components`), or
+    naming the file and field of a `tokenizer_2/` ours does not reproduce (`read_clip_tokenizer`); FileNotFoundError
+    naming a missing component (`text_encoder_2/`).
     """
     _check_model_index(
         path_or_repo_id, revision=revision, pipelines=(IMG2IMG_PIPELINE, BASE_PIPELINE, INPAINT_PIPELINE), refiner=True
@@ -94,7 +110,12 @@ def read_sdxl_refiner_folder(path_or_repo_id: PathOrRepoId, *, revision: str | N
     unet = read_component_config(SDXL_UNET_FORMAT, path_or_repo_id, revision=revision)
     text_encoder_2 = read_component_config(SDXL_TEXT_ENCODER_2_FORMAT, path_or_repo_id, revision=revision)
     check_sdxl_refiner_components(unet, text_encoder_2)
-    return SDXLRefinerFolder(unet, text_encoder_2, _solver_defaults(path_or_repo_id, revision=revision))
+    return SDXLRefinerFolder(
+        unet,
+        text_encoder_2,
+        _solver_defaults(path_or_repo_id, revision=revision),
+        read_clip_tokenizer(path_or_repo_id, sequence_length=text_encoder_2.max_sequence_length, revision=revision),
+    )
 
 
 def check_sdxl_refiner_components(unet: UNetConfig, text_encoder_2: CLIPTextEncoderConfig) -> None:
@@ -156,6 +177,13 @@ def _check_added_embedding(unet: UNetConfig, text_encoder_2: CLIPTextEncoderConf
     )
 
 
+def index_has_text_encoder(index: dict[str, Any]) -> bool:
+    """Whether a diffusers `model_index.json` (read as `index`) gives a `text_encoder` (CLIP-L): an SDXL base model
+    does, the refiner's gives `[null, null]`."""
+    text_encoder = index.get("text_encoder")
+    return not isinstance(text_encoder, list) or any(text_encoder)  # pyright: ignore[reportUnknownArgumentType]
+
+
 def _check_model_index(
     path_or_repo_id: PathOrRepoId, *, revision: str | None, pipelines: tuple[str, ...], refiner: bool
 ) -> None:
@@ -163,11 +191,10 @@ def _check_model_index(
         path = resolve_path(path_or_repo_id, "model_index.json", revision=revision)
     except FileNotFoundError:
         return  # a folder of components without the pipeline's index: the components' configs are checked
-    index = _read_json(path)
+    index = read_json_object(path)
     pipeline = index.get("_class_name")
     if isinstance(pipeline, str) and pipeline.startswith("StableDiffusionXL"):
-        text_encoder = index.get("text_encoder")
-        has_text_encoder = not isinstance(text_encoder, list) or any(text_encoder)
+        has_text_encoder = index_has_text_encoder(index)
         if refiner and has_text_encoder:
             raise ValueError(
                 f"{path}: a {pipeline} with a text_encoder (CLIP-L): an SDXL base model, not a refiner (load it "
@@ -194,17 +221,7 @@ def _solver_defaults(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> 
         path = resolve_path(path_or_repo_id, "scheduler_config.json", subfolder="scheduler", revision=revision)
     except FileNotFoundError:
         return dict(SCHEDULER_DEFAULTS)
-    config = _read_json(path)
+    config = read_json_object(path)
     if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
         raise ValueError(f"{path}: beta_schedule is {config['beta_schedule']!r}, our solvers use 'scaled_linear'")
     return {key: config.get(key, default) for key, default in _DIFFUSERS_SCHEDULER_DEFAULTS.items()}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content: object = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {path} as JSON: {error}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{path} should hold a JSON object")
-    return content  # pyright: ignore[reportUnknownVariableType]

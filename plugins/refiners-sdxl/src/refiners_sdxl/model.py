@@ -10,11 +10,17 @@ from typing import Any, ClassVar
 import torch
 
 from refiners_sd15 import SD1Autoencoder
-from refiners_sd15.clip import SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderG, CLIPTextEncoderL, DoubleTextEncoder
+from refiners_sd15.clip import (
+    SDXL_TEXT_ENCODER_FORMAT,
+    CLIPTextEncoderG,
+    CLIPTextEncoderL,
+    CLIPTokenizer,
+    DoubleTextEncoder,
+)
 from refiners_sd15.loading import PathOrRepoId, PretrainedComponent, load_component
 from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.config import SDXL_BASE_UNET
-from refiners_sdxl.denoising import SDXLDenoisingModel
+from refiners_sdxl.denoising import SDXLDenoisingModel, text_encoder_g_with_tokenizer
 from refiners_sdxl.folder import BASE_PIPELINE, check_sdxl_components, read_sdxl_folder
 from refiners_sdxl.own_format import BASE_OWN_INDEX, component_file
 from refiners_sdxl.single_file import load_sdxl_single_file, read_sdxl_single_file
@@ -34,7 +40,7 @@ class StableDiffusion_XL(SDXLDenoisingModel[DoubleTextEncoder]):
     (`sd_xl_base_1.0.safetensors`).
 
         sdxl = StableDiffusion_XL.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
-        sdxl.solver = DPMSolver(num_inference_steps=30, **sdxl.solver_defaults)  # the default solver
+        sdxl.solver = DPMSolver(num_inference_steps=30)  # the default solver, with SDXL's "leading" spacing
         clip_text_embedding, pooled_text_embedding = sdxl.compute_clip_text_embedding("a cute cat", negative_text="")
         time_ids = sdxl.time_ids(original_size=(1024, 1024), crop_top_left=(0, 0), target_size=(1024, 1024))
         with torch.no_grad():
@@ -45,7 +51,8 @@ class StableDiffusion_XL(SDXLDenoisingModel[DoubleTextEncoder]):
         image = sdxl.lda.latents_to_image(x)
 
     `solver_defaults` are the solver settings of the model's scheduler config (SDXL's: "leading" timesteps, offset
-    1); the default solver is `DPMSolver(num_inference_steps=30, **solver_defaults)`. Raises ValueError, naming the
+    1); a solver set on the model takes those it was not given (a spacing given explicitly is kept), and the default
+    solver is `DPMSolver(num_inference_steps=30)`. Raises ValueError, naming the
     components and their widths, for a UNet and text encoders that do not fit each other, or a UNet that does not
     take 4 input channels (an inpainting UNet: `StableDiffusion_XL_Inpainting`).
     """
@@ -109,16 +116,20 @@ class StableDiffusion_XL(SDXLDenoisingModel[DoubleTextEncoder]):
         check_sdxl_components(unet, clip_text_encoder.text_encoder_l.config, clip_text_encoder.text_encoder_g.config)
 
     @classmethod
-    def _read_folder(cls, path_or_repo_id: PathOrRepoId, *, revision: str | None) -> dict[str, Any]:
+    def _read_folder(
+        cls, path_or_repo_id: PathOrRepoId, *, revision: str | None
+    ) -> tuple[dict[str, Any], CLIPTokenizer | None]:
         folder = read_sdxl_folder(path_or_repo_id, revision=revision, pipelines=cls.pipelines)
         cls.check_unet_in_channels(folder.unet)
-        return folder.solver_defaults
+        return folder.solver_defaults, folder.tokenizer_2
 
     @classmethod
-    def _load_text_encoder(cls, path_or_repo_id: PathOrRepoId, options: Mapping[str, Any]) -> DoubleTextEncoder:
+    def _load_text_encoder(
+        cls, path_or_repo_id: PathOrRepoId, options: Mapping[str, Any], tokenizer_2: CLIPTokenizer | None
+    ) -> DoubleTextEncoder:
         return DoubleTextEncoder(
             load_component(CLIPTextEncoderL, SDXL_TEXT_ENCODER_FORMAT, path_or_repo_id, **options),
-            CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options),
+            text_encoder_g_with_tokenizer(CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options), tokenizer_2),
         )
 
     @classmethod

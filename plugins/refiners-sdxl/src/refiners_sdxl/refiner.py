@@ -1,5 +1,6 @@
 """`StableDiffusion_XL_Refiner`: the SDXL refiner (CLIP-G text only, the aesthetic score in its time ids), run after
-the base model on the last part of the schedule, and `refiner_first_step`, where that part starts."""
+the base model on the last part of the schedule, and `refiner_first_step` (refiners-sd15's `denoising_end_step`), where
+that part starts."""
 
 from __future__ import annotations
 
@@ -9,14 +10,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from refiners_core.checks import check_finite
 from refiners_sd15 import SD1Autoencoder
-from refiners_sd15.clip import CLIPTextEncoderG
+from refiners_sd15.clip import CLIPTextEncoderG, CLIPTokenizer
 from refiners_sd15.loading import PathOrRepoId, PretrainedComponent
-from refiners_sd15.solvers import Solver
 from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.config import SDXL_REFINER_UNET
-from refiners_sdxl.denoising import SDXLDenoisingModel
+from refiners_sdxl.denoising import SDXLDenoisingModel, text_encoder_g_with_tokenizer
 from refiners_sdxl.folder import check_sdxl_refiner_components, read_sdxl_refiner_folder
 from refiners_sdxl.own_format import REFINER_OWN_INDEX, component_file
 from refiners_sdxl.single_file import load_sdxl_refiner_single_file
@@ -25,41 +24,18 @@ from refiners_sdxl.unet import SDXLUNet
 DEFAULT_SIZE = (1024, 1024)
 
 
-def refiner_first_step(solver: Solver, denoising_end: float) -> int:
-    """The step where the base model hands over to the refiner when it denoises the first `denoising_end` fraction of
-    the schedule, as diffusers' `denoising_end` (base) and `denoising_start` (refiner): the first of `solver`'s steps
-    whose timestep is below `round((1 - denoising_end) * num_train_timesteps)`.
-
-    The base runs `range(solver.first_inference_step, step)`, the refiner a solver of the same kind and settings
-    with `first_inference_step=step`, from the base's latents as they are (no noise added). Raises ValueError
-    unless `denoising_end` is strictly between 0 and 1, or when the split leaves either model no step.
-    """
-    check_finite("denoising_end", denoising_end)
-    if not 0.0 < denoising_end < 1.0:
-        raise ValueError(f"denoising_end must be strictly between 0 and 1, got {denoising_end}")
-    cutoff = round(solver.num_train_timesteps - denoising_end * solver.num_train_timesteps)
-    step = int((solver.timesteps >= cutoff).sum().item())
-    if not solver.first_inference_step < step < solver.num_inference_steps:
-        raise ValueError(
-            f"denoising_end={denoising_end} hands over at step {step} of {solver.num_inference_steps} (timestep "
-            f"cutoff {cutoff}, the solver starting at step {solver.first_inference_step}): the base or the refiner "
-            "would run no step; use more steps or another fraction"
-        )
-    return step
-
-
 class StableDiffusion_XL_Refiner(SDXLDenoisingModel[CLIPTextEncoderG]):
     """The SDXL refiner: `unet` (CLIP-G text only, five time ids), `lda` and `clip_text_encoder` (CLIP-G), driven by
     `solver`, usually on the last steps of a run whose first steps the base model made.
 
         sdxl = StableDiffusion_XL.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
         refiner = StableDiffusion_XL_Refiner.from_pretrained("stabilityai/stable-diffusion-xl-refiner-1.0")
-        sdxl.solver = DPMSolver(num_inference_steps=40, **sdxl.solver_defaults)
+        sdxl.solver = DPMSolver(num_inference_steps=40)  # with the model's spacing (SDXL's: "leading")
         handover = refiner_first_step(sdxl.solver, denoising_end=0.8)
         x = sdxl.init_latents(size=(1024, 1024), seed=2)
         for step in range(handover):
             x = sdxl(x, step=step, clip_text_embedding=..., pooled_text_embedding=..., time_ids=sdxl.default_time_ids)
-        refiner.solver = DPMSolver(num_inference_steps=40, first_inference_step=handover, **refiner.solver_defaults)
+        refiner.solver = DPMSolver(num_inference_steps=40, first_inference_step=handover)
         clip_text_embedding, pooled_text_embedding = refiner.compute_clip_text_embedding("a cute cat")
         for step in refiner.steps:
             x = refiner(x, step=step, clip_text_embedding=clip_text_embedding,
@@ -108,12 +84,17 @@ class StableDiffusion_XL_Refiner(SDXLDenoisingModel[CLIPTextEncoderG]):
         check_sdxl_refiner_components(unet, clip_text_encoder.config)
 
     @classmethod
-    def _read_folder(cls, path_or_repo_id: PathOrRepoId, *, revision: str | None) -> dict[str, Any]:
-        return read_sdxl_refiner_folder(path_or_repo_id, revision=revision).solver_defaults
+    def _read_folder(
+        cls, path_or_repo_id: PathOrRepoId, *, revision: str | None
+    ) -> tuple[dict[str, Any], CLIPTokenizer | None]:
+        folder = read_sdxl_refiner_folder(path_or_repo_id, revision=revision)
+        return folder.solver_defaults, folder.tokenizer_2
 
     @classmethod
-    def _load_text_encoder(cls, path_or_repo_id: PathOrRepoId, options: Mapping[str, Any]) -> CLIPTextEncoderG:
-        return CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options)
+    def _load_text_encoder(
+        cls, path_or_repo_id: PathOrRepoId, options: Mapping[str, Any], tokenizer_2: CLIPTokenizer | None
+    ) -> CLIPTextEncoderG:
+        return text_encoder_g_with_tokenizer(CLIPTextEncoderG.from_pretrained(path_or_repo_id, **options), tokenizer_2)
 
     @classmethod
     def _load_single_file(

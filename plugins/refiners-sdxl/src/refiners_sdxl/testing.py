@@ -135,6 +135,23 @@ SDXL_SCHEDULER: dict[str, Any] = {
 }
 """stabilityai/stable-diffusion-xl-base-1.0, `scheduler/scheduler_config.json` (the refiner's is the same)."""
 
+SDXL_TOKENIZER_2_CONFIG: dict[str, Any] = {
+    "add_prefix_space": False,
+    "bos_token": {"__type": "AddedToken", "content": "<|startoftext|>", "lstrip": False, "normalized": True,
+                  "rstrip": False, "single_word": False},
+    "clean_up_tokenization_spaces": True,
+    "do_lower_case": True,
+    "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True,
+                  "rstrip": False, "single_word": False},
+    "errors": "replace",
+    "model_max_length": 77,
+    "pad_token": "!",
+    "tokenizer_class": "CLIPTokenizer",
+    "unk_token": {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "normalized": True,
+                  "rstrip": False, "single_word": False},
+}  # fmt: skip
+"""stabilityai/stable-diffusion-xl-base-1.0, `tokenizer_2/tokenizer_config.json` (CLIP-G's: pads with `!`)."""
+
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
     """Draw every parameter independently (weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1)),
@@ -273,3 +290,26 @@ def original_layout_checkpoint(
         clip_l = {key.removeprefix("text_model."): value for key, value in text_encoder.state_dict().items()}
         checkpoint |= {f"conditioner.embedders.0.transformer.text_model.{key}": value for key, value in clip_l.items()}
     return {key: value.contiguous() for key, value in checkpoint.items()}
+
+
+def write_small_sdxl_refiner_folder(folder: Path) -> Path:
+    """Save a small SDXL refiner as a diffusers folder in `folder` (a `StableDiffusionXLImg2ImgPipeline` of
+    `SMALL_REFINER_UNET`, randomized with its own seed, and `small_sdxl_pipeline()`'s autoencoder, CLIP-G-like text
+    encoder and scheduler; no `text_encoder`, aesthetic-score time ids), and return it."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    base = small_sdxl_pipeline()
+    unet = UNet2DConditionModel(**SMALL_REFINER_UNET).eval()
+    randomize(unet, 4)
+    StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,  # pyright: ignore[reportArgumentType]
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,  # pyright: ignore[reportArgumentType]
+        tokenizer_2=None,  # pyright: ignore[reportArgumentType]
+        unet=unet,
+        scheduler=base.scheduler,
+        requires_aesthetics_score=True,
+        add_watermarker=False,
+    ).save_pretrained(folder)
+    return folder

@@ -7,7 +7,7 @@ registry then exposes them by name, e.g. `registry().adapters["lora"].create(tar
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +74,7 @@ class ModelSpec:
     and `quiet` (bool: no model trees); it builds the model with random weights (no download), prints what it
     does, and returns its checks as `(description, passed)` pairs, which `refiners demo` lists with its own.
 
-    A model that `refiners generate` can run gives the three other fields:
+    A model that `refiners generate` can run gives `detect`, `default_size` and `generate`, and may give the others:
 
     - `detect(source)`: `source` is `--model` as the user gave it (a local folder or file, or a hub id). Returns a
       short phrase saying what shows `source` holds this kind of model ("model_index.json's _class_name is
@@ -84,10 +84,18 @@ class ModelSpec:
     - `generate(model, *, prompt, negative_prompt, make_solver, size, guidance, seed, init_image, after_step)`: one
       image from `model` (what `loader(source, device=..., dtype=...)` returned), as a `PIL.Image.Image`.
       `make_solver(**settings)` builds the solver the user chose, with the number of steps and the first step
-      already set; `generate` passes the model's own solver settings (e.g. its timestep spacing) and uses it.
-      `size` is `(width, height)`; `init_image` (a `PIL.Image.Image` or None) starts image-to-image from the
-      solver's first step; `after_step(step, latents)` is called after each denoising step and may raise to stop.
-      Raises ValueError for latents the autoencoder cannot decode.
+      already set (`settings` override them, e.g. `first_inference_step` for a refiner); the model gives it its own
+      settings (e.g. its timestep spacing) when it is set on it. `size` is `(width, height)`; `init_image` (a
+      `PIL.Image.Image` or None) starts image-to-image from the solver's first step; `after_step(step, latents)` is
+      called after each denoising step and may raise to stop. With a `refiner`, it also receives `refiner=` (what
+      the refiner's loader returned) and `refiner_fraction=` (the last part of the steps the refiner runs, in
+      (0, 1)). Raises ValueError for latents the autoencoder cannot decode or a split of the steps that leaves a
+      model none.
+    - `default_guidance`: the classifier-free guidance scale generated with when none is given.
+    - `solver_defaults`: the solver settings of the model's published scheduler config (keyword arguments of a
+      `Solver`, e.g. `{"timestep_spacing": "leading"}`), for the checks made before the model is loaded.
+    - `refiner`: the name of the registered model (without `generate`) that `--refiner` loads and runs after this
+      one on the last steps.
     """
 
     name: str
@@ -97,9 +105,21 @@ class ModelSpec:
     detect: Callable[[str], str | None] | None = None
     default_size: tuple[int, int] | None = None
     generate: Callable[..., Any] | None = None
+    default_guidance: float | None = None
+    solver_defaults: Mapping[str, Any] | None = None
+    refiner: str | None = None
 
     def __post_init__(self) -> None:
         check_name("model", self.name)
+        if self.refiner is not None:
+            check_name(f"model {self.name!r}: refiner", self.refiner)
+        guidance = self.default_guidance
+        if guidance is not None and (
+            isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance < float("inf")  # pyright: ignore[reportUnnecessaryIsInstance]
+        ):
+            raise TypeError(f"model {self.name!r}: default_guidance must be a finite number >= 0, got {guidance!r}")
+        if self.solver_defaults is not None and not isinstance(self.solver_defaults, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"model {self.name!r}: solver_defaults must be a mapping, got {self.solver_defaults!r}")
         _check_callable("model", self.name, "loader", self.loader)
         for role in ("demo", "detect", "generate"):
             if (value := getattr(self, role)) is not None:

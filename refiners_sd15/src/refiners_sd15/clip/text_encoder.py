@@ -255,11 +255,7 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
     ) -> None:
         if tokenizer is None:
             tokenizer = CLIPTokenizer(sequence_length=config.max_sequence_length)
-        if tokenizer.sequence_length > config.max_sequence_length:
-            raise ValueError(
-                f"{type(self).__name__}: the tokenizer gives sequences of {tokenizer.sequence_length} ids but the "
-                f"encoder has max_sequence_length={config.max_sequence_length} positions"
-            )
+        _check_sequence_length(self, tokenizer, config)
         self.config = config
         dim = config.embedding_dim
         embeddings = fl.Sum(
@@ -287,6 +283,12 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
         """The tokenizer applied to prompts (it holds no weights: it is not part of the state_dict)."""
         return self.ensure_find(TokenIds).tokenizer
 
+    def set_tokenizer(self, tokenizer: CLIPTokenizer) -> None:
+        """Apply `tokenizer` to prompts from now on (a folder's own settings, e.g. SDXL's `tokenizer_2/`). Raises
+        ValueError for a tokenizer of longer sequences than the config's `max_sequence_length`."""
+        _check_sequence_length(self, tokenizer, self.config)
+        self.ensure_find(TokenIds).tokenizer = tokenizer
+
     def foreign_module_names(self, convention: str) -> dict[str, str]:
         """transformers or kohya module name -> our layer path (the `ForeignModuleNames` protocol, for LoRA files).
 
@@ -307,6 +309,14 @@ class CLIPTextEncoderL(PretrainedComponent, fl.Chain):
             f"embedding_dim={config.embedding_dim}, num_layers={config.num_layers}, "
             f"num_attention_heads={config.num_attention_heads}"
             + ("" if config.output == "last_hidden_state" else f", output={config.output!r}")
+        )
+
+
+def _check_sequence_length(encoder: CLIPTextEncoderL, tokenizer: CLIPTokenizer, config: CLIPTextEncoderConfig) -> None:
+    if tokenizer.sequence_length > config.max_sequence_length:
+        raise ValueError(
+            f"{type(encoder).__name__}: the tokenizer gives sequences of {tokenizer.sequence_length} ids but the "
+            f"encoder has max_sequence_length={config.max_sequence_length} positions"
         )
 
 

@@ -10,6 +10,6 @@ timestep spacings are options. A plugin adds its own by subclassing `Solver` and
 from refiners_sd15.solvers.ddim import DDIM
 from refiners_sd15.solvers.dpm_solver import DPMSolver
 from refiners_sd15.solvers.euler import Euler
-from refiners_sd15.solvers.solver import Solver, TimestepSpacing
+from refiners_sd15.solvers.solver import SD15_SCHEDULE, Solver, TimestepSpacing, denoising_end_step
 
-__all__ = ["DDIM", "DPMSolver", "Euler", "Solver", "TimestepSpacing"]
+__all__ = ["DDIM", "SD15_SCHEDULE", "DPMSolver", "Euler", "Solver", "TimestepSpacing", "denoising_end_step"]

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from functools import cached_property
-from typing import ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, Self, get_args
 
 import torch
 
+from refiners_core.checks import check_finite
+
 TimestepSpacing = Literal["leading", "linspace", "trailing"]
 """How the inference timesteps are spread over the training ones (Table 2 of arXiv:2305.08891)."""
+SD15_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "steps_offset": 1,
+}
+"""The noise schedule settings a solver uses when neither its constructor nor a model gives them: SD1.5's."""
 
 
 class Solver(ABC):
@@ -35,23 +45,36 @@ class Solver(ABC):
         *,
         first_inference_step: int = 0,
         timestep_spacing: TimestepSpacing | None = None,
-        num_train_timesteps: int = 1000,
-        beta_start: float = 0.00085,
-        beta_end: float = 0.012,
-        steps_offset: int = 1,
+        num_train_timesteps: int | None = None,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+        steps_offset: int | None = None,
     ) -> None:
-        """Raise ValueError if the number of steps, the first step or the spacing is out of range."""
-        if not 1 <= num_inference_steps <= num_train_timesteps:
+        """Settings left to None are the model's: `model.solver = solver` gives them the values of the model's
+        scheduler config (`with_defaults(model.solver_defaults)`, SDXL's "leading" spacing), and they are otherwise
+        SD1.5's (`SD15_SCHEDULE`, the class's `default_spacing`). Raise ValueError if the number of steps, the first
+        step or the spacing is out of range."""
+        given = {
+            "timestep_spacing": timestep_spacing,
+            "num_train_timesteps": num_train_timesteps,
+            "beta_start": beta_start,
+            "beta_end": beta_end,
+            "steps_offset": steps_offset,
+        }
+        self.given_settings: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+        """The settings given to the constructor (None is not given): those a model's defaults do not replace."""
+        settings = {**SD15_SCHEDULE, "timestep_spacing": self.default_spacing, **self.given_settings}
+        train: int = settings["num_train_timesteps"]
+        spacing: TimestepSpacing = settings["timestep_spacing"]
+        if not 1 <= num_inference_steps <= train:
             raise ValueError(
-                f"{type(self).__name__}: num_inference_steps must be between 1 and {num_train_timesteps}, "
-                f"got {num_inference_steps}"
+                f"{type(self).__name__}: num_inference_steps must be between 1 and {train}, got {num_inference_steps}"
             )
         if not 0 <= first_inference_step < num_inference_steps:
             raise ValueError(
                 f"{type(self).__name__}: first_inference_step must be between 0 and {num_inference_steps - 1} "
                 f"(num_inference_steps - 1), got {first_inference_step}"
             )
-        spacing = self.default_spacing if timestep_spacing is None else timestep_spacing
         if spacing not in get_args(TimestepSpacing):
             raise ValueError(
                 f"{type(self).__name__}: timestep_spacing must be one of {', '.join(get_args(TimestepSpacing))}, "
@@ -60,13 +83,29 @@ class Solver(ABC):
         self.num_inference_steps = num_inference_steps
         self.first_inference_step = first_inference_step
         self.timestep_spacing: TimestepSpacing = spacing
-        self.num_train_timesteps = num_train_timesteps
-        self.steps_offset = steps_offset
-        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        self.num_train_timesteps: int = train
+        self.steps_offset: int = settings["steps_offset"]
+        start, end = float(settings["beta_start"]), float(settings["beta_end"])
+        betas = torch.linspace(start**0.5, end**0.5, train, dtype=torch.float32) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         """Cumulative product of `1 - beta` per training timestep (float32)."""
         self.timesteps = self.timesteps_for(spacing)
         """The UNet timestep of each inference step, from the noisiest down."""
+
+    def with_defaults(self, defaults: Mapping[str, Any]) -> Self:
+        """This solver with the settings it was not given taken from `defaults` (a model's `solver_defaults`, the
+        constructor's keyword arguments its scheduler config gives), as a new solver of the same class; itself when
+        `defaults` changes nothing. A subclass whose constructor takes other arguments overrides it."""
+        missing = {key: value for key, value in defaults.items() if key not in self.given_settings}
+        if not missing:
+            return self
+        solver = type(self)(
+            self.num_inference_steps,
+            first_inference_step=self.first_inference_step,
+            **{**missing, **self.given_settings},
+        )
+        solver.given_settings = dict(self.given_settings)  # still the user's: another model may fill the rest
+        return solver
 
     @property
     def inference_steps(self) -> range:
@@ -119,6 +158,31 @@ class Solver(ABC):
             f"{type(self).__name__}(num_inference_steps={self.num_inference_steps}, "
             f"first_inference_step={self.first_inference_step}, timestep_spacing={self.timestep_spacing!r})"
         )
+
+
+def denoising_end_step(solver: Solver, denoising_end: float) -> int:
+    """The step where a base model hands over to a refiner (refiners-sdxl's `refiner_first_step`) when it denoises the
+    first `denoising_end` fraction of the schedule, as diffusers' `denoising_end` (base) and `denoising_start`
+    (refiner): the first of `solver`'s steps whose timestep is below `round((1 - denoising_end) *
+    num_train_timesteps)`.
+
+    The base runs `range(solver.first_inference_step, step)`, the refiner a solver of the same kind and settings
+    with `first_inference_step=step`, from the base's latents as they are (no noise added). Raises ValueError
+    unless `denoising_end` is strictly between 0 and 1, or when the split leaves either model no step.
+    """
+    check_finite("denoising_end", denoising_end)
+    if not 0.0 < denoising_end < 1.0:
+        raise ValueError(f"denoising_end must be strictly between 0 and 1, got {denoising_end}")
+    cutoff = round(solver.num_train_timesteps - denoising_end * solver.num_train_timesteps)
+    step = int((solver.timesteps >= cutoff).sum().item())
+    if not solver.first_inference_step < step < solver.num_inference_steps:
+        idle = "the base model" if step <= solver.first_inference_step else "the refiner"
+        raise ValueError(
+            f"denoising_end={denoising_end:g} hands over at step {step} of {solver.num_inference_steps} (timestep "
+            f"cutoff {cutoff}, the solver starting at step {solver.first_inference_step}): {idle} would run no step; "
+            "use more steps or another fraction"
+        )
+    return step
 
 
 def trailing_timesteps(num_train_timesteps: int, num_inference_steps: int) -> torch.Tensor:
