@@ -29,7 +29,7 @@ from pathlib import Path
 from timing import environment, markdown_table
 
 BENCH = Path(__file__).resolve().parent
-RELEASES = ("refiners-core", "refiners-lora", "refiners-sd15", "refiners-sam")
+RELEASES = ("refiners-core", "refiners-lora", "refiners-sd15", "refiners-sam", "refiners-sdxl")
 REFERENCES = ("diffusers", "transformers", "accelerate", "peft", "segment-anything", "safetensors")
 
 # name -> (arguments of the suite run, arguments of the quick check)
@@ -43,6 +43,10 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     ),
     "sam": (["--rounds", "2"], ["--rounds", "1"]),
     "lora": (["--rounds", "3"], ["--latent-size", "8", "--rounds", "1"]),
+    "sdxl": (
+        ["--latent-size", "32", "--rounds", "2", "--repeats", "1"],
+        ["--latent-size", "8", "--rounds", "1", "--repeats", "1"],
+    ),
 }
 
 
