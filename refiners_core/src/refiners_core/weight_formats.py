@@ -19,10 +19,8 @@ import io
 import json
 import math
 import mmap
-import os
 import pickle
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
@@ -40,8 +38,6 @@ MAX_INFLATION = 32
 never compresses; float weights deflate by about 10%)."""
 _ALIGNMENT = 64
 _HUGE_PAGE = 2 * 2**20
-_PIECE = 64 * 2**20
-_MAX_READERS = 4
 
 
 class WeightsError(ValueError):
@@ -170,9 +166,8 @@ def _natural(value: object) -> bool:
 def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a safetensors file, copied into this process's memory (see the module doc).
 
-    All tensors are views of one buffer, each aligned to 64 bytes, filled from the file: the weights are held once,
-    and no mapping of the file remains. A big file is read in 64 MiB pieces by as many threads as there are usable
-    CPUs (at most 4): copying gigabytes out of the page cache is bound by one core's copy and page-fault speed.
+    All tensors are views of one buffer, each aligned to 64 bytes, filled tensor by tensor from the file: the
+    weights are held once, and no mapping of the file remains.
     """
     entries, metadata, data_start = read_safetensors_header(file, size, path)
     slots: list[int] = []
@@ -182,38 +177,19 @@ def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, t
         total += -(-(entry.end - entry.begin) // _ALIGNMENT) * _ALIGNMENT
     buffer = _allocate(total)
     view = memoryview(cast(Any, buffer.numpy())) if total else memoryview(bytearray())
-    pieces = [
-        (data_start + entry.begin + offset, slot + offset, min(_PIECE, entry.end - entry.begin - offset), entry.name)
-        for entry, slot in zip(entries, slots, strict=True)
-        for offset in range(0, entry.end - entry.begin, _PIECE)
-    ]
-    descriptor = file.fileno()
-
-    def read(piece: tuple[int, int, int, str]) -> None:
-        position, slot, length, name = piece
+    reader = cast(io.BufferedReader, file)
+    file.seek(data_start)
+    tensors: dict[str, torch.Tensor] = {}
+    for entry, slot in zip(entries, slots, strict=True):
+        length = entry.end - entry.begin
         filled = 0
         while filled < length:
-            read = os.preadv(descriptor, [view[slot + filled : slot + length]], position + filled)
+            read = reader.readinto(view[slot + filled : slot + length])
             if not read:
-                raise WeightsError(f"cannot read {path} as safetensors: the file ended inside tensor '{name}'")
+                raise WeightsError(f"cannot read {path} as safetensors: the file ended inside tensor '{entry.name}'")
             filled += read
-
-    workers = min(_MAX_READERS, _usable_cpus(), -(-total // _PIECE))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(read, pieces))
-    else:
-        for piece in pieces:
-            read(piece)
-    tensors = {
-        entry.name: buffer[slot : slot + entry.end - entry.begin].view(entry.dtype).view(entry.shape)
-        for entry, slot in zip(entries, slots, strict=True)
-    }
-    return {name: tensors[name] for name in sorted(tensors)}, metadata
-
-
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        tensors[entry.name] = buffer[slot : slot + length].view(entry.dtype).view(entry.shape)
+    return {entry.name: tensors[entry.name] for entry in sorted(entries, key=lambda e: e.name)}, metadata
 
 
 def _allocate(size: int) -> torch.Tensor:
