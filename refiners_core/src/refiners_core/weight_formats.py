@@ -18,7 +18,6 @@ import collections
 import io
 import json
 import math
-import mmap
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -37,7 +36,6 @@ MAX_INFLATION = 32
 """How many times its compressed size a compressed archive entry of more than 1 MiB may inflate to (torch itself
 never compresses; float weights deflate by about 10%)."""
 _ALIGNMENT = 64
-_HUGE_PAGE = 2 * 2**20
 
 
 class WeightsError(ValueError):
@@ -175,7 +173,7 @@ def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, t
     for entry in entries:
         slots.append(total)
         total += -(-(entry.end - entry.begin) // _ALIGNMENT) * _ALIGNMENT
-    buffer = _allocate(total)
+    buffer = torch.empty(total, dtype=torch.uint8)
     view = memoryview(cast(Any, buffer.numpy())) if total else memoryview(bytearray())
     reader = cast(io.BufferedReader, file)
     file.seek(data_start)
@@ -190,18 +188,6 @@ def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, t
             filled += read
         tensors[entry.name] = buffer[slot : slot + length].view(entry.dtype).view(entry.shape)
     return {entry.name: tensors[entry.name] for entry in sorted(entries, key=lambda e: e.name)}, metadata
-
-
-def _allocate(size: int) -> torch.Tensor:
-    """An uninitialised byte buffer of this process's memory. From 2 MiB on Linux, an anonymous mapping the kernel may
-    back with transparent huge pages (`MADV_HUGEPAGE`): filling gigabytes of weights then takes one page fault per
-    2 MiB instead of one per 4 KiB, which makes reading a big model about a third faster. It is private memory all
-    the same (no file behind it), released when the last tensor viewing it is."""
-    if size < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(size, dtype=torch.uint8)
-    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(memory, dtype=torch.uint8)
 
 
 _STORAGE_ITEMSIZES = {
