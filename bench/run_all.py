@@ -3,11 +3,12 @@
     python bench/run_all.py [--only NAME,...] [--quick] [--results DIR]
 
 Each benchmark runs as its own process, one after the other, with the settings of `SUITE` (chosen so that the suite
-takes under 20 minutes on a quiet 2-core CPU; each script's own defaults, described in `bench/README.md`, take longer
-and are the ones the targets are judged at), and writes its report into the results folder. The summary gathers
-the environment, the time each benchmark took, every ratio (ours / reference, and ours / ours for the LoRA states)
-with its target, every accuracy figure (max abs difference of the outputs), then each report in full. A benchmark
-that fails is reported as such and the others still run; the exit status is then 1.
+takes under 20 minutes on a quiet 2-core CPU without SDXL, about 6 more with SDXL; each script's own defaults,
+described in `bench/README.md`, take longer and are the ones the targets are judged at), and writes its report into
+the results folder. The summary gathers the environment, the time each benchmark took, every ratio (ours /
+reference, and ours / ours for the LoRA states) with its target, every accuracy figure (max abs difference of the
+outputs), then each report in full. A benchmark that fails is reported as such and the others still run; the exit
+status is then 1.
 
 `--quick` runs each benchmark at its smallest setting (a few seconds to a minute each) to check that the suite
 works, writing into a temporary folder unless `--results` is given: its numbers are not meant to be read.
@@ -29,7 +30,7 @@ from pathlib import Path
 from timing import environment, markdown_table
 
 BENCH = Path(__file__).resolve().parent
-RELEASES = ("refiners-core", "refiners-lora", "refiners-sd15", "refiners-sam")
+RELEASES = ("refiners-core", "refiners-lora", "refiners-sd15", "refiners-sam", "refiners-sdxl")
 REFERENCES = ("diffusers", "transformers", "accelerate", "peft", "segment-anything", "safetensors")
 
 # name -> (arguments of the suite run, arguments of the quick check)
@@ -43,6 +44,10 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     ),
     "sam": (["--rounds", "2"], ["--rounds", "1"]),
     "lora": (["--rounds", "3"], ["--latent-size", "8", "--rounds", "1"]),
+    "sdxl": (
+        ["--latent-size", "32", "--rounds", "2", "--repeats", "1"],
+        ["--latent-size", "8", "--rounds", "1", "--repeats", "1"],
+    ),
 }
 
 

@@ -8,7 +8,6 @@ Reference: diffusers' `AutoencoderKL` with the published `vae/config.json` of st
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -16,26 +15,9 @@ from diffusers import AutoencoderKL  # pyright: ignore[reportPrivateImportUsage]
 
 from refiners_sd15 import SD1Autoencoder
 from refiners_sdxl import SDXL_AUTOENCODER
+from refiners_sdxl.testing import SDXL_VAE_CONFIG
 
 TOLERANCE = 1e-4
-
-# stabilityai/stable-diffusion-xl-base-1.0, vae/config.json
-SDXL_VAE_CONFIG: dict[str, Any] = {
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.20.0.dev0",
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "force_upcast": True,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 1024,
-    "scaling_factor": 0.13025,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-}
 
 
 def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:

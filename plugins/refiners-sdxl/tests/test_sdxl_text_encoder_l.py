@@ -10,33 +10,15 @@ OpenCLIP ViT-bigG with its projection is checked in refiners-sd15's tests.)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from refiners_sd15.clip import CLIP_TEXT_L_PENULTIMATE, SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderL
 from refiners_sd15.loading import load_component
+from refiners_sdxl.testing import SDXL_TEXT_ENCODER_CONFIG
 
 TOLERANCE = 1e-4
-
-# stabilityai/stable-diffusion-xl-base-1.0, text_encoder/config.json (the fields that shape the model)
-SDXL_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "architectures": ["CLIPTextModel"],
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
 
 
 def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
