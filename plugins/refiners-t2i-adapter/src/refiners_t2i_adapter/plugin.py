@@ -6,8 +6,9 @@ Heavy imports (torch, the model) happen in the hooks and in the option's `apply`
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from refiners_core.plugins import AdapterSpec, hookimpl
+from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
 
 
 @hookimpl
@@ -28,5 +29,33 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
             factory=T2IAdapter,
             summary="T2I-Adapter for SD1.5 and SDXL, steered by a condition image: T2IAdapter(unet, model, scale)",
             targets=targets,
+        )
+    )
+
+
+def _apply(model: Any, values: list[str]) -> None:
+    from refiners_t2i_adapter.cli import apply_t2i_adapter_option
+
+    apply_t2i_adapter_option(model, values)
+
+
+def _validate(values: list[str]) -> None:
+    from refiners_t2i_adapter.cli import validate_t2i_adapter_option
+
+    validate_t2i_adapter_option(values)
+
+
+@hookimpl
+def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
+    from refiners_t2i_adapter.cli import FLAG, OPTION_HELP, OPTION_METAVAR
+
+    register(
+        GenerateOptionSpec(
+            flag=FLAG,
+            apply=_apply,
+            help=OPTION_HELP,
+            metavar=OPTION_METAVAR,
+            models=("sd15", "sdxl"),
+            validate=_validate,
         )
     )
