@@ -5,9 +5,11 @@ exact eject, and the errors that leave the UNet untouched."""
 # pyright: reportPrivateImportUsage=false
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -256,3 +258,26 @@ def test_grey_images_of_any_mode_give_the_same_condition(folder: Path) -> None:
     for image in (Image.fromarray(grey).convert("RGB"), Image.fromarray(grey.astype(np.uint16) * 257)):
         assert torch.equal(t2i.set_condition(image).features(16, 16)[0], expected)
     assert isinstance(unet[0], T2IFeatures)
+
+
+def test_a_hub_id_loads_offline_from_the_hub_cache(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = tmp_path / "hub" / "models--acme--t2i-canny"
+    shutil.copytree(folder / "full", repository / "snapshots" / commit)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
+    unet = load_unet(folder)
+    t2i = T2IAdapter.from_pretrained(unet, "acme/t2i-canny", scale=0.3)
+    reference = T2IAdapter.from_pretrained(unet, folder / "full")
+    assert t2i.scale == 0.3
+    assert all(
+        torch.equal(a, b) for a, b in zip(t2i.model.state_dict().values(), reference.model.state_dict().values())
+    )
+    tree = repr(unet)
+    with pytest.raises(FileNotFoundError, match="acme/not-cached"):
+        T2IAdapter.from_pretrained(unet, "acme/not-cached")
+    assert repr(unet) == tree
