@@ -43,6 +43,7 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     ),
     "sam": (["--rounds", "2"], ["--rounds", "1"]),
     "lora": (["--rounds", "3"], ["--latent-size", "8", "--rounds", "1"]),
+    "t2i_adapter": (["--rounds", "3"], ["--latent-size", "8", "--rounds", "1"]),
 }
 
 
