@@ -42,14 +42,34 @@ SMALL_LIGHT_ADAPTER: dict[str, Any] = {
 }
 SMALL_GRAY_ADAPTER: dict[str, Any] = {**SMALL_FULL_ADAPTER, "in_channels": 1}
 
-# TencentARC/t2iadapter_canny_sd15v2, config.json (the other SD1.5 full adapters differ only in in_channels)
+# The architecture of TencentARC/t2iadapter_canny_sd15v2 (config.json's fields; canny and sketch read grayscale images,
+# the other SD1.5 full adapters RGB ones)
 SD15_CANNY_ADAPTER: dict[str, Any] = {
     "_class_name": "T2IAdapter",
-    "_diffusers_version": "0.20.0.dev0",
     "adapter_type": "full_adapter",
     "channels": [320, 640, 1280, 1280],
     "downscale_factor": 8,
     "in_channels": 1,
+    "num_res_blocks": 2,
+}
+
+# TencentARC/t2iadapter_color_sd14v1, config.json (the light adapter: no downscale_factor, diffusers' 8)
+SD14_COLOR_ADAPTER: dict[str, Any] = {
+    "_class_name": "T2IAdapter",
+    "_diffusers_version": "0.18.0.dev0",
+    "adapter_type": "light_adapter",
+    "channels": [320, 640, 1280],
+    "in_channels": 3,
+    "num_res_blocks": 4,
+}
+
+# The architecture of TencentARC/t2i-adapter-canny-sdxl-1.0 (config.json's fields, as its fine-tunes publish them)
+SDXL_CANNY_ADAPTER: dict[str, Any] = {
+    "_class_name": "T2IAdapter",
+    "adapter_type": "full_adapter_xl",
+    "channels": [320, 640, 1280, 1280],
+    "downscale_factor": 16,
+    "in_channels": 3,
     "num_res_blocks": 2,
 }
 

@@ -7,13 +7,16 @@ path. Features must agree in float32 within 1e-4 of max |reference| each.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from t2i_references import (
+    SD14_COLOR_ADAPTER,
     SD15_CANNY_ADAPTER,
+    SDXL_CANNY_ADAPTER,
     SMALL_FULL_ADAPTER,
     SMALL_LIGHT_ADAPTER,
     SMALL_XL_ADAPTER,
@@ -24,8 +27,10 @@ from t2i_references import (
 
 from refiners_core.weights import WeightsError
 from refiners_sd15.unet import SD15_UNET
+from refiners_sdxl import SDXL_BASE_UNET
 from refiners_t2i_adapter import (
     SD15_FULL_ADAPTER,
+    SDXL_FULL_ADAPTER,
     T2IAdapterConfig,
     T2IAdapterModel,
     check_fits,
@@ -62,12 +67,29 @@ def test_bin_weights_load_through_the_safe_loader(tmp_path: Path) -> None:
     assert (tmp_path / "diffusion_pytorch_model.bin").is_file()
 
 
-def test_the_published_sd15_full_adapter_matches_diffusers(tmp_path: Path) -> None:
-    """TencentARC/t2iadapter_canny_sd15v2's architecture at full size; its features fit SD1.5's UNet."""
+def test_the_published_sd15_adapters_match_diffusers_and_fit_sd15(tmp_path: Path) -> None:
+    """TencentARC/t2iadapter_canny_sd15v2 (full) and t2iadapter_color_sd14v1 (light) at full size."""
     config = t2i_adapter_config_from_diffusers(SD15_CANNY_ADAPTER)
     assert config == T2IAdapterConfig(in_channels=1) and SD15_FULL_ADAPTER.in_channels == 3
-    assert len(check_fits(config, SD15_UNET, "canny", "SD1UNet")) == 4
-    check_features(SD15_CANNY_ADAPTER, tmp_path, (64, 64))
+    for published in (SD15_CANNY_ADAPTER, SD14_COLOR_ADAPTER):
+        places = check_fits(t2i_adapter_config_from_diffusers(published), SD15_UNET, "published", "SD1UNet")
+        assert [place.stage for place in places] == [2, 5, 8, 11]  # before skips 2, 5, 8 and the last one, 11
+    check_features(SD15_CANNY_ADAPTER, tmp_path / "canny", (64, 64))
+    check_features(SD14_COLOR_ADAPTER, tmp_path / "color", (64, 64))
+
+
+def test_the_published_sdxl_adapters_fit_sdxl_base_and_not_sd15() -> None:
+    config = t2i_adapter_config_from_diffusers(SDXL_CANNY_ADAPTER)
+    assert config == replace(SDXL_FULL_ADAPTER, in_channels=3)
+    places = check_fits(config, SDXL_BASE_UNET, "canny", "SDXLUNet")
+    assert [(place.stage, place.channels, place.downscale) for place in places] == [
+        (3, 320, 16),  # after the first level's downsampling
+        (5, 640, 16),  # after the second level's last transformer, before its downsampling
+        (8, 1280, 32),
+        (None, 1280, 32),  # after the middle block
+    ]
+    with pytest.raises(ValueError, match=r"feature 0 has 320 channels at 1/16 of the image size, the UNet takes 320"):
+        check_fits(config, SD15_UNET, "canny", "SD1UNet")
 
 
 def test_save_and_reload_keeps_the_config_and_every_weight(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ SD15_FULL_ADAPTER = T2IAdapterConfig()
 SDXL_FULL_ADAPTER = T2IAdapterConfig(
     channels=(320, 640, 1280, 1280), downscale_factor=16, adapter_type="full_adapter_xl"
 )
-"""The adapters of SDXL (e.g. TencentARC/t2i-adapter-canny-sdxl-1.0, with `in_channels=1`)."""
+"""The adapters of SDXL (e.g. TencentARC/t2i-adapter-canny-sdxl-1.0)."""
 
 _OTHER_KINDS = {
     "ControlNetModel": "a ControlNet (use refiners-controlnet)",
