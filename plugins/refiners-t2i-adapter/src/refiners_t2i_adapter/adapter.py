@@ -162,7 +162,7 @@ class T2IAdapter(fl.Module, fl.Adapter[fl.Chain]):
     def from_pretrained(
         cls,
         unet: fl.Chain,
-        path_or_repo_id: PathOrRepoId | os.PathLike[str],
+        path_or_repo_id: PathOrRepoId,
         *,
         scale: float = 1.0,
         revision: str | None = None,
