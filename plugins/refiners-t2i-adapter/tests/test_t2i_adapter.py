@@ -168,8 +168,11 @@ def test_features_are_computed_once_per_size_and_follow_the_condition(folder: Pa
     t2i = T2IAdapter.from_pretrained(unet, folder / "full").inject().set_condition(random_image((32, 32), 0))
     x, timestep, text = inputs()
     ours(unet, x, timestep, text)
-    features = t2i.features(*reversed(SIZE))
-    assert features is t2i.features(*reversed(SIZE))  # cached
+    with torch.no_grad():
+        features = t2i.features(*reversed(SIZE))
+        assert features is t2i.features(*reversed(SIZE))  # cached
+    trained = t2i.features(*reversed(SIZE))  # with gradients: computed again, through the adapter's weights
+    assert trained is not features and trained[0].grad_fn is not None and torch.equal(trained[0], features[0])
     assert [tuple(feature.shape) for feature in features] == [(1, 32, 6, 8), (1, 64, 3, 4), (1, 64, 2, 2)]
     t2i.set_condition(random_image((32, 32), 1))
     assert not torch.equal(t2i.features(*reversed(SIZE))[0], features[0])

@@ -79,7 +79,8 @@ class T2IFeatures(fl.Chain):
                 f"the T2I-Adapter at `{self.get_path()}` has no condition image: call set_condition(image) on it first"
             )
         key = (height, width, device, dtype)
-        if self._cached is not None and self._cached[0] == key:
+        cache = not torch.is_grad_enabled()  # with gradients (training), the features are recomputed at every call
+        if cache and self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         if isinstance(self.condition, Image.Image):
             image = self.condition
@@ -92,7 +93,7 @@ class T2IFeatures(fl.Chain):
                 condition = F.interpolate(condition, size=(height, width), mode="bilinear", antialias=True)
         model = self[0]
         features: tuple[torch.Tensor, ...] = model(condition)
-        if not torch.is_grad_enabled():
+        if cache:
             self._cached = (key, features)
         return features
 
