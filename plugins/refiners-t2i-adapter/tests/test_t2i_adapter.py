@@ -284,3 +284,16 @@ def test_a_hub_id_loads_offline_from_the_hub_cache(
     with pytest.raises(FileNotFoundError, match="acme/not-cached"):
         T2IAdapter.from_pretrained(unet, "acme/not-cached")
     assert repr(unet) == tree
+
+
+def test_the_adapter_follows_the_unet_dtype(folder: Path) -> None:
+    """Loaded for a bfloat16 UNet, the adapter is bfloat16 too, and the step stays close to float32's."""
+    x, timestep, text = inputs()
+    image = random_image(SIZE, 0)
+    outputs: list[torch.Tensor] = []
+    for dtype in (torch.float32, torch.bfloat16):
+        unet = SD1UNet.from_pretrained(folder, dtype=dtype).eval()
+        t2i = T2IAdapter.from_pretrained(unet, folder / "full").inject().set_condition(image)
+        assert t2i.model.dtype == dtype
+        outputs.append(ours(unet, x.to(dtype), timestep, text.to(dtype)).float())
+    assert_close(outputs[1], outputs[0], 5e-2)

@@ -158,3 +158,17 @@ def test_refiners_generate_runs_sdxl_with_a_t2i_adapter(
     assert main([*arguments, *option, "--out", str(out)]) == 0, capsys.readouterr().err
     with Image.open(out) as image:
         assert image.size == (SIZE, SIZE)
+
+
+@torch.no_grad()
+def test_a_size_the_sdxl_adapter_cannot_read_is_named(reference: Reference) -> None:
+    unet = SDXLUNet.from_pretrained(reference.folder / "model").eval()
+    T2IAdapter.from_pretrained(unet, reference.folder / "xl").inject().set_condition(edges())
+    unet.set_timestep(torch.tensor([400.0]))
+    unet.set_clip_text_embedding(torch.zeros(1, 77, SMALL_SDXL_UNET_CONFIG["cross_attention_dim"]))
+    unet.set_pooled_text_embedding(torch.zeros(1, POOLED_DIM))
+    unet.set_time_ids(torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32))
+    with pytest.raises(
+        ValueError, match="condition image is 64x72: each side must be a multiple of its downscale_factor 16"
+    ):
+        unet(torch.zeros(1, 4, 9, 8))  # a 64x72 image: 72 is not a multiple of 16
