@@ -115,15 +115,19 @@ def tests_plugins(session: nox.Session, plugin: str | None) -> None:
 
 
 def _monorepo_dependencies(path: Path) -> list[str]:
-    """The packages of this repository that the plugin at `path` depends on, installed from their folders.
+    """The packages and plugins of this repository that the plugin at `path` depends on (its `test` extra included,
+    e.g. another plugin its tests use), installed from their folders.
 
     They are not released: pip must never look them up on PyPI (where another project may hold the name).
     """
-    dependencies = tomllib.loads((path / "pyproject.toml").read_text())["project"].get("dependencies", [])
+    project = tomllib.loads((path / "pyproject.toml").read_text())["project"]
+    dependencies = [*project.get("dependencies", []), *project.get("optional-dependencies", {}).get("test", [])]
     names = {
         re.split(r"[\s\[<>=!~;]", dependency, maxsplit=1)[0].lower().replace("-", "_") for dependency in dependencies
     }
-    return [_local(package) for package in PACKAGES if package in names and package != "refiners_core"]
+    packages = [_local(package) for package in PACKAGES if package in names and package != "refiners_core"]
+    plugins = [str(ROOT / "plugins" / plugin) for plugin in PLUGINS if plugin.replace("-", "_") in names]
+    return packages + plugins
 
 
 @nox.session

@@ -48,6 +48,7 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
         ["--latent-size", "32", "--rounds", "2", "--repeats", "1"],
         ["--latent-size", "8", "--rounds", "1", "--repeats", "1"],
     ),
+    "t2i_adapter": (["--rounds", "3"], ["--latent-size", "8", "--rounds", "1"]),
 }
 
 

@@ -1,5 +1,6 @@
-"""Four adapters from four separately installed packages on one SD1.5: a LoRA file (refiners-lora), a ControlNet
-(refiners-controlnet), a textual inversion (refiners-textual-inversion) and FreeU (refiners-freeu).
+"""Five adapters from five separately installed packages on one SD1.5: a LoRA file (refiners-lora), a ControlNet
+(refiners-controlnet), a textual inversion (refiners-textual-inversion), FreeU (refiners-freeu) and a T2I-Adapter
+(refiners-t2i-adapter).
 
 They go in together, each changes the generation, and ejected in another order than they went in they give back
 the exact original `state_dict` and the exact original latents (bit for bit, float32 on the CPU).
@@ -23,10 +24,11 @@ from refiners_core.module_names import DIFFUSERS
 from refiners_freeu import FreeU
 from refiners_lora import LoraManager
 from refiners_sd15 import DDIM, StableDiffusion_1
+from refiners_t2i_adapter import T2IAdapter, T2IAdapterConfig, T2IAdapterModel
 from refiners_textual_inversion import TextualInversionAdapter
 
 SIZE = (16, 16)  # pixels, and latents: the small autoencoder does not downscale
-CONDITION_SIZE = (128, 128)  # the ControlNet's condition image, 8x the latents
+CONDITION_SIZE = (128, 128)  # the ControlNet and T2I-Adapter condition images, 8x the latents
 PROMPT = "a <toy> riding a horse"
 
 
@@ -85,7 +87,7 @@ def state(sd: StableDiffusion_1) -> dict[str, torch.Tensor]:
     return {key: tensor.clone() for key, tensor in sd.state_dict().items()}
 
 
-def test_lora_controlnet_textual_inversion_and_freeu_together_then_ejected_in_another_order(
+def test_lora_controlnet_textual_inversion_freeu_and_t2i_adapter_together_then_ejected_in_another_order(
     folder: Path, tmp_path: Path
 ) -> None:
     sd = StableDiffusion_1.from_pretrained(folder)
@@ -94,7 +96,7 @@ def test_lora_controlnet_textual_inversion_and_freeu_together_then_ejected_in_an
     original_embedding, original_latents = generate(sd)
     modules_before = [type(module) for module in sd.modules()]
 
-    # In: LoRA, ControlNet, textual inversion, FreeU.
+    # In: LoRA, ControlNet, textual inversion, FreeU, T2I-Adapter.
     loras = LoraManager(sd)
     loras.add("style", lora_file(sd, tmp_path), scale=0.8)
     controlnet = ControlNetAdapter(sd.unet, controlnet_for(sd), scale=0.7)
@@ -104,6 +106,9 @@ def test_lora_controlnet_textual_inversion_and_freeu_together_then_ejected_in_an
     textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP["hidden_size"]))
     textual_inversion.inject()
     freeu = FreeU(sd.unet, s1=0.9, s2=0.2, b1=1.2, b2=1.4).inject()
+    torch.manual_seed(5)  # a full adapter of SMALL_UNET's levels: features of 32 and 64 channels
+    t2i = T2IAdapter(sd.unet, T2IAdapterModel(T2IAdapterConfig(channels=(32, 64), num_res_blocks=1)), scale=0.6)
+    t2i.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
 
     embedding, latents = generate(sd)
     assert embedding.shape == original_embedding.shape and latents.shape == original_latents.shape
@@ -115,6 +120,8 @@ def test_lora_controlnet_textual_inversion_and_freeu_together_then_ejected_in_an
     latents_by_state = [latents]
     controlnet.eject()
     latents_by_state.append(generate(sd)[1])
+    t2i.eject()
+    latents_by_state.append(generate(sd)[1])
     loras.remove("style")
     latents_by_state.append(generate(sd)[1])
     freeu.eject()
@@ -124,7 +131,7 @@ def test_lora_controlnet_textual_inversion_and_freeu_together_then_ejected_in_an
     for before, after in zip(latents_by_state, latents_by_state[1:]):
         assert not torch.allclose(before, after, atol=1e-4)
 
-    # Out: ControlNet, LoRA, FreeU, textual inversion -- and everything is exactly as it was.
+    # Out: ControlNet, T2I-Adapter, LoRA, FreeU, textual inversion -- and everything is exactly as it was.
     assert loras.names == ()
     assert [type(module) for module in sd.modules()] == modules_before
     final_state = sd.state_dict()

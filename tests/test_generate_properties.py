@@ -151,7 +151,10 @@ EMBEDDINGS |= {"{root}/missing.pt": False}
 CONTROLNETS = {"acme/controlnet-canny:{image}": True, "{root}/no-folder:{image}": False}
 CONTROLNETS |= {"acme/controlnet-canny:{image}:nan": False, "acme/controlnet-canny:{root}": False}
 CONTROLNETS |= {"acme/not-cached:{image}": False}  # offline, a hub id must be in the cache
+# Before the model loads, a T2I-Adapter value is checked as a ControlNet one is (a hub id by its cached config.json).
+T2I_ADAPTERS = dict(CONTROLNETS)
 PLUGIN_TABLES = {"--lora": LORAS, "--freeu": FREEUS, "--embedding": EMBEDDINGS, "--controlnet": CONTROLNETS}
+PLUGIN_TABLES |= {"--t2i-adapter": T2I_ADAPTERS}
 
 
 def option_values() -> dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[str]]]:
@@ -187,7 +190,7 @@ def arguments(draw: st.DrawFn) -> tuple[list[str], set[str]]:
         elif name in ("prompt", "--out"):
             chosen = [draw(valid if mode != "any" else valid | invalid)]
         else:
-            most = 2 if name in ("--lora", "--embedding", "--controlnet") else 1
+            most = 2 if name in ("--lora", "--embedding", "--controlnet", "--t2i-adapter") else 1
             chosen = draw(st.lists(valid if mode != "any" else valid | invalid, max_size=most))
         for value in chosen:
             if name == "prompt":
