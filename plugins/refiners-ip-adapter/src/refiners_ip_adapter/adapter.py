@@ -186,8 +186,8 @@ class IPAdapter(fl.Module, fl.Adapter[fl.Chain]):
             for attention in reversed(done):
                 attention.eject()
             raise
-        if self._image_embedding is not None:
-            unet.set_context(self.context_name, {"image_embedding": self._image_embedding})
+        embedding = self._image_embedding
+        unet.set_context(self.context_name, {} if embedding is None else {"image_embedding": embedding})
         return self
 
     def eject(self) -> None:

@@ -123,17 +123,17 @@ def _check_fits_unet(shape: IPAdapterWeights, unet: fl.Chain, family: str, atten
     kind = shape.kind
     if kind is not None and kind.unet != family:
         raise WeightsError(
-            f"{shape.source}: {shape.describe()} weights are for {kind.unet.upper()}, they do not fit {where} "
+            f"{shape.source}: {shape.describe()} are for {kind.unet.upper()}, they do not fit {where} "
             f"({family.upper()}, cross_attention_dim={context_dim})"
         )
     if shape.cross_attention_dim != context_dim:
         raise WeightsError(
-            f"{shape.source}: {shape.describe()} weights project images to cross_attention_dim="
+            f"{shape.source}: {shape.describe()} project images to cross_attention_dim="
             f"{shape.cross_attention_dim}, {where} has cross_attention_dim={context_dim}"
         )
     if len(shape.layers) != len(attentions):
         raise WeightsError(
-            f"{shape.source}: {shape.describe()} weights have 'ip_adapter.*' weights for {len(shape.layers)} "
+            f"{shape.source}: {shape.describe()} have 'ip_adapter.*' weights for {len(shape.layers)} "
             f"cross-attention layers, {where} has {len(attentions)}"
         )
     for index, (layer, attention) in enumerate(zip(shape.layers, attentions)):

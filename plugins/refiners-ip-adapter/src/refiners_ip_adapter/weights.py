@@ -98,13 +98,13 @@ class IPAdapterWeights:
         return None
 
     def describe(self) -> str:
-        """The kind's release names, or the widths."""
+        """What these weights are: the kind's release names, or the widths."""
         kind = self.kind
         if kind is not None:
-            return f"{kind.name} ({kind.unet}, {kind.encoder})"
+            return f"{kind.name} weights ({kind.unet}, {kind.encoder})"
         return (
-            f"an IP-Adapter ({self.projection} projection) for cross_attention_dim={self.cross_attention_dim} and "
-            f"image embeddings of {self.image_embedding_dim}"
+            f"IP-Adapter weights ({self.projection} projection, cross_attention_dim={self.cross_attention_dim}, "
+            f"image features of {self.image_embedding_dim})"
         )
 
 
