@@ -63,7 +63,7 @@ def _validate_encoder(values: list[str]) -> None:
 def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
     from refiners_ip_adapter.cli import ENCODER_HELP, OPTION_HELP, OPTION_METAVAR
 
-    models = ("sd15",)
+    models = ("sd15", "sdxl")
     register(
         GenerateOptionSpec(
             flag="--ip-adapter-encoder",
