@@ -244,3 +244,23 @@ def test_inject_twice_and_eject_without_inject_are_errors(tmp_path: Path) -> Non
 def test_a_unet_of_another_type_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="IP-Adapter adapts a SD1UNet .* got Chain"):
         IPAdapter.from_pretrained(fl.Chain(fl.Linear(2, 2)), tmp_path / "ip.safetensors")
+
+
+def test_two_ip_adapters_stack_and_eject_in_any_order(tmp_path: Path) -> None:
+    unet = small_unet()
+    output = run(unet)
+    before = snapshot(unet)
+    first = IPAdapter.from_pretrained(unet, release(tmp_path / "a", unet, seed=1), scale=0.6).inject()
+    second = IPAdapter.from_pretrained(unet, release(tmp_path / "b", unet, "perceiver", seed=2), scale=0.9).inject()
+    first.set_image_embedding(first.compute_image_embedding(image(0)))
+    second.set_image_embedding(second.compute_image_embedding(image(1)))
+    both = run(unet)
+    first.eject()
+    only_second = run(unet)
+    assert not torch.equal(both, only_second)
+    first.inject()  # now after the second: the same sum, added in another order
+    assert torch.allclose(run(unet), both, atol=1e-6)
+    second.eject()
+    first.eject()
+    assert_same(before, snapshot(unet))
+    assert torch.equal(run(unet), output)

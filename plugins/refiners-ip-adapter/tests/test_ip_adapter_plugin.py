@@ -116,7 +116,8 @@ def test_the_option_injects_one_adapter_per_value_and_a_bad_value_leaves_the_mod
     lonely.parent.mkdir()
     lonely.write_bytes(files.weights.read_bytes())
     with pytest.raises(
-        FileNotFoundError, match="no image_encoder/ folder beside .* give the image encoder with --ip-adapter-encoder"
+        FileNotFoundError,
+        match="no image encoder given, and no image_encoder/ folder .* with --ip-adapter-encoder FOLDER",
     ):
         apply(model, [f"{files.weights}:{files.image}", f"{lonely}:{files.image}"])
     with pytest.raises(TypeError, match="IP-Adapter adapts a SD1UNet"):

@@ -16,7 +16,7 @@ from refiners_clip_vision import CLIPImageEncoder, clip_image_config_from_transf
 from refiners_core.checks import check_finite, check_weights_file
 from refiners_core.model_kinds import weight_keys
 from refiners_ip_adapter.adapter import IPAdapter
-from refiners_ip_adapter.loading import ENCODER_FOLDER
+from refiners_ip_adapter.loading import image_encoder_beside
 from refiners_ip_adapter.unets import unet_family
 from refiners_sd15.generate_checks import open_image
 
@@ -113,7 +113,10 @@ def apply_ip_adapter_option(model: Any, values: list[str]) -> None:
     for value in values:
         option = parse_ip_adapter_option(value)
         try:
-            folder = given or _encoder_beside(option.weights)
+            try:
+                folder = given or image_encoder_beside(option.weights)
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"{error} with --ip-adapter-encoder FOLDER") from None
             encoder: Path | CLIPImageEncoder = encoders.get(folder.resolve(), folder)
             adapter = IPAdapter.from_pretrained(unet, option.weights, image_encoder=encoder, scale=option.scale)
             encoders[folder.resolve()] = adapter.image_encoder
@@ -125,13 +128,3 @@ def apply_ip_adapter_option(model: Any, values: list[str]) -> None:
         adapters.append(adapter)
     for adapter in adapters:
         adapter.inject()
-
-
-def _encoder_beside(weights: Path) -> Path:
-    for folder in (weights.parent / ENCODER_FOLDER, weights.parent.parent / ENCODER_FOLDER):
-        if (folder / "config.json").is_file():
-            return folder
-    raise FileNotFoundError(
-        f"no {ENCODER_FOLDER}/ folder beside {weights} or beside its folder: give the image encoder with "
-        "--ip-adapter-encoder FOLDER"
-    )

@@ -86,7 +86,7 @@ def load_ip_adapter(
 ) -> IPAdapter:
     family = unet_family(unet)
     path = Path(weights).expanduser()
-    tensors = load_tensors(resolve_path(str(path)) if not path.exists() else path)
+    tensors = load_tensors(path)
     source = str(path)
     shape = read_ip_adapter_weights(tensors, source)
     attentions = text_cross_attentions(unet)
@@ -144,6 +144,19 @@ def _check_fits_unet(shape: IPAdapterWeights, unet: fl.Chain, family: str, atten
             )
 
 
+def image_encoder_beside(weights: Path) -> Path:
+    """The `image_encoder/` folder (with a `config.json`) beside `weights`, or else beside their folder, as
+    h94/IP-Adapter lays them out. Raises FileNotFoundError naming both places."""
+    candidates = (weights.parent / ENCODER_FOLDER, weights.parent.parent / ENCODER_FOLDER)
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            return folder
+    raise FileNotFoundError(
+        f"{weights}: no image encoder given, and no {ENCODER_FOLDER}/ folder with a config.json beside it "
+        f"({candidates[0]}) or beside its folder ({candidates[1]}): pass the image encoder's folder"
+    )
+
+
 def _encoder_config(
     image_encoder: str | Path | CLIPImageEncoder | None, weights: Path
 ) -> tuple[CLIPImageEncoderConfig, Path | str]:
@@ -151,14 +164,7 @@ def _encoder_config(
     if isinstance(image_encoder, CLIPImageEncoder):
         return image_encoder.config, "the given CLIPImageEncoder"
     if image_encoder is None:
-        candidates = [weights.parent / ENCODER_FOLDER, weights.parent.parent / ENCODER_FOLDER]
-        found = next((folder for folder in candidates if (folder / "config.json").is_file()), None)
-        if found is None:
-            raise FileNotFoundError(
-                f"{weights}: no image encoder given, and no {ENCODER_FOLDER}/ folder with a config.json beside it "
-                f"({candidates[0]}) or beside its folder ({candidates[1]}): pass image_encoder=FOLDER"
-            )
-        image_encoder = found
+        image_encoder = image_encoder_beside(weights)
     config_path = resolve_path(str(image_encoder), "config.json")
     try:
         config = clip_image_config_from_transformers(json.loads(config_path.read_text(encoding="utf-8")))
