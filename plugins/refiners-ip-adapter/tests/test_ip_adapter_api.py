@@ -14,7 +14,7 @@ from PIL import Image
 import refiners_core.fluxion as fl
 from refiners_clip_vision import CLIPImageEncoder
 from refiners_clip_vision.testing import SMALL_VIT_BIGG, SMALL_VIT_H, write_reference_folder
-from refiners_core.weights import WeightsError, save_tensors
+from refiners_core.weights import WeightsError, load_tensors, save_tensors
 from refiners_ip_adapter import KINDS, ImageCrossAttention, IPAdapter, text_cross_attentions
 from refiners_ip_adapter.testing import SMALL_SD15_UNET, released_weights, write_release_folder
 from refiners_sd15.unet import SD1UNet, unet_config_from_diffusers
@@ -264,3 +264,16 @@ def test_two_ip_adapters_stack_and_eject_in_any_order(tmp_path: Path) -> None:
     first.eject()
     assert_same(before, snapshot(unet))
     assert torch.equal(run(unet), output)
+
+
+def test_the_adapter_weights_are_checked_before_the_image_encoder_weights_are_read(tmp_path: Path) -> None:
+    unet = small_unet()
+    path = release(tmp_path, unet)
+    tensors = load_tensors(path)
+    del tensors["ip_adapter.3.to_v_ip.weight"]
+    save_tensors(path, tensors)
+    (tmp_path / "image_encoder" / "model.safetensors").write_bytes(b"not weights")  # would fail if read first
+    with pytest.raises(
+        WeightsError, match=r"ip.safetensors: no weights for 1 key\(s\) .*'ip_adapter.3.to_v_ip.weight'"
+    ):
+        IPAdapter.from_pretrained(unet, path)

@@ -94,11 +94,9 @@ def load_ip_adapter(
     encoder_config, encoder_source = _encoder_config(image_encoder, path)
     _check_fits_encoder(shape, encoder_config, encoder_source)
     device, dtype = unet.device, unet.dtype
-    if isinstance(image_encoder, CLIPImageEncoder):
-        encoder = image_encoder
-    else:
-        encoder = CLIPImageEncoder.from_pretrained(str(encoder_source), device=device, dtype=dtype)
-    adapter = cls(unet, shape, encoder, attentions, scale=scale, device="meta", dtype=dtype)
+    # The IP-Adapter's own weights are checked and loaded first, then the image encoder's (the larger file).
+    placeholder = CLIPImageEncoder(encoder_config, device="meta")
+    adapter = cls(unet, shape, placeholder, attentions, scale=scale, device="meta", dtype=dtype)
     prepared = split_key_values(tensors)
     projection = {key: value for key, value in prepared.items() if key.startswith("image_proj.")}
     load_state_dict_checked(
@@ -114,6 +112,10 @@ def load_ip_adapter(
         mapping[f"ip_adapter.{2 * index + 1}.to_k_ip.weight"] = f"{index}.{KEY_WEIGHT}"
         mapping[f"ip_adapter.{2 * index + 1}.to_v_ip.weight"] = f"{index}.{VALUE_WEIGHT}"
     load_state_dict_checked(adapter.cross_attentions, layers, source=source, mapping=mapping, assign_to_device=device)
+    if isinstance(image_encoder, CLIPImageEncoder):
+        adapter.image_encoder = image_encoder
+    else:
+        adapter.image_encoder = CLIPImageEncoder.from_pretrained(str(encoder_source), device=device, dtype=dtype)
     return adapter
 
 
