@@ -115,19 +115,26 @@ def tests_plugins(session: nox.Session, plugin: str | None) -> None:
 
 
 def _monorepo_dependencies(path: Path) -> list[str]:
-    """The packages and plugins of this repository that the plugin at `path` depends on (its `test` extra included,
-    e.g. another plugin its tests use), installed from their folders.
+    """The packages of this repository that the plugin at `path` depends on (at run time or in its `test` extra, and
+    what those depend on in turn), installed from their folders.
 
     They are not released: pip must never look them up on PyPI (where another project may hold the name).
     """
-    project = tomllib.loads((path / "pyproject.toml").read_text())["project"]
-    dependencies = [*project.get("dependencies", []), *project.get("optional-dependencies", {}).get("test", [])]
-    names = {
-        re.split(r"[\s\[<>=!~;]", dependency, maxsplit=1)[0].lower().replace("-", "_") for dependency in dependencies
+    folders = {
+        _normalized(tomllib.loads((folder / "pyproject.toml").read_text())["project"]["name"]): folder
+        for folder in DISTRIBUTIONS
     }
-    packages = [_local(package) for package in PACKAGES if package in names and package != "refiners_core"]
-    plugins = [str(ROOT / "plugins" / plugin) for plugin in PLUGINS if plugin.replace("-", "_") in names]
-    return packages + plugins
+    found: list[Path] = []
+    pending = [path]
+    while pending:
+        project = tomllib.loads((pending.pop() / "pyproject.toml").read_text())["project"]
+        dependencies = [*project.get("dependencies", []), *project.get("optional-dependencies", {}).get("test", [])]
+        for dependency in dependencies:
+            folder = folders.get(_normalized(re.split(r"[\s\[<>=!~;]", dependency, maxsplit=1)[0]))
+            if folder is not None and folder != path and folder not in found:
+                found.append(folder)
+                pending.append(folder)
+    return [str(folder) for folder in found if folder.name != "refiners_core"]
 
 
 @nox.session

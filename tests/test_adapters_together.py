@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
+from PIL import Image
 from safetensors.torch import save_file
 from test_lora_sd15 import SMALL_CLIP, SMALL_UNET, SMALL_VAE
 from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
@@ -142,3 +143,60 @@ def test_lora_controlnet_textual_inversion_freeu_and_t2i_adapter_together_then_e
     assert torch.equal(final_embedding, original_embedding)
     assert torch.equal(final_latents, original_latents)
     assert torch.equal(latents_by_state[-1], original_latents)
+
+
+def test_ip_adapter_with_lora_controlnet_and_textual_inversion_then_ejected_in_another_order(
+    folder: Path, tmp_path: Path
+) -> None:
+    """An IP-Adapter (refiners-ip-adapter, released layout, Plus kind) joins LoRA, ControlNet and textual inversion on
+    the UNet's cross-attentions they share; out in another order, everything is exactly as it was."""
+    from refiners_clip_vision.testing import SMALL_VIT_H
+    from refiners_ip_adapter import IPAdapter, text_cross_attentions
+    from refiners_ip_adapter.testing import released_weights, write_release_folder
+
+    sd = StableDiffusion_1.from_pretrained(folder)
+    sd.show_progress = False
+    original_state = state(sd)
+    original_embedding, original_latents = generate(sd)
+    modules_before = [type(module) for module in sd.modules()]
+    weights = released_weights(
+        "perceiver",
+        image_embedding_dim=SMALL_VIT_H.embedding_dim,
+        cross_attention_dim=SMALL_CLIP["hidden_size"],
+        inner_dims=[attention.inner_dim for attention in text_cross_attentions(sd.unet)],
+        num_tokens=16,
+    )
+    path = write_release_folder(tmp_path / "ip", "ip-adapter.bin", weights, SMALL_VIT_H)
+    reference = Image.fromarray((torch.rand(40, 30, 3) * 255).to(torch.uint8).numpy())
+
+    # In: IP-Adapter, LoRA, ControlNet, textual inversion.
+    ip_adapter = IPAdapter.from_pretrained(sd.unet, path, scale=0.7).inject()
+    ip_adapter.set_image_embedding(ip_adapter.compute_image_embedding(reference))
+    with_ip_adapter = generate(sd)[1]
+    assert not torch.allclose(with_ip_adapter, original_latents, atol=1e-3)
+    loras = LoraManager(sd)
+    loras.add("style", lora_file(sd, tmp_path), scale=0.8)
+    controlnet = ControlNetAdapter(sd.unet, controlnet_for(sd), scale=0.7)
+    controlnet.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
+    textual_inversion = TextualInversionAdapter(sd.clip_text_encoder)
+    torch.manual_seed(4)
+    textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP["hidden_size"]))
+    textual_inversion.inject()
+    all_in = generate(sd)[1]
+
+    # Out: LoRA, IP-Adapter (which mattered), ControlNet, textual inversion.
+    loras.remove("style")
+    without_lora = generate(sd)[1]
+    ip_adapter.eject()
+    assert not torch.allclose(generate(sd)[1], without_lora, atol=1e-4)
+    controlnet.eject()
+    textual_inversion.eject()
+    assert not torch.allclose(all_in, original_latents, atol=1e-3)
+    assert [type(module) for module in sd.modules()] == modules_before
+    final_state = sd.state_dict()
+    assert final_state.keys() == original_state.keys()
+    for key, tensor in original_state.items():
+        assert torch.equal(final_state[key], tensor), key
+    final_embedding, final_latents = generate(sd)
+    assert torch.equal(final_embedding, original_embedding)
+    assert torch.equal(final_latents, original_latents)

@@ -68,6 +68,23 @@ def test_load_tensors_unwraps_a_nested_state_dict(tmp_path: Path) -> None:
     assert_same(load_tensors(path), expected)
 
 
+def test_load_tensors_flattens_one_level_of_nested_dicts(tmp_path: Path) -> None:
+    path = tmp_path / "ip-adapter.bin"
+    torch.save({"image_proj": {"proj.weight": torch.ones(2)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(3)}}, path)
+
+    assert_same(
+        load_tensors(path), {"image_proj.proj.weight": torch.ones(2), "ip_adapter.1.to_k_ip.weight": torch.zeros(3)}
+    )
+
+
+def test_load_tensors_rejects_a_nested_dict_holding_something_else(tmp_path: Path) -> None:
+    path = tmp_path / "nested.bin"
+    torch.save({"image_proj": {"proj.weight": torch.ones(2), "step": 3}}, path)
+
+    with pytest.raises(WeightsError, match=f"{path} is not a dict of tensors: entry 'image_proj': 'step' is a int"):
+        load_tensors(path)
+
+
 def test_load_tensors_rejects_a_checkpoint_with_non_tensor_entries(tmp_path: Path) -> None:
     path = tmp_path / "mixed.pt"
     torch.save({"weight": torch.zeros(2), "epoch": 3}, path)

@@ -60,9 +60,10 @@ def load_tensors(path: str | os.PathLike[str], *, device: str | torch.device = "
     """Read the tensors of a `.safetensors`, `.pth`, `.pt`, `.ckpt` or `.bin` file onto `device`.
 
     The content decides how the file is read (a safetensors file named `.pth` is read as safetensors). A torch
-    checkpoint that wraps its tensors in a `"state_dict"` entry is unwrapped. The tensors are copies in this
-    process's memory, read tensor by tensor into one buffer (the weights are held once): the file is closed and
-    unmapped on return, and whatever happens to it afterwards does not reach them.
+    checkpoint that wraps its tensors in a `"state_dict"` entry is unwrapped; one whose entries are dicts of tensors
+    (IP-Adapter's `{"image_proj": {...}, "ip_adapter": {...}}`) is flattened, keys joined by "." (`image_proj.x`).
+    The tensors are copies in this process's memory, read tensor by tensor into one buffer (the weights are held
+    once): the file is closed and unmapped on return, and whatever happens to it afterwards does not reach them.
 
     Raises FileNotFoundError if the file does not exist, WeightsError naming the file if it is not a weights file of
     a known kind (truncated, text, a git-lfs pointer, a pickle of anything but tensors...) or is a torch archive
@@ -371,8 +372,18 @@ def _tensors_of(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
         entries = cast(dict[Any, Any], entries["state_dict"])
     tensors: dict[str, torch.Tensor] = {}
     for name, value in entries.items():
+        if isinstance(name, str) and isinstance(value, dict) and value:
+            # One level of nesting, as IP-Adapter's {"image_proj": {...}, "ip_adapter": {...}}: keys joined by ".".
+            for inner, tensor in cast(dict[Any, Any], value).items():
+                if not isinstance(inner, str) or not isinstance(tensor, torch.Tensor):
+                    raise WeightsError(
+                        f"{path} is not a dict of tensors: entry {name!r}: {inner!r} is a {type(tensor).__name__}"
+                    )
+                tensors[f"{name}.{inner}"] = tensor
+            continue
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{path} is not a dict of tensors: entry {name!r} is a {type(value).__name__}")
+            kind = type(cast(object, value)).__name__
+            raise WeightsError(f"{path} is not a dict of tensors: entry {name!r} is a {kind}")
         tensors[name] = value
     return tensors
 

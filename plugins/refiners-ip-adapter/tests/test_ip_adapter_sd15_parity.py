@@ -1,0 +1,170 @@
+"""IP-Adapter on SD1.5 against diffusers' `load_ip_adapter`, on a small SD1-like UNet and a small ViT-H-like image
+encoder with random weights saved in the released layout (`image_proj.*` / `ip_adapter.*`, `.safetensors` and `.bin`):
+
+- image embeddings (diffusers' `prepare_ip_adapter_image_embeds` through the UNet's `encoder_hid_proj`, tokens of the
+  images side by side) within max |ours - reference| <= 1e-4 * max |reference|;
+- a 3-step DDIM generation with classifier-free guidance (`StableDiffusionPipeline` with `ip_adapter_image`,
+  `output_type="latent"`, the same text embeddings and seeded CPU noise), final latents within 1e-3.
+
+`linear` is the shape of ip-adapter_sd15 (and _light): 4 tokens from the projected image embedding; `perceiver` the
+shape of ip-adapter-plus_sd15 (and plus-face): 16 queries resampling the penultimate hidden states.
+"""
+
+# pyright: reportPrivateImportUsage=false
+# diffusers exports its classes lazily, which pyright reads as private imports.
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+
+from refiners_clip_vision.testing import SMALL_VIT_H, randomize
+from refiners_ip_adapter import IPAdapter, text_cross_attentions
+from refiners_ip_adapter.testing import SMALL_SD15_UNET, released_weights, write_release_folder
+from refiners_sd15 import SD15_AUTOENCODER, CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
+from refiners_sd15.solvers import DDIM
+
+SIZE = 128
+STEPS = 3
+GUIDANCE = 7.5
+TEXT_DIM = SMALL_SD15_UNET["cross_attention_dim"]
+
+
+@pytest.fixture(scope="module")
+def unet_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("sd15")
+    unet = UNet2DConditionModel(**SMALL_SD15_UNET).eval()
+    randomize(unet, seed=10)
+    unet.save_pretrained(folder / "unet")  # pyright: ignore[reportUnknownMemberType]
+    return folder
+
+
+def release(folder: Path, projection: str, suffix: str) -> Path:
+    unet = SD1UNet.from_pretrained(folder)
+    tensors = released_weights(
+        projection,  # pyright: ignore[reportArgumentType]
+        image_embedding_dim=SMALL_VIT_H.projection_dim if projection == "linear" else SMALL_VIT_H.embedding_dim,
+        cross_attention_dim=TEXT_DIM,
+        inner_dims=[attention.inner_dim for attention in text_cross_attentions(unet)],
+        num_tokens=4 if projection == "linear" else 16,
+        seed=20,
+    )
+    name = f"ip-adapter.{suffix}"
+    return write_release_folder(folder / f"{projection}-{suffix}", name, tensors, SMALL_VIT_H, seed=21)
+
+
+def reference_images(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(count)
+    sizes = [(80, 64), (64, 100)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes[:count]]
+
+
+def reference_pipeline(unet_folder: Path, weights: Path) -> Any:
+    unet = UNet2DConditionModel.from_pretrained(unet_folder / "unet").eval()  # pyright: ignore[reportUnknownMemberType]
+    vae = AutoencoderKL(  # unused with output_type="latent", but its 4 levels make the latents 1/8 of the image
+        block_out_channels=(32,) * 4,  # pyright: ignore[reportArgumentType]
+        down_block_types=("DownEncoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+        up_block_types=("UpDecoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+    )
+    scheduler.register_to_config(steps_offset=1)
+    pipe: Any = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,  # pyright: ignore[reportArgumentType]
+        tokenizer=None,  # pyright: ignore[reportArgumentType]
+        unet=cast(Any, unet),
+        scheduler=scheduler,  # pyright: ignore[reportArgumentType]
+        safety_checker=None,  # pyright: ignore[reportArgumentType]
+        feature_extractor=None,  # pyright: ignore[reportArgumentType]
+        image_encoder=None,  # pyright: ignore[reportArgumentType]
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(weights.parent), subfolder="", weight_name=weights.name, low_cpu_mem_usage=False)
+    return pipe
+
+
+def reference_embedding(pipe: Any, images: list[Image.Image]) -> torch.Tensor:
+    with torch.no_grad():
+        embeds = pipe.prepare_ip_adapter_image_embeds([images], None, "cpu", 1, True)
+        (tokens,) = pipe.unet.encoder_hid_proj(embeds)
+    return tokens.reshape(2, -1, tokens.shape[-1])
+
+
+def assert_close(ours: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
+    assert ours.shape == reference.shape, f"shape {tuple(ours.shape)} != {tuple(reference.shape)}"
+    scale = reference.abs().max().item()
+    assert scale > 0
+    error = (ours - reference).abs().max().item()
+    assert error <= tolerance * scale, f"max |ours - reference| = {error:.3g} > {tolerance} * {scale:.3g}"
+
+
+@pytest.mark.parametrize(
+    "projection, suffix, count",
+    [("linear", "safetensors", 1), ("linear", "bin", 2), ("perceiver", "safetensors", 2), ("perceiver", "bin", 1)],
+)
+def test_image_embedding_matches_diffusers(unet_folder: Path, projection: str, suffix: str, count: int) -> None:
+    weights = release(unet_folder, projection, suffix)
+    images = reference_images(count)
+    expected = reference_embedding(reference_pipeline(unet_folder, weights), images)
+    ip = IPAdapter.from_pretrained(SD1UNet.from_pretrained(unet_folder), weights)
+    ours = ip.compute_image_embedding(images)
+    assert ours.shape == (2, count * (4 if projection == "linear" else 16), TEXT_DIM)
+    assert (expected[0] - expected[1]).abs().max() > 1e-2  # the negative half differs from the image's
+    assert_close(ours, expected, 1e-4)
+
+
+def reference_latents(pipe: Any, images: list[Image.Image], scale: float, text: tuple[torch.Tensor, ...]) -> Any:
+    pipe.set_ip_adapter_scale(scale)
+    negative, positive = text
+    with torch.no_grad():
+        output = pipe(
+            prompt_embeds=positive,
+            negative_prompt_embeds=negative,
+            ip_adapter_image=[images],
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            guidance_scale=GUIDANCE,
+            generator=torch.Generator().manual_seed(6),
+            output_type="latent",
+        )
+    return cast(torch.Tensor, output.images)
+
+
+def our_latents(unet_folder: Path, weights: Path, images: list[Image.Image], scale: float, text: Any) -> torch.Tensor:
+    sd = StableDiffusion_1(
+        unet=SD1UNet.from_pretrained(unet_folder).eval(),
+        lda=SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32,) * 4), device="meta"),  # unused
+        clip_text_encoder=CLIPTextEncoderL(device="meta"),  # unused: the tests give text embeddings
+        show_progress=False,
+    )
+    ip = IPAdapter.from_pretrained(sd.unet, weights, scale=scale).inject()
+    ip.set_image_embedding(ip.compute_image_embedding(images))
+    sd.solver = DDIM(num_inference_steps=STEPS)
+    with torch.no_grad():
+        x = sd.init_latents(size=(SIZE, SIZE), seed=6)
+        for step in sd.steps:
+            x = sd(x, step=step, clip_text_embedding=torch.cat(text), condition_scale=GUIDANCE)
+    return x
+
+
+@pytest.mark.parametrize("projection, count", [("linear", 1), ("perceiver", 2)])
+def test_generation_with_ip_adapter_matches_diffusers_pipeline(unet_folder: Path, projection: str, count: int) -> None:
+    weights = release(unet_folder, projection, "safetensors")
+    generator = torch.Generator().manual_seed(4)
+    text = (torch.randn(1, 77, TEXT_DIM, generator=generator), torch.randn(1, 77, TEXT_DIM, generator=generator))
+    images = reference_images(count)
+    pipe = reference_pipeline(unet_folder, weights)
+    expected = reference_latents(pipe, images, 0.7, text)
+    without = reference_latents(pipe, images, 0.0, text)
+    assert (expected - without).abs().max() > 1e-2 * without.abs().max()  # the images steer the generation
+    assert_close(our_latents(unet_folder, weights, images, 0.7, text), expected, 1e-3)
