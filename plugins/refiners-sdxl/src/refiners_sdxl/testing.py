@@ -420,6 +420,7 @@ def write_small_sdxl_refiner_folder(folder: Path) -> Path:
         requires_aesthetics_score=True,
         add_watermarker=False,
     ).save_pretrained(folder)
+    return folder
 
 
 def write_published_sdxl_folder(folder: Path, *, seed: int = 0) -> Path:
