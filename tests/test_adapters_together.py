@@ -1,6 +1,6 @@
-"""Five adapters from five separately installed packages on one SD1.5: a LoRA file (refiners-lora), a ControlNet
-(refiners-controlnet), a textual inversion (refiners-textual-inversion), FreeU (refiners-freeu) and a T2I-Adapter
-(refiners-t2i-adapter).
+"""Adapters from separately installed packages on one SD1.5: a LoRA file (refiners-lora), a ControlNet
+(refiners-controlnet), a textual inversion (refiners-textual-inversion), FreeU (refiners-freeu), a T2I-Adapter
+(refiners-t2i-adapter) and an IP-Adapter (refiners-ip-adapter).
 
 They go in together, each changes the generation, and ejected in another order than they went in they give back
 the exact original `state_dict` and the exact original latents (bit for bit, float32 on the CPU).
@@ -145,11 +145,12 @@ def test_lora_controlnet_textual_inversion_freeu_and_t2i_adapter_together_then_e
     assert torch.equal(latents_by_state[-1], original_latents)
 
 
-def test_ip_adapter_with_lora_controlnet_and_textual_inversion_then_ejected_in_another_order(
+def test_ip_adapter_with_t2i_adapter_lora_controlnet_and_textual_inversion_then_ejected_in_another_order(
     folder: Path, tmp_path: Path
 ) -> None:
-    """An IP-Adapter (refiners-ip-adapter, released layout, Plus kind) joins LoRA, ControlNet and textual inversion on
-    the UNet's cross-attentions they share; out in another order, everything is exactly as it was."""
+    """An IP-Adapter (refiners-ip-adapter, released layout, Plus kind) joins a T2I-Adapter, a LoRA, a ControlNet and
+    a textual inversion on one UNet (the IP-Adapter and the LoRA on the cross-attentions they share); out in another
+    order, everything is exactly as it was."""
     from refiners_clip_vision.testing import SMALL_VIT_H
     from refiners_ip_adapter import IPAdapter, text_cross_attentions
     from refiners_ip_adapter.testing import released_weights, write_release_folder
@@ -182,14 +183,20 @@ def test_ip_adapter_with_lora_controlnet_and_textual_inversion_then_ejected_in_a
     torch.manual_seed(4)
     textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP["hidden_size"]))
     textual_inversion.inject()
+    without_t2i = generate(sd)[1]
+    torch.manual_seed(5)  # a full adapter of SMALL_UNET's levels: features of 32 and 64 channels
+    t2i = T2IAdapter(sd.unet, T2IAdapterModel(T2IAdapterConfig(channels=(32, 64), num_res_blocks=1)), scale=0.6)
+    t2i.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
     all_in = generate(sd)[1]
+    assert not torch.allclose(all_in, without_t2i, atol=1e-4)
 
-    # Out: LoRA, IP-Adapter (which mattered), ControlNet, textual inversion.
+    # Out: LoRA, IP-Adapter (which mattered), ControlNet, T2I-Adapter, textual inversion.
     loras.remove("style")
     without_lora = generate(sd)[1]
     ip_adapter.eject()
     assert not torch.allclose(generate(sd)[1], without_lora, atol=1e-4)
     controlnet.eject()
+    t2i.eject()
     textual_inversion.eject()
     assert not torch.allclose(all_in, original_latents, atol=1e-3)
     assert [type(module) for module in sd.modules()] == modules_before
