@@ -73,7 +73,11 @@ def test_option_values_parse(value: str, expected: ControlNetOption) -> None:
 
 @pytest.mark.parametrize(
     "value, message",
-    [("canny", "expected FOLDER:IMAGE"), (":edges.png", "expected FOLDER:IMAGE"), ("a:b:x", "'x' is not")],
+    [
+        ("canny", "expected FOLDER:IMAGE"),
+        (":edges.png", "expected FOLDER:IMAGE"),
+        ("a:b:x", "'a:b:x': the scale must be a finite number, got 'x'"),
+    ],
 )
 def test_malformed_option_values_are_refused(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from refiners_clip_vision import CLIPImageEncoder, clip_image_config_from_transformers
-from refiners_core.checks import check_finite, check_weights_file
+from refiners_core.checks import check_weights_file
 from refiners_core.model_kinds import weight_keys
 from refiners_ip_adapter.adapter import IPAdapter
 from refiners_ip_adapter.loading import image_encoder_beside
 from refiners_ip_adapter.unets import unet_family
+from refiners_sd15.adapter_options import split_adapter_value
 from refiners_sd15.generate_checks import open_image
 
 OPTION_HELP = (
@@ -47,18 +48,10 @@ def parse_ip_adapter_option(value: str) -> IPAdapterOption:
     """Parse `WEIGHTS:IMAGE[:SCALE]`, the scale 1 when absent. Paths may not contain ':' except after a drive letter
     (`C:\\\\models\\\\ip-adapter.bin`). Raises ValueError naming the value if a part is missing or the scale is not a
     finite number."""
-    parts: list[str] = []
-    for part in value.split(":"):
-        if parts and len(parts[-1]) == 1 and parts[-1].isalpha() and part[:1] in ("\\", "/"):
-            parts[-1] += ":" + part  # a Windows drive letter
-        else:
-            parts.append(part)
-    if len(parts) not in (2, 3) or not all(parts[:2]):
-        raise ValueError(
-            f"--ip-adapter {value!r}: expected {OPTION_METAVAR}, e.g. ip-adapter_sd15.safetensors:reference.png:0.6"
-        )
-    scale = check_finite(f"--ip-adapter {value!r}: the scale", parts[2]) if len(parts) == 3 else 1.0
-    return IPAdapterOption(Path(parts[0]).expanduser(), Path(parts[1]).expanduser(), scale)
+    weights, image, scale = split_adapter_value(
+        "--ip-adapter", value, OPTION_METAVAR, "ip-adapter_sd15.safetensors:reference.png:0.6"
+    )
+    return IPAdapterOption(Path(weights).expanduser(), Path(image).expanduser(), scale)
 
 
 def validate_ip_adapter_option(values: list[str]) -> None:
