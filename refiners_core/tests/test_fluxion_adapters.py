@@ -370,3 +370,35 @@ def test_an_adapter_whose_target_sits_in_a_nested_chain_injects_and_ejects() -> 
     assert inner.get_path() == "Chain.Chain"
     assert_restored(model, before)
     assert torch.equal(model(h), expected)
+
+
+class Prepend(fl.Module, Adapter[fl.Chain]):
+    """Patch the target chain in place: put a layer first in it (as the UNet adapters do)."""
+
+    def __init__(self, target: fl.Chain) -> None:
+        with self.setup_adapter(target):
+            super().__init__()
+        self.layer = fl.Multiply(2.0)
+
+    @property
+    def is_injected(self) -> bool:
+        return any(layer is self.layer for layer in self.target)
+
+    def inject(self, parent: fl.Chain | None = None) -> "Prepend":
+        self.check_in_place_injection(parent, "chain")
+        self.target.insert(0, self.layer)
+        return self
+
+
+def test_an_in_place_adapter_refuses_another_parent_and_a_second_injection(model: Model) -> None:
+    target = at(model, "Chain", fl.Chain)
+    adapter = Prepend(target)
+    with pytest.raises(
+        AdapterError, match="^Prepend patches the chain at `Model.Chain` in place: it cannot be injected into `Model`$"
+    ):
+        adapter.inject(model)
+    assert not adapter.is_injected
+    adapter.inject(target)
+    with pytest.raises(AdapterError, match="^this Prepend is already injected into `Model.Chain`$"):
+        adapter.inject()
+    assert sum(layer is adapter.layer for layer in target) == 1

@@ -111,13 +111,7 @@ class ControlNetAdapter(fl.Module, fl.Adapter[SD1UNet]):
         UNet has no `MiddleBlock` child; the UNet is then left unchanged.
         """
         unet = self.target
-        if parent is not None and parent is not unet:
-            raise fl.AdapterError(
-                f"ControlNetAdapter patches the SD1UNet at `{unet.get_path()}` in place: it cannot be injected into "
-                f"`{parent.get_path()}`"
-            )
-        if self.is_injected:
-            raise fl.AdapterError(f"this ControlNetAdapter is already injected into `{unet.get_path()}`")
+        self.check_in_place_injection(parent, "SD1UNet")
         try:
             middle = unet["MiddleBlock"]
         except KeyError as error:

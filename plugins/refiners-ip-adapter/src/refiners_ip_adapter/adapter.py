@@ -170,13 +170,7 @@ class IPAdapter(fl.Module, fl.Adapter[fl.Chain]):
         is then left unchanged.
         """
         unet = self.target
-        if parent is not None and parent is not unet:
-            raise fl.AdapterError(
-                f"IPAdapter patches the UNet at `{unet.get_path()}` in place: it cannot be injected into "
-                f"`{parent.get_path()}`"
-            )
-        if self.is_injected:
-            raise fl.AdapterError(f"this IPAdapter is already injected into `{unet.get_path()}`")
+        self.check_in_place_injection(parent, "UNet")
         done: list[ImageCrossAttention] = []
         try:
             for attention in self.cross_attentions:

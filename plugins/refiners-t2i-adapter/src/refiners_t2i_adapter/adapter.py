@@ -234,13 +234,7 @@ class T2IAdapter(fl.Module, fl.Adapter[fl.Chain]):
         is then left unchanged.
         """
         unet = self.target
-        if parent is not None and parent is not unet:
-            raise fl.AdapterError(
-                f"T2IAdapter patches the UNet at `{unet.get_path()}` in place: it cannot be injected into "
-                f"`{parent.get_path()}`"
-            )
-        if self.is_injected:
-            raise fl.AdapterError(f"this T2IAdapter is already injected into `{unet.get_path()}`")
+        self.check_in_place_injection(parent, "UNet")
         for chain, position, residual in self._slots():
             chain.insert(position, residual)
         unet.insert(0, self._layers[0])

@@ -125,6 +125,22 @@ class Adapter(Generic[T]):
             target._parents[:] = [p for p in target._parents if p is not holder]
         self._injected_into = ParentLinks()
 
+    def check_in_place_injection(self, parent: Chain | None, target_kind: str) -> None:
+        """For an adapter that patches its target in place (rather than take its place): refuse a `parent` other
+        than the target and a second injection.
+
+        Raises AdapterError naming the adapter, `target_kind` (such as "UNet") and the layer paths.
+        """
+        target = self.target
+        name = type(self).__name__
+        if parent is not None and parent is not target:
+            raise AdapterError(
+                f"{name} patches the {target_kind} at `{target.get_path()}` in place: it cannot be injected into "
+                f"`{parent.get_path()}`"
+            )
+        if self.is_injected:
+            raise AdapterError(f"this {name} is already injected into `{target.get_path()}`")
+
     def _remap_copied(self, copies: dict[int, Module]) -> None:
         """After a structural copy, point at the copies of the target, its holders and the parent."""
         self._adapter_target = [copies.get(id(self.target), self.target)]  # type: ignore[list-item]
