@@ -250,6 +250,16 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
 
 
+def random_diffusers_model(model_class: Any, config: dict[str, Any], seed: int) -> Any:
+    """`model_class.from_config(config)` (a diffusers model class) built on the meta device, so without
+    initialisation, then moved to the CPU with every parameter drawn by `randomize(model, seed)`, in eval mode."""
+    with torch.device("meta"):
+        model: torch.nn.Module = model_class.from_config(config)
+    model = model.to_empty(device="cpu").eval()
+    randomize(model, seed)
+    return model
+
+
 def small_sdxl_pipeline() -> Any:
     """A diffusers `StableDiffusionXLPipeline` of `sdxl_references()`'s base components (`SMALL_UNET`, `SMALL_VAE`,
     `SMALL_TEXT_L`, `SMALL_TEXT_G`, `SDXL_SCHEDULER`, no tokenizers: ours ship with refiners-sd15), progress bar off."""
