@@ -418,3 +418,43 @@ def test_refiners_are_told_from_base_models(sdxl_folder: Path, refiner_folder: P
         assert detect_sdxl(str(refiner)) is None, refiner
     for base in (sdxl_folder, base_components):
         assert detect_sdxl_refiner(str(base)) is None, base
+
+
+def test_a_single_file_refiner_is_told_apart_and_refines_as_its_folder_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refiner written both as a diffusers folder and as an original single file (`sd_xl_refiner_1.0.safetensors`'s
+    layout, of `refiners_sdxl.testing`'s single-file configs, whose time ids have SDXL's 256 features): the file is
+    detected as an `sdxl-refiner` (not a base model), and `--refiner FILE` writes the image `--refiner FOLDER`
+    writes."""
+    from safetensors.torch import save_file
+
+    from refiners_sdxl.testing import (
+        SINGLE_FILE_INPAINTING_UNET,
+        SINGLE_FILE_REFINER_UNET,
+        SINGLE_FILE_TEXT_G,
+        SINGLE_FILE_TEXT_L,
+        SINGLE_FILE_UNET,
+        original_layout_checkpoint,
+        sdxl_references,
+    )
+
+    references = sdxl_references(
+        SINGLE_FILE_UNET, SINGLE_FILE_INPAINTING_UNET, SINGLE_FILE_REFINER_UNET, SINGLE_FILE_TEXT_L, SINGLE_FILE_TEXT_G
+    )
+    base_folder, _, refiner_folder = references.save_folders(tmp_path / "folders")
+    single_file = tmp_path / "sd_xl_refiner.safetensors"
+    refiner_tensors = original_layout_checkpoint(references.refiner_unet, references.vae, references.text_encoder_2)
+    save_file(refiner_tensors, single_file)
+    assert detect_sdxl(str(single_file)) is None
+    assert detect_sdxl_refiner(str(single_file)) is not None
+    images: list[np.ndarray] = []
+    for refiner in (refiner_folder, single_file):
+        out = tmp_path / f"{refiner.name}.png"
+        code = generate("--model", base_folder, "--refiner", f"{refiner}:0.5", "--steps", "4", "--seed", "3",
+                        "--size", "32x32", "--out", out)  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        with Image.open(out) as image:
+            images.append(pixels(image))
+    assert images[0].std() > 0
+    assert np.abs(images[0] - images[1]).max() <= 1

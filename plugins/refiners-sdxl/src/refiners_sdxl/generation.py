@@ -20,6 +20,7 @@ from refiners_sdxl.folder import index_has_text_encoder
 from refiners_sdxl.model import StableDiffusion_XL
 from refiners_sdxl.own_format import BASE_OWN_INDEX, REFINER_OWN_INDEX
 from refiners_sdxl.refiner import StableDiffusion_XL_Refiner
+from refiners_sdxl.single_file import SDXL_REFINER_TEXT_ENCODER_FORMAT
 
 SDXL_PIPELINE_PREFIX = "StableDiffusionXL"
 """What the `_class_name` of every diffusers SDXL pipeline's `model_index.json` starts with."""
@@ -39,9 +40,10 @@ def detect_sdxl(source: str) -> str | None:
 
 
 def detect_sdxl_refiner(source: str) -> str | None:
-    """What shows that the folder or cached hub id `source` holds an SDXL refiner, or None: its
-    `refiners_sdxl_refiner.json`, `model_index.json`'s `_class_name` without a `text_encoder`, or a UNet config with
-    the `text_time` added embedding and no `text_encoder/` (CLIP-G only). Reads no weight and downloads nothing."""
+    """What shows that the folder, cached hub id or single file `source` holds an SDXL refiner, or None: its
+    `refiners_sdxl_refiner.json`, `model_index.json`'s `_class_name` without a `text_encoder`, a UNet config with
+    the `text_time` added embedding and no `text_encoder/` (CLIP-G only), or a single file whose only text encoder is
+    `conditioner.embedders.0.model.*`. Reads no weight and downloads nothing."""
     return _detect(source, refiner=True)
 
 
@@ -110,13 +112,18 @@ def _conditions(
 
 def _detect(source: str, *, refiner: bool) -> str | None:
     """`detect_sdxl` (`refiner` False) or `detect_sdxl_refiner`: the two differ by the CLIP-L text encoder, which only
-    the base model has (refiners do not come as single files here)."""
+    the base model has."""
     local = Path(source).expanduser()
     if local.is_file():
-        keys = [] if refiner else weight_keys(local) or []
-        if any(key.startswith(_SINGLE_FILE_TEXT_ENCODERS) for key in keys):
-            return f"its keys hold '{_SINGLE_FILE_TEXT_ENCODERS}*', SDXL's text encoders"
-        return None
+        text_encoders = [key for key in weight_keys(local) or [] if key.startswith(_SINGLE_FILE_TEXT_ENCODERS)]
+        if not text_encoders:
+            return None
+        refiner_prefix = SDXL_REFINER_TEXT_ENCODER_FORMAT.single_file_prefix
+        if all(key.startswith(refiner_prefix) for key in text_encoders) != refiner:
+            return None
+        if refiner:
+            return f"its only text encoder is '{refiner_prefix}*', SDXL's refiner's CLIP-G"
+        return f"its keys hold '{_SINGLE_FILE_TEXT_ENCODERS}*', SDXL's text encoders"
     own_index = REFINER_OWN_INDEX if refiner else BASE_OWN_INDEX
     if find_file(source, own_index) is not None:
         return f"it holds {own_index}"
