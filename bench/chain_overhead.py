@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from timing import Comparison, compare, environment, markdown_table, max_abs_diff
+from timing import Comparison, compare, environment, markdown_table, max_abs_diff, write_report
 from torch import nn
 
 import refiners_core.fluxion as fl
@@ -189,9 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = environment()
     results = run(args.rounds)
     text = report(results, args.rounds, env)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(text)
+    write_report(text, args.output)
     exact = all(result.max_abs_diff == 0 for result in results if result.mode == "eager")
     if not exact:
         print("error: eager outputs differ, the two sides do not compute the same thing", file=sys.stderr)

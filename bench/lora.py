@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from sd15_components import save_unet, source_commit
-from timing import Comparison, Timing, environment, markdown_table, max_abs_diff
+from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, unet_step_parser, write_report
 from torch import nn
 
 TIMESTEP = 500
@@ -194,19 +194,13 @@ per-round ratios). The last column is max |ours - diffusers| / max |diffusers| f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default: 7)")
-    parser.add_argument("--latent-size", type=int, default=32, help="latent height and width (default: 32)")
+    parser = unet_step_parser(__doc__ or "", Path("bench/results/lora.md"))
     parser.add_argument("--rank", type=int, default=16, help="rank of each LoRA (default: 16)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
-    parser.add_argument("--output", type=Path, default=Path("bench/results/lora.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     comparisons, differences, lora_parameters = measure(args.rounds, args.latent_size, args.rank)
     text = report(comparisons, differences, lora_parameters, args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(text)
+    write_report(text, args.output)
     return 0 if all(value <= 1e-4 for value in differences.values()) else 1
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from timing import Comparison, compare, environment, markdown_table, max_abs_diff
+from timing import Comparison, compare, environment, markdown_table, max_abs_diff, write_report
 
 # The reference and its random weights come from the parity tests' helper, which also makes segment-anything
 # importable without torchvision.
@@ -193,9 +193,7 @@ def main() -> int:
                 lambda: ours(x), lambda: reference(x), rounds=args.rounds, warmup_rounds=0, calls_per_round=1
             )
     text = report(comparison, difference, scale, rss)
-    print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
+    write_report(text, args.output)
     return 0
 
 

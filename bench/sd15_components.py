@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
-from timing import Comparison, compare, environment, markdown_table, max_abs_diff
+from timing import Comparison, compare, environment, markdown_table, max_abs_diff, write_report
 from torch import nn
 
 # The published SD1.5 configs live beside the parity tests, which build their references from them too.
@@ -436,9 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rounds = args.rounds or COMPONENTS[name].default_rounds
             results.append(measure(name, Path(folder), args.latent_size, rounds))
     text = report(results, args.latent_size, env)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(text)
+    write_report(text, args.output)
     return 0
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from sd15_components import save_text_encoder, save_unet, save_vae, versions
-from timing import Comparison, Timing, environment, markdown_table, max_abs_diff
+from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, timing_cells, write_report
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry"
@@ -209,20 +209,7 @@ def report(
         ("decode to a PIL image", lambda run: run.decode),
         (f"whole generation ({args.steps} steps + decode)", lambda run: run.total),
     ]:
-        c = comparison(value)
-        low, high = c.ratio_median_ci
-        rows.append(
-            [
-                title,
-                f"{c.reference.min:.3f}",
-                f"{c.ours.min:.3f}",
-                f"{c.ratio_min:.3f}x",
-                f"{c.reference.median:.3f}",
-                f"{c.ours.median:.3f}",
-                f"**{c.ratio_median:.3f}x**",
-                f"{low:.3f}-{high:.3f}",
-            ]
-        )
+        rows.append([title, *timing_cells(comparison(value))])
     step_rows = [
         [side, str(index + 1), " ".join(f"{seconds:.3f}" for seconds in run.steps), f"{run.decode:.3f}"]
         for side, runs in (("ours", ours), ("reference", reference))
@@ -296,9 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours, reference, diff, scale = measure(args)
     tolerance = 1e-3 if args.dtype == "float32" else 5e-2
     text = report(args, ours, reference, diff, scale, env)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(text)
+    write_report(text, args.output)
     if not diff <= tolerance * scale:
         log(f"the final latents differ by {diff:.3g} (> {tolerance} x {scale:.3g}): the timings compare different work")
         return 1

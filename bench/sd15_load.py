@@ -31,10 +31,11 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from sd15_components import PROMPT_IDS, VAE_SCALING_FACTOR, save_text_encoder, save_unet, save_vae, versions
-from timing import Comparison, Timing, environment, markdown_table
+from timing import Comparison, Timing, environment, markdown_table, write_report
 
 Side = Literal["ours", "reference"]
 Outputs = dict[str, torch.Tensor]
+Loader = Callable[[Path], tuple[list[torch.nn.Module], Callable[[], Outputs]]]
 START = time.monotonic()
 TIMESTEP = 500
 
@@ -115,6 +116,14 @@ def probe(side: Side, folder: Path, outputs_path: Path | None) -> Probe:
     else:
         import diffusers  # noqa: F401  # pyright: ignore[reportUnusedImport]
         import transformers  # noqa: F401  # pyright: ignore[reportUnusedImport]
+    return probe_loader(loader, folder, outputs_path)
+
+
+def probe_loader(loader: Loader, folder: Path, outputs_path: Path | None) -> Probe:
+    """Time `loader(folder)`, then reading every weight once; call it right after importing the side's libraries.
+
+    The outputs of the loaded models are saved to `outputs_path` (if given) after the measurements.
+    """
     rss_imported = peak_rss()
     with torch.inference_mode():
         wall, cpu = time.perf_counter(), time.process_time()
@@ -285,9 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             probes, differences = measure(Path(folder), args.repeats, args.threads)
         where = "written by the benchmark"
     text = report(probes, differences, env, where)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(text)
+    write_report(text, args.output)
     return 0
 
 

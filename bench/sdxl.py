@@ -38,8 +38,8 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from sd15_components import PROMPT_IDS, versions
-from sd15_load import Probe, peak_rss, read_files_once
-from timing import Comparison, Timing, compare, environment, markdown_table, max_abs_diff
+from sd15_load import Probe, probe_loader, read_files_once
+from timing import Comparison, Timing, compare, environment, markdown_table, max_abs_diff, timing_cells, write_report
 
 Side = Literal["ours", "reference"]
 Forward = Callable[[], torch.Tensor]
@@ -201,20 +201,7 @@ def probe(side: Side, folder: Path, outputs_path: Path | None) -> Probe:
     else:
         import diffusers  # noqa: F401  # pyright: ignore[reportUnusedImport]
         import transformers  # noqa: F401  # pyright: ignore[reportUnusedImport]
-    rss_imported = peak_rss()
-    with torch.inference_mode():
-        wall, cpu = time.perf_counter(), time.process_time()
-        models, outputs = (load_ours if side == "ours" else load_reference)(folder)
-        load_wall, load_cpu = time.perf_counter() - wall, time.process_time() - cpu
-        rss_loaded = peak_rss()
-        for model in models:
-            for tensor in [*model.parameters(), *model.buffers()]:
-                tensor.sum()
-        read_wall, read_cpu = time.perf_counter() - wall, time.process_time() - cpu
-        rss_read = peak_rss()
-        if outputs_path is not None:  # after the measurements: a forward's activations are not what is measured
-            torch.save(outputs(), outputs_path)
-    return Probe(load_wall, load_cpu, read_wall, read_cpu, rss_imported, rss_loaded, rss_read)
+    return probe_loader(load_ours if side == "ours" else load_reference, folder, outputs_path)
 
 
 def probe_in_subprocess(side: Side, folder: Path, threads: int, outputs_path: Path | None) -> Probe:
@@ -275,13 +262,7 @@ def timed_section(results: Sequence[Timed]) -> list[str]:
             [
                 result.title,
                 str(len(c.ours.samples)),
-                f"{c.reference.min:.3f}",
-                f"{c.ours.min:.3f}",
-                f"{c.ratio_min:.3f}x",
-                f"{c.reference.median:.3f}",
-                f"{c.ours.median:.3f}",
-                f"**{c.ratio_median:.3f}x**",
-                f"{low:.3f}-{high:.3f}",
+                *timing_cells(c),
                 f"<= {target:.2f}x {verdict(c.ratio_median, low, high, target)}",
             ]
         )
@@ -447,9 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="sdxl_bench_") as folder:
             timed, loads = run(args, names, Path(folder))
     text = report(timed, loads, args.latent_size, env)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(text)
+    write_report(text, args.output)
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from sd15_components import randomize, save_unet, source_commit
-from timing import Comparison, Timing, environment, markdown_table, max_abs_diff
+from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, unet_step_parser, write_report
 
 TIMESTEP = 500
 ADAPTER_CONFIG: dict[str, Any] = {
@@ -171,18 +171,12 @@ adapter {differences["no adapter"]:.1e}, with it {differences["T2I-Adapter"]:.1e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default: 7)")
-    parser.add_argument("--latent-size", type=int, default=32, help="latent height and width (default: 32)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
-    parser.add_argument("--output", type=Path, default=Path("bench/results/t2i_adapter.md"))
+    parser = unet_step_parser(__doc__ or "", Path("bench/results/t2i_adapter.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     comparisons, differences = measure(args.rounds, args.latent_size)
     text = report(comparisons, differences, args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(text)
+    write_report(text, args.output)
     return 0 if all(value <= 1e-4 for value in differences.values()) else 1
 
 

@@ -9,6 +9,7 @@ while CPU time stays within a percent.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import os
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,3 +186,38 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align:
     rules = ["---:" if letter == "r" else "---" for letter in align]
     lines = [headers, rules, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def timing_cells(comparison: Comparison, scale: float = 1.0, digits: int = 3) -> list[str]:
+    """Table cells: reference min, ours min, ratio min, reference median, ours median, ratio median (bold), 95% CI.
+
+    Times are divided by `scale` and written with `digits` decimals.
+    """
+    c = comparison
+    low, high = c.ratio_median_ci
+    return [
+        f"{c.reference.min / scale:,.{digits}f}",
+        f"{c.ours.min / scale:,.{digits}f}",
+        f"{c.ratio_min:.3f}x",
+        f"{c.reference.median / scale:,.{digits}f}",
+        f"{c.ours.median / scale:,.{digits}f}",
+        f"**{c.ratio_median:.3f}x**",
+        f"{low:.3f}-{high:.3f}",
+    ]
+
+
+def unet_step_parser(description: str, output: Path) -> argparse.ArgumentParser:
+    """Command-line options shared by the one-UNet-step adapter benchmarks (IP-Adapter, T2I-Adapter, LoRA)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default: 7)")
+    parser.add_argument("--latent-size", type=int, default=32, help="latent height and width (default: 32)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument("--output", type=Path, default=output)
+    return parser
+
+
+def write_report(text: str, output: Path) -> None:
+    """Write a benchmark's Markdown report to `output` (creating its folder) and print it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    print(text)

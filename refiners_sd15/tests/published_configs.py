@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG as SD15_TEXT_ENCODER_CONFIG
+
 # runwayml/stable-diffusion-v1-5, unet/config.json
 SD15_UNET_CONFIG: dict[str, Any] = {
     "_class_name": "UNet2DConditionModel",
@@ -43,30 +45,4 @@ SD15_VAE_CONFIG: dict[str, Any] = {
     "out_channels": 3,
     "sample_size": 512,
     "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-}
-
-
-# runwayml/stable-diffusion-v1-5, text_encoder/config.json (openai/clip-vit-large-patch14's text model).
-SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "_name_or_path": "openai/clip-vit-large-patch14",
-    "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "torch_dtype": "float32",
-    "transformers_version": "4.22.0.dev0",
-    "vocab_size": 49408,
 }

@@ -17,7 +17,6 @@ from typing import Any, cast
 
 import pytest
 import torch
-from published_configs import SD15_TEXT_ENCODER_CONFIG
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -40,7 +39,7 @@ from refiners_sd15.clip.mapping import CLIP_TEXT_IGNORED_KEYS, ldm_clip_text_map
 from refiners_sd15.clip.text_encoder import CLIPTextEncoderL, TokenIds
 from refiners_sd15.clip.tokenizer import CLIPTokenizer
 from refiners_sd15.loading import load_component, load_single_file_component
-from refiners_sd15.testing import open_clip_state_dict
+from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG, open_clip_state_dict
 
 # stabilityai/stable-diffusion-2, text_encoder/config.json (OpenCLIP ViT-H/14's text model).
 SD2_TEXT_ENCODER_CONFIG: dict[str, Any] = {
@@ -64,30 +63,6 @@ SD2_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "projection_dim": 512,
     "torch_dtype": "float32",
     "transformers_version": "4.25.0.dev0",
-    "vocab_size": 49408,
-}
-
-# stabilityai/stable-diffusion-xl-base-1.0, text_encoder_2/config.json (OpenCLIP ViT-bigG/14's text model,
-# laion/CLIP-ViT-bigG-14-laion2B-39B-b160k). Its text_encoder/config.json is SD1.5's CLIP ViT-L/14 one.
-SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
-    "architectures": ["CLIPTextModelWithProjection"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "gelu",
-    "hidden_size": 1280,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 5120,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 20,
-    "num_hidden_layers": 32,
-    "pad_token_id": 1,
-    "projection_dim": 1280,
-    "torch_dtype": "float16",
     "vocab_size": 49408,
 }
 

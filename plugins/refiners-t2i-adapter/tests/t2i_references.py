@@ -6,14 +6,14 @@ configs (and the published SD1.5 full adapter's) with random weights, saved in t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from PIL import Image
 
 from refiners_sdxl.testing import SMALL_UNET as SMALL_SDXL_UNET
-from refiners_sdxl.testing import randomize
+from refiners_sdxl.testing import random_diffusers_model
 
 # A small SD1-like UNet: three levels, cross-attention on the first two (their features go before the downsampling),
 # none on the last (its feature goes after its last block), as in SD1.5.
@@ -94,27 +94,15 @@ SMALL_XL_ADAPTER: dict[str, Any] = {
 
 def reference_adapter(config: dict[str, Any], seed: int = 1) -> T2IAdapter:
     """diffusers' `T2IAdapter` of `config`, every parameter drawn at random (biases too)."""
-    with torch.device("meta"):
-        adapter = cast(T2IAdapter, T2IAdapter.from_config(config))  # pyright: ignore[reportUnknownMemberType]
-    adapter = adapter.to_empty(device="cpu").eval()
-    randomize(adapter, seed)
-    return adapter
+    return random_diffusers_model(T2IAdapter, config, seed)
 
 
 def reference_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionModel:
-    with torch.device("meta"):
-        unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config))  # pyright: ignore[reportUnknownMemberType]
-    unet = unet.to_empty(device="cpu").eval()
-    randomize(unet, seed)
-    return unet
+    return random_diffusers_model(UNet2DConditionModel, config, seed)
 
 
 def reference_controlnet(config: dict[str, Any], seed: int = 2) -> ControlNetModel:
-    with torch.device("meta"):
-        controlnet = cast(ControlNetModel, ControlNetModel.from_config(config))  # pyright: ignore[reportUnknownMemberType]
-    controlnet = controlnet.to_empty(device="cpu").eval()
-    randomize(controlnet, seed)
-    return controlnet
+    return random_diffusers_model(ControlNetModel, config, seed)
 
 
 def save_adapter(adapter: T2IAdapter, folder: Path, safe: bool = True) -> Path:

@@ -20,25 +20,11 @@ from safetensors.torch import save_file
 from refiners_core.weights import WeightsError
 from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
 from refiners_sd15.clip.tokenizer import DEFAULT_VOCABULARY_PATH
+from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG
 from refiners_textual_inversion import TextualInversionAdapter, read_embedding
 
 TOLERANCE = 1e-4
 DIM = 768
-
-# stable-diffusion-v1-5/stable-diffusion-v1-5, text_encoder/config.json (openai/clip-vit-large-patch14's text model).
-SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "architectures": ["CLIPTextModel"],
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
 
 PROMPTS = [
     "a photo of <cat-toy> in mystyle",

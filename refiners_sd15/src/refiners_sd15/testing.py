@@ -5,12 +5,63 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 
 from refiners_sd15.autoencoder import SD15_AUTOENCODER, SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
 from refiners_sd15.unet import SD1UNet, UNetConfig
+
+SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "_name_or_path": "openai/clip-vit-large-patch14",
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float32",
+    "transformers_version": "4.22.0.dev0",
+    "vocab_size": 49408,
+}
+"""runwayml/stable-diffusion-v1-5, `text_encoder/config.json`, as published: openai/clip-vit-large-patch14's text
+model, the reference of the CLIP-L parity tests."""
+
+SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    "architectures": ["CLIPTextModelWithProjection"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "projection_dim": 1280,
+    "torch_dtype": "float16",
+    "vocab_size": 49408,
+}
+"""stabilityai/stable-diffusion-xl-base-1.0, `text_encoder_2/config.json`, as published: OpenCLIP ViT-bigG/14's text
+model (laion/CLIP-ViT-bigG-14-laion2B-39B-b160k). Its `text_encoder/config.json` is `SD15_TEXT_ENCODER_CONFIG`."""
 
 _OPEN_CLIP_NAMES = {
     "layer_norm1": "ln_1",

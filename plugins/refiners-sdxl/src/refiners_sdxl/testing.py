@@ -19,7 +19,8 @@ from refiners_sd15.autoencoder import (
     diffusers_autoencoder_mapping,
     ldm_autoencoder_mapping,
 )
-from refiners_sd15.testing import open_clip_state_dict
+from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG, open_clip_state_dict
+from refiners_sd15.testing import SDXL_TEXT_ENCODER_2_CONFIG as PUBLISHED_TEXT_ENCODER_2_CONFIG
 from refiners_sd15.unet import unet_config_from_diffusers
 from refiners_sdxl.unet import diffusers_sdxl_unet_mapping, ldm_sdxl_unet_mapping
 
@@ -222,42 +223,16 @@ SDXL_VAE_CONFIG: dict[str, Any] = {
 }
 """stabilityai/stable-diffusion-xl-base-1.0, `vae/config.json`."""
 
-SDXL_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "architectures": ["CLIPTextModel"],
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
-"""stabilityai/stable-diffusion-xl-base-1.0, `text_encoder/config.json` (the fields that shape the model): CLIP
+_METADATA = ("_name_or_path", "torch_dtype", "transformers_version")
+
+SDXL_TEXT_ENCODER_CONFIG: dict[str, Any] = {k: v for k, v in SD15_TEXT_ENCODER_CONFIG.items() if k not in _METADATA}
+"""stabilityai/stable-diffusion-xl-base-1.0, `text_encoder/config.json` without its metadata (`_METADATA`): CLIP
 ViT-L/14, SD1.5's text encoder."""
 
 SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
-    "architectures": ["CLIPTextModelWithProjection"],
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "hidden_act": "gelu",
-    "hidden_size": 1280,
-    "intermediate_size": 5120,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 20,
-    "num_hidden_layers": 32,
-    "pad_token_id": 1,
-    "projection_dim": 1280,
-    "vocab_size": 49408,
+    k: v for k, v in PUBLISHED_TEXT_ENCODER_2_CONFIG.items() if k not in _METADATA
 }
-"""stabilityai/stable-diffusion-xl-base-1.0, `text_encoder_2/config.json` (the fields that shape the model): OpenCLIP
+"""stabilityai/stable-diffusion-xl-base-1.0, `text_encoder_2/config.json` without its metadata: OpenCLIP
 ViT-bigG/14's text model with its projection, a `CLIPTextModelWithProjection`."""
 
 
@@ -273,6 +248,16 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator))
             else:
                 parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+
+
+def random_diffusers_model(model_class: Any, config: dict[str, Any], seed: int) -> Any:
+    """`model_class.from_config(config)` (a diffusers model class) built on the meta device, so without
+    initialisation, then moved to the CPU with every parameter drawn by `randomize(model, seed)`, in eval mode."""
+    with torch.device("meta"):
+        model: torch.nn.Module = model_class.from_config(config)
+    model = model.to_empty(device="cpu").eval()
+    randomize(model, seed)
+    return model
 
 
 def small_sdxl_pipeline() -> Any:
