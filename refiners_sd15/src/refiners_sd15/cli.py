@@ -33,7 +33,6 @@ import contextlib
 import functools
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from PIL import Image
 
 from refiners_core.plugins import GenerateOptionSpec, ModelSpec, registry
 from refiners_core.weights import WeightsError
+from refiners_sd15.adapter_options import HUB_ID
 from refiners_sd15.generate_checks import (
     MAX_GUIDANCE,
     MAX_STEPS,
@@ -74,7 +74,6 @@ DEFAULT_REFINER_FRACTION = 0.2
 """The part of the steps `--refiner MODEL` runs the refiner on: the last 20%, as diffusers' SDXL docs do with
 `denoising_end=0.8` / `denoising_start=0.8`."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _OPTION_DEST = "generate_option:"
 
 
@@ -314,7 +313,7 @@ def model_kind(model: str, model_type: str | None) -> str:
             return found[0]
         if Path(model).expanduser().exists():
             why = "no installed model kind recognizes what it holds"
-        elif _HUB_ID.match(model):
+        elif HUB_ID.match(model):
             why = "a hub id whose model_index.json is not in the Hugging Face cache"
         else:
             return MODEL_NAME
@@ -510,7 +509,7 @@ def _run_plugin(spec: GenerateOptionSpec, values: list[str], function: Any, *arg
 
 
 def _check_model(option: str, model: str) -> None:
-    if not Path(model).expanduser().exists() and not _HUB_ID.match(model):
+    if not Path(model).expanduser().exists() and not HUB_ID.match(model):
         raise GenerateError(f"{option} {model}: no such file or folder")
 
 
