@@ -12,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import refiners_core.fluxion as fl
-from refiners_core.checks import check_finite_tensor
+from refiners_core.checks import check_finite, check_finite_tensor
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.solvers import DPMSolver, Solver
 
@@ -129,6 +129,18 @@ class LatentDiffusionModel(fl.Module, Generic[TUNet]):
     @solver.setter
     def solver(self, solver: Solver) -> None:
         self._solver = solver.with_defaults(self.solver_defaults)
+
+    def guided_noise(self, x: torch.Tensor, condition_scale: float) -> torch.Tensor:
+        """The UNet's noise prediction for the (already scaled) latents `x`, its conditions already set for the batch
+        `[x, x]` (negative first), combined by classifier-free guidance: `negative + condition_scale * (positive -
+        negative)`. Raises ValueError if `condition_scale` is NaN or infinite (it would turn every latent into NaN)."""
+        check_finite("condition_scale", condition_scale)
+        negative, positive = self.unet(self.unet_input(torch.cat([x, x]))).chunk(2)
+        return negative + condition_scale * (positive - negative)
+
+    def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the UNet gets for `latents` (themselves; an inpainting model adds its conditions)."""
+        return latents
 
     @property
     def steps(self) -> Iterable[int]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from refiners_core.checks import check_finite
 from refiners_core.module_names import DIFFUSERS, prefixed
 from refiners_core.weights import WeightsError, load_tensors, resolve_path
 from refiners_sd15.autoencoder import SD1Autoencoder
@@ -139,7 +138,6 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
 
         Raises ValueError if `condition_scale` is NaN or infinite (it would turn every latent into NaN).
         """
-        check_finite("condition_scale", condition_scale)
         if clip_text_embedding.shape[0] != 2 * x.shape[0]:
             raise ValueError(
                 f"clip_text_embedding must hold a negative and a positive embedding per latent: {2 * x.shape[0]} for "
@@ -147,12 +145,7 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
             )
         self.unet.set_timestep(timestep)
         self.unet.set_clip_text_embedding(clip_text_embedding)
-        negative, positive = self.unet(self.unet_input(torch.cat([x, x]))).chunk(2)
-        return negative + condition_scale * (positive - negative)
-
-    def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
-        """What the UNet gets for `latents` (themselves; the inpainting model adds its conditions)."""
-        return latents
+        return self.guided_noise(x, condition_scale)
 
     def foreign_module_names(self, convention: str) -> dict[str, str]:
         """diffusers or kohya module name -> our layer path (the `ForeignModuleNames` protocol, for LoRA files).

@@ -252,12 +252,7 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
         self.unet.set_clip_text_embedding(clip_text_embedding)
         self.unet.set_pooled_text_embedding(pooled_text_embedding)
         self.unet.set_time_ids(time_ids)
-        negative, positive = self.unet(self.unet_input(torch.cat([x, x]))).chunk(2)
-        return negative + condition_scale * (positive - negative)
-
-    def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
-        """What the UNet gets for `latents` (themselves; the inpainting model adds its conditions)."""
-        return latents
+        return self.guided_noise(x, condition_scale)
 
 
 def text_encoder_g_with_tokenizer(text_encoder: CLIPTextEncoderG, tokenizer: CLIPTokenizer | None) -> CLIPTextEncoderG:
