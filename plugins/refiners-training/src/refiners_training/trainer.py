@@ -94,12 +94,12 @@ def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = Fa
     The configuration, the model kind, the dataset (every file decoded) and `output_dir` are checked before the model
     loads, and nothing is written before it has loaded.
 
-    Raises ConfigError for a device or mixed precision the machine cannot use or a `model.base` of another kind
-    than `model.kind` (or of no kind a LoRA trains on), DatasetError naming a bad file of
-    the dataset, TrainingError if `output_dir` is not a usable folder, already holds checkpoints and `resume` is
-    False, `fallback` is given without `resume`, or the loss or the gradients stop being finite, CheckpointError
-    naming a checkpoint file that is damaged (unreadable, incomplete, non-finite) or does not fit the configured
-    LoRA; the base model's files are never written.
+    Raises ConfigError for a device or mixed precision the machine cannot use or a `model.base` of another kind than
+    `model.kind` (or of no kind a LoRA trains on), DatasetError naming a bad file of the dataset, TrainingError if
+    `output_dir` is not a usable folder, already holds checkpoints and `resume` is False, `fallback` is given
+    without `resume`, or the loss or the gradients stop being finite, CheckpointError naming a checkpoint file that
+    is damaged (unreadable, incomplete, non-finite) or does not fit the configured LoRA; the base model's files are
+    never written.
     """
     if fallback and not resume:
         raise TrainingError("--fallback (fallback=True) only applies when resuming: add --resume (resume=True)")
