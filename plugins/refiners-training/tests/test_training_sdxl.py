@@ -84,13 +84,18 @@ def toy_run(folders: dict[str, Path]) -> TrainingResult:
 
 
 def test_the_model_kind_is_told_from_the_base_and_a_kind_it_does_not_hold_is_refused(
-    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, config = load_config(folders, "kind")
     assert resolve_kind(config.model) is SDXLModel
     wrong = TrainingConfig.from_dict({**_document(config), "model": {"base": str(folders["model"]), "kind": "sd15"}})
     with pytest.raises(ConfigError, match=r"`model.kind` is 'sd15' but `model.base` .*sdxl holds an sdxl model"):
         resolve_kind(wrong.model)
+    path, wrong_config = load_config(folders, "wrong-kind", model={"kind": "sd15"})
+    assert main(["train", "lora", str(path)]) == 2  # one line, before the model loads: nothing written
+    error = capsys.readouterr().err
+    assert len(error.splitlines()) == 1 and "`model.kind` is 'sd15' but `model.base`" in error, error
+    assert not wrong_config.training.output_dir.exists()
     refiner = write_small_sdxl_refiner_folder(tmp_path / "refiner")
     with pytest.raises(ConfigError, match=r"`model.base` .*refiner holds an sdxl-refiner model .*trains LoRAs on sd15"):
         resolve_kind(TrainingConfig.from_dict({**_document(config), "model": {"base": str(refiner)}}).model)
