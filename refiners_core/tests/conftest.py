@@ -23,10 +23,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
-    """`plugin_site(distribution, source, *, version="1.0", entry_point=None) -> "name = module"`.
+    """`plugin_site(distribution, source, *, version="1.0", entry_point=None, requires=()) -> "name = module"`.
 
-    Makes `distribution` appear installed, with one `refiners` entry point whose module has `source`: real
-    distribution metadata (`*.dist-info` with `entry_points.txt`) in a folder put on `sys.path`.
+    Makes `distribution` appear installed, with one `refiners` entry point whose module has `source` and the
+    requirements `requires` (`Requires-Dist` lines, such as "refiners-core<0.1"): real distribution metadata
+    (`*.dist-info` with `entry_points.txt`) in a folder put on `sys.path`.
 
     `importlib_metadata` discovers these exactly like installed distributions, without running pip. The
     registry is reset before and after, and the plugin modules are removed from `sys.modules` afterwards.
@@ -38,12 +39,22 @@ def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
     monkeypatch.delenv(STRICT_ENV, raising=False)
     modules: list[str] = []
 
-    def add(distribution: str, source: str, *, version: str = "1.0", entry_point: str | None = None) -> str:
+    def add(
+        distribution: str,
+        source: str,
+        *,
+        version: str = "1.0",
+        entry_point: str | None = None,
+        requires: tuple[str, ...] = (),
+    ) -> str:
         module = f"refiners_test_{distribution.replace('-', '_')}_plugin"
         (site / f"{module}.py").write_text(textwrap.dedent(source))
         info = site / f"{distribution.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+        requirements = "".join(f"Requires-Dist: {requirement}\n" for requirement in requires)
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n{requirements}"
+        )
         (info / "entry_points.txt").write_text(f"[refiners]\n{entry_point or distribution} = {module}\n")
         modules.append(module)
         return f"{entry_point or distribution} = {module}"

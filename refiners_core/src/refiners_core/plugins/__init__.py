@@ -6,7 +6,9 @@ contract), declared by one entry point in the `refiners` group of its distributi
 shows the same information, including the plugins that failed.
 """
 
+from refiners_core.plugins.compatibility import PLUGIN_API_VERSION
 from refiners_core.plugins.hookspecs import hookimpl, hookspec
+from refiners_core.plugins.kinds import KINDS, RegistryKind
 from refiners_core.plugins.loader import (
     PluginError,
     PluginRecord,
@@ -26,6 +28,8 @@ from refiners_core.plugins.specs import (
 )
 
 __all__ = [
+    "KINDS",
+    "PLUGIN_API_VERSION",
     "AdapterSpec",
     "CommandRegistrar",
     "CommandSpec",
@@ -35,6 +39,7 @@ __all__ = [
     "PluginRecord",
     "RefinersPluginWarning",
     "Registry",
+    "RegistryKind",
     "SolverSpec",
     "SpecTable",
     "hookimpl",
