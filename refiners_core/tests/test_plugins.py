@@ -451,11 +451,15 @@ def test_spec_names_must_be_non_empty_without_whitespace(name: str) -> None:
 
 def test_spec_rejects_a_factory_that_is_not_callable() -> None:
     with pytest.raises(TypeError, match="adapter 'scale': factory must be callable"):
+        AdapterSpec("scale", 42)  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="adapter 'scale': factory: 'not a function' is not a reference"):
         AdapterSpec("scale", "not a function")  # pyright: ignore[reportArgumentType]
 
 
 def test_model_spec_demo_must_be_callable() -> None:
     with pytest.raises(TypeError, match="model 'm': demo must be callable"):
+        ModelSpec("m", dict, demo=1)  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="model 'm': demo: 'run' is not a reference"):
         ModelSpec("m", dict, demo="run")  # pyright: ignore[reportArgumentType]
 
 
@@ -518,7 +522,7 @@ def test_generate_option_flag_must_look_like_a_long_option(flag: str) -> None:
 
 def test_generate_option_spec_checks_apply_and_models() -> None:
     with pytest.raises(TypeError, match="generate option '--lora': apply must be callable"):
-        GenerateOptionSpec("--lora", "apply")  # pyright: ignore[reportArgumentType]
+        GenerateOptionSpec("--lora", 3)  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match="models must be None or a non-empty tuple"):
         GenerateOptionSpec("--lora", lambda model, values: None, models="sd15")  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="model name must be non-empty"):
@@ -529,7 +533,7 @@ def test_generate_option_spec_checks_apply_and_models() -> None:
 
 def test_model_spec_checks_what_generation_needs() -> None:
     with pytest.raises(TypeError, match="model 'm': detect must be callable"):
-        ModelSpec("m", dict, detect="model_index.json")  # pyright: ignore[reportArgumentType]
+        ModelSpec("m", dict, detect=["model_index.json"])  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match="model 'm': generate must be callable"):
         ModelSpec("m", dict, generate=42)  # pyright: ignore[reportArgumentType]
     for size in [(0, 512), (512,), [512, 512], (512.0, 512), (True, 8)]:

@@ -18,6 +18,7 @@ from refiners_core.plugins.loader import (
     registry,
     reset_registry,
 )
+from refiners_core.plugins.references import Reference, resolve
 from refiners_core.plugins.specs import (
     AdapterSpec,
     CommandRegistrar,
@@ -37,6 +38,7 @@ __all__ = [
     "ModelSpec",
     "PluginError",
     "PluginRecord",
+    "Reference",
     "RefinersPluginWarning",
     "Registry",
     "RegistryKind",
@@ -45,5 +47,6 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "registry",
+    "resolve",
     "reset_registry",
 ]
