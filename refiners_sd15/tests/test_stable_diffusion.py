@@ -22,7 +22,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
 from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
 
-from refiners_core.plugins import registry
+from refiners_core.plugins import registry, resolve
 from refiners_core.state_dicts import invert
 from refiners_core.weights import WeightsError, save_tensors
 from refiners_sd15 import SD1Autoencoder, SD1UNet, StableDiffusion_1
@@ -295,4 +295,4 @@ def test_from_pretrained_puts_every_tensor_on_the_requested_dtype(diffusers_fold
 
 def test_the_model_is_registered_with_the_plugin_manager() -> None:
     spec = registry(reload=True).models["sd15"]
-    assert spec.loader == StableDiffusion_1.from_pretrained
+    assert resolve(spec.loader) == StableDiffusion_1.from_pretrained

@@ -7,8 +7,27 @@ adapter.load("cat-toy.safetensors", token="<cat-toy>")
 adapter.inject()
 """
 
-from refiners_textual_inversion.adapter import TextualInversionAdapter
-from refiners_textual_inversion.files import Embedding, read_embedding
-from refiners_textual_inversion.tokenizer import TextualInversionTokenizer, TokenIdsAdapter
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from refiners_core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from refiners_textual_inversion.adapter import TextualInversionAdapter
+    from refiners_textual_inversion.files import Embedding, read_embedding
+    from refiners_textual_inversion.tokenizer import TextualInversionTokenizer, TokenIdsAdapter
+
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "TextualInversionAdapter": "refiners_textual_inversion.adapter",
+        "Embedding": "refiners_textual_inversion.files",
+        "read_embedding": "refiners_textual_inversion.files",
+        "TextualInversionTokenizer": "refiners_textual_inversion.tokenizer",
+        "TokenIdsAdapter": "refiners_textual_inversion.tokenizer",
+    },
+)
 
 __all__ = ["Embedding", "TextualInversionAdapter", "TextualInversionTokenizer", "TokenIdsAdapter", "read_embedding"]
