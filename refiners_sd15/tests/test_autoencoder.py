@@ -15,7 +15,6 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # pyright: ignore[rep
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from PIL import Image
-from published_configs import SD15_VAE_CONFIG
 
 from refiners_core.state_dicts import invert, load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors, save_tensors
@@ -29,6 +28,7 @@ from refiners_sd15.autoencoder import (
     ldm_autoencoder_mapping,
     tensor_to_image,
 )
+from refiners_sd15.testing import SD15_VAE_CONFIG
 
 # stabilityai/stable-diffusion-xl-base-1.0, vae/config.json
 SDXL_VAE_CONFIG: dict[str, Any] = {

@@ -31,7 +31,6 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
-from published_configs import SD15_UNET_CONFIG
 
 from refiners_core.state_dicts import load_state_dict_checked
 from refiners_sd15 import (
@@ -45,6 +44,7 @@ from refiners_sd15 import (
     StableDiffusion_1,
     StableDiffusion_1_Inpainting,
 )
+from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import SD15_UNET, diffusers_unet_mapping
 
 TOLERANCE = 1e-3

@@ -17,12 +17,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from published_configs import SD15_UNET_CONFIG
 from torch.overrides import TorchFunctionMode
 
 import refiners_core.fluxion as fl
 from refiners_core.state_dicts import compose, invert, load_state_dict_checked
 from refiners_core.weights import WeightsError, load_tensors
+from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import (
     SD15_INPAINTING_UNET,
     SD15_UNET,
