@@ -12,8 +12,6 @@ graph and 0 graph breaks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -25,11 +23,7 @@ TOLERANCE = 1e-6
 RANK = 4
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
-    yield
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # refiners_core.testing's fixture
 
 
 def small_unet() -> SD1UNet:

@@ -12,8 +12,6 @@ constants baked in, so a denoising loop that sets new ones at every step runs th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -22,11 +20,7 @@ from refiners_sd15 import SD1UNet, UNetConfig
 TOLERANCE = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
-    yield
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # refiners_core.testing's fixture
 
 
 def small_unet() -> SD1UNet:

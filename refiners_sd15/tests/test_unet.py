@@ -506,13 +506,13 @@ def test_timestep_embedding_is_computed_in_float32_for_a_half_precision_unet() -
 # Compilation
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_small_unet_compiles_as_one_graph(small_unet: SD1UNet) -> None:
     """Dynamo captures the whole UNet (fullgraph: no graph break); the AOT backend keeps the test fast."""
     torch.manual_seed(6)
     x, text = inputs(2, 4, 16, 16, 24)
     timestep = torch.tensor([123])
     expected = our_output(small_unet, x, timestep, text)
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
     compiled = torch.compile(small_unet, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         output = compiled(x)
