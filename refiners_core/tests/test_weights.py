@@ -270,3 +270,35 @@ def test_resolve_path_finds_hub_files_in_the_cache_offline(tmp_path: Path) -> No
     assert found["missing_repo"].startswith(f"'acme/missing' {hub_id}; 'model.safetensors' of 'acme/missing' is not ")
     assert found["missing_file"].startswith(f"'acme/tiny' {hub_id}; 'vae.safetensors' of 'acme/tiny' is not in the ")
     assert "HF_HUB_OFFLINE=1 forbids downloading it" in found["missing_file"]
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="the page cache is only released where posix_fadvise is")
+@pytest.mark.parametrize("free_memory", [0, 2**40])
+def test_a_file_bigger_than_the_free_memory_leaves_the_page_cache_as_it_is_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free_memory: int
+) -> None:
+    from refiners_core import weight_formats
+
+    path = tmp_path / "weights.safetensors"
+    expected = {f"layer_{index}.weight": torch.randn(64, 64) for index in range(5)}
+    save_tensors(path, expected)
+    released: list[tuple[int, int]] = []
+    fadvise = os.posix_fadvise
+
+    def spy(descriptor: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        released.append((offset, length))
+        fadvise(descriptor, offset, length, advice)
+
+    monkeypatch.setattr(weight_formats, "_free_memory", lambda: free_memory)
+    monkeypatch.setattr(weight_formats, "_RELEASE_STEP", 2 * 64 * 64 * 4)
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+
+    assert_same(load_tensors(path), expected)
+    if free_memory:
+        assert released == []
+    else:  # every two tensors and at the end, from the start of the file to its end, each byte once
+        assert len(released) == 3
+        assert released[0][0] == 0
+        assert all(offset + length == next_offset for (offset, length), (next_offset, _) in zip(released, released[1:]))
+        assert sum(length for _, length in released) == path.stat().st_size

@@ -18,8 +18,10 @@ import collections
 import io
 import json
 import math
+import os
 import pickle
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
@@ -36,6 +38,7 @@ MAX_INFLATION = 32
 """How many times its compressed size a compressed archive entry of more than 1 MiB may inflate to (torch itself
 never compresses; float weights deflate by about 10%)."""
 _ALIGNMENT = 64
+_RELEASE_STEP = 64 * 2**20
 
 
 class WeightsError(ValueError):
@@ -165,7 +168,8 @@ def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, t
     """The tensors and metadata of a safetensors file, copied into this process's memory (see the module doc).
 
     All tensors are views of one buffer, each aligned to 64 bytes, filled tensor by tensor from the file: the
-    weights are held once, and no mapping of the file remains.
+    weights are held once, and no mapping of the file remains. When the copy does not fit in the free memory
+    (`_release_cache`), the file's pages are dropped from the page cache as they are copied.
     """
     entries, metadata, data_start = read_safetensors_header(file, size, path)
     slots: list[int] = []
@@ -176,6 +180,7 @@ def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, t
     buffer = torch.empty(total, dtype=torch.uint8)
     view = memoryview(cast(Any, buffer.numpy())) if total else memoryview(bytearray())
     reader = cast(io.BufferedReader, file)
+    release = _release_cache(file, size)
     file.seek(data_start)
     tensors: dict[str, torch.Tensor] = {}
     for entry, slot in zip(entries, slots, strict=True):
@@ -186,8 +191,45 @@ def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, t
             if not read:
                 raise WeightsError(f"cannot read {path} as safetensors: the file ended inside tensor '{entry.name}'")
             filled += read
+        release(data_start + entry.end)
         tensors[entry.name] = buffer[slot : slot + length].view(entry.dtype).view(entry.shape)
     return {entry.name: tensors[entry.name] for entry in sorted(entries, key=lambda e: e.name)}, metadata
+
+
+def _release_cache(file: BinaryIO, size: int) -> Callable[[int], None]:
+    """A function `release(end)` that drops the file's bytes up to `end` from the page cache once they are copied, if
+    copying the file (`size` bytes) needs more than the free memory; otherwise, or off Linux, it does nothing.
+
+    Copying a file bigger than the free memory makes the kernel evict cached pages, and it evicts first the pages
+    read once, not those read twice: the part of the file still to copy, which must then be read again from the disk
+    (measured: 3 to 7 GB of the 14 GB SDXL folder on a 24 GB machine). Dropping what is already copied, in steps of
+    `_RELEASE_STEP` and at the end of the file, leaves the memory the copy needs free instead. A file that fits in
+    the free memory stays cached for the next load.
+    """
+    descriptor = file.fileno() if hasattr(os, "posix_fadvise") else None
+    if descriptor is None or size <= _free_memory():
+        return lambda end: None
+    released = 0
+
+    def release(end: int) -> None:
+        nonlocal released
+        if end - released >= _RELEASE_STEP or end >= size:
+            os.posix_fadvise(descriptor, released, end - released, os.POSIX_FADV_DONTNEED)
+            released = end
+
+    return release
+
+
+def _free_memory() -> int:
+    """The free memory in bytes (`MemFree` of /proc/meminfo; page cache not counted), or 2**63 if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemFree:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2**63
 
 
 _STORAGE_ITEMSIZES = {
