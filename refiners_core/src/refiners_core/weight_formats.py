@@ -5,9 +5,10 @@ malformed, and never run code from a file:
 
 - `sniff` tells a file's kind from its first bytes, whatever its name: a safetensors file named `.pth` is read as
   safetensors, a git-lfs pointer is reported as one.
-- `read_safetensors` checks the header as strictly as the safetensors library does, then reads the data tensor by
-  tensor into one buffer of the process's own memory: nothing stays memory-mapped, so a file changed, truncated or
-  deleted after loading cannot change the tensors or crash the process, and the weights are in memory once.
+- `read_safetensors` checks the header as strictly as the safetensors library does, then reads the data into one
+  buffer of the process's own memory (in pieces, on two threads): nothing stays memory-mapped, so a file changed,
+  truncated or deleted after loading cannot change the tensors or crash the process, and the weights are in memory
+  once.
 - `inspect_torch_archive` reads the pickle of a torch zip archive without building anything from it, to learn the
   storages it declares, and refuses entries that would inflate to more than those declare (archive bombs).
 """
