@@ -10,8 +10,9 @@ t2i.set_condition(Image.open("edges.png"))
 
 from importlib.metadata import PackageNotFoundError, version
 
+from refiners_core.fluxion.utils import image_to_tensor
 from refiners_t2i_adapter.adapter import T2IAdapter, T2IFeatures, T2IResidual
-from refiners_t2i_adapter.condition import condition_image, image_to_tensor
+from refiners_t2i_adapter.condition import condition_image
 from refiners_t2i_adapter.config import (
     ADAPTER_TYPES,
     SD15_FULL_ADAPTER,
