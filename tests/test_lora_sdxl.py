@@ -507,7 +507,7 @@ def test_the_published_sdxl_unet_with_a_full_kohya_lora_matches_the_reference(tm
     try:
         reference.save_pretrained(tmp_path / "unet", max_shard_size="1GB")
         tensors, deltas = kohya_lora({"unet": reference}, 1, original_names=True)
-        assert len(deltas) > 1500 and any(".proj_in" in delta[1] for delta in deltas)
+        assert len(deltas) > 700 and any(".proj_in" in delta[1] for delta in deltas)
         save_file(tensors, tmp_path / "lora.safetensors")
         del tensors
         with torch.no_grad():
