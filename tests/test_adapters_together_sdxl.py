@@ -1,8 +1,8 @@
 """Adapters from separately installed packages on one SDXL (refiners-sdxl): a LoRA (refiners-lora), a ControlNet
 (refiners-controlnet), a textual inversion (refiners-textual-inversion) and FreeU (refiners-freeu).
 
-The LoRA is made with `LoraManager.create` on our SDXL layer paths (refiners-lora reads kohya and diffusers SDXL
-files in another issue), its `up` weights drawn at random so that it changes the generation. The adapters go in
+The LoRA is made with `LoraManager.create` on our SDXL layer paths (reading kohya and diffusers SDXL files is tested
+in tests/test_lora_sdxl.py), its `up` weights drawn at random so that it changes the generation. The adapters go in
 together, each changes the generation, and ejected in another order than they went in they give back the exact
 original `state_dict` and the exact original latents (bit for bit, float32 on the CPU).
 """
