@@ -117,7 +117,7 @@ def test_a_bad_option_value_leaves_the_model_unchanged(files: tuple[Path, Path],
     with pytest.raises(FileNotFoundError) as error:
         apply(model, [f"{folder}:{image}", f"{tmp_path / 'nowhere'}:{image}"])
     assert "while loading --controlnet" in "\n".join(getattr(error.value, "__notes__", []))
-    with pytest.raises(TypeError, match="needs a Stable Diffusion 1.5 model"):
+    with pytest.raises(TypeError, match="needs a Stable Diffusion model with a UNet"):
         apply(SimpleNamespace(), [f"{folder}:{image}"])
     assert list(model.unet) == layers
 

@@ -1,4 +1,5 @@
-"""ControlNet for Stable Diffusion 1.5 in refiners: steer the UNet with a conditioning image (edges, depth, pose...).
+"""ControlNet for Stable Diffusion 1.5 and SDXL in refiners: steer the UNet with a conditioning image (edges, depth,
+pose...).
 
 from refiners_controlnet import ControlNet, ControlNetAdapter, image_to_condition
 
@@ -23,6 +24,7 @@ from refiners_controlnet.controlnet import (
 from refiners_controlnet.mapping import (
     CONTROLNET_FORMAT,
     SD15_CONTROLNET,
+    SDXL_CONTROLNET,
     ControlNetConfig,
     controlnet_config_from_diffusers,
     diffusers_controlnet_mapping,
@@ -36,6 +38,7 @@ except PackageNotFoundError:  # imported from a source tree that is not installe
 __all__ = [
     "CONTROLNET_FORMAT",
     "SD15_CONTROLNET",
+    "SDXL_CONTROLNET",
     "Condition",
     "ConditionBlock",
     "ConditionEncoder",

@@ -16,12 +16,22 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     from refiners_controlnet.adapter import ControlNetAdapter
     from refiners_sd15.unet import SD1UNet
 
+    targets: tuple[type, ...] = (SD1UNet,)
+    try:  # SDXL's UNet, when refiners-sdxl is installed (the `sdxl` extra)
+        from refiners_sdxl import SDXLUNet
+    except ImportError:
+        pass
+    else:
+        targets += (SDXLUNet,)
     register(
         AdapterSpec(
             name="controlnet",
             factory=ControlNetAdapter,
-            summary="ControlNet for SD1.5, steered by a conditioning image: ControlNetAdapter(unet, controlnet, scale)",
-            targets=(SD1UNet,),
+            summary=(
+                "ControlNet for SD1.5 and SDXL, steered by a conditioning image: "
+                "ControlNetAdapter(unet, controlnet, scale)"
+            ),
+            targets=targets,
         )
     )
 
@@ -48,7 +58,7 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
             apply=_apply,
             help=OPTION_HELP,
             metavar=OPTION_METAVAR,
-            models=("sd15",),
+            models=("sd15", "sdxl"),
             validate=_validate,
         )
     )

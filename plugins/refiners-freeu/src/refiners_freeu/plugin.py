@@ -1,7 +1,7 @@
 """refiners-freeu's plugin module (entry point `freeu = refiners_freeu.plugin`).
 
-It registers the `freeu` adapter (FreeU on one decoder skip connection of an SD1.5 UNet) and the `--freeu` option
-of `refiners generate`; nothing is built here.
+It registers the `freeu` adapter (FreeU on one decoder skip connection of an SD1.5 or SDXL UNet) and the `--freeu`
+option of `refiners generate`; nothing is built here.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
             name="freeu",
             factory=FreeUAdapter,
             summary=(
-                "FreeU on a decoder skip connection of an SD1.5 UNet: FreeUAdapter(target, backbone_scale, "
+                "FreeU on a decoder skip connection of an SD1.5 or SDXL UNet: FreeUAdapter(target, backbone_scale, "
                 "skip_scale); FreeU(unet, s1, s2, b1, b2) covers the whole UNet"
             ),
             targets=(ConcatenateSkip,),
@@ -39,7 +39,7 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
             apply=apply_freeu_option,
             help=FREEU_HELP,
             metavar=FREEU_METAVAR,
-            models=("sd15",),
+            models=("sd15", "sdxl"),
             validate=validate_freeu_option,
         )
     )

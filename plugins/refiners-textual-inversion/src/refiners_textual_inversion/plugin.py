@@ -1,7 +1,7 @@
 """refiners-textual-inversion's plugin module (entry point `textual-inversion = refiners_textual_inversion.plugin`).
 
-It registers the `textual-inversion` adapter (new tokens for a CLIP text encoder) and the `--embedding` option of
-`refiners generate`; nothing is built or read here.
+It registers the `textual-inversion` adapter (new tokens for a CLIP text encoder, CLIP-L or CLIP-G) and the
+`--embedding` option of `refiners generate` (SD1.5 and SDXL); nothing is built or read here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
             factory=TextualInversionAdapter,
             summary=(
                 "Textual inversion: new prompt tokens and their embeddings for a CLIP text encoder, "
-                "TextualInversionAdapter(text_encoder).load(A1111 or diffusers embedding file)"
+                "TextualInversionAdapter(text_encoder).load(A1111 or diffusers embedding file); for SDXL's two "
+                "encoders SDXLTextualInversion(double_text_encoder).load(file with clip_l and clip_g)"
             ),
             targets=(CLIPTextEncoderL,),
         )
@@ -44,7 +45,7 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
             apply=apply_embedding_option,
             help=EMBEDDING_HELP,
             metavar=EMBEDDING_METAVAR,
-            models=("sd15",),
+            models=("sd15", "sdxl"),
             validate=validate_embedding_option,
         )
     )
