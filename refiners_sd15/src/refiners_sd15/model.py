@@ -123,7 +123,7 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         `negative + condition_scale * (positive - negative)`. Raises ValueError if `step` is not one of the solver's
         steps (0 to `num_inference_steps - 1`; no negative indexing) or `condition_scale` is not a finite number.
         """
-        steps = self.solver.num_inference_steps
+        steps = len(self.solver.timesteps)  # a solver evaluating the model twice per step has more (Heun)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < steps:  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"step must be an integer from 0 to {steps - 1} (the solver's steps), got {step!r}")
         timestep = self.solver.timesteps[step]
