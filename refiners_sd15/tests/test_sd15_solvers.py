@@ -38,6 +38,7 @@ from refiners_sd15.solvers import (
     Heun,
     PredictionType,
     Solver,
+    StochasticSolver,
     denoising_end_step,
 )
 from refiners_sd15.testing import small_sd15_components
@@ -330,3 +331,44 @@ def test_with_defaults_keeps_the_options_of_new_solvers() -> None:
 
     assert (filled.generator, filled.sigma_schedule, filled.final_step_first_order) == (generator, "karras", False)
     assert (filled.timestep_spacing, filled.prediction_type) == ("leading", "v_prediction")
+
+
+@pytest.mark.parametrize("case", ["ddpm", "euler-a", "heun", "heun-karras", "dpm-sde-karras"])
+@pytest.mark.parametrize(("steps", "first_step"), [(10, 3), (4, 3)])
+def test_image_to_image_runs_of_the_new_solvers_match_diffusers(case: str, steps: int, first_step: int) -> None:
+    """As diffusers' img2img pipeline: timesteps from `first_step * order` (Heun lists 2 evaluations per step),
+    `set_begin_index`, `add_noise` at that timestep; stochastic schedulers get a generator seeded as ours."""
+    cases = {**NEW_SOLVERS, "dpm-sde-karras": IMG2IMG_SDE}
+    ours_factory, reference_factory = cases[case]
+    scheduler = reference_factory()
+    scheduler.set_timesteps(steps)
+    begin = first_step * scheduler.order
+    timesteps = scheduler.timesteps[begin:]
+    if hasattr(scheduler, "set_begin_index"):  # DDPM finds its step from the timestep
+        scheduler.set_begin_index(begin)
+    ours = ours_factory(steps, first_inference_step=first_step)
+    stochastic = isinstance(ours, StochasticSolver)
+    if stochastic:
+        ours = ours.with_settings(generator=torch.Generator().manual_seed(5))
+    step_options = {"generator": torch.Generator().manual_seed(5)} if stochastic else {}
+    generator = torch.Generator().manual_seed(first_step)
+    latents, noise = torch.randn(2, 1, 4, 8, 8, generator=generator)
+    expected = scheduler.add_noise(latents, noise, timesteps[:1])
+    x = ours.add_noise(latents, noise, first_step)
+    assert_close(x, expected)
+
+    assert len(ours.inference_steps) == len(timesteps)
+    for step, timestep in zip(ours.inference_steps, timesteps, strict=True):
+        predicted_noise = torch.randn(1, 4, 8, 8, generator=generator)
+        assert_close(ours.scale_model_input(x, step), scheduler.scale_model_input(expected, timestep))
+        expected = scheduler.step(predicted_noise, timestep, expected, **step_options).prev_sample
+        x = ours.step(x, predicted_noise, step)
+        assert_close(x, expected)
+
+
+IMG2IMG_SDE: tuple[Any, Any] = (
+    lambda n, **o: DPMSolverSDE(n, sigma_schedule="karras", **o),
+    lambda **c: DPMSolverMultistepScheduler(
+        **SD15_BETAS, steps_offset=1, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **c
+    ),
+)

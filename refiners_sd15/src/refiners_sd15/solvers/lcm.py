@@ -16,6 +16,8 @@ class LCM(StochasticSolver):
     boundary condition (`c_skip`, `c_out`, `timestep_scaling` 10) and noises them again to the next timestep with one
     noise draw (`StochasticSolver`), the last step returning them as they are. Its timesteps ignore
     `timestep_spacing`. Use it with an LCM model or LCM-LoRA and a low guidance (1 to 2), in 2 to 8 steps.
+    Image-to-image (`first_inference_step > 0`) starts at that step of these timesteps, where diffusers' LCM
+    img2img pipeline picks its steps again within the strength's part of the distillation timesteps.
     """
 
     def __init__(
