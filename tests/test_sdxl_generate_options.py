@@ -1,6 +1,7 @@
-"""`refiners generate` with an SDXL model and the adapter options other packages register (`--lora`, `--embedding`,
+"""`refiners generate` with an SDXL model and the adapter options other packages register (`--embedding`,
 `--controlnet`, `--freeu`), every package installed together: each is declared for `sd15` only until the adapters
-support SDXL, so each is refused, naming the option and the model kind, before anything is read or loaded."""
+support SDXL, so each is refused, naming the option and the model kind, before anything is read or loaded. (`--lora`
+supports SDXL: tests/test_lora_sdxl.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from refiners_core.plugins import registry
 from refiners_sdxl.testing import write_small_sdxl_folder
 
 ADAPTER_OPTIONS = {
-    "--lora": "style.safetensors:0.8",
     "--embedding": "cat-toy.safetensors",
     "--controlnet": "canny:edges.png",
     "--freeu": "1.1,1.2,0.9,0.2",

@@ -1,16 +1,10 @@
 from __future__ import annotations
 
 import importlib
-import sys
-import textwrap
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import importlib_metadata
 import pytest
-
-from refiners_core.plugins import reset_registry
-from refiners_core.plugins.loader import DISABLE_ENV, STRICT_ENV
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -19,40 +13,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "pip: installs throwaway plugin distributions into the running environment with pip (no network); "
         "deselect with -m 'not pip'",
     )
-
-
-@pytest.fixture
-def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
-    """`plugin_site(distribution, source, *, version="1.0", entry_point=None) -> "name = module"`.
-
-    Makes `distribution` appear installed, with one `refiners` entry point whose module has `source`: real
-    distribution metadata (`*.dist-info` with `entry_points.txt`) in a folder put on `sys.path`.
-
-    `importlib_metadata` discovers these exactly like installed distributions, without running pip. The
-    registry is reset before and after, and the plugin modules are removed from `sys.modules` afterwards.
-    """
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))  # pyright: ignore[reportUnknownMemberType]
-    monkeypatch.delenv(DISABLE_ENV, raising=False)
-    monkeypatch.delenv(STRICT_ENV, raising=False)
-    modules: list[str] = []
-
-    def add(distribution: str, source: str, *, version: str = "1.0", entry_point: str | None = None) -> str:
-        module = f"refiners_test_{distribution.replace('-', '_')}_plugin"
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
-        info = site / f"{distribution.replace('-', '_')}-{version}.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
-        (info / "entry_points.txt").write_text(f"[refiners]\n{entry_point or distribution} = {module}\n")
-        modules.append(module)
-        return f"{entry_point or distribution} = {module}"
-
-    reset_registry()
-    yield add
-    for module in modules:
-        sys.modules.pop(module, None)
-    reset_registry()
 
 
 @pytest.fixture

@@ -4,13 +4,34 @@ download and never raise."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from refiners_core.model_kinds import find_file, read_json, weight_keys
+from refiners_core.model_kinds import detect_model, find_file, read_json, weight_keys
+
+DETECTING_MODELS = """
+from pathlib import Path
+
+from refiners_core.plugins import ModelSpec, hookimpl
+
+
+def broken(source):
+    raise RuntimeError("a detect that breaks its contract")
+
+
+def marked(source):
+    return "it holds t-marker.txt" if (Path(source) / "t-marker.txt").is_file() else None
+
+
+@hookimpl
+def refiners_register_models(register):
+    register(ModelSpec("t-broken", dict, detect=broken))
+    register(ModelSpec("t-marked", dict, detect=marked))
+"""
 
 
 def test_find_file_looks_in_a_local_folder_and_its_subfolders(tmp_path: Path) -> None:
@@ -64,3 +85,15 @@ def test_weight_keys_reads_a_safetensors_header_or_a_torch_checkpoint_memory_map
     assert weight_keys(tmp_path / "notes.ckpt") is None
     assert weight_keys(tmp_path / "empty.safetensors") is None
     assert weight_keys(tmp_path / "missing.safetensors") is None
+
+
+def test_detect_model_names_the_first_registered_model_that_recognizes_a_source(
+    plugin_site: Callable[..., str], tmp_path: Path
+) -> None:
+    plugin_site("t-detecting", DETECTING_MODELS)
+    (tmp_path / "marked").mkdir()
+    (tmp_path / "marked" / "t-marker.txt").write_text("")
+    (tmp_path / "plain").mkdir()
+
+    assert detect_model(str(tmp_path / "marked")) == ("t-marked", "it holds t-marker.txt")  # past the broken detect
+    assert detect_model(str(tmp_path / "plain")) is None

@@ -87,11 +87,13 @@ def test_registry_collects_adapters_models_solvers_commands_and_options_of_a_plu
         distribution="t-everything",
         version="2.5",
         entry_point=entry_point,
-        adapters=("t-scale",),
-        models=("t-model",),
-        solvers=("t-solver",),
-        commands=("t-command",),
-        generate_options=("--t-style",),
+        registered={
+            "adapters": ("t-scale",),
+            "models": ("t-model",),
+            "solvers": ("t-solver",),
+            "commands": ("t-command",),
+            "generate_options": ("--t-style",),
+        },
         error=None,
         status="ok",
     )
@@ -332,7 +334,7 @@ def test_strict_mode_raises_on_name_conflicts(plugin_site: AddPlugin) -> None:
         ),
         (
             "@hookimpl\ndef refiners_register_adapters(registr):\n    pass\n",
-            "PluginValidationError",
+            "refiners_register_adapters takes arguments the hook does not offer: registr (it offers: register)",
         ),
         (
             "@hookimpl\ndef refiners_register_adapters(register):\n    register(AdapterSpec('two words', dict))\n",
@@ -383,7 +385,7 @@ def test_hook_implementation_may_take_no_arguments(plugin_site: AddPlugin) -> No
 
 
 def test_record_json_has_the_documented_keys() -> None:
-    record = PluginRecord("d", "1", "e = m", adapters=("a",), error="x", status="error")
+    record = PluginRecord("d", "1", "e = m", registered={"adapters": ("a",)}, error="x", status="error")
 
     assert record.to_json() == {
         "distribution": "d",
@@ -449,11 +451,15 @@ def test_spec_names_must_be_non_empty_without_whitespace(name: str) -> None:
 
 def test_spec_rejects_a_factory_that_is_not_callable() -> None:
     with pytest.raises(TypeError, match="adapter 'scale': factory must be callable"):
+        AdapterSpec("scale", 42)  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="adapter 'scale': factory: 'not a function' is not a reference"):
         AdapterSpec("scale", "not a function")  # pyright: ignore[reportArgumentType]
 
 
 def test_model_spec_demo_must_be_callable() -> None:
     with pytest.raises(TypeError, match="model 'm': demo must be callable"):
+        ModelSpec("m", dict, demo=1)  # pyright: ignore[reportArgumentType]
+    with pytest.raises(ValueError, match="model 'm': demo: 'run' is not a reference"):
         ModelSpec("m", dict, demo="run")  # pyright: ignore[reportArgumentType]
 
 
@@ -516,7 +522,7 @@ def test_generate_option_flag_must_look_like_a_long_option(flag: str) -> None:
 
 def test_generate_option_spec_checks_apply_and_models() -> None:
     with pytest.raises(TypeError, match="generate option '--lora': apply must be callable"):
-        GenerateOptionSpec("--lora", "apply")  # pyright: ignore[reportArgumentType]
+        GenerateOptionSpec("--lora", 3)  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match="models must be None or a non-empty tuple"):
         GenerateOptionSpec("--lora", lambda model, values: None, models="sd15")  # pyright: ignore[reportArgumentType]
     with pytest.raises(ValueError, match="model name must be non-empty"):
@@ -527,7 +533,7 @@ def test_generate_option_spec_checks_apply_and_models() -> None:
 
 def test_model_spec_checks_what_generation_needs() -> None:
     with pytest.raises(TypeError, match="model 'm': detect must be callable"):
-        ModelSpec("m", dict, detect="model_index.json")  # pyright: ignore[reportArgumentType]
+        ModelSpec("m", dict, detect=["model_index.json"])  # pyright: ignore[reportArgumentType]
     with pytest.raises(TypeError, match="model 'm': generate must be callable"):
         ModelSpec("m", dict, generate=42)  # pyright: ignore[reportArgumentType]
     for size in [(0, 512), (512,), [512, 512], (512.0, 512), (True, 8)]:

@@ -216,9 +216,7 @@ def test_installed_plugins_are_recorded_with_distribution_version_and_entry_poin
         "refiners-test-acme",
         "0.7.1",
         "acme = refiners_test_acme.plugin",
-        adapters=("acme-scale",),
-        models=("acme-tiny",),
-        commands=("acme-hello",),
+        registered={"adapters": ("acme-scale",), "models": ("acme-tiny",), "commands": ("acme-hello",)},
     )
     assert records["refiners-test-broken"].status == "error"
     assert records["refiners-test-broken"].error == (

@@ -78,9 +78,9 @@ def test_a_bad_file_undoes_the_loras_loaded_before_it(tmp_path: Path) -> None:
     assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
 
 
-def test_the_lora_option_is_registered_for_sd15_only() -> None:
+def test_the_lora_option_is_registered_for_sd15_and_sdxl() -> None:
     spec = registry(reload=True).generate_options["--lora"]
-    assert spec.apply is apply_lora_option and spec.metavar == "FILE[:SCALE]" and spec.models == ("sd15",)
+    assert spec.apply is apply_lora_option and spec.metavar == "FILE[:SCALE]" and spec.models == ("sd15", "sdxl")
 
 
 @pytest.mark.parametrize(

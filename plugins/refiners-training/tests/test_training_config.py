@@ -30,10 +30,12 @@ from refiners_training.trainer import check_mixed_precision, check_output_dir
 FULL_TOML = """
 [model]
 base = "sd15"
+kind = "sd15"
 
 [data]
 path = "images"
 resolution = 256
+crop = "random"
 
 [lora]
 name = "red"
@@ -75,6 +77,7 @@ def test_every_key_is_read_and_paths_are_relative_to_the_file(tmp_path: Path) ->
     (tmp_path / "sd15").mkdir()
     config = TrainingConfig.from_toml(write_config(tmp_path, FULL_TOML))
     assert config.model.base == str(tmp_path / "sd15")
+    assert config.model.kind == "sd15" and config.data.crop == "random"
     assert config.data.path == tmp_path / "images" and config.data.resolution == 256
     assert (config.lora.name, config.lora.rank, config.lora.alpha) == ("red", 4, 2.0)
     assert config.lora.layers == "attention+conv" and config.lora.train_text_encoder
@@ -88,7 +91,8 @@ def test_every_key_is_read_and_paths_are_relative_to_the_file(tmp_path: Path) ->
 def test_defaults_fill_every_optional_key(tmp_path: Path) -> None:
     text = '[model]\nbase = "org/sd15"\n[data]\npath = "d"\n[training]\noutput_dir = "o"\n'
     config = TrainingConfig.from_toml(write_config(tmp_path, text))
-    assert config.model.base == "org/sd15"  # a hub id stays as it is
+    assert config.model.base == "org/sd15" and config.model.kind == "auto"  # a hub id stays as it is
+    assert config.data.crop == "center"
     assert (config.lora.rank, config.lora.alpha, config.lora.layers) == (16, None, "attention")
     assert (config.training.max_steps, config.training.learning_rate, config.training.mixed_precision) == (
         1000,
@@ -144,6 +148,8 @@ def test_defaults_fill_every_optional_key(tmp_path: Path) -> None:
         ("resolution = 256", "resolution = 100", "`data.resolution` must be a multiple of 8 from 8 to 2048, got 100"),
         ('output_dir = "runs/red"', "", "missing required key `training.output_dir`"),
         ("[export]", "[exports]", "unknown section [exports]"),
+        ('kind = "sd15"', 'kind = "sd3"', "`model.kind` must be one of 'auto', 'sd15', 'sdxl', got 'sd3'"),
+        ('crop = "random"', 'crop = "left"', "`data.crop` must be one of 'center', 'random', got 'left'"),
         ("steps = 4\nresolution = 64", "steps = 4\nresolution = 60", "`evaluation.resolution` must be a multiple"),
         ("steps = 4\nresolution = 64", "steps = 4\nresolution = 4096", "`evaluation.resolution` must be a multiple"),
     ],
@@ -528,7 +534,11 @@ def test_the_cli_reports_an_unusable_output_dir_or_config_in_one_line_before_loa
 def test_a_base_model_that_does_not_load_is_one_line_and_leaves_no_output_dir(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, base: str
 ) -> None:
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable when first imported, which model-kind detection may have done already
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     captioned_folder(tmp_path / "images")
     (tmp_path / "empty-folder").mkdir()
     (tmp_path / "not-a-model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")

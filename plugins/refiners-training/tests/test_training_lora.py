@@ -25,6 +25,7 @@ from refiners_core.cli import main
 from refiners_lora import LoraManager
 from refiners_sd15 import DDIM, CLIPTokenizer, StableDiffusion_1
 from refiners_training import CheckpointError, TrainingConfig, TrainingResult, train_lora
+from refiners_training import models as models_module
 from refiners_training import trainer as trainer_module
 
 PROMPT = "a red square"
@@ -82,6 +83,7 @@ def test_the_loss_goes_down_and_generations_move_toward_the_colour_patch(toy_run
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
     sd, manager = toy_run.model, LoraManager(toy_run.model)
+    assert isinstance(sd, StableDiffusion_1)
     target = sd.lda.encode((torch.tensor(RED) / 127.5 - 1).view(1, 3, 1, 1).expand(1, 3, 16, 16))
     with_lora = generate(sd)
     manager.set_scale("lora", 0.0)
@@ -464,7 +466,7 @@ def test_resuming_from_a_damaged_checkpoint_is_refused_naming_the_file(
             loads.append(args)
             return StableDiffusion_1.from_pretrained(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "StableDiffusion_1", CountingLoads)
+    monkeypatch.setattr(models_module, "StableDiffusion_1", CountingLoads)
     with pytest.raises(CheckpointError, match=message) as error:
         train_lora(config, resume=True)
     assert "--resume --fallback" in str(error.value)  # step-000002 is still there

@@ -52,16 +52,18 @@ def write_small_sd15(folder: Path) -> Path:
     return folder
 
 
-def write_colour_patches(folder: Path, count: int = 3) -> Path:
-    """`count` images of the same red patch at different sizes (so resizing and cropping apply), one caption."""
+def write_colour_patches(folder: Path, count: int = 3, scale: int = 1) -> Path:
+    """`count` images of the same red patch at different sizes (`scale` times (16 + 4i) x (16 or 24) pixels, so
+    resizing and cropping apply), one caption."""
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        Image.new("RGB", (16 + 4 * index, 16 + 8 * (index % 2)), RED).save(folder / f"patch-{index}.png")
+        size = (scale * (16 + 4 * index), scale * (16 + 8 * (index % 2)))
+        Image.new("RGB", size, RED).save(folder / f"patch-{index}.png")
         (folder / f"patch-{index}.txt").write_text("a red square", encoding="utf-8")
     return folder
 
 
-def toml_config(model: Path, data: Path, output_dir: Path, **sections: dict[str, Any]) -> str:
+def toml_config(model: Path, data: Path, output_dir: Path, /, **sections: dict[str, Any]) -> str:
     """A TOML configuration for the small model and dataset; `sections` add or replace keys per section."""
     values: dict[str, dict[str, Any]] = {
         "model": {"base": str(model)},

@@ -73,3 +73,20 @@ def _torch_keys(path: Path) -> list[str] | None:
     if not isinstance(content, dict):
         return None
     return [key for key in content if isinstance(key, str)]  # pyright: ignore[reportUnknownVariableType]
+
+
+def detect_model(source: str) -> tuple[str, str] | None:
+    """The first registered model (`refiners_core.plugins.registry().models`) whose `detect` recognizes `source`, as
+    `(name, what shows it)`, or None. A plugin's `detect` that raises only fails to recognize."""
+    from refiners_core.plugins import registry
+
+    for name, spec in registry().models.items():
+        if spec.detect is None:
+            continue
+        try:
+            why = spec.detect(source)
+        except Exception:  # noqa: BLE001 - a plugin's detect that breaks its contract only fails to recognize
+            continue
+        if why is not None:
+            return name, why
+    return None

@@ -107,7 +107,8 @@ class LoraAdapter(fl.Sum, Adapter[LoraTarget]):
         dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(target, (fl.Linear, fl.Conv2d)):
-            raise TypeError(f"LoraAdapter adapts fl.Linear and fl.Conv2d layers, not {type(target).__name__}")
+            where = f" at `{target.get_path()}`" if isinstance(target, fl.Module) else ""  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"LoraAdapter adapts fl.Linear and fl.Conv2d layers, not {type(target).__name__}{where}")
         lora = Lora(target, rank, scale=scale, device=device or target.device, dtype=dtype or target.dtype)
         with self.setup_adapter(target):
             super().__init__(target, lora)

@@ -19,6 +19,7 @@ from refiners_core.fluxion.adapters import Adapter, AdapterError
 from refiners_core.module_names import ForeignModuleNames
 from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
+from refiners_lora.base_models import check_base_model
 from refiners_lora.export import lora_state_dict
 from refiners_lora.formats import Format, ModuleLora, Role, parse_lora
 
@@ -86,7 +87,8 @@ class LoraManager:
 
         Raises ValueError if `name` is empty or taken or `scale` is NaN or infinite, TypeError if `scale` is not a
         number, FileNotFoundError for a missing file, WeightsError naming the file for an unreadable or non-LoRA
-        file, a value that is not a tensor, a key that matches no layer (strict), a layer that is not a Linear or
+        file, a LoRA made for another base model (e.g. SD1.5's given to SDXL: `refiners_lora.base_models`), a value
+        that is not a tensor, a key that matches no layer (strict), a layer that is not a Linear or
         Conv2d, a shape that does not fit (naming the key, layer path, expected and found shapes), a rank of 0,
         weights that are not floating point or not finite, or an alpha that is not a finite number; RuntimeError
         while fused. On any error the model is left exactly as it was and `name` is not added.
@@ -310,6 +312,8 @@ class LoraManager:
                     "only LoRAs keyed by our own layer paths load onto it"
                 )
             names = dict(self.model.foreign_module_names(parsed.convention))
+            downs = {module: lora.tensors["down"] for module, lora in parsed.modules.items() if "down" in lora.tensors}
+            check_base_model(source, downs, self.model, names, lambda path: _resolve(self.model, path))
         unmatched = list(parsed.unknown)
         plan: list[tuple[str, LoraTarget, ModuleLora]] = []
         claimed: dict[int, str] = {}

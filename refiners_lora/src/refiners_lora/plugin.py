@@ -36,7 +36,7 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
             apply=apply_lora_option,
             help="load a LoRA file (kohya, diffusers / PEFT or refiners keys) with an optional scale; repeatable",
             metavar="FILE[:SCALE]",
-            models=("sd15",),  # its layer names are SD1.5's: SDXL's LoRAs are another issue
+            models=("sd15", "sdxl"),  # the models that name their layers the kohya and diffusers way
             validate=validate_lora_option,
         )
     )

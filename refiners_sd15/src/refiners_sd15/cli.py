@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from refiners_core.model_kinds import detect_model
 from refiners_core.plugins import GenerateOptionSpec, ModelSpec, registry
 from refiners_core.weights import WeightsError
 from refiners_sd15.adapter_options import HUB_ID
@@ -380,8 +381,7 @@ def _refined(checked: GenerateSettings) -> str:
 
 def _detected(model: str) -> tuple[str, str] | None:
     """The first registered model (any, `--model` kinds or not) whose `detect` recognizes `model`, and why."""
-    specs = registry().models.items()
-    return next(((name, why) for name, spec in specs if (why := _detect(spec, model)) is not None), None)
+    return detect_model(model)
 
 
 def _default_guidances() -> list[tuple[str, float]]:
@@ -401,15 +401,6 @@ def _kinds() -> dict[str, ModelSpec]:
 def _default_sizes() -> list[tuple[str, tuple[int, int]]]:
     """Each kind's default (width, height), by name."""
     return [(name, spec.default_size) for name, spec in sorted(_kinds().items()) if spec.default_size is not None]
-
-
-def _detect(spec: ModelSpec, model: str) -> str | None:
-    if spec.detect is None:
-        return None
-    try:
-        return spec.detect(model)
-    except Exception:  # noqa: BLE001 - a plugin's detect that breaks its contract only fails to recognize
-        return None
 
 
 def _denoise(model: Any, checked: GenerateSettings, args: argparse.Namespace, **extra: Any) -> Image.Image:

@@ -96,22 +96,26 @@ def open_clip_state_dict(state_dict: Mapping[str, torch.Tensor], num_layers: int
     return tensors
 
 
+def small_unet_config(in_channels: int = 4) -> UNetConfig:
+    """A scaled-down SD1.5 UNet: two levels of 32 channels, one layer each, cross-attention (4-wide heads, 32-wide
+    text) at the first level only. Builds in milliseconds; for tests of adapters and pipelines."""
+    return UNetConfig(
+        in_channels=in_channels,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        attention_head_dim=4,
+        cross_attention_dim=32,
+        cross_attention_levels=(True, False),
+    )
+
+
 def small_sd15_components(in_channels: int) -> dict[str, torch.nn.Module]:
     """`unet`, `lda` and `clip_text_encoder` of a scaled-down SD1.5 (32 channels, one layer each) with random weights
     drawn from seed `in_channels`, as keyword arguments of `StableDiffusion_1` (`in_channels` 4) or
     `StableDiffusion_1_Inpainting` (9)."""
     torch.manual_seed(in_channels)
     return {
-        "unet": SD1UNet(
-            UNetConfig(
-                in_channels=in_channels,
-                block_out_channels=(32, 32),
-                layers_per_block=1,
-                attention_head_dim=4,
-                cross_attention_dim=32,
-                cross_attention_levels=(True, False),
-            )
-        ),
+        "unet": SD1UNet(small_unet_config(in_channels)),
         "lda": SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32, 32, 32, 32), layers_per_block=1)),
         "clip_text_encoder": CLIPTextEncoderL(
             CLIPTextEncoderConfig(embedding_dim=32, num_layers=1, num_attention_heads=2, feedforward_dim=64)

@@ -15,13 +15,14 @@ import torch
 import refiners_core.fluxion as fl
 from refiners_core.weights import load_tensors
 from refiners_sd15 import SD1Autoencoder
-from refiners_sd15.clip import CLIPTextEncoderG, CLIPTokenizer
+from refiners_sd15.clip import CLIPTextEncoderG, CLIPTextEncoderL, CLIPTokenizer
 from refiners_sd15.latent_diffusion import LatentDiffusionModel, guidance_prompts
 from refiners_sd15.loading import PathOrRepoId, PretrainedComponent
 from refiners_sd15.solvers import Solver
 from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.config import SDXL_AUTOENCODER
 from refiners_sdxl.folder import SCHEDULER_DEFAULTS
+from refiners_sdxl.module_names import sdxl_foreign_module_names
 from refiners_sdxl.own_format import (
     check_own_index,
     component_file,
@@ -88,6 +89,32 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
         the refiner's CLIP-G (`(2N, ...)` for N prompts). Raises TypeError if a prompt is not a string, ValueError if
         there is no prompt or the counts of prompts and negative prompts differ (refiners-sd15's `guidance_prompts`)."""
         return self.clip_text_encoder(guidance_prompts(text, negative_text))
+
+    def foreign_module_names(self, convention: str) -> dict[str, str]:
+        """diffusers or kohya module name -> our layer path (the `ForeignModuleNames` protocol, for LoRA files).
+
+        `DIFFUSERS`: `unet.` + the UNet's names (or the UNet's names alone), `text_encoder.` + CLIP-L's and
+        `text_encoder_2.` + CLIP-G's; `KOHYA`: `lora_unet_*` (diffusers or original `input_blocks` paths),
+        `lora_te1_*` (CLIP-L) and `lora_te2_*` (CLIP-G). See `refiners_sdxl.module_names`.
+        """
+        encoders: dict[str, tuple[str, CLIPTextEncoderL]] = {}
+        for component, encoder in self.foreign_text_encoders():
+            inner = encoder.get_path(top=self.clip_text_encoder)
+            encoders[component] = ("clip_text_encoder" + (f".{inner}" if inner else ""), encoder)
+        return sdxl_foreign_module_names(self.unet, encoders, convention)
+
+    def foreign_pointwise_convolutions(self, convention: str) -> set[str]:
+        """The foreign names of the UNet's `proj_in` / `proj_out` when they are 1x1 convolutions there (a config
+        without `use_linear_projection`; SDXL's published UNets have linear ones): the
+        `ForeignPointwiseConvolutions` protocol."""
+        if self.unet.config.use_linear_projection:
+            return set()
+        return {name for name in self.foreign_module_names(convention) if name.endswith(("proj_in", "proj_out"))}
+
+    def foreign_text_encoders(self) -> list[tuple[str, CLIPTextEncoderL]]:
+        """(diffusers component, encoder) of each text encoder: `text_encoder` (CLIP-L), `text_encoder_2` (CLIP-G)."""
+        encoders = [layer for layer in self.clip_text_encoder.modules() if isinstance(layer, CLIPTextEncoderL)]
+        return [("text_encoder_2" if isinstance(e, CLIPTextEncoderG) else "text_encoder", e) for e in encoders]
 
     @classmethod
     def from_pretrained(

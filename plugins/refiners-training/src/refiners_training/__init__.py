@@ -1,4 +1,5 @@
-"""refiners-training: fine-tune LoRAs on Stable Diffusion 1.5, resumable, single- or multi-process (torchrun).
+"""refiners-training: fine-tune LoRAs on Stable Diffusion 1.5 and SDXL (with the `sdxl` extra), resumable, single- or
+multi-process (torchrun).
 
 from refiners_training import TrainingConfig, train_lora
 

@@ -19,8 +19,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     subcommands = parser.add_subparsers(dest="adapter", metavar="ADAPTER", required=True)
     lora = subcommands.add_parser(
         "lora",
-        help="fine-tune a LoRA on Stable Diffusion 1.5 from a TOML configuration",
-        description="Fine-tune a LoRA on Stable Diffusion 1.5 as CONFIG describes (see the README of "
+        help="fine-tune a LoRA on Stable Diffusion 1.5 or SDXL from a TOML configuration",
+        description="Fine-tune a LoRA on Stable Diffusion 1.5 or SDXL as CONFIG describes (see the README of "
         "refiners-training for every key). Under torchrun, every process trains on its share of each batch.",
     )
     lora.set_defaults(command_prog=lora.prog)  # errors read `refiners train lora: error: ...`

@@ -21,14 +21,16 @@ LrScheduler = Literal["constant", "linear", "cosine"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
 ExportFormat = Literal["refiners", "kohya", "diffusers"]
 DeviceChoice = Literal["auto", "cpu", "cuda"]
+ModelKind = Literal["auto", "sd15", "sdxl"]
+CropMode = Literal["center", "random"]
 
 # Bounds checked when a configuration is built, before anything is allocated or loaded (the README lists them).
-MAX_RESOLUTION = 2048  # training and evaluation images, in pixels (4 times SD1.5's 512)
+MAX_RESOLUTION = 2048  # training and evaluation images, in pixels (4 times SD1.5's 512, twice SDXL's 1024)
 MAX_RANK = 1024
 MAX_BATCH_SIZE = 1024  # samples per forward pass, and forward passes per optimizer step
 MAX_BATCH_PIXELS = 64 * 512 * 512  # batch_size * resolution**2: 64 images of 512x512, 4 of 2048x2048
 MAX_STEPS = 10_000_000  # optimizer steps
-MAX_EVALUATION_STEPS = 1000  # DDIM steps: SD1.5 was trained on 1000 timesteps
+MAX_EVALUATION_STEPS = 1000  # DDIM steps: SD1.5 and SDXL were trained on 1000 timesteps
 MAX_NAME_LENGTH = 200  # `lora.name`, the stem of the exported files
 
 
@@ -38,17 +40,22 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """`[model]`: the Stable Diffusion 1.5 weights to train on (a diffusers folder, hub id or single file)."""
+    """`[model]`: the weights to train on (a diffusers folder, hub id or single file) and their model kind: `"auto"`
+    tells SD1.5 from SDXL by what `base` holds, as `refiners generate` does (SD1.5 when nothing tells)."""
 
     base: str
+    kind: ModelKind = "auto"
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """`[data]`: a folder of images with captions, resized and center-cropped to `resolution` pixels square."""
+    """`[data]`: a folder of images with captions, resized on their short side to `resolution` pixels and cropped to
+    a square: at the center, or at a random place drawn per sample from the seed (`crop = "random"`). SDXL is
+    conditioned on each image's original size and crop, as it was trained."""
 
     path: Path
     resolution: int = 512
+    crop: CropMode = "center"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,24 @@ class Sample:
     caption: str
 
 
+@dataclass(frozen=True)
+class CroppedImage:
+    """A training image as the model sees it, `(3, target, target)` in [-1, 1], and what SDXL is conditioned on:
+    the size of the image file, `(height, width)`, and the crop's top left corner `(top, left)` in the resized image
+    (diffusers' `original_size` and `crops_coords_top_left`)."""
+
+    pixels: torch.Tensor
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target: int
+
+    @property
+    def time_ids(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's six micro-conditioning values, in diffusers' order: original height and width, crop top and
+        left, target height and width."""
+        return (*self.original_size, *self.crop_top_left, self.target, self.target)
+
+
 class CaptionedImages:
     """The images of `folder` with their captions, as `(3, resolution, resolution)` tensors in [-1, 1].
 
@@ -46,7 +64,7 @@ class CaptionedImages:
     float image with NaN or infinite pixels is reported (DatasetError naming the file, and the line of
     `metadata.jsonl`) before training starts. Images are converted to RGB by what their pixels mean
     (`refiners_core.images.to_rgb`: 16-bit and float images scaled by their range, alpha dropped, palettes
-    expanded), resized so that their short side is `resolution` and center-cropped to a square.
+    expanded), resized so that their short side is `resolution` and cropped to a square (`crop`).
     """
 
     def __init__(self, folder: str | Path, resolution: int) -> None:
@@ -67,13 +85,19 @@ class CaptionedImages:
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         """The image at `index` as a `(3, resolution, resolution)` float32 tensor in [-1, 1], and its caption."""
+        return self.crop(index).pixels, self.samples[index].caption
+
+    def crop(self, index: int, generator: torch.Generator | None = None) -> CroppedImage:
+        """The image at `index` resized on its short side to `resolution` and cropped to a square: at the center, or
+        at a place drawn from `generator` when one is given; with its original size and crop (SDXL's conditions)."""
         sample = self.samples[index]
         try:
             with open_image(sample.image) as image:
-                square = center_crop(to_rgb(image), self.resolution)
+                rgb = to_rgb(image)
+                square, top_left = resize_and_crop(rgb, self.resolution, generator)
         except (OSError, ValueError) as error:
             raise DatasetError(f"cannot read image {sample.image}: {error}") from error
-        return image_to_tensor(square), sample.caption
+        return CroppedImage(image_to_tensor(square), (rgb.height, rgb.width), top_left, self.resolution)
 
     def indices(self, seed: int, start: int, count: int) -> list[int]:
         """Sample indices at positions `start` to `start + count - 1` of the run's data order.
@@ -99,15 +123,23 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> list[int]:
     return torch.randperm(size, generator=generator).tolist()
 
 
-def center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """`image` resized (Lanczos) so that its short side is `resolution`, then cropped to the central square."""
+def resize_and_crop(
+    image: Image.Image, resolution: int, generator: torch.Generator | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """`image` resized (Lanczos) so that its short side is `resolution`, then cropped to a square: the central one,
+    or one at a place drawn from `generator`. Returns the square and its top left corner `(top, left)`."""
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
-    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    spare_width, spare_height = size[0] - resolution, size[1] - resolution
+    if generator is None:
+        left, top = spare_width // 2, spare_height // 2
+    else:
+        top = int(torch.randint(0, spare_height + 1, (1,), generator=generator).item())
+        left = int(torch.randint(0, spare_width + 1, (1,), generator=generator).item())
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
 
 
 def open_image(path: Path) -> Image.Image:

@@ -1,8 +1,8 @@
-"""The training objective of Stable Diffusion 1.5: DDPM noise prediction.
+"""The training objective of Stable Diffusion 1.5 and SDXL: DDPM noise prediction.
 
 A sample's latents `x0` are noised to a random timestep `t` as `sqrt(a_t) x0 + sqrt(1 - a_t) noise`, with `a_t` the
-cumulative product of `1 - beta` over the "scaled linear" schedule SD1.5 was trained with (betas from 0.00085 to
-0.012, square-root spaced, 1000 steps, in float32 as diffusers' DDPMScheduler); the UNet predicts `noise`
+cumulative product of `1 - beta` over the "scaled linear" schedule SD1.5 and SDXL were trained with (betas from
+0.00085 to 0.012, square-root spaced, 1000 steps, in float32 as diffusers' DDPMScheduler); the UNet predicts `noise`
 (epsilon) and the loss is their mean squared error.
 """
 
@@ -18,7 +18,8 @@ BETA_END = 0.012
 
 
 class NoiseSchedule:
-    """The DDPM forward process of SD1.5: `add_noise(latents, noise, timesteps)` at integer `timesteps` `(B,)`."""
+    """The DDPM forward process of SD1.5 and SDXL: `add_noise(latents, noise, timesteps)` at integer `timesteps`
+    `(B,)`."""
 
     def __init__(
         self, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, beta_start: float = BETA_START, beta_end: float = BETA_END
@@ -34,12 +35,13 @@ class NoiseSchedule:
         return (alphas.sqrt() * latents.float() + (1 - alphas).sqrt() * noise.float()).to(latents.dtype)
 
 
-def sample_generator(seed: int, position: int) -> torch.Generator:
-    """A CPU generator for the sample at `position` of the run's data order, drawn from `(seed, position)` alone.
+def sample_generator(seed: int, position: int, purpose: str = "noise") -> torch.Generator:
+    """A CPU generator for the sample at `position` of the run's data order, drawn from `(seed, position)` alone,
+    one stream per `purpose` (`"noise"`: its noise and timestep; `"crop"`: where a random crop falls).
 
-    Its noise and timestep are the same whichever process handles it and whether the run was resumed or not.
+    What it draws is the same whichever process handles the sample and whether the run was resumed or not.
     """
-    digest = hashlib.sha256(f"refiners-training-noise:{seed}:{position}".encode()).digest()
+    digest = hashlib.sha256(f"refiners-training-{purpose}:{seed}:{position}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 

@@ -6,19 +6,19 @@ from pathlib import Path
 
 import torch
 
-from refiners_sd15 import DDIM, StableDiffusion_1
+from refiners_sd15 import DDIM
 from refiners_training.config import EvaluationConfig
+from refiners_training.models import TrainedModel
 
 
-def tokenize_prompts(sd: StableDiffusion_1, config: EvaluationConfig) -> list[torch.Tensor]:
-    """The token ids `(2, 77)` of each prompt, its negative prompt first: tokenized once for the whole run."""
-    tokenizer = sd.clip_text_encoder.tokenizer
-    return [tokenizer([config.negative_prompt, prompt]) for prompt in config.prompts]
+def tokenize_prompts(model: TrainedModel, config: EvaluationConfig) -> list[torch.Tensor]:
+    """The token ids of each prompt, its negative prompt first (2 rows): tokenized once for the whole run."""
+    return [model.tokenize([config.negative_prompt, prompt]) for prompt in config.prompts]
 
 
 @torch.no_grad()
 def render_prompts(
-    sd: StableDiffusion_1, config: EvaluationConfig, tokens: list[torch.Tensor], resolution: int, folder: Path
+    model: TrainedModel, config: EvaluationConfig, tokens: list[torch.Tensor], resolution: int, folder: Path
 ) -> list[Path]:
     """Render every prompt (`tokens`, from `tokenize_prompts`) with DDIM (`config.steps` steps, same seed each time)
     into `folder/NN.png`.
@@ -28,16 +28,17 @@ def render_prompts(
     if not tokens:
         return []
     folder.mkdir(parents=True, exist_ok=True)
+    sd = model.sd
     solver, show_progress = sd.solver, sd.show_progress
     sd.solver, sd.show_progress = DDIM(num_inference_steps=config.steps), False
     size = config.resolution or resolution
     paths: list[Path] = []
     try:
         for index, prompt_tokens in enumerate(tokens):
-            embedding = sd.clip_text_encoder(prompt_tokens)
+            conditions = model.prompt_conditions(prompt_tokens, size)
             x = sd.init_latents(size=(size, size), seed=config.seed)
             for step in sd.steps:
-                x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=config.condition_scale)
+                x = sd(x, step=step, **conditions, condition_scale=config.condition_scale)
             path = folder / f"{index:02d}.png"
             sd.lda.latents_to_image(x).save(path)
             paths.append(path)

@@ -1,10 +1,11 @@
-"""Which layers of Stable Diffusion 1.5 get a LoRA, chosen by their diffusers / transformers module names.
+"""Which layers get a LoRA, chosen by their diffusers / transformers module names (the same for SD1.5 and SDXL).
 
 - `"attention"`: the query, key, value and output projections of every UNet attention (`attn1` self-attention and
   `attn2` cross-attention: `to_q`, `to_k`, `to_v`, `to_out.0`), as diffusers' and PEFT's LoRA training does.
 - `"attention+conv"`: the above and, LoCon-style, every convolution of the UNet's residual blocks (`conv1`, `conv2`,
   `conv_shortcut`) and of its down- and upsamplers.
-- with the text encoder: the `q_proj`, `k_proj`, `v_proj` and `out_proj` of every CLIP self-attention.
+- with the text encoders: the `q_proj`, `k_proj`, `v_proj` and `out_proj` of every CLIP self-attention (of SDXL's
+  CLIP-L, all but the last layer's: SDXL reads its penultimate hidden states).
 
 Every chosen layer has a kohya and a diffusers name, so the trained LoRA exports to both.
 """
@@ -12,34 +13,49 @@ Every chosen layer has a kohya and a diffusers name, so the trained LoRA exports
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
-from refiners_core.module_names import DIFFUSERS
-from refiners_sd15 import StableDiffusion_1
+from torch import nn
+
+from refiners_core.module_names import DIFFUSERS, ForeignModuleNames
 from refiners_training.config import LayerSelection
 
 UNET_ATTENTION = re.compile(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
 UNET_CONV = re.compile(r"(\.resnets\.\d+\.(conv1|conv2|conv_shortcut)|\.(downsamplers|upsamplers)\.\d+\.conv)$")
-TEXT_ATTENTION = re.compile(r"^text_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 
 
-def lora_layer_paths(sd: StableDiffusion_1, layers: LayerSelection, train_text_encoder: bool) -> list[str]:
-    """The paths (relative to `sd`, e.g. `unet.DownBlocks...Linear_1`) of the layers to train, in model order.
+def text_attention(but_layer: int | None = None) -> re.Pattern[str]:
+    """The transformers module names of the CLIP self-attention projections, of every layer but `but_layer`."""
+    layer = r"\d+" if but_layer is None else rf"(?!{but_layer}\.)\d+"
+    return re.compile(rf"^text_model\.encoder\.layers\.{layer}\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 
-    Raises ValueError if the selection finds no layer (a model whose layers have no diffusers names).
+
+TEXT_ATTENTION = text_attention()
+
+
+def unet_patterns(layers: LayerSelection) -> list[re.Pattern[str]]:
+    """The diffusers module names of the UNet layers `lora.layers` selects."""
+    return [UNET_ATTENTION] + ([UNET_CONV] if layers == "attention+conv" else [])
+
+
+def select_layers(
+    model: nn.Module, components: Sequence[tuple[ForeignModuleNames, Sequence[re.Pattern[str]]]]
+) -> list[str]:
+    """The paths (relative to `model`, e.g. `unet.DownBlocks...Linear_1`) of the layers of each component (a
+    submodule of `model`) whose diffusers / transformers name matches one of its patterns, in model order.
+
+    Raises ValueError if no layer is chosen (a model whose layers have no diffusers names).
     """
-    patterns = [UNET_ATTENTION] + ([UNET_CONV] if layers == "attention+conv" else [])
-    chosen = {
-        f"unet.{path}"
-        for name, path in sd.unet.foreign_module_names(DIFFUSERS).items()
-        if any(pattern.search(name) for pattern in patterns)
-    }
-    if train_text_encoder:
+    prefixes = {id(module): name for name, module in model.named_modules()}
+    chosen: set[str] = set()
+    for component, patterns in components:
+        prefix = prefixes[id(component)]
         chosen |= {
-            f"clip_text_encoder.{path}"
-            for name, path in sd.clip_text_encoder.foreign_module_names(DIFFUSERS).items()
-            if TEXT_ATTENTION.search(name)
+            f"{prefix}.{path}"
+            for name, path in component.foreign_module_names(DIFFUSERS).items()
+            if any(pattern.search(name) for pattern in patterns)
         }
-    paths = [name for name, _ in sd.named_modules() if name in chosen]
+    paths = [name for name, _ in model.named_modules() if name in chosen]
     if not paths:
-        raise ValueError(f"lora.layers = {layers!r} selects no layer of {type(sd).__name__}")
+        raise ValueError(f"the configured `lora.layers` select no layer of {type(model).__name__}")
     return paths

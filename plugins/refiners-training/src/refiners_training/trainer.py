@@ -1,9 +1,10 @@
-"""`train_lora`: fine-tune a LoRA on Stable Diffusion 1.5, resumable, on one process or many (torchrun).
+"""`train_lora`: fine-tune a LoRA on Stable Diffusion 1.5 or SDXL, resumable, on one process or many (torchrun).
 
 Each optimizer step reads the next `batch_size * gradient_accumulation_steps * world_size` samples of the run's data
-order (a per-epoch permutation drawn from the seed); each sample's noise and timestep are drawn from the seed and
-its position in that order. A run's loss curve therefore depends on the seed, the data and the global batch only:
-resuming from a checkpoint, or splitting the global batch across processes, gives the same steps.
+order (a per-epoch permutation drawn from the seed); each sample's noise and timestep, and its crop with
+`data.crop = "random"`, are drawn from the seed and its position in that order. A run's loss curve therefore
+depends on the seed, the data and the global batch only: resuming from a checkpoint, or splitting the global batch
+across processes, gives the same steps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -27,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from refiners_lora import LoraManager
-from refiners_sd15 import CLIPTextEncoderL, SD1UNet, StableDiffusion_1
+from refiners_sd15.latent_diffusion import LatentDiffusionModel
 from refiners_training.checkpoint import (
     LATEST,
     CheckpointError,
@@ -41,10 +43,10 @@ from refiners_training.checkpoint import (
 from refiners_training.checkpoint_files import LORA_WEIGHTS, TRAINING_STATE, check_fits, read_checkpoint
 from refiners_training.config import ConfigError, MixedPrecision, OptimizationConfig, TrainingConfig
 from refiners_training.dataset import CaptionedImages
-from refiners_training.diffusion import NoiseSchedule, draw_noise
+from refiners_training.diffusion import NoiseSchedule, draw_noise, sample_generator
 from refiners_training.distributed import Processes, start_processes, stop_processes
 from refiners_training.evaluation import render_prompts, tokenize_prompts
-from refiners_training.layers import lora_layer_paths
+from refiners_training.models import TrainedModel, resolve_kind
 from refiners_training.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class TrainingResult:
     """What `train_lora` leaves: the model with the trained LoRA injected (under `config.lora.name`), the step
     reached, the loss of every step this call ran, and the files exported (format -> path, on rank 0 only)."""
 
-    model: StableDiffusion_1
+    model: LatentDiffusionModel[Any]
     step: int
     losses: dict[int, float] = field(default_factory=lambda: {})
     exports: dict[str, Path] = field(default_factory=lambda: {})
@@ -86,19 +88,24 @@ def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = Fa
     A step whose loss or gradients are not finite stops the run (TrainingError naming the step) before the weights
     change: the checkpoints already written stay, and no checkpoint or export ever holds a non-finite weight.
 
-    The configuration, the dataset (every file decoded) and `output_dir` are checked before the model loads, and
-    nothing is written before it has loaded.
+    The model kind is `model.kind`, or with `"auto"` what `model.base` holds (`refiners_training.models`): SD1.5, or
+    SDXL with refiners-sdxl installed, trained on each image's original size and crop (its micro-conditioning).
 
-    Raises ConfigError for a device or mixed precision the machine cannot use, DatasetError naming a bad file of
-    the dataset, TrainingError if `output_dir` is not a usable folder, already holds checkpoints and `resume` is
-    False, `fallback` is given without `resume`, or the loss or the gradients stop being finite, CheckpointError
-    naming a checkpoint file that is damaged (unreadable, incomplete, non-finite) or does not fit the configured
-    LoRA; the base model's files are never written.
+    The configuration, the model kind, the dataset (every file decoded) and `output_dir` are checked before the model
+    loads, and nothing is written before it has loaded.
+
+    Raises ConfigError for a device or mixed precision the machine cannot use or a `model.base` of another kind than
+    `model.kind` (or of no kind a LoRA trains on), DatasetError naming a bad file of the dataset, TrainingError if
+    `output_dir` is not a usable folder, already holds checkpoints and `resume` is False, `fallback` is given
+    without `resume`, or the loss or the gradients stop being finite, CheckpointError naming a checkpoint file that
+    is damaged (unreadable, incomplete, non-finite) or does not fit the configured LoRA; the base model's files are
+    never written.
     """
     if fallback and not resume:
         raise TrainingError("--fallback (fallback=True) only applies when resuming: add --resume (resume=True)")
     device = resolve_device(config.training)
     check_mixed_precision(config.training.mixed_precision, device)
+    kind = resolve_kind(config.model)
     dataset = CaptionedImages(config.data.path, config.data.resolution)
     output_dir = config.training.output_dir
     check_output_dir(output_dir, [f"{config.lora.name}{EXPORT_SUFFIXES[name]}" for name in config.export.formats])
@@ -108,7 +115,7 @@ def train_lora(config: TrainingConfig, resume: bool = False, fallback: bool = Fa
         check_resume_point(output_dir / CHECKPOINTS)
     processes = start_processes(device)
     try:
-        return _Run(config, device, processes, dataset).train(resume, fallback)
+        return _Run(config, kind, device, processes, dataset).train(resume, fallback)
     finally:
         stop_processes(processes)
 
@@ -205,31 +212,16 @@ def check_mixed_precision(mixed_precision: MixedPrecision, device: torch.device)
         raise ConfigError("`training.mixed_precision` = 'bf16' but this GPU does not support bfloat16; use 'fp16'")
 
 
-class Denoiser(nn.Module):
-    """The trained computation: captions -> CLIP text embedding -> the UNet's noise prediction for noisy latents.
-
-    One module, so that DistributedDataParallel averages the gradients of every trained LoRA, text encoder included.
-    """
-
-    def __init__(self, unet: SD1UNet, clip_text_encoder: CLIPTextEncoderL, train_text_encoder: bool) -> None:
-        super().__init__()
-        self.unet = unet
-        self.clip_text_encoder = clip_text_encoder
-        self.train_text_encoder = train_text_encoder
-
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
-            embedding = self.clip_text_encoder(tokens)
-        self.unet.set_timestep(timesteps)
-        self.unet.set_clip_text_embedding(embedding)
-        return self.unet(latents)
-
-
 class _Run:
     """One call of `train_lora`: the model, its LoRA, the optimizer and where the run stands."""
 
     def __init__(
-        self, config: TrainingConfig, device: torch.device, processes: Processes, dataset: CaptionedImages
+        self,
+        config: TrainingConfig,
+        kind: type[TrainedModel],
+        device: torch.device,
+        processes: Processes,
+        dataset: CaptionedImages,
     ) -> None:
         self.config, self.device, self.processes = config, device, processes
         training, lora = config.training, config.lora
@@ -238,11 +230,12 @@ class _Run:
         self.dataset = dataset
         torch.manual_seed(training.seed)
         random.seed(training.seed)
-        self.sd = StableDiffusion_1.from_pretrained(config.model.base, device=device, dtype=torch.float32)
+        self.trained = kind.load(config.model.base, device)
+        self.sd = self.trained.sd
         self.sd.requires_grad_(False)
         self.sd.eval()
         self.manager = LoraManager(self.sd)
-        paths = lora_layer_paths(self.sd, lora.layers, lora.train_text_encoder)
+        paths = self.trained.layer_paths(lora.layers, lora.train_text_encoder)
         adapters = self.manager.create(lora.name, paths, lora.rank, lora.alpha)
         self.parameters = {
             f"{path}.{name}": parameter
@@ -251,7 +244,7 @@ class _Run:
         }
         for parameter in self.parameters.values():
             parameter.requires_grad_(True)
-        denoiser = Denoiser(self.sd.unet, self.sd.clip_text_encoder, lora.train_text_encoder)
+        denoiser = self.trained.denoiser(lora.train_text_encoder)
         self.model: nn.Module = denoiser
         if processes.enabled:
             device_ids = [device.index] if device.type == "cuda" else None
@@ -260,9 +253,9 @@ class _Run:
         self.scheduler = build_scheduler(self.optimizer, training)
         self.scaler = torch.amp.GradScaler(device.type, enabled=training.mixed_precision == "fp16")
         self.noise = NoiseSchedule()
-        self.latents: dict[int, torch.Tensor] = {}
+        self.latents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # center crops: encoded once per run
         self.tokens: dict[int, torch.Tensor] = {}  # each caption is tokenized once per run
-        self.prompt_tokens = tokenize_prompts(self.sd, config.evaluation)
+        self.prompt_tokens = tokenize_prompts(self.trained, config.evaluation)
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.position = 0  # samples of the data order consumed so far (all processes together)
@@ -314,7 +307,9 @@ class _Run:
             start = self.position + (micro * self.processes.world_size + self.processes.rank) * training.batch_size
             positions = list(range(start, start + training.batch_size))
             indices = self.dataset.indices(training.seed, start, training.batch_size)
-            latents = torch.stack([self._latents_of(index) for index in indices])
+            encoded = [self._encoded(index, position) for index, position in zip(indices, positions, strict=True)]
+            latents = torch.stack([sample_latents for sample_latents, _ in encoded])
+            time_ids = torch.stack([sample_time_ids for _, sample_time_ids in encoded])
             tokens = torch.cat([self._tokens_of(index) for index in indices])
             noise, timesteps = draw_noise(training.seed, positions, tuple(latents.shape[1:]))
             noise, timesteps = noise.to(self.device), timesteps.to(self.device)
@@ -325,7 +320,7 @@ class _Run:
             )
             with sync:
                 with autocast:
-                    prediction = self.model(noisy, timesteps, tokens)
+                    prediction = self.model(noisy, timesteps, tokens, time_ids)
                 loss = F.mse_loss(prediction.float(), noise.float())
                 self.scaler.scale(loss / accumulation).backward()
             total += loss.item() / accumulation
@@ -344,11 +339,19 @@ class _Run:
         return mean
 
     @torch.no_grad()
-    def _latents_of(self, index: int) -> torch.Tensor:
-        """The autoencoder's latents of sample `index` (encoded alone, in float32, once per run)."""
-        if index not in self.latents:
-            image, _ = self.dataset[index]
-            self.latents[index] = self.sd.lda.encode(image.unsqueeze(0).to(self.device))[0]
+    def _encoded(self, index: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The autoencoder's latents of sample `index` (encoded alone, in float32) and its time ids `(6,)` (original
+        size, crop, target size): once per run with center crops, at every `position` of the data order with random
+        crops (each drawn from the seed and the position)."""
+        random_crop = self.config.data.crop == "random"
+        if random_crop or index not in self.latents:
+            generator = sample_generator(self.config.training.seed, position, "crop") if random_crop else None
+            cropped = self.dataset.crop(index, generator)
+            latents = self.sd.lda.encode(cropped.pixels.unsqueeze(0).to(self.device))[0]
+            time_ids = torch.tensor(cropped.time_ids, dtype=torch.float32, device=self.device)
+            if random_crop:
+                return latents, time_ids
+            self.latents[index] = (latents, time_ids)
         return self.latents[index]
 
     def _stop(self, reason: str) -> typing.NoReturn:
@@ -362,9 +365,9 @@ class _Run:
         )
 
     def _tokens_of(self, index: int) -> torch.Tensor:
-        """The token ids `(1, 77)` of sample `index`'s caption (tokenized once per run)."""
+        """The token ids of sample `index`'s caption, one row (tokenized once per run)."""
         if index not in self.tokens:
-            self.tokens[index] = self.sd.clip_text_encoder.tokenizer(self.dataset.samples[index].caption)
+            self.tokens[index] = self.trained.tokenize(self.dataset.samples[index].caption)
         return self.tokens[index]
 
     def _check_weights(self) -> None:
@@ -446,7 +449,7 @@ class _Run:
         if self.processes.is_main:
             write_checkpoint(self.root, name, self._write_checkpoint)
             render_prompts(
-                self.sd,
+                self.trained,
                 self.config.evaluation,
                 self.prompt_tokens,
                 self.config.data.resolution,

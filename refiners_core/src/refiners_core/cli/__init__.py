@@ -1,9 +1,9 @@
 """The `refiners` command line.
 
-Built-in commands (`plugins`, `demo`) are registered by this module through the `refiners_register_commands`
-hook, exactly like the commands of installed plugins. Only the names and help lines of commands are needed
-for `refiners --help`; a command's `configure` runs only when that command is invoked, so a broken plugin
-command cannot break the others.
+Built-in commands (`plugins`, `plugin new`, `demo`) are registered by this module through the
+`refiners_register_commands` hook, exactly like the commands of installed plugins. Only the names and help lines
+of commands are needed for `refiners --help`; a command's `configure` runs only when that command is invoked, so a
+broken plugin command cannot break the others.
 
 How every command, built-in or from a plugin, ends:
 
@@ -38,7 +38,7 @@ from typing import NoReturn
 
 import importlib_metadata
 
-from refiners_core.cli import plugins
+from refiners_core.cli import plugin_new, plugins
 from refiners_core.plugins import CommandRegistrar, RefinersPluginWarning, Registry, hookimpl, registry
 
 DEMO_HELP = (
@@ -143,6 +143,7 @@ def refiners_register_commands(cli: CommandRegistrar) -> None:
         configure=plugins.configure,
     )
     cli.add_command("demo", _run_demo, help=DEMO_HELP, configure=_configure_demo)
+    cli.add_command("plugin", plugin_new.run, help=plugin_new.PLUGIN_HELP, configure=plugin_new.configure)
 
 
 def _configure_demo(parser: argparse.ArgumentParser) -> None:

@@ -8,8 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from refiners_core.plugins import PluginRecord, registry
-
-_KINDS = ("adapters", "models", "solvers", "commands", "generate_options")
+from refiners_core.plugins.kinds import KINDS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,15 +38,13 @@ def format_table(records: Sequence[PluginRecord]) -> str:
     rows = [("DISTRIBUTION", "VERSION", "ENTRY POINT", "REGISTERS", "STATUS")]
     for record in records:
         registers = "; ".join(
-            f"{_label(kind)}: {', '.join(names)}" for kind in _KINDS if (names := getattr(record, kind))
+            f"{kind.label}: {', '.join(names)}" for kind in KINDS if (names := record.names(kind.key))
         )
-        status = f"error: {record.error}" if record.status == "error" else record.status
+        status = record.error if record.status == "incompatible" and record.error else record.status
+        if record.status == "error":
+            status = f"error: {record.error}"
         rows.append((record.distribution, record.version, record.entry_point, registers or "-", status))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]) for row in rows
     )
-
-
-def _label(kind: str) -> str:
-    return kind.replace("_", " ")

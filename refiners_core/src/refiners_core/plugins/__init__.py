@@ -6,7 +6,9 @@ contract), declared by one entry point in the `refiners` group of its distributi
 shows the same information, including the plugins that failed.
 """
 
+from refiners_core.plugins.compatibility import PLUGIN_API_VERSION
 from refiners_core.plugins.hookspecs import hookimpl, hookspec
+from refiners_core.plugins.kinds import KINDS, RegistryKind
 from refiners_core.plugins.loader import (
     PluginError,
     PluginRecord,
@@ -16,6 +18,7 @@ from refiners_core.plugins.loader import (
     registry,
     reset_registry,
 )
+from refiners_core.plugins.references import Reference, resolve
 from refiners_core.plugins.specs import (
     AdapterSpec,
     CommandRegistrar,
@@ -26,6 +29,8 @@ from refiners_core.plugins.specs import (
 )
 
 __all__ = [
+    "KINDS",
+    "PLUGIN_API_VERSION",
     "AdapterSpec",
     "CommandRegistrar",
     "CommandSpec",
@@ -33,12 +38,15 @@ __all__ = [
     "ModelSpec",
     "PluginError",
     "PluginRecord",
+    "Reference",
     "RefinersPluginWarning",
     "Registry",
+    "RegistryKind",
     "SolverSpec",
     "SpecTable",
     "hookimpl",
     "hookspec",
     "registry",
+    "resolve",
     "reset_registry",
 ]

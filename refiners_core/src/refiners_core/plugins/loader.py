@@ -40,9 +40,10 @@ import importlib_metadata
 import pluggy
 
 from refiners_core.plugins import hookspecs
+from refiners_core.plugins.compatibility import CORE_DISTRIBUTION, incompatibility
+from refiners_core.plugins.kinds import KIND_KEYS, KINDS, RegistryKind
 from refiners_core.plugins.specs import (
     AdapterSpec,
-    CommandRegistrar,
     CommandSpec,
     GenerateOptionSpec,
     ModelSpec,
@@ -57,9 +58,8 @@ STRICT_ENV = "REFINERS_STRICT_PLUGINS"
 # installed plugin, so their names win conflicts, and they are not listed among `Registry.plugins`.
 _BUILTIN_PLUGINS = ("refiners_core.cli",)
 
-Spec = AdapterSpec | ModelSpec | SolverSpec | CommandSpec | GenerateOptionSpec
-S = TypeVar("S", AdapterSpec, ModelSpec, SolverSpec, CommandSpec, GenerateOptionSpec)
-Status = Literal["ok", "error", "disabled"]
+S = TypeVar("S")
+Status = Literal["ok", "error", "incompatible", "disabled"]
 
 
 class RefinersPluginWarning(UserWarning):
@@ -84,18 +84,48 @@ class PluginRecord:
     version: str
     entry_point: str
     """As written in the distribution's metadata: `lora = refiners_lora.plugin`."""
-    adapters: tuple[str, ...] = ()
-    models: tuple[str, ...] = ()
-    solvers: tuple[str, ...] = ()
-    commands: tuple[str, ...] = ()
-    generate_options: tuple[str, ...] = ()
-    """Flags added to generation commands, e.g. `--lora`."""
+    registered: Mapping[str, tuple[str, ...]] = field(default_factory=dict[str, tuple[str, ...]])
+    """The names it registered, by kind (`KINDS`' keys: "adapters", "generate_options"...); a kind it registered
+    nothing of may be left out. `adapters`, `models`... read it."""
     error: str | None = None
     """One line, problems separated by "; ", e.g. `import failed: ModuleNotFoundError: No module named 'x'`."""
     status: Status = "ok"
-    """"ok", "error" (see `error`; names that did not conflict are still registered) or "disabled"."""
+    """"ok", "error" (see `error`; names that did not conflict are still registered), "incompatible" (its
+    requirement on refiners-core excludes the installed core, see `error`; it was not imported) or "disabled"."""
     exception: BaseException | None = field(default=None, repr=False, compare=False)
     """The exception behind `error`, if there was one (a name conflict has none)."""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.registered) - set(KIND_KEYS)
+        if unknown:
+            raise ValueError(f"unknown kinds {sorted(unknown)} (known: {', '.join(KIND_KEYS)})")
+        # Every kind present, as a tuple, so that equal records compare equal however they were built.
+        object.__setattr__(self, "registered", {key: tuple(self.registered.get(key, ())) for key in KIND_KEYS})
+
+    def names(self, kind: str) -> tuple[str, ...]:
+        """The names of kind `kind` ("adapters", "generate_options"...) this plugin registered."""
+        return self.registered[kind]
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return self.registered["adapters"]
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.registered["models"]
+
+    @property
+    def solvers(self) -> tuple[str, ...]:
+        return self.registered["solvers"]
+
+    @property
+    def commands(self) -> tuple[str, ...]:
+        return self.registered["commands"]
+
+    @property
+    def generate_options(self) -> tuple[str, ...]:
+        """Flags added to generation commands, e.g. `--lora`."""
+        return self.registered["generate_options"]
 
     def to_json(self) -> dict[str, Any]:
         """The record as written by `refiners plugins --json`."""
@@ -103,11 +133,7 @@ class PluginRecord:
             "distribution": self.distribution,
             "version": self.version,
             "entry_point": self.entry_point,
-            "adapters": list(self.adapters),
-            "models": list(self.models),
-            "solvers": list(self.solvers),
-            "commands": list(self.commands),
-            "generate_options": list(self.generate_options),
+            **{key: list(names) for key, names in self.registered.items()},
             "error": self.error,
             "status": self.status,
         }
@@ -142,20 +168,39 @@ class SpecTable(Mapping[str, S], Generic[S]):
 
 @dataclass(frozen=True)
 class Registry:
-    """Everything the installed plugins registered, by name, and one `PluginRecord` per entry point."""
+    """Everything the installed plugins registered, by kind and name, and one `PluginRecord` per entry point."""
 
-    adapters: SpecTable[AdapterSpec]
-    models: SpecTable[ModelSpec]
-    solvers: SpecTable[SolverSpec]
-    commands: SpecTable[CommandSpec]
-    """Built-in commands first, then those of plugins."""
-    generate_options: SpecTable[GenerateOptionSpec]
-    """Options of generation commands, by flag (`--lora`)."""
+    tables: Mapping[str, SpecTable[Any]]
+    """One table per kind of `KINDS`, by its key: `tables["adapters"]["lora"]`. The properties below read it."""
     plugins: tuple[PluginRecord, ...]
     warnings: tuple[str, ...] = ()
     """Problems that leave every plugin's status as it is, one line each: a plugin printed while loading, a
     name in `REFINERS_DISABLE_PLUGINS` matches no installed plugin. They are also warned about."""
 
+    @property
+    def adapters(self) -> SpecTable[AdapterSpec]:
+        return self.tables["adapters"]
+
+    @property
+    def models(self) -> SpecTable[ModelSpec]:
+        return self.tables["models"]
+
+    @property
+    def solvers(self) -> SpecTable[SolverSpec]:
+        return self.tables["solvers"]
+
+    @property
+    def commands(self) -> SpecTable[CommandSpec]:
+        """Built-in commands first, then those of plugins."""
+        return self.tables["commands"]
+
+    @property
+    def generate_options(self) -> SpecTable[GenerateOptionSpec]:
+        """Options of generation commands, by flag (`--lora`)."""
+        return self.tables["generate_options"]
+
+
+_KIND_BY_KEY = {kind.key: kind for kind in KINDS}
 
 _cached: Registry | None = None
 
@@ -197,13 +242,7 @@ class _Loader:
         self.strict = strict
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
-        self.tables: dict[str, dict[str, Any]] = {
-            "adapters": {},
-            "models": {},
-            "solvers": {},
-            "commands": {},
-            "generate_options": {},
-        }
+        self.tables: dict[str, dict[str, Any]] = {key: {} for key in KIND_KEYS}
         self.owners: dict[tuple[str, str], str] = {}  # (kind, name) -> who registered it, for conflict messages
         self.warnings: list[str] = []
 
@@ -221,6 +260,12 @@ class _Loader:
         record = PluginRecord(distribution, version, ep_text)
         if any(_names(name, entry_point, distribution) for name in disabled):
             return PluginRecord(distribution, version, ep_text, status="disabled")
+        try:
+            reason = _incompatibility(entry_point)
+        except ValueError as error:
+            return self.fail(record, f"cannot tell which refiners-core it needs: {error}", error)
+        if reason is not None:
+            return self.fail(record, reason, None, status="incompatible")
         output = io.StringIO()
         try:
             with _isolated(output):
@@ -253,22 +298,15 @@ class _Loader:
                 taken_by = self.owners.get((kind, spec.name))
                 if taken_by is not None:
                     errors.append(
-                        f"{_singular(kind)} name {spec.name!r} conflicts: it is already registered by {taken_by}, "
-                        f"which keeps it; {distribution} {version} cannot register it too"
+                        f"{_KIND_BY_KEY[kind].singular} name {spec.name!r} conflicts: it is already registered by "
+                        f"{taken_by}, which keeps it; {distribution} {version} cannot register it too"
                     )
                     continue
                 self.tables[kind][spec.name] = spec
                 self.owners[kind, spec.name] = owner
                 registered[kind].append(spec.name)
         record = PluginRecord(
-            distribution,
-            version,
-            ep_text,
-            adapters=tuple(registered["adapters"]),
-            models=tuple(registered["models"]),
-            solvers=tuple(registered["solvers"]),
-            commands=tuple(registered["commands"]),
-            generate_options=tuple(registered["generate_options"]),
+            distribution, version, ep_text, registered={kind: tuple(names) for kind, names in registered.items()}
         )
         for message in errors:
             record = self.fail(record, message, None)
@@ -276,7 +314,10 @@ class _Loader:
 
     def collect(self, plugin: object, plugin_name: str) -> dict[str, list[Any]]:
         """Call each hook of `plugin` and return what it registered, by kind; raise on any problem."""
-        self.pm.register(plugin, name=plugin_name)
+        try:
+            self.pm.register(plugin, name=plugin_name)
+        except pluggy.PluginValidationError as error:
+            raise ValueError(_validation_message(error)) from error
         for caller in self.pm.get_hookcallers(plugin) or []:
             if not caller.has_spec() and not any(i.optionalhook for i in caller.get_hookimpls() if i.plugin is plugin):
                 raise ValueError(
@@ -300,7 +341,9 @@ class _Loader:
                     raise ValueError(f"{hook_name} returned {result!r}; hooks must call their callback and return None")
         return collected
 
-    def fail(self, record: PluginRecord, message: str, error: BaseException | None) -> PluginRecord:
+    def fail(
+        self, record: PluginRecord, message: str, error: BaseException | None, *, status: Status = "error"
+    ) -> PluginRecord:
         if self.strict:
             raise _plugin_error(record, message, error)
         self.warn(
@@ -313,13 +356,9 @@ class _Loader:
             record.distribution,
             record.version,
             record.entry_point,
-            adapters=record.adapters,
-            models=record.models,
-            solvers=record.solvers,
-            commands=record.commands,
-            generate_options=record.generate_options,
+            registered=record.registered,
             error=error_text,
-            status="error",
+            status=status,
             exception=record.exception or error,
         )
 
@@ -354,11 +393,7 @@ def _load(*, strict: bool) -> Registry:
             )
     tables = loader.tables
     return Registry(
-        adapters=SpecTable("adapter", tables["adapters"]),
-        models=SpecTable("model", tables["models"]),
-        solvers=SpecTable("solver", tables["solvers"]),
-        commands=SpecTable("command", tables["commands"]),
-        generate_options=SpecTable("generate option", tables["generate_options"]),
+        tables={kind.key: SpecTable(kind.singular, tables[kind.key]) for kind in KINDS},
         plugins=tuple(records),
         warnings=tuple(loader.warnings),
     )
@@ -367,23 +402,44 @@ def _load(*, strict: bool) -> Registry:
 def _hook_arguments(collected: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
     """The keyword arguments of each hook, wired to `collected` (one list per kind)."""
 
-    def register_to(kind: str, spec_type: type[Spec]) -> Callable[[Any], None]:
+    def register_to(kind: RegistryKind) -> Callable[[Any], None]:
         def register(spec: Any) -> None:
-            if not isinstance(spec, spec_type):
-                raise TypeError(f"register() takes {spec_type.__name__} objects, got {type(spec).__name__} {spec!r}")
-            if any(other.name == spec.name for other in collected[kind]):
-                raise ValueError(f"{_singular(kind)} {spec.name!r} is registered twice by this plugin")
-            collected[kind].append(spec)
+            if not isinstance(spec, kind.spec_type):
+                raise TypeError(
+                    f"register() takes {kind.spec_type.__name__} objects, got {type(spec).__name__} {spec!r}"
+                )
+            if any(other.name == spec.name for other in collected[kind.key]):
+                raise ValueError(f"{kind.singular} {spec.name!r} is registered twice by this plugin")
+            collected[kind.key].append(spec)
 
         return register
 
     return {
-        "refiners_register_adapters": {"register": register_to("adapters", AdapterSpec)},
-        "refiners_register_models": {"register": register_to("models", ModelSpec)},
-        "refiners_register_solvers": {"register": register_to("solvers", SolverSpec)},
-        "refiners_register_commands": {"cli": CommandRegistrar(register_to("commands", CommandSpec))},
-        "refiners_register_generate_options": {"register": register_to("generate_options", GenerateOptionSpec)},
+        kind.hook: {kind.argument: kind.wrap(register_to(kind)) if kind.wrap else register_to(kind)} for kind in KINDS
     }
+
+
+def _validation_message(error: pluggy.PluginValidationError) -> str:
+    """pluggy's refusal of a hook implementation, said as what the plugin author must change."""
+    message = " ".join(str(error).split())
+    hook = re.search(r"for hook '(\w+)'", message)
+    arguments = re.search(r"Argument\(s\) \{(.*?)\}", message)
+    if hook is None or arguments is None or hook.group(1) not in _HOOK_ARGUMENTS:
+        return f"invalid hook implementation: {message}"
+    unknown = ", ".join(sorted(name.strip(" '\"") for name in arguments.group(1).split(",")))
+    offered = ", ".join(_HOOK_ARGUMENTS[hook.group(1)])
+    return f"{hook.group(1)} takes arguments the hook does not offer: {unknown} (it offers: {offered})"
+
+
+_HOOK_ARGUMENTS = {kind.hook: (kind.argument,) for kind in KINDS}
+
+
+def _incompatibility(entry_point: importlib_metadata.EntryPoint) -> str | None:
+    """Why the distribution of `entry_point` cannot run with the installed refiners-core, or None."""
+    distribution = entry_point.dist
+    if distribution is None:
+        return None
+    return incompatibility(distribution.requires, _version(CORE_DISTRIBUTION))
 
 
 def _entry_points() -> list[importlib_metadata.EntryPoint]:
@@ -446,10 +502,6 @@ def _version(distribution: str) -> str:
         return importlib_metadata.version(distribution)
     except importlib_metadata.PackageNotFoundError:
         return "?"
-
-
-def _singular(kind: str) -> str:
-    return kind.removesuffix("s").replace("_", " ")
 
 
 def _describe(error: BaseException) -> str:

@@ -2,6 +2,11 @@
 
 A plugin builds these objects and hands them to the `register` callback of a hook (see `hookspecs`); the
 registry then exposes them by name, e.g. `registry().adapters["lora"].create(target, rank=4)`.
+
+Every field that takes a callable or a class also takes a `Reference("module:attribute")` (or the plain string),
+imported on first use: a plugin that registers only references imports neither its implementation nor torch when
+the registry loads (`refiners --help`, `refiners plugins`). `refiners_core.plugins.resolve(spec.factory)` gives the
+object itself.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from refiners_core.plugins.references import Reference, resolve
 
 if TYPE_CHECKING:
     from refiners_core.fluxion.adapters import Adapter
@@ -28,8 +35,23 @@ def _check_callable(kind: str, name: str, role: str, value: object) -> None:
         raise TypeError(f"{kind} {name!r}: {role} must be callable, got {type(value).__name__} {value!r}")
 
 
+def _referenced(spec: object, kind: str, name: str, *roles: str) -> None:
+    """Replace the `"module:attribute"` strings of the fields `roles` of the frozen `spec` by References."""
+    for role in roles:
+        value = getattr(spec, role)
+        if isinstance(value, str):
+            try:
+                object.__setattr__(spec, role, Reference(value))
+            except ValueError as error:
+                raise ValueError(f"{kind} {name!r}: {role}: {error}") from None
+
+
 def _is_class_tuple(value: object) -> bool:
-    return isinstance(value, tuple) and len(value) > 0 and all(isinstance(item, type) for item in value)  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
+    return (
+        isinstance(value, tuple)
+        and len(value) > 0  # pyright: ignore[reportUnknownArgumentType]
+        and all(isinstance(item, type | Reference) for item in value)  # pyright: ignore[reportUnknownVariableType]
+    )
 
 
 @dataclass(frozen=True)
@@ -44,11 +66,18 @@ class AdapterSpec:
     name: str
     factory: Callable[..., Adapter[Any]]
     summary: str = ""
-    targets: tuple[type[Any], ...] | None = None
+    targets: tuple[type[Any] | Reference, ...] | None = None
 
     def __post_init__(self) -> None:
         check_name("adapter", self.name)
+        _referenced(self, "adapter", self.name, "factory")
         _check_callable("adapter", self.name, "factory", self.factory)
+        if isinstance(self.targets, tuple):
+            try:
+                targets = tuple(Reference(t) if isinstance(t, str) else t for t in self.targets)  # pyright: ignore[reportUnnecessaryIsInstance]
+            except ValueError as error:
+                raise ValueError(f"adapter {self.name!r}: targets: {error}") from None
+            object.__setattr__(self, "targets", targets)
         if self.targets is not None and not _is_class_tuple(self.targets):
             raise TypeError(
                 f"adapter {self.name!r}: targets must be a non-empty tuple of classes, got {self.targets!r}"
@@ -59,9 +88,11 @@ class AdapterSpec:
 
         Raises TypeError, naming the adapter and the target's type, if `target` is not one of `targets`.
         """
-        if self.targets is not None and not isinstance(target, self.targets):
-            accepted = ", ".join(t.__name__ for t in self.targets)
-            raise TypeError(f"adapter {self.name!r} cannot wrap a {type(target).__name__}: it accepts {accepted}")
+        if self.targets is not None:
+            targets = tuple(resolve(t) for t in self.targets)
+            if not isinstance(target, targets):
+                accepted = ", ".join(t.__name__ for t in targets)
+                raise TypeError(f"adapter {self.name!r} cannot wrap a {type(target).__name__}: it accepts {accepted}")
         return self.factory(target=target, **options)
 
 
@@ -120,6 +151,7 @@ class ModelSpec:
             raise TypeError(f"model {self.name!r}: default_guidance must be a finite number >= 0, got {guidance!r}")
         if self.solver_defaults is not None and not isinstance(self.solver_defaults, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"model {self.name!r}: solver_defaults must be a mapping, got {self.solver_defaults!r}")
+        _referenced(self, "model", self.name, "loader", "demo", "detect", "generate")
         _check_callable("model", self.name, "loader", self.loader)
         for role in ("demo", "detect", "generate"):
             if (value := getattr(self, role)) is not None:
@@ -145,6 +177,7 @@ class SolverSpec:
 
     def __post_init__(self) -> None:
         check_name("solver", self.name)
+        _referenced(self, "solver", self.name, "factory")
         _check_callable("solver", self.name, "factory", self.factory)
 
 
@@ -173,6 +206,7 @@ class GenerateOptionSpec:
         check_name("generate option", self.flag)
         if not self.flag.startswith("--") or len(self.flag) < 3 or self.flag[2] == "-":
             raise ValueError(f"generate option flag must look like '--name', got {self.flag!r}")
+        _referenced(self, "generate option", self.flag, "apply", "validate")
         _check_callable("generate option", self.flag, "apply", self.apply)
         if self.validate is not None:
             _check_callable("generate option", self.flag, "validate", self.validate)
@@ -213,6 +247,7 @@ class CommandSpec:
         check_name("command", self.name)
         if self.name.startswith("-"):
             raise ValueError(f"command name must not start with '-', got {self.name!r}")
+        _referenced(self, "command", self.name, "run", "configure")
         _check_callable("command", self.name, "run", self.run)
         if self.configure is not None:
             _check_callable("command", self.name, "configure", self.configure)

@@ -1,0 +1,52 @@
+"""Test helpers for this ecosystem's packages and for third-party plugins, public and documented.
+
+- `relative_error`, `assert_relative_close`, `assert_bitwise_equal`: how parity tests compare outputs.
+- `fresh_dynamo`, `fail_on_recompile`: `torch.compile` tests.
+- `FakeDistributions`: plugin distributions that look installed, without pip.
+- `check_adapter`: every promise of an adapter, checked on a model (see `refiners_core.testing.adapters`).
+
+refiners-core also registers a pytest plugin (`refiners_core.testing.pytest_plugin`, the `pytest11` entry point):
+the fixtures `plugin_site` and `fresh_dynamo` are available in any test suite of an environment where refiners-core
+is installed. The names that need torch are imported on first use, so the pytest plugin loads without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from refiners_core.testing.distributions import FakeDistributions
+
+if TYPE_CHECKING:
+    from refiners_core.testing.adapters import AdapterCheckReport, check_adapter
+    from refiners_core.testing.closeness import assert_bitwise_equal, assert_relative_close, relative_error
+    from refiners_core.testing.dynamo import fail_on_recompile, fresh_dynamo
+
+_LAZY = {
+    "AdapterCheckReport": "refiners_core.testing.adapters",
+    "check_adapter": "refiners_core.testing.adapters",
+    "assert_bitwise_equal": "refiners_core.testing.closeness",
+    "assert_relative_close": "refiners_core.testing.closeness",
+    "relative_error": "refiners_core.testing.closeness",
+    "fail_on_recompile": "refiners_core.testing.dynamo",
+    "fresh_dynamo": "refiners_core.testing.dynamo",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'refiners_core.testing' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = [
+    "AdapterCheckReport",
+    "FakeDistributions",
+    "assert_bitwise_equal",
+    "assert_relative_close",
+    "check_adapter",
+    "fail_on_recompile",
+    "fresh_dynamo",
+    "relative_error",
+]
