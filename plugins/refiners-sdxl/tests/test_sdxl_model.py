@@ -263,8 +263,9 @@ def test_three_guided_steps_match_stable_diffusion_xl_pipeline(
     embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
     noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
 
-    pipeline = reference.pipeline
-    pipeline.scheduler = scheduler(pipeline.scheduler.config)
+    components = reference.pipeline.components  # a new pipeline: the shared one keeps SDXL's scheduler config
+    pipeline = StableDiffusionXLPipeline(**{**components, "scheduler": scheduler(components["scheduler"].config)})
+    pipeline.set_progress_bar_config(disable=True)
     output: Any = pipeline(
         prompt_embeds=embedding[1:],
         negative_prompt_embeds=embedding[:1],
