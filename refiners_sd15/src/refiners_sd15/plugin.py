@@ -1,11 +1,14 @@
 """The refiners plugin of refiners-sd15 (entry point `sd15 = refiners_sd15.plugin`).
 
-It registers the `sd15` model (with the `refiners demo` it offers and what `refiners generate` needs), the `ddim`,
-`dpm` and `euler` solvers and the `refiners generate` command; nothing is built or read here.
+It registers the `sd15` model (with the `refiners demo` it offers and what `refiners generate` needs), the solvers
+(`ddim`, `dpm`, `euler`, `ddpm`, `lcm`, `euler-a`, `heun`, `dpm++2m-karras`, `dpm++2m-sde`, `dpm++2m-sde-karras`,
+and `SOLVER_ALIASES`, their A1111 and ComfyUI names) and the `refiners generate` command; nothing is built or read
+here.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from refiners_core.plugins import CommandRegistrar, ModelSpec, SolverSpec, hookimpl
@@ -31,13 +34,62 @@ def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
     )
 
 
+SOLVER_ALIASES: dict[str, str] = {
+    "dpm++2m": "dpm",
+    "dpmpp_2m": "dpm",
+    "dpm++-2m-karras": "dpm++2m-karras",
+    "dpmpp_2m_karras": "dpm++2m-karras",
+    "dpmpp_2m_sde": "dpm++2m-sde",
+    "dpm++-2m-sde": "dpm++2m-sde",
+    "dpm++-2m-sde-karras": "dpm++2m-sde-karras",
+    "dpmpp_2m_sde_karras": "dpm++2m-sde-karras",
+    "euler_ancestral": "euler-a",
+    "euler-ancestral": "euler-a",
+    "k_euler_a": "euler-a",
+    "k_euler": "euler",
+    "k_heun": "heun",
+}
+"""Other names of the solvers, as A1111 and ComfyUI spell them (`refiners generate --solver` lowercases a name and
+joins its words with '-': A1111's "DPM++ 2M Karras" is `dpm++-2m-karras`, "Euler a" is `euler-a`) -> our name."""
+
+
 @hookimpl
 def refiners_register_solvers(register: Callable[[SolverSpec], None]) -> None:
-    from refiners_sd15.solvers import DDIM, DPMSolver, Euler
+    from refiners_sd15.solvers import DDIM, DDPM, LCM, DPMSolver, DPMSolverSDE, Euler, EulerAncestral, Heun
+    from refiners_sd15.solvers.solver import SigmaSchedule
 
-    register(SolverSpec("ddim", DDIM, summary="DDIM (eta = 0), as diffusers' DDIMScheduler"))
-    register(SolverSpec("dpm", DPMSolver, summary="DPM-Solver++(2M), as diffusers' DPMSolverMultistepScheduler"))
-    register(SolverSpec("euler", Euler, summary="Euler, as diffusers' EulerDiscreteScheduler"))
+    karras = SigmaSchedule.KARRAS
+    specs = [
+        SolverSpec("ddim", DDIM, summary="DDIM (eta = 0), as diffusers' DDIMScheduler"),
+        SolverSpec("dpm", DPMSolver, summary="DPM-Solver++(2M), as diffusers' DPMSolverMultistepScheduler"),
+        SolverSpec("euler", Euler, summary="Euler, as diffusers' EulerDiscreteScheduler"),
+        SolverSpec("ddpm", DDPM, summary="DDPM (stochastic), as diffusers' DDPMScheduler"),
+        SolverSpec("lcm", LCM, summary="latent consistency (stochastic, for LCM-LoRA), as diffusers' LCMScheduler"),
+        SolverSpec(
+            "euler-a", EulerAncestral, summary="Euler ancestral (stochastic), as EulerAncestralDiscreteScheduler"
+        ),
+        SolverSpec("heun", Heun, summary="Heun (2 model evaluations per step), as diffusers' HeunDiscreteScheduler"),
+        SolverSpec(
+            "dpm++2m-karras",
+            functools.partial(DPMSolver, sigma_schedule=karras),
+            summary="DPM-Solver++(2M) with Karras sigmas (A1111's DPM++ 2M Karras)",
+        ),
+        SolverSpec(
+            "dpm++2m-sde",
+            DPMSolverSDE,
+            summary="DPM-Solver++ 2M SDE (stochastic), as diffusers' sde-dpmsolver++",
+        ),
+        SolverSpec(
+            "dpm++2m-sde-karras",
+            functools.partial(DPMSolverSDE, sigma_schedule=karras),
+            summary="DPM-Solver++ 2M SDE with Karras sigmas (A1111's DPM++ 2M SDE Karras)",
+        ),
+    ]
+    by_name = {spec.name: spec for spec in specs}
+    for spec in specs:
+        register(spec)
+    for alias, name in SOLVER_ALIASES.items():
+        register(SolverSpec(alias, by_name[name].factory, summary=f"alias of {name}"))
 
 
 @hookimpl
