@@ -50,6 +50,7 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
         ["--latent-size", "8", "--rounds", "1", "--repeats", "1"],
     ),
     "t2i_adapter": (["--rounds", "3"], ["--latent-size", "8", "--rounds", "1"]),
+    "lora_sdxl": (["--rounds", "2"], ["--latent-size", "8", "--rounds", "1"]),
 }
 
 

@@ -348,3 +348,25 @@ def test_refiners_generate_loads_lora_files_given_with_their_scales(
     error = capsys.readouterr().err
     assert "--lora" in error and "missing.safetensors" in error
     assert not (tmp_path / "missing.png").exists()
+
+
+def test_refiners_generate_runs_an_lcm_lora_layout_file_with_the_lcm_solver(
+    references: DiffusersReferences, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LCM-LoRA for SD1.5 (latent-consistency/lcm-lora-sdv1-5) is a kohya file on the UNet only: `lora_unet_*`
+    LoCon on every Linear and Conv2d, with alphas; it runs with `--solver lcm` and a low guidance."""
+    tensors, _ = kohya_lora(references, 2)
+    lora = tmp_path / "lcm_lora.safetensors"
+    save_file({key: tensor for key, tensor in tensors.items() if key.startswith("lora_unet_")}, lora)
+
+    def generate(out: Path, *options: str) -> int:
+        arguments = ["--model", str(references.folder), "--steps", "2", "--size", "32x32", "--seed", "0"]
+        return main(
+            ["generate", PROMPT, *arguments, "--solver", "LCM", "--guidance", "1.5", "--out", str(out), *options]
+        )
+
+    assert generate(tmp_path / "plain.png", "--no-progress") == 0
+    assert generate(tmp_path / "lcm.png", "--no-progress", "--lora", str(lora)) == 0
+    assert "2 lcm steps" in capsys.readouterr().out
+    plain, with_lora = (Image.open(tmp_path / name).tobytes() for name in ("plain.png", "lcm.png"))
+    assert with_lora != plain

@@ -329,12 +329,12 @@ def test_three_adapters_on_one_target_eject_in_any_order(model: Model, order: tu
     expected = model(x())
     target = at(model, "Chain.Linear_1", fl.Linear)
     adapters: list[Scale | Shift] = [Shift(target).inject(), Scale(target, 3.0).inject(), Shift(target).inject()]
-    assert len(list(model.layers(Shift))) == 2 and len(list(model.layers(Scale))) == 1
+    assert len(list(model.layers(Shift, recurse=True))) == 2 and len(list(model.layers(Scale))) == 1
     for index in order:
         adapters[index].eject()
         remaining = [adapter for adapter in adapters if adapter.is_injected]
         assert all(adapter.get_path().startswith("Model.Chain.Linear_1") for adapter in remaining)
-        assert len(list(model.layers(Shift))) + len(list(model.layers(Scale))) == len(remaining)
+        assert len(list(model.layers(Shift, recurse=True))) + len(list(model.layers(Scale))) == len(remaining)
     assert model["Chain.Linear_1"] is target
     assert target.parents == (at(model, "Chain", fl.Chain),)
     assert_restored(model, before)

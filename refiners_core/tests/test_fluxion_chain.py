@@ -154,17 +154,18 @@ def test_layers_yields_nested_layers_in_depth_first_order(model: Model) -> None:
     assert len(list(model.layers(fl.Linear))) == 1 + 2 * (4 + 2)
 
 
-def test_layers_without_recurse_does_not_look_inside_matching_layers(model: Model) -> None:
-    outer = list(model.layers(fl.Residual, recurse=False))
+def test_layers_does_not_look_inside_matching_layers_unless_recurse_as_in_refiners(model: Model) -> None:
+    outer = list(model.layers(fl.Residual))
     assert outer == [
         model["Block_1.Residual_1"],
         model["Block_1.Residual_2"],
         model["Block_2.Residual_1"],
         model["Block_2.Residual_2"],
     ]
-    every = list(model.layers(fl.Chain))
+    assert list(model.layers(fl.Chain)) == [model["Block_1"], model["Block_2"]]
+    every = list(model.layers(fl.Chain, recurse=True))
     assert model["Block_1.Residual_1.SelfAttention"] in every
-    assert model["Block_1.Residual_1.SelfAttention"] not in list(model.layers(fl.Chain, recurse=False))
+    assert len(every) == len([layer for layer in model.modules() if isinstance(layer, fl.Chain)]) - 1
 
 
 def test_walk_with_a_type_stops_at_matches_unless_recurse(model: Model) -> None:

@@ -1,5 +1,11 @@
 """`print(model)`: the layer tree with names, key sizes, a parameter count line and folded repeated blocks."""
 
+import copy
+import enum
+import gc
+import pickle
+import weakref
+
 import pytest
 import torch
 
@@ -60,7 +66,7 @@ def test_repr_shows_the_dtype_after_a_move() -> None:
 def test_repr_folds_consecutive_identical_blocks() -> None:
     model = Tower(depth=6)
     text = repr(model)
-    assert "(Block_1 … Block_6) Block() ×6" in text
+    assert "(Block_1 … Block_6) Block(dim=8) ×6" in text
     assert "Block_3" not in text
     assert text.count("LayerNorm(") == 1  # the block's content is shown once
     assert "(Linear_1) Linear(in_features=8, out_features=32)" in text
@@ -71,8 +77,8 @@ def test_repr_folds_consecutive_identical_blocks() -> None:
 def test_repr_does_not_fold_blocks_of_different_shapes() -> None:
     model = fl.Chain(Block(8), Block(8), Block(16))
     text = repr(model)
-    assert "(Block_1 … Block_2) Block() ×2" in text
-    assert "(Block_3) Block()" in text
+    assert "(Block_1 … Block_2) Block(dim=8) ×2" in text
+    assert "(Block_3) Block(dim=16)" in text
     assert "in_features=16, out_features=64" in text
 
 
@@ -111,3 +117,60 @@ def test_leaf_repr_is_one_line_with_key_sizes() -> None:
     assert repr(fl.GroupNorm(channels=8, num_groups=2)) == "GroupNorm(channels=8, num_groups=2, eps=1e-05)"
     assert "embedding_dim=16, num_heads=4" in repr(fl.Attention(16, num_heads=4)).splitlines()[0]
     assert "(3, 8, kernel_size=(3, 3)" in repr(fl.Conv2d(3, 8, kernel_size=3))
+
+
+class Options(enum.Enum):
+    FAST = "fast"
+
+
+class Gate(fl.Module):
+    """A user-defined layer without `extra_repr`."""
+
+    def __init__(
+        self,
+        scale: float,
+        inner: fl.Module,
+        *sizes: int,
+        mode: Options = Options.FAST,
+        label: str = "gate",
+        device: fl.Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner_kind = type(inner).__name__
+
+
+def test_a_user_defined_layer_shows_the_constructor_arguments_it_was_given_that_differ_from_defaults() -> None:
+    assert Gate(2.0, fl.SiLU()).short_repr() == "Gate(scale=2.0)"
+    gate = Gate(0.5, fl.SiLU(), 3, 4, label="g", mode=Options.FAST, device="cpu", dtype=torch.float32)
+    assert repr(gate) == "Gate(scale=0.5, sizes=(3, 4), label='g')"  # no layer, default, device or dtype
+    assert repr(Tower(depth=2)).splitlines()[0].startswith("Tower(depth=2)  [")
+    assert repr(Tower()).splitlines()[0].startswith("Tower()  [")
+
+
+def test_the_constructor_arguments_survive_copies_and_pickling() -> None:
+    gate = Gate(0.5, fl.SiLU(), label="g")
+    for clone in (copy.deepcopy(gate), pickle.loads(pickle.dumps(gate)), gate.structural_copy()):
+        assert repr(clone) == "Gate(scale=0.5, label='g')"
+
+
+def test_a_layer_keeps_no_reference_to_the_layers_it_was_built_from() -> None:
+    inner = fl.Linear(4, 4)
+    alive = weakref.ref(inner)
+    gate = Gate(0.5, inner, label="g")
+    del inner
+    gc.collect()
+    assert alive() is None
+    assert repr(gate) == "Gate(scale=0.5, label='g')"
+
+
+def test_extra_repr_wins_over_the_constructor_arguments() -> None:
+    class Shifted(fl.Module):
+        def __init__(self, shift: int) -> None:
+            super().__init__()
+            self.shift = shift
+
+        def extra_repr(self) -> str:
+            return f"by {self.shift}"
+
+    assert repr(Shifted(3)) == "Shifted(by 3)"

@@ -57,7 +57,8 @@ def test_readme_vit_parameter_count_matches_its_architecture(vit: ViT) -> None:
 def test_readme_vit_prints_as_a_folded_tree_with_names_and_sizes(vit: ViT) -> None:
     text = repr(vit)
     lines = text.splitlines()
-    assert lines[0].startswith("ViT()") and "142.5M parameters" in lines[0]
+    assert lines[0].startswith("ViT(embedding_dim=768, image_size=224, num_heads=12)  [")  # the arguments given
+    assert "142.5M parameters" in lines[0]
     assert "(Chain_1 … Chain_12) Chain() ×12" in text
     assert "(Linear_1 … Linear_3) Linear(in_features=768, out_features=768) ×3" in text
     assert "(Linear_1) Linear(in_features=768, out_features=3072)" in text

@@ -270,3 +270,56 @@ def test_resolve_path_finds_hub_files_in_the_cache_offline(tmp_path: Path) -> No
     assert found["missing_repo"].startswith(f"'acme/missing' {hub_id}; 'model.safetensors' of 'acme/missing' is not ")
     assert found["missing_file"].startswith(f"'acme/tiny' {hub_id}; 'vae.safetensors' of 'acme/tiny' is not in the ")
     assert "HF_HUB_OFFLINE=1 forbids downloading it" in found["missing_file"]
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="the page cache is only released where posix_fadvise is")
+@pytest.mark.parametrize("free_memory", [0, 2**40])
+def test_a_file_bigger_than_the_free_memory_leaves_the_page_cache_as_it_is_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free_memory: int
+) -> None:
+    from refiners_core import weight_formats
+
+    path = tmp_path / "weights.safetensors"
+    expected = {f"layer_{index}.weight": torch.randn(64, 64) for index in range(5)}
+    save_tensors(path, expected)
+    released: list[tuple[int, int]] = []
+    fadvise = os.posix_fadvise
+
+    def spy(descriptor: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        released.append((offset, length))
+        fadvise(descriptor, offset, length, advice)
+
+    monkeypatch.setattr(weight_formats, "_free_memory", lambda: free_memory)
+    monkeypatch.setattr(weight_formats, "_PIECE_BYTES", 2 * 64 * 64 * 4 - 1000)  # pieces across tensors, split ones
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+
+    assert_same(load_tensors(path), expected)
+    if free_memory:
+        assert released == []
+    else:  # the whole data once, piece by piece, each piece once copied (the readers may finish out of order)
+        released.sort()
+        assert len(released) > 2
+        assert all(offset + length == next_offset for (offset, length), (next_offset, _) in zip(released, released[1:]))
+        assert released[-1][0] + released[-1][1] == path.stat().st_size
+        assert sum(length for _, length in released) == 5 * 64 * 64 * 4
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 100, 4096, 2**24])
+def test_safetensors_are_read_whole_whatever_the_pieces_they_are_read_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece_bytes: int
+) -> None:
+    from refiners_core import weight_formats
+
+    path = tmp_path / "weights.safetensors"
+    expected = {
+        "empty": torch.zeros(0),
+        "odd": torch.randn(3, 7),
+        "big": torch.randn(50, 50),
+        "half": torch.randn(13).half(),
+        "int": torch.arange(5),
+    }
+    save_tensors(path, expected)
+    monkeypatch.setattr(weight_formats, "_PIECE_BYTES", piece_bytes)
+
+    assert_same(load_tensors(path), expected)

@@ -20,6 +20,7 @@ from refiners_sd15 import (
     StableDiffusion_1_Inpainting,
 )
 from refiners_sd15.demo import run_demo
+from refiners_sd15.solvers import LCM, DPMSolver, DPMSolverSDE, EulerAncestral, Heun, Solver, StochasticSolver
 from refiners_sd15.testing import small_sd15_components
 
 PROMPT = "a cute cat"
@@ -69,6 +70,58 @@ def test_generate_writes_the_png_the_python_api_gives(
     with Image.open(out) as image:
         assert (image.format, image.size) == ("PNG", (64, 48))
         assert image.tobytes() == api_image(model_folder, seed=2, steps=3, size=(48, 64)).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("solver", "name", "solver_class"),
+    [
+        ("DPM++ 2M Karras", "dpm++-2m-karras", DPMSolver),
+        ("Euler a", "euler-a", EulerAncestral),
+        ("dpmpp_2m_sde", "dpmpp_2m_sde", DPMSolverSDE),
+        ("heun", "heun", Heun),
+        ("lcm", "lcm", LCM),
+    ],
+)
+def test_generate_accepts_the_new_solvers_and_their_a1111_and_comfyui_names(
+    model_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    solver: str,
+    name: str,
+    solver_class: type[Solver],
+) -> None:
+    out = tmp_path / "out.png"
+
+    code = generate(
+        "--model", model_folder, "--steps", "2", "--solver", solver, "--seed", "5", "--size", "32x32", "--out", out
+    )
+
+    assert code == 0, capsys.readouterr().err
+    assert f"(32x32, 2 {name} steps, seed 5" in capsys.readouterr().out
+    built = registry().solvers[name].factory(num_inference_steps=2)
+    assert type(built) is solver_class
+    sd = StableDiffusion_1.from_pretrained(model_folder)
+    sd.solver = (
+        built.with_settings(generator=torch.Generator().manual_seed(6))
+        if isinstance(built, StochasticSolver)
+        else built
+    )
+    embedding = sd.compute_clip_text_embedding(PROMPT)
+    with torch.no_grad():
+        x = sd.init_latents(size=(32, 32), seed=5)
+        for step in sd.steps:
+            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=7.5)
+    with Image.open(out) as image:
+        assert image.tobytes() == sd.lda.latents_to_image(x).tobytes()  # a stochastic solver draws from seed + 1
+
+
+def test_generate_refuses_an_unknown_solver_listing_the_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        generate("--model", tmp_path, "--solver", "DPM++ SDE", "--out", tmp_path / "out.png")
+    error = capsys.readouterr().err
+    assert "invalid choice: 'dpm++-sde'" in error and "dpm++2m-sde-karras" in error
 
 
 def test_generate_with_sd15_defaults_to_512x512_and_accepts_its_model_type(

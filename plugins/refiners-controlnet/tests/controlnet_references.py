@@ -10,6 +10,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel  # pyright: ignore[r
 
 from refiners_controlnet import ControlNet
 from refiners_sd15.unet import SD1UNet
+from refiners_sdxl.testing import SDXL_BASE_UNET_CONFIG, SMALL_UNET
 
 # runwayml/stable-diffusion-v1-5, unet/config.json
 SD15_UNET_CONFIG: dict[str, Any] = {
@@ -82,6 +83,41 @@ SMALL_CONTROLNET_CONFIG: dict[str, Any] = {
     "cross_attention_dim": 24,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "norm_num_groups": 8,
+}
+
+_UNET_ONLY = ("sample_size", "up_block_types", "out_channels")
+
+SMALL_SDXL_CONTROLNET: dict[str, Any] = {
+    **{key: value for key, value in SMALL_UNET.items() if key not in _UNET_ONLY},
+    "conditioning_embedding_out_channels": [8, 16, 16, 32],
+}
+"""The ControlNet of `SMALL_UNET`: a copy of its encoder, with a small conditioning image encoder (8x down)."""
+SMALL_SDXL_CONTROLNET_MID: dict[str, Any] = {**SMALL_SDXL_CONTROLNET, "transformer_layers_per_block": [0, 1]}
+"""As diffusers/controlnet-canny-sdxl-1.0-mid: fewer transformer blocks, 0 where a level has no attention."""
+SMALL_SDXL_CONTROLNET_SMALL: dict[str, Any] = {
+    **SMALL_SDXL_CONTROLNET_MID,
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+}
+"""As diffusers/controlnet-canny-sdxl-1.0-small: no attention in the down blocks, only in the middle block."""
+
+# diffusers/controlnet-canny-sdxl-1.0, config.json (the fields that shape the network)
+SDXL_CONTROLNET_CONFIG: dict[str, Any] = {
+    **{key: value for key, value in SDXL_BASE_UNET_CONFIG.items() if key not in _UNET_ONLY},
+    "_class_name": "ControlNetModel",
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "global_pool_conditions": False,
+}
+# The -mid and -small variants share these fields but for fewer transformer blocks. -small's published config has
+# three `DownBlock2D` (no attention but in the middle block); its transformer_layers_per_block (and -mid's config) could
+# not be read from the stored copies: these depths, with 0 at levels without attention, fit their published sizes
+# (about 0.2 B and 0.3 B parameters) and exercise the same reading.
+SDXL_CONTROLNET_MID_CONFIG: dict[str, Any] = {**SDXL_CONTROLNET_CONFIG, "transformer_layers_per_block": [0, 1, 1]}
+SDXL_CONTROLNET_SMALL_CONFIG: dict[str, Any] = {
+    **SDXL_CONTROLNET_CONFIG,
+    "down_block_types": ["DownBlock2D"] * 3,
+    "transformer_layers_per_block": [0, 0, 1],
 }
 
 

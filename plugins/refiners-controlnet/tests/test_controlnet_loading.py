@@ -69,14 +69,8 @@ def test_published_config_reads_as_the_sd15_architecture() -> None:
         ({"_class_name": "UNet2DConditionModel"}, "_class_name='UNet2DConditionModel'; expected 'ControlNetModel'"),
         ({"controlnet_conditioning_channel_order": "bgr"}, "controlnet_conditioning_channel_order='bgr'"),
         ({"global_pool_conditions": True}, "global_pool_conditions=true"),
-        (
-            {
-                "addition_embed_type": "text_time",
-                "addition_time_embed_dim": 256,
-                "projection_class_embeddings_input_dim": 2816,
-            },
-            "addition_embed_type='text_time' (an SDXL ControlNet",
-        ),
+        ({"addition_embed_type": "text_time"}, "addition_time_embed_dim=None"),
+        ({"transformer_layers_per_block": [1, 1, 1, 0]}, "transformer_layers_per_block"),
         ({"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
         ({"down_block_types": ["CrossAttnDownBlock2D", "Whatever"]}, "down_block_types"),
     ],

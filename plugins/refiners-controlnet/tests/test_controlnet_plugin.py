@@ -17,7 +17,7 @@ from PIL import Image
 from refiners_controlnet import ControlNet, ControlNetAdapter, ControlNetResiduals, image_to_condition
 from refiners_controlnet.cli import ControlNetOption, parse_controlnet_option
 from refiners_core.cli import main
-from refiners_core.plugins import registry
+from refiners_core.plugins import registry, resolve
 from refiners_sd15.unet import SD1UNet, unet_config_from_diffusers
 
 
@@ -30,7 +30,7 @@ def test_refiners_controlnet_is_discovered_through_its_entry_point() -> None:
     assert len(records) == 1
     assert records[0].entry_point == "controlnet = refiners_controlnet.plugin"
     assert records[0].error is None and records[0].status == "ok"
-    assert registry().adapters["controlnet"].factory is ControlNetAdapter
+    assert resolve(registry().adapters["controlnet"].factory) is ControlNetAdapter
     assert registry().generate_options["--controlnet"].applies_to("sd15")
 
 
@@ -117,7 +117,7 @@ def test_a_bad_option_value_leaves_the_model_unchanged(files: tuple[Path, Path],
     with pytest.raises(FileNotFoundError) as error:
         apply(model, [f"{folder}:{image}", f"{tmp_path / 'nowhere'}:{image}"])
     assert "while loading --controlnet" in "\n".join(getattr(error.value, "__notes__", []))
-    with pytest.raises(TypeError, match="needs a Stable Diffusion 1.5 model"):
+    with pytest.raises(TypeError, match="needs a Stable Diffusion model with a UNet"):
         apply(SimpleNamespace(), [f"{folder}:{image}"])
     assert list(model.unet) == layers
 

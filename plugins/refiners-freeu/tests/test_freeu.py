@@ -216,7 +216,7 @@ def test_freeu_applies_to_the_first_two_decoder_levels_only(small_unet: SD1UNet)
 
 
 def test_freeu_rejects_what_is_not_an_sd1_unet() -> None:
-    with pytest.raises(TypeError, match="SD1UNet"):
+    with pytest.raises(TypeError, match=r"a Stable Diffusion UNet \(SD1UNet, SDXLUNet\)"):
         FreeU(fl.Chain(fl.Identity()))  # type: ignore[arg-type]
 
 

@@ -13,11 +13,13 @@ max |reference| for every solver.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +28,19 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
 from PIL import Image
 
 from refiners_sd15 import DDIM, DPMSolver, Euler, Solver, StableDiffusion_1
+from refiners_sd15.solvers import DDPM, LCM, DPMSolverSDE, EulerAncestral, Heun, StochasticSolver
 from refiners_sdxl import StableDiffusion_XL, diffusers_sdxl_unet_mapping
 from refiners_sdxl.testing import (
     G_DIM,
@@ -45,11 +52,23 @@ from refiners_sdxl.testing import (
 
 TOLERANCE = 1e-3
 SIZE = 64  # pixels: 8x8 latents
-SOLVERS: dict[str, tuple[type[Solver], Any]] = {
+SOLVERS: dict[str, tuple[Callable[..., Solver], Any]] = {
     "ddim": (DDIM, lambda config: DDIMScheduler.from_config(config, clip_sample=False)),
     "dpm": (DPMSolver, lambda config: DPMSolverMultistepScheduler.from_config(config)),
     "euler": (Euler, lambda config: EulerDiscreteScheduler.from_config(config)),
+    "ddpm": (DDPM, lambda config: DDPMScheduler.from_config(config, clip_sample=False)),
+    "lcm": (LCM, lambda config: LCMScheduler.from_config(config)),
+    "euler-a": (EulerAncestral, lambda config: EulerAncestralDiscreteScheduler.from_config(config)),
+    "heun": (Heun, lambda config: HeunDiscreteScheduler.from_config(config)),
+    "dpm++2m-sde-karras": (
+        functools.partial(DPMSolverSDE, sigma_schedule="karras"),
+        lambda config: DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True
+        ),
+    ),
 }
+"""Our solvers and the diffusers schedulers they reproduce from SDXL's scheduler config; the stochastic ones get
+generators seeded alike on both sides."""
 
 
 @dataclass
@@ -95,6 +114,22 @@ def test_from_pretrained_reads_every_config_and_the_scheduler(sdxl: StableDiffus
     assert sdxl.clip_text_encoder.text_encoder_g.tokenizer.pad_token_id == 0
     assert sdxl.solver_defaults["timestep_spacing"] == "leading" and sdxl.solver_defaults["steps_offset"] == 1
     assert isinstance(sdxl.solver, DPMSolver) and sdxl.solver.timestep_spacing == "leading"
+
+
+def test_a_v_prediction_scheduler_config_is_read_by_every_solver_set_on_the_model(
+    reference: Reference, tmp_path: Path
+) -> None:
+    folder = variant(reference, tmp_path, "v_prediction")
+    edit_json(folder / "scheduler" / "scheduler_config.json", prediction_type="v_prediction", beta_schedule="linear")
+
+    model = StableDiffusion_XL.from_pretrained(folder)
+    model.solver = Heun(num_inference_steps=3)
+
+    assert (model.solver.prediction_type, model.solver.noise_schedule) == ("v_prediction", "linear")
+    assert (DPMSolver(3).prediction_type, DPMSolver(3).noise_schedule) == ("epsilon", "scaled_linear")  # off a model
+    edit_json(folder / "scheduler" / "scheduler_config.json", beta_schedule="squaredcos_cap_v2")
+    with pytest.raises(ValueError, match="beta_schedule is 'squaredcos_cap_v2', our solvers use 'scaled_linear' or"):
+        StableDiffusion_XL.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("solver_class", [DDIM, DPMSolver, Euler])
@@ -223,11 +258,14 @@ def test_three_guided_steps_match_stable_diffusion_xl_pipeline(
 ) -> None:
     solver_class, scheduler = SOLVERS[name]
     sdxl.solver = solver_class(num_inference_steps=3)  # the model's spacing, as the issue's API example
+    if isinstance(sdxl.solver, StochasticSolver):
+        sdxl.solver = sdxl.solver.with_settings(generator=torch.Generator().manual_seed(9))
     embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
     noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
 
-    pipeline = reference.pipeline
-    pipeline.scheduler = scheduler(pipeline.scheduler.config)
+    components = reference.pipeline.components  # a new pipeline: the shared one keeps SDXL's scheduler config
+    pipeline = StableDiffusionXLPipeline(**{**components, "scheduler": scheduler(components["scheduler"].config)})
+    pipeline.set_progress_bar_config(disable=True)
     output: Any = pipeline(
         prompt_embeds=embedding[1:],
         negative_prompt_embeds=embedding[:1],
@@ -235,6 +273,7 @@ def test_three_guided_steps_match_stable_diffusion_xl_pipeline(
         negative_pooled_prompt_embeds=pooled[:1],
         latents=noise.clone(),
         num_inference_steps=3,
+        generator=torch.Generator().manual_seed(9),  # for the noise of stochastic schedulers' steps
         guidance_scale=5.0,
         height=SIZE,
         width=SIZE,

@@ -145,7 +145,7 @@ def test_together_with_a_controlnet_matches_diffusers(folder: Path) -> None:
     )
     assert_relative_close(ours(unet, x, timestep, text), expected, TOLERANCE)
     t2i.eject()
-    assert not any(isinstance(layer, T2IResidual) for layer in unet.layers(fl.Module))
+    assert not any(isinstance(layer, T2IResidual) for layer in unet.layers(fl.Module, recurse=True))
 
 
 def test_scale_changes_without_rebuilding_and_zero_is_no_adapter(folder: Path) -> None:

@@ -8,18 +8,16 @@ be identical; text embeddings within max |ours - reference| <= 1e-4 * max |refer
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from tokenizer_files import write_tokenizer_files
 
 from refiners_core.weights import WeightsError
 from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
-from refiners_sd15.clip.tokenizer import DEFAULT_VOCABULARY_PATH
 from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG
 from refiners_textual_inversion import TextualInversionAdapter, read_embedding
 
@@ -34,20 +32,6 @@ PROMPTS = [
     "a <cat-toy> on the beach, " * 12,  # truncated in the middle of the multi-vector token
     "no new token at all",
 ]
-
-
-def write_tokenizer_files(folder: Path) -> None:
-    """vocab.json and merges.txt from refiners-sd15's shipped merges file, as CLIP builds its vocabulary."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = gzip.decompress(DEFAULT_VOCABULARY_PATH.read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    vocabulary = [*symbols, *(symbol + "</w>" for symbol in symbols), *("".join(merge.split()) for merge in merges)]
-    vocabulary += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocabulary)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def reference_pipeline(folder: Path) -> Any:

@@ -62,8 +62,9 @@ def load_tensors(path: str | os.PathLike[str], *, device: str | torch.device = "
     The content decides how the file is read (a safetensors file named `.pth` is read as safetensors). A torch
     checkpoint that wraps its tensors in a `"state_dict"` entry is unwrapped; one whose entries are dicts of tensors
     (IP-Adapter's `{"image_proj": {...}, "ip_adapter": {...}}`) is flattened, keys joined by "." (`image_proj.x`).
-    The tensors are copies in this process's memory, read tensor by tensor into one buffer (the weights are held
-    once): the file is closed and unmapped on return, and whatever happens to it afterwards does not reach them.
+    The tensors are copies in this process's memory, read into one buffer (the weights are held once; see
+    `weight_formats.read_safetensors`): the file is closed and unmapped on return, and whatever happens to it
+    afterwards does not reach them.
 
     Raises FileNotFoundError if the file does not exist, WeightsError naming the file if it is not a weights file of
     a known kind (truncated, text, a git-lfs pointer, a pickle of anything but tensors...) or is a torch archive

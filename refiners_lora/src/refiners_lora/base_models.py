@@ -74,12 +74,14 @@ def check_base_model(
         made_for, clue = CROSS_ATTENTION_WIDTHS[width], f"'{module}' takes {width}-wide text embeddings"
     else:
         made_for = _family(_prefixes(file_modules)) or str(TEXT_ENCODER_PREFIXES[foreign_prefixes[0]])
-        clue = "text-encoder modules " + ", ".join(f"'{prefix}*'" for prefix in foreign_prefixes)
-    model_width = max(model_widths, default=None)
-    model_is = (CROSS_ATTENTION_WIDTHS.get(model_width) if model_width else None) or _family(model_prefixes)
+        clue = _text_encoder_clue(set(foreign_prefixes))
+    model_width = max(model_widths, default=0)
+    if model_width in CROSS_ATTENTION_WIDTHS:
+        model_is, model_clue = CROSS_ATTENTION_WIDTHS[model_width], f"{model_width}-wide text embeddings"
+    else:
+        model_is, model_clue = _family(model_prefixes), _text_encoder_clue(model_prefixes)
     if model_is == made_for:  # e.g. a small test model: say what differs rather than the same name twice
         model_is = None
-    model_clue = f"{model_width}-wide text embeddings" if model_width else "its text-encoder modules"
     name = type(model).__name__
     which = f"but {name} is {model_is} ({model_clue})" if model_is else f"not for {name}"
     raise WeightsError(f"{source} is a LoRA for {made_for} ({clue}), {which}: nothing was loaded")
@@ -92,3 +94,8 @@ def _prefixes(names: Iterable[str]) -> set[str]:
 def _family(prefixes: set[str]) -> str | None:
     families = {family for prefix in prefixes if (family := TEXT_ENCODER_PREFIXES[prefix]) is not None}
     return families.pop() if len(families) == 1 else None
+
+
+def _text_encoder_clue(prefixes: set[str]) -> str:
+    named = sorted(prefix for prefix in prefixes if TEXT_ENCODER_PREFIXES[prefix] is not None)
+    return "text-encoder modules " + ", ".join(f"'{prefix}*'" for prefix in named)

@@ -65,7 +65,7 @@ from refiners_sd15.generate_checks import (
 )
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
 from refiners_sd15.latent_diffusion import MAX_IMAGE_SIDE, MAX_SEED, check_image_size
-from refiners_sd15.solvers import Solver, denoising_end_step
+from refiners_sd15.solvers import Solver, StochasticSolver, denoising_end_step
 
 MODEL_NAME = "sd15"
 """The only model kind that inpaints, with `--mask`."""
@@ -100,7 +100,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", default="30", metavar="N", help=f"denoising steps, 1 to {MAX_STEPS} (default: 30)")
     solvers = sorted(registry().solvers)
     parser.add_argument(
-        "--solver", default="dpm", choices=solvers, help="diffusion solver, from the plugin registry (default: dpm)"
+        "--solver",
+        default="dpm",
+        type=solver_name,
+        choices=solvers,
+        metavar="NAME",
+        help=f"diffusion solver, from the plugin registry: {', '.join(solvers)}; A1111 names too, case and spaces "
+        "ignored ('DPM++ 2M Karras', 'Euler a') (default: dpm)",
     )
     guidances = ", ".join(f"{guidance:g} for {name}" for name, guidance in _default_guidances())
     parser.add_argument(
@@ -190,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     image = _denoise(model, checked, args, **extra)
     _write_atomically(image, args.out, checked.image_format)
     print(
-        f"wrote {_printable(str(args.out))} ({checked.width}x{checked.height}, {len(checked.solver.inference_steps)} "
+        f"wrote {_printable(str(args.out))} ({checked.width}x{checked.height}, {_steps_run(checked.solver)} "
         f"{args.solver} steps, seed {checked.seed}, {checked.kind} model{_refined(checked)}) in "
         f"{time.perf_counter() - start:.1f} s"
     )
@@ -420,7 +426,11 @@ def _denoise(model: Any, checked: GenerateSettings, args: argparse.Namespace, **
                 prompt=args.prompt,
                 negative_prompt=args.negative,
                 make_solver=functools.partial(
-                    _solver, args.solver, solver.num_inference_steps, first_inference_step=solver.first_inference_step
+                    _solver,
+                    args.solver,
+                    solver.num_inference_steps,
+                    seed=checked.seed,
+                    first_inference_step=solver.first_inference_step,
                 ),
                 size=(checked.width, checked.height),
                 guidance=checked.guidance,
@@ -523,13 +533,27 @@ def _call_loader(option: str, loader: Any, model: str, *, device: torch.device, 
         raise GenerateError(f"{option} {model}{where}: {error}") from error
 
 
-def _solver(name: str, steps: int, **settings: Any) -> Solver:
+def _steps_run(solver: Solver) -> int:
+    """The steps a run of `solver` makes (Heun's evaluate the model twice)."""
+    return solver.num_inference_steps - solver.first_inference_step
+
+
+def solver_name(text: str) -> str:
+    """The registry name `--solver` reads `text` as: lowercased, its words joined by '-' (A1111's "DPM++ 2M Karras"
+    is `dpm++-2m-karras`, an alias of `dpm++2m-karras`)."""
+    return "-".join(text.lower().split())
+
+
+def _solver(name: str, steps: int, *, seed: int | None = None, **settings: Any) -> Solver:
     """The registered solver `name` with `steps` steps; `settings` are its other keyword arguments (the first step,
-    a refiner's)."""
+    a refiner's). A stochastic solver draws its noise from a generator seeded with `seed + 1` when given (the
+    starting noise is drawn with `seed`)."""
     try:
         solver = registry().solvers[name].factory(num_inference_steps=steps, **settings)
     except ValueError as error:
         raise GenerateError(f"--solver {name}: {error}") from error
     if not isinstance(solver, Solver):
         raise GenerateError(f"--solver {name}: the registered factory built a {type(solver).__name__}, not a Solver")
+    if seed is not None and isinstance(solver, StochasticSolver):
+        solver = solver.with_settings(generator=torch.Generator().manual_seed((seed + 1) % (MAX_SEED + 1)))
     return solver

@@ -121,9 +121,10 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         Classifier-free guidance: the UNet runs once on the batch `[x, x]` with `clip_text_embedding` (negative
         embeddings first, as `compute_clip_text_embedding` gives them) and the two predictions are combined as
         `negative + condition_scale * (positive - negative)`. Raises ValueError if `step` is not one of the solver's
-        steps (0 to `num_inference_steps - 1`; no negative indexing) or `condition_scale` is not a finite number.
+        steps (an index of its `timesteps`: 0 to `num_inference_steps - 1`, more for a solver that evaluates the
+        model twice per step; no negative indexing) or `condition_scale` is not a finite number.
         """
-        steps = self.solver.num_inference_steps
+        steps = len(self.solver.timesteps)  # a solver evaluating the model twice per step has more (Heun)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < steps:  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"step must be an integer from 0 to {steps - 1} (the solver's steps), got {step!r}")
         timestep = self.solver.timesteps[step]

@@ -1,4 +1,5 @@
-"""ControlNet for Stable Diffusion 1.5 in refiners: steer the UNet with a conditioning image (edges, depth, pose...).
+"""ControlNet for Stable Diffusion 1.5 and SDXL in refiners: steer the UNet with a conditioning image (edges, depth,
+pose...).
 
 from refiners_controlnet import ControlNet, ControlNetAdapter, image_to_condition
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from refiners_controlnet.mapping import (
         CONTROLNET_FORMAT,
         SD15_CONTROLNET,
+        SDXL_CONTROLNET,
         ControlNetConfig,
         controlnet_config_from_diffusers,
         diffusers_controlnet_mapping,
@@ -55,6 +57,7 @@ __getattr__, __dir__ = lazy_exports(
         "ZeroConvolutions": "refiners_controlnet.controlnet",
         "CONTROLNET_FORMAT": "refiners_controlnet.mapping",
         "SD15_CONTROLNET": "refiners_controlnet.mapping",
+        "SDXL_CONTROLNET": "refiners_controlnet.mapping",
         "ControlNetConfig": "refiners_controlnet.mapping",
         "controlnet_config_from_diffusers": "refiners_controlnet.mapping",
         "diffusers_controlnet_mapping": "refiners_controlnet.mapping",
@@ -64,6 +67,7 @@ __getattr__, __dir__ = lazy_exports(
 __all__ = [
     "CONTROLNET_FORMAT",
     "SD15_CONTROLNET",
+    "SDXL_CONTROLNET",
     "Condition",
     "ConditionBlock",
     "ConditionEncoder",

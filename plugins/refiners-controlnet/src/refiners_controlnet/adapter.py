@@ -1,10 +1,12 @@
-"""`ControlNetAdapter`: run a ControlNet inside a SD1UNet and add its residuals to the UNet's through the contexts.
+"""`ControlNetAdapter`: run a ControlNet inside a SD1UNet (or SDXLUNet) and add its residuals to the UNet's through
+the contexts.
 
 Injecting puts two layers into the UNet, and ejecting takes them out again:
 
-    SD1UNet
+    SD1UNet (SDXLUNet)
       ControlNet            <- first: computes its residuals into its context
       TimestepEncoder
+      (TextTimeEmbedding    SDXL only)
       DownBlocks            (stores the skip connections unet.skip_0, unet.skip_1...)
       MiddleBlock
       ControlNetResiduals   <- adds scale * residuals to the skip connections and to the middle block's output
@@ -22,9 +24,35 @@ from typing import Self
 import torch
 
 import refiners_core.fluxion as fl
-from refiners_controlnet.controlnet import ControlNet
+from refiners_controlnet.controlnet import ControlNet, unet_config
 from refiners_core.checks import check_finite, check_finite_tensor
-from refiners_sd15.unet import SD1UNet, skip_channels
+from refiners_sd15.unet import SD1UNet, UNetConfig, skip_channels
+
+
+def _fit(config: UNetConfig) -> tuple[object, ...]:
+    """What a ControlNet and the UNet it steers must share: the skip connections' channels, the text width and the
+    added embedding."""
+    return (
+        skip_channels(config.block_out_channels, config.layers_per_block),
+        config.cross_attention_dim,
+        config.addition_embed_type,
+        config.projection_class_embeddings_input_dim,
+        config.addition_time_embed_dim,
+    )
+
+
+def _describe(config: UNetConfig) -> str:
+    model = "SDXL" if config.addition_embed_type == "text_time" else "SD1.5"
+    added = (
+        f", projection_class_embeddings_input_dim={config.projection_class_embeddings_input_dim}, "
+        f"addition_time_embed_dim={config.addition_time_embed_dim}"
+        if config.addition_embed_type
+        else ""
+    )
+    return (
+        f"{model}: block_out_channels={list(config.block_out_channels)}, layers_per_block={config.layers_per_block}, "
+        f"cross_attention_dim={config.cross_attention_dim}{added}"
+    )
 
 
 class ControlNetResiduals(fl.Module):
@@ -52,30 +80,26 @@ class ControlNetResiduals(fl.Module):
         return f"context={self.context!r}, scale={self.scale}"
 
 
-class ControlNetAdapter(fl.Module, fl.Adapter[SD1UNet]):
-    """Steer a `SD1UNet` with a `ControlNet`: `ControlNetAdapter(unet, controlnet, scale=1.0).inject()`.
+class ControlNetAdapter(fl.Module, fl.Adapter[fl.Chain]):
+    """Steer a `SD1UNet` or `SDXLUNet` with a `ControlNet` made for it: `ControlNetAdapter(unet, controlnet,
+    scale=1.0).inject()`.
 
     The adapter patches the UNet in place (see the module docstring) and holds the ControlNet as a submodule, so
     `adapter.parameters()` are the ControlNet's (to train it) and `adapter.to(...)` moves it. Set the conditioning
     image with `set_condition` and the strength with `scale` at any time. `eject` restores the UNet exactly.
-    Raises ValueError if the ControlNet was not made for a UNet of this architecture, or `scale` is NaN or infinite.
+    Raises TypeError if the target is not a `SD1UNet` or `SDXLUNet`, ValueError if the ControlNet was not made for a
+    UNet of this architecture (an SD1.5 ControlNet on SDXL, or the reverse), or `scale` is NaN or infinite.
     """
 
-    def __init__(self, target: SD1UNet, controlnet: ControlNet, scale: float = 1.0) -> None:
-        if not isinstance(target, SD1UNet):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"ControlNetAdapter adapts a SD1UNet, got {type(target).__name__}")
+    def __init__(self, target: SD1UNet | fl.Chain, controlnet: ControlNet, scale: float = 1.0) -> None:
+        theirs = unet_config(target)
         if not isinstance(controlnet, ControlNet):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"ControlNetAdapter needs a ControlNet, got {type(controlnet).__name__}")
-        ours, theirs = controlnet.config.unet, target.config
-        fits = skip_channels(ours.block_out_channels, ours.layers_per_block) == skip_channels(
-            theirs.block_out_channels, theirs.layers_per_block
-        )
-        if not fits or ours.cross_attention_dim != theirs.cross_attention_dim:
+        ours = controlnet.config.unet
+        if _fit(ours) != _fit(theirs):
             raise ValueError(
-                f"this ControlNet (block_out_channels={list(ours.block_out_channels)}, layers_per_block="
-                f"{ours.layers_per_block}, cross_attention_dim={ours.cross_attention_dim}) does not fit "
-                f"the UNet at `{target.get_path()}` (block_out_channels={list(theirs.block_out_channels)}, "
-                f"layers_per_block={theirs.layers_per_block}, cross_attention_dim={theirs.cross_attention_dim})"
+                f"this ControlNet ({_describe(ours)}) does not fit the UNet at `{target.get_path()}` "
+                f"({_describe(theirs)})"
             )
         with self.setup_adapter(target):
             super().__init__()
@@ -111,7 +135,7 @@ class ControlNetAdapter(fl.Module, fl.Adapter[SD1UNet]):
         UNet has no `MiddleBlock` child; the UNet is then left unchanged.
         """
         unet = self.target
-        self.check_in_place_injection(parent, "SD1UNet")
+        self.check_in_place_injection(parent, type(unet).__name__)
         try:
             middle = unet["MiddleBlock"]
         except KeyError as error:

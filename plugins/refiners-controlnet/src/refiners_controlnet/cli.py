@@ -10,16 +10,10 @@ from PIL import Image
 
 from refiners_controlnet.adapter import ControlNetAdapter
 from refiners_controlnet.condition import image_to_condition
-from refiners_controlnet.controlnet import ControlNet
+from refiners_controlnet.controlnet import ControlNet, unet_config
+from refiners_controlnet.plugin import OPTION_METAVAR
 from refiners_sd15.adapter_options import check_diffusers_source, check_image_header, split_adapter_value
-from refiners_sd15.unet import SD1UNet
 
-OPTION_HELP = (
-    "steer the generation with a ControlNet (a diffusers ControlNetModel folder or hub id) and its conditioning "
-    "image (resized to the generated size), with an optional scale (default 1.0); repeat the option for several "
-    "ControlNets, whose residuals add up"
-)
-OPTION_METAVAR = "FOLDER:IMAGE[:SCALE]"
 WEIGHTS_STEM = "diffusion_pytorch_model"
 """The name of a diffusers ControlNet folder's weight files (before `.safetensors`, `.fp16.safetensors`...)."""
 
@@ -60,14 +54,18 @@ def validate_controlnet_option(values: list[str]) -> None:
 
 
 def apply_controlnet_option(model: Any, values: list[str]) -> None:
-    """Inject one `ControlNetAdapter` per `--controlnet` value into `model.unet` (a `StableDiffusion_1`'s).
+    """Inject one `ControlNetAdapter` per `--controlnet` value into `model.unet` (a `StableDiffusion_1`'s or a
+    `StableDiffusion_XL`'s).
 
     Every value is parsed and every ControlNet and image loaded before anything is injected, so a bad value leaves
-    the model unchanged. Raises ValueError, FileNotFoundError or WeightsError naming the value at fault.
+    the model unchanged. Raises ValueError (an SD1.5 ControlNet on SDXL, or the reverse, included),
+    FileNotFoundError or WeightsError naming the value at fault.
     """
-    unet = getattr(model, "unet", None)
-    if not isinstance(unet, SD1UNet):
-        raise TypeError(f"--controlnet needs a Stable Diffusion 1.5 model with a SD1UNet, got {type(model).__name__}")
+    unet: Any = getattr(model, "unet", None)
+    try:
+        unet_config(unet)
+    except TypeError as error:
+        raise TypeError(f"--controlnet needs a Stable Diffusion model with a UNet: {error}") from None
     adapters: list[ControlNetAdapter] = []
     for value in values:
         option = parse_controlnet_option(value)

@@ -1,6 +1,8 @@
-"""`ControlNet`: a trainable copy of the SD1.5 UNet's encoder, steered by a conditioning image (arXiv:2302.05543).
+"""`ControlNet`: a trainable copy of a UNet's encoder (SD1.5's or SDXL's), steered by a conditioning image
+(arXiv:2302.05543).
 
-It reads the latents, the timestep and the text embedding as the UNet does, adds the embedding of the conditioning
+It reads the latents, the timestep and the text embedding (for SDXL also the pooled text embedding and the time ids)
+as the UNet does, adds the embedding of the conditioning
 image after its input convolution, and projects each skip connection and the middle block's output through a zero
 convolution. The resulting residuals, one per skip connection of the UNet and one for its middle block, are stored
 in the ControlNet's own context; `ControlNetAdapter` adds them to the UNet's.
@@ -16,12 +18,33 @@ import torch
 from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
-from refiners_controlnet.mapping import CONTROLNET_FORMAT, ENCODER_LAYERS, SD15_CONTROLNET, ControlNetConfig
+from refiners_controlnet.mapping import (
+    CONTROLNET_FORMAT,
+    ENCODER_LAYERS,
+    SD15_CONTROLNET,
+    ControlNetConfig,
+    is_sdxl,
+    sdxl_module,
+)
 from refiners_core.fluxion import Device
 from refiners_sd15.loading import PretrainedComponent
-from refiners_sd15.unet import DownBlocks, MiddleBlock, SD1UNet, TimestepEncoder, skip_channels
+from refiners_sd15.unet import DownBlocks, MiddleBlock, SD1UNet, TimestepEncoder, UNetConfig, skip_channels
 
 _CONTEXT_NAMES = itertools.count(1)
+
+
+def unet_config(unet: object) -> UNetConfig:
+    """The config of `unet`, a `SD1UNet` or (when refiners-sdxl is installed) a `SDXLUNet`: the UNets a ControlNet
+    copies and adapts. Raises TypeError naming the type of anything else."""
+    if isinstance(unet, SD1UNet):
+        return unet.config
+    try:
+        from refiners_sdxl import SDXLUNet
+    except ImportError:
+        raise TypeError(f"a ControlNet adapts a SD1UNet, got {type(unet).__name__}") from None
+    if not isinstance(unet, SDXLUNet):
+        raise TypeError(f"a ControlNet adapts a SD1UNet or a SDXLUNet, got {type(unet).__name__}")
+    return unet.config
 
 
 class Condition(fl.UseContext):
@@ -136,13 +159,15 @@ class ZeroConvolutions(fl.Parallel):
 
 
 class ControlNet(PretrainedComponent, fl.Passthrough):
-    """The ControlNet of Stable Diffusion 1.5, as diffusers' `ControlNetModel`.
+    """The ControlNet of Stable Diffusion 1.5 or SDXL, as diffusers' `ControlNetModel`.
 
-        controlnet = ControlNet.from_pretrained("lllyasviel/control_v11p_sd15_canny")
+        controlnet = ControlNet.from_pretrained("lllyasviel/control_v11p_sd15_canny")  # or an SDXL ControlNet
         ControlNetAdapter(sd.unet, controlnet, scale=0.8).inject().set_condition(edges)  # (1, 3, H, W) in [0, 1]
 
     Its architecture is `config` (a `ControlNetConfig`: the config of the UNet whose encoder it copies, plus the
-    channels of the conditioning image and of its encoder's stages), kept as `controlnet.config`.
+    channels of the conditioning image and of its encoder's stages), kept as `controlnet.config`. An SDXL ControlNet
+    (`text_time` added embedding, `SDXL_CONTROLNET` and its smaller variants) has refiners-sdxl's `TextTimeEmbedding`
+    after its timestep encoder; building one raises ImportError if refiners-sdxl is not installed.
     Zero convolutions are initialised to zero, so a new ControlNet (`from_unet`) leaves the UNet's output as it
     is. As a layer it returns its input (the latents) unchanged; the residuals of a call are then in `residuals`.
     It reads the `diffusion` context (timestep and text embedding) and, while it runs, writes over the `unet`
@@ -175,8 +200,21 @@ class ControlNet(PretrainedComponent, fl.Passthrough):
                 dtype=dtype,
             ),
         )
+        added_embedding: list[fl.Module] = []
+        if is_sdxl(config):
+            assert unet.projection_class_embeddings_input_dim is not None and unet.addition_time_embed_dim is not None
+            added_embedding.append(
+                sdxl_module().TextTimeEmbedding(
+                    unet.projection_class_embeddings_input_dim,
+                    4 * channels[0],
+                    unet.addition_time_embed_dim,
+                    device=device,
+                    dtype=dtype,
+                )
+            )
         super().__init__(
             TimestepEncoder(channels[0], 4 * channels[0], device=device, dtype=dtype),
+            *added_embedding,
             down_blocks,
             MiddleBlock(unet, device=device, dtype=dtype),
             ZeroConvolutions(skip_channels(channels, unet.layers_per_block), channels[-1], device=device, dtype=dtype),
@@ -187,12 +225,13 @@ class ControlNet(PretrainedComponent, fl.Passthrough):
         return {"diffusion": {}, "unet": {}, self.context_name: {}}
 
     @classmethod
-    def from_unet(cls, unet: SD1UNet) -> ControlNet:
+    def from_unet(cls, unet: SD1UNet | fl.Chain) -> ControlNet:
         """A new ControlNet for `unet`: its architecture, a copy of its encoder's weights, zero residuals.
 
-        This is how a ControlNet starts its training. It is created on the UNet's device, with its dtype.
+        This is how a ControlNet starts its training. It is created on the UNet's device, with its dtype. `unet` is a
+        `SD1UNet` or refiners-sdxl's `SDXLUNet`; raises TypeError for anything else.
         """
-        controlnet = cls(ControlNetConfig(unet=unet.config), device=unet.device, dtype=unet.dtype)
+        controlnet = cls(ControlNetConfig(unet=unet_config(unet)), device=unet.device, dtype=unet.dtype)
         encoder = {key: value for key, value in unet.state_dict().items() if key.startswith(ENCODER_LAYERS)}
         controlnet.load_state_dict(encoder, strict=False)
         return controlnet

@@ -1,8 +1,9 @@
 """`ControlNetConfig`, read from a diffusers `ControlNetModel` config, and the key mapping of its weights.
 
-The ControlNet's encoder is a copy of the UNet's, with the same layer paths (`TimestepEncoder`, `DownBlocks`,
-`MiddleBlock`), so its keys are those of refiners-sd15's UNet mapping; the conditioning image encoder and the zero
-convolutions are mapped here, with loops over the architecture.
+The ControlNet's encoder is a copy of the UNet's, with the same layer paths (`TimestepEncoder`, SDXL's
+`TextTimeEmbedding`, `DownBlocks`, `MiddleBlock`), so its keys are those of the UNet's mapping (refiners-sd15's, and
+refiners-sdxl's for an SDXL ControlNet); the conditioning image encoder and the zero convolutions are mapped here,
+with loops over the architecture.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from refiners_sd15.config_values import check_fields, positive_int, positive_int
 from refiners_sd15.loading import ComponentFormat, config_from_dict
 from refiners_sd15.unet import SD15_UNET, UNetConfig, diffusers_unet_mapping, skip_channels, unet_config_from_diffusers
 
-ENCODER_LAYERS = ("TimestepEncoder.", "DownBlocks.", "MiddleBlock.")
+ENCODER_LAYERS = ("TimestepEncoder.", "TextTimeEmbedding.", "DownBlocks.", "MiddleBlock.")
 """Path prefixes of the layers a ControlNet shares with the UNet (and copies from it in `ControlNet.from_unet`)."""
 
 CONDITION_ENCODER = "DownBlocks.Chain_1.ConditionEncoder"
@@ -47,13 +48,50 @@ class ControlNetConfig:
 SD15_CONTROLNET = ControlNetConfig()
 """The ControlNets of Stable Diffusion 1.5 (e.g. lllyasviel/control_v11p_sd15_canny)."""
 
+SDXL_CONTROLNET = ControlNetConfig(
+    unet=UNetConfig(
+        block_out_channels=(320, 640, 1280),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        cross_attention_levels=(False, True, True),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+)
+"""The ControlNets of SDXL base (e.g. diffusers/controlnet-canny-sdxl-1.0): the encoder of SDXL's UNet, with its
+`text_time` added embedding. Their smaller variants (`-mid`, `-small`) have fewer transformer blocks."""
+
+
+def is_sdxl(config: ControlNetConfig) -> bool:
+    """Whether the ControlNet copies an SDXL UNet's encoder (with the `text_time` added embedding)."""
+    return config.unet.addition_embed_type == "text_time"
+
+
+def _depths_without_unused_zeros(config: Mapping[str, Any], kinds: list[object]) -> Any:
+    """`transformer_layers_per_block` with the zeros of levels without cross-attention (which diffusers ignores, as
+    the smaller SDXL ControlNets give them) read as 1; the last entry, the middle block's depth, is kept."""
+    depths: object = config.get("transformer_layers_per_block", 1)
+    if not isinstance(depths, list) or len(depths) != len(kinds):  # pyright: ignore[reportUnknownArgumentType]
+        return depths
+    values: list[object] = list(depths)  # pyright: ignore[reportUnknownArgumentType]
+    last = len(values) - 1
+    return [
+        1 if value == 0 and level < last and kinds[level] != "CrossAttnDownBlock2D" else value
+        for level, value in enumerate(values)
+    ]
+
 
 def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> ControlNetConfig:
     """The `ControlNetConfig` of a diffusers `ControlNetModel` config (`config.json`).
 
-    The encoder fields are read as refiners-sd15 reads a UNet config (absent fields take diffusers' defaults).
-    Raises ValueError naming the field for an architecture the UNet reader refuses, an SDXL ControlNet (with the
-    `text_time` added embedding), or a ControlNet variant this package does not implement (`bgr` channel order,
+    The encoder fields are read as refiners-sd15 reads a UNet config (absent fields take diffusers' defaults), SD1.5
+    and SDXL ControlNets (`text_time` added embedding, heads and transformer depths per level) alike; a transformer
+    depth of 0 at a level without cross-attention (the smaller SDXL ControlNets) is ignored, as diffusers does.
+    Raises ValueError naming the field for an architecture the UNet reader refuses (a middle block without
+    transformer blocks included), or a ControlNet variant this package does not implement (`bgr` channel order,
     globally pooled conditions).
     """
     class_name = config.get("_class_name", "ControlNetModel")
@@ -73,16 +111,12 @@ def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> ControlNetCon
         **config,
         "_class_name": "UNet2DConditionModel",
         "up_block_types": [_UP_BLOCK_OF.get(kind, kind) if isinstance(kind, str) else kind for kind in reversed(kinds)],
+        "transformer_layers_per_block": _depths_without_unused_zeros(config, kinds),
     }
     try:
         unet = unet_config_from_diffusers(as_unet)
     except ValueError as error:
         raise ValueError(f"unsupported ControlNet config: {error}") from error
-    if unet.addition_embed_type is not None:
-        raise ValueError(
-            f"unsupported ControlNet config: addition_embed_type={unet.addition_embed_type!r} (an SDXL ControlNet, "
-            "whose encoder has the added embedding); expected null"
-        )
     return ControlNetConfig(
         unet=unet,
         conditioning_channels=positive_int("conditioning_channels", config.get("conditioning_channels", 3)),
@@ -92,6 +126,19 @@ def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> ControlNetCon
     )
 
 
+def sdxl_module() -> Any:
+    """The `refiners_sdxl` package, which an SDXL ControlNet needs (its added embedding and key mapping). Raises
+    ImportError saying what to install when it is missing."""
+    try:
+        import refiners_sdxl
+    except ImportError as error:
+        raise ImportError(
+            "an SDXL ControlNet (addition_embed_type='text_time') needs refiners-sdxl: "
+            "pip install 'refiners-controlnet[sdxl]'"
+        ) from error
+    return refiners_sdxl
+
+
 def _numbered(name: str, index: int, count: int) -> str:
     """The name a chain gives the `index`-th (0-based) of `count` children of the same class."""
     return name if count == 1 else f"{name}_{index + 1}"
@@ -99,11 +146,13 @@ def _numbered(name: str, index: int, count: int) -> str:
 
 def diffusers_controlnet_mapping(config: ControlNetConfig = SD15_CONTROLNET) -> dict[str, str]:
     """Diffusers `ControlNetModel` state dict key -> `ControlNet` state dict key, for the ControlNet `config`
-    describes (its UNet's `block_out_channels`, `layers_per_block`, `cross_attention_levels` and its
-    `conditioning_embedding_out_channels` shape the mapping)."""
-    mapping = {
-        key: ours for key, ours in diffusers_unet_mapping(config.unet).items() if ours.startswith(ENCODER_LAYERS)
-    }
+    describes (its UNet's `block_out_channels`, `layers_per_block`, `cross_attention_levels`, transformer depths and
+    its `conditioning_embedding_out_channels` shape the mapping). An SDXL ControlNet's keys are read with
+    refiners-sdxl's UNet mapping (the `add_embedding`): raises ImportError if refiners-sdxl is not installed."""
+    unet_mapping = diffusers_unet_mapping(config.unet)
+    if is_sdxl(config):
+        unet_mapping = sdxl_module().diffusers_sdxl_unet_mapping(config.unet)
+    mapping = {key: ours for key, ours in unet_mapping.items() if ours.startswith(ENCODER_LAYERS)}
 
     def add(reference: str, ours: str) -> None:
         for suffix in ("weight", "bias"):

@@ -1,4 +1,5 @@
-"""FreeU for refiners' Stable Diffusion 1.5 UNet: rescale backbone and skip features in the decoder, no weights.
+"""FreeU for refiners' Stable Diffusion 1.5 and SDXL UNets: rescale backbone and skip features in the decoder, no
+weights.
 
 from refiners_freeu import FreeU
 
@@ -12,19 +13,39 @@ from typing import TYPE_CHECKING
 from refiners_core.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from refiners_freeu.freeu import SD15_SCALES, BackboneScale, FourierFilter, FreeU, FreeUAdapter, SkipFilter
+    from refiners_freeu.freeu import (
+        SD15_SCALES,
+        SDXL_SCALES,
+        BackboneScale,
+        FourierFilter,
+        FreeU,
+        FreeUAdapter,
+        SkipFilter,
+        default_scales,
+    )
 
 
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "SD15_SCALES": "refiners_freeu.freeu",
+        "SDXL_SCALES": "refiners_freeu.freeu",
         "BackboneScale": "refiners_freeu.freeu",
         "FourierFilter": "refiners_freeu.freeu",
         "FreeU": "refiners_freeu.freeu",
         "FreeUAdapter": "refiners_freeu.freeu",
         "SkipFilter": "refiners_freeu.freeu",
+        "default_scales": "refiners_freeu.freeu",
     },
 )
 
-__all__ = ["SD15_SCALES", "BackboneScale", "FourierFilter", "FreeU", "FreeUAdapter", "SkipFilter"]
+__all__ = [
+    "SD15_SCALES",
+    "SDXL_SCALES",
+    "BackboneScale",
+    "FourierFilter",
+    "FreeU",
+    "FreeUAdapter",
+    "SkipFilter",
+    "default_scales",
+]

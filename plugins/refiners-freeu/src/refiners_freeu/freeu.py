@@ -7,9 +7,12 @@ the skip connection by `s` (`b1, s1` for the first level, `b2, s2` for the secon
 constant backbone factor, not modulated by the features' mean as in the paper's later revision, and a low-pass
 window of 2x2 frequencies.
 
-    freeu = FreeU(sd.unet, s1=0.9, s2=0.2, b1=1.2, b2=1.4).inject()
+    freeu = FreeU(sd.unet, s1=0.9, s2=0.2, b1=1.2, b2=1.4).inject()  # or FreeU(sdxl.unet): SDXL's factors
     ...
     freeu.eject()
+
+It applies to refiners-sd15's `SD1UNet` and to any UNet built of its blocks with a `UNetConfig` (refiners-sdxl's
+`SDXLUNet`), without importing refiners-sdxl: an SDXL UNet is told by its config's `text_time` added embedding.
 """
 
 from __future__ import annotations
@@ -18,10 +21,27 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_core.checks import check_finite
-from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UpBlocks
+from refiners_freeu.scales import SD15_SCALES, SDXL_SCALES
+from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UNetConfig, UpBlocks
 
-SD15_SCALES = {"s1": 0.9, "s2": 0.2, "b1": 1.2, "b2": 1.4}
-"""The FreeU factors the authors recommend for Stable Diffusion 1.x."""
+
+def unet_config(unet: object) -> UNetConfig:
+    """The config of a UNet FreeU applies to: a `SD1UNet`, or a chain of refiners-sd15's UNet blocks with a
+    `UNetConfig` as `config` and an `UpBlocks` child (refiners-sdxl's `SDXLUNet`). Raises TypeError naming the type
+    of anything else."""
+    config = getattr(unet, "config", None)
+    if isinstance(unet, SD1UNet) or (
+        isinstance(unet, fl.Chain) and isinstance(config, UNetConfig) and any(isinstance(c, UpBlocks) for c in unet)
+    ):
+        assert isinstance(config, UNetConfig)
+        return config
+    raise TypeError(f"FreeU applies to a Stable Diffusion UNet (SD1UNet, SDXLUNet), not a {type(unet).__name__}")
+
+
+def default_scales(unet: object) -> dict[str, float]:
+    """The recommended factors for `unet`: `SDXL_SCALES` for an SDXL UNet (`text_time` added embedding),
+    `SD15_SCALES` otherwise. Raises TypeError as `unet_config`."""
+    return dict(SDXL_SCALES if unet_config(unet).addition_embed_type == "text_time" else SD15_SCALES)
 
 
 class BackboneScale(fl.Module):
@@ -84,7 +104,7 @@ class FreeUAdapter(fl.Chain, fl.Adapter[ConcatenateSkip]):
 
     def __init__(self, target: ConcatenateSkip, backbone_scale: float, skip_scale: float) -> None:
         if not isinstance(target, ConcatenateSkip):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"FreeUAdapter adapts a ConcatenateSkip of an SD1UNet, not a {type(target).__name__}")
+            raise TypeError(f"FreeUAdapter adapts a ConcatenateSkip of a UNet, not a {type(target).__name__}")
         with self.setup_adapter(target):
             super().__init__(BackboneScale(backbone_scale), target)
         self._skip_filter = [SkipFilter(target.ensure_find(fl.UseContext), skip_scale)]
@@ -121,27 +141,29 @@ _NAMES = ("s1", "s2", "b1", "b2")
 
 
 class FreeU:
-    """FreeU on an `SD1UNet`: a `FreeUAdapter` on each skip connection of the first two decoder levels.
+    """FreeU on an `SD1UNet` or `SDXLUNet`: a `FreeUAdapter` on each skip connection of the first two decoder levels.
 
-    `b1, s1` apply to the first level (lowest resolution), `b2, s2` to the second; the defaults are the values
-    recommended for SD1.5 (`SD15_SCALES`). `inject()` and `eject()` act on every adapter, all or nothing; the
-    factors can be changed while injected with `set_scales`. Raises TypeError if `unet` is not an `SD1UNet`,
-    ValueError naming the factor if one is NaN or infinite.
+    `b1, s1` apply to the first level (lowest resolution), `b2, s2` to the second; a factor not given takes the
+    value recommended for the UNet (`default_scales`: `SD15_SCALES`, or `SDXL_SCALES` for SDXL). `inject()` and
+    `eject()` act on every adapter, all or nothing; the factors can be changed while injected with `set_scales`.
+    Raises TypeError if `unet` is not a Stable Diffusion UNet, ValueError naming the factor if one is NaN or
+    infinite.
     """
 
     def __init__(
         self,
-        unet: SD1UNet,
-        s1: float = SD15_SCALES["s1"],
-        s2: float = SD15_SCALES["s2"],
-        b1: float = SD15_SCALES["b1"],
-        b2: float = SD15_SCALES["b2"],
+        unet: SD1UNet | fl.Chain,
+        s1: float | None = None,
+        s2: float | None = None,
+        b1: float | None = None,
+        b2: float | None = None,
     ) -> None:
-        if not isinstance(unet, SD1UNet):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"FreeU applies to an SD1UNet, not a {type(unet).__name__}")
-        s1, s2, b1, b2 = (check_finite(f"FreeU {name}", value) for name, value in zip(_NAMES, (s1, s2, b1, b2)))
+        config = unet_config(unet)
+        given = {name: value for name, value in zip(_NAMES, (s1, s2, b1, b2)) if value is not None}
+        scales = default_scales(unet) | given
+        s1, s2, b1, b2 = (check_finite(f"FreeU {name}", scales[name]) for name in _NAMES)
         stages = list(unet.ensure_find(UpBlocks))
-        blocks_per_level = unet.config.layers_per_block + 1
+        blocks_per_level = config.layers_per_block + 1
         levels = [stages[:blocks_per_level], stages[blocks_per_level : 2 * blocks_per_level]]
         self.levels = tuple(
             tuple(

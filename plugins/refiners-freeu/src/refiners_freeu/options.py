@@ -5,22 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from refiners_core.checks import check_finite
-from refiners_freeu.freeu import SD15_SCALES, FreeU
-
-FREEU_METAVAR = "S1,S2,B1,B2"
-FREEU_HELP = (
-    "apply FreeU to the UNet with these factors, or 'default' for the SD1.5 values "
-    f"({','.join(str(value) for value in SD15_SCALES.values())})"
-)
+from refiners_freeu.freeu import FreeU, default_scales
+from refiners_freeu.scales import SD15_SCALES
 
 
-def parse_freeu_scales(value: str) -> dict[str, float]:
-    """`{"s1": ..., "s2": ..., "b1": ..., "b2": ...}` from `"S1,S2,B1,B2"` or `"default"`.
+def parse_freeu_scales(value: str, default: dict[str, float] = SD15_SCALES) -> dict[str, float]:
+    """`{"s1": ..., "s2": ..., "b1": ..., "b2": ...}` from `"S1,S2,B1,B2"`, or a copy of `default` for `"default"`.
 
     Raises ValueError, quoting `value`, for anything else, NaN and infinite factors included.
     """
     if value.strip().lower() == "default":
-        return dict(SD15_SCALES)
+        return dict(default)
     parts = value.split(",")
     try:
         numbers = [float(part) for part in parts]
@@ -45,11 +40,13 @@ def validate_freeu_option(values: list[str]) -> None:
 
 
 def apply_freeu_option(model: Any, values: list[str]) -> None:
-    """Inject FreeU into `model.unet` (an `SD1UNet`) with the factors of the one `--freeu` value.
+    """Inject FreeU into `model.unet` (an `SD1UNet` or `SDXLUNet`) with the factors of the one `--freeu` value
+    (`default`: the model's, see `default_scales`).
 
     Raises ValueError naming the value at fault, or if `--freeu` is given more than once; TypeError if the model
-    has no SD1.5 UNet.
+    has no Stable Diffusion UNet.
     """
     validate_freeu_option(values)
-    scales = parse_freeu_scales(values[0])
-    FreeU(model.unet, **scales).inject()
+    unet: Any = getattr(model, "unet", None)
+    scales = parse_freeu_scales(values[0], default_scales(unet))
+    FreeU(unet, **scales).inject()

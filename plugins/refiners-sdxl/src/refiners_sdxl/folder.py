@@ -213,6 +213,13 @@ def _solver_defaults(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> 
     except FileNotFoundError:
         return dict(SCHEDULER_DEFAULTS)
     config = read_json_object(path)
-    if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
-        raise ValueError(f"{path}: beta_schedule is {config['beta_schedule']!r}, our solvers use 'scaled_linear'")
-    return {key: config.get(key, default) for key, default in _DIFFUSERS_SCHEDULER_DEFAULTS.items()}
+    beta_schedule = config.get("beta_schedule", "scaled_linear")
+    if beta_schedule not in ("scaled_linear", "linear"):
+        raise ValueError(f"{path}: beta_schedule is {beta_schedule!r}, our solvers use 'scaled_linear' or 'linear'")
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(
+            f"{path}: prediction_type is {prediction_type!r}, our solvers read 'epsilon', 'v_prediction' or 'sample'"
+        )
+    defaults = {key: config.get(key, default) for key, default in _DIFFUSERS_SCHEDULER_DEFAULTS.items()}
+    return {**defaults, "noise_schedule": beta_schedule, "prediction_type": prediction_type}

@@ -15,6 +15,8 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
+    "noise_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
 }
 """The solver settings of SDXL's published `scheduler/scheduler_config.json` (an EulerDiscreteScheduler), for a
 folder without one."""

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 from refiners_core.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from refiners_core.fluxion.utils import image_to_tensor
     from refiners_t2i_adapter.adapter import T2IAdapter, T2IFeatures, T2IResidual
-    from refiners_t2i_adapter.condition import condition_image, image_to_tensor
+    from refiners_t2i_adapter.condition import condition_image
     from refiners_t2i_adapter.config import (
         ADAPTER_TYPES,
         SD15_FULL_ADAPTER,
@@ -47,11 +48,11 @@ except PackageNotFoundError:  # imported from a source tree that is not installe
 __getattr__, __dir__ = lazy_exports(
     __name__,
     {
+        "image_to_tensor": "refiners_core.fluxion.utils",
         "T2IAdapter": "refiners_t2i_adapter.adapter",
         "T2IFeatures": "refiners_t2i_adapter.adapter",
         "T2IResidual": "refiners_t2i_adapter.adapter",
         "condition_image": "refiners_t2i_adapter.condition",
-        "image_to_tensor": "refiners_t2i_adapter.condition",
         "ADAPTER_TYPES": "refiners_t2i_adapter.config",
         "SD15_FULL_ADAPTER": "refiners_t2i_adapter.config",
         "SDXL_FULL_ADAPTER": "refiners_t2i_adapter.config",

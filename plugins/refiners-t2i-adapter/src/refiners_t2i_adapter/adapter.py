@@ -31,10 +31,11 @@ from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
 from refiners_core.checks import check_finite, check_finite_tensor
+from refiners_core.fluxion.utils import image_to_tensor
 from refiners_sd15.loading import PathOrRepoId, read_component_config
 from refiners_sd15.unet import DownBlocks, MiddleBlock, UNetConfig
 from refiners_sd15.unet.blocks import SaveSkip
-from refiners_t2i_adapter.condition import condition_image, image_to_tensor
+from refiners_t2i_adapter.condition import condition_image
 from refiners_t2i_adapter.mapping import T2I_ADAPTER_FORMAT
 from refiners_t2i_adapter.model import T2IAdapterModel
 from refiners_t2i_adapter.placement import LATENT_DOWNSCALE, FeaturePlace, check_fits

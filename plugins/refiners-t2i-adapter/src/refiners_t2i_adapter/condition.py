@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 from refiners_core.images import to_rgb
@@ -35,11 +34,3 @@ def condition_image(image: Image.Image, in_channels: int) -> Image.Image:
             "colours: pass the edge map or sketch itself (image.convert('L') if its luma is what you want)"
         )
     return rgb.convert("L")
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An 8-bit `L` or `RGB` image as a float32 `(1, C, H, W)` tensor in [0, 1]."""
-    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
-    if pixels.dim() == 2:
-        pixels = pixels.unsqueeze(-1)
-    return pixels.permute(2, 0, 1).unsqueeze(0).float().div_(255)

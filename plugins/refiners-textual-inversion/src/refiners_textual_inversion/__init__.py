@@ -1,4 +1,5 @@
-"""Textual inversion for refiners' Stable Diffusion 1.5: new prompt tokens from A1111 and diffusers embedding files.
+"""Textual inversion for refiners' Stable Diffusion 1.5 and SDXL: new prompt tokens from A1111, kohya and diffusers
+embedding files.
 
 from refiners_textual_inversion import TextualInversionAdapter
 
@@ -15,7 +16,14 @@ from refiners_core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from refiners_textual_inversion.adapter import TextualInversionAdapter
-    from refiners_textual_inversion.files import Embedding, read_embedding
+    from refiners_textual_inversion.files import (
+        Embedding,
+        SDXLEmbedding,
+        read_any_embedding,
+        read_embedding,
+        read_sdxl_embedding,
+    )
+    from refiners_textual_inversion.sdxl import SDXLTextualInversion
     from refiners_textual_inversion.tokenizer import TextualInversionTokenizer, TokenIdsAdapter
 
 
@@ -24,10 +32,24 @@ __getattr__, __dir__ = lazy_exports(
     {
         "TextualInversionAdapter": "refiners_textual_inversion.adapter",
         "Embedding": "refiners_textual_inversion.files",
+        "SDXLEmbedding": "refiners_textual_inversion.files",
+        "read_any_embedding": "refiners_textual_inversion.files",
         "read_embedding": "refiners_textual_inversion.files",
+        "read_sdxl_embedding": "refiners_textual_inversion.files",
+        "SDXLTextualInversion": "refiners_textual_inversion.sdxl",
         "TextualInversionTokenizer": "refiners_textual_inversion.tokenizer",
         "TokenIdsAdapter": "refiners_textual_inversion.tokenizer",
     },
 )
 
-__all__ = ["Embedding", "TextualInversionAdapter", "TextualInversionTokenizer", "TokenIdsAdapter", "read_embedding"]
+__all__ = [
+    "Embedding",
+    "SDXLEmbedding",
+    "SDXLTextualInversion",
+    "TextualInversionAdapter",
+    "TextualInversionTokenizer",
+    "TokenIdsAdapter",
+    "read_any_embedding",
+    "read_embedding",
+    "read_sdxl_embedding",
+]

@@ -10,13 +10,14 @@ from torch import nn
 
 import refiners_core.fluxion as fl
 from refiners_core.checks import check_finite_tensor
-from refiners_sd15.clip import CLIPTextEncoderL, TokenEncoder, TokenIds
+from refiners_sd15.clip import CLIPTextEncoderL, DoubleTextEncoder, TokenEncoder, TokenIds
 from refiners_textual_inversion.files import read_embedding
 from refiners_textual_inversion.tokenizer import TextualInversionTokenizer, TokenIdsAdapter
 
 
 class TextualInversionAdapter(fl.Chain, fl.Adapter[TokenEncoder]):
-    """Textual inversion for a `CLIPTextEncoderL`: the vocabulary grows by new tokens with their own embeddings.
+    """Textual inversion for a `CLIPTextEncoderL` (or `CLIPTextEncoderG`): the vocabulary grows by new tokens with
+    their own embeddings. For SDXL's two text encoders, see `SDXLTextualInversion`.
 
         adapter = TextualInversionAdapter(sd.clip_text_encoder)
         adapter.load("cat-toy.safetensors", token="<cat-toy>")  # diffusers learned_embeds or A1111 files
@@ -36,7 +37,14 @@ class TextualInversionAdapter(fl.Chain, fl.Adapter[TokenEncoder]):
 
     def __init__(self, target: CLIPTextEncoderL) -> None:
         if not isinstance(target, CLIPTextEncoderL):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"TextualInversionAdapter adapts a CLIPTextEncoderL, not a {type(target).__name__}")
+            raise TypeError(
+                f"TextualInversionAdapter adapts a CLIPTextEncoderL or CLIPTextEncoderG, not a {type(target).__name__}"
+                + (
+                    ": use SDXLTextualInversion for SDXL's DoubleTextEncoder"
+                    if isinstance(target, DoubleTextEncoder)
+                    else ""
+                )
+            )
         token_encoder = target.ensure_find(TokenEncoder)
         token_ids = target.ensure_find(TokenIds)
         weight = token_encoder.weight
@@ -86,7 +94,7 @@ class TextualInversionAdapter(fl.Chain, fl.Adapter[TokenEncoder]):
         """
         if vectors.dim() == 1:
             vectors = vectors.unsqueeze(0)
-        names = self._check(token, vectors, source)
+        names = self.check_embedding(token, vectors, source)
         check_finite_tensor(f"textual inversion {source} (token {token!r}): the vectors", vectors)
         table = self.new_embeddings
         start = table.num_embeddings
@@ -146,8 +154,9 @@ class TextualInversionAdapter(fl.Chain, fl.Adapter[TokenEncoder]):
     def extra_repr(self) -> str:
         return f"tokens={list(self._vectors)}"
 
-    def _check(self, token: str, vectors: torch.Tensor, source: str) -> list[str]:
-        """The names of the token's vectors (`token`, `token_1`...); raises ValueError if it cannot be added."""
+    def check_embedding(self, token: str, vectors: torch.Tensor, source: str) -> list[str]:
+        """The names the token's vectors `(n, dim)` would get (`token`, `token_1`...), changing nothing. Raises
+        ValueError, naming `source`, if they cannot be added (see `add_embedding`; finiteness is not checked here)."""
         if not isinstance(token, str) or not token.strip():  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"textual inversion {source}: the token must be a non-empty string, got {token!r}")
         expected = self.target.embedding_dim

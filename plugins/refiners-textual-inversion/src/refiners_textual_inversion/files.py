@@ -6,6 +6,9 @@ Formats, all holding one `(vectors, dim)` (or `(dim,)`) tensor:
   `name` is the embedding's name. Read with `torch.load(weights_only=True)`, which refuses pickles that run code.
 - AUTOMATIC1111 / kohya `.safetensors`: the vectors under `emb_params`, no name (the file's stem is used).
 - diffusers `learned_embeds.safetensors` (or `.bin`): `{token: vectors}`, the token being the name.
+
+SDXL embeddings hold one tensor per text encoder: `clip_l` `(vectors, 768)` for CLIP-L and `clip_g` `(vectors, 1280)`
+for CLIP-G (A1111 / kohya `.safetensors`), read by `read_sdxl_embedding`; the file's stem is the name.
 """
 
 from __future__ import annotations
@@ -36,14 +39,76 @@ class Embedding:
     """Where it comes from (the file path), for error messages."""
 
 
+SDXL_KEYS = ("clip_l", "clip_g")
+"""The keys of an SDXL embedding file: the vectors for CLIP-L (the first text encoder) and CLIP-G (the second)."""
+
+
+@dataclass(frozen=True)
+class SDXLEmbedding:
+    """The vectors of one SDXL textual inversion embedding, for each text encoder, and the name its file gives it."""
+
+    name: str
+    clip_l: torch.Tensor
+    """`(vectors, dim)` for CLIP-L."""
+    clip_g: torch.Tensor
+    """`(vectors, dim)` for CLIP-G."""
+    source: str
+    """Where it comes from (the file path), for error messages."""
+
+
 def read_embedding(path: str | os.PathLike[str]) -> Embedding:
-    """The embedding stored in an A1111 `.pt`/`.safetensors` or a diffusers `learned_embeds` file.
+    """The embedding stored in an A1111 `.pt`/`.safetensors` or a diffusers `learned_embeds` file (SD1.5's).
 
     Raises FileNotFoundError if there is no such file, and WeightsError (a ValueError) naming the file when it
-    cannot be read, is larger than `MAX_EMBEDDING_BYTES`, or holds something else than one finite embedding (say,
-    a LoRA, a model, or vectors with NaN or infinite values).
+    cannot be read, is larger than `MAX_EMBEDDING_BYTES`, holds an SDXL embedding (`clip_l` and `clip_g`), or holds
+    something else than one finite embedding (say, a LoRA, a model, or vectors with NaN or infinite values).
     """
+    embedding = read_any_embedding(path)
+    if isinstance(embedding, SDXLEmbedding):
+        raise WeightsError(
+            f"{path} is an SDXL embedding ('clip_l' and 'clip_g' vectors, for SDXL's two text encoders), not one for "
+            "a single text encoder such as SD1.5's: load it on an SDXL model (SDXLTextualInversion)"
+        )
+    return embedding
+
+
+def read_sdxl_embedding(path: str | os.PathLike[str]) -> SDXLEmbedding:
+    """The SDXL embedding (`clip_l` and `clip_g` vectors) stored in a `.safetensors` or torch file.
+
+    Raises FileNotFoundError if there is no such file, and WeightsError (a ValueError) naming the file when it cannot
+    be read, holds a single-encoder (SD1.5) embedding, lacks `clip_l` or `clip_g`, or holds something else than
+    finite vectors.
+    """
+    embedding = read_any_embedding(path)
+    if isinstance(embedding, Embedding):
+        raise WeightsError(
+            f"{path} holds one embedding, for a single text encoder such as SD1.5's, not an SDXL embedding (which "
+            "has 'clip_l' and 'clip_g' vectors for SDXL's two text encoders): load it on an SD1.5 model"
+        )
+    return embedding
+
+
+def read_any_embedding(path: str | os.PathLike[str]) -> Embedding | SDXLEmbedding:
+    """The embedding a file holds: an `SDXLEmbedding` for a file with `clip_l` and `clip_g` vectors, else an
+    `Embedding` (A1111 `.pt`/`.safetensors`, diffusers `learned_embeds`). Raises as `read_embedding` and
+    `read_sdxl_embedding` do for any other content."""
     path = Path(path)
+    content = _read_file(path)
+    if isinstance(content, dict) and any(key in content for key in SDXL_KEYS):
+        entries = cast(dict[Any, Any], content)
+        missing = [key for key in SDXL_KEYS if key not in entries]
+        if missing:
+            raise WeightsError(
+                f"{path}: an SDXL embedding needs both 'clip_l' and 'clip_g' vectors, '{missing[0]}' is missing"
+            )
+        clip_l, clip_g = (_as_matrix(entries[key], f"{path}: the embedding '{key}'") for key in SDXL_KEYS)
+        return SDXLEmbedding(name=path.stem, clip_l=clip_l, clip_g=clip_g, source=str(path))
+    name, key, vectors = _name_key_and_vectors(content, path)
+    return Embedding(name=name, vectors=_as_matrix(vectors, f"{path}: the embedding {key}"), source=str(path))
+
+
+def _read_file(path: Path) -> object:
+    """What an embedding file holds (tensors, or a dict of them), after the checks of size, extension and format."""
     if not path.is_file():
         raise FileNotFoundError(f"no textual inversion embedding file at {path}")
     size = path.stat().st_size
@@ -76,8 +141,7 @@ def read_embedding(path: str | os.PathLike[str]) -> Embedding:
     else:
         what = "empty" if size == 0 else "neither a safetensors file nor a torch file (by its first bytes)"
         raise WeightsError(f"cannot read {path}: it is {what}")
-    name, key, vectors = _name_key_and_vectors(content, path)
-    return Embedding(name=name, vectors=_as_matrix(vectors, f"{path}: the embedding {key}"), source=str(path))
+    return content
 
 
 def _name_key_and_vectors(content: object, path: Path) -> tuple[str, str, object]:

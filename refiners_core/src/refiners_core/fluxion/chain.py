@@ -4,10 +4,11 @@
 # A chain maintains the parent links of its layers, which `Module` keeps private.
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar, get_origin, overload
 
 import torch
+from torch import nn
 
 from refiners_core.fluxion.adapters import Adapter
 from refiners_core.fluxion.context import ContextProvider, Contexts
@@ -38,6 +39,19 @@ class Chain(Module):
     def init_context(self) -> Contexts:
         """Default contexts of this chain, merged into the model it becomes part of. Override to declare some."""
         return {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Refuse a layer set as an attribute (`chain.foo = fl.Linear(1, 5)`), which torch would make an extra,
+        unnamed step of `forward`; raises ValueError saying how to add it."""
+        if isinstance(value, nn.Module):
+            where = self.get_path() if "_parents" in self.__dict__ else type(self).__name__
+            raise ValueError(
+                f"cannot set {type(value).__name__} as attribute '{name}' of {type(self).__name__} `{where}`: "
+                "a Chain's layers are the steps of its forward, named after their class; add one with "
+                "`chain.append(layer)` or `chain.insert(index, layer)` (swap one with `chain.replace(old, new)`), "
+                f"or keep a plain reference by wrapping it in a list (`self.{name} = [layer]`)"
+            )
+        super().__setattr__(name, value)
 
     def forward(self, *args: Any) -> Any:
         result: Any = args[0] if len(args) == 1 else args
@@ -95,12 +109,21 @@ class Chain(Module):
     @overload
     def __getitem__(self, key: str) -> Module: ...
 
-    def __getitem__(self, key: int | str) -> Module:
-        """A child by position, or a layer by name or dotted path (`chain["Residual_1.Attention"]`)."""
-        if not isinstance(key, (int, str)):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"a Chain is indexed by position or layer path, not {type(key).__name__}")
+    @overload
+    def __getitem__(self: TChain, key: slice) -> TChain: ...
+
+    def __getitem__(self, key: int | str | slice) -> Module:
+        """A child by position, a layer by name or dotted path (`chain["Residual_1.Attention"]`), or, for a slice,
+        a new chain of the same class holding structural copies of those children (weights shared).
+
+        Raises IndexError or KeyError naming this chain and what it holds.
+        """
+        if isinstance(key, slice):
+            return self._structural_copy({}, layers=list(self)[key])
         if isinstance(key, int):
-            return list(self)[key]
+            return self._child_at(key)
+        if not isinstance(key, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"a Chain is indexed by position, layer path or slice, not {type(key).__name__}")
         node: Module = self
         for name in key.split("."):
             children: dict[str, Module] = node._modules if isinstance(node, Chain) else {}  # type: ignore[assignment]
@@ -109,6 +132,33 @@ class Chain(Module):
                 known = ", ".join(children) or "no layers"
                 raise KeyError(f"`{where}` has no layer named '{name}' (it has: {known})")
             node = children[name]
+        return node
+
+    @overload
+    def layer(self, path: str | int | Sequence[str | int]) -> Module: ...
+
+    @overload
+    def layer(self, path: str | int | Sequence[str | int], layer_type: type[T]) -> T: ...
+
+    def layer(self, path: str | int | Sequence[str | int], layer_type: type[Module] = Module) -> Module:
+        """The layer at `path`, checked to be a `layer_type`.
+
+        `path` is a name or dotted path (`"Chain.Linear_2"`), a position, or a sequence of names and positions
+        (`("Chain", 1)`), each step read from the chain reached so far; the empty sequence is this chain.
+        Raises KeyError or IndexError naming the chain where a step is missing, and TypeError naming the path and
+        the class found when it is not a `layer_type`.
+        """
+        steps: Sequence[str | int] = (path,) if isinstance(path, (str, int)) else path
+        node: Module = self
+        names: list[str] = [self.get_path()]
+        for step in steps:
+            if not isinstance(node, Chain):
+                raise KeyError(f"`{'.'.join(names)}` is a {type(node).__name__}, not a Chain: it has no layer {step!r}")
+            child = node[step]
+            names.append(step if isinstance(step, str) else node.name_of(child))
+            node = child
+        if not isinstance(node, layer_type):
+            raise TypeError(f"layer `{'.'.join(names)}` is a {type(node).__name__}, not a {layer_type.__name__}")
         return node
 
     def name_of(self, layer: Module) -> str:
@@ -130,9 +180,14 @@ class Chain(Module):
         """Yield `(layer, parent)` for every layer that matches, depth first.
 
         `predicate` is a layer type or a function of `(layer, parent)`. The children of a matching layer are
-        not visited unless `recurse` is true. Each chain's children are read before its first match is
-        yielded, so the caller may replace the yielded layer (e.g. inject an adapter) while walking.
+        not visited unless `recurse` is true. As in Refiners, a predicate that raises `StopIteration` prunes the
+        walk there: that layer and everything inside it are skipped, and the walk goes on with the next sibling.
+        Each chain's children are read before its first match is yielded, so the caller may replace the yielded
+        layer (e.g. inject an adapter) while walking. Raises TypeError for a subscripted generic such as
+        `Adapter[Linear]`, which `isinstance` cannot check.
         """
+        if get_origin(predicate) is not None:
+            raise TypeError(f"walk cannot match the subscripted generic {predicate}: pass its class, or a function")
         if predicate is None:
             match: WalkPredicate = lambda layer, parent: True  # noqa: E731
         elif isinstance(predicate, type):
@@ -144,15 +199,19 @@ class Chain(Module):
 
     def _walk(self, match: WalkPredicate, recurse: bool) -> Iterator[tuple[Module, Chain]]:
         for layer in list(self):
-            if match(layer, self):
+            try:
+                matched = match(layer, self)
+            except StopIteration:
+                continue
+            if matched:
                 yield layer, self
                 if not recurse:
                     continue
             if isinstance(layer, Chain):
                 yield from layer._walk(match, recurse)
 
-    def layers(self, layer_type: type[T], recurse: bool = True) -> Iterator[T]:
-        """Yield every layer of the given type, depth first (nested ones too unless `recurse` is false)."""
+    def layers(self, layer_type: type[T], recurse: bool = False) -> Iterator[T]:
+        """Yield every layer of the given type, depth first; layers nested in a matching one only if `recurse`."""
         for layer, _ in self.walk(layer_type, recurse=recurse):
             yield layer
 
@@ -166,6 +225,19 @@ class Chain(Module):
         if layer is None:
             raise LookupError(f"no {layer_type.__name__} layer in `{self.get_path()}`")
         return layer
+
+    def find_parent(self, layer: Module) -> Chain | None:
+        """The chain of this tree that holds `layer` (this chain first, then depth first), or None."""
+        if any(child is layer for child in self):
+            return self
+        return next((parent for _, parent in self.walk(lambda child, _: child is layer)), None)
+
+    def ensure_find_parent(self, layer: Module) -> Chain:
+        """The chain of this tree that holds `layer`; raises `LookupError` naming the layer and this chain if none."""
+        parent = self.find_parent(layer)
+        if parent is None:
+            raise LookupError(f"{type(layer).__name__} is not a layer of `{self.get_path()}`")
+        return parent
 
     # Editing the tree
 
@@ -191,10 +263,9 @@ class Chain(Module):
 
     def pop(self, index: int = -1) -> Module:
         """Remove and return the child at `index`."""
+        layer = self._child_at(index)
         layers = list(self)
-        if not -len(layers) <= index < len(layers):
-            raise IndexError(f"`{self.get_path()}` has {len(layers)} layers, no index {index}")
-        layer = layers.pop(index)
+        del layers[index]
         self._set_layers(layers)
         return layer
 
@@ -208,15 +279,21 @@ class Chain(Module):
         layers[self._index_of(old_layer)] = new_layer
         self._set_layers(layers)
 
-    def _structural_copy(self: TChain, copies: dict[int, Module]) -> TChain:
+    def _structural_copy(self: TChain, copies: dict[int, Module], layers: list[Module] | None = None) -> TChain:
         clone = self._shallow_copy()
         copies[id(self)] = clone
         clone._provider = self._provider.copy(fresh=self.init_context())
         clone._modules = {}
-        clone._set_layers(layer._structural_copy(copies) for layer in self)
+        clone._set_layers(layer._structural_copy(copies) for layer in (list(self) if layers is None else layers))
         if isinstance(clone, Adapter):
             clone._remap_copied(copies)  # pyright: ignore[reportUnknownMemberType]
         return clone
+
+    def _child_at(self, index: int) -> Module:
+        layers = list(self)
+        if not -len(layers) <= index < len(layers):
+            raise IndexError(f"`{self.get_path()}` has {len(layers)} layers, no index {index}")
+        return layers[index]
 
     def _index_of(self, layer: Module) -> int:
         for index, child in enumerate(self):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, TypeVar
+import enum
+import functools
+import inspect
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import torch
 from torch import nn
@@ -38,6 +41,18 @@ class Module(nn.Module):
     """
 
     _parents: ParentLinks
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        # The constructor's arguments are recorded for `short_repr` (numbers, strings and the like only, so that a
+        # layer keeps no reference to the tensors or layers it was built from).
+        layer = super().__new__(cls)
+        hidden = {name for name, value in kwargs.items() if not _is_shown(value)}
+        layer.__dict__["_init_args"] = (
+            tuple(value if _is_shown(value) else _HIDDEN for value in args),
+            {name: _HIDDEN if name in hidden else value for name, value in kwargs.items()},
+        )
+        return layer
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -137,12 +152,67 @@ class Module(nn.Module):
         return clone
 
     def short_repr(self) -> str:
-        """One line describing this layer: its class and its key sizes."""
-        extra = self.extra_repr()
+        """One line describing this layer: its class and its key sizes (`extra_repr`).
+
+        A layer that does not define `extra_repr` shows the constructor arguments it was given that differ from
+        their defaults, when they are numbers, strings, booleans, enums or tuples of those (`Block(dim=320)`);
+        `device` and `dtype` are left out, as the model's header line shows them.
+        """
+        extra = self.extra_repr() or _arguments_repr(type(self), *self.__dict__.get("_init_args", ((), {})))
         return f"{type(self).__name__}({extra})"
 
     def __repr__(self) -> str:
         return self.short_repr()
+
+
+_HIDDEN: Any = object()
+_NOT_SHOWN = frozenset({"device", "dtype"})
+
+
+def _is_shown(value: object) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, enum.Enum)):
+        return True
+    if not isinstance(value, (tuple, list)):
+        return False
+    items: tuple[object, ...] | list[object] = value  # pyright: ignore[reportUnknownVariableType]
+    return all(_is_shown(item) for item in items)
+
+
+@functools.cache
+def _init_signature(cls: type) -> inspect.Signature | None:
+    try:
+        return inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return None
+
+
+def _arguments_repr(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """`name=value, ...` for the recorded constructor arguments that are shown and differ from their defaults."""
+    signature = _init_signature(cls)
+    if signature is None or not (args or kwargs):
+        return ""
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:
+        return ""
+    parts: list[str] = []
+    for name, value in list(bound.arguments.items())[1:]:
+        parameter = signature.parameters[name]
+        given: dict[str, Any] = value if parameter.kind is inspect.Parameter.VAR_KEYWORD else {name: value}
+        for key, item in given.items():
+            if key in _NOT_SHOWN or not _is_shown(item) or _is_default(item, parameter):
+                continue
+            parts.append(
+                f"{key}={type(item).__name__}.{item.name}" if isinstance(item, enum.Enum) else f"{key}={item!r}"
+            )
+    return ", ".join(parts)
+
+
+def _is_default(value: Any, parameter: inspect.Parameter) -> bool:
+    if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+        return value == ()
+    default = parameter.default
+    return default is not inspect.Parameter.empty and type(value) is type(default) and value == default
 
 
 def _holds_tensors(module: nn.Module) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from refiners_sd15.solvers.solver import Solver
+from refiners_sd15.solvers.solver import Solver, TimestepSpacing
 
 
 class DDIM(Solver):
@@ -16,15 +16,17 @@ class DDIM(Solver):
     the spacing, and the last step goes to `alphas_cumprod[0]`.
     """
 
-    default_spacing = "leading"
+    default_spacing = TimestepSpacing.LEADING
 
-    def step(self, x: torch.Tensor, predicted_noise: torch.Tensor, step: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, model_output: torch.Tensor, step: int) -> torch.Tensor:
         timestep = int(self.timesteps[step])
         previous = timestep - self.num_train_timesteps // self.num_inference_steps
         alpha_prod = self.alphas_cumprod[timestep]
         alpha_prod_previous = self.alphas_cumprod[previous] if previous >= 0 else self.alphas_cumprod[0]
-        sample, noise = x.float(), predicted_noise.float()
-        predicted_x0 = (sample - (1 - alpha_prod) ** 0.5 * noise) / alpha_prod**0.5
+        sample = x.float()
+        predicted_x0, noise = self.clean_and_noise(
+            sample, model_output.float(), alpha_prod**0.5, (1 - alpha_prod) ** 0.5
+        )
         denoised = alpha_prod_previous**0.5 * predicted_x0 + (1 - alpha_prod_previous) ** 0.5 * noise
         return denoised.to(x.dtype)
 

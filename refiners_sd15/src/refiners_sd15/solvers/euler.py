@@ -16,7 +16,8 @@ class Euler(Solver):
     (`sqrt(sigma^2 + 1)` with "leading" spacing) and UNet inputs scaled by `1 / sqrt(sigma^2 + 1)`.
     """
 
-    default_spacing = "linspace"
+    default_spacing = TimestepSpacing.LINSPACE
+    uses_sigmas = True
 
     def timesteps_for(self, spacing: TimestepSpacing) -> torch.Tensor:
         """Float32 timesteps, as diffusers' Euler scheduler spaces them."""
@@ -35,13 +36,19 @@ class Euler(Solver):
     def scale_model_input(self, x: torch.Tensor, step: int) -> torch.Tensor:
         return x / ((self.sigmas[step] ** 2 + 1) ** 0.5)
 
-    def step(self, x: torch.Tensor, predicted_noise: torch.Tensor, step: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, model_output: torch.Tensor, step: int) -> torch.Tensor:
         sigma = self.sigmas[step]
         sample = x.float()
-        predicted_x0 = sample - sigma * predicted_noise
+        predicted_x0 = self.clean_latents(sample, model_output, sigma)
         derivative = (sample - predicted_x0) / sigma
         denoised = sample + derivative * (self.sigmas[step + 1] - sigma)
         return denoised.to(x.dtype)
+
+    def clean_latents(self, x: torch.Tensor, model_output: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The clean latents `model_output` predicts for the latents `x` at `sigma` (`x = clean + sigma * noise`)."""
+        alpha = 1 / (sigma**2 + 1) ** 0.5
+        clean, _ = self.clean_and_noise(x * alpha, model_output.float(), alpha, sigma * alpha)
+        return clean
 
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
         return x + noise * self.sigmas[step].to(x.dtype)

@@ -19,6 +19,7 @@ from refiners_core.fluxion.layers.basics import (
     Unsqueeze,
 )
 from refiners_core.fluxion.layers.context import SetContext, UseContext
+from refiners_core.fluxion.layers.converter import Converter
 from refiners_core.fluxion.layers.convolution import Conv2d, ConvTranspose2d
 from refiners_core.fluxion.layers.embedding import Embedding
 from refiners_core.fluxion.layers.linear import Linear, MultiLinear
@@ -30,6 +31,7 @@ __all__ = [
     "Chunk",
     "Conv2d",
     "ConvTranspose2d",
+    "Converter",
     "Downsample",
     "Dropout",
     "Embedding",
