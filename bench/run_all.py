@@ -36,6 +36,7 @@ REFERENCES = ("diffusers", "transformers", "accelerate", "peft", "segment-anythi
 # name -> (arguments of the suite run, arguments of the quick check)
 SUITE: dict[str, tuple[list[str], list[str]]] = {
     "chain_overhead": (["--rounds", "150"], ["--rounds", "3"]),
+    "cli_startup": (["--rounds", "15"], ["--rounds", "2"]),
     "sd15_load": (["--repeats", "3"], ["--repeats", "1"]),
     "sd15_components": (["--latent-size", "32", "--rounds", "4"], ["--latent-size", "8", "--rounds", "1"]),
     "sd15_generate": (

@@ -37,10 +37,9 @@ from timing import Comparison, compare, environment, markdown_table, max_abs_dif
 from torch import nn
 
 # The published SD1.5 configs live beside the parity tests, which build their references from them too.
-sys.path.append(str(Path(__file__).resolve().parents[1] / "refiners_sd15" / "tests"))
-from published_configs import SD15_TEXT_ENCODER_CONFIG as TEXT_ENCODER_CONFIG  # noqa: E402
-from published_configs import SD15_UNET_CONFIG as UNET_CONFIG  # noqa: E402
-from published_configs import SD15_VAE_CONFIG as VAE_CONFIG  # noqa: E402
+from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG as TEXT_ENCODER_CONFIG  # noqa: E402
+from refiners_sd15.testing import SD15_UNET_CONFIG as UNET_CONFIG  # noqa: E402
+from refiners_sd15.testing import SD15_VAE_CONFIG as VAE_CONFIG  # noqa: E402
 
 Side = Literal["ours", "reference"]
 Forward = Callable[[], torch.Tensor]

@@ -8,16 +8,12 @@ the exact original `state_dict` and the exact original latents (bit for bit, flo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
 from PIL import Image
 from safetensors.torch import save_file
-from test_lora_sd15 import SMALL_CLIP, SMALL_UNET, SMALL_VAE
-from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
 
 import refiners_core.fluxion as fl
 from refiners_controlnet import ControlNet, ControlNetAdapter
@@ -25,6 +21,7 @@ from refiners_core.module_names import DIFFUSERS
 from refiners_freeu import FreeU
 from refiners_lora import LoraManager
 from refiners_sd15 import DDIM, StableDiffusion_1
+from refiners_sd15.testing import SMALL_CLIP_TRANSFORMERS_CONFIG, DiffusersReferences
 from refiners_t2i_adapter import T2IAdapter, T2IAdapterConfig, T2IAdapterModel
 from refiners_textual_inversion import TextualInversionAdapter
 
@@ -36,13 +33,7 @@ PROMPT = "a <toy> riding a horse"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small SD1.5-shaped diffusers folder with random weights."""
-    folder = tmp_path_factory.mktemp("sd15")
-    torch.manual_seed(0)
-    UNet2DConditionModel(**SMALL_UNET).save_pretrained(folder / "unet")
-    CLIPTextModel(CLIPTextConfig(**SMALL_CLIP)).save_pretrained(folder / "text_encoder")
-    AutoencoderKL(**SMALL_VAE).save_pretrained(folder / "vae")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return folder
+    return DiffusersReferences(tmp_path_factory.mktemp("sd15")).folder
 
 
 def lora_file(sd: StableDiffusion_1, folder: Path) -> Path:
@@ -104,10 +95,10 @@ def test_lora_controlnet_textual_inversion_freeu_and_t2i_adapter_together_then_e
     controlnet.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
     textual_inversion = TextualInversionAdapter(sd.clip_text_encoder)
     torch.manual_seed(4)
-    textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP["hidden_size"]))
+    textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP_TRANSFORMERS_CONFIG["hidden_size"]))
     textual_inversion.inject()
     freeu = FreeU(sd.unet, s1=0.9, s2=0.2, b1=1.2, b2=1.4).inject()
-    torch.manual_seed(5)  # a full adapter of SMALL_UNET's levels: features of 32 and 64 channels
+    torch.manual_seed(5)  # a full adapter of the small UNet's levels: features of 32 and 64 channels
     t2i = T2IAdapter(sd.unet, T2IAdapterModel(T2IAdapterConfig(channels=(32, 64), num_res_blocks=1)), scale=0.6)
     t2i.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
 
@@ -163,7 +154,7 @@ def test_ip_adapter_with_t2i_adapter_lora_controlnet_and_textual_inversion_then_
     weights = released_weights(
         "perceiver",
         image_embedding_dim=SMALL_VIT_H.embedding_dim,
-        cross_attention_dim=SMALL_CLIP["hidden_size"],
+        cross_attention_dim=SMALL_CLIP_TRANSFORMERS_CONFIG["hidden_size"],
         inner_dims=[attention.inner_dim for attention in text_cross_attentions(sd.unet)],
         num_tokens=16,
     )
@@ -181,10 +172,10 @@ def test_ip_adapter_with_t2i_adapter_lora_controlnet_and_textual_inversion_then_
     controlnet.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
     textual_inversion = TextualInversionAdapter(sd.clip_text_encoder)
     torch.manual_seed(4)
-    textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP["hidden_size"]))
+    textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP_TRANSFORMERS_CONFIG["hidden_size"]))
     textual_inversion.inject()
     without_t2i = generate(sd)[1]
-    torch.manual_seed(5)  # a full adapter of SMALL_UNET's levels: features of 32 and 64 channels
+    torch.manual_seed(5)  # a full adapter of the small UNet's levels: features of 32 and 64 channels
     t2i = T2IAdapter(sd.unet, T2IAdapterModel(T2IAdapterConfig(channels=(32, 64), num_res_blocks=1)), scale=0.6)
     t2i.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
     all_in = generate(sd)[1]

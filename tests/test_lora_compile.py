@@ -12,12 +12,11 @@ graph and 0 graph breaks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 import refiners_core.fluxion as fl
+from refiners_core.testing import assert_relative_close
 from refiners_lora import LoraManager
 from refiners_sd15 import SD1UNet, UNetConfig
 
@@ -25,11 +24,7 @@ TOLERANCE = 1e-6
 RANK = 4
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
-    yield
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # refiners_core.testing's fixture
 
 
 def small_unet() -> SD1UNet:
@@ -65,10 +60,6 @@ def random_lora(unet: SD1UNet, seed: int, convolutions: bool = True) -> dict[str
     return lora
 
 
-def assert_close(compiled: torch.Tensor, eager: torch.Tensor) -> None:
-    assert (compiled - eager).abs().max() <= TOLERANCE * eager.abs().max()
-
-
 def test_lora_unet_compiles_without_graph_break_and_set_scale_needs_no_recompile() -> None:
     unet = small_unet()
     state_dict_keys = set(unet.state_dict())
@@ -80,12 +71,12 @@ def test_lora_unet_compiles_without_graph_break_and_set_scale_needs_no_recompile
     compiled = torch.compile(unet, fullgraph=True, backend="eager")  # raises on a graph break
     with torch.no_grad():
         before = compiled(x)
-        assert_close(before, unet(x))
+        assert_relative_close(before, unet(x), TOLERANCE)
         loras.set_scale("first", 0.25)
         with torch.compiler.set_stance("fail_on_recompile"):
             after = compiled(x)
         expected = unet(x)
-    assert_close(after, expected)
+    assert_relative_close(after, expected, TOLERANCE)
     assert not torch.allclose(after, before), "the new scale must reach the compiled graph"
     loras.remove("first")
     loras.remove("second")

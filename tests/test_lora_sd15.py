@@ -10,19 +10,14 @@ configurations cover every kind of layer; one test runs the published SD1.5 UNet
 from __future__ import annotations
 
 import copy
-import json
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
 
 import refiners_core.fluxion as fl
 from refiners_core.cli import main
@@ -30,65 +25,12 @@ from refiners_core.module_names import DIFFUSERS, KOHYA, ForeignModuleNames
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 from refiners_sd15 import StableDiffusion_1
+from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, DiffusersReferences
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "refiners_sd15" / "tests"))
-from published_configs import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG  # noqa: E402
-
-SMALL_UNET: dict[str, Any] = {
-    "sample_size": 8,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "cross_attention_dim": 64,  # the text encoder's width, so that `refiners generate` runs on the folder
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SMALL_CLIP: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 37,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 1,
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
-SMALL_VAE: dict[str, Any] = {
-    "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"],
-    "block_out_channels": [32],
-    "layers_per_block": 1,
-    "norm_num_groups": 32,
-}
 PROMPT = "a photograph of an astronaut riding a horse"
 
 Lora = dict[str, torch.Tensor]
 Delta = tuple[str, str, torch.Tensor, torch.Tensor, float]  # (component, module name, down, up, alpha / rank)
-
-
-class References:
-    """The diffusers UNet and transformers text encoder, saved as a diffusers folder."""
-
-    def __init__(self, unet_config: dict[str, Any], clip_config: dict[str, Any], folder: Path) -> None:
-        torch.manual_seed(0)
-        self.unet = UNet2DConditionModel(**unet_config).eval()
-        self.text_encoder = CLIPTextModel(CLIPTextConfig(**clip_config)).eval()
-        self.unet.save_pretrained(folder / "unet")
-        self.text_encoder.save_pretrained(folder / "text_encoder")
-        AutoencoderKL(**SMALL_VAE).save_pretrained(folder / "vae")
-        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-        self.folder = folder
-        self.cross_attention_dim = unet_config["cross_attention_dim"]
-
-    def targets(self) -> Iterator[tuple[str, str, nn.Linear | nn.Conv2d]]:
-        """(component, module name, module) of every Linear and Conv2d a LoRA can patch."""
-        for component, model in (("unet", self.unet), ("text_encoder", self.text_encoder)):
-            for name, module in model.named_modules():
-                if isinstance(module, nn.Linear | nn.Conv2d):
-                    yield component, name, module
-
-    def component(self, name: str) -> nn.Module:
-        return self.unet if name == "unet" else self.text_encoder
 
 
 def published_name(component: str, name: str) -> str:
@@ -115,7 +57,7 @@ def fuse_by_hand(model: nn.Module, deltas: list[Delta], scale: float) -> None:
             weight.add_((scale * factor * torch.einsum("or,r...->o...", up.flatten(1), down)).reshape(weight.shape))
 
 
-def kohya_lora(references: References, seed: int, rank: int = 4) -> tuple[Lora, list[Delta]]:
+def kohya_lora(references: DiffusersReferences, seed: int, rank: int = 4) -> tuple[Lora, list[Delta]]:
     """A kohya LoRA on every Linear and Conv2d (LoCon), with an alpha on every other module only."""
     generator = torch.Generator().manual_seed(seed)
     tensors: Lora = {}
@@ -132,7 +74,7 @@ def kohya_lora(references: References, seed: int, rank: int = 4) -> tuple[Lora, 
     return tensors, deltas
 
 
-def peft_lora(references: References, seed: int, rank: int = 3) -> tuple[Lora, list[Delta]]:
+def peft_lora(references: DiffusersReferences, seed: int, rank: int = 3) -> tuple[Lora, list[Delta]]:
     """A diffusers / PEFT LoRA (`unet.*`, `text_encoder.*`, lora_A / lora_B) on every attention and MLP layer."""
     generator = torch.Generator().manual_seed(seed)
     tensors: Lora = {}
@@ -147,7 +89,7 @@ def peft_lora(references: References, seed: int, rank: int = 3) -> tuple[Lora, l
     return tensors, deltas
 
 
-def processor_lora(references: References, seed: int, rank: int = 2) -> tuple[Lora, list[Delta]]:
+def processor_lora(references: DiffusersReferences, seed: int, rank: int = 2) -> tuple[Lora, list[Delta]]:
     """The older diffusers layout: UNet attention processors without a `unet.` prefix, `to_q_lora` in the text
     encoder's self-attentions."""
     generator = torch.Generator().manual_seed(seed)
@@ -176,7 +118,7 @@ def processor_lora(references: References, seed: int, rank: int = 2) -> tuple[Lo
 class Fused:
     """A copy of the references with LoRA deltas added to their weights by hand."""
 
-    def __init__(self, references: References, *loras: tuple[list[Delta], float]) -> None:
+    def __init__(self, references: DiffusersReferences, *loras: tuple[list[Delta], float]) -> None:
         self.models = {"unet": copy.deepcopy(references.unet), "text_encoder": copy.deepcopy(references.text_encoder)}
         for deltas, scale in loras:
             for component, model in self.models.items():
@@ -203,7 +145,7 @@ def outputs(
         )
 
 
-def assert_matches(sd: StableDiffusion_1, references: References, reference: Fused | None = None) -> None:
+def assert_matches(sd: StableDiffusion_1, references: DiffusersReferences, reference: Fused | None = None) -> None:
     unet = reference.models["unet"] if reference else references.unet
     text_encoder = reference.models["text_encoder"] if reference else references.text_encoder
     ours_unet, their_unet, ours_text, their_text = outputs(sd, unet, text_encoder, references.cross_attention_dim)
@@ -225,17 +167,17 @@ def assert_untouched(sd: StableDiffusion_1, before: dict[str, torch.Tensor]) -> 
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> References:
-    return References(SMALL_UNET, SMALL_CLIP, tmp_path_factory.mktemp("sd15_small"))
+def references(tmp_path_factory: pytest.TempPathFactory) -> DiffusersReferences:
+    return DiffusersReferences(tmp_path_factory.mktemp("sd15_small"))
 
 
 @pytest.fixture
-def sd(references: References) -> StableDiffusion_1:
+def sd(references: DiffusersReferences) -> StableDiffusion_1:
     return StableDiffusion_1.from_pretrained(references.folder)
 
 
 def test_every_reference_module_is_named_and_maps_to_the_layer_with_its_weights(
-    sd: StableDiffusion_1, references: References
+    sd: StableDiffusion_1, references: DiffusersReferences
 ) -> None:
     assert isinstance(sd, ForeignModuleNames)
     diffusers, kohya = sd.foreign_module_names(DIFFUSERS), sd.foreign_module_names(KOHYA)
@@ -258,9 +200,9 @@ def test_every_reference_module_is_named_and_maps_to_the_layer_with_its_weights(
 
 @pytest.mark.parametrize("make_lora", [kohya_lora, peft_lora, processor_lora], ids=["kohya", "peft", "processor"])
 def test_a_lora_matches_the_reference_with_its_deltas_fused_by_hand(
-    make_lora: Callable[[References, int], tuple[Lora, list[Delta]]],
+    make_lora: Callable[[DiffusersReferences, int], tuple[Lora, list[Delta]]],
     sd: StableDiffusion_1,
-    references: References,
+    references: DiffusersReferences,
     tmp_path: Path,
 ) -> None:
     tensors, deltas = make_lora(references, 1)
@@ -280,7 +222,9 @@ def test_a_lora_matches_the_reference_with_its_deltas_fused_by_hand(
     assert_matches(sd, references)
 
 
-def test_kohya_files_with_original_checkpoint_names_load_too(sd: StableDiffusion_1, references: References) -> None:
+def test_kohya_files_with_original_checkpoint_names_load_too(
+    sd: StableDiffusion_1, references: DiffusersReferences
+) -> None:
     down, up = torch.randn(2, 32, 1, 1), torch.randn(32, 2, 1, 1)
     LoraManager(sd).add("ldm", {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": down,
                                 "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": up})  # fmt: skip
@@ -289,7 +233,7 @@ def test_kohya_files_with_original_checkpoint_names_load_too(sd: StableDiffusion
 
 
 def test_two_loras_at_once_add_both_deltas_and_fuse_and_unfuse_exactly(
-    sd: StableDiffusion_1, references: References
+    sd: StableDiffusion_1, references: DiffusersReferences
 ) -> None:
     kohya, kohya_deltas = kohya_lora(references, 1)
     peft, peft_deltas = peft_lora(references, 2)
@@ -312,7 +256,7 @@ def test_two_loras_at_once_add_both_deltas_and_fuse_and_unfuse_exactly(
     assert_untouched(sd, before)
 
 
-def _shape_mismatch(references: References, tmp_path: Path) -> tuple[Path, str]:
+def _shape_mismatch(references: DiffusersReferences, tmp_path: Path) -> tuple[Path, str]:
     tensors, _ = kohya_lora(references, 1)
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
     tensors[key] = torch.randn(4, 48)  # the text encoder width of another model
@@ -322,7 +266,7 @@ def _shape_mismatch(references: References, tmp_path: Path) -> tuple[Path, str]:
 
 
 def test_a_shape_mismatch_names_key_layer_path_and_shapes_and_applies_nothing(
-    sd: StableDiffusion_1, references: References, tmp_path: Path
+    sd: StableDiffusion_1, references: DiffusersReferences, tmp_path: Path
 ) -> None:
     path, key = _shape_mismatch(references, tmp_path)
     before = snapshot(sd)
@@ -337,7 +281,7 @@ def test_a_shape_mismatch_names_key_layer_path_and_shapes_and_applies_nothing(
 
 @pytest.mark.parametrize("problem", ["unknown key", "not weights", "truncated"])
 def test_bad_files_are_named_and_leave_the_model_byte_identical(
-    problem: str, sd: StableDiffusion_1, references: References, tmp_path: Path
+    problem: str, sd: StableDiffusion_1, references: DiffusersReferences, tmp_path: Path
 ) -> None:
     tensors, _ = kohya_lora(references, 1)
     path = tmp_path / "lora.safetensors"
@@ -361,7 +305,7 @@ def test_bad_files_are_named_and_leave_the_model_byte_identical(
 
 def test_the_published_architecture_with_a_full_kohya_lora_matches_the_reference(tmp_path: Path) -> None:
     """One LoCon LoRA on every Linear and Conv2d of the published SD1.5 UNet and text encoder (~90 s on CPU)."""
-    references = References(SD15_UNET_CONFIG, SD15_TEXT_ENCODER_CONFIG, tmp_path)
+    references = DiffusersReferences(tmp_path, SD15_UNET_CONFIG, SD15_TEXT_ENCODER_CONFIG)
     sd = StableDiffusion_1.from_pretrained(tmp_path)
     tensors, deltas = kohya_lora(references, 1)
     assert any(".proj_in" in delta[1] for delta in deltas) and len(deltas) > 300
@@ -384,7 +328,7 @@ def test_the_published_architecture_with_a_full_kohya_lora_matches_the_reference
 
 
 def test_refiners_generate_loads_lora_files_given_with_their_scales(
-    references: References, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    references: DiffusersReferences, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     tensors, _ = kohya_lora(references, 1)
     lora = tmp_path / "style.safetensors"
@@ -407,7 +351,7 @@ def test_refiners_generate_loads_lora_files_given_with_their_scales(
 
 
 def test_refiners_generate_runs_an_lcm_lora_layout_file_with_the_lcm_solver(
-    references: References, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    references: DiffusersReferences, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """LCM-LoRA for SD1.5 (latent-consistency/lcm-lora-sdv1-5) is a kohya file on the UNet only: `lora_unet_*`
     LoCon on every Linear and Conv2d, with alphas; it runs with `--solver lcm` and a low guidance."""

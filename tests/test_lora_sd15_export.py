@@ -18,12 +18,11 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # type: ignore[import-untyped]
 from peft import LoraConfig, get_peft_model_state_dict  # type: ignore[import-untyped]
 from safetensors import safe_open
-from test_lora_sd15 import SMALL_CLIP, SMALL_UNET
-from test_lora_sd15 import References as SavedReferences
 
 from refiners_core.module_names import DIFFUSERS
 from refiners_lora import LoraManager
 from refiners_sd15 import StableDiffusion_1
+from refiners_sd15.testing import DiffusersReferences
 
 _BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
 UNET_MODULES = (
@@ -40,11 +39,9 @@ UNET_MODULES = (
 TEXT_MODULES = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.out_proj", "encoder.layers.0.mlp.fc1")
 
 
-class References(SavedReferences):
-    """`test_lora_sd15`'s small diffusers UNet and transformers text encoder, and a pipeline to load LoRAs into."""
-
-    def __init__(self, folder: Path) -> None:
-        super().__init__(SMALL_UNET, SMALL_CLIP, folder)
+class References(DiffusersReferences):
+    """The small diffusers UNet and transformers text encoder of `refiners_sd15.testing`, and a pipeline to load
+    LoRAs into."""
 
     def pipeline(self) -> StableDiffusionPipeline:
         """A fresh pipeline on copies of the reference models (`load_lora_weights` patches them)."""

@@ -5,8 +5,6 @@ the first test pays for an inductor compile; the others use the `aot_eager` and 
 the same graph (and fail on the same graph breaks) without generating code.
 """
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
@@ -51,11 +49,7 @@ def build_model() -> fl.Chain:
     return model
 
 
-@pytest.fixture(autouse=True)
-def reset_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # refiners_core.testing's fixture
 
 
 def test_compiled_model_with_nested_chains_context_and_adapters_matches_eager() -> None:

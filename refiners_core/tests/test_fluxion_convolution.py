@@ -130,10 +130,9 @@ def test_upsample_through_the_im2col_path_equals_interpolate_then_conv(
     assert_relative_close(actual, expected)
 
 
-@pytest.mark.usefixtures("im2col_everywhere")
+@pytest.mark.usefixtures("im2col_everywhere", "fresh_dynamo")
 def test_conv2d_im2col_path_compiles_without_graph_break() -> None:
     """`fullgraph=True` fails on any graph break; `aot_eager` traces forward and backward without codegen."""
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
     torch.manual_seed(5)
     model = fl.Chain(fl.Conv2d(4, 6, 3, padding=1), fl.SiLU(), fl.Conv2d(6, 4, 3, stride=2, padding=1))
     x = torch.randn(2, 4, 6, 6, requires_grad=True)
@@ -143,4 +142,3 @@ def test_conv2d_im2col_path_compiles_without_graph_break() -> None:
     (grad,) = torch.autograd.grad(out.sum(), x)
     (expected,) = torch.autograd.grad(model(x).sum(), x)
     assert_relative_close(grad, expected)
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]

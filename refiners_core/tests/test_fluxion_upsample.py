@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
 from refiners_core.fluxion.layers.sampling import upsample_nearest_conv3x3
+from refiners_core.testing import assert_relative_close
 
 
 class Doubled(fl.Chain, fl.Adapter[fl.Conv2d]):
@@ -25,12 +26,6 @@ def naive(upsample: fl.Upsample, x: torch.Tensor, size: tuple[int, int] | None =
     scale_factor = 2.0 if size is None else None
     upsampled = F.interpolate(x, size=size, scale_factor=scale_factor, mode="nearest")
     return F.conv2d(upsampled, conv.weight, conv.bias, padding=1)
-
-
-def assert_relative_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> None:
-    assert actual.shape == expected.shape
-    error = (actual - expected).abs().max().item() / expected.abs().max().item()
-    assert error <= tolerance, f"relative error {error:.2e} > {tolerance:.0e}"
 
 
 def with_skip(upsample: fl.Upsample, skip: torch.Tensor) -> fl.Chain:

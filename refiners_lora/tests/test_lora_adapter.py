@@ -1,6 +1,6 @@
 """`LoraAdapter` and `Lora` on Linear and Conv2d targets (float32, CPU; exact unless a tolerance is stated)."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
@@ -277,14 +277,7 @@ def test_a_lora_module_is_a_fluxion_layer() -> None:
     assert repr(lora) == "Lora(rank=2, scale=1.5)"
 
 
-@pytest.fixture
-def reset_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-def test_compiled_model_with_lora_matches_eager(reset_dynamo: None) -> None:
+def test_compiled_model_with_lora_matches_eager(fresh_dynamo: None) -> None:
     model = fl.Chain(
         fl.Residual(fl.Parallel(fl.Identity(), fl.Identity(), fl.Identity()), fl.Attention(8, num_heads=2)),
         fl.Unflatten(2, (2, 4)),

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 import refiners_core.fluxion as fl
-from refiners_core.plugins import registry
+from refiners_core.plugins import registry, resolve
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
-from refiners_lora.plugin import apply_lora_option, parse_lora_option
+from refiners_lora.options import apply_lora_option, parse_lora_option
 
 
 def chain() -> fl.Chain:
@@ -80,7 +80,9 @@ def test_a_bad_file_undoes_the_loras_loaded_before_it(tmp_path: Path) -> None:
 
 def test_the_lora_option_is_registered_for_sd15_and_sdxl() -> None:
     spec = registry(reload=True).generate_options["--lora"]
-    assert spec.apply is apply_lora_option and spec.metavar == "FILE[:SCALE]" and spec.models == ("sd15", "sdxl")
+    assert (
+        resolve(spec.apply) is apply_lora_option and spec.metavar == "FILE[:SCALE]" and spec.models == ("sd15", "sdxl")
+    )
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,6 @@ published sizes; ViT-B as published, checked by hand with `torch._dynamo.explain
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -19,11 +17,7 @@ from refiners_sam import ImageEncoder
 TOLERANCE = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
-    yield
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # refiners_core.testing's fixture
 
 
 def test_sam_image_encoder_compiles_without_graph_break() -> None:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from sam_reference import Sam, SamPredictor, build_tiny_reference
 
-from refiners_core.plugins import registry
+from refiners_core.plugins import registry, resolve
 from refiners_core.weights import WeightsError
 from refiners_sam import ImageEmbedding, SegmentAnything
 
@@ -222,4 +222,4 @@ def test_sam_from_pretrained_names_file_key_and_layer_of_a_wrong_shape(reference
 
 def test_sam_is_registered_as_a_model_of_the_plugin_registry() -> None:
     spec = registry(reload=True).models["sam"]
-    assert spec.loader == SegmentAnything.from_pretrained
+    assert resolve(spec.loader) == SegmentAnything.from_pretrained

@@ -12,21 +12,16 @@ constants baked in, so a denoising loop that sets new ones at every step runs th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
+from refiners_core.testing import assert_relative_close
 from refiners_sd15 import SD1UNet, UNetConfig
 
 TOLERANCE = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
-    yield
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # refiners_core.testing's fixture
 
 
 def small_unet() -> SD1UNet:
@@ -48,10 +43,6 @@ def set_step(unet: SD1UNet, timestep: int, seed: int) -> None:
     unet.set_clip_text_embedding(torch.randn(2, 7, 24, generator=torch.Generator().manual_seed(seed)))
 
 
-def assert_close(compiled: torch.Tensor, eager: torch.Tensor) -> None:
-    assert (compiled - eager).abs().max() <= TOLERANCE * eager.abs().max()
-
-
 def test_sd15_unet_compiles_without_graph_break_and_new_steps_reuse_the_graph() -> None:
     unet = small_unet()
     compiled = torch.compile(unet, fullgraph=True, backend="eager")  # raises on a graph break
@@ -59,11 +50,11 @@ def test_sd15_unet_compiles_without_graph_break_and_new_steps_reuse_the_graph() 
     with torch.no_grad():
         set_step(unet, timestep=999, seed=1)
         first = compiled(x)
-        assert_close(first, unet(x))
+        assert_relative_close(first, unet(x), TOLERANCE)
         assert not unet.use_context("unet"), "the skip connections must not outlive the call"
         set_step(unet, timestep=500, seed=2)
         with torch.compiler.set_stance("fail_on_recompile"):
             second = compiled(x)
         expected = unet(x)
-    assert_close(second, expected)
+    assert_relative_close(second, expected, TOLERANCE)
     assert not torch.allclose(second, first), "the new timestep and text embedding must reach the compiled graph"

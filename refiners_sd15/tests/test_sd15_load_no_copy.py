@@ -19,9 +19,9 @@ from typing import Any, cast
 import pytest
 import torch
 from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
-from published_configs import SD15_UNET_CONFIG
 
 from refiners_sd15 import SD1UNet
+from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet.blocks import SinusoidalEmbedding
 
 TINY_UNET_CONFIG: dict[str, Any] = {

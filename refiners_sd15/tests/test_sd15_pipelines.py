@@ -31,9 +31,9 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from PIL import Image
-from published_configs import SD15_UNET_CONFIG
 
 from refiners_core.state_dicts import load_state_dict_checked
+from refiners_core.testing import assert_relative_close
 from refiners_sd15 import (
     DDIM,
     CLIPTextEncoderL,
@@ -45,6 +45,7 @@ from refiners_sd15 import (
     StableDiffusion_1,
     StableDiffusion_1_Inpainting,
 )
+from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import SD15_UNET, diffusers_unet_mapping
 
 TOLERANCE = 1e-3
@@ -171,13 +172,6 @@ def pipeline(kind: type[Any], models: Models, scheduler: Any) -> Any:
     return pipe
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    assert ours.shape == reference.shape
-    error = (ours - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    assert error <= TOLERANCE * scale, f"max |ours - diffusers| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
-
-
 def denoise(sd: StableDiffusion_1, x: torch.Tensor, embedding: torch.Tensor, scale: float) -> torch.Tensor:
     with torch.no_grad():
         for step in sd.steps:
@@ -207,7 +201,7 @@ def test_text_to_image_loop_matches_diffusers_pipeline(
     x = sd.init_latents(size=(SIZE, SIZE), seed=6)
     ours = denoise(sd, x, torch.cat([negative, positive]), 7.5)
 
-    assert_close(ours, reference)
+    assert_relative_close(ours, reference, TOLERANCE)
 
 
 def test_image_to_image_loop_matches_diffusers_pipeline(
@@ -236,7 +230,7 @@ def test_image_to_image_loop_matches_diffusers_pipeline(
     x = sd.init_latents(size=(SIZE, SIZE), init_image=image, seed=7)
     ours = denoise(sd, x, torch.cat([negative, positive]), 5.0)
 
-    assert_close(ours, reference)
+    assert_relative_close(ours, reference, TOLERANCE)
 
 
 def test_inpainting_loop_matches_diffusers_pipeline(
@@ -266,4 +260,4 @@ def test_inpainting_loop_matches_diffusers_pipeline(
     ours = denoise(sd, x, torch.cat([negative, positive]), 7.5)
 
     assert mask_latents.shape == (1, 1, 8, 8) and 0 < mask_latents.mean() < 1
-    assert_close(ours, reference)
+    assert_relative_close(ours, reference, TOLERANCE)

@@ -17,12 +17,13 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from published_configs import SD15_UNET_CONFIG
 from torch.overrides import TorchFunctionMode
 
 import refiners_core.fluxion as fl
 from refiners_core.state_dicts import compose, invert, load_state_dict_checked
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError, load_tensors
+from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import (
     SD15_INPAINTING_UNET,
     SD15_UNET,
@@ -123,13 +124,6 @@ def our_output(unet: SD1UNet, x: torch.Tensor, timestep: torch.Tensor, text: tor
         return unet(x)
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    assert ours.shape == reference.shape
-    error = (ours - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    assert error <= TOLERANCE * scale, f"max |ours - reference| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
-
-
 def save_and_load(reference: UNet2DConditionModel, folder: Path) -> tuple[SD1UNet, Path]:
     """Save `reference` with `save_pretrained`, then build an SD1UNet from its config and load its file."""
     reference.save_pretrained(folder, safe_serialization=True)  # pyright: ignore[reportUnknownMemberType]
@@ -162,7 +156,7 @@ def test_sd15_unet_matches_diffusers_with_the_published_architecture(tmp_path: P
     load_state_dict_checked(ours, tensors, source=str(path), mapping=diffusers_unet_mapping())
     del tensors
     for (x, text, t), reference_noise in zip(cases, expected):
-        assert_close(our_output(ours, x, t, text), reference_noise)
+        assert_relative_close(our_output(ours, x, t, text), reference_noise, TOLERANCE)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +185,9 @@ def test_small_unet_matches_diffusers(
 ) -> None:
     torch.manual_seed(2)
     x, text = inputs(2, 4, *size, 24)
-    assert_close(our_output(small_unet, x, timestep, text), reference_output(small_reference, x, timestep, text))
+    assert_relative_close(
+        our_output(small_unet, x, timestep, text), reference_output(small_reference, x, timestep, text), TOLERANCE
+    )
 
 
 def test_inpainting_unet_with_nine_input_channels_matches_diffusers(tmp_path: Path) -> None:
@@ -201,7 +197,9 @@ def test_inpainting_unet_with_nine_input_channels_matches_diffusers(tmp_path: Pa
     torch.manual_seed(3)
     x, text = inputs(2, 9, 16, 16, 24)
     timestep = torch.tensor([300])
-    assert_close(our_output(ours, x, timestep, text), reference_output(reference, x, timestep, text))
+    assert_relative_close(
+        our_output(ours, x, timestep, text), reference_output(reference, x, timestep, text), TOLERANCE
+    )
 
 
 def test_unet_with_attention_on_deeper_levels_only_matches_diffusers(tmp_path: Path) -> None:
@@ -211,7 +209,9 @@ def test_unet_with_attention_on_deeper_levels_only_matches_diffusers(tmp_path: P
     torch.manual_seed(4)
     x, text = inputs(2, 4, 12, 12, 32)
     timestep = torch.tensor([42])
-    assert_close(our_output(ours, x, timestep, text), reference_output(reference, x, timestep, text))
+    assert_relative_close(
+        our_output(ours, x, timestep, text), reference_output(reference, x, timestep, text), TOLERANCE
+    )
 
 
 def test_skip_connections_go_through_the_context(small_unet: SD1UNet) -> None:
@@ -390,7 +390,9 @@ def test_unet_with_heads_and_depths_per_level_and_linear_projections_matches_dif
     torch.manual_seed(7)
     x, text = inputs(2, 4, 13, 7, 24)
     timestep = torch.tensor([10, 600])
-    assert_close(our_output(ours, x, timestep, text), reference_output(reference, x, timestep, text))
+    assert_relative_close(
+        our_output(ours, x, timestep, text), reference_output(reference, x, timestep, text), TOLERANCE
+    )
 
 
 def test_heads_per_level_that_do_not_divide_the_channels_are_refused() -> None:
@@ -475,7 +477,7 @@ def test_float64_unet_creates_and_computes_everything_in_float64(small_unet: SD1
 
     assert output.dtype == torch.float64
     assert record.seen == {(torch.float64, "cpu")}
-    assert_close(output.float(), our_output(small_unet, x, timestep, text))
+    assert_relative_close(output.float(), our_output(small_unet, x, timestep, text), TOLERANCE)
 
 
 def test_meta_unet_creates_nothing_on_another_device() -> None:
@@ -506,17 +508,17 @@ def test_timestep_embedding_is_computed_in_float32_for_a_half_precision_unet() -
 # Compilation
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_small_unet_compiles_as_one_graph(small_unet: SD1UNet) -> None:
     """Dynamo captures the whole UNet (fullgraph: no graph break); the AOT backend keeps the test fast."""
     torch.manual_seed(6)
     x, text = inputs(2, 4, 16, 16, 24)
     timestep = torch.tensor([123])
     expected = our_output(small_unet, x, timestep, text)
-    torch._dynamo.reset()  # pyright: ignore[reportPrivateImportUsage]
     compiled = torch.compile(small_unet, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         output = compiled(x)
-    assert_close(output, expected)
+    assert_relative_close(output, expected, TOLERANCE)
     small_unet.set_timestep(torch.tensor([456]))  # a new timestep value is an input, not a recompilation
     with torch.no_grad():
-        assert_close(compiled(x), our_output(small_unet, x, torch.tensor([456]), text))
+        assert_relative_close(compiled(x), our_output(small_unet, x, torch.tensor([456]), text), TOLERANCE)

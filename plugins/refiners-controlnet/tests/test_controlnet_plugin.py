@@ -17,7 +17,7 @@ from PIL import Image
 from refiners_controlnet import ControlNet, ControlNetAdapter, ControlNetResiduals, image_to_condition
 from refiners_controlnet.cli import ControlNetOption, parse_controlnet_option
 from refiners_core.cli import main
-from refiners_core.plugins import registry
+from refiners_core.plugins import registry, resolve
 from refiners_sd15.unet import SD1UNet, unet_config_from_diffusers
 
 
@@ -30,7 +30,7 @@ def test_refiners_controlnet_is_discovered_through_its_entry_point() -> None:
     assert len(records) == 1
     assert records[0].entry_point == "controlnet = refiners_controlnet.plugin"
     assert records[0].error is None and records[0].status == "ok"
-    assert registry().adapters["controlnet"].factory is ControlNetAdapter
+    assert resolve(registry().adapters["controlnet"].factory) is ControlNetAdapter
     assert registry().generate_options["--controlnet"].applies_to("sd15")
 
 

@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from PIL import Image
 
 from refiners_clip_vision.testing import SMALL_VIT_H, randomize
+from refiners_core.testing import assert_relative_close
 from refiners_ip_adapter import IPAdapter, text_cross_attentions
 from refiners_ip_adapter.testing import SMALL_SD15_UNET, released_weights, write_release_folder
 from refiners_sd15 import SD15_AUTOENCODER, CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
@@ -99,14 +100,6 @@ def reference_embedding(pipe: Any, images: list[Image.Image]) -> torch.Tensor:
     return tokens.reshape(2, -1, tokens.shape[-1])
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
-    assert ours.shape == reference.shape, f"shape {tuple(ours.shape)} != {tuple(reference.shape)}"
-    scale = reference.abs().max().item()
-    assert scale > 0
-    error = (ours - reference).abs().max().item()
-    assert error <= tolerance * scale, f"max |ours - reference| = {error:.3g} > {tolerance} * {scale:.3g}"
-
-
 @pytest.mark.parametrize(
     "projection, suffix, count",
     [("linear", "safetensors", 1), ("linear", "bin", 2), ("perceiver", "safetensors", 2), ("perceiver", "bin", 1)],
@@ -119,7 +112,7 @@ def test_image_embedding_matches_diffusers(unet_folder: Path, projection: str, s
     ours = ip.compute_image_embedding(images)
     assert ours.shape == (2, count * (4 if projection == "linear" else 16), TEXT_DIM)
     assert (expected[0] - expected[1]).abs().max() > 1e-2  # the negative half differs from the image's
-    assert_close(ours, expected, 1e-4)
+    assert_relative_close(ours, expected, 1e-4)
 
 
 def reference_latents(pipe: Any, images: list[Image.Image], scale: float, text: tuple[torch.Tensor, ...]) -> Any:
@@ -167,4 +160,4 @@ def test_generation_with_ip_adapter_matches_diffusers_pipeline(unet_folder: Path
     expected = reference_latents(pipe, images, 0.7, text)
     without = reference_latents(pipe, images, 0.0, text)
     assert (expected - without).abs().max() > 1e-2 * without.abs().max()  # the images steer the generation
-    assert_close(our_latents(unet_folder, weights, images, 0.7, text), expected, 1e-3)
+    assert_relative_close(our_latents(unet_folder, weights, images, 0.7, text), expected, 1e-3)

@@ -119,12 +119,3 @@ def random_image(size: tuple[int, int], seed: int, mode: str = "RGB") -> Image.I
         0, 256, (height, width, bands), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
     )
     return Image.fromarray(pixels.squeeze(-1).numpy() if bands == 1 else pixels.numpy())
-
-
-def assert_close(ours: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
-    """max |ours - reference| <= tolerance * max |reference|, with a reference that is not zero."""
-    assert ours.shape == reference.shape, f"shape {tuple(ours.shape)} != {tuple(reference.shape)}"
-    error = (ours - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    assert scale > 0
-    assert error <= tolerance * scale, f"max |ours - reference| = {error:.3g} > {tolerance} * {scale:.3g}"

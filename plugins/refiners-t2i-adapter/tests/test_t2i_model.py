@@ -20,11 +20,11 @@ from t2i_references import (
     SMALL_FULL_ADAPTER,
     SMALL_LIGHT_ADAPTER,
     SMALL_XL_ADAPTER,
-    assert_close,
     reference_adapter,
     save_adapter,
 )
 
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
 from refiners_sd15.unet import SD15_UNET
 from refiners_sdxl import SDXL_BASE_UNET
@@ -50,7 +50,7 @@ def check_features(config: dict[str, Any], folder: Path, size: tuple[int, int], 
     assert len(ours) == len(expected) == len(model.config.features)
     for feature, theirs, (channels, downscale) in zip(ours, expected, model.config.features):
         assert theirs.shape[1:] == (channels, -(-size[0] // downscale), -(-size[1] // downscale))
-        assert_close(feature, theirs, TOLERANCE)
+        assert_relative_close(feature, theirs, TOLERANCE)
 
 
 @pytest.mark.parametrize(

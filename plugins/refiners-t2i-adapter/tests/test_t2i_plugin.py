@@ -16,7 +16,7 @@ from PIL import Image
 from t2i_references import random_image, reference_adapter, save_adapter
 
 from refiners_core.cli import main
-from refiners_core.plugins import registry
+from refiners_core.plugins import registry, resolve
 from refiners_sd15 import StableDiffusion_1
 from refiners_sd15.testing import small_sd15_components
 from refiners_sd15.unet import SD1UNet
@@ -47,7 +47,7 @@ def test_refiners_t2i_adapter_is_discovered_through_its_entry_point() -> None:
     assert len(records) == 1
     assert records[0].entry_point == "t2i_adapter = refiners_t2i_adapter.plugin"
     assert records[0].error is None and records[0].status == "ok"
-    assert registry().adapters["t2i_adapter"].factory is T2IAdapter
+    assert resolve(registry().adapters["t2i_adapter"].factory) is T2IAdapter
     option = registry().generate_options["--t2i-adapter"]
     assert option.applies_to("sd15") and option.applies_to("sdxl")
 

@@ -27,7 +27,6 @@ from t2i_references import (
     SMALL_FULL_ADAPTER,
     SMALL_SDXL_UNET_CONFIG,
     SMALL_XL_ADAPTER,
-    assert_close,
     random_image,
     reference_adapter,
     reference_unet,
@@ -35,6 +34,7 @@ from t2i_references import (
 )
 
 from refiners_core.cli import main
+from refiners_core.testing import assert_relative_close
 from refiners_sd15 import DDIM
 from refiners_sdxl import SDXLUNet, StableDiffusion_XL
 from refiners_sdxl.testing import POOLED_DIM, TIME_ID_DIM, small_sdxl_pipeline
@@ -92,7 +92,7 @@ def test_one_sdxl_unet_call_matches_diffusers_intrablock_residuals(reference: Re
     unet.set_pooled_text_embedding(pooled)
     unet.set_time_ids(time_ids)
     assert TIME_ID_DIM * 6 + POOLED_DIM == SMALL_SDXL_UNET_CONFIG["projection_class_embeddings_input_dim"]
-    assert_close(unet(x), expected, 1e-4)
+    assert_relative_close(unet(x), expected, 1e-4)
 
 
 @torch.no_grad()
@@ -137,7 +137,7 @@ def test_three_guided_steps_match_stable_diffusion_xl_adapter_pipeline(reference
             time_ids=time_ids,
             condition_scale=GUIDANCE,
         )
-    assert_close(x, expected, 1e-3)
+    assert_relative_close(x, expected, 1e-3)
 
 
 def test_an_sd15_adapter_on_an_sdxl_unet_is_refused_naming_it(reference: Reference) -> None:

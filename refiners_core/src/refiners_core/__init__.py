@@ -10,10 +10,10 @@ torch: the names below that need it are imported on first use.
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import version as _version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from refiners_core.lazy import lazy_exports
 from refiners_core.plugins import registry
 
 if TYPE_CHECKING:
@@ -33,11 +33,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'refiners_core' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

@@ -1,19 +1,14 @@
-"""refiners-lora's plugin module, registered under the `refiners` entry point group."""
+"""refiners-lora's plugin module, registered under the `refiners` entry point group.
+
+Nothing is imported here but refiners_core.plugins: the references are imported on first use, so the plugin
+registers without torch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
-from torch import nn
-
-import refiners_core.fluxion as fl
-from refiners_core.checks import check_finite, check_weights_file
-from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
-from refiners_core.weights import WeightsError, load_tensors, read_metadata
-from refiners_lora.adapter import LoraAdapter
-from refiners_lora.formats import parse_lora
-from refiners_lora.manager import LoraManager
+from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, Reference, hookimpl
 
 
 @hookimpl
@@ -21,9 +16,9 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     register(
         AdapterSpec(
             name="lora",
-            factory=LoraAdapter,
+            factory=Reference("refiners_lora.adapter:LoraAdapter"),
             summary="Low-rank adaptation (LoRA) of Linear and Conv2d layers: LoraAdapter(target, rank, scale)",
-            targets=(fl.Linear, fl.Conv2d),
+            targets=(Reference("refiners_core.fluxion:Linear"), Reference("refiners_core.fluxion:Conv2d")),
         )
     )
 
@@ -33,70 +28,10 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
     register(
         GenerateOptionSpec(
             flag="--lora",
-            apply=apply_lora_option,
+            apply=Reference("refiners_lora.options:apply_lora_option"),
             help="load a LoRA file (kohya, diffusers / PEFT or refiners keys) with an optional scale; repeatable",
             metavar="FILE[:SCALE]",
             models=("sd15", "sdxl"),  # the models that name their layers the kohya and diffusers way
-            validate=validate_lora_option,
+            validate=Reference("refiners_lora.options:validate_lora_option"),
         )
     )
-
-
-def parse_lora_option(value: str) -> tuple[Path, float]:
-    """`FILE[:SCALE]` -> (path, scale); the scale defaults to 1.
-
-    A colon followed by something that is not a number belongs to the path when it is a drive letter
-    (`C:\\loras\\style.safetensors`). Raises ValueError naming the value otherwise, or for a NaN or infinite scale.
-    """
-    head, colon, tail = value.rpartition(":")
-    if not colon or Path(value).exists():
-        return Path(value), 1.0
-    try:
-        float(tail)
-    except ValueError:
-        if len(head) == 1 and head.isalpha():
-            return Path(value), 1.0
-        raise ValueError(f"--lora {value!r}: {tail!r} is not a scale (expected FILE or FILE:SCALE)") from None
-    return Path(head), check_finite(f"--lora {value!r}: the scale", tail)
-
-
-def validate_lora_option(values: list[str]) -> None:
-    """Check every `--lora FILE[:SCALE]` before the model is loaded: a finite scale, a readable safetensors file or
-    PyTorch checkpoint (by its first bytes) whose keys are those of a LoRA format `parse_lora` knows.
-
-    Raises ValueError (WeightsError for the file's content), FileNotFoundError or PermissionError naming the value.
-    """
-    for value in values:
-        path, _ = parse_lora_option(value)
-        check_weights_file(f"--lora {value}", path)
-        try:
-            metadata = read_metadata(path)  # the header first: it may refuse the file early
-            parse_lora(load_tensors(path), str(path), metadata)
-        except (OSError, ValueError) as error:
-            raise WeightsError(f"--lora {value}: {error}") from error
-
-
-def apply_lora_option(model: nn.Module, values: list[str]) -> None:
-    """Load every `--lora FILE[:SCALE]` onto `model` with `LoraManager`, each named after its file's stem.
-
-    All or nothing: if one file fails, the LoRAs loaded before it by this call are removed again. Raises
-    ValueError for a malformed value, FileNotFoundError naming a missing file, WeightsError for a bad file.
-    """
-    parsed = [parse_lora_option(value) for value in values]
-    for value, (path, _) in zip(values, parsed, strict=True):
-        if not path.is_file():
-            raise FileNotFoundError(f"--lora {value}: no LoRA file at {path}")
-    loras = LoraManager(model)
-    added: list[str] = []
-    try:
-        for path, scale in parsed:
-            name, index = path.stem, 1
-            while name in loras.names:
-                index += 1
-                name = f"{path.stem}-{index}"
-            loras.add(name, path, scale=scale)
-            added.append(name)
-    except BaseException:
-        for name in reversed(added):
-            loras.remove(name)
-        raise

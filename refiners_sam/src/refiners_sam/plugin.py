@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from refiners_core.plugins import ModelSpec, hookimpl
+from refiners_core.plugins import ModelSpec, Reference, hookimpl
 
 
 @hookimpl
 def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
-    from refiners_sam.model import SegmentAnything
-
     register(
         ModelSpec(
             name="sam",
-            loader=SegmentAnything.from_pretrained,
+            loader=Reference("refiners_sam.model:SegmentAnything.from_pretrained"),
             summary="Segment Anything ViT-B/L/H: SegmentAnything.from_pretrained(official .pth checkpoint or hub id)",
         )
     )

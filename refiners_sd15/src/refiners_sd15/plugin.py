@@ -2,8 +2,8 @@
 
 It registers the `sd15` model (with the `refiners demo` it offers and what `refiners generate` needs), the solvers
 (`ddim`, `dpm`, `euler`, `ddpm`, `lcm`, `euler-a`, `heun`, `dpm++2m-karras`, `dpm++2m-sde`, `dpm++2m-sde-karras`,
-and `SOLVER_ALIASES`, their A1111 and ComfyUI names) and the `refiners generate` command; nothing is built or read
-here.
+and `SOLVER_ALIASES`, their A1111 and ComfyUI names) and the `refiners generate` command. Nothing is built, read or
+imported here: the references are imported on first use, so the plugin registers without torch.
 """
 
 from __future__ import annotations
@@ -11,24 +11,21 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from refiners_core.plugins import CommandRegistrar, ModelSpec, SolverSpec, hookimpl
+from refiners_core.plugins import CommandRegistrar, ModelSpec, Reference, SolverSpec, hookimpl
+from refiners_sd15.generation_defaults import SD15_DEFAULT_GUIDANCE, SD15_DEFAULT_SIZE
 
 
 @hookimpl
 def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
-    from refiners_sd15.demo import run_demo
-    from refiners_sd15.generation import SD15_DEFAULT_GUIDANCE, SD15_DEFAULT_SIZE, detect_sd15, generate_sd15
-    from refiners_sd15.model import StableDiffusion_1
-
     register(
         ModelSpec(
             name="sd15",
-            loader=StableDiffusion_1.from_pretrained,
+            loader=Reference("refiners_sd15.model:StableDiffusion_1.from_pretrained"),
             summary="Stable Diffusion 1.5: StableDiffusion_1.from_pretrained(diffusers folder, hub id or .ckpt)",
-            demo=run_demo,
-            detect=detect_sd15,
+            demo=Reference("refiners_sd15.demo:run_demo"),
+            detect=Reference("refiners_sd15.generation:detect_sd15"),
             default_size=SD15_DEFAULT_SIZE,
-            generate=generate_sd15,
+            generate=Reference("refiners_sd15.generation:generate_sd15"),
             default_guidance=SD15_DEFAULT_GUIDANCE,
         )
     )
@@ -55,33 +52,39 @@ joins its words with '-': A1111's "DPM++ 2M Karras" is `dpm++-2m-karras`, "Euler
 
 @hookimpl
 def refiners_register_solvers(register: Callable[[SolverSpec], None]) -> None:
-    from refiners_sd15.solvers import DDIM, DDPM, LCM, DPMSolver, DPMSolverSDE, Euler, EulerAncestral, Heun
-    from refiners_sd15.solvers.solver import SigmaSchedule
+    def solver(name: str) -> Reference:
+        return Reference(f"refiners_sd15.solvers:{name}")
 
-    karras = SigmaSchedule.KARRAS
+    karras = "karras"  # a SigmaSchedule, given by its value so that nothing is imported here
     specs = [
-        SolverSpec("ddim", DDIM, summary="DDIM (eta = 0), as diffusers' DDIMScheduler"),
-        SolverSpec("dpm", DPMSolver, summary="DPM-Solver++(2M), as diffusers' DPMSolverMultistepScheduler"),
-        SolverSpec("euler", Euler, summary="Euler, as diffusers' EulerDiscreteScheduler"),
-        SolverSpec("ddpm", DDPM, summary="DDPM (stochastic), as diffusers' DDPMScheduler"),
-        SolverSpec("lcm", LCM, summary="latent consistency (stochastic, for LCM-LoRA), as diffusers' LCMScheduler"),
+        SolverSpec("ddim", solver("DDIM"), summary="DDIM (eta = 0), as diffusers' DDIMScheduler"),
+        SolverSpec("dpm", solver("DPMSolver"), summary="DPM-Solver++(2M), as diffusers' DPMSolverMultistepScheduler"),
+        SolverSpec("euler", solver("Euler"), summary="Euler, as diffusers' EulerDiscreteScheduler"),
+        SolverSpec("ddpm", solver("DDPM"), summary="DDPM (stochastic), as diffusers' DDPMScheduler"),
         SolverSpec(
-            "euler-a", EulerAncestral, summary="Euler ancestral (stochastic), as EulerAncestralDiscreteScheduler"
+            "lcm", solver("LCM"), summary="latent consistency (stochastic, for LCM-LoRA), as diffusers' LCMScheduler"
         ),
-        SolverSpec("heun", Heun, summary="Heun (2 model evaluations per step), as diffusers' HeunDiscreteScheduler"),
+        SolverSpec(
+            "euler-a",
+            solver("EulerAncestral"),
+            summary="Euler ancestral (stochastic), as EulerAncestralDiscreteScheduler",
+        ),
+        SolverSpec(
+            "heun", solver("Heun"), summary="Heun (2 model evaluations per step), as diffusers' HeunDiscreteScheduler"
+        ),
         SolverSpec(
             "dpm++2m-karras",
-            functools.partial(DPMSolver, sigma_schedule=karras),
+            functools.partial(solver("DPMSolver"), sigma_schedule=karras),
             summary="DPM-Solver++(2M) with Karras sigmas (A1111's DPM++ 2M Karras)",
         ),
         SolverSpec(
             "dpm++2m-sde",
-            DPMSolverSDE,
+            solver("DPMSolverSDE"),
             summary="DPM-Solver++ 2M SDE (stochastic), as diffusers' sde-dpmsolver++",
         ),
         SolverSpec(
             "dpm++2m-sde-karras",
-            functools.partial(DPMSolverSDE, sigma_schedule=karras),
+            functools.partial(solver("DPMSolverSDE"), sigma_schedule=karras),
             summary="DPM-Solver++ 2M SDE with Karras sigmas (A1111's DPM++ 2M SDE Karras)",
         ),
     ]
@@ -94,11 +97,9 @@ def refiners_register_solvers(register: Callable[[SolverSpec], None]) -> None:
 
 @hookimpl
 def refiners_register_commands(cli: CommandRegistrar) -> None:
-    from refiners_sd15 import cli as generate
-
     cli.add_command(
         "generate",
-        generate.run,
+        Reference("refiners_sd15.cli:run"),
         help="Generate an image with an installed model (sd15, sdxl...): text-to-image, image-to-image, inpainting",
-        configure=generate.configure,
+        configure=Reference("refiners_sd15.cli:configure"),
     )

@@ -3,8 +3,10 @@ and original-layout checkpoints written from transformers state dicts. Nothing h
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +72,117 @@ _OPEN_CLIP_NAMES = {
     "mlp.fc2": "mlp.c_proj",
     "self_attn.out_proj": "attn.out_proj",
 }
+
+
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+"""`unet/config.json` of stable-diffusion-v1-5 as published: diffusers references of parity tests and benches are
+built from it."""
+
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+}
+"""`vae/config.json` of stable-diffusion-v1-5 as published."""
+
+
+SMALL_UNET_DIFFUSERS_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "cross_attention_dim": 64,  # the text encoder's width, so that `refiners generate` runs on the folder
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+"""A scaled-down SD1.5 UNet as a diffusers `UNet2DConditionModel` config (two levels of 32 and 64 channels)."""
+
+SMALL_CLIP_TRANSFORMERS_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 1,
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+}
+"""A scaled-down CLIP-L text encoder as a transformers `CLIPTextConfig` (64 wide, two layers)."""
+
+SMALL_VAE_DIFFUSERS_CONFIG: dict[str, Any] = {
+    "down_block_types": ["DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D"],
+    "block_out_channels": [32],
+    "layers_per_block": 1,
+    "norm_num_groups": 32,
+}
+"""A scaled-down SD1.5 autoencoder as a diffusers `AutoencoderKL` config (one level of 32 channels)."""
+
+
+class DiffusersReferences:
+    """A diffusers UNet and a transformers text encoder with random weights (seed 0), saved with a small autoencoder
+    as a diffusers SD1.5 folder at `folder`: the references of parity tests of adapters, and a folder that
+    `StableDiffusion_1.from_pretrained` and `refiners generate` load. Needs diffusers and transformers (test extras).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        unet_config: Mapping[str, Any] = SMALL_UNET_DIFFUSERS_CONFIG,
+        clip_config: Mapping[str, Any] = SMALL_CLIP_TRANSFORMERS_CONFIG,
+    ) -> None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
+        from transformers import CLIPTextConfig, CLIPTextModel  # pyright: ignore[reportMissingTypeStubs]
+
+        torch.manual_seed(0)  # pyright: ignore[reportUnknownMemberType]
+        self.unet: Any = UNet2DConditionModel(**unet_config).eval()
+        self.text_encoder: Any = CLIPTextModel(CLIPTextConfig(**clip_config)).eval()
+        self.unet.save_pretrained(folder / "unet")
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        AutoencoderKL(**SMALL_VAE_DIFFUSERS_CONFIG).save_pretrained(folder / "vae")  # pyright: ignore[reportUnknownMemberType]
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        self.folder = folder
+        self.cross_attention_dim: int = unet_config["cross_attention_dim"]
+
+    def targets(self) -> Iterator[tuple[str, str, torch.nn.Linear | torch.nn.Conv2d]]:
+        """(component, module name, module) of every Linear and Conv2d a LoRA can patch."""
+        for component, model in (("unet", self.unet), ("text_encoder", self.text_encoder)):
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
+                    yield component, name, module
+
+    def component(self, name: str) -> Any:
+        """The reference `unet` or `text_encoder`."""
+        return self.unet if name == "unet" else self.text_encoder
 
 
 def open_clip_state_dict(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from refiners_core.plugins import ModelSpec, hookimpl
+from refiners_core.plugins import ModelSpec, Reference, hookimpl
 
 
 @hookimpl
 def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
-    from refiners_clip_vision.encoder import CLIPImageEncoder
-
     register(
         ModelSpec(
             name="clip-vision",
-            loader=CLIPImageEncoder.from_pretrained,
+            loader=Reference("refiners_clip_vision.encoder:CLIPImageEncoder.from_pretrained"),
             summary="CLIP image encoder (ViT-H/14, ViT-bigG/14): CLIPImageEncoder.from_pretrained(transformers "
             "CLIPVisionModelWithProjection folder or hub id, subfolder=...)",
         )

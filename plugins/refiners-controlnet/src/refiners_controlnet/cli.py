@@ -11,14 +11,9 @@ from PIL import Image
 from refiners_controlnet.adapter import ControlNetAdapter
 from refiners_controlnet.condition import image_to_condition
 from refiners_controlnet.controlnet import ControlNet, unet_config
+from refiners_controlnet.plugin import OPTION_METAVAR
 from refiners_sd15.adapter_options import check_diffusers_source, check_image_header, split_adapter_value
 
-OPTION_HELP = (
-    "steer the generation with a ControlNet (a diffusers ControlNetModel folder or hub id) and its conditioning "
-    "image (resized to the generated size), with an optional scale (default 1.0); repeat the option for several "
-    "ControlNets, whose residuals add up"
-)
-OPTION_METAVAR = "FOLDER:IMAGE[:SCALE]"
 WEIGHTS_STEM = "diffusion_pytorch_model"
 """The name of a diffusers ControlNet folder's weight files (before `.safetensors`, `.fp16.safetensors`...)."""
 

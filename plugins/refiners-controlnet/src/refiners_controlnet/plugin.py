@@ -5,28 +5,28 @@ Heavy imports (torch, the model) happen in the hooks and in the option's `apply`
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
-from typing import Any
 
-from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
+from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, Reference, hookimpl
+
+OPTION_HELP = (
+    "steer the generation with a ControlNet (a diffusers ControlNetModel folder or hub id) and its conditioning "
+    "image (resized to the generated size), with an optional scale (default 1.0); repeat the option for several "
+    "ControlNets, whose residuals add up"
+)
+OPTION_METAVAR = "FOLDER:IMAGE[:SCALE]"
 
 
 @hookimpl
 def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
-    from refiners_controlnet.adapter import ControlNetAdapter
-    from refiners_sd15.unet import SD1UNet
-
-    targets: tuple[type, ...] = (SD1UNet,)
-    try:  # SDXL's UNet, when refiners-sdxl is installed (the `sdxl` extra)
-        from refiners_sdxl import SDXLUNet
-    except ImportError:
-        pass
-    else:
-        targets += (SDXLUNet,)
+    targets = (Reference("refiners_sd15.unet:SD1UNet"),)
+    if importlib.util.find_spec("refiners_sdxl") is not None:  # SDXL's UNet, with the `sdxl` extra
+        targets += (Reference("refiners_sdxl.unet:SDXLUNet"),)
     register(
         AdapterSpec(
             name="controlnet",
-            factory=ControlNetAdapter,
+            factory=Reference("refiners_controlnet.adapter:ControlNetAdapter"),
             summary=(
                 "ControlNet for SD1.5 and SDXL, steered by a conditioning image: "
                 "ControlNetAdapter(unet, controlnet, scale)"
@@ -36,29 +36,15 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     )
 
 
-def _apply(model: Any, values: list[str]) -> None:
-    from refiners_controlnet.cli import apply_controlnet_option
-
-    apply_controlnet_option(model, values)
-
-
-def _validate(values: list[str]) -> None:
-    from refiners_controlnet.cli import validate_controlnet_option
-
-    validate_controlnet_option(values)
-
-
 @hookimpl
 def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
-    from refiners_controlnet.cli import OPTION_HELP, OPTION_METAVAR
-
     register(
         GenerateOptionSpec(
             flag="--controlnet",
-            apply=_apply,
+            apply=Reference("refiners_controlnet.cli:apply_controlnet_option"),
             help=OPTION_HELP,
             metavar=OPTION_METAVAR,
             models=("sd15", "sdxl"),
-            validate=_validate,
+            validate=Reference("refiners_controlnet.cli:validate_controlnet_option"),
         )
     )

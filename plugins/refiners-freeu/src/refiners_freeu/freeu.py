@@ -21,12 +21,8 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_core.checks import check_finite
+from refiners_freeu.scales import SD15_SCALES, SDXL_SCALES
 from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UNetConfig, UpBlocks
-
-SD15_SCALES = {"s1": 0.9, "s2": 0.2, "b1": 1.2, "b2": 1.4}
-"""The FreeU factors the authors recommend for Stable Diffusion 1.x."""
-SDXL_SCALES = {"s1": 0.9, "s2": 0.2, "b1": 1.3, "b2": 1.4}
-"""The FreeU factors the authors recommend for SDXL (FreeU's README, diffusers' FreeU guide)."""
 
 
 def unet_config(unet: object) -> UNetConfig:

@@ -5,14 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from refiners_core.checks import check_finite
-from refiners_freeu.freeu import SD15_SCALES, SDXL_SCALES, FreeU, default_scales
-
-FREEU_METAVAR = "S1,S2,B1,B2"
-FREEU_HELP = (
-    "apply FreeU to the UNet with these factors, or 'default' for the values advised for the model (SD1.5: "
-    f"{','.join(str(value) for value in SD15_SCALES.values())}; SDXL: "
-    f"{','.join(str(value) for value in SDXL_SCALES.values())})"
-)
+from refiners_freeu.freeu import FreeU, default_scales
+from refiners_freeu.scales import SD15_SCALES
 
 
 def parse_freeu_scales(value: str, default: dict[str, float] = SD15_SCALES) -> dict[str, float]:

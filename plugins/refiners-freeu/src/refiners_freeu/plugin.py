@@ -8,38 +8,41 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
+from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, Reference, hookimpl
+from refiners_freeu.scales import SD15_SCALES, SDXL_SCALES
+
+FREEU_METAVAR = "S1,S2,B1,B2"
+FREEU_HELP = (
+    "apply FreeU to the UNet with these factors, or 'default' for the values advised for the model (SD1.5: "
+    f"{','.join(str(value) for value in SD15_SCALES.values())}; SDXL: "
+    f"{','.join(str(value) for value in SDXL_SCALES.values())})"
+)
 
 
 @hookimpl
 def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
-    from refiners_freeu.freeu import FreeUAdapter
-    from refiners_sd15.unet import ConcatenateSkip
-
     register(
         AdapterSpec(
             name="freeu",
-            factory=FreeUAdapter,
+            factory=Reference("refiners_freeu.freeu:FreeUAdapter"),
             summary=(
                 "FreeU on a decoder skip connection of an SD1.5 or SDXL UNet: FreeUAdapter(target, backbone_scale, "
                 "skip_scale); FreeU(unet, s1, s2, b1, b2) covers the whole UNet"
             ),
-            targets=(ConcatenateSkip,),
+            targets=(Reference("refiners_sd15.unet:ConcatenateSkip"),),
         )
     )
 
 
 @hookimpl
 def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
-    from refiners_freeu.options import FREEU_HELP, FREEU_METAVAR, apply_freeu_option, validate_freeu_option
-
     register(
         GenerateOptionSpec(
             flag="--freeu",
-            apply=apply_freeu_option,
+            apply=Reference("refiners_freeu.options:apply_freeu_option"),
             help=FREEU_HELP,
             metavar=FREEU_METAVAR,
             models=("sd15", "sdxl"),
-            validate=validate_freeu_option,
+            validate=Reference("refiners_freeu.options:validate_freeu_option"),
         )
     )

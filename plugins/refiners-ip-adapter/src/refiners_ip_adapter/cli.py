@@ -17,20 +17,11 @@ from refiners_core.checks import check_weights_file
 from refiners_core.model_kinds import weight_keys
 from refiners_ip_adapter.adapter import IPAdapter
 from refiners_ip_adapter.loading import image_encoder_beside
+from refiners_ip_adapter.plugin import OPTION_METAVAR
 from refiners_ip_adapter.unets import unet_family
 from refiners_sd15.adapter_options import split_adapter_value
 from refiners_sd15.generate_checks import open_image
 
-OPTION_HELP = (
-    "prompt the generation with a reference image through an IP-Adapter (its released .safetensors or .bin weights), "
-    "with an optional scale (default 1.0); the image encoder is the image_encoder/ folder beside the weights (or "
-    "beside their folder), or --ip-adapter-encoder; repeat the option for several"
-)
-OPTION_METAVAR = "WEIGHTS:IMAGE[:SCALE]"
-ENCODER_HELP = (
-    "the image encoder of every --ip-adapter: a transformers CLIPVisionModelWithProjection folder (config.json and "
-    "model.safetensors), instead of the image_encoder/ folder beside the weights"
-)
 ENCODER_ATTRIBUTE = "ip_adapter_image_encoder"
 """The model attribute where `--ip-adapter-encoder` leaves its folder for `--ip-adapter`."""
 

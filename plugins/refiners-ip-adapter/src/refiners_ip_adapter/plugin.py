@@ -1,33 +1,46 @@
 """refiners-ip-adapter's plugin module (entry point `ip_adapter = refiners_ip_adapter.plugin`).
 
 It registers the `ip-adapter` adapter and the `--ip-adapter-encoder` and `--ip-adapter` options of `refiners generate`
-(in that order: see `refiners_ip_adapter.cli`); nothing is built or read here.
+(in that order: see `refiners_ip_adapter.cli`). Nothing is imported here but refiners_core.plugins: the references
+are imported on first use, so the plugin registers without torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
-from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
+from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, Reference, hookimpl
+
+OPTION_HELP = (
+    "prompt the generation with a reference image through an IP-Adapter (its released .safetensors or .bin weights), "
+    "with an optional scale (default 1.0); the image encoder is the image_encoder/ folder beside the weights (or "
+    "beside their folder), or --ip-adapter-encoder; repeat the option for several"
+)
+OPTION_METAVAR = "WEIGHTS:IMAGE[:SCALE]"
+ENCODER_HELP = (
+    "the image encoder of every --ip-adapter: a transformers CLIPVisionModelWithProjection folder (config.json and "
+    "model.safetensors), instead of the image_encoder/ folder beside the weights"
+)
+
+
+def _create(target: Any, **options: Any) -> Any:
+    """`IPAdapter.from_pretrained(target, **options)`: the registry's factory takes the target as `target=`."""
+    from refiners_ip_adapter.adapter import IPAdapter
+
+    return IPAdapter.from_pretrained(target, **options)
 
 
 @hookimpl
 def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
-    from refiners_ip_adapter.adapter import IPAdapter
-    from refiners_sd15.unet import SD1UNet
-
-    targets: tuple[type, ...] = (SD1UNet,)
-    try:
-        from refiners_sdxl import SDXLUNet
-
-        targets = (SD1UNet, SDXLUNet)
-    except ImportError:
-        pass
+    targets = (Reference("refiners_sd15.unet:SD1UNet"),)
+    if importlib.util.find_spec("refiners_sdxl") is not None:  # SDXL's UNet, when refiners-sdxl is installed
+        targets += (Reference("refiners_sdxl.unet:SDXLUNet"),)
     register(
         AdapterSpec(
             name="ip-adapter",
-            factory=lambda target, **options: IPAdapter.from_pretrained(target, **options),
+            factory=_create,
             summary="IP-Adapter for SD1.5 and SDXL, prompted by reference images: "
             "IPAdapter.from_pretrained(unet, weights, image_encoder=..., scale=...)",
             targets=targets,
@@ -35,52 +48,27 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
     )
 
 
-def _apply(model: Any, values: list[str]) -> None:
-    from refiners_ip_adapter.cli import apply_ip_adapter_option
-
-    apply_ip_adapter_option(model, values)
-
-
-def _validate(values: list[str]) -> None:
-    from refiners_ip_adapter.cli import validate_ip_adapter_option
-
-    validate_ip_adapter_option(values)
-
-
-def _apply_encoder(model: Any, values: list[str]) -> None:
-    from refiners_ip_adapter.cli import apply_encoder_option
-
-    apply_encoder_option(model, values)
-
-
-def _validate_encoder(values: list[str]) -> None:
-    from refiners_ip_adapter.cli import validate_encoder_option
-
-    validate_encoder_option(values)
-
-
 @hookimpl
 def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
-    from refiners_ip_adapter.cli import ENCODER_HELP, OPTION_HELP, OPTION_METAVAR
-
+    options = "refiners_ip_adapter.cli"
     models = ("sd15", "sdxl")
     register(
         GenerateOptionSpec(
             flag="--ip-adapter-encoder",
-            apply=_apply_encoder,
+            apply=Reference(f"{options}:apply_encoder_option"),
             help=ENCODER_HELP,
             metavar="FOLDER",
             models=models,
-            validate=_validate_encoder,
+            validate=Reference(f"{options}:validate_encoder_option"),
         )
     )
     register(
         GenerateOptionSpec(
             flag="--ip-adapter",
-            apply=_apply,
+            apply=Reference(f"{options}:apply_ip_adapter_option"),
             help=OPTION_HELP,
             metavar=OPTION_METAVAR,
             models=models,
-            validate=_validate,
+            validate=Reference(f"{options}:validate_ip_adapter_option"),
         )
     )

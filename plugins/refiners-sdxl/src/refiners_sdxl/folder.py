@@ -15,6 +15,7 @@ from refiners_sd15.clip import (
 )
 from refiners_sd15.loading import PathOrRepoId, read_component_config, read_json_object
 from refiners_sd15.unet import UNetConfig
+from refiners_sdxl.generation_defaults import SCHEDULER_DEFAULTS
 from refiners_sdxl.tokenizer_config import read_clip_tokenizer
 from refiners_sdxl.unet import SDXL_UNET_FORMAT
 
@@ -26,18 +27,6 @@ TIME_IDS = 6
 REFINER_TIME_IDS = 5
 """The refiner's micro-conditioning: original size and crop top-left, as (height, width) pairs, and the aesthetic
 score."""
-
-SCHEDULER_DEFAULTS: dict[str, Any] = {
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "noise_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
-}
-"""The solver settings of SDXL's published `scheduler/scheduler_config.json` (an EulerDiscreteScheduler), for a
-folder without one."""
 
 _DIFFUSERS_SCHEDULER_DEFAULTS: dict[str, Any] = {
     "timestep_spacing": "linspace",

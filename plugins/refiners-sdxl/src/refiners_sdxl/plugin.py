@@ -11,31 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from refiners_core.plugins import ModelSpec, hookimpl
+from refiners_core.plugins import ModelSpec, Reference, hookimpl
+from refiners_sdxl.generation_defaults import SCHEDULER_DEFAULTS, SDXL_DEFAULT_GUIDANCE, SDXL_DEFAULT_SIZE
 
 
 @hookimpl
 def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
-    from refiners_sdxl.folder import SCHEDULER_DEFAULTS
-    from refiners_sdxl.generation import (
-        SDXL_DEFAULT_GUIDANCE,
-        SDXL_DEFAULT_SIZE,
-        detect_sdxl,
-        detect_sdxl_refiner,
-        generate_sdxl,
-    )
-    from refiners_sdxl.model import StableDiffusion_XL
-    from refiners_sdxl.refiner import StableDiffusion_XL_Refiner
-
     register(
         ModelSpec(
             name="sdxl",
-            loader=StableDiffusion_XL.from_pretrained,
+            loader=Reference("refiners_sdxl.model:StableDiffusion_XL.from_pretrained"),
             summary="Stable Diffusion XL (base): StableDiffusion_XL.from_pretrained(diffusers folder, hub id or "
             "single file)",
-            detect=detect_sdxl,
+            detect=Reference("refiners_sdxl.generation:detect_sdxl"),
             default_size=SDXL_DEFAULT_SIZE,
-            generate=generate_sdxl,
+            generate=Reference("refiners_sdxl.generation:generate_sdxl"),
             default_guidance=SDXL_DEFAULT_GUIDANCE,
             solver_defaults=SCHEDULER_DEFAULTS,
             refiner="sdxl-refiner",
@@ -44,10 +34,10 @@ def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
     register(
         ModelSpec(
             name="sdxl-refiner",
-            loader=StableDiffusion_XL_Refiner.from_pretrained,
+            loader=Reference("refiners_sdxl.refiner:StableDiffusion_XL_Refiner.from_pretrained"),
             summary="Stable Diffusion XL refiner, run after sdxl (refiners generate --refiner): "
             "StableDiffusion_XL_Refiner.from_pretrained(diffusers folder or hub id)",
-            detect=detect_sdxl_refiner,
+            detect=Reference("refiners_sdxl.generation:detect_sdxl_refiner"),
             solver_defaults=SCHEDULER_DEFAULTS,
         )
     )

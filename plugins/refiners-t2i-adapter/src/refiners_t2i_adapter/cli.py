@@ -10,14 +10,8 @@ from PIL import Image
 
 from refiners_sd15.adapter_options import check_diffusers_source, check_image_header, split_adapter_value
 from refiners_t2i_adapter.adapter import T2IAdapter
+from refiners_t2i_adapter.plugin import FLAG, OPTION_METAVAR
 
-FLAG = "--t2i-adapter"
-OPTION_HELP = (
-    "steer the generation with a T2I-Adapter (a diffusers T2IAdapter folder or hub id) and its condition image "
-    "(resized to the generated size), with an optional scale (default 1.0); repeat the option for several "
-    "adapters, whose features add up"
-)
-OPTION_METAVAR = "FOLDER:IMAGE[:SCALE]"
 WEIGHTS_STEM = "diffusion_pytorch_model"
 """The name of a diffusers T2I-Adapter folder's weight files (before `.safetensors` or `.bin`)."""
 

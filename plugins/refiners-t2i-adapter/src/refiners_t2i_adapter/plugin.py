@@ -1,61 +1,49 @@
 """refiners-t2i-adapter's plugin module, registered under the `refiners` entry point group.
 
-Heavy imports (torch, the model) happen in the hooks and in the option's `apply`, not when the module is imported.
+It registers the `t2i_adapter` adapter and the `--t2i-adapter` option of `refiners generate`. Nothing is imported
+here but refiners_core.plugins: the references are imported on first use, so the plugin registers without torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
-from typing import Any
 
-from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, hookimpl
+from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, Reference, hookimpl
+
+FLAG = "--t2i-adapter"
+OPTION_HELP = (
+    "steer the generation with a T2I-Adapter (a diffusers T2IAdapter folder or hub id) and its condition image "
+    "(resized to the generated size), with an optional scale (default 1.0); repeat the option for several "
+    "adapters, whose features add up"
+)
+OPTION_METAVAR = "FOLDER:IMAGE[:SCALE]"
 
 
 @hookimpl
 def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
-    from refiners_sd15.unet import SD1UNet
-    from refiners_t2i_adapter.adapter import T2IAdapter
-
-    targets: tuple[type, ...] = (SD1UNet,)
-    try:  # SDXL's UNet, when refiners-sdxl is installed (the `sdxl` extra)
-        from refiners_sdxl import SDXLUNet
-    except ImportError:
-        pass
-    else:
-        targets += (SDXLUNet,)
+    targets = (Reference("refiners_sd15.unet:SD1UNet"),)
+    if importlib.util.find_spec("refiners_sdxl") is not None:  # SDXL's UNet, with the `sdxl` extra
+        targets += (Reference("refiners_sdxl.unet:SDXLUNet"),)
     register(
         AdapterSpec(
             name="t2i_adapter",
-            factory=T2IAdapter,
+            factory=Reference("refiners_t2i_adapter.adapter:T2IAdapter"),
             summary="T2I-Adapter for SD1.5 and SDXL, steered by a condition image: T2IAdapter(unet, model, scale)",
             targets=targets,
         )
     )
 
 
-def _apply(model: Any, values: list[str]) -> None:
-    from refiners_t2i_adapter.cli import apply_t2i_adapter_option
-
-    apply_t2i_adapter_option(model, values)
-
-
-def _validate(values: list[str]) -> None:
-    from refiners_t2i_adapter.cli import validate_t2i_adapter_option
-
-    validate_t2i_adapter_option(values)
-
-
 @hookimpl
 def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
-    from refiners_t2i_adapter.cli import FLAG, OPTION_HELP, OPTION_METAVAR
-
     register(
         GenerateOptionSpec(
             flag=FLAG,
-            apply=_apply,
+            apply=Reference("refiners_t2i_adapter.cli:apply_t2i_adapter_option"),
             help=OPTION_HELP,
             metavar=OPTION_METAVAR,
             models=("sd15", "sdxl"),
-            validate=_validate,
+            validate=Reference("refiners_t2i_adapter.cli:validate_t2i_adapter_option"),
         )
     )

@@ -10,13 +10,6 @@ from refiners_textual_inversion.adapter import TextualInversionAdapter
 from refiners_textual_inversion.files import SDXLEmbedding, read_any_embedding
 from refiners_textual_inversion.sdxl import SDXLTextualInversion
 
-EMBEDDING_METAVAR = "FILE[:TOKEN]"
-EMBEDDING_HELP = (
-    "add a textual inversion embedding (A1111 .pt/.safetensors or diffusers learned_embeds; for SDXL a file with "
-    "clip_l and clip_g tensors) to the text encoder(s); TOKEN, written in the prompt, defaults to the name the file "
-    "gives; repeatable"
-)
-
 
 def parse_embedding_value(value: str) -> tuple[str, str | None]:
     """`(file, token)` from `FILE` or `FILE:TOKEN`, split at the last `:`.

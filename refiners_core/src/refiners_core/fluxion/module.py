@@ -6,7 +6,7 @@ import copy
 import enum
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ class Module(nn.Module):
     _parents: ParentLinks
     _init_args: tuple[tuple[Any, ...], dict[str, Any]]
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         # The constructor's arguments are recorded for `short_repr` (numbers, strings and the like only, so that a
         # layer keeps no reference to the tensors or layers it was built from).
         layer = super().__new__(cls)

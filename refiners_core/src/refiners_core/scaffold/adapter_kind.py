@@ -72,20 +72,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from refiners_core.plugins import AdapterSpec, hookimpl
+from refiners_core.plugins import AdapterSpec, Reference, hookimpl
 
 
 @hookimpl
 def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
-    import refiners_core.fluxion as fl
-
-    from $package.adapter import $Class
-
+    # References ("module:attribute") are imported on first use: registering imports neither torch nor the adapter.
     spec = AdapterSpec(
         name="$name",
-        factory=$Class,
+        factory=Reference("$package.adapter:$Class"),
         summary="$summary",
-        targets=(fl.Linear,),
+        targets=(Reference("refiners_core.fluxion:Linear"),),
     )
     register(spec)
 '''
@@ -97,7 +94,7 @@ from __future__ import annotations
 
 import refiners_core.fluxion as fl
 import torch
-from refiners_core.plugins import registry
+from refiners_core.plugins import registry, resolve
 from refiners_core.testing import check_adapter
 
 from $package import $Class
@@ -143,7 +140,7 @@ def test_the_adapter_changes_the_output_and_its_scale_matters() -> None:
 def test_refiners_finds_the_adapter() -> None:
     spec = registry(reload=True).adapters["$name"]
 
-    assert spec.factory is $Class
+    assert resolve(spec.factory) is $Class
 '''
 
 MODULE = "adapter"

@@ -73,9 +73,23 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 '''
 
-INIT = '''"""$summary."""
+INIT = '''"""$summary.
 
-from $package.$module import $exports
+Its names are imported on first use, so that refiners loads the plugin module without importing torch.
+"""
+
+from typing import TYPE_CHECKING
+
+from refiners_core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from $package.$module import $exports
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+$lazy    },
+)
 
 __all__ = [$all]
 '''

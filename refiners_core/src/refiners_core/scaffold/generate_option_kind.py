@@ -18,9 +18,7 @@ import math
 import refiners_core.fluxion as fl
 from refiners_core.fluxion.adapters import Adapter
 
-FLAG = "--$name"
-HELP = "multiply the predicted noise by FACTOR (0 < FACTOR <= 4; repeated: the factors multiply)"
-METAVAR = "FACTOR"
+from $package.plugin import FLAG
 
 
 class ${Class}Adapter(fl.Chain, Adapter[fl.Conv2d]):
@@ -65,28 +63,26 @@ PLUGIN = '''\
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from refiners_core.plugins import GenerateOptionSpec, hookimpl
+from refiners_core.plugins import GenerateOptionSpec, Reference, hookimpl
 
-
-def _apply(model: Any, values: list[str]) -> None:
-    from $package.option import apply
-
-    apply(model, values)
-
-
-def _validate(values: list[str]) -> None:
-    from $package.option import validate
-
-    validate(values)
+FLAG = "--$name"
+HELP = "multiply the predicted noise by FACTOR (0 < FACTOR <= 4; repeated: the factors multiply)"
+METAVAR = "FACTOR"
 
 
 @hookimpl
 def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], None]) -> None:
-    from $package.option import FLAG, HELP, METAVAR
-
-    register(GenerateOptionSpec(flag=FLAG, apply=_apply, help=HELP, metavar=METAVAR, validate=_validate))
+    # References ("module:attribute") are imported on first use: registering imports neither torch nor the option.
+    register(
+        GenerateOptionSpec(
+            flag=FLAG,
+            apply=Reference("$package.option:apply"),
+            help=HELP,
+            metavar=METAVAR,
+            validate=Reference("$package.option:validate"),
+        )
+    )
 '''
 
 TESTS = '''\

@@ -90,14 +90,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from refiners_core.plugins import ModelSpec, hookimpl
+from refiners_core.plugins import ModelSpec, Reference, hookimpl
 
 
 @hookimpl
 def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
-    from $package.model import load_${package}
-
-    register(ModelSpec(name="$name", loader=load_${package}, summary="$summary"))
+    # A reference ("module:attribute") is imported on first use: registering imports neither torch nor the model.
+    register(
+        ModelSpec(
+            name="$name",
+            loader=Reference("$package.model:load_${package}"),
+            summary="$summary",
+        )
+    )
 '''
 
 TESTS = '''\

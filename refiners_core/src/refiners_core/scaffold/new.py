@@ -118,6 +118,7 @@ def _render(names: PluginNames, kind: str) -> dict[str, str]:
     exports = [Template(export).substitute(values) for export in templates.EXPORTS]
     values["exports"] = ", ".join(exports)
     values["all"] = ", ".join(f'"{export}"' for export in sorted(exports))
+    values["lazy"] = "".join(f'        "{export}": "{names.package}.{templates.MODULE}",\n' for export in exports)
     source = f"src/{names.package}"
     files = {
         "pyproject.toml": common.PYPROJECT,

@@ -16,12 +16,13 @@ class $Class(Solver):
     """`$Class(num_inference_steps=N)`; the noise schedule and timestep spacing come from `Solver` (and the
     model's scheduler config once set on a model)."""
 
-    def step(self, x: torch.Tensor, predicted_noise: torch.Tensor, step: int) -> torch.Tensor:
+    def step(self, x: torch.Tensor, model_output: torch.Tensor, step: int) -> torch.Tensor:
         alpha = self._alpha(step)
         last = step + 1 >= self.num_inference_steps
         alpha_next = torch.ones_like(alpha) if last else self._alpha(step + 1)
-        predicted_clean = (x - (1 - alpha).sqrt() * predicted_noise) / alpha.sqrt()
-        return (alpha_next.sqrt() * predicted_clean + (1 - alpha_next).sqrt() * predicted_noise).to(x.dtype)
+        # What the model predicted, read as the solver's `prediction_type` says (the noise by default).
+        clean, noise = self.clean_and_noise(x.double(), model_output.double(), alpha.sqrt(), (1 - alpha).sqrt())
+        return (alpha_next.sqrt() * clean + (1 - alpha_next).sqrt() * noise).to(x.dtype)
 
     def add_noise(self, x: torch.Tensor, noise: torch.Tensor, step: int) -> torch.Tensor:
         alpha = self._alpha(step).to(x.dtype)
@@ -38,14 +39,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from refiners_core.plugins import SolverSpec, hookimpl
+from refiners_core.plugins import Reference, SolverSpec, hookimpl
 
 
 @hookimpl
 def refiners_register_solvers(register: Callable[[SolverSpec], None]) -> None:
-    from $package.solver import $Class
-
-    register(SolverSpec(name="$name", factory=$Class, summary="$summary"))
+    # A reference ("module:attribute") is imported on first use: registering imports neither torch nor the solver.
+    register(
+        SolverSpec(
+            name="$name",
+            factory=Reference("$package.solver:$Class"),
+            summary="$summary",
+        )
+    )
 '''
 
 TESTS = '''\

@@ -12,9 +12,9 @@ is installed. The names that need torch are imported on first use, so the pytest
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from refiners_core.lazy import lazy_exports
 from refiners_core.testing.distributions import FakeDistributions
 
 if TYPE_CHECKING:
@@ -33,11 +33,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'refiners_core.testing' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

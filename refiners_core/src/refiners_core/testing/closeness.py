@@ -23,15 +23,23 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_relative_close(
-    actual: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4, *, what: str = "output"
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    tolerance: float = 1e-4,
+    *,
+    what: str = "output",
+    allow_zero: bool = False,
 ) -> None:
     """Assert `relative_error(actual, expected) <= tolerance` and that `actual` is finite.
 
     The message names `what`, the error, the tolerance and the magnitudes, so a failing parity test says by how
-    much it failed. A NaN or infinity in `actual` fails even where `expected` has one too.
+    much it failed. A NaN or infinity in `actual` fails even where `expected` has one too, and so does an `expected`
+    that is all zeros (the comparison would prove little) unless `allow_zero`.
     """
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    if not allow_zero and not bool(expected.detach().ne(0).any()):
+        raise AssertionError(f"{what}: the expected tensor is all zeros; pass allow_zero=True if that is the point")
     if not bool(torch.isfinite(actual).all()):
         raise AssertionError(f"{what}: holds NaN or infinite values")
     error = relative_error(actual, expected)
