@@ -9,31 +9,9 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
 
 from refiners_controlnet import ControlNet
+from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import SD1UNet
 from refiners_sdxl.testing import SDXL_BASE_UNET_CONFIG, SMALL_UNET
-
-# runwayml/stable-diffusion-v1-5, unet/config.json
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "_class_name": "UNet2DConditionModel",
-    "_diffusers_version": "0.6.0",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 
 # lllyasviel/control_v11p_sd15_canny, config.json (the ControlNet 1.1 models all share it)
 SD15_CONTROLNET_CONFIG: dict[str, Any] = {
