@@ -1,4 +1,5 @@
-"""`LoraAdapter` keeps every promise of an adapter (`refiners_core.testing.check_adapter`) on a small SD1.5 UNet."""
+"""`LoraAdapter` keeps every promise of an adapter (`refiners_core.testing.check_adapter`), on Linear and Conv2d
+targets, stacked and not."""
 
 from __future__ import annotations
 
@@ -7,31 +8,34 @@ import torch
 import refiners_core.fluxion as fl
 from refiners_core.testing import check_adapter
 from refiners_lora import LoraAdapter
-from refiners_sd15.testing import small_unet_config
-from refiners_sd15.unet import SD1UNet
+
+INPUTS = (torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)),)
 
 
-def unet() -> SD1UNet:
+def model() -> fl.Chain:
     torch.manual_seed(0)
-    return SD1UNet(small_unet_config()).eval()
+    return fl.Chain(
+        fl.Conv2d(3, 8, 3, padding=1),
+        fl.SiLU(),
+        fl.Conv2d(8, 8, 1),
+        fl.Flatten(1),
+        fl.Linear(8 * 4 * 4, 16),
+        fl.SiLU(),
+        fl.Linear(16, 5),
+    ).eval()
 
 
-GENERATOR = torch.Generator().manual_seed(1)
-LATENTS = torch.randn(2, 4, 8, 8, generator=GENERATOR)
-TEXT = torch.randn(2, 7, 32, generator=GENERATOR)
-
-
-def run(model: fl.Chain) -> torch.Tensor:
-    dtype = next(model.parameters()).dtype
-    model.set_context("diffusion", {"timestep": torch.tensor([500]), "clip_text_embedding": TEXT.to(dtype)})
-    return model(LATENTS)
-
-
-def loras(model: fl.Chain) -> list[LoraAdapter]:
-    """Random LoRAs (up weights not zero, so they change the output) on a Linear, a Conv2d and a stacked pair."""
+def loras(on: fl.Chain) -> list[LoraAdapter]:
+    """Random LoRAs (up weights not zero, so they change the output) on a 3x3 and a 1x1 Conv2d, a Linear, and a
+    second LoRA stacked on that Linear."""
     generator = torch.Generator().manual_seed(2)
-    linears, convolutions = list(model.layers(fl.Linear)), list(model.layers(fl.Conv2d))
-    adapters = [LoraAdapter(linears[3], rank=2), LoraAdapter(convolutions[2], rank=3), LoraAdapter(linears[5], rank=2)]
+    convolutions, linears = list(on.layers(fl.Conv2d)), list(on.layers(fl.Linear))
+    adapters = [
+        LoraAdapter(convolutions[0], rank=2),
+        LoraAdapter(convolutions[1], rank=3),
+        LoraAdapter(linears[0], rank=2),
+        LoraAdapter(linears[0], rank=4),  # built before the first is injected: both stack on the same Linear
+    ]
     for adapter in adapters:
         with torch.no_grad():
             adapter.lora.up.weight.normal_(generator=generator)
@@ -39,14 +43,14 @@ def loras(model: fl.Chain) -> list[LoraAdapter]:
 
 
 def test_lora_adapters_keep_every_adapter_promise() -> None:
-    model = unet()
+    chain = model()
 
     report = check_adapter(
         loras,
-        model,
-        run,
-        wrong_target=lambda m: LoraAdapter(m.ensure_find(fl.GroupNorm), rank=2),  # type: ignore[arg-type]
-        wrong_target_names=f"not GroupNorm at `{model.ensure_find(fl.GroupNorm).get_path()}`",
+        chain,
+        INPUTS,
+        wrong_target=lambda on: LoraAdapter(on.ensure_find(fl.SiLU), rank=2),  # type: ignore[arg-type]
+        wrong_target_names=f"not SiLU at `{chain.ensure_find(fl.SiLU).get_path()}`",
     )
 
     assert "eject restores the model" in report.checked
