@@ -124,7 +124,7 @@ def test_the_option_injects_one_adapter_per_value_and_a_bad_value_leaves_the_mod
         apply(SimpleNamespace(unet=None), [f"{files.weights}:{files.image}"])
     assert repr(model.unet) == layers
     apply(model, [f"{files.weights}:{files.image}:0.5", f"{files.weights}:{files.image}"])
-    assert len(list(model.unet.layers(ImageCrossAttention))) == 2 * len(text_cross_attentions(model.unet))
+    assert len(list(model.unet.layers(ImageCrossAttention, recurse=True))) == 2 * len(text_cross_attentions(model.unet))
 
 
 def test_option_values_are_validated_before_the_model_is_loaded(files: SimpleNamespace, tmp_path: Path) -> None:
