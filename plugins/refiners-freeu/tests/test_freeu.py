@@ -18,30 +18,11 @@ from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImpor
 import refiners_core.fluxion as fl
 from refiners_core.state_dicts import load_state_dict_checked
 from refiners_freeu import SD15_SCALES, FourierFilter, FreeU, FreeUAdapter
+from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UpBlocks, diffusers_unet_mapping, unet_config_from_diffusers
 
 TOLERANCE = 1e-4
 
-# stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (the fields that shape the network).
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 # A small SD1-like UNet: three levels, cross-attention on the first two.
 SMALL_UNET_CONFIG: dict[str, Any] = {
     **SD15_UNET_CONFIG,
