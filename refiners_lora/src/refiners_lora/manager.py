@@ -6,7 +6,7 @@ import logging
 import math
 import numbers
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from weakref import WeakKeyDictionary
@@ -20,6 +20,7 @@ from refiners_core.module_names import ForeignModuleNames
 from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
 from refiners_lora.base_models import check_base_model
+from refiners_lora.block_weights import BlockScales, block_multipliers
 from refiners_lora.export import lora_state_dict
 from refiners_lora.formats import Format, ModuleLora, Role, parse_lora
 
@@ -34,7 +35,7 @@ class _Loaded:
 
     adapters: list[LoraAdapter]
     factors: list[float]
-    scale: float
+    scale: float | BlockScales
     paths: list[str]  # the layer path of each adapter's target, relative to the model
 
 
@@ -74,8 +75,8 @@ class LoraManager:
         """Whether the LoRAs are baked into the model's weights."""
         return self._state.fused_weights is not None
 
-    def scale(self, name: str) -> float:
-        """The scale of LoRA `name`. Raises KeyError for an unknown name."""
+    def scale(self, name: str) -> float | BlockScales:
+        """The scale of LoRA `name` (per-block scales as given to `set_scale`). Raises KeyError for an unknown name."""
         return self._get(name).scale
 
     def add(self, name: str, path_or_state_dict: LoraSource, scale: float = 1.0, *, strict: bool = True) -> list[str]:
@@ -215,19 +216,26 @@ class LoraManager:
             raise FileNotFoundError(f"cannot save LoRA {name!r} to {path}: no folder {folder}")
         save_tensors(path, tensors, metadata={"format": "pt"})
 
-    def set_scale(self, name: str, scale: float) -> None:
+    def set_scale(self, name: str, scale: float | BlockScales) -> None:
         """Change the scale of LoRA `name`, without reading its file again.
 
-        Raises KeyError for an unknown name, TypeError if `scale` is not a number, ValueError if it is NaN or
-        infinite, RuntimeError while fused.
+        `scale` is a number, or per-block scales (`refiners_lora.block_weights`): a diffusers `set_adapters`
+        dictionary such as `{"unet": {"down": 0.5, "mid": 1.0, "up": [0.0, 1.0, 1.0]}, "text_encoder": 0.8}`, or an
+        A1111 "LoRA Block Weight" list (17 or 26 values for SD1.5, 12 or 20 for SDXL). Raises KeyError for an
+        unknown name, TypeError if a scale is not a number, ValueError if it is NaN or infinite or for a bad key or
+        length (naming it), RuntimeError while fused; on any error the scales are left as they were.
         """
         self._check_not_fused("set_scale")
         loaded = self._get(name)
-        _check_number(scale, "scale", f"LoRA {name!r}")
-        if not all(_fits_float32(scale * factor) for factor in loaded.factors):
+        if isinstance(scale, (Mapping, Sequence)):
+            multipliers = block_multipliers(self.model, loaded.paths, scale, f"LoRA {name!r}")
+        else:
+            _check_number(scale, "scale", f"LoRA {name!r}")
+            multipliers = [scale] * len(loaded.adapters)
+        if not all(_fits_float32(m * factor) for m, factor in zip(multipliers, loaded.factors, strict=True)):
             raise ValueError(f"LoRA {name!r}: scale {scale!r} times its alpha / rank is beyond float32")
-        for adapter, factor in zip(loaded.adapters, loaded.factors, strict=True):
-            adapter.scale = scale * factor
+        for adapter, multiplier, factor in zip(loaded.adapters, multipliers, loaded.factors, strict=True):
+            adapter.scale = multiplier * factor
         loaded.scale = scale
 
     def remove(self, name: str) -> None:
