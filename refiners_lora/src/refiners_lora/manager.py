@@ -23,6 +23,7 @@ from refiners_lora.base_models import check_base_model
 from refiners_lora.block_weights import BlockScales, block_multipliers
 from refiners_lora.export import lora_state_dict
 from refiners_lora.formats import Format, ModuleLora, Role, parse_lora
+from refiners_lora.hotswap import HotswapSlots, hotswap_layers
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class _Loaded:
 class _State:
     loras: dict[str, _Loaded] = field(default_factory=lambda: {})
     fused_weights: dict[LoraTarget, torch.Tensor] | None = None  # target -> its weight before fusing
+    hotswap: HotswapSlots | None = None  # the slots of `enable_hotswap`
 
 
 _STATES: WeakKeyDictionary[nn.Module, _State] = WeakKeyDictionary()
@@ -97,15 +99,7 @@ class LoraManager:
         self._check_not_fused("add")
         self._check_name(name)
         _check_number(scale, "scale", f"LoRA {name!r}")
-        metadata: dict[str, str] = {}
-        if isinstance(path_or_state_dict, dict):
-            source, tensors = f"LoRA state dict {name!r}", path_or_state_dict
-            for key, value in tensors.items():
-                if not isinstance(key, str) or not isinstance(value, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
-                    raise WeightsError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        else:
-            metadata = read_metadata(Path(path_or_state_dict))  # the header first: it may refuse the file early
-            source, tensors = str(path_or_state_dict), load_tensors(Path(path_or_state_dict))
+        source, tensors, metadata = _read(name, path_or_state_dict)
         plan, skipped = self._plan(tensors, source, strict=strict, metadata=metadata)
         factors = [_factor(lora) for _, _, lora in plan]
         for (_, _, lora), factor in zip(plan, factors, strict=True):
@@ -114,8 +108,14 @@ class LoraManager:
                     f"{source}: '{lora.keys['alpha']}' with scale {scale} gives the factor {scale * factor}, beyond "
                     "float32"
                 )
-        adapters = [_build(target, lora, scale) for _, target, lora in plan]
-        _inject_all(adapters)
+        hotswap = self._state.hotswap
+        if hotswap is not None:
+            adapters = hotswap.fill(name, hotswap.check(name, source, plan, replacing=False), plan)
+            for adapter, factor in zip(adapters, factors, strict=True):
+                adapter.scale = scale * factor
+        else:
+            adapters = [_build(target, lora, scale) for _, target, lora in plan]
+            _inject_all(adapters)
         self._state.loras[name] = _Loaded(adapters, factors, scale, [path for path, _, _ in plan])
         if skipped:
             logger.warning(
@@ -148,6 +148,8 @@ class LoraManager:
         left exactly as it was and `name` is not added.
         """
         self._check_not_fused("create")
+        if self._state.hotswap is not None:
+            raise RuntimeError(f"cannot create LoRA {name!r} while hot-swap is enabled: call disable_hotswap() first")
         self._check_name(name)
         if isinstance(rank, bool) or not isinstance(rank, int):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"LoRA {name!r}: rank must be an integer, got {rank!r}")
@@ -247,8 +249,80 @@ class LoraManager:
         """
         self._check_not_fused("remove")
         loaded = self._get(name)
-        _eject_all([adapter for adapter in loaded.adapters if adapter.is_injected], f"remove LoRA {name!r}")
+        hotswap = self._state.hotswap
+        if hotswap is not None:
+            hotswap.clear(hotswap.owners.index(name))
+        else:
+            _eject_all([adapter for adapter in loaded.adapters if adapter.is_injected], f"remove LoRA {name!r}")
         del self._state.loras[name]
+
+    def enable_hotswap(self, max_rank: int, max_loras: int, layers: Iterable[str] | None = None) -> None:
+        """Make room for up to `max_loras` LoRAs of rank up to `max_rank`, to add, remove and replace them in a
+        compiled model without recompiling it (`refiners_lora.hotswap`). Call it before `torch.compile`.
+
+        Every layer of `layers` (paths; default: every Linear and ungrouped Conv2d of the model) gets `max_loras`
+        empty slots, which cost their rank's compute at every step. From then on `add` fills a free slot, `remove`
+        empties one, `replace` swaps a slot's LoRA; `create` and `fuse` are refused until `disable_hotswap()`.
+        Raises TypeError or ValueError for a bad `max_rank` / `max_loras` (below 1), ValueError for a path with no
+        Linear or Conv2d (naming it), RuntimeError if LoRAs are loaded, hot-swap is already enabled, or fused.
+        """
+        if self.is_fused:
+            raise RuntimeError("cannot enable hot-swap while the LoRAs are fused: call unfuse() first")
+        for argument, value in (("max_rank", max_rank), ("max_loras", max_loras)):
+            if isinstance(value, bool) or not isinstance(value, int):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise TypeError(f"enable_hotswap: {argument} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"enable_hotswap: {argument} must be at least 1, got {value}")
+        if self._state.hotswap is not None:
+            raise RuntimeError("hot-swap is already enabled: call disable_hotswap() first to change its limits")
+        if self._state.loras:
+            raise RuntimeError(f"enable_hotswap() before adding LoRAs: remove {', '.join(map(repr, self.names))} first")
+        if layers is None:
+            targets = hotswap_layers(self.model)
+        else:
+            targets = []
+            for path in [layers] if isinstance(layers, str) else layers:
+                layer = _resolve(self.model, path)
+                if not isinstance(layer, (fl.Linear, fl.Conv2d)) or (
+                    isinstance(layer, fl.Conv2d) and layer.groups != 1
+                ):
+                    raise ValueError(f"enable_hotswap: {type(self.model).__name__} has no Linear or Conv2d at {path!r}")
+                targets.append(layer)
+        self._state.hotswap = HotswapSlots.inject(list(dict.fromkeys(targets)), max_rank, max_loras)
+
+    def disable_hotswap(self) -> None:
+        """Take the hot-swap slots out: the model is back as it was before `enable_hotswap`. Raises RuntimeError
+        while LoRAs are loaded. Does nothing if hot-swap is not enabled."""
+        if self._state.hotswap is None:
+            return
+        if self._state.loras:
+            raise RuntimeError(f"cannot disable hot-swap: remove {', '.join(map(repr, self.names))} first")
+        self._state.hotswap.eject()
+        self._state.hotswap = None
+
+    def replace(
+        self, name: str, path_or_state_dict: LoraSource, scale: float = 1.0, *, strict: bool = True
+    ) -> list[str]:
+        """Put another LoRA file in the hot-swap slot of LoRA `name`, keeping the name: in a compiled model, with no
+        recompilation. The new file is checked fully first (as `add` does): on any error LoRA `name` stays as it
+        was. Returns the skipped keys (see `add`). Raises what `add` raises, KeyError for an unknown name,
+        RuntimeError if hot-swap is not enabled.
+        """
+        hotswap = self._state.hotswap
+        if hotswap is None:
+            raise RuntimeError(f"cannot replace LoRA {name!r}: hot-swap is not enabled (see enable_hotswap)")
+        self._get(name)
+        _check_number(scale, "scale", f"LoRA {name!r}")
+        source, tensors, metadata = _read(name, path_or_state_dict)
+        plan, skipped = self._plan(tensors, source, strict=strict, metadata=metadata)
+        factors = [_factor(lora) for _, _, lora in plan]
+        if not all(_fits_float32(scale * factor) for factor in factors):
+            raise WeightsError(f"{source}: scale {scale} times its alpha / rank is beyond float32")
+        adapters = hotswap.fill(name, hotswap.check(name, source, plan, replacing=True), plan)
+        for adapter, factor in zip(adapters, factors, strict=True):
+            adapter.scale = scale * factor
+        self._state.loras[name] = _Loaded(adapters, factors, scale, [path for path, _, _ in plan])
+        return skipped
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -259,6 +333,8 @@ class LoraManager:
         """
         if self.is_fused:
             return
+        if self._state.hotswap is not None:
+            raise RuntimeError("cannot fuse while hot-swap is enabled: call disable_hotswap() first")
         adapters = self._adapters()
         ejected = next((adapter for adapter in adapters if not adapter.is_injected), None)
         if ejected is not None:
@@ -348,6 +424,18 @@ class LoraManager:
             hint = " (pass strict=False to load the others)" if plan else ""
             raise WeightsError(f"{source}: {len(unmatched)} key(s) match no layer of {model_name}{hint}: {shown}")
         return plan, unmatched
+
+
+def _read(name: str, path_or_state_dict: LoraSource) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """(source, tensors, metadata) of a LoRA file or state dict; raises WeightsError for a value that is no tensor."""
+    if isinstance(path_or_state_dict, dict):
+        source, tensors = f"LoRA state dict {name!r}", path_or_state_dict
+        for key, value in tensors.items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise WeightsError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        return source, tensors, {}
+    metadata = read_metadata(Path(path_or_state_dict))  # the header first: it may refuse the file early
+    return str(path_or_state_dict), load_tensors(Path(path_or_state_dict)), metadata
 
 
 def _inject_all(adapters: list[LoraAdapter]) -> None:
