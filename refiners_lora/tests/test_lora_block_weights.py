@@ -105,7 +105,7 @@ def test_a_block_weight_list_in_full_or_short_form() -> None:
         ({"text_encoder": {"down": 1.0}}, TypeError, "text_encoder must be a number"),
         ([1.0] * 8, ValueError, r"a block-weight list of 8 values; this model takes 7 \(BASE, .*\) or 10"),
         ([1.0] * 9 + [float("inf")], ValueError, r"block weight OUT02 \(position 9\) must be a finite number"),
-        ("strong", TypeError, "scale must be a number, a dict or a list"),
+        ("strong", TypeError, "scale must be a number, got 'strong'"),
     ],
 )
 def test_bad_block_scales_are_refused_naming_the_key_and_nothing_changes(

@@ -57,7 +57,7 @@ def block_multipliers(model: nn.Module, paths: Sequence[str], scales: BlockScale
     if isinstance(scales, Mapping):
         resolve = _dictionary(cast(Mapping[str, Any], scales), blocks.values(), owner)
         return [resolve(block) for block in targets]
-    if isinstance(scales, str) or not isinstance(scales, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise TypeError(f"{owner}: scale must be a number, a dict or a list of numbers, got {scales!r}")
     return _block_weight_list(list(scales), blocks.values(), paths, targets, owner)
 

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 from weakref import WeakKeyDictionary
 
 import torch
@@ -229,11 +230,11 @@ class LoraManager:
         """
         self._check_not_fused("set_scale")
         loaded = self._get(name)
-        if isinstance(scale, (Mapping, Sequence)):
+        if isinstance(scale, Mapping) or (isinstance(scale, Sequence) and not isinstance(scale, (str, bytes))):
             multipliers = block_multipliers(self.model, loaded.paths, scale, f"LoRA {name!r}")
         else:
             _check_number(scale, "scale", f"LoRA {name!r}")
-            multipliers = [scale] * len(loaded.adapters)
+            multipliers = [float(cast(float, scale))] * len(loaded.adapters)
         if not all(_fits_float32(m * factor) for m, factor in zip(multipliers, loaded.factors, strict=True)):
             raise ValueError(f"LoRA {name!r}: scale {scale!r} times its alpha / rank is beyond float32")
         for adapter, multiplier, factor in zip(loaded.adapters, multipliers, loaded.factors, strict=True):
