@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import numbers
@@ -62,6 +63,8 @@ class LoraManager:
     works on any model. `state_dict` and `save` write a LoRA in any of the three formats.
 
     While the LoRAs are fused (`fuse()`), `add`, `remove` and `set_scale` raise RuntimeError: call `unfuse()` first.
+    `set_scale` also takes per-block scales (`refiners_lora.block_weights`); `enable_hotswap` makes room for LoRAs to
+    come and go in a compiled model without recompiling it (`refiners_lora.hotswap`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -239,7 +242,7 @@ class LoraManager:
             raise ValueError(f"LoRA {name!r}: scale {scale!r} times its alpha / rank is beyond float32")
         for adapter, multiplier, factor in zip(loaded.adapters, multipliers, loaded.factors, strict=True):
             adapter.scale = multiplier * factor
-        loaded.scale = scale
+        loaded.scale = copy.deepcopy(scale)  # the caller's dict may change afterwards
 
     def remove(self, name: str) -> None:
         """Take LoRA `name` out: the layers it patched are back, with their weights untouched.
