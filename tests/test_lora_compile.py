@@ -7,7 +7,9 @@ within 1e-6 of max |eager|. A small UNet goes through the code paths of SD1.5; L
 (attention projections, feed-forward, time embedding) and its convolutions (LoCon, 1x1 and 3x3 kernels), a second
 LoRA stacks on the linear layers. The
 published SD1.5 UNet with a LoRA on every such layer, checked by hand with `torch._dynamo.explain`, also gives one
-graph and 0 graph breaks.
+graph and 0 graph breaks. With hot-swap slots declared before compiling (`LoraManager.enable_hotswap`), adding,
+removing and replacing LoRAs runs under `fail_on_recompile` too (checked by hand with the default inductor backend
+on a small Chain as well).
 """
 
 from __future__ import annotations
