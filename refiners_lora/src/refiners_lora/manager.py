@@ -20,19 +20,24 @@ from refiners_core.module_names import ForeignModuleNames
 from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
 from refiners_lora.base_models import check_base_model
+from refiners_lora.delta_adapter import DeltaAdapter, snapshot_biases
 from refiners_lora.export import lora_state_dict
+from refiners_lora.families import Recognized, UnsupportedLora, delta_shape, dora, recognize
 from refiners_lora.formats import Format, ModuleLora, Role, parse_lora
 
 logger = logging.getLogger(__name__)
 
 LoraSource = str | os.PathLike[str] | dict[str, torch.Tensor]
+AnyAdapter = LoraAdapter | DeltaAdapter
+"""A plain LoRA's adapter, or a LyCORIS / DoRA one (`refiners_lora.delta_adapter`)."""
+_PLAIN_ROLES = {"down", "up", "alpha"}
 
 
 @dataclass
 class _Loaded:
     """One named LoRA: its adapters (in injection order), each with its alpha / rank, and the user's scale."""
 
-    adapters: list[LoraAdapter]
+    adapters: list[AnyAdapter]
     factors: list[float]
     scale: float
     paths: list[str]  # the layer path of each adapter's target, relative to the model
@@ -42,6 +47,7 @@ class _Loaded:
 class _State:
     loras: dict[str, _Loaded] = field(default_factory=lambda: {})
     fused_weights: dict[LoraTarget, torch.Tensor] | None = None  # target -> its weight before fusing
+    fused_biases: dict[LoraTarget, torch.Tensor] = field(default_factory=lambda: {})  # the biases full diffs change
 
 
 _STATES: WeakKeyDictionary[nn.Module, _State] = WeakKeyDictionary()
@@ -182,8 +188,8 @@ class LoraManager:
             down = adapter.lora.down
             assert isinstance(down, (fl.Linear, fl.Conv2d))
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-        _inject_all(adapters)
-        self._state.loras[name] = _Loaded(adapters, [factor] * len(adapters), scale, paths)
+        _inject_all(list(adapters))
+        self._state.loras[name] = _Loaded(list(adapters), [factor] * len(adapters), scale, paths)
         return dict(zip(paths, adapters, strict=True))
 
     def state_dict(self, name: str, format: Format = "refiners") -> dict[str, torch.Tensor]:
@@ -198,7 +204,14 @@ class LoraManager:
         path).
         """
         loaded = self._get(name)
-        adapters = list(zip(loaded.paths, loaded.adapters, loaded.factors, strict=True))
+        lycoris = next((adapter for adapter in loaded.adapters if isinstance(adapter, DeltaAdapter)), None)
+        if lycoris is not None:
+            raise ValueError(
+                f"cannot write LoRA {name!r}: its update of `{lycoris.target.get_path()}` is a "
+                f"{lycoris.delta.recognized.description}, and only plain LoRAs are written"
+            )
+        plain = [adapter for adapter in loaded.adapters if isinstance(adapter, LoraAdapter)]
+        adapters = list(zip(loaded.paths, plain, loaded.factors, strict=True))
         return lora_state_dict(self.model, adapters, format, name)
 
     def save(self, name: str, path: str | os.PathLike[str], format: Format = "refiners") -> None:
@@ -260,11 +273,18 @@ class LoraManager:
                 f"inject it again or remove({loaded!r}) first"
             )
         saved = _snapshot(list(dict.fromkeys(adapter.target for adapter in adapters)))
+        biases = snapshot_biases(list(adapters))
         for adapter in adapters:
-            adapter.target.weight.add_(_delta(adapter))
+            target = adapter.target
+            if isinstance(adapter, DeltaAdapter):  # from the weight before fusing, as unfused (DoRA depends on it)
+                target.weight.add_(adapter.weight_delta(saved[target]))
+                if (bias := adapter.delta.bias(target.bias)) is not None and target.bias is not None:
+                    target.bias.add_(bias)
+            else:
+                target.weight.add_(_delta(adapter))
         for adapter in reversed(adapters):
             adapter.eject()
-        self._state.fused_weights = saved
+        self._state.fused_weights, self._state.fused_biases = saved, biases
 
     @torch.no_grad()
     def unfuse(self) -> None:
@@ -274,11 +294,14 @@ class LoraManager:
             return
         for target, weight in saved.items():
             target.weight.copy_(weight)
+        for target, bias in self._state.fused_biases.items():
+            assert target.bias is not None
+            target.bias.copy_(bias)
         for adapter in self._adapters():
             adapter.inject()
-        self._state.fused_weights = None
+        self._state.fused_weights, self._state.fused_biases = None, {}
 
-    def _adapters(self) -> list[LoraAdapter]:
+    def _adapters(self) -> list[AnyAdapter]:
         return [adapter for loaded in self._state.loras.values() for adapter in loaded.adapters]
 
     def _get(self, name: str) -> _Loaded:
@@ -342,9 +365,9 @@ class LoraManager:
         return plan, unmatched
 
 
-def _inject_all(adapters: list[LoraAdapter]) -> None:
+def _inject_all(adapters: list[AnyAdapter]) -> None:
     """Inject every adapter, or none: on an error, the ones already in are taken out again."""
-    injected: list[LoraAdapter] = []
+    injected: list[AnyAdapter] = []
     try:
         for adapter in adapters:
             injected.append(adapter.inject())
@@ -354,9 +377,9 @@ def _inject_all(adapters: list[LoraAdapter]) -> None:
         raise
 
 
-def _eject_all(adapters: list[LoraAdapter], action: str) -> None:
+def _eject_all(adapters: list[AnyAdapter], action: str) -> None:
     """Eject every adapter (last first), or none: on an error, the ones already out are injected again."""
-    ejected: list[tuple[LoraAdapter, fl.Chain | None]] = []
+    ejected: list[tuple[AnyAdapter, fl.Chain | None]] = []
     try:
         for adapter in reversed(adapters):
             parent = adapter.parent
@@ -381,8 +404,12 @@ def _fits_float32(value: float) -> bool:
     return math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max
 
 
-def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> LoraAdapter:
-    """An adapter on `target` holding the file's down and up weights (reshaped, converted to the target's dtype)."""
+def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> AnyAdapter:
+    """An adapter on `target` holding the file's down and up weights (reshaped, converted to the target's dtype), or
+    for a LyCORIS / DoRA module, its tensors as the file gives them."""
+    if not lora.tensors.keys() <= _PLAIN_ROLES:
+        recognized = recognize(lora.tensors, lora.keys)
+        return DeltaAdapter(target, recognized, lora.tensors, scale * recognized.outer_factor)
     down, up = lora.tensors["down"], lora.tensors["up"]
     adapter = LoraAdapter(target, rank=down.shape[0], scale=scale * _factor(lora))
     with torch.no_grad():
@@ -411,6 +438,12 @@ def _unwrap(layer: nn.Module) -> nn.Module:
 
 def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None:
     """Raise WeightsError unless `lora`'s down, up and alpha fit `layer` (1x1 kernels and linear weights mix)."""
+    if not lora.tensors.keys() <= _PLAIN_ROLES:
+        try:
+            _check_family(layer, lora, recognize(lora.tensors, lora.keys), where, source)
+        except UnsupportedLora as error:
+            raise WeightsError(f"{source}: {error} (for layer {where})") from None
+        return
     for role in ("down", "up"):
         if role not in lora.tensors:
             present = next(iter(lora.keys.values()))
@@ -452,6 +485,33 @@ def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None
             raise WeightsError(f"{source}: '{key}' is {alpha.item()}, not a finite alpha")
 
 
+def _check_family(layer: LoraTarget, lora: ModuleLora, recognized: Recognized, where: str, source: str) -> None:
+    """Raise UnsupportedLora (WeightsError for non-finite weights) unless a LyCORIS / DoRA module fits `layer`."""
+    check_weights({lora.keys[role]: t for role, t in lora.tensors.items() if role != "alpha"}, source=source)
+    first, weight = lora.keys[min(lora.tensors.keys() - {"alpha"})], layer.weight
+    if isinstance(layer, fl.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
+        raise UnsupportedLora(f"'{first}' targets a grouped or not zero-padded convolution: not supported")
+    found, expected = tuple(delta_shape(recognized, lora.tensors, lora.keys)), tuple(weight.shape)
+    fits = found[:1] == expected[:1] and math.prod(found[1:]) == math.prod(expected[1:])
+    if not fits or (len(found) > 2 and _squeezed(found) != _squeezed(expected)):
+        raise UnsupportedLora(
+            f"'{first}' and the keys beside it make a {recognized.description} update of shape {found}, but the "
+            f"layer's weight has shape {expected}"
+        )
+    if "dora_scale" in lora.tensors and dora.per_output(lora.tensors["dora_scale"], expected) is None:
+        shape = tuple(lora.tensors["dora_scale"].shape)
+        raise UnsupportedLora(
+            f"'{lora.keys['dora_scale']}' has shape {shape}: a DoRA magnitude has one value per output ({expected[0]}) "
+            f"or per input ({expected[1]}) channel"
+        )
+    if "diff_b" in lora.tensors:
+        if layer.bias is None:
+            raise UnsupportedLora(f"'{lora.keys['diff_b']}' changes a bias the layer does not have")
+        if lora.tensors["diff_b"].numel() != expected[0]:
+            shape = tuple(lora.tensors["diff_b"].shape)
+            raise UnsupportedLora(f"'{lora.keys['diff_b']}' has shape {shape}, the layer's bias ({expected[0]},)")
+
+
 def _fits(found: torch.Size, expected: tuple[int, ...]) -> bool:
     return tuple(found) == expected or _squeezed(tuple(found)) == _squeezed(expected)
 
@@ -464,7 +524,9 @@ def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _factor(lora: ModuleLora) -> float:
-    """alpha / rank (1 without an alpha)."""
+    """alpha / rank (1 without an alpha); for a LyCORIS / DoRA module, the factor of the user's scale."""
+    if not lora.tensors.keys() <= _PLAIN_ROLES:
+        return recognize(lora.tensors, lora.keys).outer_factor
     alpha = lora.tensors.get("alpha")
     rank = lora.tensors["down"].shape[0]
     return 1.0 if alpha is None else float(alpha.item()) / rank
