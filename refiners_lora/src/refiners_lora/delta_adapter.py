@@ -55,7 +55,8 @@ class WeightDelta(fl.Module):
         tensors = self.tensors()
         delta = self.recognized.family.weight(tensors).reshape(base.shape)
         if self.recognized.dora:
-            delta = dora.change(base, delta.to(torch.float32) * self.recognized.factor, tensors["dora_scale"])
+            role = "dora_scale" if "dora_scale" in tensors else "magnitude"
+            delta = dora.change(base, delta.to(torch.float32) * self.recognized.factor, role, tensors[role])
         return (delta * self._scale).to(base.dtype)
 
     def bias(self, base: torch.Tensor | None) -> torch.Tensor | None:
@@ -95,12 +96,12 @@ class DeltaAdapter(fl.Sum, Adapter[LoraTarget]):
         return self.delta.weight(self.target.weight if base is None else base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pyright: ignore[reportIncompatibleMethodOverride]
-        target, delta = self.target, self.delta
+        inner, target, delta = self[0], self.target, self.delta  # inner: the target, or an adapter stacked on it
         weight, bias = delta.weight(target.weight), delta.bias(target.bias)
         if isinstance(target, fl.Linear):
-            return target(x) + F.linear(x, weight, bias)
+            return inner(x) + F.linear(x, weight, bias)
         update = F.conv2d(x, weight, bias, target.stride, target.padding, target.dilation, target.groups)  # pyright: ignore[reportArgumentType]
-        return target(x) + update
+        return inner(x) + update
 
 
 def snapshot_biases(adapters: list[nn.Module]) -> dict[LoraTarget, torch.Tensor]:

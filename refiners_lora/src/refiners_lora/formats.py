@@ -69,8 +69,8 @@ _NEUTRAL_SUFFIXES: tuple[tuple[str, Role], ...] = (
     (".diff", "diff"),
     (".diff_b", "diff_b"),
     (".dora_scale", "dora_scale"),
-    (".lora_magnitude_vector", "dora_scale"),
-    (".lora_magnitude_vector.weight", "dora_scale"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".lora_magnitude_vector.weight", "magnitude"),
 )
 PEFT_PREFIX = "base_model.model."
 """The prefix of every key of a state dict PEFT's `get_peft_model_state_dict` gives (dropped from module names)."""
@@ -181,7 +181,7 @@ def _add_peft_alphas(modules: dict[str, ModuleLora], configs: dict[str, dict[str
     Every pattern key of every configuration is compiled first (`refiners_lora.patterns`): a key that could take
     unbounded time is refused before any matching starts.
     """
-    compiled: dict[str, list[tuple[Pattern, Any]]] = {}
+    compiled: dict[tuple[str, str], list[tuple[Pattern, Any]]] = {}
     for prefix, config in configs.items():
         for field_name in ("alpha_pattern", "rank_pattern"):
             patterns: object = config.get(field_name) or {}
@@ -194,8 +194,7 @@ def _add_peft_alphas(modules: dict[str, ModuleLora], configs: dict[str, dict[str
                 patterns_compiled = compile_patterns(cast(dict[str, Any], patterns))
             except PatternError as error:
                 raise WeightsError(f"{where}: {error}") from error
-            if field_name == "alpha_pattern":
-                compiled[prefix] = patterns_compiled
+            compiled[(prefix, field_name)] = patterns_compiled
     for module, lora in modules.items():
         if "alpha" in lora.tensors or not lora.tensors.keys() & _PEFT_ALPHA_ROLES:
             continue
@@ -203,7 +202,7 @@ def _add_peft_alphas(modules: dict[str, ModuleLora], configs: dict[str, dict[str
         if prefix is None:
             continue
         config, name = configs[prefix], module.removeprefix(f"{prefix}.") if prefix else module
-        matched = next((value for pattern, value in compiled[prefix] if pattern.matches(name)), None)
+        matched = next((value for pattern, value in compiled[(prefix, "alpha_pattern")] if pattern.matches(name)), None)
         default = config.get("lora_alpha", config.get("alpha", PEFT_DEFAULT_ALPHA))  # LoHa / LoKr: `alpha`
         alpha = matched if matched is not None else default
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not _finite(alpha):
@@ -217,9 +216,15 @@ def _add_peft_alphas(modules: dict[str, ModuleLora], configs: dict[str, dict[str
             alpha *= math.sqrt(lora.tensors["down"].shape[0])
         lora.keys["alpha"] = f"{PEFT_METADATA_KEY} metadata ({prefix or 'no'} prefix)"
         lora.tensors["alpha"] = torch.tensor(float(alpha))
+        if "lokr_w2" in lora.tensors and "lokr_w1" in lora.tensors:  # PEFT scales even a whole LoKr by alpha / r
+            matched_rank = next((r for pattern, r in compiled[(prefix, "rank_pattern")] if pattern.matches(name)), None)
+            rank = matched_rank if matched_rank is not None else config.get("r", PEFT_DEFAULT_ALPHA)
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise WeightsError(f"{source}: its '{PEFT_METADATA_KEY}' metadata gives '{module}' the rank {rank!r}")
+            lora.tensors["lokr_w2"] = lora.tensors["lokr_w2"] * (float(alpha) / rank)
 
 
-_PEFT_ALPHA_ROLES = {"down", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"}  # the roles whose rank PEFT's alpha divides
+_PEFT_ALPHA_ROLES = {"down", "hada_w1_b", "lokr_w1", "lokr_w1_b", "lokr_w2_b"}  # the families PEFT gives an alpha
 
 
 def _neutral_format(modules: list[str]) -> Format:

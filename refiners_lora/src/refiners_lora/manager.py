@@ -204,12 +204,12 @@ class LoraManager:
         path).
         """
         loaded = self._get(name)
-        lycoris = next((adapter for adapter in loaded.adapters if isinstance(adapter, DeltaAdapter)), None)
-        if lycoris is not None:
-            raise ValueError(
-                f"cannot write LoRA {name!r}: its update of `{lycoris.target.get_path()}` is a "
-                f"{lycoris.delta.recognized.description}, and only plain LoRAs are written"
-            )
+        for path, adapter in zip(loaded.paths, loaded.adapters, strict=True):
+            if isinstance(adapter, DeltaAdapter):
+                raise ValueError(
+                    f"cannot write LoRA {name!r}: its update of `{path}` is a {adapter.delta.recognized.description}, "
+                    "and only plain LoRAs are written"
+                )
         plain = [adapter for adapter in loaded.adapters if isinstance(adapter, LoraAdapter)]
         adapters = list(zip(loaded.paths, plain, loaded.factors, strict=True))
         return lora_state_dict(self.model, adapters, format, name)
@@ -498,12 +498,13 @@ def _check_family(layer: LoraTarget, lora: ModuleLora, recognized: Recognized, w
             f"'{first}' and the keys beside it make a {recognized.description} update of shape {found}, but the "
             f"layer's weight has shape {expected}"
         )
-    if "dora_scale" in lora.tensors and dora.per_output(lora.tensors["dora_scale"], expected) is None:
-        shape = tuple(lora.tensors["dora_scale"].shape)
-        raise UnsupportedLora(
-            f"'{lora.keys['dora_scale']}' has shape {shape}: a DoRA magnitude has one value per output ({expected[0]}) "
-            f"or per input ({expected[1]}) channel"
-        )
+    for role in ("dora_scale", "magnitude"):
+        if role in lora.tensors and dora.per_output(role, lora.tensors[role], expected) is None:
+            shape = tuple(lora.tensors[role].shape)
+            raise UnsupportedLora(
+                f"'{lora.keys[role]}' has shape {shape}: a DoRA magnitude has one value per output ({expected[0]}) "
+                f"or, as a dora_scale, per input ({expected[1]}) channel"
+            )
     if "diff_b" in lora.tensors:
         if layer.bias is None:
             raise UnsupportedLora(f"'{lora.keys['diff_b']}' changes a bias the layer does not have")

@@ -27,8 +27,8 @@ import torch
 
 from refiners_lora.families import diff, loha, lokr, lora
 
-SHARED_ROLES = frozenset({"alpha", "dora_scale"})
-"""Roles any family may have: its alpha, its DoRA magnitude."""
+SHARED_ROLES = frozenset({"alpha", "dora_scale", "magnitude"})
+"""Roles any family may have: its alpha, its DoRA magnitude (LyCORIS `dora_scale`, PEFT `lora_magnitude_vector`)."""
 
 UNSUPPORTED_SUFFIXES: dict[str, str] = {
     ".oft_blocks": "OFT / BOFT (LyCORIS)",
@@ -132,7 +132,9 @@ def recognize(tensors: Mapping[str, torch.Tensor], keys: Mapping[str, str]) -> R
         raise UnsupportedLora(f"'{first}' has shape {tuple(tensors[sorted(own)[0]].shape)}: a rank-0 {family.name}")
     alpha = _alpha(tensors.get("alpha"), keys.get("alpha"))
     factor = 1.0 if alpha is None or rank is None else alpha / rank
-    return Recognized(family, rank, alpha, "dora_scale" in roles, factor, roles)
+    if {"dora_scale", "magnitude"} <= roles:
+        raise UnsupportedLora(f"two DoRA magnitudes: '{keys['dora_scale']}' and '{keys['magnitude']}'")
+    return Recognized(family, rank, alpha, bool({"dora_scale", "magnitude"} & roles), factor, roles)
 
 
 def delta_shape(recognized: Recognized, tensors: Mapping[str, torch.Tensor], keys: Mapping[str, str]) -> torch.Size:
