@@ -48,4 +48,4 @@ def weight(tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     else:
         w2_b = tensors["lokr_w2_b"]
         w2 = (tensors["lokr_w2_a"] @ w2_b.flatten(1)).reshape(-1, *w2_b.shape[1:])
-    return torch.kron(w1.reshape(*w1.shape, *[1] * (w2.ndim - w1.ndim)), w2)
+    return torch.kron(w1.reshape(*w1.shape, *[1] * (w2.ndim - w1.ndim)), w2.contiguous())  # kron views its input
