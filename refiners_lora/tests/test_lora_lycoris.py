@@ -31,6 +31,7 @@ from refiners_core.weights import WeightsError
 from refiners_lora import LoraManager
 from refiners_lora.delta_adapter import DeltaAdapter
 from refiners_lora.families import recognize
+from refiners_lora.planning import plan_lora
 
 LINEAR_INPUT = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
 CONV_INPUT = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
@@ -330,3 +331,24 @@ def test_saving_a_lycoris_lora_is_refused_naming_the_layer_and_family() -> None:
     LoraManager(ours).add("mixed", loha_and_lora_file())
     with pytest.raises(ValueError, match=r"cannot write LoRA 'mixed': its update of `Linear` is a LoHa"):
         LoraManager(ours).state_dict("mixed", "kohya")
+
+
+def test_plan_lora_tells_every_module_its_layer_family_rank_and_problem_without_changing_the_model() -> None:
+    ours = net()
+    before = snapshot(ours)
+    tensors = loha_and_lora_file() | {"lora_unet_other.diff": torch.randn(3, 3)}
+    tensors["lora_unet_conv.lora_up.weight"] = torch.randn(6, 3, 1, 1)  # rank 3 against a rank-2 down
+    plan = plan_lora(ours, tensors, "file.safetensors")
+    found = {module.module: module for module in plan.modules}
+    fc, conv, other = found["lora_unet_fc"], found["lora_unet_conv"], found["lora_unet_other"]
+    assert (fc.path, fc.problem) == ("Linear", None)
+    assert fc.recognized is not None and (fc.recognized.description, fc.recognized.rank, fc.recognized.alpha) == (
+        "LoHa",
+        2,
+        1.0,
+    )
+    assert conv.path == "Conv2d" and conv.problem is not None
+    assert "file.safetensors: 'lora_unet_conv.lora_up.weight' has shape (6, 3, 1, 1)" in conv.problem
+    assert other.path is None and plan.unmatched == ["lora_unet_other.diff"]
+    assert [module.module for module in plan.applicable] == ["lora_unet_fc"]
+    assert_same_state(ours, before)
