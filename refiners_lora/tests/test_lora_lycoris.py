@@ -352,3 +352,11 @@ def test_plan_lora_tells_every_module_its_layer_family_rank_and_problem_without_
     assert other.path is None and plan.unmatched == ["lora_unet_other.diff"]
     assert [module.module for module in plan.applicable] == ["lora_unet_fc"]
     assert_same_state(ours, before)
+
+
+def test_a_half_precision_file_is_computed_in_the_model_dtype() -> None:
+    half = {key: tensor.half() for key, tensor in loha_and_lora_file().items()}
+    from_half, from_float = net(), net()
+    LoraManager(from_half).add("half", half)
+    LoraManager(from_float).add("float", {key: tensor.float() for key, tensor in half.items()})
+    assert all(torch.equal(a, b) for a, b in zip(from_half.outputs(), from_float.outputs(), strict=True))

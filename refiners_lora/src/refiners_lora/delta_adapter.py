@@ -75,7 +75,8 @@ class DeltaAdapter(fl.Sum, Adapter[LoraTarget]):
     or convolution with its stride, padding, dilation and groups); the target is left untouched."""
 
     def __init__(self, target: LoraTarget, recognized: Recognized, tensors: Mapping[str, torch.Tensor], scale: float):
-        delta = WeightDelta(recognized, {role: t.to(target.weight.device) for role, t in tensors.items()}, scale)
+        weight = target.weight  # the file's tensors take the target's device and dtype, as `LoraAdapter`'s do
+        delta = WeightDelta(recognized, {role: t.to(weight.device, weight.dtype) for role, t in tensors.items()}, scale)
         with self.setup_adapter(target):
             super().__init__(target, delta)
 

@@ -57,9 +57,10 @@ class LoraManager:
     Every manager of the same model shares its state, so `LoraManager(model).names` always tells what is loaded.
     A LoRA's effective update of a layer's weight is `scale * alpha / rank * up @ down`.
 
-    Files may be kohya, diffusers / PEFT or refiners LoRAs (see `refiners_lora.formats`); the first two need a
+    Files may be kohya, diffusers / PEFT or refiners LoRAs (see `refiners_lora.formats`), each module a LoRA, LoCon,
+    LoHa, LoKr, Tucker LoCon or full diff, with or without DoRA (see `refiners_lora.families`); the first two need a
     model that names its layers in their convention (`refiners_core.module_names.ForeignModuleNames`), the last
-    works on any model. `state_dict` and `save` write a LoRA in any of the three formats.
+    works on any model. `state_dict` and `save` write a plain LoRA (LoRA / LoCon) in any of the three formats.
 
     While the LoRAs are fused (`fuse()`), `add`, `remove` and `set_scale` raise RuntimeError: call `unfuse()` first.
     """
@@ -373,7 +374,7 @@ def _fits_float32(value: float) -> bool:
 
 def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> AnyAdapter:
     """An adapter on `target` holding the file's down and up weights (reshaped, converted to the target's dtype), or
-    for a LyCORIS / DoRA module, its tensors as the file gives them."""
+    for a LyCORIS / DoRA module, a `DeltaAdapter` holding its tensors (in the target's dtype)."""
     if not lora.tensors.keys() <= PLAIN_ROLES:
         recognized = recognize(lora.tensors, lora.keys)
         return DeltaAdapter(target, recognized, lora.tensors, scale * recognized.outer_factor)
