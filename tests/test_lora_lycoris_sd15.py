@@ -5,12 +5,15 @@ diffusers folder.
 The reference is the diffusers UNet and transformers text encoder with the `lycoris-lora` package's own modules
 (`LohaModule`, `LokrModule`, `LoConModule(weight_decompose=True)`) applied to the same layers, holding the same
 random weights that the file was written from (their `custom_state_dict`). Outputs agree within 1e-4 relative
-(`assert_relative_close`), unfused and fused; `remove` restores the model bit for bit.
+(`assert_relative_close`), unfused and fused; `remove` restores the model bit for bit. The UNet also takes PEFT's
+DoRA, LoHa and LoKr files (`get_peft_model_state_dict` keys, the alpha in `lora_adapter_metadata`), compared with
+the PEFT-wrapped diffusers UNet.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +118,39 @@ def test_a_kohya_loha_lokr_dora_file_matches_lycoris_on_the_sd15_unet_and_text_e
     loras.remove("style")
     after = sd.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[key], value) for key, value in before.items())
+
+
+@pytest.mark.parametrize("family", ["dora", "loha", "lokr"])
+def test_a_peft_dora_loha_or_lokr_unet_file_matches_peft_on_the_sd15_unet(
+    family: str, references: DiffusersReferences, tmp_path: Path
+) -> None:
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model, get_peft_model_state_dict  # pyright: ignore[reportPrivateImportUsage]
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "conv2", "ff.net.2"]
+    config: Any = {
+        "dora": lambda: LoraConfig(r=4, lora_alpha=6, target_modules=targets, use_dora=True),
+        "loha": lambda: LoHaConfig(r=3, alpha=5, target_modules=targets),
+        "lokr": lambda: LoKrConfig(r=2, alpha=3, target_modules=targets, decompose_factor=4),
+    }[family]()
+    reference: Any = get_peft_model(copy.deepcopy(references.unet), config).eval()
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if any(part in name for part in ("lora_", "hada_", "lokr_")):
+                values = torch.randn(parameter.shape, generator=generator) * 0.2
+                parameter.copy_(values.abs() + 1.0 if "magnitude" in name else values)
+    alpha = {"lora_alpha": 6} if family == "dora" else {"alpha": config.alpha}
+    metadata = {"lora_adapter_metadata": json.dumps({"r": config.r, **alpha}), "format": "pt"}
+    tensors = {key: tensor.contiguous() for key, tensor in get_peft_model_state_dict(reference).items()}
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata=metadata)
+    sd = StableDiffusion_1.from_pretrained(references.folder)
+    width = references.cross_attention_dim
+    plain, _, _, _ = outputs(sd, references.unet, references.text_encoder, width)
+    loras = LoraManager(sd)
+    assert loras.add("style", tmp_path / "adapter_model.safetensors") == []
+    ours, theirs, _, _ = outputs(sd, reference.base_model.model, references.text_encoder, width)
+    assert (theirs - plain).abs().max() > 1e-3
+    assert_relative_close(ours, theirs, what=f"PEFT {family} UNet, unfused")
+    loras.fuse()
+    fused, _, _, _ = outputs(sd, reference.base_model.model, references.text_encoder, width)
+    assert_relative_close(fused, theirs, what=f"PEFT {family} UNet, fused")
