@@ -38,7 +38,7 @@ def kohya_name(component: str, name: str) -> str:
 
 def lycoris_module(index: int, name: str, layer: nn.Linear | nn.Conv2d) -> Any:
     """LoHa, LoKr or DoRA LoCon in turn; Tucker cores where the kernel is larger than 1x1."""
-    from lycoris.modules import LoConModule, LohaModule, LokrModule  # imports transformers: a test extra
+    from lycoris.modules import LoConModule, LohaModule, LokrModule  # lycoris-lora: a test extra of refiners-lora
 
     if index % 3 == 0:
         return LohaModule(name, layer, lora_dim=2, alpha=1, use_tucker=True)

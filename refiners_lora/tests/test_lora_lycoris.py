@@ -7,8 +7,9 @@ use_dora=True)` (keys from `get_peft_model_state_dict`, the alpha in the `lora_a
 writes it). Outputs agree within 1e-4 relative (`assert_relative_close`), unfused and fused. Each reference first
 proves it changes the layer's output, so that the comparison means something.
 
-`lycoris` imports its whole package (and transformers, which peft brings) on any submodule import: both are test
-extras of refiners-lora, so its own session has them.
+`lycoris.modules` is imported inside the tests: importing it loads the whole `lycoris` package, which needs only
+torch, einops, toml, tqdm, numpy and safetensors (checked with diffusers, transformers, torchvision, triton and
+tilelang blocked: its kohya helpers and fused kernels are optional), all in the lock, lycoris-lora being a test extra.
 """
 
 from __future__ import annotations
