@@ -62,11 +62,12 @@ _TEXT_PROJECTIONS = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_o
 
 @dataclass
 class ModuleLora:
-    """The LoRA weights of one module, as the file names it."""
+    """The LoRA weights of one module, as the file names it, and their adapter family ("lora": down and up)."""
 
     module: str
     keys: dict[Role, str] = field(default_factory=lambda: {})
     tensors: dict[Role, torch.Tensor] = field(default_factory=lambda: {})
+    family: str = "lora"
 
 
 @dataclass

@@ -15,13 +15,12 @@ import torch
 from torch import nn
 
 import refiners_core.fluxion as fl
-from refiners_core.fluxion.adapters import Adapter, AdapterError
-from refiners_core.module_names import ForeignModuleNames
-from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, save_tensors
+from refiners_core.fluxion.adapters import AdapterError
+from refiners_core.weights import WeightsError, load_tensors, read_metadata, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
-from refiners_lora.base_models import check_base_model
 from refiners_lora.export import lora_state_dict
-from refiners_lora.formats import Format, ModuleLora, Role, parse_lora
+from refiners_lora.formats import Format, ModuleLora
+from refiners_lora.plan import plan_lora, resolve_layer
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ class LoraManager:
         targets: list[LoraTarget] = []
         seen: dict[int, str] = {}
         for path in paths:
-            layer = _resolve(self.model, path)
+            layer = resolve_layer(self.model, path)
             if layer is None:
                 raise ValueError(f"LoRA {name!r}: {model_name} has no layer at path {path!r}")
             if not isinstance(layer, (fl.Linear, fl.Conv2d)):
@@ -301,45 +300,17 @@ class LoraManager:
         self, tensors: dict[str, torch.Tensor], source: str, *, strict: bool, metadata: dict[str, str]
     ) -> tuple[list[tuple[str, LoraTarget, ModuleLora]], list[str]]:
         """Match every module of the file to a layer of the model and check it fits, changing nothing."""
-        parsed = parse_lora(tensors, source, metadata)
-        model_name = type(self.model).__name__
-        names: dict[str, str] | None = None
-        if parsed.convention is not None:
-            if not isinstance(self.model, ForeignModuleNames):
-                raise WeightsError(
-                    f"{source} is a {parsed.format} LoRA, but {model_name} does not name its layers the "
-                    f"{parsed.convention} way (it does not implement refiners_core.module_names.ForeignModuleNames): "
-                    "only LoRAs keyed by our own layer paths load onto it"
-                )
-            names = dict(self.model.foreign_module_names(parsed.convention))
-            downs = {module: lora.tensors["down"] for module, lora in parsed.modules.items() if "down" in lora.tensors}
-            check_base_model(source, downs, self.model, names, lambda path: _resolve(self.model, path))
-        unmatched = list(parsed.unknown)
-        plan: list[tuple[str, LoraTarget, ModuleLora]] = []
-        claimed: dict[int, str] = {}
-        for module, lora in parsed.modules.items():
-            path = module if names is None else names.get(module)
-            layer = _resolve(self.model, path) if path is not None else None
-            if path is None or layer is None:
-                unmatched.extend(lora.keys.values())
-                continue
-            key = next(iter(lora.keys.values()))
-            where = f"`{model_name}.{path}`" if path else f"`{model_name}`"
-            if not isinstance(layer, (fl.Linear, fl.Conv2d)):
-                raise WeightsError(
-                    f"{source}: '{key}' targets layer {where}, a {type(layer).__name__}: LoRA patches Linear and "
-                    "Conv2d layers only"
-                )
-            if id(layer) in claimed:
-                raise WeightsError(f"{source}: '{claimed[id(layer)]}' and '{module}' both patch layer {where}")
-            claimed[id(layer)] = module
-            _check(layer, lora, where, source)
-            plan.append((path, layer, lora))
-        if unmatched and (strict or not plan):
+        plan = plan_lora(self.model, tensors, source, metadata)
+        if plan.refused:
+            raise WeightsError(plan.refused[0].message)
+        unmatched = plan.unmatched
+        if unmatched and (strict or not plan.modules):
             shown = ", ".join(f"'{key}'" for key in unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
-            hint = " (pass strict=False to load the others)" if plan else ""
-            raise WeightsError(f"{source}: {len(unmatched)} key(s) match no layer of {model_name}{hint}: {shown}")
-        return plan, unmatched
+            hint = " (pass strict=False to load the others)" if plan.modules else ""
+            raise WeightsError(
+                f"{source}: {len(unmatched)} key(s) match no layer of {type(self.model).__name__}{hint}: {shown}"
+            )
+        return [(module.path, module.layer, module.lora) for module in plan.modules], unmatched
 
 
 def _inject_all(adapters: list[LoraAdapter]) -> None:
@@ -390,77 +361,6 @@ def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> LoraAdapter:
             assert isinstance(layer, (fl.Linear, fl.Conv2d))
             layer.weight.copy_(tensor.reshape(layer.weight.shape))
     return adapter
-
-
-def _resolve(model: nn.Module, path: str) -> nn.Module | None:
-    """The layer at `path`, looking through adapters injected on the way (e.g. another LoRA on the same layer)."""
-    node = _unwrap(model)
-    for name in path.split(".") if path else []:
-        child = node._modules.get(name)  # pyright: ignore[reportPrivateUsage]
-        if child is None:
-            return None
-        node = _unwrap(child)
-    return node
-
-
-def _unwrap(layer: nn.Module) -> nn.Module:
-    while isinstance(layer, Adapter):
-        layer = layer.target  # pyright: ignore[reportUnknownMemberType]
-    return layer  # pyright: ignore[reportUnknownVariableType]
-
-
-def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None:
-    """Raise WeightsError unless `lora`'s down, up and alpha fit `layer` (1x1 kernels and linear weights mix)."""
-    for role in ("down", "up"):
-        if role not in lora.tensors:
-            present = next(iter(lora.keys.values()))
-            raise WeightsError(f"{source}: '{present}' has no {role} weights beside it (LoRA for layer {where})")
-    down, up = lora.tensors["down"], lora.tensors["up"]
-    if down.ndim < 2:
-        raise WeightsError(f"{source}: '{lora.keys['down']}' has shape {tuple(down.shape)}, not a LoRA down weight")
-    rank = down.shape[0]
-    if rank == 0:
-        raise WeightsError(f"{source}: '{lora.keys['down']}' has shape {tuple(down.shape)}: a rank-0 LoRA")
-    check_weights({lora.keys["down"]: down, lora.keys["up"]: up}, source=source)
-    if isinstance(layer, fl.Linear):
-        expected_down: tuple[int, ...] = (rank, layer.in_features)
-        expected_up: tuple[int, ...] = (layer.out_features, rank)
-        kind = f"Linear {layer.in_features} -> {layer.out_features}"
-    else:
-        if layer.groups != 1:
-            raise WeightsError(f"{source}: '{lora.keys['down']}' targets grouped convolution {where}: not supported")
-        expected_down = (rank, layer.in_channels, *layer.kernel_size)
-        expected_up = (layer.out_channels, rank, 1, 1)
-        kind = f"Conv2d {layer.in_channels} -> {layer.out_channels}, kernel {tuple(layer.kernel_size)}"
-    checks: tuple[tuple[Role, torch.Tensor, tuple[int, ...]], ...] = (
-        ("down", down, expected_down),
-        ("up", up, expected_up),
-    )
-    for role, tensor, expected in checks:
-        if not _fits(tensor.shape, expected):
-            raise WeightsError(
-                f"{source}: '{lora.keys[role]}' has shape {tuple(tensor.shape)} but layer {where} ({kind}) expects "
-                f"{expected} for a rank-{rank} LoRA"
-            )
-    if "alpha" in lora.tensors:
-        alpha, key = lora.tensors["alpha"], lora.keys["alpha"]
-        if alpha.numel() != 1:
-            raise WeightsError(f"{source}: '{key}' has shape {tuple(alpha.shape)}, expected a single number")
-        if alpha.dtype == torch.bool or alpha.is_complex():
-            raise WeightsError(f"{source}: '{key}' holds a {str(alpha.dtype).removeprefix('torch.')}, not a number")
-        if not math.isfinite(float(alpha.item())):
-            raise WeightsError(f"{source}: '{key}' is {alpha.item()}, not a finite alpha")
-
-
-def _fits(found: torch.Size, expected: tuple[int, ...]) -> bool:
-    return tuple(found) == expected or _squeezed(tuple(found)) == _squeezed(expected)
-
-
-def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape without trailing 1s past two dimensions: a 1x1 kernel `(o, i, 1, 1)` reads as `(o, i)`."""
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
 
 
 def _factor(lora: ModuleLora) -> float:
