@@ -69,6 +69,21 @@ class ModuleLora:
     tensors: dict[Role, torch.Tensor] = field(default_factory=lambda: {})
     family: str = "lora"
 
+    @property
+    def rank(self) -> int | None:
+        """The rank of the update (the first dimension of the down weight); None without a down weight."""
+        down = self.tensors.get("down")
+        return None if down is None or down.ndim < 1 else down.shape[0]
+
+    @property
+    def alpha(self) -> float | None:
+        """The alpha (the update is scaled by alpha / rank); None when there is none (alpha = rank) or it is not one
+        number that was read (a tensor of another shape, or one on the meta device)."""
+        alpha = self.tensors.get("alpha")
+        if alpha is None or alpha.numel() != 1 or alpha.is_meta or alpha.is_complex() or alpha.dtype == torch.bool:
+            return None
+        return float(alpha.item())
+
 
 @dataclass
 class ParsedLora:

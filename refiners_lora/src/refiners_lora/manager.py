@@ -303,7 +303,7 @@ class LoraManager:
         plan = plan_lora(self.model, tensors, source, metadata)
         if plan.refused:
             raise WeightsError(plan.refused[0].message)
-        unmatched = plan.unmatched
+        unmatched = list(plan.unmatched)
         if unmatched and (strict or not plan.modules):
             shown = ", ".join(f"'{key}'" for key in unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
             hint = " (pass strict=False to load the others)" if plan.modules else ""

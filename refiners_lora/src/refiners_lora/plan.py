@@ -23,6 +23,9 @@ from refiners_lora.adapter import LoraTarget
 from refiners_lora.base_models import check_base_model
 from refiners_lora.formats import ModuleLora, ParsedLora, Role, parse_lora
 
+UNKNOWN_KEY = "not a weight of a known family (a LoRA's down, up or alpha in the file's format)"
+"""The reason given for a key of no recognised form."""
+
 
 @dataclass(frozen=True)
 class PlannedModule:
@@ -34,22 +37,6 @@ class PlannedModule:
     """The path of the layer it patches, relative to the model (as `named_modules` gives it)."""
     layer: LoraTarget
     lora: ModuleLora
-
-    @property
-    def family(self) -> str:
-        """The adapter family of the module's weights, e.g. "lora"."""
-        return self.lora.family
-
-    @property
-    def rank(self) -> int:
-        """The rank of the update (the first dimension of the down weight)."""
-        return self.lora.tensors["down"].shape[0]
-
-    @property
-    def alpha(self) -> float | None:
-        """The module's alpha (its update is scaled by alpha / rank), None when the file gives none (alpha = rank)."""
-        alpha = self.lora.tensors.get("alpha")
-        return None if alpha is None else float(alpha.item())
 
 
 @dataclass(frozen=True)
@@ -69,11 +56,12 @@ class Refusal:
 @dataclass(frozen=True)
 class LoraPlan:
     """What loading a LoRA file onto a model would do: `modules` in the file's order, `unmatched` keys (of no
-    recognised form, or naming no layer of the model: skipped with `strict=False`) and `refused` keys, in order."""
+    recognised form, or naming no layer of the model: skipped with `strict=False`), each with the reason, and
+    `refused` keys, in order."""
 
     parsed: ParsedLora
     modules: list[PlannedModule]
-    unmatched: list[str]
+    unmatched: dict[str, str]
     refused: list[Refusal]
 
 
@@ -105,14 +93,19 @@ def plan_lora(
             check_base_model(source, downs, model, names, lambda path: resolve_layer(model, path))
         except WeightsError as error:
             refused.append(_refusal((), error, source))
-    unmatched = list(parsed.unknown)
+    unmatched = dict.fromkeys(parsed.unknown, UNKNOWN_KEY)
     modules: list[PlannedModule] = []
     claimed: dict[int, str] = {}
     for module, lora in parsed.modules.items():
         path = module if names is None else names.get(module)
         layer = resolve_layer(model, path) if path is not None else None
         if path is None or layer is None:
-            unmatched.extend(lora.keys.values())
+            why = (
+                f"{model_name} has no layer at '{path}'"
+                if path is not None
+                else f"{model_name} has no module named '{module}' in the {parsed.convention} convention"
+            )
+            unmatched.update((key, why) for key in lora.keys.values())
             continue
         keys = tuple(key for key in lora.keys.values() if key in tensors)  # not an alpha from the metadata
         key = next(iter(lora.keys.values()))
