@@ -58,7 +58,7 @@ def render(report: LoraReport) -> str:
     ranks = ", ".join(f"{entry['rank']} ({entry['modules']})" for entry in data["ranks"]) or "none"
     alphas = ", ".join(f"{_alpha(entry['alpha'])} ({entry['modules']})" for entry in data["alphas"])
     lines = [
-        f"{data['file']}: {data['format']} LoRA, {data['modules']} module(s), {data['modules_matched']} fitting a layer",
+        f"{data['file']}: {data['format']} LoRA, {data['modules']} module(s), {data['modules_matched']} fit a layer",
         f"model: {model['kind']} ({model['class']}){where}{guessed}",
         f"families: {families}",
         f"ranks: {ranks}",
