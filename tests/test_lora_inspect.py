@@ -179,6 +179,7 @@ def test_a_model_folder_is_built_from_its_configs(tmp_path: Path, capsys: pytest
         (["weights.safetensors"], "weights.safetensors: not a LoRA file"),
         (["lora.safetensors", "--model", "sd3"], "--model sd3: not a model kind (sd15|sdxl) nor a local folder"),
         (["refiners.safetensors"], "refiners.safetensors: its keys show no base model: pass --model sd15|sdxl"),
+        (["sd2.safetensors"], "sd2.safetensors: its keys show a LoRA for SD2.x ('unet.down_blocks.1.attn2.to_k' takes"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -193,6 +194,11 @@ def test_bad_input_is_one_line_and_exit_2(
     save_tensors(tmp_path / "weights.safetensors", {"unet.conv_in.weight": torch.zeros(4, 4)})
     save_tensors(tmp_path / "lora.safetensors", lora_tensors(architecture("sd15"), KOHYA))
     save_tensors(tmp_path / "refiners.safetensors", {"unet.x.down.weight": torch.zeros(1, 4)})
+    sd2 = {
+        "unet.down_blocks.1.attn2.to_k.lora_A.weight": torch.zeros(1, 1024),
+        "unet.down_blocks.1.attn2.to_k.lora_B.weight": torch.zeros(4, 1),
+    }
+    save_tensors(tmp_path / "sd2.safetensors", sd2)
 
     code, out, err = inspect(capsys, *arguments)
 

@@ -137,10 +137,11 @@ def _guess(path: Path, tensors: dict[str, Any]) -> tuple[str, str]:
     parsed = parse_lora(tensors, str(path))
     downs = {name: lora.tensors["down"] for name, lora in parsed.modules.items() if "down" in lora.tensors}
     guessed = guess_base_model(downs)
-    if guessed is None or BASE_MODEL_KINDS[guessed[0]] not in registry().models:
-        what = f"a LoRA for {guessed[0]}, which no installed plugin offers" if guessed else "no base model"
+    kind = BASE_MODEL_KINDS.get(guessed[0]) if guessed else None
+    if guessed is None or kind is None or kind not in registry().models:
+        what = f"a LoRA for {guessed[0]} ({guessed[1]}), not a kind" if guessed else "no base model"
         raise ValueError(f"{path}: its keys show {what}: pass --model {_kinds()} or a model folder")
-    return BASE_MODEL_KINDS[guessed[0]], f"{guessed[0]}: {guessed[1]}"
+    return kind, f"{guessed[0]}: {guessed[1]}"
 
 
 def _detect(source: str) -> str:
