@@ -1,6 +1,6 @@
-"""With every package of this repository installed, `refiners --help`, `refiners plugins` and `refiners plugins --json`
-load every plugin without importing torch (plugins register references, imported on first use): the CLI answers in
-a fraction of a second. bench/cli_startup.py measures the time."""
+"""With every package of this repository installed, `refiners --help`, `refiners plugins`, `refiners plugins --json`
+and `refiners lora inspect --help` load every plugin without importing torch (plugins register references, imported
+on first use): the CLI answers in a fraction of a second. bench/cli_startup.py measures the time."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ print(json.dumps({{"code": code, "output": output.getvalue(), "heavy": [m for m 
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["plugins"], ["plugins", "--json"]])
+@pytest.mark.parametrize("argv", [["--help"], ["plugins"], ["plugins", "--json"], ["lora", "inspect", "--help"]])
 def test_the_cli_lists_every_plugin_without_importing_torch(argv: list[str]) -> None:
     script = SCRIPT.format(argv=argv, heavy=HEAVY)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -37,4 +37,6 @@ def test_the_cli_lists_every_plugin_without_importing_torch(argv: list[str]) -> 
         records = json.loads(report["output"])
         assert len(records) >= 10 and all(record["status"] == "ok" for record in records), records
     if argv == ["--help"]:
-        assert "generate" in report["output"] and "train" in report["output"]
+        assert "generate" in report["output"] and "train" in report["output"] and "lora" in report["output"]
+    if argv[0] == "lora":
+        assert "--model sd15|sdxl|PATH" in report["output"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import sys
 import warnings
 from collections.abc import Callable
@@ -16,11 +17,13 @@ from refiners_core.plugins import (
     ModelSpec,
     PluginError,
     PluginRecord,
+    Reference,
     RefinersPluginWarning,
     Registry,
     SolverSpec,
     registry,
     reset_registry,
+    resolve,
 )
 
 AddPlugin = Callable[..., str]  # the `plugin_site` fixture of conftest.py
@@ -553,3 +556,10 @@ def test_model_spec_checks_its_default_guidance_solver_defaults_and_refiner() ->
         ModelSpec("m", dict, refiner="m refiner")
     spec = ModelSpec("m", dict, default_guidance=5, solver_defaults={"timestep_spacing": "leading"}, refiner="m-r")
     assert (spec.default_guidance, spec.solver_defaults, spec.refiner) == (5, {"timestep_spacing": "leading"}, "m-r")
+
+
+def test_model_spec_architecture_is_a_callable_or_a_reference() -> None:
+    with pytest.raises(TypeError, match="model 'm': architecture must be callable"):
+        ModelSpec("m", dict, architecture=3)  # pyright: ignore[reportArgumentType]
+    spec = ModelSpec("m", dict, architecture=Reference("collections:OrderedDict"))
+    assert spec.architecture is not None and resolve(spec.architecture) is collections.OrderedDict

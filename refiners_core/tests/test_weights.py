@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from refiners_core.weights import WeightsError, load_tensors, resolve_path, save_tensors
+from refiners_core.weights import WeightsError, load_tensors, read_safetensors_shapes, resolve_path, save_tensors
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -323,3 +323,49 @@ def test_safetensors_are_read_whole_whatever_the_pieces_they_are_read_in(
     monkeypatch.setattr(weight_formats, "_PIECE_BYTES", piece_bytes)
 
     assert_same(load_tensors(path), expected)
+
+
+def test_read_safetensors_shapes_reads_scalars_and_leaves_the_rest_on_meta(tmp_path: Path) -> None:
+    path = tmp_path / "lora.safetensors"
+    alpha, empty = torch.tensor(4.0, dtype=torch.float16), torch.zeros(0, 3)
+    save_tensors(path, {"a.weight": torch.randn(8, 3), "a.alpha": alpha, "b.empty": empty}, metadata={"k": "v"})
+
+    shapes, metadata = read_safetensors_shapes(path)
+
+    assert metadata == {"k": "v"}
+    assert list(shapes) == ["a.alpha", "a.weight", "b.empty"]
+    assert shapes["a.weight"].is_meta and shapes["a.weight"].shape == (8, 3)
+    assert not shapes["a.alpha"].is_meta and shapes["a.alpha"].dtype == torch.float16
+    assert torch.equal(shapes["a.alpha"], alpha) and torch.equal(shapes["b.empty"], empty)
+
+
+def test_read_safetensors_shapes_never_reads_the_big_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "lora.safetensors"
+    save_tensors(path, {"a.alpha": torch.tensor(2.0), "a.weight": torch.randn(64, 64)})
+    data = path.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    alpha_at = data.index(torch.tensor(2.0).numpy().tobytes(), header_end)
+    garbage = bytearray(data)
+    for position in range(header_end, len(data)):  # every data byte but the alpha's: NaN bits
+        if not alpha_at <= position < alpha_at + 4:
+            garbage[position] = 0xFF
+    path.write_bytes(bytes(garbage))
+
+    shapes, _ = read_safetensors_shapes(path)
+
+    assert shapes["a.alpha"].item() == 2.0 and shapes["a.weight"].is_meta
+    assert torch.isnan(load_tensors(path)["a.weight"]).all()  # the bytes were indeed garbage
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(b"", "the file is empty"), (b"hello world, not weights", "neither safetensors"), (b"PK\x03\x04xx", "torch")],
+)
+def test_read_safetensors_shapes_refuses_other_files_naming_them(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(content)
+
+    with pytest.raises(WeightsError, match=f"{path} is not a safetensors file: .*{expected}"):
+        read_safetensors_shapes(path)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        read_safetensors_shapes(tmp_path / "missing.safetensors")

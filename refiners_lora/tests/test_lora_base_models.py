@@ -11,6 +11,7 @@ import refiners_core.fluxion as fl
 from refiners_core.module_names import DIFFUSERS, KOHYA
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
+from refiners_lora.base_models import guess_base_model
 
 ATTN2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
 
@@ -99,3 +100,20 @@ def test_a_lora_of_the_same_model_loads() -> None:
     tensors |= lora("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", KOHYA_SUFFIXES, 4, 4)
     assert LoraManager(net).add("sdxl", tensors) == []
     assert sum(isinstance(layer, LoraAdapter) for layer in net.modules()) == 2
+
+
+def test_guess_base_model_reads_the_cross_attention_width_then_the_text_encoder_prefixes() -> None:
+    def meta(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device="meta")
+
+    sdxl_unet = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": meta(4, 2048)}
+    assert guess_base_model(sdxl_unet) == (
+        "SDXL",
+        "'lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k' takes 2048-wide text embeddings",
+    )
+    assert guess_base_model({"lora_te_text_model_encoder_layers_0_mlp_fc1": meta(4, 768)}) == (
+        "SD1.5",
+        "text-encoder modules 'lora_te_*'",
+    )
+    assert guess_base_model({**sdxl_unet, "lora_te_text_model_encoder_layers_0_mlp_fc1": meta(4, 768)}) is None
+    assert guess_base_model({"unet.down_blocks.0.resnets.0.conv1": meta(4, 320, 3, 3)}) is None

@@ -1,4 +1,5 @@
-"""The `--lora FILE[:SCALE]` generate option: parsing, loading through `LoraManager`, errors, registration."""
+"""The `--lora FILE[:SCALE]` generate option: parsing, loading through `LoraManager`, errors, registration; the
+`refiners lora` command's registration."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 import refiners_core.fluxion as fl
 from refiners_core.plugins import registry, resolve
 from refiners_core.weights import WeightsError
-from refiners_lora import LoraAdapter, LoraManager
+from refiners_lora import LoraAdapter, LoraManager, inspect_command
 from refiners_lora.options import apply_lora_option, parse_lora_option
 
 
@@ -83,6 +84,12 @@ def test_the_lora_option_is_registered_for_sd15_and_sdxl() -> None:
     assert (
         resolve(spec.apply) is apply_lora_option and spec.metavar == "FILE[:SCALE]" and spec.models == ("sd15", "sdxl")
     )
+
+
+def test_the_lora_command_is_registered_by_reference_to_the_inspect_command() -> None:
+    spec = registry(reload=True).commands["lora"]
+    assert resolve(spec.run) is inspect_command.run and resolve(spec.configure) is inspect_command.configure
+    assert "Inspect LoRA files" in spec.help
 
 
 @pytest.mark.parametrize(

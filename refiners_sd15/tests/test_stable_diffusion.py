@@ -317,3 +317,26 @@ def test_from_pretrained_puts_every_tensor_on_the_requested_dtype(diffusers_fold
 def test_the_model_is_registered_with_the_plugin_manager() -> None:
     spec = registry(reload=True).models["sd15"]
     assert resolve(spec.loader) == StableDiffusion_1.from_pretrained
+
+
+def test_architecture_builds_what_from_pretrained_would_on_meta_from_configs_only(
+    references: References, diffusers_folder: Path, tmp_path: Path
+) -> None:
+    sd = StableDiffusion_1.from_pretrained(diffusers_folder)
+    assert sd.unet.config != StableDiffusion_1(device="meta").unet.config  # the small test model is not the published
+    sd.save_pretrained(tmp_path / "ours")
+    single, checkpoint = tmp_path / "v1-5.safetensors", tmp_path / "v1-5.ckpt"
+    save_tensors(single, _single_file_checkpoint(references, sd))
+    torch.save({"state_dict": _single_file_checkpoint(references, sd)}, checkpoint)
+
+    for source in (diffusers_folder, tmp_path / "ours", single):
+        built = StableDiffusion_1.architecture(source)
+        assert built.unet.config == sd.unet.config, source
+        assert built.clip_text_encoder.config == sd.clip_text_encoder.config, source
+        assert all(parameter.is_meta for parameter in built.parameters()), source
+    published = StableDiffusion_1.architecture()
+    assert published.unet.config == StableDiffusion_1(device="meta").unet.config
+    assert all(parameter.is_meta for parameter in published.parameters())
+    assert registry().models["sd15"].architecture is not None
+    with pytest.raises(ValueError, match=r"v1-5.ckpt: the architecture of a single file is read from a safetensors"):
+        StableDiffusion_1.architecture(checkpoint)

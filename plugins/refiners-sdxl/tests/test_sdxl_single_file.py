@@ -167,3 +167,21 @@ def test_an_sd15_checkpoint_is_refused_by_sdxl_and_an_sdxl_one_by_sd15(sources: 
     for model_class in (StableDiffusion_XL, StableDiffusion_XL_Refiner):
         with pytest.raises(ValueError, match=r"sd15\.safetensors: 'cond_stage_model\..*StableDiffusion_1"):
             model_class.from_pretrained(sd15)
+
+
+def test_architecture_builds_what_from_pretrained_would_on_meta_from_configs_only(
+    sources: Sources, tmp_path: Path
+) -> None:
+    loaded = StableDiffusion_XL.from_pretrained(sources.base.folder)
+    assert loaded.unet.config != StableDiffusion_XL(device="meta").unet.config  # not the published architecture
+    loaded.save_pretrained(tmp_path / "ours")
+
+    for source in (sources.base.folder, tmp_path / "ours", sources.base.file):
+        built = StableDiffusion_XL.architecture(source)
+        expected = StableDiffusion_XL.from_pretrained(source).unet.config  # a single file reads depth (1, 2) as 2
+        assert built.unet.config == expected, source
+        assert text_encoder_configs(built) == text_encoder_configs(loaded), source
+        assert all(parameter.is_meta for parameter in built.parameters()), source
+    assert StableDiffusion_XL.architecture().unet.config == StableDiffusion_XL(device="meta").unet.config
+    with pytest.raises(ValueError, match="StableDiffusionXLImg2ImgPipeline"):
+        StableDiffusion_XL.architecture(sources.refiner.folder)

@@ -10,6 +10,7 @@ leaves any existing file as it was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -40,6 +41,7 @@ __all__ = [
     "check_weights",
     "load_tensors",
     "read_metadata",
+    "read_safetensors_shapes",
     "resolve_path",
     "save_tensors",
     "shard_files",
@@ -119,6 +121,43 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     if kind in ("torch-zip", "torch-legacy"):
         return {}
     raise WeightsError(f"cannot read {path}: {_not_weights(kind, size)}")
+
+
+def read_safetensors_shapes(
+    path: str | os.PathLike[str], *, read_up_to: int = 1
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of the safetensors file at `path` as meta tensors (dtype and shape from its header), except those of
+    at most `read_up_to` elements (a LoRA's alphas), read from the file; and its metadata. Nothing else is read: a
+    file of gigabytes is inspected in the time its header takes.
+
+    Raises FileNotFoundError if the file does not exist, WeightsError naming the file if it is not a safetensors file
+    (by its first bytes) or its header is malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            kind = sniff(file, size)
+            if kind != "safetensors":
+                reason = "it is a torch checkpoint" if kind.startswith("torch") else _not_weights(kind, size)
+                raise WeightsError(f"{path} is not a safetensors file: {reason}")
+            entries, metadata, data_start = read_safetensors_header(file, size, path)
+            tensors: dict[str, torch.Tensor] = {}
+            for entry in entries:
+                if math.prod(entry.shape) > read_up_to:
+                    tensors[entry.name] = torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+                    continue
+                file.seek(data_start + entry.begin)
+                data = bytearray(file.read(entry.end - entry.begin))
+                tensor = (
+                    torch.frombuffer(data, dtype=entry.dtype).clone() if data else torch.empty(0, dtype=entry.dtype)
+                )
+                tensors[entry.name] = tensor.view(entry.shape)
+    except OSError as error:
+        raise WeightsError(f"cannot read {path}: {error}") from error
+    return {name: tensors[name] for name in sorted(tensors)}, metadata
 
 
 def _not_weights(kind: str, size: int) -> str:

@@ -99,3 +99,27 @@ def _family(prefixes: set[str]) -> str | None:
 def _text_encoder_clue(prefixes: set[str]) -> str:
     named = sorted(prefix for prefix in prefixes if TEXT_ENCODER_PREFIXES[prefix] is not None)
     return "text-encoder modules " + ", ".join(f"'{prefix}*'" for prefix in named)
+
+
+def guess_base_model(file_modules: Mapping[str, torch.Tensor]) -> tuple[str, str] | None:
+    """The model a LoRA file was made for, told by the clues above alone, as `(model, clue)`, e.g. `("SDXL",
+    "'lora_unet_..._attn2_to_k' takes 2048-wide text embeddings")`; None when the file gives no clue or clues that
+    disagree. `file_modules` gives the file's module names and each one's down weight (a meta tensor will do)."""
+    widths = {
+        down.shape[1]: name
+        for name, down in file_modules.items()
+        if name.endswith(CROSS_ATTENTION_MODULES) and down.ndim == 2 and down.shape[1] in CROSS_ATTENTION_WIDTHS
+    }
+    prefixes = _prefixes(file_modules)
+    family = _family(prefixes)
+    if len(widths) > 1:
+        return None
+    if widths:
+        ((width, name),) = widths.items()
+        made_for = CROSS_ATTENTION_WIDTHS[width]
+        if family is not None and family != made_for:
+            return None
+        return made_for, f"'{name}' takes {width}-wide text embeddings"
+    if family is None:
+        return None
+    return family, _text_encoder_clue(prefixes)

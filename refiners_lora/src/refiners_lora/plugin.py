@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, Reference, hookimpl
+from refiners_core.plugins import AdapterSpec, CommandRegistrar, GenerateOptionSpec, Reference, hookimpl
 
 
 @hookimpl
@@ -34,4 +34,14 @@ def refiners_register_generate_options(register: Callable[[GenerateOptionSpec], 
             models=("sd15", "sdxl"),  # the models that name their layers the kohya and diffusers way
             validate=Reference("refiners_lora.options:validate_lora_option"),
         )
+    )
+
+
+@hookimpl
+def refiners_register_commands(cli: CommandRegistrar) -> None:
+    cli.add_command(
+        "lora",
+        Reference("refiners_lora.inspect_command:run"),
+        help="Inspect LoRA files: format, families, ranks, alphas, and the keys a model would not load",
+        configure=Reference("refiners_lora.inspect_command:configure"),
     )

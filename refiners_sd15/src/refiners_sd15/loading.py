@@ -348,6 +348,22 @@ def load_own_format(
 ) -> TModel:
     """Read a file written by `save_own_format`, told by its content, whatever its name (raises WeightsError for
     another component or format)."""
+    config = read_own_config(component, path)
+    return _build_and_load(
+        model_class,
+        config,
+        load_tensors(path),
+        source=str(path),
+        mapping=lambda model: None,
+        ignore=(),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def read_own_config(component: ComponentFormat[TConfig], path: Path) -> TConfig:
+    """The config of a component file written by `save_own_format`, from its metadata (no weight is read). Raises
+    WeightsError naming the file for another format or component, or a missing or bad config."""
     metadata = read_metadata(path)
     if metadata.get(FORMAT_KEY) != OUR_FORMAT:
         raise WeightsError(
@@ -367,16 +383,7 @@ def load_own_format(
         raise WeightsError(f"{path}: the '{CONFIG_KEY}' metadata is nested too deeply") from error
     except ValueError as error:
         raise WeightsError(f"{path}: the '{CONFIG_KEY}' metadata: {error}") from error
-    return _build_and_load(
-        model_class,
-        config,
-        load_tensors(path),
-        source=str(path),
-        mapping=lambda model: None,
-        ignore=(),
-        device=device,
-        dtype=dtype,
-    )
+    return config
 
 
 def _build_and_load(

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
+from refiners_core.checks import sniff_weights_format
 from refiners_core.layer_blocks import LayerBlock
 from refiners_core.module_names import DIFFUSERS, prefixed
-from refiners_core.weights import WeightsError, load_tensors, resolve_path
+from refiners_core.weights import WeightsError, load_tensors, read_safetensors_shapes, resolve_path
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.clip import TEXT_ENCODER_FORMAT, CLIPTextEncoderL
 from refiners_sd15.latent_diffusion import LatentDiffusionModel, guidance_prompts
@@ -23,7 +24,9 @@ from refiners_sd15.loading import (
     locate_component,
     read_component_config,
     read_json_object,
+    read_own_config,
     read_scheduler_config,
+    read_single_file_config,
     scheduler_prediction_type,
 )
 from refiners_sd15.solvers import Solver
@@ -223,6 +226,45 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
             lda=load_located(SD1Autoencoder, lda, device=device, dtype=dtype),
             clip_text_encoder=load_located(CLIPTextEncoderL, clip_text_encoder, device=device, dtype=dtype),
             solver_defaults=_prediction_defaults(prediction_type),
+        )
+
+    @classmethod
+    def architecture(
+        cls,
+        source: PathOrRepoId | None = None,
+        *,
+        device: torch.device | str | None = "meta",
+        dtype: torch.dtype | None = None,
+    ) -> StableDiffusion_1:
+        """The model `from_pretrained(source)` builds, with no weight read (on the meta device by default): the
+        published architecture for `source` None, else the UNet and text encoder of the configs of a local diffusers
+        folder (`unet/config.json`, `text_encoder/config.json`), of a folder written by `save_pretrained` (the files'
+        metadata), or of a single `.safetensors` checkpoint (the shapes in its header). The autoencoder, which adapters
+        do not patch, is the published one. Raises what `from_pretrained` raises about configs, and ValueError naming
+        a single file that is not safetensors (its shapes cannot be read without loading it).
+        """
+        if source is None:
+            return cls(device=device, dtype=dtype)
+        local = Path(source).expanduser()
+        if local.is_file():
+            if sniff_weights_format(local) != "safetensors":
+                raise ValueError(f"{local}: the architecture of a single file is read from a safetensors header only")
+            shapes, _ = read_safetensors_shapes(local)
+            unet_config = read_single_file_config(SD1UNet.component_format, source=local, tensors=shapes)
+            text_config = read_single_file_config(CLIPTextEncoderL.component_format, source=local, tensors=shapes)
+        elif (local / OWN_INDEX).is_file():
+            unet_config = read_own_config(SD1UNet.component_format, local / OWN_FILES["unet"])
+            text_config = read_own_config(CLIPTextEncoderL.component_format, local / OWN_FILES["clip_text_encoder"])
+        else:
+            check_not_sdxl(source)
+            check_text_width(source)
+            unet_config = read_component_config(SD1UNet.component_format, source)
+            text_config = read_component_config(CLIPTextEncoderL.component_format, source)
+        return cls(
+            unet=SD1UNet(unet_config, device=device, dtype=dtype),
+            clip_text_encoder=CLIPTextEncoderL(text_config, device=device, dtype=dtype),
+            device=device,
+            dtype=dtype,
         )
 
     @classmethod

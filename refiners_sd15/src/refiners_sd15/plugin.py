@@ -27,6 +27,7 @@ def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
             default_size=SD15_DEFAULT_SIZE,
             generate=Reference("refiners_sd15.generation:generate_sd15"),
             default_guidance=SD15_DEFAULT_GUIDANCE,
+            architecture=Reference("refiners_sd15.model:StableDiffusion_1.architecture"),
         )
     )
 

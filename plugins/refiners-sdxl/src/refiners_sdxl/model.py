@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from refiners_core.checks import sniff_weights_format
+from refiners_core.weights import read_safetensors_shapes
 from refiners_sd15 import SD1Autoencoder
 from refiners_sd15.clip import (
     SDXL_TEXT_ENCODER_FORMAT,
@@ -17,7 +19,7 @@ from refiners_sd15.clip import (
     CLIPTokenizer,
     DoubleTextEncoder,
 )
-from refiners_sd15.loading import PathOrRepoId, PretrainedComponent, load_component
+from refiners_sd15.loading import PathOrRepoId, PretrainedComponent, load_component, read_own_config
 from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.config import SDXL_BASE_UNET
 from refiners_sdxl.denoising import SDXLDenoisingModel, text_encoder_g_with_tokenizer
@@ -89,6 +91,47 @@ class StableDiffusion_XL(SDXLDenoisingModel[DoubleTextEncoder]):
     def default_time_ids(self) -> torch.Tensor:
         """`time_ids()` for 1024x1024 images, uncropped: `[[1024, 1024, 0, 0, 1024, 1024]] * 2`."""
         return self.time_ids()
+
+    @classmethod
+    def architecture(
+        cls,
+        source: PathOrRepoId | None = None,
+        *,
+        device: torch.device | str | None = "meta",
+        dtype: torch.dtype | None = None,
+    ) -> StableDiffusion_XL:
+        """The model `from_pretrained(source)` builds, with no weight read (on the meta device by default): the
+        published architecture for `source` None, else the UNet and text encoders of the configs of a local diffusers
+        folder (their `config.json`), of a folder written by `save_pretrained` (the files' metadata), or of a single
+        `.safetensors` checkpoint (the shapes in its header). The autoencoder, which adapters do not patch, is the
+        published one. Raises what `from_pretrained` raises about configs, and ValueError naming a single file that is
+        not safetensors (its shapes cannot be read without loading it).
+        """
+        if source is None:
+            return cls(device=device, dtype=dtype)
+        local = Path(source).expanduser()
+        if local.is_file():
+            if sniff_weights_format(local) != "safetensors":
+                raise ValueError(f"{local}: the architecture of a single file is read from a safetensors header only")
+            configs = read_sdxl_single_file(local, read_safetensors_shapes(local)[0])
+            unet, text_l, text_g = configs.unet, configs.text_encoder, configs.text_encoder_2
+        elif (local / cls.own_index).is_file():
+            unet = read_own_config(SDXLUNet.component_format, component_file(local, "unet"))
+            text_l = read_own_config(CLIPTextEncoderL.component_format, component_file(local, "text_encoder_l"))
+            text_g = read_own_config(CLIPTextEncoderG.component_format, component_file(local, "text_encoder_g"))
+        else:
+            folder = read_sdxl_folder(source, pipelines=cls.pipelines)
+            unet, text_l, text_g = folder.unet, folder.text_encoder, folder.text_encoder_2
+        cls.check_unet_in_channels(unet)
+        return cls(
+            unet=SDXLUNet(unet, device=device, dtype=dtype),
+            clip_text_encoder=DoubleTextEncoder(
+                CLIPTextEncoderL(text_l, device=device, dtype=dtype),
+                CLIPTextEncoderG(text_g, device=device, dtype=dtype),
+            ),
+            device=device,
+            dtype=dtype,
+        )
 
     @classmethod
     def check_unet_in_channels(cls, config: UNetConfig, source: Path | None = None) -> None:

@@ -29,6 +29,7 @@ def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
             default_guidance=SDXL_DEFAULT_GUIDANCE,
             solver_defaults=SCHEDULER_DEFAULTS,
             refiner="sdxl-refiner",
+            architecture=Reference("refiners_sdxl.model:StableDiffusion_XL.architecture"),
         )
     )
     register(

@@ -127,6 +127,12 @@ class ModelSpec:
       `Solver`, e.g. `{"timestep_spacing": "leading"}`), for the checks made before the model is loaded.
     - `refiner`: the name of the registered model (without `generate`) that `--refiner` loads and runs after this
       one on the last steps.
+
+    Any model may give `architecture(source, *, device)`: the model as `loader` would build it, with no weights read
+    (on `device="meta"`, nothing allocated), for tools that check files against a model before loading anything
+    (`refiners lora inspect`). `source` None gives the published architecture; otherwise it is a local folder or
+    file that `loader` reads, whose architecture comes from its small files only (configs, a safetensors header).
+    Raises FileNotFoundError or ValueError naming the file at fault, as `loader` would.
     """
 
     name: str
@@ -139,6 +145,7 @@ class ModelSpec:
     default_guidance: float | None = None
     solver_defaults: Mapping[str, Any] | None = None
     refiner: str | None = None
+    architecture: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         check_name("model", self.name)
@@ -151,9 +158,9 @@ class ModelSpec:
             raise TypeError(f"model {self.name!r}: default_guidance must be a finite number >= 0, got {guidance!r}")
         if self.solver_defaults is not None and not isinstance(self.solver_defaults, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"model {self.name!r}: solver_defaults must be a mapping, got {self.solver_defaults!r}")
-        _referenced(self, "model", self.name, "loader", "demo", "detect", "generate")
+        _referenced(self, "model", self.name, "loader", "demo", "detect", "generate", "architecture")
         _check_callable("model", self.name, "loader", self.loader)
-        for role in ("demo", "detect", "generate"):
+        for role in ("demo", "detect", "generate", "architecture"):
             if (value := getattr(self, role)) is not None:
                 _check_callable("model", self.name, role, value)
         size = self.default_size
