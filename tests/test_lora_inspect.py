@@ -115,7 +115,7 @@ def test_keys_that_would_not_load_are_each_listed_with_the_reason_and_exit_1(
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"
     tensors[f"{conv}.lora_down.weight"] = torch.zeros(1, 7, 3, 3)  # the layer takes 320 channels
     tensors["lora_unet_bogus_block.lora_down.weight"] = torch.zeros(1, 4)
-    tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a"] = torch.zeros(4, 2)
+    tensors["lora_te_text_model_encoder_layers_0_mlp_fc1.oft_blocks"] = torch.zeros(4, 2, 2)  # OFT: not applied
     path = tmp_path / "bad.safetensors"
     save_tensors(path, tensors)
 
@@ -127,15 +127,50 @@ def test_keys_that_would_not_load_are_each_listed_with_the_reason_and_exit_1(
     assert (
         "'lora_unet_bogus_block.lora_down.weight': StableDiffusion_1 has no module named 'lora_unet_bogus_block'" in out
     )
-    assert "'lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a': not a weight of a known family" in out
+    assert (
+        "'lora_te_text_model_encoder_layers_0_mlp_fc1.oft_blocks': 'lora_te_text_model_encoder_layers_0_mlp_fc1"
+        ".oft_blocks' is a OFT / BOFT (LyCORIS) weight, a family refiners-lora does not apply" in out
+    )
 
     code, out, _ = inspect(capsys, str(path), "--json")
     problems = json.loads(out)["problems"]
     assert code == 1 and [problem["keys"] for problem in problems] == [
+        ["lora_te_text_model_encoder_layers_0_mlp_fc1.oft_blocks"],
         [f"{conv}.alpha", f"{conv}.lora_down.weight", f"{conv}.lora_up.weight"],
-        ["lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a"],
         ["lora_unet_bogus_block.lora_down.weight"],
     ]
+    with pytest.raises(refiners_core.weights.WeightsError, match="oft_blocks' is a OFT / BOFT"):  # the first, as add
+        LoraManager(StableDiffusion_1.architecture(device="meta")).add("bad", path)
+
+
+def test_a_loha_file_is_reported_by_its_family_and_loads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A kohya LoHa (LyCORIS) of every Linear layer of SD1.5's published LoRA names: family "loha", its rank and
+    alpha, the base model guessed from its `hada_w1_b` weights."""
+    lora, rank = lora_tensors(architecture("sd15"), KOHYA), 2
+    tensors: dict[str, torch.Tensor] = {}
+    for key, down in lora.items():
+        module = key.removesuffix(".lora_down.weight")
+        if module == key or down.ndim != 2:  # Linear layers only
+            continue
+        outputs = lora[f"{module}.lora_up.weight"].shape[0]
+        tensors |= {f"{module}.hada_w{i}_a": torch.zeros(outputs, rank) for i in (1, 2)}
+        tensors |= {f"{module}.hada_w{i}_b": torch.zeros(rank, down.shape[1]) for i in (1, 2)}
+        tensors[f"{module}.alpha"] = torch.tensor(1.0)
+    path = tmp_path / "loha.safetensors"
+    save_tensors(path, tensors)
+
+    code, out, err = inspect(capsys, str(path), "--json")
+
+    assert (code, err) == (0, "")
+    report = json.loads(out)
+    modules = len(tensors) // 5
+    assert report["loads"] and report["model"]["guessed_from"].startswith("SD1.5: ")
+    assert report["families"] == {"loha": modules} and report["modules_matched"] == modules
+    assert report["ranks"] == [{"rank": 2, "modules": modules}]
+    assert report["alphas"] == [{"alpha": 1.0, "modules": modules}]
+    code, out, _ = inspect(capsys, str(path))
+    assert code == 0 and f"families: loha ({modules})" in out
+    assert LoraManager(StableDiffusion_1.architecture(device="meta")).add("same", path) == []
 
 
 def test_an_sd15_file_against_sdxl_is_refused_whole_naming_both_models(
@@ -224,7 +259,8 @@ def test_no_weight_is_read_whatever_the_size_of_the_file(tmp_path: Path, monkeyp
     monkeypatch.setattr(refiners_core.weights, "read_safetensors", refuse)
     monkeypatch.setattr(refiners_core.weight_formats, "read_safetensors", refuse)
     report = inspect_lora(path)
-    assert report.loads and report.plan.modules[0].layer.weight.is_meta
+    layer = report.plan.applicable[0].layer
+    assert report.loads and isinstance(layer, fl.Linear | fl.Conv2d) and layer.weight.is_meta
     assert report.to_json()["ranks"] == [{"rank": rank, "modules": len(shapes) // 3}]
     assert report.to_json()["alphas"] == [{"alpha": 2.0, "modules": len(shapes) // 3}]
 

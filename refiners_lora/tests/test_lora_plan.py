@@ -9,7 +9,7 @@ import torch
 import refiners_core.fluxion as fl
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraManager
-from refiners_lora.plan import UNKNOWN_KEY, plan_lora
+from refiners_lora.planning import UNKNOWN_KEY, plan_lora
 
 
 def net() -> fl.Chain:
@@ -28,7 +28,8 @@ def bad_lora() -> dict[str, torch.Tensor]:
         "Conv2d.up.weight": torch.zeros(7, 2, 1, 1),  # the convolution gives 6 channels
         "Linear_2.down.weight": torch.zeros(3, 16),  # no up weight
         "Linear_9.down.weight": torch.zeros(2, 8),  # no such layer
-        "Linear_1.lokr_w1": torch.zeros(2, 2),  # a key of no known form
+        "Linear_1.bogus": torch.zeros(2, 2),  # a key of no known form
+        "Linear_2.oft_blocks": torch.zeros(4, 4, 4),  # a family refiners-lora does not apply
     }
 
 
@@ -37,24 +38,26 @@ def test_plan_lists_every_refused_and_unmatched_key_with_its_reason_in_the_file_
 
     plan = plan_lora(model, bad_lora(), "bad.safetensors")
 
-    assert [(module.module, module.path, module.lora.rank, module.lora.alpha) for module in plan.modules] == [
-        ("Linear_1", "Linear_1", 2, 1.0)
+    assert [(m.module, m.path, m.family, m.rank, m.alpha) for m in plan.applicable] == [
+        ("Linear_1", "Linear_1", "lora", 2, 1.0)
     ]
     assert [refusal.keys for refusal in plan.refused] == [
+        ("Linear_2.oft_blocks",),
         ("SiLU.down.weight", "SiLU.up.weight"),
         ("Conv2d.down.weight", "Conv2d.up.weight"),
         ("Linear_2.down.weight",),
     ]
     reasons = [refusal.reason for refusal in plan.refused]
+    assert reasons[0].startswith("'Linear_2.oft_blocks' is a OFT / BOFT (LyCORIS) weight, a family refiners-lora")
     assert (
-        reasons[0]
+        reasons[1]
         == "'SiLU.down.weight' targets layer `Chain.SiLU`, a SiLU: LoRA patches Linear and Conv2d layers only"
     )
-    assert reasons[1].startswith("'Conv2d.up.weight' has shape (7, 2, 1, 1) but layer `Chain.Conv2d` (Conv2d 4 -> 6")
-    assert reasons[2] == "'Linear_2.down.weight' has no up weights beside it (LoRA for layer `Chain.Linear_2`)"
+    assert reasons[2].startswith("'Conv2d.up.weight' has shape (7, 2, 1, 1) but layer `Chain.Conv2d` (Conv2d 4 -> 6")
+    assert reasons[3] == "'Linear_2.down.weight' has no up weights beside it (LoRA for layer `Chain.Linear_2`)"
     assert all(r.message == f"bad.safetensors: {r.reason}" for r in plan.refused)
-    assert plan.unmatched == {
-        "Linear_1.lokr_w1": UNKNOWN_KEY,
+    assert plan.unmatched_reasons == {
+        "Linear_1.bogus": UNKNOWN_KEY,
         "Linear_9.down.weight": "Chain has no layer at 'Linear_9'",
     }
 
@@ -62,13 +65,18 @@ def test_plan_lists_every_refused_and_unmatched_key_with_its_reason_in_the_file_
 def test_the_loader_refuses_with_the_plans_first_refusal_and_changes_nothing() -> None:
     model = net()
     before = {key: tensor.clone() for key, tensor in model.state_dict().items()}
-    first = plan_lora(model, bad_lora(), "LoRA state dict 'bad'").refused[0].message
+    tensors = bad_lora()
+    del tensors["Linear_2.oft_blocks"]
+    plan = plan_lora(model, tensors, "LoRA state dict 'bad'")
+    first = plan.refused[0].message
 
     with pytest.raises(WeightsError) as error:
-        LoraManager(model).add("bad", bad_lora())
+        LoraManager(model).add("bad", tensors)
 
-    assert str(error.value) == first
+    assert str(error.value) == first and first.startswith("LoRA state dict 'bad': 'SiLU.down.weight' targets")
     assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in before.items())
+    with pytest.raises(WeightsError, match="'Linear_2.oft_blocks' is a OFT / BOFT"):  # checked first, as before
+        LoraManager(model).add("bad", bad_lora())
 
 
 def test_meta_tensors_are_planned_from_their_shapes_and_alphas_read() -> None:
@@ -76,11 +84,18 @@ def test_meta_tensors_are_planned_from_their_shapes_and_alphas_read() -> None:
         "Linear_1.down.weight": torch.empty(2, 8, device="meta"),
         "Linear_1.up.weight": torch.empty(16, 2, device="meta"),
         "Linear_1.alpha": torch.tensor(4.0),
-        "Conv2d.down.weight": torch.empty(2, 5, 3, 3, device="meta"),
-        "Conv2d.up.weight": torch.empty(6, 2, 1, 1, device="meta"),
+        "Conv2d.hada_w1_a": torch.empty(6, 2, device="meta"),
+        "Conv2d.hada_w1_b": torch.empty(2, 36, device="meta"),
+        "Conv2d.hada_w2_a": torch.empty(6, 2, device="meta"),
+        "Conv2d.hada_w2_b": torch.empty(2, 36, device="meta"),
+        "Linear_2.down.weight": torch.empty(2, 5, device="meta"),
+        "Linear_2.up.weight": torch.empty(4, 2, device="meta"),
     }
 
     plan = plan_lora(net(), meta, "meta.safetensors")
 
-    assert [(module.path, module.lora.alpha) for module in plan.modules] == [("Linear_1", 4.0)]
-    assert plan.refused[0].reason.startswith("'Conv2d.down.weight' has shape (2, 5, 3, 3) but layer `Chain.Conv2d`")
+    assert [(m.path, m.family, m.rank, m.alpha) for m in plan.applicable] == [
+        ("Linear_1", "lora", 2, 4.0),
+        ("Conv2d", "loha", 2, None),
+    ]
+    assert plan.refused[0].reason.startswith("'Linear_2.down.weight' has shape (2, 5) but layer `Chain.Linear_2`")

@@ -117,12 +117,9 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str, metadata: dict[str
     classified: dict[str, tuple[Format | None, str, Role]] = {}
     examples: dict[Format, str] = {}
     for key in tensors:
-        family = next((name for suffix, name in UNSUPPORTED_SUFFIXES.items() if key.endswith(suffix)), None)
-        if family is not None:
-            raise WeightsError(
-                f"{source}: '{key}' is a {family} weight, a family refiners-lora does not apply (it applies LoRA, "
-                "LoCon, LoHa, LoKr, Tucker, full diffs and DoRA): nothing was loaded"
-            )
+        refusal = unsupported_family(key, source)
+        if refusal is not None:
+            raise WeightsError(refusal)
         found = _classify(key)
         if found is None:
             continue
@@ -158,6 +155,18 @@ def parse_lora(tensors: dict[str, torch.Tensor], source: str, metadata: dict[str
     if lora_format == "diffusers" and metadata and PEFT_METADATA_KEY in metadata:
         _add_peft_alphas(modules, _peft_configs(metadata[PEFT_METADATA_KEY], source), source)
     return ParsedLora(lora_format, modules, unknown)
+
+
+def unsupported_family(key: str, source: str) -> str | None:
+    """The error for `key` of `source` when it is a weight of a family refiners-lora does not apply (OFT, BOFT,
+    GLoRA...: `refiners_lora.families.UNSUPPORTED_SUFFIXES`), naming the family; None for any other key."""
+    family = next((name for suffix, name in UNSUPPORTED_SUFFIXES.items() if key.endswith(suffix)), None)
+    if family is None:
+        return None
+    return (
+        f"{source}: '{key}' is a {family} weight, a family refiners-lora does not apply (it applies LoRA, "
+        "LoCon, LoHa, LoKr, Tucker, full diffs and DoRA): nothing was loaded"
+    )
 
 
 def _peft_configs(raw: str, source: str) -> dict[str, dict[str, Any]]:

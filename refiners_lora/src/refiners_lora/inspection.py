@@ -2,7 +2,7 @@
 
 The file is read from its safetensors header (`refiners_core.weights.read_safetensors_shapes`: shapes only, alphas
 read), the model is built on the meta device from its configs (`ModelSpec.architecture` of the registered model),
-and `refiners_lora.plan.plan_lora`, the code `LoraManager.add` runs, matches one to the other. `refiners lora
+and `refiners_lora.planning.plan_lora`, the code `LoraManager.add` runs, matches one to the other. `refiners lora
 inspect` prints the `LoraReport`; its JSON form is documented in the package's README.
 """
 
@@ -18,10 +18,13 @@ from torch import nn
 import refiners_core.fluxion as fl
 from refiners_core.model_kinds import detect_model
 from refiners_core.plugins import ModelSpec, registry
-from refiners_core.weights import read_safetensors_shapes
+from refiners_core.weights import WeightsError, read_safetensors_shapes
 from refiners_lora.base_models import guess_base_model
-from refiners_lora.formats import parse_lora
-from refiners_lora.plan import LoraPlan, plan_lora
+from refiners_lora.formats import parse_lora, unsupported_family
+from refiners_lora.planning import LoraPlan, input_weights, plan_lora
+
+UNRECOGNIZED = "unrecognized"
+"""The family reported for a module whose keys make no family (its problem says why)."""
 
 BASE_MODEL_KINDS = {"SD1.5": "sd15", "SDXL": "sdxl"}
 """The base models `refiners_lora.base_models` tells apart -> the registered model kind built for them."""
@@ -50,8 +53,8 @@ class Problem:
 class LoraReport:
     """What `inspect_lora` found: the file, the model it was checked against, the plan, its problems.
 
-    Families, ranks and alphas are those of every module of the file; `components` count the layers of the modules
-    that would load.
+    Families (from `refiners_lora.families.recognize`), ranks and alphas are those of every module of the file;
+    `components` count the layers of the modules that would load.
     """
 
     file: str
@@ -73,10 +76,10 @@ class LoraReport:
 
     def to_json(self) -> dict[str, Any]:
         """The report as the README's "`refiners lora inspect --json`" section documents it."""
-        modules = list(self.plan.parsed.modules.values())
+        modules = self.plan.modules
         return {
             "file": self.file,
-            "format": self.plan.parsed.format,
+            "format": self.plan.format,
             "model": {
                 "kind": self.model,
                 "source": self.model_source,
@@ -84,8 +87,8 @@ class LoraReport:
                 "guessed_from": self.guessed_from,
             },
             "modules": len(modules),
-            "modules_matched": len(self.plan.modules),
-            "families": dict(sorted(Counter(module.family for module in modules).items())),
+            "modules_matched": len(self.plan.applicable),
+            "families": dict(sorted(Counter(module.family or UNRECOGNIZED for module in modules).items())),
             "ranks": [
                 {"rank": rank, "modules": n}
                 for rank, n in sorted(Counter(m.rank for m in modules).items(), key=lambda item: item[0] or 0)
@@ -125,7 +128,7 @@ def inspect_lora(path: str | Path, model: str | None = None) -> LoraReport:
     plan = plan_lora(built, tensors, str(path), metadata)
     problems = [Problem(refusal.keys, refusal.reason) for refusal in plan.refused]
     by_reason: dict[str, list[str]] = {}
-    for key, reason in plan.unmatched.items():
+    for key, reason in plan.unmatched_reasons.items():
         by_reason.setdefault(reason, []).append(key)
     problems += [Problem(tuple(keys), reason) for reason, keys in by_reason.items()]
     return LoraReport(
@@ -134,9 +137,12 @@ def inspect_lora(path: str | Path, model: str | None = None) -> LoraReport:
 
 
 def _guess(path: Path, tensors: dict[str, Any]) -> tuple[str, str]:
-    parsed = parse_lora(tensors, str(path))
-    downs = {name: lora.tensors["down"] for name, lora in parsed.modules.items() if "down" in lora.tensors}
-    guessed = guess_base_model(downs)
+    supported = {key: tensor for key, tensor in tensors.items() if unsupported_family(key, str(path)) is None}
+    try:
+        parsed = parse_lora(supported, str(path))
+    except WeightsError:
+        parsed = parse_lora(tensors, str(path))  # its error names the first key of an unsupported family, if any
+    guessed = guess_base_model(input_weights(parsed))
     kind = BASE_MODEL_KINDS.get(guessed[0]) if guessed else None
     if guessed is None or kind is None or kind not in registry().models:
         what = f"a LoRA for {guessed[0]} ({guessed[1]}), not a kind" if guessed else "no base model"
@@ -164,7 +170,7 @@ def _kinds() -> str:
 
 
 def _components(model: nn.Module, plan: LoraPlan) -> list[Component]:
-    patched = Counter(module.path.partition(".")[0] for module in plan.modules)
+    patched = Counter(module.path.partition(".")[0] for module in plan.applicable if module.path is not None)
     return [
         Component(name, patched[name], sum(isinstance(m, fl.Linear | fl.Conv2d) for m in child.modules()))
         for name, child in model.named_children()

@@ -409,9 +409,9 @@ class LoraManager:
         """(layer path, layer, module LoRA) of every module `plan_lora` can apply, and the keys that match no layer;
         raises WeightsError for the first problem, or for unmatched keys when `strict` (or nothing matched)."""
         found = plan_lora(self.model, tensors, source, metadata)
-        problem = next((module.problem for module in found.modules if module.problem is not None), None)
-        if problem is not None:
-            raise WeightsError(problem)
+        refused = found.refused
+        if refused:
+            raise WeightsError(refused[0].message)
         plan: list[tuple[str, LoraTarget, ModuleLora]] = []
         for module in found.applicable:
             assert module.path is not None and isinstance(module.layer, (fl.Linear, fl.Conv2d))
