@@ -23,7 +23,10 @@ images' declared sizes, the device, the output path, the model's kind and the pl
 (`GenerateOptionSpec.validate`, and that the option applies to that kind).
 Latents that become NaN or infinite stop the run, naming the step. The image is written atomically: to a
 temporary file in the output's folder, then renamed over `--out`, so an existing file is replaced whole or not at
-all.
+all; a PNG records every setting in its text chunks (`generate_outputs`).
+
+Many images (`--num-images`, `--batch-size`, `--prompts`, `--out-dir`) and `--from-image` are run by
+`generate_many`, the command's entry point, with the functions here.
 """
 
 from __future__ import annotations
