@@ -130,11 +130,11 @@ def _run_items(
     summary = Summary()
     prefix = f"{TEMPORARY_PREFIX}rank{ranks.rank}-"
     remove_temporaries(out_dir, prefix)
-    pending: list[Job] = []
+    checked: list[Job] = []
+    complete: set[str] = set()
     for item in items:
-        job = Job(
-            item, _namespace(args, {**item.overrides, "out": out_dir / f"{item.id}.png"}), out_dir / f"{item.id}.png"
-        )
+        out = out_dir / f"{item.id}.png"
+        job = Job(item, _namespace(args, {**item.overrides, "out": out}), out)
         try:
             job.checked = cli.check_arguments(job.args)
             job.settings = settings_of(job.args, job.checked, flags)
@@ -142,14 +142,17 @@ def _run_items(
             if ranks.rank == 0:
                 summary.failed.append((item.id, f"{item.where}: {error}"))
             continue
+        checked.append(job)
         if is_complete(job.out, job.settings):
-            summary.skipped += 1 if ranks.rank == 0 else 0
-        else:
-            pending.append(job)
+            complete.add(item.id)
+    summary.skipped = len(complete) if ranks.rank == 0 else 0
     ranks.barrier()  # every rank has seen which outputs were complete before any is written
-    mine = _batches(pending, batch_size)[ranks.rank :: ranks.world_size]
+    # batches are made of every item, complete or not, so that a resumed run denoises each image in the batch it
+    # had in an uninterrupted run (same pixels); a batch whose images are all there is skipped
+    batches = [batch for batch in _batches(checked, batch_size) if any(j.item.id not in complete for j in batch)]
+    mine = batches[ranks.rank :: ranks.world_size]
     progress = tqdm(
-        total=sum(len(batch) for batch in mine),
+        total=sum(1 for batch in mine for job in batch if job.item.id not in complete),
         unit="img",
         desc=f"rank 0 of {ranks.world_size}" if ranks.world_size > 1 else "generate",
         disable=ranks.rank != 0 or args.no_progress,
@@ -157,16 +160,18 @@ def _run_items(
     )
     with progress:
         for batch, model, extra in _with_models(mine, summary):
+            missing = [job for job in batch if job.item.id not in complete]
             try:
                 images = _generate(model, batch, extra)
             except Exception as error:  # a bad item fails its batch, and the run goes on
-                summary.failed.extend((job.item.id, f"{job.item.where}: {_one_line(error)}") for job in batch)
-                progress.update(len(batch))
+                summary.failed.extend((job.item.id, f"{job.item.where}: {_one_line(error)}") for job in missing)
+                progress.update(len(missing))
                 continue
             for job, image in zip(batch, images):
-                write_atomically(image, job.out, "PNG", settings=job.settings, prefix=prefix)
-                summary.done += 1
-            progress.update(len(batch))
+                if job.item.id not in complete:
+                    write_atomically(image, job.out, "PNG", settings=job.settings, prefix=prefix)
+                    summary.done += 1
+            progress.update(len(missing))
     return summary
 
 
