@@ -16,7 +16,7 @@ import torch
 import refiners_core.fluxion as fl
 from refiners_core.layer_blocks import LayerBlock
 from refiners_core.testing import assert_relative_close, relative_error
-from refiners_lora import LoraManager
+from refiners_lora import LoraAdapter, LoraManager
 from refiners_lora.block_weights import block_weight_names
 
 BLOCKS = [
@@ -135,6 +135,7 @@ def test_fusing_keeps_the_block_scales() -> None:
     model, loras = loaded()
     with torch.no_grad():
         for adapter in loras._get("style").adapters:  # pyright: ignore[reportPrivateUsage]
+            assert isinstance(adapter, LoraAdapter)  # a plain LoRA file
             torch.nn.init.normal_(adapter.lora.up.weight)
     x = torch.randn(3, 4)
     with torch.no_grad():

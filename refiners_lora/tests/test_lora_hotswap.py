@@ -148,3 +148,14 @@ def test_hotswap_refuses_what_it_cannot_keep() -> None:
         loras.fuse()
     with pytest.raises(RuntimeError, match="cannot disable hot-swap: remove 'in-slot' first"):
         loras.disable_hotswap()
+
+
+def test_a_dora_module_is_refused_by_the_slots_naming_its_key() -> None:
+    """A slot runs a plain LoRA: a DoRA magnitude (or any LyCORIS weight) on one of the modules refuses the file."""
+    chain = model()
+    loras = LoraManager(chain)
+    loras.enable_hotswap(max_rank=2, max_loras=1)
+    dora = lora(1, rank=1, layers=("Linear_1",)) | {"Linear_1.dora_scale": torch.rand(16, 1) + 0.5}
+    with pytest.raises(WeightsError, match=r"'Linear_1\.down\.weight' is not a plain LoRA .* cannot be hot-swapped"):
+        loras.add("dora", dora)
+    assert not loras.names and torch.equal(chain(X), model()(X))  # nothing filled

@@ -18,6 +18,7 @@ import refiners_core.fluxion as fl
 from refiners_core.weights import WeightsError
 from refiners_lora.adapter import LoraAdapter, LoraTarget
 from refiners_lora.formats import ModuleLora
+from refiners_lora.planning import PLAIN_ROLES
 
 
 @dataclass
@@ -63,9 +64,9 @@ class HotswapSlots:
         """
         for path, target, lora in plan:
             key = next(iter(lora.keys.values()))
-            if "down" not in lora.tensors or "up" not in lora.tensors:
+            if not lora.tensors.keys() <= PLAIN_ROLES or "down" not in lora.tensors or "up" not in lora.tensors:
                 raise WeightsError(
-                    f"{source}: '{key}' is not a plain LoRA (down / up weights): it cannot be hot-swapped"
+                    f"{source}: '{key}' is not a plain LoRA (down / up weights, alpha): it cannot be hot-swapped"
                 )
             rank = lora.tensors["down"].shape[0]
             if rank > self.max_rank:

@@ -17,26 +17,29 @@ import torch
 from torch import nn
 
 import refiners_core.fluxion as fl
-from refiners_core.fluxion.adapters import Adapter, AdapterError
-from refiners_core.module_names import ForeignModuleNames
-from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, save_tensors
+from refiners_core.fluxion.adapters import AdapterError
+from refiners_core.weights import WeightsError, load_tensors, read_metadata, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
-from refiners_lora.base_models import check_base_model
 from refiners_lora.block_weights import BlockScales, block_multipliers
+from refiners_lora.delta_adapter import DeltaAdapter, snapshot_biases
 from refiners_lora.export import lora_state_dict
-from refiners_lora.formats import Format, ModuleLora, Role, parse_lora
+from refiners_lora.families import recognize
+from refiners_lora.formats import Format, ModuleLora
 from refiners_lora.hotswap import HotswapSlots, hotswap_layers
+from refiners_lora.planning import PLAIN_ROLES, plan_lora, resolve_layer
 
 logger = logging.getLogger(__name__)
 
 LoraSource = str | os.PathLike[str] | dict[str, torch.Tensor]
+AnyAdapter = LoraAdapter | DeltaAdapter
+"""A plain LoRA's adapter, or a LyCORIS / DoRA one (`refiners_lora.delta_adapter`)."""
 
 
 @dataclass
 class _Loaded:
     """One named LoRA: its adapters (in injection order), each with its alpha / rank, and the user's scale."""
 
-    adapters: list[LoraAdapter]
+    adapters: list[AnyAdapter]
     factors: list[float]
     scale: float | BlockScales
     paths: list[str]  # the layer path of each adapter's target, relative to the model
@@ -47,6 +50,7 @@ class _State:
     loras: dict[str, _Loaded] = field(default_factory=lambda: {})
     fused_weights: dict[LoraTarget, torch.Tensor] | None = None  # target -> its weight before fusing
     hotswap: HotswapSlots | None = None  # the slots of `enable_hotswap`
+    fused_biases: dict[LoraTarget, torch.Tensor] = field(default_factory=lambda: {})  # the biases full diffs change
 
 
 _STATES: WeakKeyDictionary[nn.Module, _State] = WeakKeyDictionary()
@@ -58,9 +62,10 @@ class LoraManager:
     Every manager of the same model shares its state, so `LoraManager(model).names` always tells what is loaded.
     A LoRA's effective update of a layer's weight is `scale * alpha / rank * up @ down`.
 
-    Files may be kohya, diffusers / PEFT or refiners LoRAs (see `refiners_lora.formats`); the first two need a
+    Files may be kohya, diffusers / PEFT or refiners LoRAs (see `refiners_lora.formats`), each module a LoRA, LoCon,
+    LoHa, LoKr, Tucker LoCon or full diff, with or without DoRA (see `refiners_lora.families`); the first two need a
     model that names its layers in their convention (`refiners_core.module_names.ForeignModuleNames`), the last
-    works on any model. `state_dict` and `save` write a LoRA in any of the three formats.
+    works on any model. `state_dict` and `save` write a plain LoRA (LoRA / LoCon) in any of the three formats.
 
     While the LoRAs are fused (`fuse()`), `add`, `remove` and `set_scale` raise RuntimeError: call `unfuse()` first.
     `set_scale` also takes per-block scales (`refiners_lora.block_weights`); `enable_hotswap` makes room for LoRAs to
@@ -120,7 +125,7 @@ class LoraManager:
         else:
             adapters = [_build(target, lora, scale) for _, target, lora in plan]
             _inject_all(adapters)
-        self._state.loras[name] = _Loaded(adapters, factors, scale, [path for path, _, _ in plan])
+        self._state.loras[name] = _Loaded(list[AnyAdapter](adapters), factors, scale, [path for path, _, _ in plan])
         if skipped:
             logger.warning(
                 "LoRA %r: %d key(s) of %s match no layer and were skipped: %s", name, len(skipped), source, skipped
@@ -169,7 +174,7 @@ class LoraManager:
         targets: list[LoraTarget] = []
         seen: dict[int, str] = {}
         for path in paths:
-            layer = _resolve(self.model, path)
+            layer = resolve_layer(self.model, path)
             if layer is None:
                 raise ValueError(f"LoRA {name!r}: {model_name} has no layer at path {path!r}")
             if not isinstance(layer, (fl.Linear, fl.Conv2d)):
@@ -189,8 +194,8 @@ class LoraManager:
             down = adapter.lora.down
             assert isinstance(down, (fl.Linear, fl.Conv2d))
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-        _inject_all(adapters)
-        self._state.loras[name] = _Loaded(adapters, [factor] * len(adapters), scale, paths)
+        _inject_all(list(adapters))
+        self._state.loras[name] = _Loaded(list(adapters), [factor] * len(adapters), scale, paths)
         return dict(zip(paths, adapters, strict=True))
 
     def state_dict(self, name: str, format: Format = "refiners") -> dict[str, torch.Tensor]:
@@ -205,7 +210,14 @@ class LoraManager:
         path).
         """
         loaded = self._get(name)
-        adapters = list(zip(loaded.paths, loaded.adapters, loaded.factors, strict=True))
+        for path, adapter in zip(loaded.paths, loaded.adapters, strict=True):
+            if isinstance(adapter, DeltaAdapter):
+                raise ValueError(
+                    f"cannot write LoRA {name!r}: its update of `{path}` is a {adapter.delta.recognized.description}, "
+                    "and only plain LoRAs are written"
+                )
+        plain = [adapter for adapter in loaded.adapters if isinstance(adapter, LoraAdapter)]
+        adapters = list(zip(loaded.paths, plain, loaded.factors, strict=True))
         return lora_state_dict(self.model, adapters, format, name)
 
     def save(self, name: str, path: str | os.PathLike[str], format: Format = "refiners") -> None:
@@ -286,7 +298,7 @@ class LoraManager:
         else:
             targets = []
             for path in [layers] if isinstance(layers, str) else layers:
-                layer = _resolve(self.model, path)
+                layer = resolve_layer(self.model, path)
                 if not isinstance(layer, (fl.Linear, fl.Conv2d)) or (
                     isinstance(layer, fl.Conv2d) and layer.groups != 1
                 ):
@@ -325,7 +337,7 @@ class LoraManager:
         adapters = hotswap.fill(name, hotswap.check(name, source, plan, replacing=True), plan)
         for adapter, factor in zip(adapters, factors, strict=True):
             adapter.scale = scale * factor
-        self._state.loras[name] = _Loaded(adapters, factors, scale, [path for path, _, _ in plan])
+        self._state.loras[name] = _Loaded(list[AnyAdapter](adapters), factors, scale, [path for path, _, _ in plan])
         return skipped
 
     @torch.no_grad()
@@ -348,11 +360,18 @@ class LoraManager:
                 f"inject it again or remove({loaded!r}) first"
             )
         saved = _snapshot(list(dict.fromkeys(adapter.target for adapter in adapters)))
+        biases = snapshot_biases(list(adapters))
         for adapter in adapters:
-            adapter.target.weight.add_(_delta(adapter))
+            target = adapter.target
+            if isinstance(adapter, DeltaAdapter):  # from the weight before fusing, as unfused (DoRA depends on it)
+                target.weight.add_(adapter.weight_delta(saved[target]))
+                if (bias := adapter.delta.bias(target.bias)) is not None and target.bias is not None:
+                    target.bias.add_(bias)
+            else:
+                target.weight.add_(_delta(adapter))
         for adapter in reversed(adapters):
             adapter.eject()
-        self._state.fused_weights = saved
+        self._state.fused_weights, self._state.fused_biases = saved, biases
 
     @torch.no_grad()
     def unfuse(self) -> None:
@@ -362,11 +381,14 @@ class LoraManager:
             return
         for target, weight in saved.items():
             target.weight.copy_(weight)
+        for target, bias in self._state.fused_biases.items():
+            assert target.bias is not None
+            target.bias.copy_(bias)
         for adapter in self._adapters():
             adapter.inject()
-        self._state.fused_weights = None
+        self._state.fused_weights, self._state.fused_biases = None, {}
 
-    def _adapters(self) -> list[LoraAdapter]:
+    def _adapters(self) -> list[AnyAdapter]:
         return [adapter for loaded in self._state.loras.values() for adapter in loaded.adapters]
 
     def _get(self, name: str) -> _Loaded:
@@ -381,53 +403,30 @@ class LoraManager:
         if name in self._state.loras:
             raise ValueError(f"a LoRA named {name!r} is already loaded; remove it first or pick another name")
 
-    def _check_not_fused(self, action: str) -> None:
-        if self.is_fused:
-            raise RuntimeError(f"cannot {action} a LoRA while the LoRAs are fused: call unfuse() first")
-
     def _plan(
         self, tensors: dict[str, torch.Tensor], source: str, *, strict: bool, metadata: dict[str, str]
     ) -> tuple[list[tuple[str, LoraTarget, ModuleLora]], list[str]]:
-        """Match every module of the file to a layer of the model and check it fits, changing nothing."""
-        parsed = parse_lora(tensors, source, metadata)
-        model_name = type(self.model).__name__
-        names: dict[str, str] | None = None
-        if parsed.convention is not None:
-            if not isinstance(self.model, ForeignModuleNames):
-                raise WeightsError(
-                    f"{source} is a {parsed.format} LoRA, but {model_name} does not name its layers the "
-                    f"{parsed.convention} way (it does not implement refiners_core.module_names.ForeignModuleNames): "
-                    "only LoRAs keyed by our own layer paths load onto it"
-                )
-            names = dict(self.model.foreign_module_names(parsed.convention))
-            downs = {module: lora.tensors["down"] for module, lora in parsed.modules.items() if "down" in lora.tensors}
-            check_base_model(source, downs, self.model, names, lambda path: _resolve(self.model, path))
-        unmatched = list(parsed.unknown)
+        """(layer path, layer, module LoRA) of every module `plan_lora` can apply, and the keys that match no layer;
+        raises WeightsError for the first problem, or for unmatched keys when `strict` (or nothing matched)."""
+        found = plan_lora(self.model, tensors, source, metadata)
+        problem = next((module.problem for module in found.modules if module.problem is not None), None)
+        if problem is not None:
+            raise WeightsError(problem)
         plan: list[tuple[str, LoraTarget, ModuleLora]] = []
-        claimed: dict[int, str] = {}
-        for module, lora in parsed.modules.items():
-            path = module if names is None else names.get(module)
-            layer = _resolve(self.model, path) if path is not None else None
-            if path is None or layer is None:
-                unmatched.extend(lora.keys.values())
-                continue
-            key = next(iter(lora.keys.values()))
-            where = f"`{model_name}.{path}`" if path else f"`{model_name}`"
-            if not isinstance(layer, (fl.Linear, fl.Conv2d)):
-                raise WeightsError(
-                    f"{source}: '{key}' targets layer {where}, a {type(layer).__name__}: LoRA patches Linear and "
-                    "Conv2d layers only"
-                )
-            if id(layer) in claimed:
-                raise WeightsError(f"{source}: '{claimed[id(layer)]}' and '{module}' both patch layer {where}")
-            claimed[id(layer)] = module
-            _check(layer, lora, where, source)
-            plan.append((path, layer, lora))
-        if unmatched and (strict or not plan):
-            shown = ", ".join(f"'{key}'" for key in unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
+        for module in found.applicable:
+            assert module.path is not None and isinstance(module.layer, (fl.Linear, fl.Conv2d))
+            plan.append((module.path, module.layer, module.lora))
+        skipped = found.unmatched
+        if skipped and (strict or not plan):
+            shown = ", ".join(f"'{key}'" for key in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
             hint = " (pass strict=False to load the others)" if plan else ""
-            raise WeightsError(f"{source}: {len(unmatched)} key(s) match no layer of {model_name}{hint}: {shown}")
-        return plan, unmatched
+            model_name = type(self.model).__name__
+            raise WeightsError(f"{source}: {len(skipped)} key(s) match no layer of {model_name}{hint}: {shown}")
+        return plan, skipped
+
+    def _check_not_fused(self, action: str) -> None:
+        if self.is_fused:
+            raise RuntimeError(f"cannot {action} a LoRA while the LoRAs are fused: call unfuse() first")
 
 
 def _read(name: str, path_or_state_dict: LoraSource) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
@@ -442,9 +441,9 @@ def _read(name: str, path_or_state_dict: LoraSource) -> tuple[str, dict[str, tor
     return str(path_or_state_dict), load_tensors(Path(path_or_state_dict)), metadata
 
 
-def _inject_all(adapters: list[LoraAdapter]) -> None:
+def _inject_all(adapters: list[AnyAdapter]) -> None:
     """Inject every adapter, or none: on an error, the ones already in are taken out again."""
-    injected: list[LoraAdapter] = []
+    injected: list[AnyAdapter] = []
     try:
         for adapter in adapters:
             injected.append(adapter.inject())
@@ -454,9 +453,9 @@ def _inject_all(adapters: list[LoraAdapter]) -> None:
         raise
 
 
-def _eject_all(adapters: list[LoraAdapter], action: str) -> None:
+def _eject_all(adapters: list[AnyAdapter], action: str) -> None:
     """Eject every adapter (last first), or none: on an error, the ones already out are injected again."""
-    ejected: list[tuple[LoraAdapter, fl.Chain | None]] = []
+    ejected: list[tuple[AnyAdapter, fl.Chain | None]] = []
     try:
         for adapter in reversed(adapters):
             parent = adapter.parent
@@ -481,8 +480,12 @@ def _fits_float32(value: float) -> bool:
     return math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max
 
 
-def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> LoraAdapter:
-    """An adapter on `target` holding the file's down and up weights (reshaped, converted to the target's dtype)."""
+def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> AnyAdapter:
+    """An adapter on `target` holding the file's down and up weights (reshaped, converted to the target's dtype), or
+    for a LyCORIS / DoRA module, a `DeltaAdapter` holding its tensors (in the target's dtype)."""
+    if not lora.tensors.keys() <= PLAIN_ROLES:
+        recognized = recognize(lora.tensors, lora.keys)
+        return DeltaAdapter(target, recognized, lora.tensors, scale * recognized.outer_factor)
     down, up = lora.tensors["down"], lora.tensors["up"]
     adapter = LoraAdapter(target, rank=down.shape[0], scale=scale * _factor(lora))
     with torch.no_grad():
@@ -492,79 +495,10 @@ def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> LoraAdapter:
     return adapter
 
 
-def _resolve(model: nn.Module, path: str) -> nn.Module | None:
-    """The layer at `path`, looking through adapters injected on the way (e.g. another LoRA on the same layer)."""
-    node = _unwrap(model)
-    for name in path.split(".") if path else []:
-        child = node._modules.get(name)  # pyright: ignore[reportPrivateUsage]
-        if child is None:
-            return None
-        node = _unwrap(child)
-    return node
-
-
-def _unwrap(layer: nn.Module) -> nn.Module:
-    while isinstance(layer, Adapter):
-        layer = layer.target  # pyright: ignore[reportUnknownMemberType]
-    return layer  # pyright: ignore[reportUnknownVariableType]
-
-
-def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None:
-    """Raise WeightsError unless `lora`'s down, up and alpha fit `layer` (1x1 kernels and linear weights mix)."""
-    for role in ("down", "up"):
-        if role not in lora.tensors:
-            present = next(iter(lora.keys.values()))
-            raise WeightsError(f"{source}: '{present}' has no {role} weights beside it (LoRA for layer {where})")
-    down, up = lora.tensors["down"], lora.tensors["up"]
-    if down.ndim < 2:
-        raise WeightsError(f"{source}: '{lora.keys['down']}' has shape {tuple(down.shape)}, not a LoRA down weight")
-    rank = down.shape[0]
-    if rank == 0:
-        raise WeightsError(f"{source}: '{lora.keys['down']}' has shape {tuple(down.shape)}: a rank-0 LoRA")
-    check_weights({lora.keys["down"]: down, lora.keys["up"]: up}, source=source)
-    if isinstance(layer, fl.Linear):
-        expected_down: tuple[int, ...] = (rank, layer.in_features)
-        expected_up: tuple[int, ...] = (layer.out_features, rank)
-        kind = f"Linear {layer.in_features} -> {layer.out_features}"
-    else:
-        if layer.groups != 1:
-            raise WeightsError(f"{source}: '{lora.keys['down']}' targets grouped convolution {where}: not supported")
-        expected_down = (rank, layer.in_channels, *layer.kernel_size)
-        expected_up = (layer.out_channels, rank, 1, 1)
-        kind = f"Conv2d {layer.in_channels} -> {layer.out_channels}, kernel {tuple(layer.kernel_size)}"
-    checks: tuple[tuple[Role, torch.Tensor, tuple[int, ...]], ...] = (
-        ("down", down, expected_down),
-        ("up", up, expected_up),
-    )
-    for role, tensor, expected in checks:
-        if not _fits(tensor.shape, expected):
-            raise WeightsError(
-                f"{source}: '{lora.keys[role]}' has shape {tuple(tensor.shape)} but layer {where} ({kind}) expects "
-                f"{expected} for a rank-{rank} LoRA"
-            )
-    if "alpha" in lora.tensors:
-        alpha, key = lora.tensors["alpha"], lora.keys["alpha"]
-        if alpha.numel() != 1:
-            raise WeightsError(f"{source}: '{key}' has shape {tuple(alpha.shape)}, expected a single number")
-        if alpha.dtype == torch.bool or alpha.is_complex():
-            raise WeightsError(f"{source}: '{key}' holds a {str(alpha.dtype).removeprefix('torch.')}, not a number")
-        if not math.isfinite(float(alpha.item())):
-            raise WeightsError(f"{source}: '{key}' is {alpha.item()}, not a finite alpha")
-
-
-def _fits(found: torch.Size, expected: tuple[int, ...]) -> bool:
-    return tuple(found) == expected or _squeezed(tuple(found)) == _squeezed(expected)
-
-
-def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape without trailing 1s past two dimensions: a 1x1 kernel `(o, i, 1, 1)` reads as `(o, i)`."""
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
-
-
 def _factor(lora: ModuleLora) -> float:
-    """alpha / rank (1 without an alpha)."""
+    """alpha / rank (1 without an alpha); for a LyCORIS / DoRA module, the factor of the user's scale."""
+    if not lora.tensors.keys() <= PLAIN_ROLES:
+        return recognize(lora.tensors, lora.keys).outer_factor
     alpha = lora.tensors.get("alpha")
     rank = lora.tensors["down"].shape[0]
     return 1.0 if alpha is None else float(alpha.item()) / rank
