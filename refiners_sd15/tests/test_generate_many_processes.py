@@ -79,13 +79,16 @@ def test_two_torchrun_processes_write_the_files_and_pixels_of_one(model_folder: 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
 
+    with_progress = [argument for argument in arguments if argument != "--no-progress"]
     two = subprocess.run(
-        [*launcher, "refiners_core.cli", *arguments], capture_output=True, text=True, timeout=300, env=environment
+        [*launcher, "refiners_core.cli", *with_progress], capture_output=True, text=True, timeout=300, env=environment
     )
     one = run_module(command(model_folder, tmp_path / "one", 5, "--batch-size", "2"))
 
     assert two.returncode == 0, two.stderr
     assert one.returncode == 0, one.stderr
     assert two.stdout.count("5 written, 0 skipped") == 1  # rank 0 alone reports, for both processes
+    bars = [line for line in two.stderr.replace("\r", "\n").splitlines() if "generate (2 processes)" in line]
+    assert bars and all("/5 " in bar for bar in bars), two.stderr  # one bar, rank 0's, over both ranks' images
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
     assert len(outputs(tmp_path / "one")) == 5

@@ -54,9 +54,10 @@ def lora_weights(module: torch.nn.Module, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
 
 
-def peft_name(name: str) -> str:
-    """`down_blocks.1....to_q.lora_A.default.weight` -> (`down_blocks.1....to_q`, `A`)."""
-    return name.split(".lora_")[0]
+def module_name(component: str, name: str) -> str:
+    """`unet.down_blocks.1....to_q` for PEFT's `down_blocks.1....to_q.lora_A.default.weight` of the UNet; without
+    the `text_model.` level transformers 5 keeps in CLIPTextModelWithProjection only (our names leave it out)."""
+    return f"{component}." + name.split(".lora_")[0].removeprefix("text_model.")
 
 
 def reference_step(folder: Path, tokens: torch.Tensor) -> tuple[float, dict[str, dict[str, torch.Tensor]]]:
@@ -96,7 +97,7 @@ def reference_step(folder: Path, tokens: torch.Tensor) -> tuple[float, dict[str,
             if ".lora_" not in name or parameter.grad is None:
                 continue  # CLIP-L's last layer: SDXL reads its penultimate hidden states
             role = "down" if ".lora_A." in name else "up"
-            layer = layers.setdefault(f"{component}.{peft_name(name)}", {})
+            layer = layers.setdefault(module_name(component, name), {})
             layer[role], layer[f"{role}.grad"] = parameter.detach().clone(), parameter.grad.clone()
     return loss.item(), layers
 
@@ -111,7 +112,8 @@ def test_a_lora_training_step_on_the_published_sdxl_matches_diffusers_and_peft(p
     paths = model.layer_paths("attention", train_text_encoder=True)
     adapters = LoraManager(model.sd).create("style", paths, RANK, ALPHA)
     prefixed = ("unet.", "text_encoder.", "text_encoder_2.")  # the UNet's names come with and without `unet.`
-    names = {path: name for name, path in model.sd.foreign_module_names(DIFFUSERS).items() if name.startswith(prefixed)}
+    foreign = model.sd.foreign_module_names(DIFFUSERS).items()
+    names = {path: module_name(*name.split(".", 1)) for name, path in foreign if name.startswith(prefixed)}
     assert torch.equal(model.tokenize(PROMPTS), tokens)
     assert sorted(names[path] for path in paths) == sorted(reference)  # the same layers, CLIP-L's last one left out
     with torch.no_grad():

@@ -151,10 +151,20 @@ def _run_items(
     # had in an uninterrupted run (same pixels); a batch whose images are all there is skipped
     batches = [batch for batch in _batches(checked, batch_size) if any(j.item.id not in complete for j in batch)]
     mine = batches[ranks.rank :: ranks.world_size]
+    # rank 0's bar counts every rank's images: its own as it makes them, the others' as their files appear (written
+    # atomically, so a file is a finished image; on machines without a shared folder it counts its own only)
+    others = [
+        job.out
+        for index, batch in enumerate(batches)
+        if index % ranks.world_size != ranks.rank
+        for job in batch
+        if job.item.id not in complete
+    ]
+    own = 0
     progress = tqdm(
-        total=sum(1 for batch in mine for job in batch if job.item.id not in complete),
+        total=sum(1 for batch in batches for job in batch if job.item.id not in complete),
         unit="img",
-        desc=f"rank 0 of {ranks.world_size}" if ranks.world_size > 1 else "generate",
+        desc=f"generate ({ranks.world_size} processes)" if ranks.world_size > 1 else "generate",
         disable=ranks.rank != 0 or args.no_progress,
         file=sys.stderr,
     )
@@ -165,13 +175,14 @@ def _run_items(
                 images = _generate(model, batch, extra)
             except Exception as error:  # a bad item fails its batch, and the run goes on
                 summary.failed.extend((job.item.id, f"{job.item.where}: {_one_line(error)}") for job in missing)
-                progress.update(len(missing))
-                continue
-            for job, image in zip(batch, images):
-                if job.item.id not in complete:
-                    write_atomically(image, job.out, "PNG", settings=job.settings, prefix=prefix)
-                    summary.done += 1
-            progress.update(len(missing))
+            else:
+                for job, image in zip(batch, images):
+                    if job.item.id not in complete:
+                        write_atomically(image, job.out, "PNG", settings=job.settings, prefix=prefix)
+                        summary.done += 1
+            own += len(missing)
+            if not progress.disable:
+                progress.update(own + sum(1 for out in others if out.exists()) - progress.n)
     return summary
 
 
