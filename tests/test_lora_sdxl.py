@@ -32,6 +32,7 @@ from torch import nn
 
 from refiners_core.cli import main
 from refiners_core.module_names import module_names
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 from refiners_sd15 import DDIM, StableDiffusion_1
@@ -180,8 +181,7 @@ def theirs(sdxl: StableDiffusion_XL, models: Models) -> list[torch.Tensor]:
 def assert_matches(sdxl: StableDiffusion_XL, models: Models, tolerance: float = TOLERANCE) -> None:
     """Our UNet, text and pooled embeddings against the references', within `tolerance` of max |reference|."""
     for what, mine, reference in zip(("unet", "text", "pooled"), ours(sdxl), theirs(sdxl, models), strict=True):
-        error, scale = (mine - reference).abs().max().item(), reference.abs().max().item()
-        assert error <= tolerance * scale, f"{what}: max error {error} for max |reference| {scale}"
+        assert_relative_close(mine, reference, tolerance, what=what)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from diffusers import (
     LCMScheduler,
 )
 
+from refiners_core.testing import assert_relative_close
 from refiners_sd15 import StableDiffusion_1
 from refiners_sd15.solvers import (
     DDIM,
@@ -105,12 +106,6 @@ def embedding() -> torch.Tensor:
     return torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
 
 
-def assert_close(ours: torch.Tensor, expected: torch.Tensor, where: str) -> None:
-    error = (ours - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert error <= TOLERANCE * scale, f"{where}: max |ours - diffusers| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
-
-
 UNSUPPORTED = {("euler-ancestral", PredictionType.SAMPLE)}
 """diffusers' EulerAncestralDiscreteScheduler refuses "sample" (ours reads it with Euler's `clean_latents`)."""
 
@@ -136,7 +131,7 @@ def test_a_guided_run_matches_the_diffusers_scheduler_step_by_step(
     with torch.no_grad():
         x = sd.init_latents(size=(64, 64), seed=0)
         expected = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
-        assert_close(x, expected, "starting latents")
+        assert_relative_close(x, expected, TOLERANCE, what="starting latents")
         start = x
         steps = list(sd.steps)
         assert len(steps) == len(scheduler.timesteps)
@@ -145,7 +140,7 @@ def test_a_guided_run_matches_the_diffusers_scheduler_step_by_step(
             model_input = scheduler.scale_model_input(expected, timestep)
             output = sd.compute_noise(model_input, timestep, embedding, GUIDANCE)
             expected = scheduler.step(output, timestep, expected, **reference_generator).prev_sample
-            assert_close(x, expected, f"after step {step} (timestep {float(timestep):g})")
+            assert_relative_close(x, expected, TOLERANCE, what=f"after step {step} (timestep {float(timestep):g})")
 
     assert (x - start).abs().max() > 0.1 * start.abs().max()  # the run moved the latents: the check means something
 

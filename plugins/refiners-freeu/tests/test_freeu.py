@@ -17,6 +17,7 @@ from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImpor
 
 import refiners_core.fluxion as fl
 from refiners_core.state_dicts import load_state_dict_checked
+from refiners_core.testing import assert_relative_close, relative_error
 from refiners_freeu import SD15_SCALES, FourierFilter, FreeU, FreeUAdapter
 from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UpBlocks, diffusers_unet_mapping, unet_config_from_diffusers
@@ -79,14 +80,6 @@ def our_output(unet: SD1UNet, x: torch.Tensor, timestep: torch.Tensor, text: tor
         return unet(x)
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor, without_freeu: torch.Tensor) -> None:
-    scale = reference.abs().max().item()
-    error = (ours - reference).abs().max().item()
-    assert error <= TOLERANCE * scale, f"max |ours - reference| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
-    effect = (reference - without_freeu).abs().max().item()
-    assert effect > 100 * TOLERANCE * scale, f"FreeU barely changes the reference ({effect:.3g}): a weak test"
-
-
 def test_freeu_matches_diffusers_enable_freeu_on_the_published_sd15_unet() -> None:
     # 32x32 latents: the first two decoder levels run at 4x4 and 8x8, where the 2x2 low-frequency window of the
     # Fourier filter covers part of the spectrum only.
@@ -102,7 +95,8 @@ def test_freeu_matches_diffusers_enable_freeu_on_the_published_sd15_unet() -> No
     before = our_output(ours, x, timestep, text)
     freeu = FreeU(ours).inject()
     assert len(freeu.adapters) == 6  # two levels of three skip connections each
-    assert_close(our_output(ours, x, timestep, text), expected, without_freeu)
+    assert_relative_close(our_output(ours, x, timestep, text), expected, TOLERANCE)
+    assert relative_error(without_freeu, expected) > 100 * TOLERANCE, "FreeU barely changes the reference: a weak test"
     freeu.eject()
     assert torch.equal(our_output(ours, x, timestep, text), before)
 
@@ -137,7 +131,9 @@ def test_small_unet_with_freeu_matches_diffusers(
     finally:
         freeu.eject()
     expected = reference_output(small_reference, x, timestep, text, **scales)
-    assert_close(ours, expected, reference_output(small_reference, x, timestep, text))
+    without = reference_output(small_reference, x, timestep, text)
+    assert_relative_close(ours, expected, TOLERANCE)
+    assert relative_error(without, expected) > 100 * TOLERANCE, "FreeU barely changes the reference: a weak test"
 
 
 def test_changed_scales_apply_while_injected(small_reference: UNet2DConditionModel, small_unet: SD1UNet) -> None:
@@ -152,7 +148,9 @@ def test_changed_scales_apply_while_injected(small_reference: UNet2DConditionMod
         freeu.eject()
     scales = {"s1": 0.9, "s2": 0.5, "b1": 1.4, "b2": 1.4}
     expected = reference_output(small_reference, x, timestep, text, **scales)
-    assert_close(ours, expected, reference_output(small_reference, x, timestep, text))
+    without = reference_output(small_reference, x, timestep, text)
+    assert_relative_close(ours, expected, TOLERANCE)
+    assert relative_error(without, expected) > 100 * TOLERANCE, "FreeU barely changes the reference: a weak test"
 
 
 def test_eject_restores_outputs_state_dict_and_layers_exactly(small_unet: SD1UNet) -> None:

@@ -22,6 +22,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 import refiners_core.fluxion as fl
 from refiners_core.state_dicts import compose, invert
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import load_tensors, save_tensors
 from refiners_sd15.loading import load_single_file_component
 from refiners_sd15.unet import CrossAttentionBlock2d, SD1UNet, unet_config_from_diffusers, unet_config_from_ldm
@@ -150,13 +151,6 @@ class Inputs:
             return unet(self.x)
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    assert ours.shape == reference.shape
-    error = (ours - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    assert error <= TOLERANCE * scale, f"max |ours - reference| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
-
-
 @pytest.fixture(scope="module")
 def small_reference() -> UNet2DConditionModel:
     return reference_unet(SMALL_SDXL_UNET_CONFIG)
@@ -184,7 +178,7 @@ def test_small_sdxl_unet_matches_diffusers(
     small_reference: UNet2DConditionModel, small_unet: SDXLUNet, batch: int, size: tuple[int, int]
 ) -> None:
     inputs = Inputs(batch, 4, size, text_dim=48, time_ids=6, seed=batch + size[0])
-    assert_close(inputs.ours(small_unet), inputs.reference(small_reference))
+    assert_relative_close(inputs.ours(small_unet), inputs.reference(small_reference), TOLERANCE)
 
 
 def test_small_sdxl_unet_has_the_architecture_of_its_config(small_unet: SDXLUNet) -> None:
@@ -213,9 +207,9 @@ def test_added_embedding_reaches_the_output(small_reference: UNet2DConditionMode
     inputs.time_ids = inputs.time_ids + torch.tensor([[0.0, 0.0, 64.0, 0.0, 0.0, 0.0]])  # another crop
     after = inputs.ours(small_unet)
     assert (after - before).abs().max() > 1e-2 * before.abs().max()
-    assert_close(after, inputs.reference(small_reference))
+    assert_relative_close(after, inputs.reference(small_reference), TOLERANCE)
     inputs.pooled = torch.zeros_like(inputs.pooled)
-    assert_close(inputs.ours(small_unet), inputs.reference(small_reference))
+    assert_relative_close(inputs.ours(small_unet), inputs.reference(small_reference), TOLERANCE)
 
 
 def test_small_refiner_unet_with_five_time_ids_matches_diffusers(tmp_path: Path) -> None:
@@ -224,7 +218,7 @@ def test_small_refiner_unet_with_five_time_ids_matches_diffusers(tmp_path: Path)
     assert unet.config.cross_attention_levels == (False, True, True, False)
     assert unet.config.transformer_layers_per_block == 2
     inputs = Inputs(2, 4, (16, 16), text_dim=40, time_ids=5, seed=3)
-    assert_close(inputs.ours(unet), inputs.reference(reference))
+    assert_relative_close(inputs.ours(unet), inputs.reference(reference), TOLERANCE)
 
 
 def test_small_inpainting_unet_with_nine_input_channels_matches_diffusers(tmp_path: Path) -> None:
@@ -232,7 +226,7 @@ def test_small_inpainting_unet_with_nine_input_channels_matches_diffusers(tmp_pa
     unet = SDXLUNet.from_pretrained(save_in_the_published_layout(reference, tmp_path)).eval()
     assert unet.config.in_channels == 9
     inputs = Inputs(2, 9, (16, 16), text_dim=48, time_ids=6, seed=4)
-    assert_close(inputs.ours(unet), inputs.reference(reference))
+    assert_relative_close(inputs.ours(unet), inputs.reference(reference), TOLERANCE)
 
 
 def test_own_format_round_trip_keeps_config_and_weights(small_unet: SDXLUNet, tmp_path: Path) -> None:
@@ -340,7 +334,7 @@ def test_sdxl_unet_from_a_single_file_checkpoint_matches_diffusers(tmp_path: Pat
 
     assert unet.config == unet_config_from_diffusers(config)
     inputs = Inputs(2, 4, (16, 16), text_dim=48, time_ids=6, seed=6)
-    assert_close(inputs.ours(unet), inputs.reference(reference))
+    assert_relative_close(inputs.ours(unet), inputs.reference(reference), TOLERANCE)
 
 
 def test_added_embedding_keys() -> None:
@@ -434,7 +428,7 @@ def test_full_published_sdxl_unet_matches_diffusers(name: str, tmp_path: Path) -
         gc.collect()
         unet = SDXLUNet.from_pretrained(tmp_path).eval()
         assert unet.config == unet_config
-        assert_close(inputs.ours(unet), expected)
+        assert_relative_close(inputs.ours(unet), expected, TOLERANCE)
         del unet
         gc.collect()
     finally:
