@@ -19,14 +19,15 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from training_references import RED, toml_config, write_colour_patches, write_small_sd15
 
 from refiners_core.cli import main
 from refiners_lora import LoraManager
 from refiners_sd15 import DDIM, CLIPTokenizer, StableDiffusion_1
+from refiners_sd15.testing import DiffusersReferences
 from refiners_training import CheckpointError, TrainingConfig, TrainingResult, train_lora
 from refiners_training import models as models_module
 from refiners_training import trainer as trainer_module
+from refiners_training.testing import RED, toml_config, write_colour_patches
 
 PROMPT = "a red square"
 
@@ -43,7 +44,11 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("training")
-    return {"model": write_small_sd15(root / "sd15"), "data": write_colour_patches(root / "data"), "root": root}
+    return {
+        "model": DiffusersReferences(root / "sd15").folder,
+        "data": write_colour_patches(root / "data"),
+        "root": root,
+    }
 
 
 def load_config(folders: dict[str, Path], name: str, **sections: dict[str, object]) -> tuple[Path, TrainingConfig]:

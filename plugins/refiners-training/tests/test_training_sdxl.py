@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
-from training_references import toml_config, write_colour_patches
 
 from refiners_core.cli import main
 from refiners_lora import LoraManager
@@ -41,6 +40,7 @@ from refiners_training import sdxl as sdxl_module
 from refiners_training.diffusion import NoiseSchedule, sample_generator
 from refiners_training.models import resolve_kind
 from refiners_training.sdxl import SDXLModel
+from refiners_training.testing import toml_config, write_colour_patches
 
 RESOLUTION = 32  # 4x4 latents with the small SDXL's 8x autoencoder
 

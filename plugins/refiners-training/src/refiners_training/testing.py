@@ -1,5 +1,5 @@
-"""A small SD1.5-shaped diffusers folder with random weights (diffusers' UNet2DConditionModel and AutoencoderKL,
-transformers' CLIPTextModel, saved with `save_pretrained`), and small image datasets, for the training tests."""
+"""Helpers for tests of refiners-training: small image datasets and TOML configurations of training runs (the small
+SD1.5 folder they train is `refiners_sd15.testing.DiffusersReferences`'s). Nothing here is used at runtime."""
 
 from __future__ import annotations
 
@@ -7,49 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
-SMALL_UNET: dict[str, Any] = {
-    "sample_size": 8,
-    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "cross_attention_dim": 64,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SMALL_CLIP: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 37,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 1,
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
-SMALL_VAE: dict[str, Any] = {  # one level: latents have the images' size
-    "down_block_types": ["DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D"],
-    "block_out_channels": [32],
-    "layers_per_block": 1,
-    "norm_num_groups": 32,
-}
 RED = (230, 30, 30)
-
-
-def write_small_sd15(folder: Path) -> Path:
-    """A diffusers SD1.5 folder (`unet/`, `text_encoder/`, `vae/`) of small random models."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel  # type: ignore[import-untyped]
-    from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-untyped]
-
-    torch.manual_seed(0)
-    UNet2DConditionModel(**SMALL_UNET).save_pretrained(folder / "unet")  # pyright: ignore[reportUnknownMemberType]
-    CLIPTextModel(CLIPTextConfig(**SMALL_CLIP)).save_pretrained(folder / "text_encoder")  # pyright: ignore[reportUnknownMemberType]
-    AutoencoderKL(**SMALL_VAE).save_pretrained(folder / "vae")  # pyright: ignore[reportUnknownMemberType]
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return folder
+"""The colour of `write_colour_patches`' images."""
 
 
 def write_colour_patches(folder: Path, count: int = 3, scale: int = 1) -> Path:
