@@ -40,58 +40,57 @@ from refiners_sd15.solvers import (
     Solver,
     StochasticSolver,
 )
-from refiners_sd15.testing import small_sd15_components
+from refiners_sd15.testing import SD15_SCHEDULER_CONFIG, small_sd15_components
 
 TOLERANCE = 1e-4
 STEPS = 3
 GUIDANCE = 7.5
-SD15_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 NO_CLIP: dict[str, Any] = {"clip_sample": False}
 
 Case = tuple[Callable[..., Solver], Callable[..., Any]]
 CASES: dict[str, Case] = {
-    "ddim": (DDIM, lambda **c: DDIMScheduler(**SD15_BETAS, **NO_CLIP, set_alpha_to_one=False, steps_offset=1, **c)),
+    "ddim": (DDIM, lambda **c: DDIMScheduler(**SD15_SCHEDULER_CONFIG, **NO_CLIP, set_alpha_to_one=False, **c)),
     "ddim-linear-betas": (
         lambda n, **o: DDIM(n, noise_schedule="linear", beta_start=0.0001, beta_end=0.02, **o),
         lambda **c: DDIMScheduler(**NO_CLIP, set_alpha_to_one=False, steps_offset=1, **c),
     ),
-    "ddpm": (DDPM, lambda **c: DDPMScheduler(**SD15_BETAS, **NO_CLIP, steps_offset=1, **c)),
-    "lcm": (LCM, lambda **c: LCMScheduler(**SD15_BETAS, **NO_CLIP, set_alpha_to_one=True, steps_offset=1, **c)),
-    "dpm": (DPMSolver, lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, **c)),
+    "ddpm": (DDPM, lambda **c: DDPMScheduler(**SD15_SCHEDULER_CONFIG, **NO_CLIP, **c)),
+    "lcm": (LCM, lambda **c: LCMScheduler(**SD15_SCHEDULER_CONFIG, **NO_CLIP, set_alpha_to_one=True, **c)),
+    "dpm": (DPMSolver, lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, **c)),
     "dpm-karras": (
         lambda n, **o: DPMSolver(n, sigma_schedule="karras", **o),
-        lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
     "dpm-exponential-trailing": (
         lambda n, **o: DPMSolver(n, sigma_schedule="exponential", timestep_spacing="trailing", **o),
         lambda **c: DPMSolverMultistepScheduler(
-            **SD15_BETAS, steps_offset=1, use_exponential_sigmas=True, timestep_spacing="trailing", **c
+            **SD15_SCHEDULER_CONFIG, use_exponential_sigmas=True, timestep_spacing="trailing", **c
         ),
     ),
     "dpm-second-order-final-step": (
         lambda n, **o: DPMSolver(n, final_step_first_order=False, **o),
         lambda **c: DPMSolverMultistepScheduler(
-            **SD15_BETAS, steps_offset=1, final_sigmas_type="sigma_min", lower_order_final=False, **c
+            **SD15_SCHEDULER_CONFIG, final_sigmas_type="sigma_min", lower_order_final=False, **c
         ),
     ),
     "dpm-sde-karras": (
         lambda n, **o: DPMSolverSDE(n, sigma_schedule="karras", **o),
         lambda **c: DPMSolverMultistepScheduler(
-            **SD15_BETAS, steps_offset=1, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **c
+            **SD15_SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **c
         ),
     ),
-    "euler": (Euler, lambda **c: EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
+    "euler": (Euler, lambda **c: EulerDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
     "euler-karras-leading": (
         lambda n, **o: Euler(n, sigma_schedule="karras", timestep_spacing="leading", **o),
         lambda **c: EulerDiscreteScheduler(
-            **SD15_BETAS, steps_offset=1, use_karras_sigmas=True, timestep_spacing="leading", **c
+            **SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, timestep_spacing="leading", **c
         ),
     ),
-    "euler-ancestral": (EulerAncestral, lambda **c: EulerAncestralDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
-    "heun": (Heun, lambda **c: HeunDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
+    "euler-ancestral": (EulerAncestral, lambda **c: EulerAncestralDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
+    "heun": (Heun, lambda **c: HeunDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
     "heun-karras": (
         lambda n, **o: Heun(n, sigma_schedule="karras", **o),
-        lambda **c: HeunDiscreteScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: HeunDiscreteScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
 }
 

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 from diffusers import (
-    DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -42,19 +41,14 @@ from refiners_sd15.solvers import (
     StochasticSolver,
     denoising_end_step,
 )
-from refiners_sd15.testing import small_sd15_components
+from refiners_sd15.testing import SD15_SCHEDULER_CONFIG, diffusers_reference_scheduler, small_sd15_components
 
 TOLERANCE = 1e-6
-SD15_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
 def reference(solver: type[Solver], **config: Any) -> Any:
     """The diffusers scheduler that `solver(num_inference_steps=...)` must reproduce, as the issue configures it."""
-    if solver is DDIM:
-        return DDIMScheduler(**SD15_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **config)
-    if solver is DPMSolver:
-        return DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, **config)
-    return EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1, **config)
+    return diffusers_reference_scheduler({DDIM: "ddim", DPMSolver: "dpm", Euler: "euler"}[solver], **config)
 
 
 SOLVERS = [DDIM, DPMSolver, Euler]
@@ -238,33 +232,33 @@ def test_a_solver_set_on_an_sd15_model_is_kept_as_it_is() -> None:
 
 
 NEW_SOLVERS: dict[str, tuple[Any, Any]] = {
-    "ddpm": (DDPM, lambda **c: DDPMScheduler(**SD15_BETAS, clip_sample=False, steps_offset=1, **c)),
-    "lcm": (LCM, lambda **c: LCMScheduler(**SD15_BETAS, clip_sample=False, steps_offset=1, **c)),
-    "euler-a": (EulerAncestral, lambda **c: EulerAncestralDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
-    "heun": (Heun, lambda **c: HeunDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
+    "ddpm": (DDPM, lambda **c: DDPMScheduler(**SD15_SCHEDULER_CONFIG, clip_sample=False, **c)),
+    "lcm": (LCM, lambda **c: LCMScheduler(**SD15_SCHEDULER_CONFIG, clip_sample=False, **c)),
+    "euler-a": (EulerAncestral, lambda **c: EulerAncestralDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
+    "heun": (Heun, lambda **c: HeunDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
     "heun-karras": (
         lambda n, **o: Heun(n, sigma_schedule="karras", **o),
-        lambda **c: HeunDiscreteScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: HeunDiscreteScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
     "euler-karras": (
         lambda n, **o: Euler(n, sigma_schedule="karras", **o),
-        lambda **c: EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: EulerDiscreteScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
     "euler-exponential": (
         lambda n, **o: Euler(n, sigma_schedule="exponential", **o),
-        lambda **c: EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1, use_exponential_sigmas=True, **c),
+        lambda **c: EulerDiscreteScheduler(**SD15_SCHEDULER_CONFIG, use_exponential_sigmas=True, **c),
     ),
     "dpm-karras": (
         lambda n, **o: DPMSolver(n, sigma_schedule="karras", **o),
-        lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
     "dpm-exponential": (
         lambda n, **o: DPMSolver(n, sigma_schedule="exponential", **o),
-        lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, use_exponential_sigmas=True, **c),
+        lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, use_exponential_sigmas=True, **c),
     ),
     "dpm-sigma-min": (
         lambda n, **o: DPMSolver(n, final_step_first_order=False, **o),
-        lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, final_sigmas_type="sigma_min", **c),
+        lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, final_sigmas_type="sigma_min", **c),
     ),
 }
 
@@ -373,6 +367,6 @@ def test_image_to_image_runs_of_the_new_solvers_match_diffusers(case: str, steps
 IMG2IMG_SDE: tuple[Any, Any] = (
     lambda n, **o: DPMSolverSDE(n, sigma_schedule="karras", **o),
     lambda **c: DPMSolverMultistepScheduler(
-        **SD15_BETAS, steps_offset=1, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **c
+        **SD15_SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **c
     ),
 )

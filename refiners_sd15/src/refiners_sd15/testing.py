@@ -148,6 +148,35 @@ SMALL_VAE_DIFFUSERS_CONFIG: dict[str, Any] = {
 """A scaled-down SD1.5 autoencoder as a diffusers `AutoencoderKL` config (one level of 32 channels)."""
 
 
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+}
+"""The noise schedule of stable-diffusion-v1-5's `scheduler/scheduler_config.json` (scaled-linear betas, timesteps
+offset by one), as keyword arguments of diffusers schedulers: the schedule our solvers follow by default."""
+
+
+def diffusers_reference_scheduler(name: str, **config: Any) -> Any:
+    """The diffusers scheduler that our solver `name` ("ddim", "dpm" or "euler") reproduces with its defaults:
+    `SD15_SCHEDULER_CONFIG`, and for DDIM no sample clipping and `set_alpha_to_one=False`; `config` adds fields.
+    Needs diffusers (test extra). Raises ValueError for another name."""
+    from diffusers import (
+        DDIMScheduler,  # pyright: ignore[reportPrivateImportUsage]
+        DPMSolverMultistepScheduler,  # pyright: ignore[reportPrivateImportUsage]
+        EulerDiscreteScheduler,  # pyright: ignore[reportPrivateImportUsage]
+    )
+
+    if name == "ddim":
+        return DDIMScheduler(**SD15_SCHEDULER_CONFIG, clip_sample=False, set_alpha_to_one=False, **config)
+    if name == "dpm":
+        return DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, **config)
+    if name == "euler":
+        return EulerDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **config)
+    raise ValueError(f"no diffusers reference scheduler for solver {name!r}: expected 'ddim', 'dpm' or 'euler'")
+
+
 class DiffusersReferences:
     """A diffusers UNet and a transformers text encoder with random weights (seed 0), saved with a small autoencoder
     as a diffusers SD1.5 folder at `folder`: the references of parity tests of adapters, and a folder that
