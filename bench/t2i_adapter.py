@@ -22,7 +22,16 @@ from typing import Any
 
 import torch
 from sd15_components import randomize, save_unet, source_commit
-from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, unet_step_parser, write_report
+from timing import (
+    Comparison,
+    Timing,
+    environment,
+    markdown_table,
+    max_abs_diff,
+    progress,
+    unet_step_parser,
+    write_report,
+)
 
 TIMESTEP = 500
 ADAPTER_CONFIG: dict[str, Any] = {
@@ -33,10 +42,6 @@ ADAPTER_CONFIG: dict[str, Any] = {
     "num_res_blocks": 2,
 }
 STATES = ("ours, no adapter", "ours, T2I-Adapter", "diffusers, no adapter", "diffusers, T2I-Adapter")
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def measure(rounds: int, latent_size: int) -> tuple[dict[str, Comparison], dict[str, float]]:
