@@ -9,7 +9,7 @@ more than that, so that a FreeU doing nothing cannot pass.
 from __future__ import annotations
 
 import gc
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import torch
@@ -19,39 +19,11 @@ import refiners_core.fluxion as fl
 from refiners_core.state_dicts import load_state_dict_checked
 from refiners_core.testing import assert_relative_close, relative_error
 from refiners_freeu import SD15_SCALES, FourierFilter, FreeU, FreeUAdapter
-from refiners_sd15.testing import SD15_UNET_CONFIG
+from refiners_sd15.testing import SD15_UNET_CONFIG, random_diffusers_unet
+from refiners_sd15.testing import SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG as SMALL_UNET_CONFIG
 from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UpBlocks, diffusers_unet_mapping, unet_config_from_diffusers
 
 TOLERANCE = 1e-4
-
-# A small SD1-like UNet: three levels, cross-attention on the first two.
-SMALL_UNET_CONFIG: dict[str, Any] = {
-    **SD15_UNET_CONFIG,
-    "attention_head_dim": 4,
-    "block_out_channels": [32, 64, 64],
-    "cross_attention_dim": 24,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "norm_num_groups": 8,
-    "sample_size": 16,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-
-
-def reference_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionModel:
-    """A diffusers UNet whose parameters are all random: weights ~ N(0, 1/fan_in), norm scales ~ N(1, 0.1)."""
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config))  # pyright: ignore[reportUnknownMemberType]
-    unet = unet.to_empty(device="cpu").eval()
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith(".weight"):
-                parameter.normal_(1.0, 0.1)
-            else:
-                parameter.normal_(0.0, 0.1)
-    return unet
 
 
 def our_unet(reference: UNet2DConditionModel) -> SD1UNet:
@@ -85,7 +57,7 @@ def test_freeu_matches_diffusers_enable_freeu_on_the_published_sd15_unet() -> No
     # Fourier filter covers part of the spectrum only.
     torch.manual_seed(1)
     x, text, timestep = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 768), torch.tensor([999])
-    reference = reference_unet(SD15_UNET_CONFIG)
+    reference = random_diffusers_unet(SD15_UNET_CONFIG)
     expected = reference_output(reference, x, timestep, text, **SD15_SCALES)
     without_freeu = reference_output(reference, x, timestep, text)
     ours = our_unet(reference)
@@ -103,7 +75,7 @@ def test_freeu_matches_diffusers_enable_freeu_on_the_published_sd15_unet() -> No
 
 @pytest.fixture(scope="module")
 def small_reference() -> UNet2DConditionModel:
-    return reference_unet(SMALL_UNET_CONFIG)
+    return random_diffusers_unet(SMALL_UNET_CONFIG)
 
 
 @pytest.fixture(scope="module")

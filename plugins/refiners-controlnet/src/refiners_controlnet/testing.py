@@ -12,7 +12,6 @@ from diffusers import ControlNetModel, UNet2DConditionModel  # pyright: ignore[r
 
 from refiners_controlnet import ControlNet
 from refiners_core.testing import assert_relative_close
-from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import SD1UNet
 from refiners_sdxl.testing import SDXL_BASE_UNET_CONFIG, SMALL_UNET, random_diffusers_model
 
@@ -44,17 +43,6 @@ SD15_CONTROLNET_CONFIG: dict[str, Any] = {
     "use_linear_projection": False,
 }
 
-# A small SD1-like UNet: three levels, cross-attention on the first two, as in SD1.5.
-SMALL_UNET_CONFIG: dict[str, Any] = {
-    **SD15_UNET_CONFIG,
-    "attention_head_dim": 4,
-    "block_out_channels": [32, 64, 64],
-    "cross_attention_dim": 24,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "norm_num_groups": 8,
-    "sample_size": 16,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 # The ControlNet of that UNet; its conditioning image encoder also downsamples 8 times, with fewer channels.
 SMALL_CONTROLNET_CONFIG: dict[str, Any] = {
     **SD15_CONTROLNET_CONFIG,
