@@ -29,13 +29,13 @@ from PIL import Image
 from refiners_controlnet import ControlNet, ControlNetAdapter, image_to_condition
 from refiners_controlnet.testing import (
     SMALL_CONTROLNET_CONFIG,
-    SMALL_UNET_CONFIG,
     reference_controlnet,
     reference_unet,
 )
 from refiners_core.testing import assert_relative_close
 from refiners_sd15 import SD15_AUTOENCODER, CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
 from refiners_sd15.solvers import DDIM
+from refiners_sd15.testing import SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG as SMALL_UNET_CONFIG
 
 SIZE = 128
 STEPS = 3

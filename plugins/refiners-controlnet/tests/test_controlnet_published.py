@@ -16,7 +16,6 @@ import torch
 from refiners_controlnet import ControlNet, ControlNetAdapter
 from refiners_controlnet.testing import (
     SD15_CONTROLNET_CONFIG,
-    SD15_UNET_CONFIG,
     assert_residuals_close,
     our_residuals,
     our_unet_output,
@@ -26,6 +25,7 @@ from refiners_controlnet.testing import (
     reference_unet_output,
 )
 from refiners_core.testing import assert_relative_close
+from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import SD1UNet
 
 SCALE = 0.9

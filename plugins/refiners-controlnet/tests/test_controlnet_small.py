@@ -15,7 +15,6 @@ import refiners_core.fluxion as fl
 from refiners_controlnet import ControlNet, ControlNetAdapter, ControlNetResiduals
 from refiners_controlnet.testing import (
     SMALL_CONTROLNET_CONFIG,
-    SMALL_UNET_CONFIG,
     assert_residuals_close,
     our_residuals,
     our_unet_output,
@@ -25,6 +24,7 @@ from refiners_controlnet.testing import (
     reference_unet_output,
 )
 from refiners_core.testing import assert_relative_close
+from refiners_sd15.testing import SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG as SMALL_UNET_CONFIG
 from refiners_sd15.unet import SD15_UNET, SD1UNet
 
 
