@@ -9,14 +9,20 @@ from functools import partial
 
 import pytest
 import torch
-from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, window_partition, window_unpartition
 
 from refiners_core.state_dicts import load_state_dict_checked
 from refiners_core.testing import relative_error
 from refiners_sam import PUBLISHED_SIZES, ImageEncoder, SegmentAnything
 from refiners_sam.image_encoder import RelativePositionAttention, WindowMerge, WindowPartition
 from refiners_sam.mapping import detect_config, image_encoder_mapping, official_mapping
-from refiners_sam.testing import randomize, sam_model_registry
+from refiners_sam.testing import (
+    Attention,
+    ImageEncoderViT,
+    randomize,
+    sam_model_registry,
+    window_partition,
+    window_unpartition,
+)
 
 TOLERANCE = 1e-5
 

@@ -1,5 +1,6 @@
 """Helpers for tests and benches of refiners-sam: the reference, segment-anything, importable without torchvision,
-and random weights for it. Needs segment-anything (test extra); nothing here is used at runtime.
+and random weights for it. Needs segment-anything (test extra); nothing here is used at runtime. Import
+segment-anything's names from here (or after this module), so that the stand-in is in place first.
 
 segment-anything imports torchvision at the top of two modules, for `resize` and `to_pil_image` (used by
 `SamPredictor` to resize the image) and for box helpers of the automatic mask generator, which we never call.
@@ -59,8 +60,16 @@ install_torchvision_stand_in()
 
 from segment_anything import SamPredictor, sam_model_registry  # noqa: E402
 from segment_anything.modeling import Sam  # noqa: E402
+from segment_anything.modeling.image_encoder import (  # noqa: E402
+    Attention,
+    ImageEncoderViT,
+    window_partition,
+    window_unpartition,
+)
 
 __all__ = [
+    "Attention",
+    "ImageEncoderViT",
     "Sam",
     "SamPredictor",
     "build_reference",
@@ -68,6 +77,8 @@ __all__ = [
     "install_torchvision_stand_in",
     "randomize",
     "sam_model_registry",
+    "window_partition",
+    "window_unpartition",
 ]
 
 
