@@ -46,6 +46,8 @@ from refiners_sdxl.testing import (
     POOLED_DIM,
     SDXL_BASE_UNET_CONFIG,
     SDXLReferences,
+    guided_latents,
+    guided_pipeline_arguments,
     sdxl_references,
 )
 
@@ -364,30 +366,11 @@ def three_steps(
     embedding, pooled = sdxl.compute_clip_text_embedding(PROMPT, negative_text="blurry")
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     output: Any = pipeline(
-        prompt_embeds=embedding[1:],
-        negative_prompt_embeds=embedding[:1],
-        pooled_prompt_embeds=pooled[1:],
-        negative_pooled_prompt_embeds=pooled[:1],
+        **guided_pipeline_arguments(embedding, pooled, steps=3, guidance_scale=guidance, size=64),
         latents=noise.clone(),
-        num_inference_steps=3,
         generator=torch.Generator().manual_seed(9),  # for the noise of stochastic schedulers' steps
-        guidance_scale=guidance,
-        height=64,
-        width=64,
-        output_type="latent",
     )
-    x = sdxl.init_latents(size=(64, 64), noise=noise)
-    time_ids = sdxl.time_ids(original_size=(64, 64), target_size=(64, 64))
-    for step in sdxl.steps:
-        x = sdxl(
-            x,
-            step=step,
-            clip_text_embedding=embedding,
-            pooled_text_embedding=pooled,
-            time_ids=time_ids,
-            condition_scale=guidance,
-        )
-    return x, output.images
+    return guided_latents(sdxl, noise, embedding, pooled, size=64, condition_scale=guidance), output.images
 
 
 def test_a_peft_lora_saved_by_diffusers_with_metadata_alphas_matches_diffusers_with_peft(
