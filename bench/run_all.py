@@ -43,6 +43,10 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
         ["--size", "256", "--steps", "3", "--rounds", "2"],
         ["--size", "64", "--steps", "1", "--rounds", "1"],
     ),
+    "generate_many": (
+        ["--size", "128", "--steps", "2", "--images", "4"],
+        ["--size", "64", "--steps", "1", "--images", "4"],
+    ),
     "sam": (["--rounds", "2"], ["--rounds", "1"]),
     "lora": (["--rounds", "3"], ["--latent-size", "8", "--rounds", "1"]),
     "sdxl": (

@@ -353,7 +353,7 @@ def test_generate_writes_the_format_its_extension_names_over_an_existing_file(
 
 
 def test_a_failed_write_leaves_the_existing_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from refiners_sd15.cli import _write_atomically  # pyright: ignore[reportPrivateUsage]
+    from refiners_sd15.generate_outputs import write_atomically
 
     out = tmp_path / "out.png"
     out.write_bytes(b"the previous image")
@@ -364,7 +364,7 @@ def test_a_failed_write_leaves_the_existing_file_whole(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(Image.Image, "save", failing_save)
     with pytest.raises(OSError, match="No space left"):
-        _write_atomically(Image.new("RGB", (8, 8)), out, "PNG")
+        write_atomically(Image.new("RGB", (8, 8)), out, "PNG")
 
     assert out.read_bytes() == b"the previous image"
     assert [path.name for path in tmp_path.iterdir()] == ["out.png"]

@@ -2,39 +2,46 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import numbers
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
 import refiners_core.fluxion as fl
-from refiners_core.fluxion.adapters import Adapter, AdapterError
-from refiners_core.module_names import ForeignModuleNames
-from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, save_tensors
+from refiners_core.fluxion.adapters import AdapterError
+from refiners_core.weights import WeightsError, load_tensors, read_metadata, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
-from refiners_lora.base_models import check_base_model
+from refiners_lora.block_weights import BlockScales, block_multipliers
+from refiners_lora.delta_adapter import DeltaAdapter, snapshot_biases
 from refiners_lora.export import lora_state_dict
-from refiners_lora.formats import Format, ModuleLora, Role, parse_lora
+from refiners_lora.families import recognize
+from refiners_lora.formats import Format, ModuleLora
+from refiners_lora.hotswap import HotswapSlots, hotswap_layers
+from refiners_lora.planning import PLAIN_ROLES, plan_lora, resolve_layer
 
 logger = logging.getLogger(__name__)
 
 LoraSource = str | os.PathLike[str] | dict[str, torch.Tensor]
+AnyAdapter = LoraAdapter | DeltaAdapter
+"""A plain LoRA's adapter, or a LyCORIS / DoRA one (`refiners_lora.delta_adapter`)."""
 
 
 @dataclass
 class _Loaded:
     """One named LoRA: its adapters (in injection order), each with its alpha / rank, and the user's scale."""
 
-    adapters: list[LoraAdapter]
+    adapters: list[AnyAdapter]
     factors: list[float]
-    scale: float
+    scale: float | BlockScales
     paths: list[str]  # the layer path of each adapter's target, relative to the model
 
 
@@ -42,6 +49,8 @@ class _Loaded:
 class _State:
     loras: dict[str, _Loaded] = field(default_factory=lambda: {})
     fused_weights: dict[LoraTarget, torch.Tensor] | None = None  # target -> its weight before fusing
+    hotswap: HotswapSlots | None = None  # the slots of `enable_hotswap`
+    fused_biases: dict[LoraTarget, torch.Tensor] = field(default_factory=lambda: {})  # the biases full diffs change
 
 
 _STATES: WeakKeyDictionary[nn.Module, _State] = WeakKeyDictionary()
@@ -53,11 +62,14 @@ class LoraManager:
     Every manager of the same model shares its state, so `LoraManager(model).names` always tells what is loaded.
     A LoRA's effective update of a layer's weight is `scale * alpha / rank * up @ down`.
 
-    Files may be kohya, diffusers / PEFT or refiners LoRAs (see `refiners_lora.formats`); the first two need a
+    Files may be kohya, diffusers / PEFT or refiners LoRAs (see `refiners_lora.formats`), each module a LoRA, LoCon,
+    LoHa, LoKr, Tucker LoCon or full diff, with or without DoRA (see `refiners_lora.families`); the first two need a
     model that names its layers in their convention (`refiners_core.module_names.ForeignModuleNames`), the last
-    works on any model. `state_dict` and `save` write a LoRA in any of the three formats.
+    works on any model. `state_dict` and `save` write a plain LoRA (LoRA / LoCon) in any of the three formats.
 
     While the LoRAs are fused (`fuse()`), `add`, `remove` and `set_scale` raise RuntimeError: call `unfuse()` first.
+    `set_scale` also takes per-block scales (`refiners_lora.block_weights`); `enable_hotswap` makes room for LoRAs to
+    come and go in a compiled model without recompiling it (`refiners_lora.hotswap`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -74,8 +86,8 @@ class LoraManager:
         """Whether the LoRAs are baked into the model's weights."""
         return self._state.fused_weights is not None
 
-    def scale(self, name: str) -> float:
-        """The scale of LoRA `name`. Raises KeyError for an unknown name."""
+    def scale(self, name: str) -> float | BlockScales:
+        """The scale of LoRA `name` (per-block scales as given to `set_scale`). Raises KeyError for an unknown name."""
         return self._get(name).scale
 
     def add(self, name: str, path_or_state_dict: LoraSource, scale: float = 1.0, *, strict: bool = True) -> list[str]:
@@ -96,15 +108,7 @@ class LoraManager:
         self._check_not_fused("add")
         self._check_name(name)
         _check_number(scale, "scale", f"LoRA {name!r}")
-        metadata: dict[str, str] = {}
-        if isinstance(path_or_state_dict, dict):
-            source, tensors = f"LoRA state dict {name!r}", path_or_state_dict
-            for key, value in tensors.items():
-                if not isinstance(key, str) or not isinstance(value, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
-                    raise WeightsError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        else:
-            metadata = read_metadata(Path(path_or_state_dict))  # the header first: it may refuse the file early
-            source, tensors = str(path_or_state_dict), load_tensors(Path(path_or_state_dict))
+        source, tensors, metadata = _read(name, path_or_state_dict)
         plan, skipped = self._plan(tensors, source, strict=strict, metadata=metadata)
         factors = [_factor(lora) for _, _, lora in plan]
         for (_, _, lora), factor in zip(plan, factors, strict=True):
@@ -113,9 +117,15 @@ class LoraManager:
                     f"{source}: '{lora.keys['alpha']}' with scale {scale} gives the factor {scale * factor}, beyond "
                     "float32"
                 )
-        adapters = [_build(target, lora, scale) for _, target, lora in plan]
-        _inject_all(adapters)
-        self._state.loras[name] = _Loaded(adapters, factors, scale, [path for path, _, _ in plan])
+        hotswap = self._state.hotswap
+        if hotswap is not None:
+            adapters = hotswap.fill(name, hotswap.check(name, source, plan, replacing=False), plan)
+            for adapter, factor in zip(adapters, factors, strict=True):
+                adapter.scale = scale * factor
+        else:
+            adapters = [_build(target, lora, scale) for _, target, lora in plan]
+            _inject_all(adapters)
+        self._state.loras[name] = _Loaded(list[AnyAdapter](adapters), factors, scale, [path for path, _, _ in plan])
         if skipped:
             logger.warning(
                 "LoRA %r: %d key(s) of %s match no layer and were skipped: %s", name, len(skipped), source, skipped
@@ -147,6 +157,8 @@ class LoraManager:
         left exactly as it was and `name` is not added.
         """
         self._check_not_fused("create")
+        if self._state.hotswap is not None:
+            raise RuntimeError(f"cannot create LoRA {name!r} while hot-swap is enabled: call disable_hotswap() first")
         self._check_name(name)
         if isinstance(rank, bool) or not isinstance(rank, int):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"LoRA {name!r}: rank must be an integer, got {rank!r}")
@@ -162,7 +174,7 @@ class LoraManager:
         targets: list[LoraTarget] = []
         seen: dict[int, str] = {}
         for path in paths:
-            layer = _resolve(self.model, path)
+            layer = resolve_layer(self.model, path)
             if layer is None:
                 raise ValueError(f"LoRA {name!r}: {model_name} has no layer at path {path!r}")
             if not isinstance(layer, (fl.Linear, fl.Conv2d)):
@@ -182,8 +194,8 @@ class LoraManager:
             down = adapter.lora.down
             assert isinstance(down, (fl.Linear, fl.Conv2d))
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-        _inject_all(adapters)
-        self._state.loras[name] = _Loaded(adapters, [factor] * len(adapters), scale, paths)
+        _inject_all(list(adapters))
+        self._state.loras[name] = _Loaded(list(adapters), [factor] * len(adapters), scale, paths)
         return dict(zip(paths, adapters, strict=True))
 
     def state_dict(self, name: str, format: Format = "refiners") -> dict[str, torch.Tensor]:
@@ -198,7 +210,14 @@ class LoraManager:
         path).
         """
         loaded = self._get(name)
-        adapters = list(zip(loaded.paths, loaded.adapters, loaded.factors, strict=True))
+        for path, adapter in zip(loaded.paths, loaded.adapters, strict=True):
+            if isinstance(adapter, DeltaAdapter):
+                raise ValueError(
+                    f"cannot write LoRA {name!r}: its update of `{path}` is a {adapter.delta.recognized.description}, "
+                    "and only plain LoRAs are written"
+                )
+        plain = [adapter for adapter in loaded.adapters if isinstance(adapter, LoraAdapter)]
+        adapters = list(zip(loaded.paths, plain, loaded.factors, strict=True))
         return lora_state_dict(self.model, adapters, format, name)
 
     def save(self, name: str, path: str | os.PathLike[str], format: Format = "refiners") -> None:
@@ -215,20 +234,27 @@ class LoraManager:
             raise FileNotFoundError(f"cannot save LoRA {name!r} to {path}: no folder {folder}")
         save_tensors(path, tensors, metadata={"format": "pt"})
 
-    def set_scale(self, name: str, scale: float) -> None:
+    def set_scale(self, name: str, scale: float | BlockScales) -> None:
         """Change the scale of LoRA `name`, without reading its file again.
 
-        Raises KeyError for an unknown name, TypeError if `scale` is not a number, ValueError if it is NaN or
-        infinite, RuntimeError while fused.
+        `scale` is a number, or per-block scales (`refiners_lora.block_weights`): a diffusers `set_adapters`
+        dictionary such as `{"unet": {"down": 0.5, "mid": 1.0, "up": [0.0, 1.0, 1.0]}, "text_encoder": 0.8}`, or an
+        A1111 "LoRA Block Weight" list (17 or 26 values for SD1.5, 12 or 20 for SDXL). Raises KeyError for an
+        unknown name, TypeError if a scale is not a number, ValueError if it is NaN or infinite or for a bad key or
+        length (naming it), RuntimeError while fused; on any error the scales are left as they were.
         """
         self._check_not_fused("set_scale")
         loaded = self._get(name)
-        _check_number(scale, "scale", f"LoRA {name!r}")
-        if not all(_fits_float32(scale * factor) for factor in loaded.factors):
+        if isinstance(scale, Mapping) or (isinstance(scale, Sequence) and not isinstance(scale, (str, bytes))):
+            multipliers = block_multipliers(self.model, loaded.paths, scale, f"LoRA {name!r}")
+        else:
+            _check_number(scale, "scale", f"LoRA {name!r}")
+            multipliers = [float(cast(float, scale))] * len(loaded.adapters)
+        if not all(_fits_float32(m * factor) for m, factor in zip(multipliers, loaded.factors, strict=True)):
             raise ValueError(f"LoRA {name!r}: scale {scale!r} times its alpha / rank is beyond float32")
-        for adapter, factor in zip(loaded.adapters, loaded.factors, strict=True):
-            adapter.scale = scale * factor
-        loaded.scale = scale
+        for adapter, multiplier, factor in zip(loaded.adapters, multipliers, loaded.factors, strict=True):
+            adapter.scale = multiplier * factor
+        loaded.scale = copy.deepcopy(scale)  # the caller's dict may change afterwards
 
     def remove(self, name: str) -> None:
         """Take LoRA `name` out: the layers it patched are back, with their weights untouched.
@@ -239,8 +265,80 @@ class LoraManager:
         """
         self._check_not_fused("remove")
         loaded = self._get(name)
-        _eject_all([adapter for adapter in loaded.adapters if adapter.is_injected], f"remove LoRA {name!r}")
+        hotswap = self._state.hotswap
+        if hotswap is not None:
+            hotswap.clear(hotswap.owners.index(name))
+        else:
+            _eject_all([adapter for adapter in loaded.adapters if adapter.is_injected], f"remove LoRA {name!r}")
         del self._state.loras[name]
+
+    def enable_hotswap(self, max_rank: int, max_loras: int, layers: Iterable[str] | None = None) -> None:
+        """Make room for up to `max_loras` LoRAs of rank up to `max_rank`, to add, remove and replace them in a
+        compiled model without recompiling it (`refiners_lora.hotswap`). Call it before `torch.compile`.
+
+        Every layer of `layers` (paths; default: every Linear and ungrouped Conv2d of the model) gets `max_loras`
+        empty slots, which cost their rank's compute at every step. From then on `add` fills a free slot, `remove`
+        empties one, `replace` swaps a slot's LoRA; `create` and `fuse` are refused until `disable_hotswap()`.
+        Raises TypeError or ValueError for a bad `max_rank` / `max_loras` (below 1), ValueError for a path with no
+        Linear or Conv2d (naming it), RuntimeError if LoRAs are loaded, hot-swap is already enabled, or fused.
+        """
+        if self.is_fused:
+            raise RuntimeError("cannot enable hot-swap while the LoRAs are fused: call unfuse() first")
+        for argument, value in (("max_rank", max_rank), ("max_loras", max_loras)):
+            if isinstance(value, bool) or not isinstance(value, int):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise TypeError(f"enable_hotswap: {argument} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"enable_hotswap: {argument} must be at least 1, got {value}")
+        if self._state.hotswap is not None:
+            raise RuntimeError("hot-swap is already enabled: call disable_hotswap() first to change its limits")
+        if self._state.loras:
+            raise RuntimeError(f"enable_hotswap() before adding LoRAs: remove {', '.join(map(repr, self.names))} first")
+        if layers is None:
+            targets = hotswap_layers(self.model)
+        else:
+            targets = []
+            for path in [layers] if isinstance(layers, str) else layers:
+                layer = resolve_layer(self.model, path)
+                if not isinstance(layer, (fl.Linear, fl.Conv2d)) or (
+                    isinstance(layer, fl.Conv2d) and layer.groups != 1
+                ):
+                    raise ValueError(f"enable_hotswap: {type(self.model).__name__} has no Linear or Conv2d at {path!r}")
+                targets.append(layer)
+        self._state.hotswap = HotswapSlots.inject(list(dict.fromkeys(targets)), max_rank, max_loras)
+
+    def disable_hotswap(self) -> None:
+        """Take the hot-swap slots out: the model is back as it was before `enable_hotswap`. Raises RuntimeError
+        while LoRAs are loaded. Does nothing if hot-swap is not enabled."""
+        if self._state.hotswap is None:
+            return
+        if self._state.loras:
+            raise RuntimeError(f"cannot disable hot-swap: remove {', '.join(map(repr, self.names))} first")
+        self._state.hotswap.eject()
+        self._state.hotswap = None
+
+    def replace(
+        self, name: str, path_or_state_dict: LoraSource, scale: float = 1.0, *, strict: bool = True
+    ) -> list[str]:
+        """Put another LoRA file in the hot-swap slot of LoRA `name`, keeping the name: in a compiled model, with no
+        recompilation. The new file is checked fully first (as `add` does): on any error LoRA `name` stays as it
+        was. Returns the skipped keys (see `add`). Raises what `add` raises, KeyError for an unknown name,
+        RuntimeError if hot-swap is not enabled.
+        """
+        hotswap = self._state.hotswap
+        if hotswap is None:
+            raise RuntimeError(f"cannot replace LoRA {name!r}: hot-swap is not enabled (see enable_hotswap)")
+        self._get(name)
+        _check_number(scale, "scale", f"LoRA {name!r}")
+        source, tensors, metadata = _read(name, path_or_state_dict)
+        plan, skipped = self._plan(tensors, source, strict=strict, metadata=metadata)
+        factors = [_factor(lora) for _, _, lora in plan]
+        if not all(_fits_float32(scale * factor) for factor in factors):
+            raise WeightsError(f"{source}: scale {scale} times its alpha / rank is beyond float32")
+        adapters = hotswap.fill(name, hotswap.check(name, source, plan, replacing=True), plan)
+        for adapter, factor in zip(adapters, factors, strict=True):
+            adapter.scale = scale * factor
+        self._state.loras[name] = _Loaded(list[AnyAdapter](adapters), factors, scale, [path for path, _, _ in plan])
+        return skipped
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -251,6 +349,8 @@ class LoraManager:
         """
         if self.is_fused:
             return
+        if self._state.hotswap is not None:
+            raise RuntimeError("cannot fuse while hot-swap is enabled: call disable_hotswap() first")
         adapters = self._adapters()
         ejected = next((adapter for adapter in adapters if not adapter.is_injected), None)
         if ejected is not None:
@@ -260,11 +360,18 @@ class LoraManager:
                 f"inject it again or remove({loaded!r}) first"
             )
         saved = _snapshot(list(dict.fromkeys(adapter.target for adapter in adapters)))
+        biases = snapshot_biases(list(adapters))
         for adapter in adapters:
-            adapter.target.weight.add_(_delta(adapter))
+            target = adapter.target
+            if isinstance(adapter, DeltaAdapter):  # from the weight before fusing, as unfused (DoRA depends on it)
+                target.weight.add_(adapter.weight_delta(saved[target]))
+                if (bias := adapter.delta.bias(target.bias)) is not None and target.bias is not None:
+                    target.bias.add_(bias)
+            else:
+                target.weight.add_(_delta(adapter))
         for adapter in reversed(adapters):
             adapter.eject()
-        self._state.fused_weights = saved
+        self._state.fused_weights, self._state.fused_biases = saved, biases
 
     @torch.no_grad()
     def unfuse(self) -> None:
@@ -274,11 +381,14 @@ class LoraManager:
             return
         for target, weight in saved.items():
             target.weight.copy_(weight)
+        for target, bias in self._state.fused_biases.items():
+            assert target.bias is not None
+            target.bias.copy_(bias)
         for adapter in self._adapters():
             adapter.inject()
-        self._state.fused_weights = None
+        self._state.fused_weights, self._state.fused_biases = None, {}
 
-    def _adapters(self) -> list[LoraAdapter]:
+    def _adapters(self) -> list[AnyAdapter]:
         return [adapter for loaded in self._state.loras.values() for adapter in loaded.adapters]
 
     def _get(self, name: str) -> _Loaded:
@@ -293,58 +403,47 @@ class LoraManager:
         if name in self._state.loras:
             raise ValueError(f"a LoRA named {name!r} is already loaded; remove it first or pick another name")
 
+    def _plan(
+        self, tensors: dict[str, torch.Tensor], source: str, *, strict: bool, metadata: dict[str, str]
+    ) -> tuple[list[tuple[str, LoraTarget, ModuleLora]], list[str]]:
+        """(layer path, layer, module LoRA) of every module `plan_lora` can apply, and the keys that match no layer;
+        raises WeightsError for the first problem, or for unmatched keys when `strict` (or nothing matched)."""
+        found = plan_lora(self.model, tensors, source, metadata)
+        problem = next((module.problem for module in found.modules if module.problem is not None), None)
+        if problem is not None:
+            raise WeightsError(problem)
+        plan: list[tuple[str, LoraTarget, ModuleLora]] = []
+        for module in found.applicable:
+            assert module.path is not None and isinstance(module.layer, (fl.Linear, fl.Conv2d))
+            plan.append((module.path, module.layer, module.lora))
+        skipped = found.unmatched
+        if skipped and (strict or not plan):
+            shown = ", ".join(f"'{key}'" for key in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+            hint = " (pass strict=False to load the others)" if plan else ""
+            model_name = type(self.model).__name__
+            raise WeightsError(f"{source}: {len(skipped)} key(s) match no layer of {model_name}{hint}: {shown}")
+        return plan, skipped
+
     def _check_not_fused(self, action: str) -> None:
         if self.is_fused:
             raise RuntimeError(f"cannot {action} a LoRA while the LoRAs are fused: call unfuse() first")
 
-    def _plan(
-        self, tensors: dict[str, torch.Tensor], source: str, *, strict: bool, metadata: dict[str, str]
-    ) -> tuple[list[tuple[str, LoraTarget, ModuleLora]], list[str]]:
-        """Match every module of the file to a layer of the model and check it fits, changing nothing."""
-        parsed = parse_lora(tensors, source, metadata)
-        model_name = type(self.model).__name__
-        names: dict[str, str] | None = None
-        if parsed.convention is not None:
-            if not isinstance(self.model, ForeignModuleNames):
-                raise WeightsError(
-                    f"{source} is a {parsed.format} LoRA, but {model_name} does not name its layers the "
-                    f"{parsed.convention} way (it does not implement refiners_core.module_names.ForeignModuleNames): "
-                    "only LoRAs keyed by our own layer paths load onto it"
-                )
-            names = dict(self.model.foreign_module_names(parsed.convention))
-            downs = {module: lora.tensors["down"] for module, lora in parsed.modules.items() if "down" in lora.tensors}
-            check_base_model(source, downs, self.model, names, lambda path: _resolve(self.model, path))
-        unmatched = list(parsed.unknown)
-        plan: list[tuple[str, LoraTarget, ModuleLora]] = []
-        claimed: dict[int, str] = {}
-        for module, lora in parsed.modules.items():
-            path = module if names is None else names.get(module)
-            layer = _resolve(self.model, path) if path is not None else None
-            if path is None or layer is None:
-                unmatched.extend(lora.keys.values())
-                continue
-            key = next(iter(lora.keys.values()))
-            where = f"`{model_name}.{path}`" if path else f"`{model_name}`"
-            if not isinstance(layer, (fl.Linear, fl.Conv2d)):
-                raise WeightsError(
-                    f"{source}: '{key}' targets layer {where}, a {type(layer).__name__}: LoRA patches Linear and "
-                    "Conv2d layers only"
-                )
-            if id(layer) in claimed:
-                raise WeightsError(f"{source}: '{claimed[id(layer)]}' and '{module}' both patch layer {where}")
-            claimed[id(layer)] = module
-            _check(layer, lora, where, source)
-            plan.append((path, layer, lora))
-        if unmatched and (strict or not plan):
-            shown = ", ".join(f"'{key}'" for key in unmatched[:10]) + (" ..." if len(unmatched) > 10 else "")
-            hint = " (pass strict=False to load the others)" if plan else ""
-            raise WeightsError(f"{source}: {len(unmatched)} key(s) match no layer of {model_name}{hint}: {shown}")
-        return plan, unmatched
+
+def _read(name: str, path_or_state_dict: LoraSource) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """(source, tensors, metadata) of a LoRA file or state dict; raises WeightsError for a value that is no tensor."""
+    if isinstance(path_or_state_dict, dict):
+        source, tensors = f"LoRA state dict {name!r}", path_or_state_dict
+        for key, value in tensors.items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise WeightsError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        return source, tensors, {}
+    metadata = read_metadata(Path(path_or_state_dict))  # the header first: it may refuse the file early
+    return str(path_or_state_dict), load_tensors(Path(path_or_state_dict)), metadata
 
 
-def _inject_all(adapters: list[LoraAdapter]) -> None:
+def _inject_all(adapters: list[AnyAdapter]) -> None:
     """Inject every adapter, or none: on an error, the ones already in are taken out again."""
-    injected: list[LoraAdapter] = []
+    injected: list[AnyAdapter] = []
     try:
         for adapter in adapters:
             injected.append(adapter.inject())
@@ -354,9 +453,9 @@ def _inject_all(adapters: list[LoraAdapter]) -> None:
         raise
 
 
-def _eject_all(adapters: list[LoraAdapter], action: str) -> None:
+def _eject_all(adapters: list[AnyAdapter], action: str) -> None:
     """Eject every adapter (last first), or none: on an error, the ones already out are injected again."""
-    ejected: list[tuple[LoraAdapter, fl.Chain | None]] = []
+    ejected: list[tuple[AnyAdapter, fl.Chain | None]] = []
     try:
         for adapter in reversed(adapters):
             parent = adapter.parent
@@ -381,8 +480,12 @@ def _fits_float32(value: float) -> bool:
     return math.isfinite(value) and abs(value) <= torch.finfo(torch.float32).max
 
 
-def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> LoraAdapter:
-    """An adapter on `target` holding the file's down and up weights (reshaped, converted to the target's dtype)."""
+def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> AnyAdapter:
+    """An adapter on `target` holding the file's down and up weights (reshaped, converted to the target's dtype), or
+    for a LyCORIS / DoRA module, a `DeltaAdapter` holding its tensors (in the target's dtype)."""
+    if not lora.tensors.keys() <= PLAIN_ROLES:
+        recognized = recognize(lora.tensors, lora.keys)
+        return DeltaAdapter(target, recognized, lora.tensors, scale * recognized.outer_factor)
     down, up = lora.tensors["down"], lora.tensors["up"]
     adapter = LoraAdapter(target, rank=down.shape[0], scale=scale * _factor(lora))
     with torch.no_grad():
@@ -392,79 +495,10 @@ def _build(target: LoraTarget, lora: ModuleLora, scale: float) -> LoraAdapter:
     return adapter
 
 
-def _resolve(model: nn.Module, path: str) -> nn.Module | None:
-    """The layer at `path`, looking through adapters injected on the way (e.g. another LoRA on the same layer)."""
-    node = _unwrap(model)
-    for name in path.split(".") if path else []:
-        child = node._modules.get(name)  # pyright: ignore[reportPrivateUsage]
-        if child is None:
-            return None
-        node = _unwrap(child)
-    return node
-
-
-def _unwrap(layer: nn.Module) -> nn.Module:
-    while isinstance(layer, Adapter):
-        layer = layer.target  # pyright: ignore[reportUnknownMemberType]
-    return layer  # pyright: ignore[reportUnknownVariableType]
-
-
-def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None:
-    """Raise WeightsError unless `lora`'s down, up and alpha fit `layer` (1x1 kernels and linear weights mix)."""
-    for role in ("down", "up"):
-        if role not in lora.tensors:
-            present = next(iter(lora.keys.values()))
-            raise WeightsError(f"{source}: '{present}' has no {role} weights beside it (LoRA for layer {where})")
-    down, up = lora.tensors["down"], lora.tensors["up"]
-    if down.ndim < 2:
-        raise WeightsError(f"{source}: '{lora.keys['down']}' has shape {tuple(down.shape)}, not a LoRA down weight")
-    rank = down.shape[0]
-    if rank == 0:
-        raise WeightsError(f"{source}: '{lora.keys['down']}' has shape {tuple(down.shape)}: a rank-0 LoRA")
-    check_weights({lora.keys["down"]: down, lora.keys["up"]: up}, source=source)
-    if isinstance(layer, fl.Linear):
-        expected_down: tuple[int, ...] = (rank, layer.in_features)
-        expected_up: tuple[int, ...] = (layer.out_features, rank)
-        kind = f"Linear {layer.in_features} -> {layer.out_features}"
-    else:
-        if layer.groups != 1:
-            raise WeightsError(f"{source}: '{lora.keys['down']}' targets grouped convolution {where}: not supported")
-        expected_down = (rank, layer.in_channels, *layer.kernel_size)
-        expected_up = (layer.out_channels, rank, 1, 1)
-        kind = f"Conv2d {layer.in_channels} -> {layer.out_channels}, kernel {tuple(layer.kernel_size)}"
-    checks: tuple[tuple[Role, torch.Tensor, tuple[int, ...]], ...] = (
-        ("down", down, expected_down),
-        ("up", up, expected_up),
-    )
-    for role, tensor, expected in checks:
-        if not _fits(tensor.shape, expected):
-            raise WeightsError(
-                f"{source}: '{lora.keys[role]}' has shape {tuple(tensor.shape)} but layer {where} ({kind}) expects "
-                f"{expected} for a rank-{rank} LoRA"
-            )
-    if "alpha" in lora.tensors:
-        alpha, key = lora.tensors["alpha"], lora.keys["alpha"]
-        if alpha.numel() != 1:
-            raise WeightsError(f"{source}: '{key}' has shape {tuple(alpha.shape)}, expected a single number")
-        if alpha.dtype == torch.bool or alpha.is_complex():
-            raise WeightsError(f"{source}: '{key}' holds a {str(alpha.dtype).removeprefix('torch.')}, not a number")
-        if not math.isfinite(float(alpha.item())):
-            raise WeightsError(f"{source}: '{key}' is {alpha.item()}, not a finite alpha")
-
-
-def _fits(found: torch.Size, expected: tuple[int, ...]) -> bool:
-    return tuple(found) == expected or _squeezed(tuple(found)) == _squeezed(expected)
-
-
-def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape without trailing 1s past two dimensions: a 1x1 kernel `(o, i, 1, 1)` reads as `(o, i)`."""
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
-
-
 def _factor(lora: ModuleLora) -> float:
-    """alpha / rank (1 without an alpha)."""
+    """alpha / rank (1 without an alpha); for a LyCORIS / DoRA module, the factor of the user's scale."""
+    if not lora.tensors.keys() <= PLAIN_ROLES:
+        return recognize(lora.tensors, lora.keys).outer_factor
     alpha = lora.tensors.get("alpha")
     rank = lora.tensors["down"].shape[0]
     return 1.0 if alpha is None else float(alpha.item()) / rank

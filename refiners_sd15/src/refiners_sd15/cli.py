@@ -23,18 +23,18 @@ images' declared sizes, the device, the output path, the model's kind and the pl
 (`GenerateOptionSpec.validate`, and that the option applies to that kind).
 Latents that become NaN or infinite stop the run, naming the step. The image is written atomically: to a
 temporary file in the output's folder, then renamed over `--out`, so an existing file is replaced whole or not at
-all.
+all; a PNG records every setting in its text chunks (`generate_outputs`).
+
+Many images (`--num-images`, `--batch-size`, `--prompts`, `--out-dir`) and `--from-image` are run by
+`generate_many`, the command's entry point, with the functions here.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,6 @@ from refiners_sd15.adapter_options import HUB_ID
 from refiners_sd15.generate_checks import (
     MAX_GUIDANCE,
     MAX_STEPS,
-    TEMPORARY_PREFIX,
     GenerateError,
     check_out,
     check_text,
@@ -63,6 +62,9 @@ from refiners_sd15.generate_checks import (
     parse_number,
     parse_size,
 )
+from refiners_sd15.generate_items import OPTION_DEST
+from refiners_sd15.generate_outputs import write_atomically
+from refiners_sd15.generate_record import settings_of
 from refiners_sd15.inpainting import StableDiffusion_1_Inpainting
 from refiners_sd15.latent_diffusion import MAX_IMAGE_SIDE, MAX_SEED, check_image_size
 from refiners_sd15.solvers import Solver, StochasticSolver, denoising_end_step
@@ -74,8 +76,9 @@ DEFAULT_GUIDANCE = 7.5
 DEFAULT_REFINER_FRACTION = 0.2
 """The part of the steps `--refiner MODEL` runs the refiner on: the last 20%, as diffusers' SDXL docs do with
 `denoising_end=0.8` / `denoising_start=0.8`."""
+DEFAULT_OUT = Path("generated.png")
+"""`--out` when not given."""
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_OPTION_DEST = "generate_option:"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -83,18 +86,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     Numbers are declared as strings and checked by `check_arguments`, so that a bad one is a one-line error.
     """
-    parser.add_argument("prompt", help="what to generate")
+    parser.add_argument("prompt", nargs="?", default=None, help="what to generate (or --prompts FILE)")
     parser.add_argument(
         "--model",
-        required=True,
+        default=None,
         help="a diffusers folder, a Hugging Face hub id, a folder written by save_pretrained or a single-file "
-        "checkpoint (.safetensors/.ckpt); an inpainting model with --mask",
+        "checkpoint (.safetensors/.ckpt); an inpainting model with --mask (required, except with --from-image)",
     )
     parser.add_argument(
         "--model-type",
         default=None,
         metavar="KIND",
-        help=f"the model's kind, one of {', '.join(sorted(_kinds()))} (default: told from what --model holds)",
+        help=f"the model's kind, one of {', '.join(sorted(generate_kinds()))} (default: told from what --model holds)",
     )
     parser.add_argument("--negative", default="", help="negative prompt (default: none)")
     parser.add_argument("--steps", default="30", metavar="N", help=f"denoising steps, 1 to {MAX_STEPS} (default: 30)")
@@ -115,7 +118,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="SCALE",
         help=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g} (default: the model's, {guidances})",
     )
-    refiners = ", ".join(f"{name} ({spec.refiner})" for name, spec in sorted(_kinds().items()) if spec.refiner)
+    refiners = ", ".join(f"{name} ({spec.refiner})" for name, spec in sorted(generate_kinds().items()) if spec.refiner)
     parser.add_argument(
         "--refiner",
         default=None,
@@ -136,8 +139,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("generated.png"),
+        default=DEFAULT_OUT,
         help="output image, .png, .jpg or .webp, written atomically (default: generated.png)",
+    )
+    many = parser.add_argument_group("many images (one model load; resumes: complete outputs are skipped)")
+    many.add_argument("--num-images", default=None, metavar="N", help="images per prompt, seeds SEED to SEED+N-1")
+    many.add_argument("--batch-size", default=None, metavar="B", help="images denoised together (default: 1)")
+    many.add_argument(
+        "--prompts",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="JSON Lines (prompt, id, negative, seed, size, steps, guidance, solver, loras, init_image, strength, "
+        "mask, plugin options) or one prompt per line; what a line leaves out comes from the command line",
+    )
+    many.add_argument(
+        "--out-dir", type=Path, default=None, metavar="DIR", help="where <id>.png are written (default: generated)"
+    )
+    many.add_argument(
+        "--from-image", type=Path, default=None, metavar="PNG", help="make again the image a PNG of ours records"
     )
     parser.add_argument("--init-image", type=Path, default=None, help="image to start from (image-to-image)")
     parser.add_argument(
@@ -157,13 +177,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: float16 on cuda, else float32)"
     )
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
-    plugin_options = parser.add_argument_group("options added by plugins (refiners_register_generate_options)")
-    for spec in _plugin_options():
+    group = parser.add_argument_group("options added by plugins (refiners_register_generate_options)")
+    for spec in plugin_options():
         try:
-            plugin_options.add_argument(
+            group.add_argument(
                 spec.flag,
                 action="append",
-                dest=_OPTION_DEST + spec.flag,
+                dest=OPTION_DEST + spec.flag,
                 metavar=spec.metavar,
                 help=spec.help,
             )
@@ -185,16 +205,17 @@ def run(args: argparse.Namespace) -> int:
     checked = check_arguments(args)
     extra: dict[str, Any] = {}
     if checked.refiner is not None:  # first: its configs are checked before the base model's weights are read
-        refiner = _load_refiner(checked.refiner, device=checked.device, dtype=checked.dtype)
+        refiner = load_refiner(checked.refiner, device=checked.device, dtype=checked.dtype)
         refiner.show_progress = not args.no_progress
         extra = {"refiner": refiner, "refiner_fraction": checked.refiner.fraction}
-    model = _load(
+    model = load_model(
         checked.kind, args.model, inpainting=checked.mask is not None, device=checked.device, dtype=checked.dtype
     )
-    _apply_plugin_options(model, args)
+    apply_plugin_options(model, args)
     model.show_progress = not args.no_progress
-    image = _denoise(model, checked, args, **extra)
-    _write_atomically(image, args.out, checked.image_format)
+    image = generate_image(model, checked, args, **extra)
+    settings = settings_of(args, checked, [spec.flag for spec in plugin_options()])
+    write_atomically(image, args.out, checked.image_format, settings=settings)
     print(
         f"wrote {_printable(str(args.out))} ({checked.width}x{checked.height}, {_steps_run(checked.solver)} "
         f"{args.solver} steps, seed {checked.seed}, {checked.kind} model{_refined(checked)}) in "
@@ -257,14 +278,14 @@ def check_arguments(args: argparse.Namespace) -> GenerateSettings:
     device = parse_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     kind = model_kind(args.model, args.model_type)
-    spec = _kinds()[kind]
-    solver = _solver(args.solver, steps, first_inference_step=first_step(steps, strength))
+    spec = generate_kinds()[kind]
+    solver = make_solver(args.solver, steps, first_inference_step=first_step(steps, strength))
     solver = solver.with_defaults(spec.solver_defaults or {})  # the model's published settings, until it is loaded
     refiner_settings = None if refiner is None else _check_refiner(kind, *refiner, solver)
-    _check_options_apply_to(kind, args)
+    check_options_apply_to(kind, args)
     if args.mask is not None and kind != MODEL_NAME:
         raise GenerateError(f"--mask: inpainting is not supported with an {kind} model yet (only with {MODEL_NAME})")
-    _validate_plugin_options(args)
+    validate_plugin_options(args)
     init_image = open_image(args.init_image, "--init-image") if args.init_image is not None else None
     mask = open_image(args.mask, "--mask") if args.mask is not None else None
     if size is None and init_image is not None:
@@ -305,7 +326,7 @@ def model_kind(model: str, model_type: str | None) -> str:
     `model_type` that no installed plugin registers for generation (listing those that are), one that `model` does
     not hold (naming what it holds and what shows it), a model that `refiners generate` cannot run as `--model` (a
     refiner), or one that nothing recognizes without `model_type` (a hub id not in the cache, an unknown file)."""
-    kinds = _kinds()
+    kinds = generate_kinds()
     if model_type is not None and model_type not in kinds:
         raise GenerateError(
             f"--model-type {model_type!r} is not an installed model kind: use one of {', '.join(sorted(kinds))}"
@@ -353,9 +374,9 @@ def parse_refiner(text: str, default_fraction: float) -> tuple[str, float]:
 def _check_refiner(kind: str, source: str, fraction: float, solver: Solver) -> RefinerSettings:
     """`--refiner`, checked against the base model's kind, what `source` holds and `solver`'s steps."""
     shown = f"--refiner {source}"
-    refiner_kind = _kinds()[kind].refiner
+    refiner_kind = generate_kinds()[kind].refiner
     if refiner_kind is None or refiner_kind not in registry().models:
-        with_refiner = [name for name, spec in sorted(_kinds().items()) if spec.refiner in registry().models]
+        with_refiner = [name for name, spec in sorted(generate_kinds().items()) if spec.refiner in registry().models]
         raise GenerateError(
             f"--refiner: an {kind} model has no refiner (refiners run after {', '.join(with_refiner) or 'no kind'})"
         )
@@ -386,38 +407,58 @@ def _detected(model: str) -> tuple[str, str] | None:
 
 def _default_guidances() -> list[tuple[str, float]]:
     """Each kind's default guidance scale, by name."""
-    return [(name, _guidance(spec)) for name, spec in sorted(_kinds().items())]
+    return [(name, _guidance(spec)) for name, spec in sorted(generate_kinds().items())]
 
 
 def _guidance(spec: ModelSpec) -> float:
     return DEFAULT_GUIDANCE if spec.default_guidance is None else spec.default_guidance
 
 
-def _kinds() -> dict[str, ModelSpec]:
+def generate_kinds() -> dict[str, ModelSpec]:
     """The registered models `refiners generate` can run (those with a `generate`), by name."""
     return {name: spec for name, spec in registry().models.items() if spec.generate is not None}
 
 
 def _default_sizes() -> list[tuple[str, tuple[int, int]]]:
     """Each kind's default (width, height), by name."""
-    return [(name, spec.default_size) for name, spec in sorted(_kinds().items()) if spec.default_size is not None]
+    return [
+        (name, spec.default_size) for name, spec in sorted(generate_kinds().items()) if spec.default_size is not None
+    ]
 
 
-def _denoise(model: Any, checked: GenerateSettings, args: argparse.Namespace, **extra: Any) -> Image.Image:
-    """Run the kind's `generate`; raise GenerateError, writing nothing, if the latents stop being finite."""
+def finite_latents_check(dtype: torch.dtype) -> Any:
+    """The `after_step(step, latents)` of `ModelSpec.generate`: raise GenerateError, so that nothing is written, when
+    the latents stop being finite."""
 
     def after_step(step: int, x: torch.Tensor) -> None:
         if not bool(torch.isfinite(x).all()):
             raise GenerateError(
                 f"the latents have NaN or infinite values after step {step}: with these options the model "
-                f"overflows {checked.dtype} (lower --guidance or the plugins' scales, or use --dtype float32); "
+                f"overflows {dtype} (lower --guidance or the plugins' scales, or use --dtype float32); "
                 "nothing was written"
             )
 
+    return after_step
+
+
+def solver_factory(name: str, checked: GenerateSettings) -> Any:
+    """The `make_solver` of `ModelSpec.generate`: the solver `name` with `checked`'s steps, first step and seed."""
     solver = checked.solver
+    return functools.partial(
+        make_solver,
+        name,
+        solver.num_inference_steps,
+        seed=checked.seed,
+        first_inference_step=solver.first_inference_step,
+    )
+
+
+def generate_image(model: Any, checked: GenerateSettings, args: argparse.Namespace, **extra: Any) -> Image.Image:
+    """Run the kind's `generate` with `args`' prompts and solver; raise GenerateError, writing nothing, if the latents
+    stop being finite."""
     if checked.mask is not None:
         extra["mask"] = checked.mask
-    generate = _kinds()[checked.kind].generate
+    generate = generate_kinds()[checked.kind].generate
     assert generate is not None
     try:
         with torch.no_grad():
@@ -425,18 +466,12 @@ def _denoise(model: Any, checked: GenerateSettings, args: argparse.Namespace, **
                 model,
                 prompt=args.prompt,
                 negative_prompt=args.negative,
-                make_solver=functools.partial(
-                    _solver,
-                    args.solver,
-                    solver.num_inference_steps,
-                    seed=checked.seed,
-                    first_inference_step=solver.first_inference_step,
-                ),
+                make_solver=solver_factory(args.solver, checked),
                 size=(checked.width, checked.height),
                 guidance=checked.guidance,
                 seed=checked.seed,
                 init_image=checked.init_image,
-                after_step=after_step,
+                after_step=finite_latents_check(checked.dtype),
                 **extra,
             )
     except ValueError as error:
@@ -448,45 +483,32 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _write_atomically(image: Image.Image, out: Path, image_format: str) -> None:
-    """Write `image` to a temporary file beside `out`, then rename it over `out`: all or nothing."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=TEMPORARY_PREFIX, suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            image.save(file, format=image_format)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-def _plugin_options() -> list[GenerateOptionSpec]:
+def plugin_options() -> list[GenerateOptionSpec]:
     """The plugins' options for any model this command runs."""
-    kinds = _kinds()
+    kinds = generate_kinds()
     return [spec for spec in registry().generate_options.values() if any(spec.applies_to(kind) for kind in kinds)]
 
 
-def _check_options_apply_to(kind: str, args: argparse.Namespace) -> None:
-    for spec in _plugin_options():
-        if getattr(args, _OPTION_DEST + spec.flag, None) and not spec.applies_to(kind):
+def check_options_apply_to(kind: str, args: argparse.Namespace) -> None:
+    """Raise GenerateError for a plugin option given in `args` that does not apply to the model kind `kind`."""
+    for spec in plugin_options():
+        if getattr(args, OPTION_DEST + spec.flag, None) and not spec.applies_to(kind):
             supported = ", ".join(spec.models or ())
             raise GenerateError(f"{spec.flag} is not supported with an {kind} model yet (only with {supported})")
 
 
-def _validate_plugin_options(args: argparse.Namespace) -> None:
-    for spec in _plugin_options():
-        values: list[str] | None = getattr(args, _OPTION_DEST + spec.flag, None)
+def validate_plugin_options(args: argparse.Namespace) -> None:
+    """Call the `validate` of each plugin option given in `args`; what it raises is a GenerateError naming the flag."""
+    for spec in plugin_options():
+        values: list[str] | None = getattr(args, OPTION_DEST + spec.flag, None)
         if values and spec.validate is not None:
             _run_plugin(spec, values, spec.validate, values)
 
 
-def _apply_plugin_options(sd: Any, args: argparse.Namespace) -> None:
-    for spec in _plugin_options():
-        values: list[str] | None = getattr(args, _OPTION_DEST + spec.flag, None)
+def apply_plugin_options(sd: Any, args: argparse.Namespace) -> None:
+    """Call the `apply` of each plugin option given in `args` on the loaded model `sd`, in the registry's order."""
+    for spec in plugin_options():
+        values: list[str] | None = getattr(args, OPTION_DEST + spec.flag, None)
         if values:
             _run_plugin(spec, values, spec.apply, sd, values)
 
@@ -514,12 +536,14 @@ def _check_model(option: str, model: str) -> None:
         raise GenerateError(f"{option} {model}: no such file or folder")
 
 
-def _load(kind: str, model: str, *, inpainting: bool, device: torch.device, dtype: torch.dtype) -> Any:
-    loader = StableDiffusion_1_Inpainting.from_pretrained if inpainting else _kinds()[kind].loader
+def load_model(kind: str, model: str, *, inpainting: bool, device: torch.device, dtype: torch.dtype) -> Any:
+    """The `kind` model at `model` (an SD1.5 inpainting one when `inpainting`); GenerateError naming it if it fails."""
+    loader = StableDiffusion_1_Inpainting.from_pretrained if inpainting else generate_kinds()[kind].loader
     return _call_loader("--model", loader, model, device=device, dtype=dtype)
 
 
-def _load_refiner(refiner: RefinerSettings, *, device: torch.device, dtype: torch.dtype) -> Any:
+def load_refiner(refiner: RefinerSettings, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """The `--refiner` model; GenerateError naming it if it fails to load."""
     loader = registry().models[refiner.kind].loader
     return _call_loader("--refiner", loader, refiner.source, device=device, dtype=dtype)
 
@@ -544,7 +568,7 @@ def solver_name(text: str) -> str:
     return "-".join(text.lower().split())
 
 
-def _solver(name: str, steps: int, *, seed: int | None = None, **settings: Any) -> Solver:
+def make_solver(name: str, steps: int, *, seed: int | None = None, **settings: Any) -> Solver:
     """The registered solver `name` with `steps` steps; `settings` are its other keyword arguments (the first step,
     a refiner's). A stochastic solver draws its noise from a generator seeded with `seed + 1` when given (the
     starting noise is drawn with `seed`)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from PIL import Image
 
@@ -40,6 +42,7 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):
         dtype: torch.dtype | None = None,
         *,
         solver: Solver | None = None,
+        solver_defaults: dict[str, Any] | None = None,
         show_progress: bool = True,
     ) -> None:
         if unet is None:
@@ -49,7 +52,16 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):
                 f"StableDiffusion_1_Inpainting needs a UNet with {INPAINTING_CHANNELS} input channels (latents, mask, "
                 f"masked image latents), got {unet.config.in_channels}: load an inpainting checkpoint"
             )
-        super().__init__(unet, lda, clip_text_encoder, device, dtype, solver=solver, show_progress=show_progress)
+        super().__init__(
+            unet,
+            lda,
+            clip_text_encoder,
+            device,
+            dtype,
+            solver=solver,
+            solver_defaults=solver_defaults,
+            show_progress=show_progress,
+        )
         self.mask_latents: torch.Tensor | None = None
         self.target_image_latents: torch.Tensor | None = None
 

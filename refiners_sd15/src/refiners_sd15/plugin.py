@@ -26,6 +26,7 @@ def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
             detect=Reference("refiners_sd15.generation:detect_sd15"),
             default_size=SD15_DEFAULT_SIZE,
             generate=Reference("refiners_sd15.generation:generate_sd15"),
+            generate_batch=Reference("refiners_sd15.batch_generation:generate_batch_sd15"),
             default_guidance=SD15_DEFAULT_GUIDANCE,
         )
     )
@@ -99,7 +100,7 @@ def refiners_register_solvers(register: Callable[[SolverSpec], None]) -> None:
 def refiners_register_commands(cli: CommandRegistrar) -> None:
     cli.add_command(
         "generate",
-        Reference("refiners_sd15.cli:run"),
+        Reference("refiners_sd15.generate_many:run"),
         help="Generate an image with an installed model (sd15, sdxl...): text-to-image, image-to-image, inpainting",
         configure=Reference("refiners_sd15.cli:configure"),
     )

@@ -26,6 +26,7 @@ def refiners_register_models(register: Callable[[ModelSpec], None]) -> None:
             detect=Reference("refiners_sdxl.generation:detect_sdxl"),
             default_size=SDXL_DEFAULT_SIZE,
             generate=Reference("refiners_sdxl.generation:generate_sdxl"),
+            generate_batch=Reference("refiners_sdxl.batch_generation:generate_batch_sdxl"),
             default_guidance=SDXL_DEFAULT_GUIDANCE,
             solver_defaults=SCHEDULER_DEFAULTS,
             refiner="sdxl-refiner",

@@ -127,6 +127,12 @@ class ModelSpec:
       `Solver`, e.g. `{"timestep_spacing": "leading"}`), for the checks made before the model is loaded.
     - `refiner`: the name of the registered model (without `generate`) that `--refiner` loads and runs after this
       one on the last steps.
+    - `generate_batch(model, *, prompts, negative_prompts, seeds, init_images, make_solver, size, guidance,
+      after_step)`: several images at once, as a list of `PIL.Image.Image` in the order of `prompts` (with
+      `negative_prompts`, `seeds` and `init_images` one per image; an init image may be None), as `generate` makes
+      each of them alone: image i's noise is drawn from its own `seeds[i]`, so what is batched with it changes it
+      only within float rounding. Called only without a mask or a refiner, and with a deterministic solver;
+      `refiners generate --batch-size` calls `generate` once per image for a kind without it.
     """
 
     name: str
@@ -139,6 +145,7 @@ class ModelSpec:
     default_guidance: float | None = None
     solver_defaults: Mapping[str, Any] | None = None
     refiner: str | None = None
+    generate_batch: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         check_name("model", self.name)
@@ -151,9 +158,9 @@ class ModelSpec:
             raise TypeError(f"model {self.name!r}: default_guidance must be a finite number >= 0, got {guidance!r}")
         if self.solver_defaults is not None and not isinstance(self.solver_defaults, Mapping):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"model {self.name!r}: solver_defaults must be a mapping, got {self.solver_defaults!r}")
-        _referenced(self, "model", self.name, "loader", "demo", "detect", "generate")
+        _referenced(self, "model", self.name, "loader", "demo", "detect", "generate", "generate_batch")
         _check_callable("model", self.name, "loader", self.loader)
-        for role in ("demo", "detect", "generate"):
+        for role in ("demo", "detect", "generate", "generate_batch"):
             if (value := getattr(self, role)) is not None:
                 _check_callable("model", self.name, role, value)
         size = self.default_size
