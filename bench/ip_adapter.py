@@ -25,15 +25,20 @@ from typing import Any
 
 import torch
 from sd15_components import save_unet, source_commit
-from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, unet_step_parser, write_report
+from timing import (
+    Comparison,
+    Timing,
+    environment,
+    markdown_table,
+    max_abs_diff,
+    progress,
+    unet_step_parser,
+    write_report,
+)
 
 TIMESTEP = 500
 SCALE = 0.6
 STATES = (("ours", "plain"), ("ours", "IP-Adapter"), ("diffusers", "plain"), ("diffusers", "IP-Adapter"))
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def measure(rounds: int, latent_size: int) -> tuple[dict[str, Comparison], float]:

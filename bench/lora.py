@@ -17,13 +17,24 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from sd15_components import save_unet, source_commit
-from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, unet_step_parser, write_report
+from timing import (
+    Comparison,
+    StateStep,
+    environment,
+    markdown_table,
+    max_abs_diff,
+    progress,
+    state_comparisons,
+    state_outputs,
+    time_states,
+    unet_step_parser,
+    write_report,
+)
 from torch import nn
 
 TIMESTEP = 500
@@ -31,10 +42,6 @@ LORAS = ("one", "two", "three")
 TARGETS = ("attn1.", "attn2.", "ff.net", "proj_in", "proj_out")
 OURS_STATES = ("no LoRA", "1 LoRA, unfused", "1 LoRA, fused", "3 LoRAs, unfused", "3 LoRAs, fused")
 DIFFUSERS_STATES = ("no LoRA", "1 LoRA", "3 LoRAs")
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def random_loras(unet: nn.Module, rank: int) -> list[dict[str, torch.Tensor]]:
@@ -103,39 +110,22 @@ def measure(rounds: int, latent_size: int, rank: int) -> tuple[dict[str, Compari
         reference.enable_adapters()  # pyright: ignore
         reference.set_adapters(list(LORAS[: 1 if state == "1 LoRA" else 3]))  # pyright: ignore
 
-    steps: list[tuple[str, Callable[[str], None], str, Callable[[], torch.Tensor]]] = [
+    steps: list[StateStep] = [
         *(("ours", set_ours, state, our_step) for state in OURS_STATES),
         *(("diffusers", set_reference, state, reference_step) for state in DIFFUSERS_STATES),
     ]
     differences: dict[str, float] = {}
     with torch.inference_mode():
         progress("checking outputs (untimed)")
-        outputs: dict[tuple[str, str], torch.Tensor] = {}
-        for side, set_state, state, step in steps:
-            set_state(state)
-            outputs[side, state] = step()
+        outputs = state_outputs(steps)
         for state in ("1 LoRA, unfused", "1 LoRA, fused", "3 LoRAs, unfused", "3 LoRAs, fused"):
             theirs = outputs["diffusers", "1 LoRA" if state.startswith("1 ") else "3 LoRAs"]
             differences[state] = max_abs_diff(outputs["ours", state], theirs) / theirs.abs().max().item()
         theirs = outputs["diffusers", "no LoRA"]
         differences["no LoRA"] = max_abs_diff(outputs["ours", "no LoRA"], theirs) / theirs.abs().max().item()
-        samples: dict[tuple[str, str], list[float]] = {(side, state): [] for side, _, state, _ in steps}
-        for index in range(rounds):
-            progress(f"round {index + 1}/{rounds}")
-            for side, set_state, state, step in steps:
-                set_state(state)
-                start = time.process_time()
-                step()
-                samples[side, state].append(time.process_time() - start)
-    timings = {key: Timing(tuple(values)) for key, values in samples.items()}
-    comparisons = {
-        f"ours, {state}": Comparison(timings["ours", state], timings["ours", "no LoRA"], 1) for state in OURS_STATES
-    } | {
-        f"diffusers, {state}": Comparison(timings["diffusers", state], timings["diffusers", "no LoRA"], 1)
-        for state in DIFFUSERS_STATES
-    }
-    for state, theirs in (("1 LoRA, unfused", "1 LoRA"), ("3 LoRAs, unfused", "3 LoRAs"), ("no LoRA", "no LoRA")):
-        comparisons[f"ours / diffusers, {state}"] = Comparison(timings["ours", state], timings["diffusers", theirs], 1)
+        timings = time_states(steps, rounds)
+    pairs = (("1 LoRA, unfused", "1 LoRA"), ("3 LoRAs, unfused", "3 LoRAs"), ("no LoRA", "no LoRA"))
+    comparisons = state_comparisons(timings, OURS_STATES, DIFFUSERS_STATES, pairs)
     lora_parameters = sum(value.numel() for value in loras[0].values())
     return comparisons, differences, lora_parameters
 

@@ -19,13 +19,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, unet_step_parser, write_report
+from timing import (
+    Comparison,
+    StateStep,
+    environment,
+    markdown_table,
+    max_abs_diff,
+    progress,
+    state_comparisons,
+    state_outputs,
+    time_states,
+    unet_step_parser,
+    write_report,
+)
 from torch import nn
 
 TIMESTEP = 500
@@ -34,10 +45,6 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 OURS_STATES = ("no LoRA", "LoRA, unfused", "LoRA, fused")
 DIFFUSERS_STATES = ("no LoRA", "LoRA")
 TARGET_RATIOS = {"ours, LoRA, unfused": 1.10, "ours, LoRA, fused": 1.00, "ours / diffusers, LoRA, unfused": 1.00}
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def random_lora(unet: nn.Module, rank: int) -> dict[str, torch.Tensor]:
@@ -106,37 +113,20 @@ def measure(rounds: int, latent_size: int, rank: int) -> tuple[dict[str, Compari
         else:
             reference.enable_adapters()
 
-    steps: list[tuple[str, Callable[[str], None], str, Callable[[], torch.Tensor]]] = [
+    steps: list[StateStep] = [
         *(("ours", set_ours, state, our_step) for state in OURS_STATES),
         *(("diffusers", set_reference, state, reference_step) for state in DIFFUSERS_STATES),
     ]
     differences: dict[str, float] = {}
     with torch.inference_mode():
         progress("checking outputs (untimed)")
-        outputs: dict[tuple[str, str], torch.Tensor] = {}
-        for side, set_state, state, step in steps:
-            set_state(state)
-            outputs[side, state] = step()
+        outputs = state_outputs(steps)
         for state in OURS_STATES:
             theirs = outputs["diffusers", "no LoRA" if state == "no LoRA" else "LoRA"]
             differences[state] = max_abs_diff(outputs["ours", state], theirs) / theirs.abs().max().item()
-        samples: dict[tuple[str, str], list[float]] = {(side, state): [] for side, _, state, _ in steps}
-        for index in range(rounds):
-            progress(f"round {index + 1}/{rounds}")
-            for side, set_state, state, step in steps:
-                set_state(state)
-                start = time.process_time()
-                step()
-                samples[side, state].append(time.process_time() - start)
-    timings = {key: Timing(tuple(values)) for key, values in samples.items()}
-    comparisons = {
-        f"ours, {state}": Comparison(timings["ours", state], timings["ours", "no LoRA"], 1) for state in OURS_STATES
-    } | {
-        f"diffusers, {state}": Comparison(timings["diffusers", state], timings["diffusers", "no LoRA"], 1)
-        for state in DIFFUSERS_STATES
-    }
-    for state, theirs in (("LoRA, unfused", "LoRA"), ("LoRA, fused", "LoRA"), ("no LoRA", "no LoRA")):
-        comparisons[f"ours / diffusers, {state}"] = Comparison(timings["ours", state], timings["diffusers", theirs], 1)
+        timings = time_states(steps, rounds)
+    pairs = (("LoRA, unfused", "LoRA"), ("LoRA, fused", "LoRA"), ("no LoRA", "no LoRA"))
+    comparisons = state_comparisons(timings, OURS_STATES, DIFFUSERS_STATES, pairs)
     return comparisons, differences, sum(value.numel() for value in lora.values())
 
 

@@ -23,10 +23,9 @@ from typing import Literal
 import torch
 from timing import Comparison, compare, environment, markdown_table, max_abs_diff, write_report
 
-# The reference and its random weights come from the parity tests' helper, which also makes segment-anything
+# The reference and its random weights come from the parity tests' helpers, which also make segment-anything
 # importable without torchvision.
-sys.path.append(str(Path(__file__).resolve().parents[1] / "refiners_sam" / "tests"))
-from sam_reference import build_reference  # noqa: E402
+from refiners_sam.testing import build_reference
 
 Side = Literal["ours", "reference"]
 TARGET = 0.75
@@ -43,7 +42,7 @@ def load(side: Side, checkpoint: Path) -> Callable[[torch.Tensor], torch.Tensor]
         from refiners_sam import SegmentAnything
 
         return SegmentAnything.from_pretrained(checkpoint).image_encoder
-    from sam_reference import sam_model_registry
+    from refiners_sam.testing import sam_model_registry
 
     reference = sam_model_registry["vit_b"](checkpoint=None)
     reference.load_state_dict(torch.load(checkpoint, weights_only=True))

@@ -40,6 +40,7 @@ from torch import nn
 from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG as TEXT_ENCODER_CONFIG  # noqa: E402
 from refiners_sd15.testing import SD15_UNET_CONFIG as UNET_CONFIG  # noqa: E402
 from refiners_sd15.testing import SD15_VAE_CONFIG as VAE_CONFIG  # noqa: E402
+from refiners_sd15.testing import randomize_with_seed
 
 Side = Literal["ours", "reference"]
 Forward = Callable[[], torch.Tensor]
@@ -64,29 +65,13 @@ class Component:
     refiners_0_4: float | None = None  # ratio of Refiners 0.4.0 on a 2-core CPU, quoted
 
 
-def randomize(model: nn.Module, seed: int) -> None:
-    """Draw every parameter at random: weights ~ N(0, 1/fan_in), norm scales ~ N(1, 0.1), biases ~ N(0, 0.1).
-
-    No zero or constant initial value is left, and activations keep their scale through the network.
-    """
-    torch.manual_seed(seed)  # pyright: ignore[reportUnknownMemberType]
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith(".weight"):
-                parameter.normal_(1.0, 0.1)
-            else:
-                parameter.normal_(0.0, 0.1)
-
-
 def save_diffusers_reference(model_class: Any, config: dict[str, Any], folder: Path) -> None:
-    with torch.device("meta"):  # no initialisation: `randomize` draws every parameter
+    with torch.device("meta"):  # no initialisation: `randomize_with_seed` draws every parameter
         model: nn.Module = model_class.from_config(config)
     if next(model.buffers(), None) is not None:
         raise RuntimeError(f"{type(model).__name__} has buffers, which `to_empty` would leave uninitialised")
     model = model.to_empty(device="cpu")
-    randomize(model, seed=0)
+    randomize_with_seed(model, seed=0)
     model.save_pretrained(folder, safe_serialization=True)  # pyright: ignore[reportCallIssue]
 
 
@@ -106,7 +91,7 @@ def save_text_encoder(folder: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     model = CLIPTextModel(CLIPTextConfig.from_dict(TEXT_ENCODER_CONFIG))  # built normally: it has buffers
-    randomize(model, seed=0)
+    randomize_with_seed(model, seed=0)
     model.save_pretrained(folder / "text_encoder")
 
 

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,12 @@ import torch
 from sd15_components import save_text_encoder, save_unet, save_vae, versions
 from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, timing_cells, write_report
 
+from refiners_sd15.testing import diffusers_reference_scheduler
+
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry"
 GUIDANCE = 7.5
 SEED = 2
-SD15_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 START = time.monotonic()
 
 
@@ -115,17 +117,12 @@ def reference_side(
 ) -> Callable[[Clock], Any]:
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
 
     schedulers: dict[str, Callable[[], Any]] = {
-        "ddim": lambda: DDIMScheduler(**SD15_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-        "dpm": lambda: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1),
-        "euler": lambda: EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1),
+        name: partial(diffusers_reference_scheduler, name) for name in ("ddim", "dpm", "euler")
     }
     unused: dict[str, Any] = {
         "text_encoder": None,

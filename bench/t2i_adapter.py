@@ -21,8 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sd15_components import randomize, save_unet, source_commit
-from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, unet_step_parser, write_report
+from sd15_components import save_unet, source_commit
+from timing import (
+    Comparison,
+    Timing,
+    environment,
+    markdown_table,
+    max_abs_diff,
+    progress,
+    unet_step_parser,
+    write_report,
+)
+
+from refiners_sd15.testing import randomize_with_seed
 
 TIMESTEP = 500
 ADAPTER_CONFIG: dict[str, Any] = {
@@ -33,10 +44,6 @@ ADAPTER_CONFIG: dict[str, Any] = {
     "num_res_blocks": 2,
 }
 STATES = ("ours, no adapter", "ours, T2I-Adapter", "diffusers, no adapter", "diffusers, T2I-Adapter")
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def measure(rounds: int, latent_size: int) -> tuple[dict[str, Comparison], dict[str, float]]:
@@ -57,7 +64,7 @@ def measure(rounds: int, latent_size: int) -> tuple[dict[str, Comparison], dict[
         with torch.device("meta"):
             adapter: Any = DiffusersT2IAdapter.from_config(ADAPTER_CONFIG)  # pyright: ignore[reportUnknownMemberType]
         adapter = adapter.to_empty(device="cpu")
-        randomize(adapter, seed=1)
+        randomize_with_seed(adapter, seed=1)
         adapter.save_pretrained(Path(folder) / "adapter")
         progress("loading both sides")
         ours = SD1UNet.from_pretrained(folder).eval()

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -221,3 +222,54 @@ def write_report(text: str, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")
     print(text)
+
+
+def progress(message: str) -> None:
+    """`message` on stderr, after the time of day."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+StateStep = tuple[str, Callable[[str], None], str, Callable[[], torch.Tensor]]
+"""(side, set_state, state, step): `set_state(state)` puts one side's model in a state, `step()` runs it once."""
+
+
+def state_outputs(steps: Sequence[StateStep]) -> dict[tuple[str, str], torch.Tensor]:
+    """The output of each step in its state, by (side, state), untimed."""
+    outputs: dict[tuple[str, str], torch.Tensor] = {}
+    for side, set_state, state, step in steps:
+        set_state(state)
+        outputs[side, state] = step()
+    return outputs
+
+
+def time_states(steps: Sequence[StateStep], rounds: int) -> dict[tuple[str, str], Timing]:
+    """The CPU time of one call of each step in its state, by (side, state): every step once a round, interleaved,
+    for `rounds` rounds (setting the state is not timed)."""
+    samples: dict[tuple[str, str], list[float]] = {(side, state): [] for side, _, state, _ in steps}
+    for index in range(rounds):
+        progress(f"round {index + 1}/{rounds}")
+        for side, set_state, state, step in steps:
+            set_state(state)
+            start = time.process_time()
+            step()
+            samples[side, state].append(time.process_time() - start)
+    return {key: Timing(tuple(values)) for key, values in samples.items()}
+
+
+def state_comparisons(
+    timings: dict[tuple[str, str], Timing],
+    ours_states: Sequence[str],
+    diffusers_states: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
+) -> dict[str, Comparison]:
+    """Each state of each side against that side's "no LoRA" state (`ours, STATE`, `diffusers, STATE`), and for
+    each (our state, their state) of `pairs`, ours against theirs (`ours / diffusers, STATE`)."""
+    comparisons = {
+        f"ours, {state}": Comparison(timings["ours", state], timings["ours", "no LoRA"], 1) for state in ours_states
+    } | {
+        f"diffusers, {state}": Comparison(timings["diffusers", state], timings["diffusers", "no LoRA"], 1)
+        for state in diffusers_states
+    }
+    for state, theirs in pairs:
+        comparisons[f"ours / diffusers, {state}"] = Comparison(timings["ours", state], timings["diffusers", theirs], 1)
+    return comparisons

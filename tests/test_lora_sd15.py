@@ -22,6 +22,7 @@ from torch import nn
 import refiners_core.fluxion as fl
 from refiners_core.cli import main
 from refiners_core.module_names import DIFFUSERS, KOHYA, ForeignModuleNames
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 from refiners_sd15 import StableDiffusion_1
@@ -149,9 +150,8 @@ def assert_matches(sd: StableDiffusion_1, references: DiffusersReferences, refer
     unet = reference.models["unet"] if reference else references.unet
     text_encoder = reference.models["text_encoder"] if reference else references.text_encoder
     ours_unet, their_unet, ours_text, their_text = outputs(sd, unet, text_encoder, references.cross_attention_dim)
-    for ours, theirs in ((ours_unet, their_unet), (ours_text, their_text)):
-        error = (ours - theirs).abs().max().item()
-        assert error <= 1e-4 * theirs.abs().max().item(), f"max error {error} for max |reference| {theirs.abs().max()}"
+    for what, ours, theirs in (("unet", ours_unet, their_unet), ("text", ours_text, their_text)):
+        assert_relative_close(ours, theirs, 1e-4, what=what)
 
 
 def snapshot(sd: StableDiffusion_1) -> dict[str, torch.Tensor]:

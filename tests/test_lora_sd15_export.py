@@ -20,6 +20,7 @@ from peft import LoraConfig, get_peft_model_state_dict  # type: ignore[import-un
 from safetensors import safe_open
 
 from refiners_core.module_names import DIFFUSERS
+from refiners_core.testing import assert_relative_close
 from refiners_lora import LoraManager
 from refiners_sd15 import StableDiffusion_1
 from refiners_sd15.testing import DiffusersReferences
@@ -77,9 +78,8 @@ def assert_same_outputs(sd: StableDiffusion_1, pipe: StableDiffusionPipeline) ->
     ours_unet, ours_text = sd.unet(LATENTS), sd.clip_text_encoder(tokens)
     their_unet = pipe.unet(LATENTS, TIMESTEP, encoder_hidden_states=TEXT).sample
     their_text = pipe.text_encoder(tokens).last_hidden_state
-    for ours, theirs in ((ours_unet, their_unet), (ours_text, their_text)):
-        error = (ours - theirs).abs().max().item()
-        assert error <= 1e-4 * theirs.abs().max().item(), f"max error {error} for max |reference| {theirs.abs().max()}"
+    for what, ours, theirs in (("unet", ours_unet, their_unet), ("text", ours_text, their_text)):
+        assert_relative_close(ours, theirs, 1e-4, what=what)
 
 
 def our_paths(sd: StableDiffusion_1) -> list[str]:

@@ -32,6 +32,7 @@ from torch import nn
 
 from refiners_core.cli import main
 from refiners_core.module_names import module_names
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 from refiners_sd15 import DDIM, StableDiffusion_1
@@ -45,6 +46,8 @@ from refiners_sdxl.testing import (
     POOLED_DIM,
     SDXL_BASE_UNET_CONFIG,
     SDXLReferences,
+    guided_latents,
+    guided_pipeline_arguments,
     sdxl_references,
 )
 
@@ -181,8 +184,7 @@ def theirs(sdxl: StableDiffusion_XL, models: Models) -> list[torch.Tensor]:
 def assert_matches(sdxl: StableDiffusion_XL, models: Models, tolerance: float = TOLERANCE) -> None:
     """Our UNet, text and pooled embeddings against the references', within `tolerance` of max |reference|."""
     for what, mine, reference in zip(("unet", "text", "pooled"), ours(sdxl), theirs(sdxl, models), strict=True):
-        error, scale = (mine - reference).abs().max().item(), reference.abs().max().item()
-        assert error <= tolerance * scale, f"{what}: max error {error} for max |reference| {scale}"
+        assert_relative_close(mine, reference, tolerance, what=what)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -364,30 +366,11 @@ def three_steps(
     embedding, pooled = sdxl.compute_clip_text_embedding(PROMPT, negative_text="blurry")
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     output: Any = pipeline(
-        prompt_embeds=embedding[1:],
-        negative_prompt_embeds=embedding[:1],
-        pooled_prompt_embeds=pooled[1:],
-        negative_pooled_prompt_embeds=pooled[:1],
+        **guided_pipeline_arguments(embedding, pooled, steps=3, guidance_scale=guidance, size=64),
         latents=noise.clone(),
-        num_inference_steps=3,
         generator=torch.Generator().manual_seed(9),  # for the noise of stochastic schedulers' steps
-        guidance_scale=guidance,
-        height=64,
-        width=64,
-        output_type="latent",
     )
-    x = sdxl.init_latents(size=(64, 64), noise=noise)
-    time_ids = sdxl.time_ids(original_size=(64, 64), target_size=(64, 64))
-    for step in sdxl.steps:
-        x = sdxl(
-            x,
-            step=step,
-            clip_text_embedding=embedding,
-            pooled_text_embedding=pooled,
-            time_ids=time_ids,
-            condition_scale=guidance,
-        )
-    return x, output.images
+    return guided_latents(sdxl, noise, embedding, pooled, size=64, condition_scale=guidance), output.images
 
 
 def test_a_peft_lora_saved_by_diffusers_with_metadata_alphas_matches_diffusers_with_peft(

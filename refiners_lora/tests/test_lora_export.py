@@ -22,6 +22,7 @@ from torch import nn
 import refiners_core.fluxion as fl
 import refiners_core.weights
 from refiners_core.module_names import DIFFUSERS, KOHYA
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 
@@ -77,11 +78,6 @@ def trained(model: nn.Module, rank: int = 2, alpha: float | None = 3.0, scale: f
             for parameter in adapter.lora.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     return loras
-
-
-def assert_close(ours: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-5) -> None:
-    error = (ours - reference).abs().max().item()
-    assert error <= tolerance * reference.abs().max().item(), f"max error {error}"
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -152,7 +148,7 @@ def test_a_saved_lora_loads_back_with_the_same_outputs(lora_format: str, alpha: 
     fresh = net()
     assert not torch.allclose(fresh(X), expected)
     assert LoraManager(fresh).add("style", path, scale=0.7) == []
-    assert_close(fresh(X), expected)
+    assert_relative_close(fresh(X), expected, 1e-5)
     assert not any(name.startswith(f".{path.name}") for name in (p.name for p in tmp_path.iterdir()))
     with safe_open(path, framework="pt") as file:  # pyright: ignore[reportUnknownVariableType]
         assert file.metadata() == {"format": "pt"}  # pyright: ignore[reportUnknownMemberType]
@@ -298,7 +294,7 @@ def test_peft_metadata_alphas_are_honoured(config: dict[str, Any], alphas: dict[
     path, reference = peft_file(tmp_path, config, alphas)
     model = net()
     LoraManager(model).add("style", path)
-    assert_close(model(X), reference(X))
+    assert_relative_close(model(X), reference(X), 1e-5)
 
 
 def test_an_alpha_key_wins_over_peft_metadata_and_bad_metadata_is_named(tmp_path: Path) -> None:
@@ -307,7 +303,7 @@ def test_an_alpha_key_wins_over_peft_metadata_and_bad_metadata_is_named(tmp_path
     save_file(tensors, path, metadata={"lora_adapter_metadata": json.dumps({"lora_alpha": 4})})
     model = net()
     LoraManager(model).add("style", path)
-    assert_close(model(X), reference(X))
+    assert_relative_close(model(X), reference(X), 1e-5)
     for bad, match in (
         ("{not json", "is not JSON"),
         ('{"lora_alpha": "big"}', "gives 'net.proj_out' the alpha 'big'"),

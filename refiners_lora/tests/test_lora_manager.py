@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
 from refiners_core.module_names import DIFFUSERS, KOHYA, ForeignModuleNames
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 
@@ -91,10 +92,8 @@ def assert_untouched(module: nn.Module, before: Snapshot) -> None:
     assert not any(isinstance(layer, LoraAdapter) for layer in module.modules())
 
 
-def assert_matches(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    """Within 1e-4 of max |reference|: the LoRA deltas are of the order of the weights, so are rounding errors."""
-    error = (ours - reference).abs().max().item()
-    assert error <= 1e-4 * reference.abs().max().item(), f"max error {error}"
+TOLERANCE = 1e-4
+"""Relative to max |reference|: the LoRA deltas are of the order of the weights, so are rounding errors."""
 
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -106,14 +105,14 @@ def test_own_format_loads_onto_any_chain_and_matches_weights_fused_by_hand() -> 
     assert LoraManager(net).add("style", own_lora(1), scale=0.7) == []
     assert not isinstance(net, ForeignModuleNames)
     assert {type(net[path]) for path in ("Conv2d", "Linear_1", "Linear_2")} == {LoraAdapter}
-    assert_matches(net(X), expected)
+    assert_relative_close(net(X), expected, TOLERANCE)
 
 
 def test_a_missing_alpha_means_alpha_equals_rank() -> None:
     net = model()
     expected = fused_by_hand(net, [(own_lora(1, alpha=None), 1.0)])(X)
     LoraManager(net).add("style", own_lora(1, alpha=None))
-    assert_matches(net(X), expected)
+    assert_relative_close(net(X), expected, TOLERANCE)
 
 
 def test_set_scale_rescales_without_reading_the_file_again(tmp_path: Path) -> None:
@@ -126,7 +125,7 @@ def test_set_scale_rescales_without_reading_the_file_again(tmp_path: Path) -> No
     for scale in (0.25, -1.5, 0.0):
         loras.set_scale("style", scale)
         assert loras.scale("style") == scale
-        assert_matches(net(X), fused_by_hand(model(), [(own_lora(1), scale)])(X))
+        assert_relative_close(net(X), fused_by_hand(model(), [(own_lora(1), scale)])(X), TOLERANCE)
 
 
 def test_remove_restores_the_state_dict_and_outputs_exactly() -> None:
@@ -149,14 +148,14 @@ def test_two_loras_add_up_and_either_can_be_removed_first() -> None:
         loras.add("two", own_lora(2, rank=3, alpha=1.0), scale=2.0)
         assert loras.names == ("one", "two")
         both = fused_by_hand(model(), [(own_lora(1), 0.5), (own_lora(2, rank=3, alpha=1.0), 2.0)])
-        assert_matches(net(X), both(X))
+        assert_relative_close(net(X), both(X), TOLERANCE)
         loras.set_scale("one", -1.0)  # stacked on the same layers as "two": each keeps its own scale
         both = fused_by_hand(model(), [(own_lora(1), -1.0), (own_lora(2, rank=3, alpha=1.0), 2.0)])
-        assert_matches(net(X), both(X))
+        assert_relative_close(net(X), both(X), TOLERANCE)
         loras.set_scale("one", 0.5)
         loras.remove(first_out)
         remaining = [(own_lora(2, rank=3, alpha=1.0), 2.0)] if first_out == "one" else [(own_lora(1), 0.5)]
-        assert_matches(net(X), fused_by_hand(model(), remaining)(X))
+        assert_relative_close(net(X), fused_by_hand(model(), remaining)(X), TOLERANCE)
         loras.remove(loras.names[0])
         assert_untouched(net, snapshot(model()))
 
@@ -179,9 +178,9 @@ def test_fuse_bakes_the_loras_in_and_unfuse_restores_the_weights_bit_for_bit() -
     assert loras.is_fused
     assert not any(isinstance(layer, LoraAdapter) for layer in net.modules())
     assert list(net.state_dict()) == list(before)
-    assert_matches(net(X), unfused)
+    assert_relative_close(net(X), unfused, TOLERANCE)
     loras.fuse()  # already fused: nothing changes
-    assert_matches(net(X), unfused)
+    assert_relative_close(net(X), unfused, TOLERANCE)
     loras.unfuse()
     assert not loras.is_fused
     assert_state = net.state_dict()
@@ -230,7 +229,7 @@ def test_strict_false_loads_the_rest_and_returns_and_logs_the_exact_unmatched_ke
         skipped = LoraManager(net).add("style", own_lora(1) | extra, strict=False)
     assert skipped == ["Linear_9.down.weight", "Linear_9.up.weight"]
     assert "Linear_9.down.weight" in caplog.text and "Linear_9.up.weight" in caplog.text
-    assert_matches(net(X), fused_by_hand(model(), [(own_lora(1), 1.0)])(X))
+    assert_relative_close(net(X), fused_by_hand(model(), [(own_lora(1), 1.0)])(X), TOLERANCE)
 
 
 def test_strict_false_still_refuses_a_file_that_matches_nothing() -> None:
@@ -371,7 +370,7 @@ def test_a_third_party_model_gets_kohya_and_diffusers_files_by_naming_its_layers
     expected = third_party_expected(net, {"Chain.Linear_1": (0.5 if layout == "kohya" else 1.0) * up @ down}, x)
     LoraManager(net).add("style", path)
     assert isinstance(net["Chain.Linear_1"], LoraAdapter)
-    assert_matches(net["Chain"](net["Linear"](x)), expected)
+    assert_relative_close(net["Chain"](net["Linear"](x)), expected, TOLERANCE)
 
 
 def test_a_foreign_format_on_a_model_without_names_is_refused() -> None:
@@ -421,11 +420,11 @@ def test_a_1x1_convolution_lora_loads_onto_a_linear_and_back() -> None:
     x = torch.randn(3, 8)
     expected = third_party_expected(net, {"Linear": up.flatten(1) @ down.flatten(1)}, x)
     LoraManager(net).add("style", {"attn.to_q.lora_A.weight": down, "attn.to_q.lora_B.weight": up})
-    assert_matches(net["Chain"](net["Linear"](x)), expected)
+    assert_relative_close(net["Chain"](net["Linear"](x)), expected, TOLERANCE)
     conv = net["Conv2d"]
     assert isinstance(conv, fl.Conv2d)
     down, up = torch.randn(1, 2), torch.randn(2, 1)
     image = torch.randn(1, 2, 4, 4)
     expected = F.conv2d(image, conv.weight + (up @ down)[:, :, None, None], conv.bias)
     LoraManager(net).add("on-conv", {"Conv2d.down.weight": down, "Conv2d.up.weight": up})
-    assert_matches(net["Conv2d"](image), expected)
+    assert_relative_close(net["Conv2d"](image), expected, TOLERANCE)

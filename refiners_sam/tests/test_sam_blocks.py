@@ -9,19 +9,22 @@ from functools import partial
 
 import pytest
 import torch
-from sam_reference import randomize, sam_model_registry
-from segment_anything.modeling.image_encoder import Attention, ImageEncoderViT, window_partition, window_unpartition
 
 from refiners_core.state_dicts import load_state_dict_checked
+from refiners_core.testing import relative_error
 from refiners_sam import PUBLISHED_SIZES, ImageEncoder, SegmentAnything
 from refiners_sam.image_encoder import RelativePositionAttention, WindowMerge, WindowPartition
 from refiners_sam.mapping import detect_config, image_encoder_mapping, official_mapping
+from refiners_sam.testing import (
+    Attention,
+    ImageEncoderViT,
+    randomize,
+    sam_model_registry,
+    window_partition,
+    window_unpartition,
+)
 
 TOLERANCE = 1e-5
-
-
-def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return (ours - reference).abs().max().item() / reference.abs().max().item()
 
 
 @pytest.mark.parametrize("grid", [(5, 5), (4, 6)])
@@ -38,7 +41,7 @@ def test_sam_relative_position_attention_matches_segment_anything(grid: tuple[in
         qkv = reference.qkv(x)
         attended = ours(qkv)
         result = reference.proj(attended)
-    assert _relative_error(result, expected) < TOLERANCE
+    assert relative_error(result, expected) < TOLERANCE
 
 
 def test_sam_relative_position_attention_in_chunks_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,7 +92,7 @@ def test_sam_image_encoder_matches_segment_anything_with_padded_windows() -> Non
     load_state_dict_checked(ours, reference.state_dict(), source="test", mapping=image_encoder_mapping(config))
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
-        assert _relative_error(ours(x), reference(x)) < TOLERANCE
+        assert relative_error(ours(x), reference(x)) < TOLERANCE
 
 
 @pytest.mark.parametrize("size", ["vit_b", "vit_l", "vit_h"])

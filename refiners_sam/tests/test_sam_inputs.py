@@ -20,10 +20,10 @@ import pytest
 import torch
 from hypothesis import strategies as st
 from PIL import Image
-from sam_reference import build_tiny_reference
 
 from refiners_sam import MAX_IMAGE_PIXELS, ImageEmbedding, SegmentAnything
 from refiners_sam.inputs import check_image
+from refiners_sam.testing import build_tiny_reference
 
 WIDTH, HEIGHT = 120, 90
 ARGUMENTS = ("foreground_points", "background_points", "box_points")

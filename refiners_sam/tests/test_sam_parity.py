@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sam_reference import SamPredictor, build_reference
 
+from refiners_core.testing import relative_error
 from refiners_sam import VIT_B, ImageEmbedding, SegmentAnything
+from refiners_sam.testing import SamPredictor, build_reference
 
 TOLERANCE = 1e-3
 FOREGROUND = (320.0, 200.0)
@@ -46,11 +47,6 @@ def embedding(models: tuple[SegmentAnything, SamPredictor], image: Image.Image) 
     return models[0].compute_image_embedding(image)
 
 
-def _relative_error(ours: torch.Tensor, reference: np.ndarray | torch.Tensor) -> float:
-    expected = torch.as_tensor(reference)
-    return (ours - expected).abs().max().item() / expected.abs().max().item()
-
-
 def test_sam_vit_b_is_detected_from_the_checkpoint(models: tuple[SegmentAnything, SamPredictor]) -> None:
     assert models[0].config == VIT_B
 
@@ -62,7 +58,7 @@ def test_sam_vit_b_image_embedding_matches_segment_anything(
     assert embedding.input_size == (768, 1024)
     expected = models[1].features
     assert expected is not None
-    assert _relative_error(embedding.features, expected) < TOLERANCE
+    assert relative_error(embedding.features, expected) < TOLERANCE
 
 
 def test_sam_vit_b_point_prompt_multimask_matches_sam_predictor(
@@ -74,7 +70,7 @@ def test_sam_vit_b_point_prompt_multimask_matches_sam_predictor(
         point_coords=np.array([FOREGROUND, BACKGROUND]), point_labels=np.array([1, 0]), multimask_output=True
     )
     assert masks.shape == (1, 3, 480, 640)
-    assert _relative_error(logits[0], expected_logits) < TOLERANCE
+    assert relative_error(logits[0], torch.as_tensor(expected_logits)) < TOLERANCE
     assert np.abs(scores[0].numpy() - expected_scores).max() < TOLERANCE
     assert (masks[0].numpy() == expected_masks).mean() > 0.999
 
@@ -88,7 +84,7 @@ def test_sam_vit_b_box_prompt_single_mask_matches_sam_predictor(
         box=np.array(BOX).reshape(4), multimask_output=False
     )
     assert masks.shape == (1, 1, 480, 640)
-    assert _relative_error(logits[0], expected_logits) < TOLERANCE
+    assert relative_error(logits[0], torch.as_tensor(expected_logits)) < TOLERANCE
     assert np.abs(scores[0].numpy() - expected_scores).max() < TOLERANCE
     assert (masks[0].numpy() == expected_masks).mean() > 0.999
     assert 0.0 < expected_masks.mean() < 1.0  # a mask with both sides, so the comparison means something

@@ -22,9 +22,6 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -45,12 +42,11 @@ from refiners_sd15 import (
     StableDiffusion_1,
     StableDiffusion_1_Inpainting,
 )
-from refiners_sd15.testing import SD15_UNET_CONFIG
+from refiners_sd15.testing import SD15_UNET_CONFIG, diffusers_reference_scheduler
 from refiners_sd15.unet import SD15_UNET, diffusers_unet_mapping
 
 TOLERANCE = 1e-3
 SIZE = 64  # pixels: 8x8 latents
-SD15_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 SMALL_VAE: dict[str, Any] = {
     "block_out_channels": [32, 32, 32, 32],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -59,12 +55,9 @@ SMALL_VAE: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 SOLVERS: dict[str, tuple[type[Solver], Any]] = {
-    "ddim": (
-        DDIM,
-        lambda: DDIMScheduler(**SD15_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-    ),
-    "dpm": (DPMSolver, lambda: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1)),
-    "euler": (Euler, lambda: EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1)),
+    "ddim": (DDIM, lambda: diffusers_reference_scheduler("ddim")),
+    "dpm": (DPMSolver, lambda: diffusers_reference_scheduler("dpm")),
+    "euler": (Euler, lambda: diffusers_reference_scheduler("euler")),
 }
 
 

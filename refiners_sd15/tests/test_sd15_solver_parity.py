@@ -25,6 +25,7 @@ from diffusers import (
     LCMScheduler,
 )
 
+from refiners_core.testing import assert_relative_close
 from refiners_sd15 import StableDiffusion_1
 from refiners_sd15.solvers import (
     DDIM,
@@ -39,58 +40,57 @@ from refiners_sd15.solvers import (
     Solver,
     StochasticSolver,
 )
-from refiners_sd15.testing import small_sd15_components
+from refiners_sd15.testing import SD15_SCHEDULER_CONFIG, small_sd15_components
 
 TOLERANCE = 1e-4
 STEPS = 3
 GUIDANCE = 7.5
-SD15_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 NO_CLIP: dict[str, Any] = {"clip_sample": False}
 
 Case = tuple[Callable[..., Solver], Callable[..., Any]]
 CASES: dict[str, Case] = {
-    "ddim": (DDIM, lambda **c: DDIMScheduler(**SD15_BETAS, **NO_CLIP, set_alpha_to_one=False, steps_offset=1, **c)),
+    "ddim": (DDIM, lambda **c: DDIMScheduler(**SD15_SCHEDULER_CONFIG, **NO_CLIP, set_alpha_to_one=False, **c)),
     "ddim-linear-betas": (
         lambda n, **o: DDIM(n, noise_schedule="linear", beta_start=0.0001, beta_end=0.02, **o),
         lambda **c: DDIMScheduler(**NO_CLIP, set_alpha_to_one=False, steps_offset=1, **c),
     ),
-    "ddpm": (DDPM, lambda **c: DDPMScheduler(**SD15_BETAS, **NO_CLIP, steps_offset=1, **c)),
-    "lcm": (LCM, lambda **c: LCMScheduler(**SD15_BETAS, **NO_CLIP, set_alpha_to_one=True, steps_offset=1, **c)),
-    "dpm": (DPMSolver, lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, **c)),
+    "ddpm": (DDPM, lambda **c: DDPMScheduler(**SD15_SCHEDULER_CONFIG, **NO_CLIP, **c)),
+    "lcm": (LCM, lambda **c: LCMScheduler(**SD15_SCHEDULER_CONFIG, **NO_CLIP, set_alpha_to_one=True, **c)),
+    "dpm": (DPMSolver, lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, **c)),
     "dpm-karras": (
         lambda n, **o: DPMSolver(n, sigma_schedule="karras", **o),
-        lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
     "dpm-exponential-trailing": (
         lambda n, **o: DPMSolver(n, sigma_schedule="exponential", timestep_spacing="trailing", **o),
         lambda **c: DPMSolverMultistepScheduler(
-            **SD15_BETAS, steps_offset=1, use_exponential_sigmas=True, timestep_spacing="trailing", **c
+            **SD15_SCHEDULER_CONFIG, use_exponential_sigmas=True, timestep_spacing="trailing", **c
         ),
     ),
     "dpm-second-order-final-step": (
         lambda n, **o: DPMSolver(n, final_step_first_order=False, **o),
         lambda **c: DPMSolverMultistepScheduler(
-            **SD15_BETAS, steps_offset=1, final_sigmas_type="sigma_min", lower_order_final=False, **c
+            **SD15_SCHEDULER_CONFIG, final_sigmas_type="sigma_min", lower_order_final=False, **c
         ),
     ),
     "dpm-sde-karras": (
         lambda n, **o: DPMSolverSDE(n, sigma_schedule="karras", **o),
         lambda **c: DPMSolverMultistepScheduler(
-            **SD15_BETAS, steps_offset=1, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **c
+            **SD15_SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **c
         ),
     ),
-    "euler": (Euler, lambda **c: EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
+    "euler": (Euler, lambda **c: EulerDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
     "euler-karras-leading": (
         lambda n, **o: Euler(n, sigma_schedule="karras", timestep_spacing="leading", **o),
         lambda **c: EulerDiscreteScheduler(
-            **SD15_BETAS, steps_offset=1, use_karras_sigmas=True, timestep_spacing="leading", **c
+            **SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, timestep_spacing="leading", **c
         ),
     ),
-    "euler-ancestral": (EulerAncestral, lambda **c: EulerAncestralDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
-    "heun": (Heun, lambda **c: HeunDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
+    "euler-ancestral": (EulerAncestral, lambda **c: EulerAncestralDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
+    "heun": (Heun, lambda **c: HeunDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
     "heun-karras": (
         lambda n, **o: Heun(n, sigma_schedule="karras", **o),
-        lambda **c: HeunDiscreteScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: HeunDiscreteScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
 }
 
@@ -103,12 +103,6 @@ def sd() -> StableDiffusion_1:
 @pytest.fixture(scope="module")
 def embedding() -> torch.Tensor:
     return torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
-
-
-def assert_close(ours: torch.Tensor, expected: torch.Tensor, where: str) -> None:
-    error = (ours - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    assert error <= TOLERANCE * scale, f"{where}: max |ours - diffusers| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
 
 
 UNSUPPORTED = {("euler-ancestral", PredictionType.SAMPLE)}
@@ -136,7 +130,7 @@ def test_a_guided_run_matches_the_diffusers_scheduler_step_by_step(
     with torch.no_grad():
         x = sd.init_latents(size=(64, 64), seed=0)
         expected = torch.randn(x.shape, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
-        assert_close(x, expected, "starting latents")
+        assert_relative_close(x, expected, TOLERANCE, what="starting latents")
         start = x
         steps = list(sd.steps)
         assert len(steps) == len(scheduler.timesteps)
@@ -145,7 +139,7 @@ def test_a_guided_run_matches_the_diffusers_scheduler_step_by_step(
             model_input = scheduler.scale_model_input(expected, timestep)
             output = sd.compute_noise(model_input, timestep, embedding, GUIDANCE)
             expected = scheduler.step(output, timestep, expected, **reference_generator).prev_sample
-            assert_close(x, expected, f"after step {step} (timestep {float(timestep):g})")
+            assert_relative_close(x, expected, TOLERANCE, what=f"after step {step} (timestep {float(timestep):g})")
 
     assert (x - start).abs().max() > 0.1 * start.abs().max()  # the run moved the latents: the check means something
 

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 from diffusers import (
-    DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -24,6 +23,7 @@ from diffusers import (
 
 from refiners_core.cli import main
 from refiners_core.plugins import registry
+from refiners_core.testing import assert_relative_close
 from refiners_sd15 import StableDiffusion_1
 from refiners_sd15.cli import solver_name
 from refiners_sd15.plugin import SOLVER_ALIASES
@@ -41,24 +41,14 @@ from refiners_sd15.solvers import (
     StochasticSolver,
     denoising_end_step,
 )
-from refiners_sd15.testing import small_sd15_components
+from refiners_sd15.testing import SD15_SCHEDULER_CONFIG, diffusers_reference_scheduler, small_sd15_components
 
 TOLERANCE = 1e-6
-SD15_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
 def reference(solver: type[Solver], **config: Any) -> Any:
     """The diffusers scheduler that `solver(num_inference_steps=...)` must reproduce, as the issue configures it."""
-    if solver is DDIM:
-        return DDIMScheduler(**SD15_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, **config)
-    if solver is DPMSolver:
-        return DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, **config)
-    return EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1, **config)
-
-
-def assert_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
-    error = (ours - expected).abs().max().item()
-    assert error <= TOLERANCE * expected.abs().max().item(), f"max |ours - diffusers| = {error:.3g}"
+    return diffusers_reference_scheduler({DDIM: "ddim", DPMSolver: "dpm", Euler: "euler"}[solver], **config)
 
 
 SOLVERS = [DDIM, DPMSolver, Euler]
@@ -103,14 +93,16 @@ def test_a_whole_run_matches_diffusers_step_by_step(solver: type[Solver], steps:
     noise = torch.randn(2, 4, 8, 8, generator=generator)
     expected = noise * scheduler.init_noise_sigma
     x = noise * ours.init_noise_sigma
-    assert_close(x, expected)
+    assert_relative_close(x, expected, TOLERANCE)
 
     for step, timestep in zip(ours.inference_steps, scheduler.timesteps, strict=True):
         predicted_noise = torch.randn(2, 4, 8, 8, generator=generator)
-        assert_close(ours.scale_model_input(x, step), scheduler.scale_model_input(expected, timestep))
+        assert_relative_close(
+            ours.scale_model_input(x, step), scheduler.scale_model_input(expected, timestep), TOLERANCE
+        )
         expected = scheduler.step(predicted_noise, timestep, expected).prev_sample
         x = ours.step(x, predicted_noise, step)
-        assert_close(x, expected)
+        assert_relative_close(x, expected, TOLERANCE)
 
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: s.__name__)
@@ -129,15 +121,17 @@ def test_image_to_image_run_matches_diffusers_started_at_its_first_step(
     latents, noise = torch.randn(2, 1, 4, 8, 8, generator=generator)
     expected = scheduler.add_noise(latents, noise, timesteps[:1])
     x = ours.add_noise(latents, noise, first_step)
-    assert_close(x, expected)
+    assert_relative_close(x, expected, TOLERANCE)
 
     assert list(ours.inference_steps) == list(range(first_step, steps))
     for step, timestep in zip(ours.inference_steps, timesteps, strict=True):
         predicted_noise = torch.randn(1, 4, 8, 8, generator=generator)
-        assert_close(ours.scale_model_input(x, step), scheduler.scale_model_input(expected, timestep))
+        assert_relative_close(
+            ours.scale_model_input(x, step), scheduler.scale_model_input(expected, timestep), TOLERANCE
+        )
         expected = scheduler.step(predicted_noise, timestep, expected).prev_sample
         x = ours.step(x, predicted_noise, step)
-        assert_close(x, expected)
+        assert_relative_close(x, expected, TOLERANCE)
 
 
 def test_dpm_solver_starts_a_second_run_afresh() -> None:
@@ -238,33 +232,33 @@ def test_a_solver_set_on_an_sd15_model_is_kept_as_it_is() -> None:
 
 
 NEW_SOLVERS: dict[str, tuple[Any, Any]] = {
-    "ddpm": (DDPM, lambda **c: DDPMScheduler(**SD15_BETAS, clip_sample=False, steps_offset=1, **c)),
-    "lcm": (LCM, lambda **c: LCMScheduler(**SD15_BETAS, clip_sample=False, steps_offset=1, **c)),
-    "euler-a": (EulerAncestral, lambda **c: EulerAncestralDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
-    "heun": (Heun, lambda **c: HeunDiscreteScheduler(**SD15_BETAS, steps_offset=1, **c)),
+    "ddpm": (DDPM, lambda **c: DDPMScheduler(**SD15_SCHEDULER_CONFIG, clip_sample=False, **c)),
+    "lcm": (LCM, lambda **c: LCMScheduler(**SD15_SCHEDULER_CONFIG, clip_sample=False, **c)),
+    "euler-a": (EulerAncestral, lambda **c: EulerAncestralDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
+    "heun": (Heun, lambda **c: HeunDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **c)),
     "heun-karras": (
         lambda n, **o: Heun(n, sigma_schedule="karras", **o),
-        lambda **c: HeunDiscreteScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: HeunDiscreteScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
     "euler-karras": (
         lambda n, **o: Euler(n, sigma_schedule="karras", **o),
-        lambda **c: EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: EulerDiscreteScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
     "euler-exponential": (
         lambda n, **o: Euler(n, sigma_schedule="exponential", **o),
-        lambda **c: EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1, use_exponential_sigmas=True, **c),
+        lambda **c: EulerDiscreteScheduler(**SD15_SCHEDULER_CONFIG, use_exponential_sigmas=True, **c),
     ),
     "dpm-karras": (
         lambda n, **o: DPMSolver(n, sigma_schedule="karras", **o),
-        lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, use_karras_sigmas=True, **c),
+        lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, use_karras_sigmas=True, **c),
     ),
     "dpm-exponential": (
         lambda n, **o: DPMSolver(n, sigma_schedule="exponential", **o),
-        lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, use_exponential_sigmas=True, **c),
+        lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, use_exponential_sigmas=True, **c),
     ),
     "dpm-sigma-min": (
         lambda n, **o: DPMSolver(n, final_step_first_order=False, **o),
-        lambda **c: DPMSolverMultistepScheduler(**SD15_BETAS, steps_offset=1, final_sigmas_type="sigma_min", **c),
+        lambda **c: DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, final_sigmas_type="sigma_min", **c),
     ),
 }
 
@@ -296,7 +290,9 @@ def test_add_noise_of_the_new_timestep_solvers_matches_diffusers(solver: type[So
     scheduler = NEW_SOLVERS[solver.__name__.lower()][1]()
     scheduler.set_timesteps(4)
     latents, noise = torch.randn(2, 1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert_close(solver(4).add_noise(latents, noise, 1), scheduler.add_noise(latents, noise, scheduler.timesteps[1:2]))
+    assert_relative_close(
+        solver(4).add_noise(latents, noise, 1), scheduler.add_noise(latents, noise, scheduler.timesteps[1:2]), TOLERANCE
+    )
 
 
 def test_settings_are_checked_and_named() -> None:
@@ -355,20 +351,22 @@ def test_image_to_image_runs_of_the_new_solvers_match_diffusers(case: str, steps
     latents, noise = torch.randn(2, 1, 4, 8, 8, generator=generator)
     expected = scheduler.add_noise(latents, noise, timesteps[:1])
     x = ours.add_noise(latents, noise, first_step)
-    assert_close(x, expected)
+    assert_relative_close(x, expected, TOLERANCE)
 
     assert len(ours.inference_steps) == len(timesteps)
     for step, timestep in zip(ours.inference_steps, timesteps, strict=True):
         predicted_noise = torch.randn(1, 4, 8, 8, generator=generator)
-        assert_close(ours.scale_model_input(x, step), scheduler.scale_model_input(expected, timestep))
+        assert_relative_close(
+            ours.scale_model_input(x, step), scheduler.scale_model_input(expected, timestep), TOLERANCE
+        )
         expected = scheduler.step(predicted_noise, timestep, expected, **step_options).prev_sample
         x = ours.step(x, predicted_noise, step)
-        assert_close(x, expected)
+        assert_relative_close(x, expected, TOLERANCE)
 
 
 IMG2IMG_SDE: tuple[Any, Any] = (
     lambda n, **o: DPMSolverSDE(n, sigma_schedule="karras", **o),
     lambda **c: DPMSolverMultistepScheduler(
-        **SD15_BETAS, steps_offset=1, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **c
+        **SD15_SCHEDULER_CONFIG, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True, **c
     ),
 )

@@ -28,6 +28,7 @@ from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError, save_tensors
 from refiners_sd15 import SD1Autoencoder, SD1UNet, StableDiffusion_1
 from refiners_sd15.solvers import DDIM
+from refiners_sd15.testing import SMALL_CLIP_TRANSFORMERS_CONFIG
 
 TINY_UNET: dict[str, Any] = {
     "sample_size": 8,
@@ -51,17 +52,9 @@ TINY_VAE: dict[str, Any] = {
     "latent_channels": 4,
     "norm_num_groups": 32,
 }
-# Single-file checkpoints do not record heads or normalisation groups: the tiny configs keep SD1.5's conventions
-# (8 UNet heads, groups of 32, CLIP heads of 64 dimensions) so that they can be read back from one.
-TINY_CLIP: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 37,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 1,
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
+# Single-file checkpoints do not record heads or normalisation groups: the tiny configs (and the text encoder's,
+# SMALL_CLIP_TRANSFORMERS_CONFIG) keep SD1.5's conventions (8 UNet heads, groups of 32, CLIP heads of 64 dimensions)
+# so that they can be read back from one.
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -77,7 +70,7 @@ class References:
         torch.manual_seed(0)
         self.unet = UNet2DConditionModel(**TINY_UNET).eval()
         self.vae = AutoencoderKL(**TINY_VAE).eval()
-        self.text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP)).eval()
+        self.text_encoder = CLIPTextModel(CLIPTextConfig(**SMALL_CLIP_TRANSFORMERS_CONFIG)).eval()
         for seed, model in enumerate((self.unet, self.vae, self.text_encoder)):
             _perturb(model, seed)
 

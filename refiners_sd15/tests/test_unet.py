@@ -23,7 +23,8 @@ import refiners_core.fluxion as fl
 from refiners_core.state_dicts import compose, invert, load_state_dict_checked
 from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError, load_tensors
-from refiners_sd15.testing import SD15_UNET_CONFIG
+from refiners_sd15.testing import SD15_UNET_CONFIG, random_diffusers_unet
+from refiners_sd15.testing import SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG as SMALL_UNET_CONFIG
 from refiners_sd15.unet import (
     SD15_INPAINTING_UNET,
     SD15_UNET,
@@ -55,17 +56,6 @@ SD21_UNET_CONFIG: dict[str, Any] = {
     "upcast_attention": True,
     "use_linear_projection": True,
 }
-# A small SD1-like UNet: three levels, cross-attention on the first two, as in SD1.5.
-SMALL_UNET_CONFIG: dict[str, Any] = {
-    **SD15_UNET_CONFIG,
-    "attention_head_dim": 4,
-    "block_out_channels": [32, 64, 64],
-    "cross_attention_dim": 24,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "norm_num_groups": 8,
-    "sample_size": 16,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 # The small UNet with what SD2 and SDXL changed: heads and transformer depths per level, linear projections.
 PER_LEVEL_UNET_CONFIG: dict[str, Any] = {
     **SMALL_UNET_CONFIG,
@@ -87,27 +77,6 @@ TINY_UNET_CONFIG: dict[str, Any] = {
 
 def diffusers_unet(config: dict[str, Any]) -> UNet2DConditionModel:
     return cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config))  # pyright: ignore[reportUnknownMemberType]
-
-
-def reference_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionModel:
-    """A diffusers UNet from `config` whose every parameter is drawn at random, independently.
-
-    Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1): no zero or constant initialisation
-    is left to hide a missing or swapped key, and activations keep their scale through the network.
-    """
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        unet = diffusers_unet(config)
-    unet = unet.to_empty(device="cpu").eval()
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith(".weight"):
-                parameter.normal_(1.0, 0.1)
-            else:
-                parameter.normal_(0.0, 0.1)
-    return unet
 
 
 def reference_output(
@@ -144,7 +113,7 @@ def test_sd15_unet_matches_diffusers_with_the_published_architecture(tmp_path: P
         (*inputs(2, 4, 32, 32, 768), torch.tensor([999])),
         (*inputs(2, 4, 40, 24, 768), torch.tensor([10.0, 500.0])),
     ]
-    reference = reference_unet(SD15_UNET_CONFIG)
+    reference = random_diffusers_unet(SD15_UNET_CONFIG)
     expected = [reference_output(reference, x, t, text) for x, text, t in cases]
     reference.save_pretrained(tmp_path, safe_serialization=True)  # pyright: ignore[reportUnknownMemberType]
     del reference
@@ -161,7 +130,7 @@ def test_sd15_unet_matches_diffusers_with_the_published_architecture(tmp_path: P
 
 @pytest.fixture(scope="module")
 def small_reference() -> UNet2DConditionModel:
-    return reference_unet(SMALL_UNET_CONFIG)
+    return random_diffusers_unet(SMALL_UNET_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +160,7 @@ def test_small_unet_matches_diffusers(
 
 
 def test_inpainting_unet_with_nine_input_channels_matches_diffusers(tmp_path: Path) -> None:
-    reference = reference_unet({**SMALL_UNET_CONFIG, "in_channels": 9})
+    reference = random_diffusers_unet({**SMALL_UNET_CONFIG, "in_channels": 9})
     ours, _ = save_and_load(reference, tmp_path)
     assert ours.config.in_channels == 9
     torch.manual_seed(3)
@@ -203,7 +172,7 @@ def test_inpainting_unet_with_nine_input_channels_matches_diffusers(tmp_path: Pa
 
 
 def test_unet_with_attention_on_deeper_levels_only_matches_diffusers(tmp_path: Path) -> None:
-    reference = reference_unet(TINY_UNET_CONFIG)
+    reference = random_diffusers_unet(TINY_UNET_CONFIG)
     ours, _ = save_and_load(reference, tmp_path)
     assert ours.config.cross_attention_levels == (False, True)
     torch.manual_seed(4)
@@ -379,7 +348,7 @@ def test_sd21_config_gives_heads_per_level_and_linear_projections() -> None:
 def test_unet_with_heads_and_depths_per_level_and_linear_projections_matches_diffusers(tmp_path: Path) -> None:
     """What SD2 and SDXL changed in the spatial transformers: per-level heads and transformer depths (the middle
     block takes the last level's), and linear projections."""
-    reference = reference_unet(PER_LEVEL_UNET_CONFIG, seed=1)
+    reference = random_diffusers_unet(PER_LEVEL_UNET_CONFIG, seed=1)
     ours, _ = save_and_load(reference, tmp_path)
     assert ours.config.attention_head_dim == (2, 4, 8)
     assert ours.config.transformer_layers_per_block == (2, 1, 3)

@@ -9,7 +9,6 @@ from typing import Any, cast
 
 import pytest
 import torch
-from controlnet_references import SD15_CONTROLNET_CONFIG, SMALL_CONTROLNET_CONFIG, reference_controlnet
 from diffusers import ControlNetModel  # pyright: ignore[reportPrivateImportUsage]
 from safetensors.torch import load_file, save_file  # pyright: ignore[reportUnknownVariableType]
 
@@ -20,6 +19,7 @@ from refiners_controlnet import (
     controlnet_config_from_diffusers,
     diffusers_controlnet_mapping,
 )
+from refiners_controlnet.testing import SD15_CONTROLNET_CONFIG, SMALL_CONTROLNET_CONFIG, reference_controlnet
 from refiners_core.weights import WeightsError, read_metadata
 from refiners_sd15.unet import UNetConfig
 

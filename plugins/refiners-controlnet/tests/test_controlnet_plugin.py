@@ -11,13 +11,14 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
-from controlnet_references import SMALL_CONTROLNET_CONFIG, SMALL_UNET_CONFIG, reference_controlnet
 from PIL import Image
 
 from refiners_controlnet import ControlNet, ControlNetAdapter, ControlNetResiduals, image_to_condition
 from refiners_controlnet.cli import ControlNetOption, parse_controlnet_option
+from refiners_controlnet.testing import SMALL_CONTROLNET_CONFIG, reference_controlnet
 from refiners_core.cli import main
 from refiners_core.plugins import registry, resolve
+from refiners_sd15.testing import SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG as SMALL_UNET_CONFIG
 from refiners_sd15.unet import SD1UNet, unet_config_from_diffusers
 
 

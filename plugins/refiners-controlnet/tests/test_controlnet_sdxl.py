@@ -17,17 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-from controlnet_references import (
-    SDXL_CONTROLNET_CONFIG,
-    SDXL_CONTROLNET_MID_CONFIG,
-    SDXL_CONTROLNET_SMALL_CONFIG,
-    SMALL_CONTROLNET_CONFIG,
-    SMALL_SDXL_CONTROLNET,
-    SMALL_SDXL_CONTROLNET_MID,
-    SMALL_SDXL_CONTROLNET_SMALL,
-    assert_close,
-    reference_controlnet,
-)
 from diffusers import (
     ControlNetModel,
     DDIMScheduler,
@@ -45,10 +34,21 @@ from refiners_controlnet import (
     diffusers_controlnet_mapping,
     image_to_condition,
 )
+from refiners_controlnet.testing import (
+    SDXL_CONTROLNET_CONFIG,
+    SDXL_CONTROLNET_MID_CONFIG,
+    SDXL_CONTROLNET_SMALL_CONFIG,
+    SMALL_CONTROLNET_CONFIG,
+    SMALL_SDXL_CONTROLNET,
+    SMALL_SDXL_CONTROLNET_MID,
+    SMALL_SDXL_CONTROLNET_SMALL,
+    reference_controlnet,
+)
 from refiners_core.cli import main
+from refiners_core.testing import assert_relative_close
 from refiners_sd15 import DDIM
 from refiners_sdxl import SDXLUNet, StableDiffusion_XL
-from refiners_sdxl.testing import POOLED_DIM, SMALL_UNET, small_sdxl_pipeline
+from refiners_sdxl.testing import POOLED_DIM, SMALL_UNET, guided_latents, guided_pipeline_arguments, small_sdxl_pipeline
 
 SIZE = 64  # pixels: 8x8 latents
 STEPS = 3
@@ -155,7 +155,7 @@ def test_sdxl_controlnet_residuals_match_diffusers(references: References, varia
     assert len(controlnet.residuals) == len(down) + 1
     for ours, theirs in zip(controlnet.residuals, [*down, middle]):
         assert theirs.abs().max() > 0
-        assert_close(ours, theirs, 1e-4)
+        assert_relative_close(ours, theirs, 1e-4)
 
 
 @torch.no_grad()
@@ -194,7 +194,7 @@ def test_sdxl_unet_with_two_controlnets_matches_diffusers(references: References
         controlnet = ControlNet.from_pretrained(references.folder / name)
         ControlNetAdapter(unet, controlnet, scale=scale).inject().set_condition(inputs["condition"])
     set_conditioning(unet, inputs, timestep)
-    assert_close(unet(inputs["x"]), expected, 1e-4)
+    assert_relative_close(unet(inputs["x"]), expected, 1e-4)
 
 
 def edges(seed: int) -> Image.Image:
@@ -223,36 +223,17 @@ def test_three_guided_steps_with_two_controlnets_match_stable_diffusion_xl_contr
         **components, controlnet=[references.controlnet("full"), references.controlnet("mid")]
     )
     pipeline.set_progress_bar_config(disable=True)
-    arguments: dict[str, Any] = {
-        "prompt_embeds": embedding[1:],
-        "negative_prompt_embeds": embedding[:1],
-        "pooled_prompt_embeds": pooled[1:],
-        "negative_pooled_prompt_embeds": pooled[:1],
-        "image": images,
-        "num_inference_steps": STEPS,
-        "guidance_scale": GUIDANCE,
-        "height": SIZE,
-        "width": SIZE,
-        "output_type": "latent",
-    }
+    arguments: dict[str, Any] = guided_pipeline_arguments(
+        embedding, pooled, steps=STEPS, guidance_scale=GUIDANCE, size=SIZE
+    ) | {"image": images}
     expected: torch.Tensor = pipeline(**arguments, controlnet_conditioning_scale=scales, latents=noise.clone()).images
     without: torch.Tensor = pipeline(
         **arguments, controlnet_conditioning_scale=[0.0, 0.0], latents=noise.clone()
     ).images
     assert (expected - without).abs().max() > 1e-2 * without.abs().max()  # the ControlNets do steer the generation
 
-    x = sdxl.init_latents(size=(SIZE, SIZE), noise=noise)
-    time_ids = sdxl.time_ids(original_size=(SIZE, SIZE), target_size=(SIZE, SIZE))
-    for step in sdxl.steps:
-        x = sdxl(
-            x,
-            step=step,
-            clip_text_embedding=embedding,
-            pooled_text_embedding=pooled,
-            time_ids=time_ids,
-            condition_scale=GUIDANCE,
-        )
-    assert_close(x, expected, 1e-3)
+    x = guided_latents(sdxl, noise, embedding, pooled, size=SIZE, condition_scale=GUIDANCE)
+    assert_relative_close(x, expected, 1e-3)
 
 
 def test_an_sd15_controlnet_on_sdxl_and_an_sdxl_controlnet_on_sd15_are_refused(references: References) -> None:

@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 import torch
-from controlnet_references import (
+
+from refiners_controlnet import SDXL_CONTROLNET, ControlNet
+from refiners_controlnet.testing import (
     SDXL_CONTROLNET_CONFIG,
     SDXL_CONTROLNET_MID_CONFIG,
     SDXL_CONTROLNET_SMALL_CONFIG,
-    assert_close,
     reference_controlnet,
 )
-
-from refiners_controlnet import SDXL_CONTROLNET, ControlNet
+from refiners_core.testing import assert_relative_close
 
 CONFIGS = {"full": SDXL_CONTROLNET_CONFIG, "mid": SDXL_CONTROLNET_MID_CONFIG, "small": SDXL_CONTROLNET_SMALL_CONFIG}
 
@@ -66,7 +66,7 @@ def test_published_sdxl_controlnet_residuals_match_diffusers(name: str, tmp_path
         assert len(controlnet.residuals) == len(expected)
         for ours, theirs in zip(controlnet.residuals, expected):
             assert theirs.abs().max() > 0
-            assert_close(ours, theirs, 1e-4)
+            assert_relative_close(ours, theirs, 1e-4)
         del controlnet
         gc.collect()
     finally:

@@ -9,7 +9,7 @@ more than that, so that a FreeU doing nothing cannot pass.
 from __future__ import annotations
 
 import gc
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import torch
@@ -17,40 +17,13 @@ from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImpor
 
 import refiners_core.fluxion as fl
 from refiners_core.state_dicts import load_state_dict_checked
+from refiners_core.testing import assert_relative_close, relative_error
 from refiners_freeu import SD15_SCALES, FourierFilter, FreeU, FreeUAdapter
-from refiners_sd15.testing import SD15_UNET_CONFIG
+from refiners_sd15.testing import SD15_UNET_CONFIG, random_diffusers_unet
+from refiners_sd15.testing import SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG as SMALL_UNET_CONFIG
 from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UpBlocks, diffusers_unet_mapping, unet_config_from_diffusers
 
 TOLERANCE = 1e-4
-
-# A small SD1-like UNet: three levels, cross-attention on the first two.
-SMALL_UNET_CONFIG: dict[str, Any] = {
-    **SD15_UNET_CONFIG,
-    "attention_head_dim": 4,
-    "block_out_channels": [32, 64, 64],
-    "cross_attention_dim": 24,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "norm_num_groups": 8,
-    "sample_size": 16,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-
-
-def reference_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionModel:
-    """A diffusers UNet whose parameters are all random: weights ~ N(0, 1/fan_in), norm scales ~ N(1, 0.1)."""
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config))  # pyright: ignore[reportUnknownMemberType]
-    unet = unet.to_empty(device="cpu").eval()
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith(".weight"):
-                parameter.normal_(1.0, 0.1)
-            else:
-                parameter.normal_(0.0, 0.1)
-    return unet
 
 
 def our_unet(reference: UNet2DConditionModel) -> SD1UNet:
@@ -79,20 +52,12 @@ def our_output(unet: SD1UNet, x: torch.Tensor, timestep: torch.Tensor, text: tor
         return unet(x)
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor, without_freeu: torch.Tensor) -> None:
-    scale = reference.abs().max().item()
-    error = (ours - reference).abs().max().item()
-    assert error <= TOLERANCE * scale, f"max |ours - reference| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
-    effect = (reference - without_freeu).abs().max().item()
-    assert effect > 100 * TOLERANCE * scale, f"FreeU barely changes the reference ({effect:.3g}): a weak test"
-
-
 def test_freeu_matches_diffusers_enable_freeu_on_the_published_sd15_unet() -> None:
     # 32x32 latents: the first two decoder levels run at 4x4 and 8x8, where the 2x2 low-frequency window of the
     # Fourier filter covers part of the spectrum only.
     torch.manual_seed(1)
     x, text, timestep = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 768), torch.tensor([999])
-    reference = reference_unet(SD15_UNET_CONFIG)
+    reference = random_diffusers_unet(SD15_UNET_CONFIG)
     expected = reference_output(reference, x, timestep, text, **SD15_SCALES)
     without_freeu = reference_output(reference, x, timestep, text)
     ours = our_unet(reference)
@@ -102,14 +67,15 @@ def test_freeu_matches_diffusers_enable_freeu_on_the_published_sd15_unet() -> No
     before = our_output(ours, x, timestep, text)
     freeu = FreeU(ours).inject()
     assert len(freeu.adapters) == 6  # two levels of three skip connections each
-    assert_close(our_output(ours, x, timestep, text), expected, without_freeu)
+    assert_relative_close(our_output(ours, x, timestep, text), expected, TOLERANCE)
+    assert relative_error(without_freeu, expected) > 100 * TOLERANCE, "FreeU barely changes the reference: a weak test"
     freeu.eject()
     assert torch.equal(our_output(ours, x, timestep, text), before)
 
 
 @pytest.fixture(scope="module")
 def small_reference() -> UNet2DConditionModel:
-    return reference_unet(SMALL_UNET_CONFIG)
+    return random_diffusers_unet(SMALL_UNET_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +103,9 @@ def test_small_unet_with_freeu_matches_diffusers(
     finally:
         freeu.eject()
     expected = reference_output(small_reference, x, timestep, text, **scales)
-    assert_close(ours, expected, reference_output(small_reference, x, timestep, text))
+    without = reference_output(small_reference, x, timestep, text)
+    assert_relative_close(ours, expected, TOLERANCE)
+    assert relative_error(without, expected) > 100 * TOLERANCE, "FreeU barely changes the reference: a weak test"
 
 
 def test_changed_scales_apply_while_injected(small_reference: UNet2DConditionModel, small_unet: SD1UNet) -> None:
@@ -152,7 +120,9 @@ def test_changed_scales_apply_while_injected(small_reference: UNet2DConditionMod
         freeu.eject()
     scales = {"s1": 0.9, "s2": 0.5, "b1": 1.4, "b2": 1.4}
     expected = reference_output(small_reference, x, timestep, text, **scales)
-    assert_close(ours, expected, reference_output(small_reference, x, timestep, text))
+    without = reference_output(small_reference, x, timestep, text)
+    assert_relative_close(ours, expected, TOLERANCE)
+    assert relative_error(without, expected) > 100 * TOLERANCE, "FreeU barely changes the reference: a weak test"
 
 
 def test_eject_restores_outputs_state_dict_and_layers_exactly(small_unet: SD1UNet) -> None:

@@ -27,7 +27,14 @@ from refiners_ip_adapter import IPAdapter, text_cross_attentions
 from refiners_ip_adapter.testing import released_weights, write_release_folder
 from refiners_sd15 import DDIM
 from refiners_sdxl import StableDiffusion_XL
-from refiners_sdxl.testing import G_DIM, L_DIM, small_sdxl_pipeline
+from refiners_sdxl.testing import (
+    G_DIM,
+    L_DIM,
+    guided_latents,
+    guided_pipeline_arguments,
+    small_sdxl_pipeline,
+    write_small_sdxl_folder,
+)
 
 SIZE = 64
 KINDS = {
@@ -39,9 +46,7 @@ KINDS = {
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("sdxl")
-    small_sdxl_pipeline().save_pretrained(folder)
-    return folder
+    return write_small_sdxl_folder(tmp_path_factory.mktemp("sdxl"))
 
 
 def release(folder: Path, sdxl: StableDiffusion_XL, kind: str) -> Path:
@@ -85,17 +90,7 @@ def test_sdxl_ip_adapter_matches_diffusers(folder: Path, kind: str) -> None:
     text, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
     noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
     pipeline.set_ip_adapter_scale(0.6)
-    arguments: dict[str, Any] = {
-        "prompt_embeds": text[1:],
-        "negative_prompt_embeds": text[:1],
-        "pooled_prompt_embeds": pooled[1:],
-        "negative_pooled_prompt_embeds": pooled[:1],
-        "num_inference_steps": 3,
-        "guidance_scale": 5.0,
-        "height": SIZE,
-        "width": SIZE,
-        "output_type": "latent",
-    }
+    arguments: dict[str, Any] = guided_pipeline_arguments(text, pooled, steps=3, guidance_scale=5.0, size=SIZE)
     expected = pipeline(ip_adapter_image=[images], latents=noise.clone(), **arguments).images
     pipeline.set_ip_adapter_scale(0.0)
     without = pipeline(ip_adapter_image=[images], latents=noise.clone(), **arguments).images
@@ -103,12 +98,7 @@ def test_sdxl_ip_adapter_matches_diffusers(folder: Path, kind: str) -> None:
 
     ip.inject().set_image_embedding(embedding)
     sdxl.solver = DDIM(num_inference_steps=3, **sdxl.solver_defaults)
-    x = sdxl.init_latents(size=(SIZE, SIZE), noise=noise)
-    time_ids = sdxl.time_ids(original_size=(SIZE, SIZE), target_size=(SIZE, SIZE))
-    for step in sdxl.steps:
-        x = sdxl(
-            x, step=step, clip_text_embedding=text, pooled_text_embedding=pooled, time_ids=time_ids, condition_scale=5.0
-        )
+    x = guided_latents(sdxl, noise, text, pooled, size=SIZE, condition_scale=5.0)
     assert_relative_close(x, expected, 1e-3)
 
 

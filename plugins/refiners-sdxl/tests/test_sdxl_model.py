@@ -47,6 +47,7 @@ from refiners_sdxl.testing import (
     L_DIM,
     POOLED_DIM,
     TIME_ID_DIM,
+    guided_latents,
     small_sdxl_pipeline,
 )
 
@@ -281,17 +282,7 @@ def test_three_guided_steps_match_stable_diffusion_xl_pipeline(
     )
     expected: torch.Tensor = output.images
 
-    x = sdxl.init_latents(size=(SIZE, SIZE), noise=noise)
-    time_ids = sdxl.time_ids(original_size=(SIZE, SIZE), target_size=(SIZE, SIZE))
-    for step in sdxl.steps:
-        x = sdxl(
-            x,
-            step=step,
-            clip_text_embedding=embedding,
-            pooled_text_embedding=pooled,
-            time_ids=time_ids,
-            condition_scale=5.0,
-        )
+    x = guided_latents(sdxl, noise, embedding, pooled, size=SIZE, condition_scale=5.0)
 
     assert not torch.allclose(expected, noise, atol=0.1)  # the loop moved the latents
     error, scale = (x - expected).abs().max().item(), expected.abs().max().item()

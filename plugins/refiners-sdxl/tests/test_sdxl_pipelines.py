@@ -28,6 +28,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from refiners_core.testing import assert_relative_close
 from refiners_sd15 import DPMSolver, Euler, Solver
 from refiners_sdxl import (
     StableDiffusion_XL,
@@ -70,11 +71,6 @@ def images() -> tuple[Image.Image, Image.Image]:
     mask = Image.new("L", (SIZE, SIZE), 0)
     mask.paste(255, (16, 8, 48, 40))  # the area to repaint
     return Image.fromarray(pixels.numpy()), mask
-
-
-def assert_close(ours: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    error, scale = (ours - expected).abs().max().item(), expected.abs().max().item()
-    assert error <= TOLERANCE * scale, f"{what}: max |ours - diffusers| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
 
 
 # Inpainting
@@ -122,7 +118,7 @@ def test_inpainting_matches_stable_diffusion_xl_inpaint_pipeline(folders: Folder
 
     assert mask_latents.shape == (1, 1, 8, 8) and 0 < mask_latents.mean() < 1
     assert not torch.allclose(expected, noise * sdxl.solver.init_noise_sigma, atol=0.1)
-    assert_close(x, expected, "inpainting")
+    assert_relative_close(x, expected, TOLERANCE, what="inpainting")
 
 
 def test_inpainting_refuses_to_denoise_before_its_conditions_are_set(folders: Folders) -> None:
@@ -212,7 +208,7 @@ def test_base_then_refiner_matches_denoising_end_then_denoising_start(folders: F
     time_ids = base.time_ids(original_size=(SIZE, SIZE), target_size=(SIZE, SIZE))
     for step in range(handover):
         x = base(x, step=step, clip_text_embedding=embedding, pooled_text_embedding=pooled, time_ids=time_ids)
-    assert_close(x, expected_handover, f"{name}: the base's latents at the handover")
+    assert_relative_close(x, expected_handover, TOLERANCE, what=f"{name}: the base's latents at the handover")
     refiner.solver = solver_class(num_inference_steps=4, first_inference_step=handover, **refiner.solver_defaults)
     refiner_time_ids = refiner.time_ids(original_size=(SIZE, SIZE))
     assert refiner_time_ids.tolist() == [[SIZE, SIZE, 0, 0, 2.5], [SIZE, SIZE, 0, 0, 6.0]]
@@ -226,7 +222,7 @@ def test_base_then_refiner_matches_denoising_end_then_denoising_start(folders: F
         )
 
     assert not torch.allclose(expected, expected_handover, atol=0.1)  # the refiner moved the latents
-    assert_close(x, expected, f"{name}: base + refiner")
+    assert_relative_close(x, expected, TOLERANCE, what=f"{name}: base + refiner")
 
 
 def test_refiner_first_step_refuses_a_split_that_leaves_a_model_no_step() -> None:

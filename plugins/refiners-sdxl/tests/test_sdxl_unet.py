@@ -22,8 +22,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 import refiners_core.fluxion as fl
 from refiners_core.state_dicts import compose, invert
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import load_tensors, save_tensors
 from refiners_sd15.loading import load_single_file_component
+from refiners_sd15.testing import random_diffusers_unet
 from refiners_sd15.unet import CrossAttentionBlock2d, SD1UNet, unet_config_from_diffusers, unet_config_from_ldm
 from refiners_sdxl import (
     SDXL_BASE_UNET,
@@ -85,28 +87,6 @@ SMALL_REFINER_UNET_CONFIG: dict[str, Any] = {
 }
 
 
-def reference_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionModel:
-    """A diffusers UNet from `config` whose every parameter is drawn at random, independently.
-
-    Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1): no zero or constant initialisation
-    is left to hide a missing or swapped key, and activations keep their scale through the network. Built on the
-    meta device first, so that diffusers' own initialisation is not paid for.
-    """
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config))  # pyright: ignore[reportUnknownMemberType]
-    unet = unet.to_empty(device="cpu").eval()
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if parameter.dim() > 1:
-                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith(".weight"):
-                parameter.normal_(1.0, 0.1)
-            else:
-                parameter.normal_(0.0, 0.1)
-    return unet
-
-
 def save_in_the_published_layout(reference: UNet2DConditionModel, folder: Path, **kwargs: Any) -> Path:
     """Write `reference` as a published repository holds it: `folder/unet/{config.json, weights}`."""
     reference.save_pretrained(folder / "unet", safe_serialization=True, **kwargs)  # pyright: ignore[reportUnknownMemberType]
@@ -150,16 +130,9 @@ class Inputs:
             return unet(self.x)
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    assert ours.shape == reference.shape
-    error = (ours - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    assert error <= TOLERANCE * scale, f"max |ours - reference| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
-
-
 @pytest.fixture(scope="module")
 def small_reference() -> UNet2DConditionModel:
-    return reference_unet(SMALL_SDXL_UNET_CONFIG)
+    return random_diffusers_unet(SMALL_SDXL_UNET_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +157,7 @@ def test_small_sdxl_unet_matches_diffusers(
     small_reference: UNet2DConditionModel, small_unet: SDXLUNet, batch: int, size: tuple[int, int]
 ) -> None:
     inputs = Inputs(batch, 4, size, text_dim=48, time_ids=6, seed=batch + size[0])
-    assert_close(inputs.ours(small_unet), inputs.reference(small_reference))
+    assert_relative_close(inputs.ours(small_unet), inputs.reference(small_reference), TOLERANCE)
 
 
 def test_small_sdxl_unet_has_the_architecture_of_its_config(small_unet: SDXLUNet) -> None:
@@ -213,26 +186,26 @@ def test_added_embedding_reaches_the_output(small_reference: UNet2DConditionMode
     inputs.time_ids = inputs.time_ids + torch.tensor([[0.0, 0.0, 64.0, 0.0, 0.0, 0.0]])  # another crop
     after = inputs.ours(small_unet)
     assert (after - before).abs().max() > 1e-2 * before.abs().max()
-    assert_close(after, inputs.reference(small_reference))
+    assert_relative_close(after, inputs.reference(small_reference), TOLERANCE)
     inputs.pooled = torch.zeros_like(inputs.pooled)
-    assert_close(inputs.ours(small_unet), inputs.reference(small_reference))
+    assert_relative_close(inputs.ours(small_unet), inputs.reference(small_reference), TOLERANCE)
 
 
 def test_small_refiner_unet_with_five_time_ids_matches_diffusers(tmp_path: Path) -> None:
-    reference = reference_unet(SMALL_REFINER_UNET_CONFIG, seed=1)
+    reference = random_diffusers_unet(SMALL_REFINER_UNET_CONFIG, seed=1)
     unet = SDXLUNet.from_pretrained(save_in_the_published_layout(reference, tmp_path)).eval()
     assert unet.config.cross_attention_levels == (False, True, True, False)
     assert unet.config.transformer_layers_per_block == 2
     inputs = Inputs(2, 4, (16, 16), text_dim=40, time_ids=5, seed=3)
-    assert_close(inputs.ours(unet), inputs.reference(reference))
+    assert_relative_close(inputs.ours(unet), inputs.reference(reference), TOLERANCE)
 
 
 def test_small_inpainting_unet_with_nine_input_channels_matches_diffusers(tmp_path: Path) -> None:
-    reference = reference_unet({**SMALL_SDXL_UNET_CONFIG, "in_channels": 9}, seed=2)
+    reference = random_diffusers_unet({**SMALL_SDXL_UNET_CONFIG, "in_channels": 9}, seed=2)
     unet = SDXLUNet.from_pretrained(save_in_the_published_layout(reference, tmp_path)).eval()
     assert unet.config.in_channels == 9
     inputs = Inputs(2, 9, (16, 16), text_dim=48, time_ids=6, seed=4)
-    assert_close(inputs.ours(unet), inputs.reference(reference))
+    assert_relative_close(inputs.ours(unet), inputs.reference(reference), TOLERANCE)
 
 
 def test_own_format_round_trip_keeps_config_and_weights(small_unet: SDXLUNet, tmp_path: Path) -> None:
@@ -330,7 +303,7 @@ def test_sdxl_unet_from_a_single_file_checkpoint_matches_diffusers(tmp_path: Pat
         "addition_time_embed_dim": 256,
         "projection_class_embeddings_input_dim": POOLED_DIM + 6 * 256,
     }
-    reference = reference_unet(config, seed=4)
+    reference = random_diffusers_unet(config, seed=4)
     tensors = reference.state_dict()
     path = tmp_path / "sdxl.safetensors"
     save_tensors(path, {LDM_PREFIX + ldm: tensors[key] for ldm, key in ldm_to_diffusers(config).items()})
@@ -340,7 +313,7 @@ def test_sdxl_unet_from_a_single_file_checkpoint_matches_diffusers(tmp_path: Pat
 
     assert unet.config == unet_config_from_diffusers(config)
     inputs = Inputs(2, 4, (16, 16), text_dim=48, time_ids=6, seed=6)
-    assert_close(inputs.ours(unet), inputs.reference(reference))
+    assert_relative_close(inputs.ours(unet), inputs.reference(reference), TOLERANCE)
 
 
 def test_added_embedding_keys() -> None:
@@ -426,7 +399,7 @@ def test_full_published_sdxl_unet_matches_diffusers(name: str, tmp_path: Path) -
     memory-mapped from that folder. The folder is deleted at the end.
     """
     config, unet_config, inputs = FULL[name]
-    reference = reference_unet(config, seed=3)
+    reference = random_diffusers_unet(config, seed=3)
     expected = inputs.reference(reference)
     try:
         save_in_the_published_layout(reference, tmp_path, max_shard_size="1GB")
@@ -434,7 +407,7 @@ def test_full_published_sdxl_unet_matches_diffusers(name: str, tmp_path: Path) -
         gc.collect()
         unet = SDXLUNet.from_pretrained(tmp_path).eval()
         assert unet.config == unet_config
-        assert_close(inputs.ours(unet), expected)
+        assert_relative_close(inputs.ours(unet), expected, TOLERANCE)
         del unet
         gc.collect()
     finally:

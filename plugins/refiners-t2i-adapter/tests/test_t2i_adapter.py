@@ -16,7 +16,15 @@ import torch
 from diffusers import T2IAdapter as DiffusersT2IAdapter
 from diffusers import UNet2DConditionModel
 from PIL import Image
-from t2i_references import (
+
+import refiners_core.fluxion as fl
+from refiners_controlnet import ControlNet, ControlNetAdapter, image_to_condition
+from refiners_core.testing import assert_relative_close
+from refiners_core.weights import WeightsError
+from refiners_sd15.unet import SD1UNet
+from refiners_sdxl import SDXLUNet
+from refiners_t2i_adapter import T2IAdapter, T2IFeatures, T2IResidual, image_to_tensor
+from refiners_t2i_adapter.testing import (
     SMALL_CONTROLNET_CONFIG,
     SMALL_FULL_ADAPTER,
     SMALL_GRAY_ADAPTER,
@@ -30,14 +38,6 @@ from t2i_references import (
     reference_unet,
     save_adapter,
 )
-
-import refiners_core.fluxion as fl
-from refiners_controlnet import ControlNet, ControlNetAdapter, image_to_condition
-from refiners_core.testing import assert_relative_close
-from refiners_core.weights import WeightsError
-from refiners_sd15.unet import SD1UNet
-from refiners_sdxl import SDXLUNet
-from refiners_t2i_adapter import T2IAdapter, T2IFeatures, T2IResidual, image_to_tensor
 
 TOLERANCE = 1e-4
 SIZE = (64, 48)  # (width, height) of the generated image: latents of 6x8

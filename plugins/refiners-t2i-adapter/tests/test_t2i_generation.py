@@ -20,7 +20,12 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, MultiAdapter, StableDiffusionAdapterPipeline
 from diffusers import T2IAdapter as DiffusersT2IAdapter
 from PIL import Image
-from t2i_references import (
+
+from refiners_core.testing import assert_relative_close
+from refiners_sd15 import SD15_AUTOENCODER, CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
+from refiners_sd15.solvers import DDIM
+from refiners_t2i_adapter import T2IAdapter
+from refiners_t2i_adapter.testing import (
     SMALL_FULL_ADAPTER,
     SMALL_GRAY_ADAPTER,
     SMALL_LIGHT_ADAPTER,
@@ -30,11 +35,6 @@ from t2i_references import (
     reference_unet,
     save_adapter,
 )
-
-from refiners_core.testing import assert_relative_close
-from refiners_sd15 import SD15_AUTOENCODER, CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
-from refiners_sd15.solvers import DDIM
-from refiners_t2i_adapter import T2IAdapter
 
 SIZE = 128
 STEPS = 3

@@ -13,16 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from t2i_references import (
-    SD14_COLOR_ADAPTER,
-    SD15_CANNY_ADAPTER,
-    SDXL_CANNY_ADAPTER,
-    SMALL_FULL_ADAPTER,
-    SMALL_LIGHT_ADAPTER,
-    SMALL_XL_ADAPTER,
-    reference_adapter,
-    save_adapter,
-)
 
 from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
@@ -35,6 +25,16 @@ from refiners_t2i_adapter import (
     T2IAdapterModel,
     check_fits,
     t2i_adapter_config_from_diffusers,
+)
+from refiners_t2i_adapter.testing import (
+    SD14_COLOR_ADAPTER,
+    SD15_CANNY_ADAPTER,
+    SDXL_CANNY_ADAPTER,
+    SMALL_FULL_ADAPTER,
+    SMALL_LIGHT_ADAPTER,
+    SMALL_XL_ADAPTER,
+    reference_adapter,
+    save_adapter,
 )
 
 TOLERANCE = 1e-4

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from t2i_references import random_image, reference_adapter, save_adapter
 
 from refiners_core.cli import main
 from refiners_core.plugins import registry, resolve
@@ -22,6 +21,7 @@ from refiners_sd15.testing import small_sd15_components
 from refiners_sd15.unet import SD1UNet
 from refiners_t2i_adapter import T2IAdapter, T2IAdapterModel, T2IFeatures, T2IResidual
 from refiners_t2i_adapter.cli import T2IAdapterOption, parse_t2i_adapter_option
+from refiners_t2i_adapter.testing import random_image, reference_adapter, save_adapter
 
 # The adapter of refiners_sd15.testing's small UNet (two levels of 32 channels, attention on the first).
 SMALL_SD15_ADAPTER = {"in_channels": 3, "channels": [32, 32], "num_res_blocks": 1}

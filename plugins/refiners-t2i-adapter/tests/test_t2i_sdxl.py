@@ -1,9 +1,10 @@
 """T2IAdapter with SDXL (refiners-sdxl's SDXLUNet and StableDiffusion_XL) against diffusers.
 
-A small SDXL-like UNet with SDXL's three kinds of level (see `t2i_references.SMALL_SDXL_UNET_CONFIG`) and a small
-`full_adapter_xl` with random weights, written with `save_pretrained` and read back by our loaders. One UNet call must
-match `UNet2DConditionModel` with `down_intrablock_additional_residuals` (the fourth feature after the middle block)
-within 1e-4 of max |reference|; 3 guided DDIM steps must match `StableDiffusionXLAdapterPipeline` within 1e-3.
+A small SDXL-like UNet with SDXL's three kinds of level (see `refiners_t2i_adapter.testing.SMALL_SDXL_UNET_CONFIG`)
+and a small `full_adapter_xl` with random weights, written with `save_pretrained` and read back by our loaders. One
+UNet call must match `UNet2DConditionModel` with `down_intrablock_additional_residuals` (the fourth feature after the
+middle block) within 1e-4 of max |reference|; 3 guided DDIM steps must match `StableDiffusionXLAdapterPipeline`
+within 1e-3.
 """
 
 # pyright: reportPrivateImportUsage=false
@@ -23,7 +24,20 @@ from diffusers import (
 )
 from diffusers import T2IAdapter as DiffusersT2IAdapter
 from PIL import Image
-from t2i_references import (
+
+from refiners_core.cli import main
+from refiners_core.testing import assert_relative_close
+from refiners_sd15 import DDIM
+from refiners_sdxl import SDXLUNet, StableDiffusion_XL
+from refiners_sdxl.testing import (
+    POOLED_DIM,
+    TIME_ID_DIM,
+    guided_latents,
+    guided_pipeline_arguments,
+    small_sdxl_pipeline,
+)
+from refiners_t2i_adapter import T2IAdapter, image_to_tensor
+from refiners_t2i_adapter.testing import (
     SMALL_FULL_ADAPTER,
     SMALL_SDXL_UNET_CONFIG,
     SMALL_XL_ADAPTER,
@@ -32,13 +46,6 @@ from t2i_references import (
     reference_unet,
     save_adapter,
 )
-
-from refiners_core.cli import main
-from refiners_core.testing import assert_relative_close
-from refiners_sd15 import DDIM
-from refiners_sdxl import SDXLUNet, StableDiffusion_XL
-from refiners_sdxl.testing import POOLED_DIM, TIME_ID_DIM, small_sdxl_pipeline
-from refiners_t2i_adapter import T2IAdapter, image_to_tensor
 
 SIZE = 64  # pixels: 8x8 latents, features of 4x4, 4x4, 2x2 and 2x2
 STEPS = 3
@@ -110,33 +117,14 @@ def test_three_guided_steps_match_stable_diffusion_xl_adapter_pipeline(reference
         **components, adapter=DiffusersT2IAdapter.from_pretrained(reference.folder / "xl")
     )
     pipeline.set_progress_bar_config(disable=True)
-    arguments: dict[str, Any] = {
-        "prompt_embeds": embedding[1:],
-        "negative_prompt_embeds": embedding[:1],
-        "pooled_prompt_embeds": pooled[1:],
-        "negative_pooled_prompt_embeds": pooled[:1],
-        "image": edges(),
-        "num_inference_steps": STEPS,
-        "guidance_scale": GUIDANCE,
-        "height": SIZE,
-        "width": SIZE,
-        "output_type": "latent",
-    }
+    arguments: dict[str, Any] = guided_pipeline_arguments(
+        embedding, pooled, steps=STEPS, guidance_scale=GUIDANCE, size=SIZE
+    ) | {"image": edges()}
     expected: torch.Tensor = pipeline(**arguments, adapter_conditioning_scale=0.8, latents=noise.clone()).images
     without: torch.Tensor = pipeline(**arguments, adapter_conditioning_scale=0.0, latents=noise.clone()).images
     assert (expected - without).abs().max() > 1e-2 * without.abs().max()  # the adapter does steer the generation
 
-    x = sdxl.init_latents(size=(SIZE, SIZE), noise=noise)
-    time_ids = sdxl.time_ids(original_size=(SIZE, SIZE), target_size=(SIZE, SIZE))
-    for step in sdxl.steps:
-        x = sdxl(
-            x,
-            step=step,
-            clip_text_embedding=embedding,
-            pooled_text_embedding=pooled,
-            time_ids=time_ids,
-            condition_scale=GUIDANCE,
-        )
+    x = guided_latents(sdxl, noise, embedding, pooled, size=SIZE, condition_scale=GUIDANCE)
     assert_relative_close(x, expected, 1e-3)
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tokenizer_files import write_tokenizer_files
 
 from refiners_core.cli import main
+from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
 from refiners_sd15.clip import SDXL_TEXT_ENCODER_FORMAT, CLIPTextEncoderG, CLIPTextEncoderL, DoubleTextEncoder
 from refiners_sd15.loading import load_component
@@ -35,6 +36,7 @@ from refiners_sdxl.testing import (
     SMALL_TEXT_L,
     randomize,
     small_sdxl_pipeline,
+    write_small_sdxl_folder,
 )
 from refiners_textual_inversion import (
     SDXLTextualInversion,
@@ -101,12 +103,6 @@ def our_encoder(folder: Path) -> DoubleTextEncoder:
     return DoubleTextEncoder(text_encoder_l, CLIPTextEncoderG.from_pretrained(folder).eval())
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor) -> None:
-    assert ours.shape == reference.shape, f"{tuple(ours.shape)} != {tuple(reference.shape)}"
-    error, scale = (ours - reference).abs().max().item(), reference.abs().max().item()
-    assert error <= TOLERANCE * scale, f"max |ours - reference| = {error:.3g} > {TOLERANCE} * {scale:.3g}"
-
-
 @pytest.mark.parametrize("name", TEXT_CONFIGS)
 @torch.no_grad()
 def test_sdxl_text_embeddings_match_diffusers_load_textual_inversion(name: str, tmp_path: Path) -> None:
@@ -145,12 +141,12 @@ def test_sdxl_text_embeddings_match_diffusers_load_textual_inversion(name: str, 
     textual_inversion.inject()
     for prompt, (embeds, pooled) in zip(PROMPTS, expected):
         ours_embeds, ours_pooled = encoder(prompt)
-        assert_close(ours_embeds, embeds)
-        assert_close(ours_pooled, pooled)
+        assert_relative_close(ours_embeds, embeds, TOLERANCE)
+        assert_relative_close(ours_pooled, pooled, TOLERANCE)
     textual_inversion.eject()
     ours_embeds, ours_pooled = encoder(PROMPTS[0])
-    assert_close(ours_embeds, without[0][0])
-    assert_close(ours_pooled, without[0][1])
+    assert_relative_close(ours_embeds, without[0][0], TOLERANCE)
+    assert_relative_close(ours_pooled, without[0][1], TOLERANCE)
 
 
 def small_double_encoder() -> DoubleTextEncoder:
@@ -241,8 +237,7 @@ def test_embedding_option_on_sdxl_and_its_checks(tmp_path: Path) -> None:
 
 
 def test_refiners_generate_runs_sdxl_with_an_embedding(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = tmp_path / "model"
-    small_sdxl_pipeline().save_pretrained(folder)
+    folder = write_small_sdxl_folder(tmp_path / "model")
     embedding = write_sdxl_embedding(tmp_path / "style.safetensors", 2, L_DIM, G_DIM, 9)
     out = tmp_path / "out.png"
     arguments = ["generate", "a <style> cat", "--model", str(folder), "--steps", "2", "--size", "64x64"]

@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,14 +18,23 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from training_references import RED, toml_config, write_colour_patches, write_small_sd15
 
 from refiners_core.cli import main
 from refiners_lora import LoraManager
 from refiners_sd15 import DDIM, CLIPTokenizer, StableDiffusion_1
+from refiners_sd15.testing import DiffusersReferences
 from refiners_training import CheckpointError, TrainingConfig, TrainingResult, train_lora
 from refiners_training import models as models_module
 from refiners_training import trainer as trainer_module
+from refiners_training.testing import (
+    KILLED_AT_STEP_4,
+    RED,
+    checkpoint_weights,
+    logged_losses,
+    toml_config,
+    torchrun_command,
+    write_colour_patches,
+)
 
 PROMPT = "a red square"
 
@@ -43,7 +51,11 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("training")
-    return {"model": write_small_sd15(root / "sd15"), "data": write_colour_patches(root / "data"), "root": root}
+    return {
+        "model": DiffusersReferences(root / "sd15").folder,
+        "data": write_colour_patches(root / "data"),
+        "root": root,
+    }
 
 
 def load_config(folders: dict[str, Path], name: str, **sections: dict[str, object]) -> tuple[Path, TrainingConfig]:
@@ -197,14 +209,6 @@ def straight_run(folders: dict[str, Path]) -> TrainingResult:
     return train_lora(config)
 
 
-def final_weights(output: Path) -> dict[str, torch.Tensor]:
-    return load_file(output / "checkpoints" / "step-000004" / "lora_weights.safetensors")
-
-
-def logged_losses(output: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output / "log.jsonl").read_text().splitlines()]
-
-
 def test_a_run_killed_while_writing_a_checkpoint_resumes_to_the_same_losses_and_weights(
     straight_run: TrainingResult,
     folders: dict[str, Path],
@@ -232,26 +236,9 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_to_the_same_losses_and_
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "lora", str(path), "--resume"]) == 0
     assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
-    expected, resumed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    expected = checkpoint_weights(folders["root"] / "straight", 4)
+    resumed = checkpoint_weights(config.training.output_dir, 4)
     assert all(torch.equal(resumed[key], expected[key]) for key in expected)
-
-
-KILLED_RUN = """
-import os, signal, sys
-from refiners_core.cli import main
-from refiners_training import trainer
-
-write = trainer._Run._write_checkpoint
-
-def killed_at_step_4(run, folder):
-    if run.step < 4:
-        return write(run, folder)
-    (folder / trainer.LORA_WEIGHTS).write_bytes(b"half a file")
-    os.kill(os.getpid(), signal.SIGKILL)  # no Python cleanup, no finally block, no flush
-
-trainer._Run._write_checkpoint = killed_at_step_4
-main(["train", "lora", sys.argv[1]])
-"""
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
@@ -260,7 +247,7 @@ def test_a_process_killed_with_sigkill_during_a_checkpoint_write_resumes_to_the_
 ) -> None:
     path, config = load_config(folders, "sigkilled", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", KILLED_RUN, str(path)]
+    command = [sys.executable, "-c", KILLED_AT_STEP_4, str(path)]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
     assert completed.returncode == -9, completed.stderr[-4000:]
     checkpoints = config.training.output_dir / "checkpoints"
@@ -268,14 +255,9 @@ def test_a_process_killed_with_sigkill_during_a_checkpoint_write_resumes_to_the_
 
     assert main(["train", "lora", str(path), "--resume"]) == 0
     assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
-    expected, resumed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    expected = checkpoint_weights(folders["root"] / "straight", 4)
+    resumed = checkpoint_weights(config.training.output_dir, 4)
     assert all(torch.equal(resumed[key], expected[key]) for key in expected)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_same_global_batch(
@@ -283,23 +265,13 @@ def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_
 ) -> None:
     per_process = {**SMALL_RUN, "training": {**SMALL_RUN["training"], "batch_size": 1}}
     path, config = load_config(folders, "ddp", **per_process)  # pyright: ignore[reportArgumentType]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "refiners_training",
-        "lora",
-        str(path),
-    ]
+    command = torchrun_command(path, 2)
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert logged_losses(config.training.output_dir) == pytest.approx(list(straight_run.losses.values()), rel=1e-5)
-    expected, distributed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    expected = checkpoint_weights(folders["root"] / "straight", 4)
+    distributed = checkpoint_weights(config.training.output_dir, 4)
     assert expected.keys() == distributed.keys()
     for key in expected:
         assert torch.allclose(distributed[key], expected[key], atol=1e-5, rtol=1e-5), key
@@ -502,7 +474,8 @@ def test_resume_with_fallback_goes_on_from_the_newest_checkpoint_that_loads(
         assert main(["train", "lora", str(path), "--resume", "--fallback"]) == 0
     assert re.search(message, caplog.text) and f"resuming from checkpoint {resumed_from}" in caplog.text
     assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())
-    expected, resumed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    expected = checkpoint_weights(folders["root"] / "straight", 4)
+    resumed = checkpoint_weights(config.training.output_dir, 4)
     assert all(torch.equal(resumed[key], expected[key]) for key in expected)  # step 4 written anew, whole
     assert (checkpoints / "latest").read_text().strip() == "step-000004"
 

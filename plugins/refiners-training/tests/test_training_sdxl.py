@@ -6,9 +6,7 @@ run reproduces a 1-process one."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +18,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
-from training_references import toml_config, write_colour_patches
 
 from refiners_core.cli import main
 from refiners_lora import LoraManager
@@ -41,6 +38,14 @@ from refiners_training import sdxl as sdxl_module
 from refiners_training.diffusion import NoiseSchedule, sample_generator
 from refiners_training.models import resolve_kind
 from refiners_training.sdxl import SDXLModel
+from refiners_training.testing import (
+    KILLED_AT_STEP_4,
+    checkpoint_weights,
+    logged_losses,
+    toml_config,
+    torchrun_command,
+    write_colour_patches,
+)
 
 RESOLUTION = 32  # 4x4 latents with the small SDXL's 8x autoencoder
 
@@ -334,53 +339,22 @@ def straight_run(folders: dict[str, Path]) -> TrainingResult:
     return train_lora(config)
 
 
-def final_weights(output: Path) -> dict[str, torch.Tensor]:
-    return load_file(output / "checkpoints" / "step-000004" / "lora_weights.safetensors")
-
-
-def logged_losses(output: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output / "log.jsonl").read_text().splitlines()]
-
-
-KILLED_RUN = """
-import os, signal, sys
-from refiners_core.cli import main
-from refiners_training import trainer
-
-write = trainer._Run._write_checkpoint
-
-def killed_at_step_4(run, folder):
-    if run.step < 4:
-        return write(run, folder)
-    (folder / trainer.LORA_WEIGHTS).write_bytes(b"half a file")
-    os.kill(os.getpid(), signal.SIGKILL)  # no Python cleanup, no finally block, no flush
-
-trainer._Run._write_checkpoint = killed_at_step_4
-main(["train", "lora", sys.argv[1]])
-"""
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_a_process_killed_with_sigkill_during_a_checkpoint_write_resumes_to_the_same_losses_and_weights(
     straight_run: TrainingResult, folders: dict[str, Path]
 ) -> None:
     path, config = load_config(folders, "sigkilled", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", KILLED_RUN, str(path)]
+    command = [sys.executable, "-c", KILLED_AT_STEP_4, str(path)]
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
     assert completed.returncode == -9, completed.stderr[-4000:]
     assert (config.training.output_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"
 
     assert main(["train", "lora", str(path), "--resume"]) == 0
     assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
-    expected, resumed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    expected = checkpoint_weights(folders["root"] / "straight", 4)
+    resumed = checkpoint_weights(config.training.output_dir, 4)
     assert expected.keys() == resumed.keys() and all(torch.equal(resumed[key], expected[key]) for key in expected)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_same_global_batch(
@@ -388,23 +362,13 @@ def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_
 ) -> None:
     per_process = {**SMALL_RUN, "training": {**SMALL_RUN["training"], "batch_size": 1}}
     path, config = load_config(folders, "ddp", **per_process)  # pyright: ignore[reportArgumentType]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "refiners_training",
-        "lora",
-        str(path),
-    ]
+    command = torchrun_command(path, 2)
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert logged_losses(config.training.output_dir) == pytest.approx(list(straight_run.losses.values()), rel=1e-5)
-    expected, distributed = final_weights(folders["root"] / "straight"), final_weights(config.training.output_dir)
+    expected = checkpoint_weights(folders["root"] / "straight", 4)
+    distributed = checkpoint_weights(config.training.output_dir, 4)
     assert expected.keys() == distributed.keys()
     # Gradients are summed in another order (all-reduce): AdamW divides each one by its running magnitude, which
     # turns the rounding of a gradient near zero into a step of up to `learning_rate` (1e-3) on that weight. On this

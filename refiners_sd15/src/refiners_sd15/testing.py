@@ -115,6 +115,19 @@ SD15_VAE_CONFIG: dict[str, Any] = {
 """`vae/config.json` of stable-diffusion-v1-5 as published."""
 
 
+SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG: dict[str, Any] = {
+    **SD15_UNET_CONFIG,
+    "attention_head_dim": 4,
+    "block_out_channels": [32, 64, 64],
+    "cross_attention_dim": 24,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "norm_num_groups": 8,
+    "sample_size": 16,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+"""A small SD1-like UNet as a diffusers config: `SD15_UNET_CONFIG` with three levels of 32, 64 and 64 channels,
+cross-attention (24-wide text) on the first two, as in SD1.5."""
+
 SMALL_UNET_DIFFUSERS_CONFIG: dict[str, Any] = {
     "sample_size": 8,
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -146,6 +159,35 @@ SMALL_VAE_DIFFUSERS_CONFIG: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 """A scaled-down SD1.5 autoencoder as a diffusers `AutoencoderKL` config (one level of 32 channels)."""
+
+
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+}
+"""The noise schedule of stable-diffusion-v1-5's `scheduler/scheduler_config.json` (scaled-linear betas, timesteps
+offset by one), as keyword arguments of diffusers schedulers: the schedule our solvers follow by default."""
+
+
+def diffusers_reference_scheduler(name: str, **config: Any) -> Any:
+    """The diffusers scheduler that our solver `name` ("ddim", "dpm" or "euler") reproduces with its defaults:
+    `SD15_SCHEDULER_CONFIG`, and for DDIM no sample clipping and `set_alpha_to_one=False`; `config` adds fields.
+    Needs diffusers (test extra). Raises ValueError for another name."""
+    from diffusers import (
+        DDIMScheduler,  # pyright: ignore[reportPrivateImportUsage]
+        DPMSolverMultistepScheduler,  # pyright: ignore[reportPrivateImportUsage]
+        EulerDiscreteScheduler,  # pyright: ignore[reportPrivateImportUsage]
+    )
+
+    if name == "ddim":
+        return DDIMScheduler(**SD15_SCHEDULER_CONFIG, clip_sample=False, set_alpha_to_one=False, **config)
+    if name == "dpm":
+        return DPMSolverMultistepScheduler(**SD15_SCHEDULER_CONFIG, **config)
+    if name == "euler":
+        return EulerDiscreteScheduler(**SD15_SCHEDULER_CONFIG, **config)
+    raise ValueError(f"no diffusers reference scheduler for solver {name!r}: expected 'ddim', 'dpm' or 'euler'")
 
 
 class DiffusersReferences:
@@ -234,3 +276,31 @@ def small_sd15_components(in_channels: int) -> dict[str, torch.nn.Module]:
             CLIPTextEncoderConfig(embedding_dim=32, num_layers=1, num_attention_heads=2, feedforward_dim=64)
         ),
     }
+
+
+def randomize_with_seed(model: torch.nn.Module, seed: int) -> None:
+    """Seed torch's global generator with `seed`, then draw every parameter of `model` from it, independently:
+    weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1), so that no zero or constant initial value
+    hides a missing or swapped key and activations keep their scale through the network."""
+    torch.manual_seed(seed)  # pyright: ignore[reportUnknownMemberType]
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, parameter[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith(".weight"):
+                parameter.normal_(1.0, 0.1)
+            else:
+                parameter.normal_(0.0, 0.1)
+
+
+def random_diffusers_unet(config: Mapping[str, Any], seed: int = 0) -> Any:
+    """diffusers' `UNet2DConditionModel.from_config(config)`, built on the meta device (diffusers' own initialisation
+    is not paid for), then every parameter drawn by `randomize_with_seed(unet, seed)`, in eval mode. Needs diffusers
+    (test extra)."""
+    from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
+
+    with torch.device("meta"):
+        unet: torch.nn.Module = UNet2DConditionModel.from_config(dict(config))  # pyright: ignore[reportUnknownMemberType, reportAssignmentType]
+    unet = unet.to_empty(device="cpu").eval()
+    randomize_with_seed(unet, seed)
+    return unet

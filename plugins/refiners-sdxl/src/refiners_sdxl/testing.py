@@ -22,6 +22,7 @@ from refiners_sd15.autoencoder import (
 from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG, open_clip_state_dict
 from refiners_sd15.testing import SDXL_TEXT_ENCODER_2_CONFIG as PUBLISHED_TEXT_ENCODER_2_CONFIG
 from refiners_sd15.unet import unet_config_from_diffusers
+from refiners_sdxl.model import StableDiffusion_XL
 from refiners_sdxl.unet import diffusers_sdxl_unet_mapping, ldm_sdxl_unet_mapping
 
 TIME_ID_DIM = 8
@@ -457,3 +458,48 @@ def write_published_sdxl_folder(folder: Path, *, seed: int = 0) -> Path:
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return folder
+
+
+def guided_pipeline_arguments(
+    embedding: torch.Tensor, pooled: torch.Tensor, *, steps: int, guidance_scale: float, size: int
+) -> dict[str, Any]:
+    """Keyword arguments of a diffusers SDXL pipeline call that matches `guided_latents`: our text and pooled
+    embeddings (negative first, as `compute_clip_text_embedding` returns them), `steps` steps with classifier-free
+    guidance of `guidance_scale`, a `size` x `size` image, latents out. Add `latents` (and the adapter's inputs)."""
+    return {
+        "prompt_embeds": embedding[1:],
+        "negative_prompt_embeds": embedding[:1],
+        "pooled_prompt_embeds": pooled[1:],
+        "negative_pooled_prompt_embeds": pooled[:1],
+        "num_inference_steps": steps,
+        "guidance_scale": guidance_scale,
+        "height": size,
+        "width": size,
+        "output_type": "latent",
+    }
+
+
+def guided_latents(
+    sdxl: StableDiffusion_XL,
+    noise: torch.Tensor,
+    embedding: torch.Tensor,
+    pooled: torch.Tensor,
+    *,
+    size: int,
+    condition_scale: float,
+) -> torch.Tensor:
+    """Our denoising loop: every step of `sdxl.solver` from `noise`, with classifier-free guidance of
+    `condition_scale` and the time ids of a `size` x `size` image (original and target size, no crop). Returns the
+    final latents, to compare with a diffusers pipeline called with `guided_pipeline_arguments`."""
+    x = sdxl.init_latents(size=(size, size), noise=noise)
+    time_ids = sdxl.time_ids(original_size=(size, size), target_size=(size, size))
+    for step in sdxl.steps:
+        x = sdxl(
+            x,
+            step=step,
+            clip_text_embedding=embedding,
+            pooled_text_embedding=pooled,
+            time_ids=time_ids,
+            condition_scale=condition_scale,
+        )
+    return x

@@ -1,17 +1,19 @@
-"""The references of the parity tests: diffusers' `ControlNetModel` and `UNet2DConditionModel`, built offline from
-published configs with random weights, and how to run them and compare with ours."""
+"""Helpers for tests of refiners-controlnet and of the packages built on it: the references of the parity tests,
+diffusers' `ControlNetModel` and `UNet2DConditionModel` built offline from published configs with random weights, and
+how to run them and compare with ours. Needs diffusers and refiners-sdxl (test extras); nothing here is used at
+runtime."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
 
 from refiners_controlnet import ControlNet
-from refiners_sd15.testing import SD15_UNET_CONFIG
+from refiners_core.testing import assert_relative_close
 from refiners_sd15.unet import SD1UNet
-from refiners_sdxl.testing import SDXL_BASE_UNET_CONFIG, SMALL_UNET
+from refiners_sdxl.testing import SDXL_BASE_UNET_CONFIG, SMALL_UNET, random_diffusers_model
 
 # lllyasviel/control_v11p_sd15_canny, config.json (the ControlNet 1.1 models all share it)
 SD15_CONTROLNET_CONFIG: dict[str, Any] = {
@@ -41,17 +43,6 @@ SD15_CONTROLNET_CONFIG: dict[str, Any] = {
     "use_linear_projection": False,
 }
 
-# A small SD1-like UNet: three levels, cross-attention on the first two, as in SD1.5.
-SMALL_UNET_CONFIG: dict[str, Any] = {
-    **SD15_UNET_CONFIG,
-    "attention_head_dim": 4,
-    "block_out_channels": [32, 64, 64],
-    "cross_attention_dim": 24,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "norm_num_groups": 8,
-    "sample_size": 16,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 # The ControlNet of that UNet; its conditioning image encoder also downsamples 8 times, with fewer channels.
 SMALL_CONTROLNET_CONFIG: dict[str, Any] = {
     **SD15_CONTROLNET_CONFIG,
@@ -99,36 +90,15 @@ SDXL_CONTROLNET_SMALL_CONFIG: dict[str, Any] = {
 }
 
 
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Draw every parameter at random, independently (the zero convolutions too, so residuals are not zero).
-
-    Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.1), norm scales ~ N(1, 0.1): no zero or constant initialisation is
-    left to hide a missing or swapped key, and activations keep their scale through the network.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() > 1:
-                std, mean = parameter[0].numel() ** -0.5, 0.0
-            else:
-                std, mean = 0.1, 1.0 if "norm" in name and name.endswith(".weight") else 0.0
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * std + mean)
-
-
 def reference_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionModel:
-    with torch.device("meta"):
-        unet = cast(UNet2DConditionModel, UNet2DConditionModel.from_config(config))  # pyright: ignore[reportUnknownMemberType]
-    unet = unet.to_empty(device="cpu").eval()
-    randomize(unet, seed)
-    return unet
+    """diffusers' `UNet2DConditionModel` of `config`, every parameter drawn by `refiners_sdxl.testing.randomize`."""
+    return random_diffusers_model(UNet2DConditionModel, config, seed)
 
 
 def reference_controlnet(config: dict[str, Any], seed: int = 1) -> ControlNetModel:
-    with torch.device("meta"):
-        controlnet = cast(ControlNetModel, ControlNetModel.from_config(config))  # pyright: ignore[reportUnknownMemberType]
-    controlnet = controlnet.to_empty(device="cpu").eval()
-    randomize(controlnet, seed)
-    return controlnet
+    """diffusers' `ControlNetModel` of `config`, every parameter drawn by `refiners_sdxl.testing.randomize` (the zero
+    convolutions too, so that residuals are not zero)."""
+    return random_diffusers_model(ControlNetModel, config, seed)
 
 
 @torch.no_grad()
@@ -182,20 +152,12 @@ def our_unet_output(unet: SD1UNet, x: torch.Tensor, timestep: torch.Tensor, text
     return unet(x)
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor, tolerance: float = 1e-4) -> None:
-    """max |ours - reference| <= tolerance * max |reference|."""
-    assert ours.shape == reference.shape, f"shape {tuple(ours.shape)} != {tuple(reference.shape)}"
-    error = (ours - reference).abs().max().item()
-    scale = reference.abs().max().item()
-    assert scale > 0
-    assert error <= tolerance * scale, f"max |ours - reference| = {error:.3g} > {tolerance} * {scale:.3g}"
-
-
 def assert_residuals_close(
     ours: tuple[torch.Tensor, ...], reference: tuple[list[torch.Tensor], torch.Tensor], tolerance: float = 1e-4
 ) -> None:
+    """Our residuals against diffusers', each within `tolerance` of its max |reference| and none of those zero."""
     down, middle = reference
     assert len(ours) == len(down) + 1
     for mine, theirs in zip(ours, [*down, middle]):
         assert theirs.abs().max() > 0, "a reference residual is zero: the test would not see a wrong zero convolution"
-        assert_close(mine, theirs, tolerance)
+        assert_relative_close(mine, theirs, tolerance)

@@ -1,5 +1,6 @@
-"""The references of the parity tests: diffusers' `T2IAdapter` and `UNet2DConditionModel` built offline from small
-configs (and the published SD1.5 full adapter's) with random weights, saved in the published layout."""
+"""Helpers for tests of refiners-t2i-adapter: the references of the parity tests, diffusers' `T2IAdapter` and
+`UNet2DConditionModel` built offline from small configs (and the published SD1.5 full adapter's) with random weights,
+saved in the published layout. Needs diffusers and refiners-sdxl (test extras); nothing here is used at runtime."""
 
 # pyright: reportPrivateImportUsage=false
 # diffusers exports its classes lazily, which pyright reads as private imports.
@@ -98,10 +99,12 @@ def reference_adapter(config: dict[str, Any], seed: int = 1) -> T2IAdapter:
 
 
 def reference_unet(config: dict[str, Any], seed: int = 0) -> UNet2DConditionModel:
+    """diffusers' `UNet2DConditionModel` of `config`, every parameter drawn at random."""
     return random_diffusers_model(UNet2DConditionModel, config, seed)
 
 
 def reference_controlnet(config: dict[str, Any], seed: int = 2) -> ControlNetModel:
+    """diffusers' `ControlNetModel` of `config`, every parameter drawn at random."""
     return random_diffusers_model(ControlNetModel, config, seed)
 
 

@@ -1,4 +1,6 @@
-"""The reference, segment-anything, importable without torchvision; random weights for it.
+"""Helpers for tests and benches of refiners-sam: the reference, segment-anything, importable without torchvision,
+and random weights for it. Needs segment-anything (test extra); nothing here is used at runtime. Import
+segment-anything's names from here (or after this module), so that the stand-in is in place first.
 
 segment-anything imports torchvision at the top of two modules, for `resize` and `to_pil_image` (used by
 `SamPredictor` to resize the image) and for box helpers of the automatic mask generator, which we never call.
@@ -19,7 +21,9 @@ from PIL import Image
 from torch import nn
 
 
-def _install_torchvision_stand_in() -> None:
+def install_torchvision_stand_in() -> None:
+    """Put a minimal torchvision in `sys.modules` unless the real one imports (see the module docstring): called
+    when this module is imported, before segment-anything is."""
     try:
         import torchvision  # noqa: F401  # pyright: ignore[reportMissingImports, reportUnusedImport]
 
@@ -52,12 +56,30 @@ def _install_torchvision_stand_in() -> None:
     sys.modules.update(modules)
 
 
-_install_torchvision_stand_in()
+install_torchvision_stand_in()
 
 from segment_anything import SamPredictor, sam_model_registry  # noqa: E402
 from segment_anything.modeling import Sam  # noqa: E402
+from segment_anything.modeling.image_encoder import (  # noqa: E402
+    Attention,
+    ImageEncoderViT,
+    window_partition,
+    window_unpartition,
+)
 
-__all__ = ["SamPredictor", "Sam", "build_reference", "randomize"]
+__all__ = [
+    "Attention",
+    "ImageEncoderViT",
+    "Sam",
+    "SamPredictor",
+    "build_reference",
+    "build_tiny_reference",
+    "install_torchvision_stand_in",
+    "randomize",
+    "sam_model_registry",
+    "window_partition",
+    "window_unpartition",
+]
 
 
 def randomize(model: nn.Module, seed: int) -> None:
