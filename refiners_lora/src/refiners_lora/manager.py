@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 from weakref import WeakKeyDictionary
 
 import torch
@@ -405,8 +406,8 @@ def _resolve(model: nn.Module, path: str) -> nn.Module | None:
 
 def _unwrap(layer: nn.Module) -> nn.Module:
     while isinstance(layer, Adapter):
-        layer = layer.target  # pyright: ignore[reportUnknownMemberType]
-    return layer  # pyright: ignore[reportUnknownVariableType]
+        layer = cast(Adapter[fl.Module], layer).target  # isinstance leaves the target type unknown
+    return layer
 
 
 def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None:
