@@ -35,6 +35,7 @@ from refiners_core.module_names import module_names
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 from refiners_sd15 import DDIM, StableDiffusion_1
+from refiners_sd15.solvers import LCM, Solver, StochasticSolver
 from refiners_sd15.testing import small_sd15_components
 from refiners_sd15.unet import unet_config_from_diffusers
 from refiners_sdxl import SDXLUNet, StableDiffusion_XL, diffusers_sdxl_unet_mapping, ldm_sdxl_unet_mapping
@@ -342,15 +343,26 @@ def test_a_created_lora_saved_for_diffusers_gives_the_same_outputs_in_load_lora_
 
 
 @torch.no_grad()
-def three_steps(sdxl: StableDiffusion_XL, pipeline: StableDiffusionXLPipeline) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ours, diffusers') latents after 3 DDIM steps with guidance 5 on 8x8 latents, from the same noise and our
-    text embeddings."""
-    sdxl.solver = DDIM(num_inference_steps=3)
-    embedding, pooled = sdxl.compute_clip_text_embedding(PROMPT, negative_text="blurry")
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+def three_steps(
+    sdxl: StableDiffusion_XL,
+    pipeline: StableDiffusionXLPipeline,
+    solver: Solver | None = None,
+    scheduler: Any = None,
+    guidance: float = 5.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, diffusers') latents after 3 steps (DDIM unless `solver` and the diffusers `scheduler` class it
+    reproduces are given) with guidance `guidance` on 8x8 latents, from the same noise and our text embeddings."""
     from diffusers import DDIMScheduler
 
-    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)
+    sdxl.solver = solver if solver is not None else DDIM(num_inference_steps=3)
+    if scheduler is None:
+        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)
+    else:
+        pipeline.scheduler = scheduler.from_config(pipeline.scheduler.config)
+    if isinstance(sdxl.solver, StochasticSolver):
+        sdxl.solver = sdxl.solver.with_settings(generator=torch.Generator().manual_seed(9))
+    embedding, pooled = sdxl.compute_clip_text_embedding(PROMPT, negative_text="blurry")
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     output: Any = pipeline(
         prompt_embeds=embedding[1:],
         negative_prompt_embeds=embedding[:1],
@@ -358,7 +370,8 @@ def three_steps(sdxl: StableDiffusion_XL, pipeline: StableDiffusionXLPipeline) -
         negative_pooled_prompt_embeds=pooled[:1],
         latents=noise.clone(),
         num_inference_steps=3,
-        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(9),  # for the noise of stochastic schedulers' steps
+        guidance_scale=guidance,
         height=64,
         width=64,
         output_type="latent",
@@ -366,7 +379,14 @@ def three_steps(sdxl: StableDiffusion_XL, pipeline: StableDiffusionXLPipeline) -
     x = sdxl.init_latents(size=(64, 64), noise=noise)
     time_ids = sdxl.time_ids(original_size=(64, 64), target_size=(64, 64))
     for step in sdxl.steps:
-        x = sdxl(x, step=step, clip_text_embedding=embedding, pooled_text_embedding=pooled, time_ids=time_ids)
+        x = sdxl(
+            x,
+            step=step,
+            clip_text_embedding=embedding,
+            pooled_text_embedding=pooled,
+            time_ids=time_ids,
+            condition_scale=guidance,
+        )
     return x, output.images
 
 
@@ -402,6 +422,50 @@ def test_a_peft_lora_saved_by_diffusers_with_metadata_alphas_matches_diffusers_w
     assert (plain_ours - plain_theirs).abs().max() <= 1e-3 * plain_theirs.abs().max()
     error, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
     assert error <= 1e-3 * scale, f"3 steps with the LoRA: max error {error} for max |reference| {scale}"
+
+
+LCM_LORA_MODULES = re.compile(
+    r"lora_unet_.*_(to_q|to_k|to_v|to_out_0|proj_in|proj_out|ff_net_0_proj|ff_net_2|conv1|conv2|conv_shortcut"
+    r"|downsamplers_0_conv|upsamplers_0_conv|time_emb_proj)$"
+)
+"""The UNet modules LCM-LoRA trains (its training script's `target_modules`): no text encoder, no time or added
+embedding (diffusers' kohya reader would drop `add_embedding` keys)."""
+
+
+def test_an_lcm_lora_in_the_sdxl_layout_runs_with_the_lcm_solver_as_in_diffusers(
+    folder: Path, references: SDXLReferences, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LCM-LoRA for SDXL (latent-consistency/lcm-lora-sdxl) is a kohya file on the UNet only (`lora_unet_*`, LoCon
+    on every Linear and Conv2d, with alphas), run with the LCM solver and guidance 1 (diffusers then skips
+    classifier-free guidance, ours weighs the negative prediction by 0): 3 steps match diffusers' LCMScheduler with
+    the same file through `load_lora_weights`, and `refiners generate --solver lcm --lora` runs it."""
+    from diffusers import LCMScheduler
+
+    tensors, _ = kohya_lora(models_of(references), 3)
+    lora = tmp_path / "lcm_lora_sdxl.safetensors"
+    modules = {key.split(".")[0] for key in tensors if LCM_LORA_MODULES.match(key.split(".")[0])}
+    lcm = {key: tensor for key, tensor in tensors.items() if key.split(".")[0] in modules and "lora_" in key}
+    lcm |= {f"{module}.alpha": torch.tensor(2.0) for module in modules}  # one alpha, as in the published file
+    save_file(lcm, lora)
+    sdxl = StableDiffusion_XL.from_pretrained(folder)
+    assert LoraManager(sdxl).add("lcm", lora) == []
+    pipeline = pipeline_of(references)
+    pipeline.load_lora_weights(str(lora))
+
+    ours, theirs = three_steps(sdxl, pipeline, LCM(num_inference_steps=3), LCMScheduler, guidance=1.0)
+
+    error, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+    assert error <= 1e-3 * scale, f"3 LCM steps with the LCM-LoRA: max error {error} for max |reference| {scale}"
+
+    def generate(out: Path, *options: str) -> int:
+        arguments = ["--model", str(folder), "--steps", "2", "--size", "64x64", "--seed", "0", "--guidance", "1"]
+        return main(["generate", PROMPT, *arguments, "--solver", "lcm", "--out", str(out), *options])
+
+    assert generate(tmp_path / "plain.png", "--no-progress") == 0
+    assert generate(tmp_path / "lcm.png", "--no-progress", "--lora", str(lora)) == 0
+    assert "2 lcm steps" in capsys.readouterr().out
+    plain, with_lora = (Image.open(tmp_path / name).tobytes() for name in ("plain.png", "lcm.png"))
+    assert with_lora != plain
 
 
 # A LoRA of another model

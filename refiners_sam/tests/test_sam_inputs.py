@@ -416,7 +416,8 @@ def test_property_sam_predict_refuses_a_prompt_with_one_bad_value_naming_its_ite
     if target == "box_points":
         corner = data.draw(st.integers(0, 1))
         where = rf"box_points\[{index}\](\[{corner}\])?"
-        if corruption == "item":
+        if corruption == "item":  # the check names the first bad corner of a bad box, whichever `corner` is
+            where = rf"box_points\[{index}\](\[[01]\])?"
             bad: Any = data.draw(st.sampled_from([None, "box", 3.5, [item[0]], [*item, item[0]], [(1, 2, 3), (4, 5)]]))
         else:
             point = _corrupt_point(item[corner], corruption, data)

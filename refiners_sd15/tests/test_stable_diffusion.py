@@ -27,6 +27,7 @@ from refiners_core.state_dicts import invert
 from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError, save_tensors
 from refiners_sd15 import SD1Autoencoder, SD1UNet, StableDiffusion_1
+from refiners_sd15.solvers import DDIM
 
 TINY_UNET: dict[str, Any] = {
     "sample_size": 8,
@@ -123,6 +124,29 @@ def test_from_pretrained_reads_a_diffusers_folder(diffusers_folder: Path, refere
 def test_tokenizer_and_scheduler_folders_are_not_needed(diffusers_folder: Path) -> None:
     assert not (diffusers_folder / "tokenizer").exists() and not (diffusers_folder / "scheduler").exists()
     StableDiffusion_1.from_pretrained(diffusers_folder)
+
+
+def test_a_v_prediction_scheduler_config_is_a_solver_default_kept_by_save_pretrained(
+    diffusers_folder: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "v_prediction"
+    shutil.copytree(diffusers_folder, folder)
+    (folder / "scheduler").mkdir()
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
+    config_path.write_text(json.dumps(config))
+
+    sd = StableDiffusion_1.from_pretrained(folder)
+    sd.solver = DDIM(num_inference_steps=3)
+    sd.save_pretrained(tmp_path / "own")
+
+    assert sd.solver.prediction_type == "v_prediction" and sd.solver_defaults == {"prediction_type": "v_prediction"}
+    assert DDIM(num_inference_steps=3).prediction_type == "epsilon"  # off a model
+    assert StableDiffusion_1.from_pretrained(tmp_path / "own").solver.prediction_type == "v_prediction"
+    assert StableDiffusion_1.from_pretrained(diffusers_folder).solver_defaults == {}  # no scheduler/: the solvers' own
+    config_path.write_text(json.dumps({**config, "prediction_type": "flow_prediction"}))
+    with pytest.raises(ValueError, match=r"scheduler_config.json: prediction_type is 'flow_prediction', our solvers"):
+        StableDiffusion_1.from_pretrained(folder)
 
 
 def test_compute_clip_text_embedding_puts_the_negative_prompt_first(diffusers_folder: Path) -> None:

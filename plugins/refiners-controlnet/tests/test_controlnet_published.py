@@ -6,6 +6,8 @@ max |ours - reference| <= 1e-4 * max |reference| (float32, 16x16 latents and a 1
 from __future__ import annotations
 
 import gc
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,9 @@ def inputs() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def expected(
     inputs: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, tuple[list[torch.Tensor], torch.Tensor], torch.Tensor]:
-    """diffusers' residuals and UNet output; the models are saved, then freed (5 GB in float32)."""
+) -> Iterator[tuple[Path, tuple[list[torch.Tensor], torch.Tensor], torch.Tensor]]:
+    """diffusers' residuals and UNet output; the models are saved, then freed (5 GB in float32, on disk until the
+    module's tests are done)."""
     folder = tmp_path_factory.mktemp("published")
     unet = reference_unet(SD15_UNET_CONFIG)
     controlnet = reference_controlnet(SD15_CONTROLNET_CONFIG)
@@ -56,7 +59,8 @@ def expected(
     controlnet.save_pretrained(folder / "controlnet")  # pyright: ignore[reportUnknownMemberType]
     del unet, controlnet
     gc.collect()
-    return folder, residuals, output
+    yield folder, residuals, output
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

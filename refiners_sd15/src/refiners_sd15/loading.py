@@ -450,6 +450,33 @@ def _shards(path_or_repo_id: PathOrRepoId, index: Path, *, subfolder: str, revis
     return shard_files(index, find=lambda name: _find(path_or_repo_id, name, subfolder=subfolder, revision=revision))
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+"""The `prediction_type` values of a diffusers scheduler config that our solvers read."""
+
+
+def read_scheduler_config(
+    path_or_repo_id: PathOrRepoId, *, revision: str | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """The path and content of `scheduler/scheduler_config.json` in a diffusers folder or hub repository, or None
+    when there is none (our solvers then keep their own settings). Raises WeightsError naming a file that is not a
+    JSON object."""
+    try:
+        path = resolve_path(path_or_repo_id, "scheduler_config.json", subfolder="scheduler", revision=revision)
+    except FileNotFoundError:
+        return None
+    return path, read_json_object(path)
+
+
+def scheduler_prediction_type(path: Path, config: dict[str, Any]) -> str:
+    """The `prediction_type` of the scheduler config `config` read from `path` (diffusers' default "epsilon" when
+    it has none). Raises ValueError naming the file for a value our solvers do not read."""
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        expected = ", ".join(repr(value) for value in PREDICTION_TYPES[:-1]) + f" or {PREDICTION_TYPES[-1]!r}"
+        raise ValueError(f"{path}: prediction_type is {prediction_type!r}, our solvers read {expected}")
+    return prediction_type
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in the file at `path` (a config, an index). Raises WeightsError (a ValueError) naming the file
     when it cannot be read, is not JSON or holds something else than an object."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,6 +21,9 @@ from refiners_sd15.loading import (
     load_single_file_component,
     locate_component,
     read_component_config,
+    read_json_object,
+    read_scheduler_config,
+    scheduler_prediction_type,
 )
 from refiners_sd15.solvers import Solver
 from refiners_sd15.unet import UNET_FORMAT, SD1UNet
@@ -92,12 +96,14 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         dtype: torch.dtype | None = None,
         *,
         solver: Solver | None = None,
+        solver_defaults: dict[str, Any] | None = None,
         show_progress: bool = True,
     ) -> None:
         super().__init__(
             unet if unet is not None else SD1UNet(device=device, dtype=dtype),
             lda if lda is not None else SD1Autoencoder(device=device, dtype=dtype),
             solver=solver,
+            solver_defaults=solver_defaults,
             show_progress=show_progress,
         )
         self.clip_text_encoder = (
@@ -183,8 +189,11 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         `save_pretrained`, or an original single-file checkpoint (`.safetensors`/`.ckpt`).
 
         `variant` picks e.g. the `fp16` weight files of a diffusers repository. `tokenizer/` and `scheduler/`
-        folders are not needed: the tokenizer ships with this package and solvers are ours. Raises
-        FileNotFoundError naming a missing component and WeightsError naming the file, key and layer at fault.
+        folders are not needed: the tokenizer ships with this package and solvers are ours; a `scheduler/` whose
+        `prediction_type` is not "epsilon" (a v-prediction fine-tune) makes it a solver default (`solver_defaults`),
+        so every solver set on the model predicts the same way. Raises FileNotFoundError naming a missing component,
+        WeightsError naming the file, key and layer at fault, and ValueError naming a scheduler config whose
+        `prediction_type` our solvers do not read.
         """
         local = Path(path_or_repo_id).expanduser()
         if local.is_file():
@@ -197,11 +206,14 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
             for component in (SD1UNet, SD1Autoencoder, CLIPTextEncoderL)
         ]  # every config and weight file checked before any weights are read
         check_text_width(path_or_repo_id, revision=revision)
+        scheduler = read_scheduler_config(path_or_repo_id, revision=revision)
+        prediction_type = "epsilon" if scheduler is None else scheduler_prediction_type(*scheduler)
         unet, lda, clip_text_encoder = located
         return cls(
             unet=load_located(SD1UNet, unet, device=device, dtype=dtype),
             lda=load_located(SD1Autoencoder, lda, device=device, dtype=dtype),
             clip_text_encoder=load_located(CLIPTextEncoderL, clip_text_encoder, device=device, dtype=dtype),
+            solver_defaults=_prediction_defaults(prediction_type),
         )
 
     @classmethod
@@ -252,17 +264,28 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         self.unet.save(folder / OWN_FILES["unet"])
         self.lda.save(folder / OWN_FILES["lda"])
         self.clip_text_encoder.save(folder / OWN_FILES["clip_text_encoder"])
-        index = {"format": "refiners-sd15", "components": OWN_FILES}
+        index = {"format": "refiners-sd15", "components": OWN_FILES, "solver_defaults": self.solver_defaults}
         (folder / OWN_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def _from_own_folder(
         cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None
     ) -> StableDiffusion_1:
+        index_path = folder / OWN_INDEX
+        solver_defaults = read_json_object(index_path).get("solver_defaults", {})  # none before prediction types
+        if not isinstance(solver_defaults, dict):
+            raise WeightsError(f"{index_path}: solver_defaults should be a JSON object, got {solver_defaults!r}")
+        prediction_type = scheduler_prediction_type(index_path, solver_defaults)  # pyright: ignore[reportUnknownArgumentType]
         return cls(
+            solver_defaults=_prediction_defaults(prediction_type),
             unet=SD1UNet.from_pretrained(folder / OWN_FILES["unet"], device=device, dtype=dtype),
             lda=SD1Autoencoder.from_pretrained(folder / OWN_FILES["lda"], device=device, dtype=dtype),
             clip_text_encoder=CLIPTextEncoderL.from_pretrained(
                 folder / OWN_FILES["clip_text_encoder"], device=device, dtype=dtype
             ),
         )
+
+
+def _prediction_defaults(prediction_type: str) -> dict[str, Any]:
+    """SD1.5's solver defaults: none but a prediction type other than the solvers' own ("epsilon")."""
+    return {} if prediction_type == "epsilon" else {"prediction_type": prediction_type}

@@ -13,7 +13,13 @@ from refiners_sd15.clip import (
     CLIPTextEncoderConfig,
     CLIPTokenizer,
 )
-from refiners_sd15.loading import PathOrRepoId, read_component_config, read_json_object
+from refiners_sd15.loading import (
+    PathOrRepoId,
+    read_component_config,
+    read_json_object,
+    read_scheduler_config,
+    scheduler_prediction_type,
+)
 from refiners_sd15.unet import UNetConfig
 from refiners_sdxl.generation_defaults import SCHEDULER_DEFAULTS
 from refiners_sdxl.tokenizer_config import read_clip_tokenizer
@@ -208,18 +214,13 @@ def _check_model_index(
 
 
 def _solver_defaults(path_or_repo_id: PathOrRepoId, *, revision: str | None) -> dict[str, Any]:
-    try:
-        path = resolve_path(path_or_repo_id, "scheduler_config.json", subfolder="scheduler", revision=revision)
-    except FileNotFoundError:
+    scheduler = read_scheduler_config(path_or_repo_id, revision=revision)
+    if scheduler is None:
         return dict(SCHEDULER_DEFAULTS)
-    config = read_json_object(path)
+    path, config = scheduler
     beta_schedule = config.get("beta_schedule", "scaled_linear")
     if beta_schedule not in ("scaled_linear", "linear"):
         raise ValueError(f"{path}: beta_schedule is {beta_schedule!r}, our solvers use 'scaled_linear' or 'linear'")
-    prediction_type = config.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "v_prediction", "sample"):
-        raise ValueError(
-            f"{path}: prediction_type is {prediction_type!r}, our solvers read 'epsilon', 'v_prediction' or 'sample'"
-        )
+    prediction_type = scheduler_prediction_type(path, config)
     defaults = {key: config.get(key, default) for key, default in _DIFFUSERS_SCHEDULER_DEFAULTS.items()}
     return {**defaults, "noise_schedule": beta_schedule, "prediction_type": prediction_type}
