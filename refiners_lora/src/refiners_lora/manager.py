@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import numbers
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -21,8 +22,10 @@ from refiners_core.module_names import ForeignModuleNames
 from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, save_tensors
 from refiners_lora.adapter import LoraAdapter, LoraTarget
 from refiners_lora.base_models import check_base_model
+from refiners_lora.block_weights import BlockScales, block_multipliers
 from refiners_lora.export import lora_state_dict
 from refiners_lora.formats import Format, ModuleLora, Role, parse_lora
+from refiners_lora.hotswap import HotswapSlots, hotswap_layers
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ class _Loaded:
 
     adapters: list[LoraAdapter]
     factors: list[float]
-    scale: float
+    scale: float | BlockScales
     paths: list[str]  # the layer path of each adapter's target, relative to the model
 
 
@@ -43,6 +46,7 @@ class _Loaded:
 class _State:
     loras: dict[str, _Loaded] = field(default_factory=lambda: {})
     fused_weights: dict[LoraTarget, torch.Tensor] | None = None  # target -> its weight before fusing
+    hotswap: HotswapSlots | None = None  # the slots of `enable_hotswap`
 
 
 _STATES: WeakKeyDictionary[nn.Module, _State] = WeakKeyDictionary()
@@ -59,6 +63,8 @@ class LoraManager:
     works on any model. `state_dict` and `save` write a LoRA in any of the three formats.
 
     While the LoRAs are fused (`fuse()`), `add`, `remove` and `set_scale` raise RuntimeError: call `unfuse()` first.
+    `set_scale` also takes per-block scales (`refiners_lora.block_weights`); `enable_hotswap` makes room for LoRAs to
+    come and go in a compiled model without recompiling it (`refiners_lora.hotswap`).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -75,8 +81,8 @@ class LoraManager:
         """Whether the LoRAs are baked into the model's weights."""
         return self._state.fused_weights is not None
 
-    def scale(self, name: str) -> float:
-        """The scale of LoRA `name`. Raises KeyError for an unknown name."""
+    def scale(self, name: str) -> float | BlockScales:
+        """The scale of LoRA `name` (per-block scales as given to `set_scale`). Raises KeyError for an unknown name."""
         return self._get(name).scale
 
     def add(self, name: str, path_or_state_dict: LoraSource, scale: float = 1.0, *, strict: bool = True) -> list[str]:
@@ -97,15 +103,7 @@ class LoraManager:
         self._check_not_fused("add")
         self._check_name(name)
         _check_number(scale, "scale", f"LoRA {name!r}")
-        metadata: dict[str, str] = {}
-        if isinstance(path_or_state_dict, dict):
-            source, tensors = f"LoRA state dict {name!r}", path_or_state_dict
-            for key, value in tensors.items():
-                if not isinstance(key, str) or not isinstance(value, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
-                    raise WeightsError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        else:
-            metadata = read_metadata(Path(path_or_state_dict))  # the header first: it may refuse the file early
-            source, tensors = str(path_or_state_dict), load_tensors(Path(path_or_state_dict))
+        source, tensors, metadata = _read(name, path_or_state_dict)
         plan, skipped = self._plan(tensors, source, strict=strict, metadata=metadata)
         factors = [_factor(lora) for _, _, lora in plan]
         for (_, _, lora), factor in zip(plan, factors, strict=True):
@@ -114,8 +112,14 @@ class LoraManager:
                     f"{source}: '{lora.keys['alpha']}' with scale {scale} gives the factor {scale * factor}, beyond "
                     "float32"
                 )
-        adapters = [_build(target, lora, scale) for _, target, lora in plan]
-        _inject_all(adapters)
+        hotswap = self._state.hotswap
+        if hotswap is not None:
+            adapters = hotswap.fill(name, hotswap.check(name, source, plan, replacing=False), plan)
+            for adapter, factor in zip(adapters, factors, strict=True):
+                adapter.scale = scale * factor
+        else:
+            adapters = [_build(target, lora, scale) for _, target, lora in plan]
+            _inject_all(adapters)
         self._state.loras[name] = _Loaded(adapters, factors, scale, [path for path, _, _ in plan])
         if skipped:
             logger.warning(
@@ -148,6 +152,8 @@ class LoraManager:
         left exactly as it was and `name` is not added.
         """
         self._check_not_fused("create")
+        if self._state.hotswap is not None:
+            raise RuntimeError(f"cannot create LoRA {name!r} while hot-swap is enabled: call disable_hotswap() first")
         self._check_name(name)
         if isinstance(rank, bool) or not isinstance(rank, int):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"LoRA {name!r}: rank must be an integer, got {rank!r}")
@@ -216,20 +222,27 @@ class LoraManager:
             raise FileNotFoundError(f"cannot save LoRA {name!r} to {path}: no folder {folder}")
         save_tensors(path, tensors, metadata={"format": "pt"})
 
-    def set_scale(self, name: str, scale: float) -> None:
+    def set_scale(self, name: str, scale: float | BlockScales) -> None:
         """Change the scale of LoRA `name`, without reading its file again.
 
-        Raises KeyError for an unknown name, TypeError if `scale` is not a number, ValueError if it is NaN or
-        infinite, RuntimeError while fused.
+        `scale` is a number, or per-block scales (`refiners_lora.block_weights`): a diffusers `set_adapters`
+        dictionary such as `{"unet": {"down": 0.5, "mid": 1.0, "up": [0.0, 1.0, 1.0]}, "text_encoder": 0.8}`, or an
+        A1111 "LoRA Block Weight" list (17 or 26 values for SD1.5, 12 or 20 for SDXL). Raises KeyError for an
+        unknown name, TypeError if a scale is not a number, ValueError if it is NaN or infinite or for a bad key or
+        length (naming it), RuntimeError while fused; on any error the scales are left as they were.
         """
         self._check_not_fused("set_scale")
         loaded = self._get(name)
-        _check_number(scale, "scale", f"LoRA {name!r}")
-        if not all(_fits_float32(scale * factor) for factor in loaded.factors):
+        if isinstance(scale, Mapping) or (isinstance(scale, Sequence) and not isinstance(scale, (str, bytes))):
+            multipliers = block_multipliers(self.model, loaded.paths, scale, f"LoRA {name!r}")
+        else:
+            _check_number(scale, "scale", f"LoRA {name!r}")
+            multipliers = [float(cast(float, scale))] * len(loaded.adapters)
+        if not all(_fits_float32(m * factor) for m, factor in zip(multipliers, loaded.factors, strict=True)):
             raise ValueError(f"LoRA {name!r}: scale {scale!r} times its alpha / rank is beyond float32")
-        for adapter, factor in zip(loaded.adapters, loaded.factors, strict=True):
-            adapter.scale = scale * factor
-        loaded.scale = scale
+        for adapter, multiplier, factor in zip(loaded.adapters, multipliers, loaded.factors, strict=True):
+            adapter.scale = multiplier * factor
+        loaded.scale = copy.deepcopy(scale)  # the caller's dict may change afterwards
 
     def remove(self, name: str) -> None:
         """Take LoRA `name` out: the layers it patched are back, with their weights untouched.
@@ -240,8 +253,80 @@ class LoraManager:
         """
         self._check_not_fused("remove")
         loaded = self._get(name)
-        _eject_all([adapter for adapter in loaded.adapters if adapter.is_injected], f"remove LoRA {name!r}")
+        hotswap = self._state.hotswap
+        if hotswap is not None:
+            hotswap.clear(hotswap.owners.index(name))
+        else:
+            _eject_all([adapter for adapter in loaded.adapters if adapter.is_injected], f"remove LoRA {name!r}")
         del self._state.loras[name]
+
+    def enable_hotswap(self, max_rank: int, max_loras: int, layers: Iterable[str] | None = None) -> None:
+        """Make room for up to `max_loras` LoRAs of rank up to `max_rank`, to add, remove and replace them in a
+        compiled model without recompiling it (`refiners_lora.hotswap`). Call it before `torch.compile`.
+
+        Every layer of `layers` (paths; default: every Linear and ungrouped Conv2d of the model) gets `max_loras`
+        empty slots, which cost their rank's compute at every step. From then on `add` fills a free slot, `remove`
+        empties one, `replace` swaps a slot's LoRA; `create` and `fuse` are refused until `disable_hotswap()`.
+        Raises TypeError or ValueError for a bad `max_rank` / `max_loras` (below 1), ValueError for a path with no
+        Linear or Conv2d (naming it), RuntimeError if LoRAs are loaded, hot-swap is already enabled, or fused.
+        """
+        if self.is_fused:
+            raise RuntimeError("cannot enable hot-swap while the LoRAs are fused: call unfuse() first")
+        for argument, value in (("max_rank", max_rank), ("max_loras", max_loras)):
+            if isinstance(value, bool) or not isinstance(value, int):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise TypeError(f"enable_hotswap: {argument} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"enable_hotswap: {argument} must be at least 1, got {value}")
+        if self._state.hotswap is not None:
+            raise RuntimeError("hot-swap is already enabled: call disable_hotswap() first to change its limits")
+        if self._state.loras:
+            raise RuntimeError(f"enable_hotswap() before adding LoRAs: remove {', '.join(map(repr, self.names))} first")
+        if layers is None:
+            targets = hotswap_layers(self.model)
+        else:
+            targets = []
+            for path in [layers] if isinstance(layers, str) else layers:
+                layer = _resolve(self.model, path)
+                if not isinstance(layer, (fl.Linear, fl.Conv2d)) or (
+                    isinstance(layer, fl.Conv2d) and layer.groups != 1
+                ):
+                    raise ValueError(f"enable_hotswap: {type(self.model).__name__} has no Linear or Conv2d at {path!r}")
+                targets.append(layer)
+        self._state.hotswap = HotswapSlots.inject(list(dict.fromkeys(targets)), max_rank, max_loras)
+
+    def disable_hotswap(self) -> None:
+        """Take the hot-swap slots out: the model is back as it was before `enable_hotswap`. Raises RuntimeError
+        while LoRAs are loaded. Does nothing if hot-swap is not enabled."""
+        if self._state.hotswap is None:
+            return
+        if self._state.loras:
+            raise RuntimeError(f"cannot disable hot-swap: remove {', '.join(map(repr, self.names))} first")
+        self._state.hotswap.eject()
+        self._state.hotswap = None
+
+    def replace(
+        self, name: str, path_or_state_dict: LoraSource, scale: float = 1.0, *, strict: bool = True
+    ) -> list[str]:
+        """Put another LoRA file in the hot-swap slot of LoRA `name`, keeping the name: in a compiled model, with no
+        recompilation. The new file is checked fully first (as `add` does): on any error LoRA `name` stays as it
+        was. Returns the skipped keys (see `add`). Raises what `add` raises, KeyError for an unknown name,
+        RuntimeError if hot-swap is not enabled.
+        """
+        hotswap = self._state.hotswap
+        if hotswap is None:
+            raise RuntimeError(f"cannot replace LoRA {name!r}: hot-swap is not enabled (see enable_hotswap)")
+        self._get(name)
+        _check_number(scale, "scale", f"LoRA {name!r}")
+        source, tensors, metadata = _read(name, path_or_state_dict)
+        plan, skipped = self._plan(tensors, source, strict=strict, metadata=metadata)
+        factors = [_factor(lora) for _, _, lora in plan]
+        if not all(_fits_float32(scale * factor) for factor in factors):
+            raise WeightsError(f"{source}: scale {scale} times its alpha / rank is beyond float32")
+        adapters = hotswap.fill(name, hotswap.check(name, source, plan, replacing=True), plan)
+        for adapter, factor in zip(adapters, factors, strict=True):
+            adapter.scale = scale * factor
+        self._state.loras[name] = _Loaded(adapters, factors, scale, [path for path, _, _ in plan])
+        return skipped
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -252,6 +337,8 @@ class LoraManager:
         """
         if self.is_fused:
             return
+        if self._state.hotswap is not None:
+            raise RuntimeError("cannot fuse while hot-swap is enabled: call disable_hotswap() first")
         adapters = self._adapters()
         ejected = next((adapter for adapter in adapters if not adapter.is_injected), None)
         if ejected is not None:
@@ -341,6 +428,18 @@ class LoraManager:
             hint = " (pass strict=False to load the others)" if plan else ""
             raise WeightsError(f"{source}: {len(unmatched)} key(s) match no layer of {model_name}{hint}: {shown}")
         return plan, unmatched
+
+
+def _read(name: str, path_or_state_dict: LoraSource) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """(source, tensors, metadata) of a LoRA file or state dict; raises WeightsError for a value that is no tensor."""
+    if isinstance(path_or_state_dict, dict):
+        source, tensors = f"LoRA state dict {name!r}", path_or_state_dict
+        for key, value in tensors.items():
+            if not isinstance(key, str) or not isinstance(value, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise WeightsError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        return source, tensors, {}
+    metadata = read_metadata(Path(path_or_state_dict))  # the header first: it may refuse the file early
+    return str(path_or_state_dict), load_tensors(Path(path_or_state_dict)), metadata
 
 
 def _inject_all(adapters: list[LoraAdapter]) -> None:

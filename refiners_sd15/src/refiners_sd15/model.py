@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from refiners_core.layer_blocks import LayerBlock
 from refiners_core.module_names import DIFFUSERS, prefixed
 from refiners_core.weights import WeightsError, load_tensors, resolve_path
 from refiners_sd15.autoencoder import SD1Autoencoder
@@ -169,6 +170,14 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
                 | prefixed(text_encoder, "text_encoder.", "clip_text_encoder.")
             )
         return prefixed(unet, "", "unet.") | prefixed(text_encoder, "", "clip_text_encoder.")
+
+    def layer_blocks(self) -> dict[str, LayerBlock]:
+        """Layer path -> its block, for per-block LoRA weights (the `LayerBlocks` protocol): the UNet's (component
+        `unet`) and the text encoder's (component `text_encoder`, one block)."""
+        blocks = {f"unet.{path}": block for path, block in self.unet.layer_blocks().items()}
+        for path in self.clip_text_encoder.foreign_module_names(DIFFUSERS).values():
+            blocks[f"clip_text_encoder.{path}"] = LayerBlock("text_encoder")
+        return blocks
 
     def foreign_pointwise_convolutions(self, convention: str) -> set[str]:
         """The foreign names of the UNet's `proj_in` / `proj_out`: 1x1 convolutions in SD1, our Linears (the

@@ -13,6 +13,8 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 import torch
 
 import refiners_core.fluxion as fl
+from refiners_core.layer_blocks import LayerBlock
+from refiners_core.module_names import DIFFUSERS
 from refiners_core.weights import load_tensors
 from refiners_sd15 import SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderG, CLIPTextEncoderL, CLIPTokenizer
@@ -110,6 +112,16 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
         if self.unet.config.use_linear_projection:
             return set()
         return {name for name in self.foreign_module_names(convention) if name.endswith(("proj_in", "proj_out"))}
+
+    def layer_blocks(self) -> dict[str, LayerBlock]:
+        """Layer path -> its block, for per-block LoRA weights (the `LayerBlocks` protocol): the UNet's (component
+        `unet`) and each text encoder's (component `text_encoder` for CLIP-L, `text_encoder_2` for CLIP-G)."""
+        blocks = {f"unet.{path}": block for path, block in self.unet.layer_blocks().items()}
+        for name, path in self.foreign_module_names(DIFFUSERS).items():
+            component = name.partition(".")[0]
+            if component in ("text_encoder", "text_encoder_2"):
+                blocks[path] = LayerBlock(component)
+        return blocks
 
     def foreign_text_encoders(self) -> list[tuple[str, CLIPTextEncoderL]]:
         """(diffusers component, encoder) of each text encoder: `text_encoder` (CLIP-L), `text_encoder_2` (CLIP-G)."""

@@ -15,6 +15,7 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_core.fluxion import Device
+from refiners_core.layer_blocks import LayerBlock
 from refiners_core.module_names import DIFFUSERS, KOHYA, kohya_names, module_names
 from refiners_sd15.loading import PretrainedComponent
 from refiners_sd15.unet import (
@@ -28,6 +29,7 @@ from refiners_sd15.unet import (
     UpBlocks,
     diffusers_unet_mapping,
     ldm_unet_mapping,
+    unet_layer_blocks,
 )
 from refiners_sdxl.config import SDXL_BASE_UNET
 
@@ -191,6 +193,10 @@ class SDXLUNet(PretrainedComponent, fl.Chain):
         original width, crop top, crop left, target height, target width)`; for the refiner, the aesthetic score
         replaces the target size."""
         self.set_context("diffusion", {"time_ids": time_ids})
+
+    def layer_blocks(self) -> dict[str, LayerBlock]:
+        """Layer path -> its block (component `unet`), for per-block LoRA weights (the `LayerBlocks` protocol)."""
+        return unet_layer_blocks(self.foreign_module_names(DIFFUSERS))
 
     def foreign_module_names(self, convention: str) -> dict[str, str]:
         """diffusers or kohya module name -> our layer path (the `ForeignModuleNames` protocol, for LoRA files).

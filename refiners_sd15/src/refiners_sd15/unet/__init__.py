@@ -13,6 +13,7 @@ from refiners_sd15.unet.config import (
     unet_config_from_diffusers,
     unet_config_from_ldm,
 )
+from refiners_sd15.unet.layer_blocks import unet_layer_blocks
 from refiners_sd15.unet.mapping import UNET_FORMAT, diffusers_unet_mapping, ldm_unet_mapping
 from refiners_sd15.unet.unet import DownBlocks, MiddleBlock, OutputBlock, SD1UNet, UpBlocks
 
@@ -35,4 +36,5 @@ __all__ = [
     "skip_channels",
     "unet_config_from_diffusers",
     "unet_config_from_ldm",
+    "unet_layer_blocks",
 ]

@@ -8,6 +8,7 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_core.fluxion import Device
+from refiners_core.layer_blocks import LayerBlock
 from refiners_core.module_names import DIFFUSERS, KOHYA, kohya_names, module_names
 from refiners_sd15.loading import PretrainedComponent
 from refiners_sd15.unet.blocks import (
@@ -19,6 +20,7 @@ from refiners_sd15.unet.blocks import (
     Upsample,
 )
 from refiners_sd15.unet.config import SD15_UNET, UNetConfig, skip_channels
+from refiners_sd15.unet.layer_blocks import unet_layer_blocks
 from refiners_sd15.unet.mapping import UNET_FORMAT, diffusers_unet_mapping, ldm_unet_mapping
 
 
@@ -208,6 +210,10 @@ class SD1UNet(PretrainedComponent, fl.Chain):
             ldm = module_names(ldm_unet_mapping(self.config))
             return kohya_names(diffusers, "lora_unet_") | kohya_names(ldm, "lora_unet_")
         return {}
+
+    def layer_blocks(self) -> dict[str, LayerBlock]:
+        """Layer path -> its block (component `unet`), for per-block LoRA weights (the `LayerBlocks` protocol)."""
+        return unet_layer_blocks(self.foreign_module_names(DIFFUSERS))
 
     def foreign_pointwise_convolutions(self, convention: str) -> set[str]:
         """The foreign names of the spatial transformers' `proj_in` / `proj_out`: our Linears, 1x1 convolutions in
