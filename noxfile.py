@@ -156,7 +156,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """pyright over every package (strict on refiners_core, see pyproject.toml)."""
+    """pyright over every package (strict on every package's src, see pyproject.toml)."""
     packages = [_local(package, "[test]") for package in PACKAGES]
     _install(session, *packages, *_group("typecheck"))
     session.run("pyright", "--pythonpath", str(Path(session.bin) / "python"), str(ROOT))

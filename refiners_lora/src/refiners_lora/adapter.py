@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -80,7 +82,9 @@ class Lora(fl.Module):
         """
         up = self.up
         hidden = self.down(x) * self._scale
-        if type(up) is not fl.Linear or up.bias is not None or base.dtype != hidden.dtype or base.dim() < 2:
+        # the bias of a Linear made with bias=False is None, though torch's stub types it as a Parameter
+        bias = cast(torch.Tensor | None, up.bias) if type(up) is fl.Linear else None
+        if type(up) is not fl.Linear or bias is not None or base.dtype != hidden.dtype or base.dim() < 2:
             return base.add_(up(hidden)) if overwrite_base else base + up(hidden)
         flat, hidden = base.reshape(-1, base.shape[-1]), hidden.reshape(-1, hidden.shape[-1])
         if overwrite_base:
@@ -106,7 +110,8 @@ class LoraAdapter(fl.Sum, Adapter[LoraTarget]):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if not isinstance(target, (fl.Linear, fl.Conv2d)):
+        # checked at run time too, for callers without a type checker
+        if not isinstance(target, (fl.Linear, fl.Conv2d)):  # pyright: ignore[reportUnnecessaryIsInstance]
             where = f" at `{target.get_path()}`" if isinstance(target, fl.Module) else ""  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"LoraAdapter adapts fl.Linear and fl.Conv2d layers, not {type(target).__name__}{where}")
         lora = Lora(target, rank, scale=scale, device=device or target.device, dtype=dtype or target.dtype)

@@ -55,7 +55,7 @@ def block_multipliers(model: nn.Module, paths: Sequence[str], scales: BlockScale
             raise ValueError(f"{owner}: layer `{path}` is in no block {type(model).__name__} names")
     targets = [blocks[path] for path in paths]
     if isinstance(scales, Mapping):
-        resolve = _dictionary(cast(Mapping[str, Any], scales), blocks.values(), owner)
+        resolve = _dictionary(scales, blocks.values(), owner)
         return [resolve(block) for block in targets]
     if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise TypeError(f"{owner}: scale must be a number, a dict or a list of numbers, got {scales!r}")

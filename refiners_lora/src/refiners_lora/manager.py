@@ -293,6 +293,7 @@ class LoraManager:
             raise RuntimeError("hot-swap is already enabled: call disable_hotswap() first to change its limits")
         if self._state.loras:
             raise RuntimeError(f"enable_hotswap() before adding LoRAs: remove {', '.join(map(repr, self.names))} first")
+        targets: list[LoraTarget]
         if layers is None:
             targets = hotswap_layers(self.model)
         else:

@@ -17,11 +17,14 @@ before any matching starts, as is a pattern dict of more than `MAX_KEYS` keys.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable, Iterable
-from re import _constants as sre  # pyright: ignore[reportAttributeAccessIssue]
-from re import _parser as sre_parse  # pyright: ignore[reportAttributeAccessIssue]
 from typing import Any
+
+# Python's own regular expression parser and its constants: private modules without type stubs.
+sre: Any = importlib.import_module("re._constants")
+sre_parse: Any = importlib.import_module("re._parser")
 
 MAX_KEY_LENGTH = 256
 MAX_KEYS = 4096

@@ -10,8 +10,10 @@ import math
 import numbers
 import reprlib
 from collections.abc import Sequence
+from typing import Any, TypeGuard, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 
@@ -138,9 +140,17 @@ def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
+def _is_array(value: object) -> TypeGuard[npt.NDArray[Any] | torch.Tensor]:
+    return isinstance(value, np.ndarray | torch.Tensor)
+
+
+def _is_sequence(value: object) -> TypeGuard[Sequence[object]]:
+    return isinstance(value, Sequence)
+
+
 def _sequence(value: object, name: str, what: str, shape: tuple[int | None, ...]) -> Sequence[object]:
     """The items of `value`, a sequence (not a string) or an array or tensor of numbers of `shape` (None: any)."""
-    if isinstance(value, np.ndarray | torch.Tensor):
+    if _is_array(value):
         _check_has_values(value, name)
         array_shape = tuple(value.shape)
         dtype = value.dtype
@@ -152,10 +162,9 @@ def _sequence(value: object, name: str, what: str, shape: tuple[int | None, ...]
             raise ValueError(f"{name} must be {what}, an array of shape {expected}, got shape {array_shape}")
         if shape[0] is None and array_shape[0] > MAX_PROMPT_POINTS:
             raise ValueError(f"{name} holds {array_shape[0]} items, at most {MAX_PROMPT_POINTS} are taken")
-        items: object = value.tolist()
-        assert isinstance(items, list)
-        return items
-    if isinstance(value, str | bytes | bytearray) or not isinstance(value, Sequence):
+        # a list, as the shape has at least one dimension; torch's stub types Tensor.tolist as a bare `list`
+        return cast(list[object], value.tolist())  # pyright: ignore[reportUnknownMemberType]
+    if isinstance(value, str | bytes | bytearray) or not _is_sequence(value):
         raise TypeError(f"{name} must be {what}, got {type(value).__name__} {_short_repr(value)}")
     if shape[0] is None and len(value) > MAX_PROMPT_POINTS:
         raise ValueError(f"{name} holds {len(value)} items, at most {MAX_PROMPT_POINTS} are taken")
@@ -177,7 +186,7 @@ def _point(value: object, where: str, image_size: tuple[int, int]) -> Point:
 
 
 def _coordinate(value: object, where: str) -> float:
-    if isinstance(value, np.ndarray | torch.Tensor) and value.ndim == 0:
+    if _is_array(value) and value.ndim == 0:
         _check_has_values(value, where)
         value = value.item()
     if not _is_number(value):
@@ -191,7 +200,7 @@ def _coordinate(value: object, where: str) -> float:
     return coordinate
 
 
-def _check_has_values(value: np.ndarray | torch.Tensor, name: str) -> None:
+def _check_has_values(value: npt.NDArray[Any] | torch.Tensor, name: str) -> None:
     if isinstance(value, torch.Tensor) and (value.is_meta or value.layout != torch.strided):
         kind = "meta" if value.is_meta else str(value.layout).removeprefix("torch.")
         raise TypeError(f"{name} must be a dense tensor holding values, got a {kind} tensor")

@@ -140,7 +140,8 @@ class SegmentAnything(fl.Module):
         Returns the masks `(1, M, H, W)` as booleans at the image's own size, their predicted IoU `(1, M)` and
         their logits `(1, M, 256, 256)`.
         """
-        if not isinstance(image, ImageEmbedding | Image.Image):
+        # The argument types are checked at run time too, for callers without a type checker.
+        if not isinstance(image, ImageEmbedding | Image.Image):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"image must be a PIL.Image.Image or an ImageEmbedding, got {type(image).__name__}")
         if isinstance(image, Image.Image):
             check_image(image, self.config.image_size)
@@ -152,7 +153,7 @@ class SegmentAnything(fl.Module):
         grid_size = self.image_encoder.grid_size
         if low_res_mask is not None:
             check_low_res_mask(low_res_mask, (1, 1, 4 * grid_size, 4 * grid_size))
-        if not isinstance(multimask_output, bool):
+        if not isinstance(multimask_output, bool):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"multimask_output must be a bool, got {type(multimask_output).__name__}")
 
         embedding = image if isinstance(image, ImageEmbedding) else self.compute_image_embedding(image)

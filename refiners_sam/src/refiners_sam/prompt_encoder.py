@@ -54,10 +54,10 @@ class PointPositionalEncoding(fl.Module):
 
     def grid(self, height: int, width: int) -> torch.Tensor:
         """Features of the centres of a `height x width` grid's cells, as a `(1, embedding_dim, H, W)` map."""
-        options = {"device": self.gaussian_matrix.device, "dtype": self.gaussian_matrix.dtype}
-        rows = (torch.arange(height, **options) + 0.5) / height
-        cols = (torch.arange(width, **options) + 0.5) / width
-        positions = torch.stack(torch.broadcast_tensors(cols[None, :], rows[:, None]), dim=-1)
+        device, dtype = self.gaussian_matrix.device, self.gaussian_matrix.dtype
+        rows = (torch.arange(height, device=device, dtype=dtype) + 0.5) / height
+        cols = (torch.arange(width, device=device, dtype=dtype) + 0.5) / width
+        positions = torch.stack([cols[None, :].expand(height, width), rows[:, None].expand(height, width)], dim=-1)
         return self.encode(positions).permute(2, 0, 1)[None]
 
     def extra_repr(self) -> str:

@@ -11,7 +11,12 @@ import math
 import typing
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any, cast
+from typing import Any, TypeGuard
+
+
+def is_list(value: object) -> TypeGuard[list[Any] | tuple[Any, ...]]:
+    """Whether `value` is a list or a tuple (how a config reads a JSON list), its items not checked."""
+    return isinstance(value, list | tuple)
 
 
 def positive_int(field: str, value: object) -> int:
@@ -48,9 +53,9 @@ def flags(field: str, value: object) -> tuple[bool, ...]:
 
 
 def _items(field: str, value: object, what: str) -> list[Any]:
-    if not isinstance(value, list | tuple) or not value:
+    if not is_list(value) or not value:
         raise ValueError(f"{field} must be a list of {what}, got {value!r}")
-    return list(cast(list[Any] | tuple[Any, ...], value))
+    return list(value)
 
 
 _CHECKS: dict[object, Callable[[str, object], object]] = {

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import torch
 
@@ -78,7 +78,7 @@ def run_demo(*, seed: int, lora_rank: int, output_dir: Path, quiet: bool) -> Seq
     else:
         lora = adapters["lora"]
         injected = [
-            cast(fl.Adapter[Any], lora.create(target=linear, rank=lora_rank).inject(parent))
+            lora.create(target=linear, rank=lora_rank).inject(parent)
             for attention in sd.unet.layers(fl.Attention)
             for linear, parent in attention.walk(fl.Linear)
         ]

@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image
@@ -174,7 +175,8 @@ def parse_device(name: str | None) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise GenerateError(f"--device {name}: CUDA is not available here (torch {torch.__version__}): use cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        index = cast(int | None, device.index)  # None for plain "cuda", though torch's stub says int
+        if index is not None and index >= torch.cuda.device_count():
             raise GenerateError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
         return device
     if device.type == "mps":

@@ -100,7 +100,7 @@ def config_from_dict(config_class: type[TConfig], values: object) -> TConfig:
     return config_class(**given)
 
 
-class PretrainedComponent:
+class PretrainedComponent(nn.Module):
     """Mixin giving an SD1.5 component `from_pretrained` and `save` (our own format).
 
     The component keeps the config it was built from as `config`.
@@ -128,7 +128,7 @@ class PretrainedComponent:
         WeightsError naming the file and the config field, key or layer at fault; nothing is half-loaded.
         """
         return load_component(
-            cls,  # pyright: ignore[reportArgumentType]
+            cls,
             cls.component_format,
             path_or_repo_id,
             subfolder=subfolder,
@@ -141,7 +141,7 @@ class PretrainedComponent:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the weights with our keys to one safetensors file, with the config in its metadata."""
         component = self.component_format
-        save_own_format(self, component, path, component.to_json(self.config))  # pyright: ignore[reportArgumentType]
+        save_own_format(self, component, path, component.to_json(self.config))
 
 
 def load_component(

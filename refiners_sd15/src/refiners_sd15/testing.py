@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from refiners_core.fluxion.utils import manual_seed
 from refiners_sd15.autoencoder import SD15_AUTOENCODER, SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
 from refiners_sd15.unet import SD1UNet, UNetConfig
@@ -205,7 +206,7 @@ class DiffusersReferences:
         from diffusers import AutoencoderKL, UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
         from transformers import CLIPTextConfig, CLIPTextModel  # pyright: ignore[reportMissingTypeStubs]
 
-        torch.manual_seed(0)  # pyright: ignore[reportUnknownMemberType]
+        manual_seed(0)
         self.unet: Any = UNet2DConditionModel(**unet_config).eval()
         self.text_encoder: Any = CLIPTextModel(CLIPTextConfig(**clip_config)).eval()
         self.unet.save_pretrained(folder / "unet")
@@ -268,7 +269,7 @@ def small_sd15_components(in_channels: int) -> dict[str, torch.nn.Module]:
     """`unet`, `lda` and `clip_text_encoder` of a scaled-down SD1.5 (32 channels, one layer each) with random weights
     drawn from seed `in_channels`, as keyword arguments of `StableDiffusion_1` (`in_channels` 4) or
     `StableDiffusion_1_Inpainting` (9)."""
-    torch.manual_seed(in_channels)
+    manual_seed(in_channels)
     return {
         "unet": SD1UNet(small_unet_config(in_channels)),
         "lda": SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32, 32, 32, 32), layers_per_block=1)),

@@ -39,7 +39,7 @@ def preprocess_image(image: Image.Image, size: int = 224) -> torch.Tensor:
     width, height = rgb.size
     left, top = (width - size) // 2, (height - size) // 2
     pixels = np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.float64) * (1 / 255)
-    tensor = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)
+    tensor = torch.as_tensor(pixels.astype(np.float32)).permute(2, 0, 1)
     mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
     return (tensor - mean) / std

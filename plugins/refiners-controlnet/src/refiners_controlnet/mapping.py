@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from refiners_core.weights import WeightsError
 from refiners_sd15.config_values import check_fields, positive_int, positive_ints
@@ -73,10 +73,12 @@ def is_sdxl(config: ControlNetConfig) -> bool:
 def _depths_without_unused_zeros(config: Mapping[str, Any], kinds: list[object]) -> Any:
     """`transformer_layers_per_block` with the zeros of levels without cross-attention (which diffusers ignores, as
     the smaller SDXL ControlNets give them) read as 1; the last entry, the middle block's depth, is kept."""
-    depths: object = config.get("transformer_layers_per_block", 1)
-    if not isinstance(depths, list) or len(depths) != len(kinds):  # pyright: ignore[reportUnknownArgumentType]
+    depths = config.get("transformer_layers_per_block", 1)
+    if not isinstance(depths, list):
         return depths
-    values: list[object] = list(depths)  # pyright: ignore[reportUnknownArgumentType]
+    values = cast(list[object], depths)  # a JSON list
+    if len(values) != len(kinds):
+        return values
     last = len(values) - 1
     return [
         1 if value == 0 and level < last and kinds[level] != "CrossAttnDownBlock2D" else value

@@ -17,12 +17,26 @@ It applies to refiners-sd15's `SD1UNet` and to any UNet built of its blocks with
 
 from __future__ import annotations
 
+from typing import Protocol, cast
+
 import torch
 
 import refiners_core.fluxion as fl
 from refiners_core.checks import check_finite
 from refiners_freeu.scales import SD15_SCALES, SDXL_SCALES
 from refiners_sd15.unet import ConcatenateSkip, SD1UNet, UNetConfig, UpBlocks
+
+
+class _FFT(Protocol):
+    """The functions of `torch.fft` used here, as they are called."""
+
+    def fftn(self, input: torch.Tensor, *, dim: tuple[int, ...]) -> torch.Tensor: ...
+    def ifftn(self, input: torch.Tensor, *, dim: tuple[int, ...]) -> torch.Tensor: ...
+    def fftshift(self, input: torch.Tensor, *, dim: tuple[int, ...]) -> torch.Tensor: ...
+    def ifftshift(self, input: torch.Tensor, *, dim: tuple[int, ...]) -> torch.Tensor: ...
+
+
+_fft = cast(_FFT, torch.fft)  # torch.fft has no type annotations
 
 
 def unet_config(unet: object) -> UNetConfig:
@@ -74,12 +88,12 @@ class FourierFilter(fl.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         dims = (-2, -1)
-        spectrum = torch.fft.fftshift(torch.fft.fftn(x.to(compute_dtype), dim=dims), dim=dims)
+        spectrum = _fft.fftshift(_fft.fftn(x.to(compute_dtype), dim=dims), dim=dims)
         height, width = spectrum.shape[-2:]
         mask = torch.ones(height, width, device=x.device, dtype=compute_dtype)
         row, column, t = height // 2, width // 2, self.threshold
         mask[row - t : row + t, column - t : column + t] = self.scale
-        filtered = torch.fft.ifftn(torch.fft.ifftshift(spectrum * mask, dim=dims), dim=dims).real
+        filtered = _fft.ifftn(_fft.ifftshift(spectrum * mask, dim=dims), dim=dims).real
         return filtered.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
-from refiners_sd15.autoencoder import AUTOENCODER_FORMAT, SD1Autoencoder, autoencoder_config_from_ldm
+from refiners_sd15.autoencoder import (
+    AUTOENCODER_FORMAT,
+    AutoencoderConfig,
+    SD1Autoencoder,
+    autoencoder_config_from_ldm,
+)
 from refiners_sd15.clip import (
     SDXL_TEXT_ENCODER_2_FORMAT,
     SDXL_TEXT_ENCODER_FORMAT,
@@ -35,12 +40,12 @@ from refiners_sdxl.folder import (
 )
 from refiners_sdxl.unet import SDXL_UNET_FORMAT, SDXLUNet
 
-SDXL_AUTOENCODER_FORMAT = replace(
-    AUTOENCODER_FORMAT,
-    single_file_config=lambda tensors: replace(
-        autoencoder_config_from_ldm(tensors), scaling_factor=SDXL_AUTOENCODER.scaling_factor
-    ),
-)
+
+def _sdxl_autoencoder_config_from_ldm(tensors: Mapping[str, torch.Tensor]) -> AutoencoderConfig:
+    return replace(autoencoder_config_from_ldm(tensors), scaling_factor=SDXL_AUTOENCODER.scaling_factor)
+
+
+SDXL_AUTOENCODER_FORMAT = replace(AUTOENCODER_FORMAT, single_file_config=_sdxl_autoencoder_config_from_ldm)
 """SDXL's autoencoder: SD1.5's format, whose single files do not store the scaling factor: SDXL's 0.13025."""
 
 SDXL_REFINER_TEXT_ENCODER_FORMAT = replace(

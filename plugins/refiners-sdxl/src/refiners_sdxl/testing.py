@@ -266,9 +266,15 @@ def small_sdxl_pipeline() -> Any:
     `SMALL_TEXT_L`, `SMALL_TEXT_G`, `SDXL_SCHEDULER`, no tokenizers: ours ship with refiners-sd15), progress bar off."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipeline = StableDiffusionXLPipeline(**sdxl_references().components(), add_watermarker=False)
+    # Any: diffusers types the **kwargs of its pipelines' methods (set_progress_bar_config...) as unknown
+    pipeline: Any = StableDiffusionXLPipeline(**sdxl_references().components(), add_watermarker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def _save_pretrained(pipeline: Any, folder: Path) -> None:
+    """`pipeline.save_pretrained(folder)` for a diffusers pipeline (Any: diffusers types its **kwargs as unknown)."""
+    pipeline.save_pretrained(folder)
 
 
 def write_small_sdxl_folder(folder: Path) -> Path:
@@ -296,12 +302,13 @@ class SDXLReferences:
         replace some."""
         from diffusers import EulerDiscreteScheduler
 
+        scheduler_class: Any = EulerDiscreteScheduler  # diffusers types from_config's **kwargs as unknown
         components: dict[str, Any] = {
             "vae": self.vae,
             "text_encoder": self.text_encoder,
             "text_encoder_2": self.text_encoder_2,
             "unet": self.unet,
-            "scheduler": EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+            "scheduler": scheduler_class.from_config(SDXL_SCHEDULER),
             "tokenizer": None,
             "tokenizer_2": None,
         }
@@ -318,15 +325,19 @@ class SDXLReferences:
         )
 
         base, inpainting, refiner = root / "base", root / "inpainting", root / "refiner"
-        StableDiffusionXLPipeline(**self.components(), add_watermarker=False).save_pretrained(base)
-        StableDiffusionXLInpaintPipeline(
-            **self.components(unet=self.inpainting_unet), add_watermarker=False
-        ).save_pretrained(inpainting)
-        StableDiffusionXLImg2ImgPipeline(
-            **self.components(unet=self.refiner_unet, text_encoder=None),
-            requires_aesthetics_score=True,
-            add_watermarker=False,
-        ).save_pretrained(refiner)
+        _save_pretrained(StableDiffusionXLPipeline(**self.components(), add_watermarker=False), base)
+        _save_pretrained(
+            StableDiffusionXLInpaintPipeline(**self.components(unet=self.inpainting_unet), add_watermarker=False),
+            inpainting,
+        )
+        _save_pretrained(
+            StableDiffusionXLImg2ImgPipeline(
+                **self.components(unet=self.refiner_unet, text_encoder=None),
+                requires_aesthetics_score=True,
+                add_watermarker=False,
+            ),
+            refiner,
+        )
         return base, inpainting, refiner
 
 
@@ -395,7 +406,7 @@ def write_small_sdxl_refiner_folder(folder: Path) -> Path:
     base = small_sdxl_pipeline()
     unet = UNet2DConditionModel(**SMALL_REFINER_UNET).eval()
     randomize(unet, 4)
-    StableDiffusionXLImg2ImgPipeline(
+    refiner = StableDiffusionXLImg2ImgPipeline(
         vae=base.vae,
         text_encoder=None,  # pyright: ignore[reportArgumentType]
         text_encoder_2=base.text_encoder_2,
@@ -405,7 +416,8 @@ def write_small_sdxl_refiner_folder(folder: Path) -> Path:
         scheduler=base.scheduler,
         requires_aesthetics_score=True,
         add_watermarker=False,
-    ).save_pretrained(folder)
+    )
+    _save_pretrained(refiner, folder)
     return folder
 
 

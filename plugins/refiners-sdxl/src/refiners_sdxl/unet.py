@@ -7,6 +7,7 @@ embedding of the pooled text embedding and the micro-conditioning time ids to th
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from typing import Any
 
@@ -106,9 +107,13 @@ def ldm_sdxl_unet_mapping(config: UNetConfig = SDXL_BASE_UNET) -> dict[str, str]
     return mapping
 
 
+def _diffusers_sdxl_unet_mapping(config: UNetConfig, file_keys: Collection[str]) -> dict[str, str]:
+    return diffusers_sdxl_unet_mapping(config)
+
+
 SDXL_UNET_FORMAT = replace(
     UNET_FORMAT,
-    diffusers_mapping=lambda config, file_keys: diffusers_sdxl_unet_mapping(config),
+    diffusers_mapping=_diffusers_sdxl_unet_mapping,
     single_file_mapping=ldm_sdxl_unet_mapping,
 )
 """How an SDXL UNet is stored: diffusers' `unet/` folder (config and weights), or our own file (`save`)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import torch
 from safetensors.torch import load_file  # pyright: ignore[reportUnknownVariableType]
@@ -94,14 +94,13 @@ def read_any_embedding(path: str | os.PathLike[str]) -> Embedding | SDXLEmbeddin
     `read_sdxl_embedding` do for any other content."""
     path = Path(path)
     content = _read_file(path)
-    if isinstance(content, dict) and any(key in content for key in SDXL_KEYS):
-        entries = cast(dict[Any, Any], content)
-        missing = [key for key in SDXL_KEYS if key not in entries]
+    if _is_dict(content) and any(key in content for key in SDXL_KEYS):
+        missing = [key for key in SDXL_KEYS if key not in content]
         if missing:
             raise WeightsError(
                 f"{path}: an SDXL embedding needs both 'clip_l' and 'clip_g' vectors, '{missing[0]}' is missing"
             )
-        clip_l, clip_g = (_as_matrix(entries[key], f"{path}: the embedding '{key}'") for key in SDXL_KEYS)
+        clip_l, clip_g = (_as_matrix(content[key], f"{path}: the embedding '{key}'") for key in SDXL_KEYS)
         return SDXLEmbedding(name=path.stem, clip_l=clip_l, clip_g=clip_g, source=str(path))
     name, key, vectors = _name_key_and_vectors(content, path)
     return Embedding(name=name, vectors=_as_matrix(vectors, f"{path}: the embedding {key}"), source=str(path))
@@ -144,6 +143,11 @@ def _read_file(path: Path) -> object:
     return content
 
 
+def _is_dict(content: object) -> TypeGuard[dict[Any, Any]]:
+    """Whether `content` is a dict, its keys and values (a file's, not checked yet) of any type."""
+    return isinstance(content, dict)
+
+
 def _name_key_and_vectors(content: object, path: Path) -> tuple[str, str, object]:
     """The embedding's name, where the file keeps its vectors (for messages) and the vectors."""
     if isinstance(content, torch.Tensor):
@@ -181,7 +185,7 @@ def _as_matrix(vectors: object, what: str) -> torch.Tensor:
         raise WeightsError(f"{what} has shape {tuple(vectors.shape)}, expected (vectors, dim) with at least one vector")
     finite = torch.isfinite(vectors)
     if not bool(finite.all()):
-        bad = sorted({int(row) for row in (~finite).nonzero()[:, 0].tolist()})
+        bad = sorted({int(row) for row in (~finite).nonzero()[:, 0]})
         listed = ", ".join(str(row) for row in bad[:5]) + (", ..." if len(bad) > 5 else "")
         raise WeightsError(f"{what} has {int((~finite).sum())} NaN or infinite values (in vectors {listed})")
     return vectors

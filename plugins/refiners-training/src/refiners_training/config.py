@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, cast, get_args, get_origin, get_type_hints
 
 LayerSelection = Literal["attention", "attention+conv"]
 LrScheduler = Literal["constant", "linear", "cosine"]
@@ -213,7 +213,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         (item,) = get_args(hint)
-        return [_coerce(element, item, f"{where}[{index}]") for index, element in enumerate(value)]
+        elements = cast(list[object], value)  # a list read from the config file: its items are checked here
+        return [_coerce(element, item, f"{where}[{index}]") for index, element in enumerate(elements)]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")

@@ -12,6 +12,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -120,7 +121,8 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> list[int]:
     """The order of the samples in `epoch`: a permutation of `range(size)` drawn from `(seed, epoch)` alone."""
     digest = hashlib.sha256(f"refiners-training:{seed}:{epoch}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return torch.randperm(size, generator=generator).tolist()
+    permutation = torch.randperm(size, generator=generator)
+    return cast(list[int], permutation.tolist())  # pyright: ignore[reportUnknownMemberType]  # stub: a bare list
 
 
 def resize_and_crop(

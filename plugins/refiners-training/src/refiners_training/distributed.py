@@ -33,14 +33,14 @@ class Processes:
     def barrier(self) -> None:
         """Wait until every process gets here (nothing to wait for in a single process)."""
         if self.enabled:
-            dist.barrier()
+            dist.barrier()  # pyright: ignore[reportUnknownMemberType]  # torch leaves device_ids untyped
 
     def mean(self, value: float, device: torch.device) -> float:
         """The average of `value` over the processes."""
         if not self.enabled:
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor)  # pyright: ignore[reportUnknownMemberType]  # torch leaves tensor, group untyped
         return float(tensor.item()) / self.world_size
 
 

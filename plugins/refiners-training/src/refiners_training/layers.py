@@ -46,7 +46,9 @@ def select_layers(
 
     Raises ValueError if no layer is chosen (a model whose layers have no diffusers names).
     """
-    prefixes = {id(module): name for name, module in model.named_modules()}
+    # torch leaves the return type of named_modules unannotated
+    modules: list[tuple[str, nn.Module]] = list(model.named_modules())  # pyright: ignore[reportUnknownArgumentType]
+    prefixes = {id(module): name for name, module in modules}
     chosen: set[str] = set()
     for component, patterns in components:
         prefix = prefixes[id(component)]
@@ -55,7 +57,7 @@ def select_layers(
             for name, path in component.foreign_module_names(DIFFUSERS).items()
             if any(pattern.search(name) for pattern in patterns)
         }
-    paths = [name for name, _ in model.named_modules() if name in chosen]
+    paths = [name for name, _ in modules if name in chosen]
     if not paths:
         raise ValueError(f"the configured `lora.layers` select no layer of {type(model).__name__}")
     return paths

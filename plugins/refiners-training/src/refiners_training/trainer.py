@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariableType]
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from refiners_core.fluxion.utils import manual_seed
 from refiners_lora import LoraManager
 from refiners_sd15.latent_diffusion import LatentDiffusionModel
 from refiners_training.checkpoint import (
@@ -228,7 +229,7 @@ class _Run:
         self.output_dir = training.output_dir
         self.root = self.output_dir / CHECKPOINTS
         self.dataset = dataset
-        torch.manual_seed(training.seed)
+        manual_seed(training.seed)
         random.seed(training.seed)
         self.trained = kind.load(config.model.base, device)
         self.sd = self.trained.sd
@@ -283,7 +284,8 @@ class _Run:
                 losses[self.step] = loss
                 self._log(loss)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                postfix = {"loss": f"{loss:.4f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+                progress.set_postfix(postfix)  # pyright: ignore[reportUnknownMemberType]  # tqdm: untyped **kwargs
                 if self.step % training.checkpoint_every == 0 or self.step == training.max_steps:
                     self.last_checkpoint = self._checkpoint()
         finally:
@@ -322,7 +324,8 @@ class _Run:
                 with autocast:
                     prediction = self.model(noisy, timesteps, tokens, time_ids)
                 loss = F.mse_loss(prediction.float(), noise.float())
-                self.scaler.scale(loss / accumulation).backward()
+                # torch leaves backward's arguments untyped
+                self.scaler.scale(loss / accumulation).backward()  # pyright: ignore[reportUnknownMemberType]
             total += loss.item() / accumulation
         mean = self.processes.mean(total, self.device)
         if not math.isfinite(mean):

@@ -119,7 +119,7 @@ class Solver(ABC):
         }
         self.given_settings: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
         """The settings given to the constructor (None is not given): those a model's defaults do not replace."""
-        settings = {**SD15_SCHEDULE, "timestep_spacing": self.default_spacing, **self.given_settings}
+        settings: dict[str, Any] = {**SD15_SCHEDULE, "timestep_spacing": self.default_spacing, **self.given_settings}
         for key, enum in _ENUMS.items():
             if settings.get(key) is not None:
                 settings[key] = self._enum(key, enum, settings[key])

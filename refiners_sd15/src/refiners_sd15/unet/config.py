@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
 from refiners_core.state_dicts import shape_of
-from refiners_sd15.config_values import check_fields, flag, positive_int, positive_ints, positive_number
+from refiners_sd15.config_values import check_fields, flag, is_list, positive_int, positive_ints, positive_number
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +118,7 @@ CROSS_ATTENTION_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 # Fields whose value must be the SD one (diffusers' default when absent): field -> (accepts, what is supported).
 _FIXED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mid_block_type": (lambda v: v == "UNetMidBlock2DCrossAttn", "'UNetMidBlock2DCrossAttn'"),
-    "only_cross_attention": (lambda v: not any(v) if isinstance(v, list) else not v, "false"),
+    "only_cross_attention": (lambda v: not any(cast(list[object], v)) if isinstance(v, list) else not v, "false"),
     "dual_cross_attention": (lambda v: not v, "false"),
     "addition_embed_type": (lambda v: v in (None, "text_time"), "null or 'text_time' (SDXL's added embedding)"),
     "class_embed_type": (lambda v: v is None, "null (no class embedding)"),
@@ -166,8 +166,8 @@ def _unsupported(field: str, value: Any, expected: str) -> ValueError:
 def _single(config: Mapping[str, Any], field: str, default: Any) -> Any:
     """A value that diffusers accepts per level as a list, where the UNet needs the same one for every level."""
     value = config.get(field, default)
-    if isinstance(value, list | tuple):
-        values: list[Any] = list(value)  # pyright: ignore[reportUnknownArgumentType]
+    if is_list(value):
+        values = list(value)
         if not values or any(item != values[0] for item in values):
             raise _unsupported(field, value, "one value for every level")
         return values[0]
@@ -177,7 +177,7 @@ def _single(config: Mapping[str, Any], field: str, default: Any) -> Any:
 def _per_level(config: Mapping[str, Any], field: str, default: int, levels: int) -> int | tuple[int, ...]:
     """A positive integer for every level, or a list of one per level: the same value everywhere reads as one int."""
     value = config.get(field, default)
-    values = positive_ints(field, value) if isinstance(value, list | tuple) else (positive_int(field, value),)
+    values = positive_ints(field, value) if is_list(value) else (positive_int(field, value),)
     if len(values) not in (1, levels):
         raise _unsupported(field, value, f"a positive integer or a list of {levels} (one per level)")
     return values[0] if all(item == values[0] for item in values) else values
@@ -201,16 +201,17 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     block_out_channels = positive_ints("block_out_channels", config.get("block_out_channels", (320, 640, 1280, 1280)))
     down_block_types = config.get("down_block_types", [CROSS_ATTENTION_DOWN] * 3 + [PLAIN_DOWN])
     up_block_types = config.get("up_block_types", [PLAIN_UP] + [CROSS_ATTENTION_UP] * 3)
+    kinds = cast(list[object], down_block_types) if isinstance(down_block_types, list) else None  # a JSON list
     if (
-        not isinstance(down_block_types, list)
-        or len(down_block_types) != len(block_out_channels)
-        or any(kind not in (CROSS_ATTENTION_DOWN, PLAIN_DOWN) for kind in down_block_types)
+        kinds is None
+        or len(kinds) != len(block_out_channels)
+        or any(kind not in (CROSS_ATTENTION_DOWN, PLAIN_DOWN) for kind in kinds)
     ):
         expected = (
             f"{len(block_out_channels)} of '{CROSS_ATTENTION_DOWN}' or '{PLAIN_DOWN}' (one per block_out_channels)"
         )
         raise _unsupported("down_block_types", down_block_types, expected)
-    cross_attention_levels = [kind == CROSS_ATTENTION_DOWN for kind in down_block_types]
+    cross_attention_levels = [kind == CROSS_ATTENTION_DOWN for kind in kinds]
     mirrored = [CROSS_ATTENTION_UP if attention else PLAIN_UP for attention in reversed(cross_attention_levels)]
     if up_block_types != mirrored:  # a list equal to it, nothing else
         raise _unsupported("up_block_types", up_block_types, f"{mirrored} (the mirror of down_block_types)")
