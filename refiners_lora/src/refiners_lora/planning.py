@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -256,8 +257,8 @@ def resolve_layer(model: nn.Module, path: str) -> nn.Module | None:
 
 def _unwrap(layer: nn.Module) -> nn.Module:
     while isinstance(layer, Adapter):
-        layer = layer.target  # pyright: ignore[reportUnknownMemberType]
-    return layer  # pyright: ignore[reportUnknownVariableType]
+        layer = cast(Adapter[fl.Module], layer).target  # isinstance leaves the target type unknown
+    return layer
 
 
 def _check(layer: LoraTarget, lora: ModuleLora, where: str, source: str) -> None:

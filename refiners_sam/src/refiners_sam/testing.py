@@ -1,3 +1,5 @@
+# pyright: basic
+# (segment-anything, which this testing module builds references from, has no type information.)
 """Helpers for tests and benches of refiners-sam: the reference, segment-anything, importable without torchvision,
 and random weights for it. Needs segment-anything (test extra); nothing here is used at runtime. Import
 segment-anything's names from here (or after this module), so that the stand-in is in place first.

@@ -210,5 +210,5 @@ def _loras(field: str, value: object) -> list[str]:
         if scale is None:
             values.append(str(entry["file"]))  # pyright: ignore[reportUnknownArgumentType]
         else:
-            values.append(f"{entry['file']}:{_number_text(field, scale)}")
+            values.append(f"{entry['file']}:{_number_text(field, scale)}")  # pyright: ignore[reportUnknownArgumentType]
     return values

@@ -25,14 +25,14 @@ class Ranks:
     def barrier(self) -> None:
         """Wait until every process gets here."""
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier()  # pyright: ignore[reportUnknownMemberType]  # torch leaves device_ids untyped
 
     def gather(self, value: Any) -> list[Any]:
         """`value` of every process (picklable), by rank; `[value]` alone."""
         if self.world_size == 1:
             return [value]
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, value)
+        dist.all_gather_object(gathered, value)  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
         return gathered
 
     def leave(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file  # pyright: ignore[reportUnknownVariableType]  # untyped PathLike
 
 RED = (230, 30, 30)
 """The colour of `write_colour_patches`' images."""

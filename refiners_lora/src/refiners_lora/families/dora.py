@@ -30,9 +30,9 @@ def change(weight: torch.Tensor, delta: torch.Tensor, role: str, magnitude: torc
     dtype = torch.promote_types(weight.dtype, torch.float32)
     updated = weight.to(dtype) + delta.to(dtype)
     if per_output(role, magnitude, tuple(weight.shape)):
-        norm = updated.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.ndim - 1))
-        scale = magnitude.to(dtype).reshape(norm.shape) / norm
+        norm = updated.flatten(1).square().sum(dim=1).sqrt().reshape(-1, *[1] * (weight.ndim - 1))
     else:
-        norm = updated.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (weight.ndim - 2))
-        scale = magnitude.to(dtype).reshape(norm.shape) / norm
+        rows = updated.transpose(0, 1).flatten(1)
+        norm = rows.square().sum(dim=1).sqrt().reshape(1, -1, *[1] * (weight.ndim - 2))
+    scale = magnitude.to(dtype).reshape(norm.shape) / norm
     return updated * scale - weight.to(dtype)
