@@ -49,6 +49,7 @@ SUITE: dict[str, tuple[list[str], list[str]]] = {
     ),
     "sam": (["--rounds", "2"], ["--rounds", "1"]),
     "lora": (["--rounds", "3"], ["--latent-size", "8", "--rounds", "1"]),
+    "lycoris": (["--rounds", "3"], ["--latent-size", "8", "--rounds", "1"]),
     "sdxl": (
         ["--latent-size", "32", "--rounds", "2", "--repeats", "1"],
         ["--latent-size", "8", "--rounds", "1", "--repeats", "1"],
