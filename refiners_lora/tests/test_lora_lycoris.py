@@ -33,6 +33,7 @@ from refiners_lora import LoraManager
 from refiners_lora.delta_adapter import DeltaAdapter
 from refiners_lora.families import recognize
 from refiners_lora.planning import plan_lora
+from refiners_lora.testing import randomize_adapter
 
 LINEAR_INPUT = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
 CONV_INPUT = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
@@ -75,18 +76,6 @@ def net() -> Net:
     return Net().eval()
 
 
-def randomize(module: nn.Module, seed: int, names: tuple[str, ...]) -> None:
-    """Random values for every parameter whose name holds one of `names` (references start some of them at zero);
-    magnitudes positive, as trained ones are."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if any(part in name for part in names):
-                values = torch.randn(parameter.shape, generator=generator) * 0.3
-                is_magnitude = "dora_scale" in name or "magnitude" in name
-                parameter.copy_(values.abs() + 1.0 if is_magnitude else values)
-
-
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {key: tensor.clone() for key, tensor in module.state_dict().items()}
 
@@ -126,7 +115,7 @@ def lycoris_file(reference: TorchNet, case: str, path: Path, seed: int = 3) -> d
     tensors: dict[str, torch.Tensor] = {}
     for index, (name, layer) in enumerate((("fc", reference.fc), ("conv", reference.conv))):
         module = module_class(f"lora_unet_{name}", layer, multiplier=1.0, **kwargs)
-        randomize(module, seed + index, ("hada_", "lokr_", "lora_", "dora_scale"))
+        randomize_adapter(module, torch.Generator().manual_seed(seed + index), std=0.3)
         wrapped[name] = module.eval()
         for key, tensor in module.custom_state_dict().items():
             tensors[f"lora_unet_{name}.{key}"] = tensor.detach().clone().contiguous()
@@ -189,7 +178,7 @@ def test_peft_files_match_peft_unfused_and_fused(case: str, tmp_path: Path) -> N
     base = ours.outputs()
     config = PEFT_CASES[case]()
     reference = get_peft_model(TorchNet(ours), config).eval()
-    randomize(reference, 5, ("hada_", "lokr_", "lora_"))
+    randomize_adapter(reference, torch.Generator().manual_seed(5), std=0.3)
     with torch.no_grad():
         expected = reference.base_model.model.fc(LINEAR_INPUT), reference.base_model.model.conv(CONV_INPUT)
     assert all((e - b).abs().max() > 1e-3 for e, b in zip(expected, base, strict=True))  # the update is felt
