@@ -24,7 +24,7 @@ from refiners_core.testing import assert_relative_close
 from refiners_lora import LoraManager
 from refiners_lora.testing import apply_lycoris, write_peft_file
 from refiners_sd15 import StableDiffusion_1
-from refiners_sd15.testing import DiffusersReferences
+from refiners_sd15.testing import DiffusersReferences, paired_outputs
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -41,22 +41,9 @@ def lycoris_references(references: DiffusersReferences, path: Path) -> tuple[dic
     return models, apply_lycoris(models, kohya_name, path)
 
 
-def outputs(sd: StableDiffusion_1, unet: Any, text_encoder: Any, width: int) -> tuple[torch.Tensor, ...]:
-    """(ours, reference) for the UNet on random latents, then for the text encoder on a prompt."""
-    generator = torch.Generator().manual_seed(3)
-    latents = torch.randn(1, 4, 8, 8, generator=generator)
-    text = torch.randn(1, 77, width, generator=generator)
-    timestep = torch.tensor([500])
-    with torch.no_grad():
-        sd.unet.set_timestep(timestep)
-        sd.unet.set_clip_text_embedding(text)
-        tokens = sd.clip_text_encoder.tokenizer(PROMPT)
-        return (
-            sd.unet(latents),
-            unet(latents, timestep, encoder_hidden_states=text).sample,
-            sd.clip_text_encoder(tokens),
-            text_encoder(tokens).last_hidden_state,
-        )
+def outputs(sd: StableDiffusion_1, unet: Any, text_encoder: Any, cross_attention_dim: int) -> tuple[torch.Tensor, ...]:
+    """(ours, reference) for the UNet on random latents, then for the text encoder on `PROMPT`."""
+    return paired_outputs(sd, unet, text_encoder, cross_attention_dim, PROMPT)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 from refiners_sd15 import StableDiffusion_1
-from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, DiffusersReferences
+from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, DiffusersReferences, paired_outputs
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -126,24 +127,9 @@ class Fused:
                 fuse_by_hand(model, [delta for delta in deltas if delta[0] == component], scale)
 
 
-def outputs(
-    sd: StableDiffusion_1, unet: nn.Module, text_encoder: nn.Module, cross_attention_dim: int
-) -> tuple[torch.Tensor, ...]:
-    """(ours, reference) for the UNet on random latents, then for the text encoder on a prompt."""
-    generator = torch.Generator().manual_seed(3)
-    latents = torch.randn(1, 4, 8, 8, generator=generator)
-    text = torch.randn(1, 77, cross_attention_dim, generator=generator)
-    timestep = torch.tensor([500])
-    with torch.no_grad():
-        sd.unet.set_timestep(timestep)
-        sd.unet.set_clip_text_embedding(text)
-        tokens = sd.clip_text_encoder.tokenizer(PROMPT)
-        return (
-            sd.unet(latents),
-            unet(latents, timestep, encoder_hidden_states=text).sample,
-            sd.clip_text_encoder(tokens),
-            text_encoder(tokens).last_hidden_state,
-        )
+def outputs(sd: StableDiffusion_1, unet: Any, text_encoder: Any, cross_attention_dim: int) -> tuple[torch.Tensor, ...]:
+    """(ours, reference) for the UNet on random latents, then for the text encoder on `PROMPT`."""
+    return paired_outputs(sd, unet, text_encoder, cross_attention_dim, PROMPT)
 
 
 def assert_matches(sd: StableDiffusion_1, references: DiffusersReferences, reference: Fused | None = None) -> None:

@@ -14,6 +14,7 @@ import torch
 from refiners_core.fluxion.utils import manual_seed
 from refiners_sd15.autoencoder import SD15_AUTOENCODER, SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
+from refiners_sd15.model import StableDiffusion_1
 from refiners_sd15.unet import SD1UNet, UNetConfig
 
 SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
@@ -305,3 +306,25 @@ def random_diffusers_unet(config: Mapping[str, Any], seed: int = 0) -> Any:
     unet = unet.to_empty(device="cpu").eval()
     randomize_with_seed(unet, seed)
     return unet
+
+
+@torch.no_grad()
+def paired_outputs(
+    sd: StableDiffusion_1, unet: Any, text_encoder: Any, cross_attention_dim: int, prompt: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ours, reference) for the UNet on seeded random latents and text (timestep 500), then (ours, reference) for the
+    text encoder on `prompt`: `unet` is a diffusers `UNet2DConditionModel`, `text_encoder` a transformers
+    `CLIPTextModel`, for parity tests of adapters patching both sides."""
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, cross_attention_dim, generator=generator)
+    timestep = torch.tensor([500])
+    sd.unet.set_timestep(timestep)
+    sd.unet.set_clip_text_embedding(text)
+    tokens = sd.clip_text_encoder.tokenizer(prompt)
+    return (
+        sd.unet(latents),
+        unet(latents, timestep, encoder_hidden_states=text).sample,
+        sd.clip_text_encoder(tokens),
+        text_encoder(tokens).last_hidden_state,
+    )
