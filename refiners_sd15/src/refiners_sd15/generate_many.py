@@ -153,14 +153,14 @@ def _run_items(
     mine = batches[ranks.rank :: ranks.world_size]
     # rank 0's bar counts every rank's images: its own as it makes them, the others' as their files appear (written
     # atomically, so a file is a finished image; on machines without a shared folder it counts its own only)
-    others = [
+    others = {
         job.out
         for index, batch in enumerate(batches)
         if index % ranks.world_size != ranks.rank
         for job in batch
         if job.item.id not in complete
-    ]
-    own = 0
+    }
+    own, others_done = 0, 0
     progress = tqdm(
         total=sum(1 for batch in batches for job in batch if job.item.id not in complete),
         unit="img",
@@ -182,7 +182,10 @@ def _run_items(
                         summary.done += 1
             own += len(missing)
             if not progress.disable:
-                progress.update(own + sum(1 for out in others if out.exists()) - progress.n)
+                written = {out for out in others if out.exists()}  # each file looked for until it appears
+                others -= written
+                others_done += len(written)
+                progress.update(own + others_done - progress.n)
     return summary
 
 
