@@ -35,7 +35,15 @@ from refiners_sd15.unet import (
     unet_config_from_diffusers,
     unet_config_from_ldm,
 )
-from refiners_sd15.unet.blocks import ConcatenateSkip, CrossAttentionBlock2d, SaveSkip, SinusoidalEmbedding, Upsample
+from refiners_sd15.unet.blocks import (
+    ConcatenateSkip,
+    CrossAttentionBlock2d,
+    FeedForward,
+    SaveSkip,
+    SinusoidalEmbedding,
+    Upsample,
+    projects_transposed,
+)
 
 TOLERANCE = 1e-4
 LDM_PREFIX = "model.diffusion_model."
@@ -491,3 +499,31 @@ def test_small_unet_compiles_as_one_graph(small_unet: SD1UNet) -> None:
     small_unet.set_timestep(torch.tensor([456]))  # a new timestep value is an input, not a recompilation
     with torch.no_grad():
         assert_relative_close(compiled(x), our_output(small_unet, x, torch.tensor([456]), text), TOLERANCE)
+
+
+def test_feed_forward_projected_transposed_for_few_tokens_gives_the_layers_output() -> None:
+    torch.manual_seed(0)
+    feed_forward = FeedForward(64).eval()
+    few, many = torch.randn(2, 32, 64), torch.randn(2, 64, 64)  # 64 and 128 rows against 512 projected features
+    assert projects_transposed(few, 512) and not projects_transposed(many, 512)
+    assert not projects_transposed(few.double(), 512)
+    with torch.no_grad():
+        for x in (few, many):
+            layers = tuple(feed_forward)
+            expected = layers[2](layers[1](layers[0](x)))
+            output = feed_forward(x)
+            assert output.shape == x.shape and output.is_contiguous()
+            assert_relative_close(output, expected, 1e-6)
+
+
+def test_feed_forward_with_an_adapted_projection_runs_the_adapter() -> None:
+    torch.manual_seed(0)
+    feed_forward = FeedForward(64).eval()
+    x = torch.randn(1, 8, 64)
+    with torch.no_grad():
+        plain = feed_forward(x)
+        feed_forward.replace(feed_forward[0], fl.Chain(feed_forward[0], fl.Multiply(2.0)))  # not a plain Linear
+        doubled = feed_forward(x)
+        layers = tuple(feed_forward)
+    assert not torch.allclose(doubled, plain)
+    assert_relative_close(doubled, layers[2](layers[1](layers[0](x))), 1e-6)

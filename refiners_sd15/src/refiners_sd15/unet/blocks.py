@@ -153,8 +153,9 @@ class FeedForward(fl.Chain):
 TRANSPOSED_MIN_RATIO = 8
 """`projects_transposed`'s threshold: output features per input row (token), measured on a 2-core AMD EPYC (Zen 3,
 AVX2, MKL) with torch 2.13, one thread: `W @ x.T` takes 0.85-0.92x the time of `x @ W.T` for 128-512 rows of 1280
-or 640 features into 10240 or 5120 (the SDXL and SD1.5 feed-forward projections at their 16x16 level), 0.97-0.99x
-for 1024-2048 rows, 1.13x for 8192 rows of 320 into 2560."""
+features into 10240 (the feed-forward projection of the 1280-channel level of SDXL and SD1.5 at latent size 64 has
+512 rows at batch 2) and for 512 rows of 640 into 5120, 0.97-0.99x for 1024-2048 rows, 1.13x for 8192 rows of 320
+into 2560."""
 
 
 def projects_transposed(x: torch.Tensor, out_features: int) -> bool:
