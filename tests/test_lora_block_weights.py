@@ -177,7 +177,7 @@ def test_a_block_weight_preset_gives_each_layer_the_value_the_extension_gives_it
     with torch.device("meta"):
         unet = unet_class(SD15_UNET if unet_class is SD1UNet else SDXL_BASE_UNET)
     name, values = line.split(":")
-    by_block = dict(zip(EXTENSION_BLOCKS_17.split(","), map(float, values.split(",")), strict=True))
+    by_block: dict[str, float] = dict(zip(EXTENSION_BLOCKS_17.split(","), map(float, values.split(",")), strict=True))
     expected_blocks = ldm_blocks(unet)
     paths = [p for p, m in unet.named_modules() if isinstance(m, (fl.Linear, fl.Conv2d))]
     for path, multiplier in zip(paths, block_multipliers(unet, paths, name, "LoRA 'style'"), strict=True):
