@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TypeGuard, cast
 from weakref import WeakKeyDictionary
 
 import torch
@@ -246,7 +246,11 @@ class LoraManager:
         """
         self._check_not_fused("set_scale")
         loaded = self._get(name)
-        if isinstance(scale, (Mapping, str)) or (isinstance(scale, Sequence) and not isinstance(scale, bytes)):
+        if (
+            isinstance(scale, Mapping)
+            or _is_preset_name(scale)
+            or (isinstance(scale, Sequence) and not isinstance(scale, (str, bytes)))
+        ):
             multipliers = block_multipliers(self.model, loaded.paths, scale, f"LoRA {name!r}")
         else:
             _check_number(scale, "scale", f"LoRA {name!r}")
@@ -476,6 +480,18 @@ def _check_number(value: object, argument: str, owner: str) -> None:
         raise TypeError(f"{owner}: {argument} must be a number, got {value!r}")
     if not _fits_float32(float(value)):
         raise ValueError(f"{owner}: {argument} must be a finite number, got {value!r}")
+
+
+def _is_preset_name(scale: object) -> TypeGuard[str]:
+    """Whether `scale` is a string to read as a block-weight preset's name: any but a number written as text (a
+    mistake for the number, refused as such)."""
+    if not isinstance(scale, str):
+        return False
+    try:
+        float(scale)
+    except ValueError:
+        return True
+    return False
 
 
 def _fits_float32(value: float) -> bool:
