@@ -160,10 +160,10 @@ class DeltaAdapter(fl.Sum, Adapter[LoraTarget]):
         down, up, along = self.delta.low_rank(target.weight)
         y = inner(x)
         if inner is target:
-            shift = None if target.bias is None else (-along * target.bias).to(x.dtype)
-            return torch.addcmul(_run(target, x, down, up, shift), y, _per_channel(1 + along, target, x))
+            shift = None if target.bias is None else (-along * target.bias).to(up.dtype)
+            return torch.addcmul(_run(target, x, down, up, shift), y, _per_channel(1 + along, target, y))
         plain = _run(target, x, target.weight)
-        return torch.addcmul(_run(target, x, down, up) + y, plain, _per_channel(along, target, x))
+        return torch.addcmul(_run(target, x, down, up) + y, plain, _per_channel(along, target, y))
 
 
 def _run(
@@ -181,9 +181,9 @@ def _run(
     return hidden if up is None else F.conv2d(hidden, up[:, :, None, None], bias)
 
 
-def _per_channel(values: torch.Tensor, target: LoraTarget, x: torch.Tensor) -> torch.Tensor:
-    """`values` (one per output channel) in `x`'s dtype, shaped to broadcast over the target's output."""
-    values = values.to(x.dtype)
+def _per_channel(values: torch.Tensor, target: LoraTarget, output: torch.Tensor) -> torch.Tensor:
+    """`values` (one per output channel) in `output`'s dtype, shaped to broadcast over the target's output."""
+    values = values.to(output.dtype)
     return values if isinstance(target, fl.Linear) else values[:, None, None]
 
 
