@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # t
 import refiners_core.fluxion as fl
 from refiners_core.module_names import DIFFUSERS, KOHYA
 from refiners_lora import LoraManager
-from refiners_lora.block_weights import block_multipliers, block_weight_names
+from refiners_lora.block_weights import BLOCK_WEIGHT_PRESETS, block_multipliers, block_weight_names
 from refiners_sd15 import SD15_UNET, SD1UNet, StableDiffusion_1
 from refiners_sd15.testing import SMALL_UNET_DIFFUSERS_CONFIG, DiffusersReferences
 from refiners_sdxl import SDXLUNet, StableDiffusion_XL
@@ -152,6 +152,38 @@ def test_a_block_weight_list_gives_each_layer_the_value_of_the_extensions_block(
         for path, multiplier in paths_and_multipliers:
             expected = values[names.index(expected_blocks[path])] if path in expected_blocks else 1.0
             assert multiplier == expected, path
+
+
+EXTENSION_PRESETS = """NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+ALL:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
+INS:1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0
+IND:1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0
+INALL:1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0
+MIDD:1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0
+OUTD:1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0
+OUTS:1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1
+OUTALL:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1
+ALL0.5:0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5"""
+"""sd-webui-lora-block-weight's default presets, as its scripts/lora_block_weight.py spells them (DEF_WEIGHT_PRESET)."""
+EXTENSION_BLOCKS_17 = "BASE,IN01,IN02,IN04,IN05,IN07,IN08,M00,OUT03,OUT04,OUT05,OUT06,OUT07,OUT08,OUT09,OUT10,OUT11"
+"""Its BLOCKID17: the blocks of a 17-value list, which its `to26` places by name, every other block taking 0."""
+
+
+@pytest.mark.parametrize("unet_class", [SD1UNet, SDXLUNet])
+@pytest.mark.parametrize("line", EXTENSION_PRESETS.splitlines(), ids=lambda line: line.split(":")[0])
+def test_a_block_weight_preset_gives_each_layer_the_value_the_extension_gives_its_block(
+    line: str, unet_class: type[SD1UNet] | type[SDXLUNet]
+) -> None:
+    with torch.device("meta"):
+        unet = unet_class(SD15_UNET if unet_class is SD1UNet else SDXL_BASE_UNET)
+    name, values = line.split(":")
+    by_block: dict[str, float] = dict(zip(EXTENSION_BLOCKS_17.split(","), map(float, values.split(",")), strict=True))
+    expected_blocks = ldm_blocks(unet)
+    paths = [p for p, m in unet.named_modules() if isinstance(m, (fl.Linear, fl.Conv2d))]
+    for path, multiplier in zip(paths, block_multipliers(unet, paths, name, "LoRA 'style'"), strict=True):
+        expected = by_block.get(expected_blocks[path], 0.0) if path in expected_blocks else 1.0
+        assert multiplier == expected, (path, expected_blocks.get(path))
+    assert BLOCK_WEIGHT_PRESETS[name] == tuple(by_block.values())
 
 
 def test_every_layer_of_sd15_and_sdxl_pipelines_has_a_block(

@@ -24,21 +24,16 @@ from refiners_core.testing import assert_relative_close
 from refiners_lora import LoraManager
 from refiners_lora.testing import apply_lycoris, write_peft_file
 from refiners_sd15 import StableDiffusion_1
-from refiners_sd15.testing import DiffusersReferences, paired_outputs
+from refiners_sd15.testing import DiffusersReferences, kohya_module_name, paired_outputs
 
 PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def kohya_name(component: str, name: str) -> str:
-    """The kohya module name: published text-encoder files have transformers 4.x's `text_model.` level."""
-    return ("lora_unet_" + name if component == "unet" else "lora_te_text_model." + name).replace(".", "_")
 
 
 def lycoris_references(references: DiffusersReferences, path: Path) -> tuple[dict[str, Any], list[Any]]:
     """Copies of the diffusers / transformers references with a LyCORIS module on every layer (their file at
     `path`), and those modules."""
     models = {"unet": copy.deepcopy(references.unet), "text_encoder": copy.deepcopy(references.text_encoder)}
-    return models, apply_lycoris(models, kohya_name, path)
+    return models, apply_lycoris(models, kohya_module_name, path)
 
 
 def outputs(sd: StableDiffusion_1, unet: Any, text_encoder: Any, cross_attention_dim: int) -> tuple[torch.Tensor, ...]:

@@ -92,6 +92,15 @@ def test_a_block_weight_list_in_full_or_short_form() -> None:
     assert multipliers(loras) == pytest.approx([0.5, 1.5, 3.5, 6.5])
 
 
+def test_a_block_weight_preset_name_gives_its_blocks_their_value_and_the_others_zero() -> None:
+    _, loras = loaded()
+    loras.set_scale("style", "INS")  # BASE, IN01, IN02 and IN04 at 1 (IN03, a downsampler, is not in its 17 values)
+    assert multipliers(loras) == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    assert loras.scale("style") == "INS"
+    loras.set_scale("style", "ALL0.5")
+    assert multipliers(loras) == [0.5, 0.0, 0.5, 0.5, 0.5, 0.0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+
+
 @pytest.mark.parametrize(
     ("scale", "error", "message"),
     [
@@ -105,7 +114,8 @@ def test_a_block_weight_list_in_full_or_short_form() -> None:
         ({"text_encoder": {"down": 1.0}}, TypeError, "text_encoder must be a number"),
         ([1.0] * 8, ValueError, r"a block-weight list of 8 values; this model takes 7 \(BASE, .*\) or 10"),
         ([1.0] * 9 + [float("inf")], ValueError, r"block weight OUT02 \(position 9\) must be a finite number"),
-        ("strong", TypeError, "scale must be a number, got 'strong'"),
+        ("strong", ValueError, r"unknown block-weight preset 'strong' \(known: NONE, ALL, INS, .*, ALL0.5\)$"),
+        ("all", ValueError, r"unknown block-weight preset 'all' \(known: NONE, ALL, "),
     ],
 )
 def test_bad_block_scales_are_refused_naming_the_key_and_nothing_changes(

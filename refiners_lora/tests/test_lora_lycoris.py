@@ -31,9 +31,9 @@ from refiners_core.testing import assert_relative_close
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraManager
 from refiners_lora.delta_adapter import DeltaAdapter
-from refiners_lora.families import recognize
+from refiners_lora.families import dora, recognize
 from refiners_lora.planning import plan_lora
-from refiners_lora.testing import randomize_adapter
+from refiners_lora.testing import randomize_adapter, write_peft_file
 
 LINEAR_INPUT = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
 CONV_INPUT = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
@@ -350,3 +350,180 @@ def test_a_half_precision_file_is_computed_in_the_model_dtype() -> None:
     LoraManager(from_half).add("half", half)
     LoraManager(from_float).add("float", {key: tensor.float() for key, tensor in half.items()})
     assert all(torch.equal(a, b) for a, b in zip(from_half.outputs(), from_float.outputs(), strict=True))
+
+
+# --- DoRA's low-rank path (unfused, as PEFT runs it) --------------------------------------------------------------
+
+
+def peft_dora(ours: Net, path: Path, seed: int = 5) -> Any:
+    """PEFT's DoRA (rank 4, alpha 6) on both layers of a copy of `ours`, random weights, its file written to `path`."""
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["fc", "conv"], use_dora=True)
+    reference = get_peft_model(TorchNet(ours), config).eval()
+    write_peft_file(reference, config, path, seed=seed)
+    return reference
+
+
+class ConvNet(fl.Chain):
+    """One Conv2d named `conv` (diffusers)."""
+
+    def __init__(self, kernel_size: int, stride: int, padding: int, dilation: int) -> None:
+        super().__init__(fl.Conv2d(4, 6, kernel_size, stride=stride, padding=padding, dilation=dilation))
+
+    def foreign_module_names(self, convention: str) -> dict[str, str]:
+        return {"conv": "Conv2d"} if convention == DIFFUSERS else {}
+
+
+class TorchConvNet(nn.Module):
+    def __init__(self, net: ConvNet) -> None:
+        super().__init__()
+        layer = net[0]
+        assert isinstance(layer, fl.Conv2d)
+        self.conv = nn.Conv2d(4, 6, layer.kernel_size, layer.stride, layer.padding, layer.dilation)  # pyright: ignore[reportArgumentType]
+        self.conv.load_state_dict(layer.state_dict())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "stride", "padding", "dilation"), [(1, 1, 0, 1), (3, 1, 1, 1), (3, 2, 1, 1), (3, 2, 0, 1)]
+)
+def test_dora_on_convolutions_matches_peft_unfused_and_fused(
+    kernel_size: int, stride: int, padding: int, dilation: int, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    ours = ConvNet(kernel_size, stride, padding, dilation).eval()
+    with torch.no_grad():
+        base = ours(CONV_INPUT)
+    config = LoraConfig(r=3, lora_alpha=5, target_modules=["conv"], use_dora=True)
+    reference = get_peft_model(TorchConvNet(ours), config).eval()
+    write_peft_file(reference, config, tmp_path / "dora.safetensors", seed=9)
+    with torch.no_grad():
+        expected = reference(CONV_INPUT)
+    assert (expected - base).abs().max() > 1e-3  # the update is felt
+    loras = LoraManager(ours)
+    loras.add("dora", tmp_path / "dora.safetensors")
+    adapter = ours[0]
+    assert isinstance(adapter, DeltaAdapter) and adapter.low_rank
+    for how in ("unfused, first call", "unfused, kept norm", "fused"):
+        if how == "fused":
+            loras.fuse()
+        with torch.no_grad():
+            assert_relative_close(ours(CONV_INPUT), expected, what=f"DoRA conv {kernel_size}x{kernel_size} {how}")
+
+
+def test_dora_on_a_dilated_convolution_is_the_fused_update_unfused(tmp_path: Path) -> None:
+    """PEFT's DoRA leaves the dilation out of its down convolution: the dense update, fused, is the reference."""
+    torch.manual_seed(0)
+    ours = ConvNet(3, 1, 2, 2).eval()
+    config = LoraConfig(r=3, lora_alpha=5, target_modules=["conv"], use_dora=True)
+    write_peft_file(get_peft_model(TorchConvNet(ours), config), config, tmp_path / "dora.safetensors", seed=9)
+    loras = LoraManager(ours)
+    loras.add("dora", tmp_path / "dora.safetensors", scale=0.7)
+    with torch.no_grad():
+        unfused = ours(CONV_INPUT)
+        loras.fuse()
+        assert_relative_close(unfused, ours(CONV_INPUT), what="DoRA on a dilated convolution, unfused")
+
+
+def test_dora_gradients_match_the_dense_formula_and_peft_for_the_magnitude(tmp_path: Path) -> None:
+    ours = net()
+    reference = peft_dora(ours, tmp_path / "dora.safetensors")
+    loras = LoraManager(ours)
+    loras.add("dora", tmp_path / "dora.safetensors")
+    adapter = ours[0]
+    assert isinstance(adapter, DeltaAdapter) and adapter.low_rank
+    tensors = adapter.delta.tensors()
+    with torch.no_grad():
+        adapter(LINEAR_INPUT)  # a call without gradients keeps the norm: the next call must not use it
+    weights = {role: tensor.detach().clone().requires_grad_() for role, tensor in tensors.items()}
+    for tensor in tensors.values():
+        tensor.requires_grad_()
+    upstream = torch.randn(3, 12, generator=torch.Generator().manual_seed(11))
+    (adapter(LINEAR_INPUT) * upstream).sum().backward()
+    target = adapter.target
+    factor = adapter.delta.recognized.factor
+    delta = factor * weights["up"] @ weights["down"]
+    dense = target.weight + dora.change(target.weight, delta, "magnitude", weights["magnitude"])
+    (torch.nn.functional.linear(LINEAR_INPUT, dense, target.bias) * upstream).sum().backward()
+    for role, tensor in tensors.items():
+        actual, wanted = tensor.grad, weights[role].grad
+        assert actual is not None and wanted is not None and actual.abs().max() > 1e-3
+        assert_relative_close(actual, wanted, what=f"gradient of DoRA {role}")
+    peft_fc = reference.base_model.model.fc
+    (peft_fc(LINEAR_INPUT) * upstream).sum().backward()
+    ours_magnitude, peft_magnitude = tensors["magnitude"].grad, peft_fc.lora_magnitude_vector["default"].weight.grad
+    assert ours_magnitude is not None and peft_magnitude is not None
+    assert_relative_close(ours_magnitude, peft_magnitude, what="gradient of DoRA magnitude against PEFT")
+
+
+def test_dora_norm_is_kept_between_calls_and_computed_again_when_a_weight_changes_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    computed: list[int] = []
+    output_scale = dora.output_scale
+
+    def counted(*args: Any) -> torch.Tensor:
+        computed.append(1)
+        return output_scale(*args)
+
+    monkeypatch.setattr(dora, "output_scale", counted)
+    ours, fresh = net(), net()
+    peft_dora(ours, tmp_path / "dora.safetensors")
+    loras = LoraManager(ours)
+    loras.add("dora", tmp_path / "dora.safetensors")
+    first = ours.outputs()
+    assert all(torch.equal(a, b) for a, b in zip(ours.outputs(), first, strict=True))
+    assert len(computed) == 2  # once per layer, however many calls
+    adapter, fresh_layer = ours[0], fresh[0]
+    assert isinstance(adapter, DeltaAdapter) and isinstance(fresh_layer, fl.Linear)
+    with torch.no_grad():
+        adapter.target.weight.mul_(1.5)  # as fusing another LoRA would, in place
+        fresh_layer.weight.mul_(1.5)
+        adapter.delta.tensors()["up"].add_(0.1)
+    LoraManager(fresh).add("dora", tmp_path / "dora.safetensors")
+    fresh_adapter = fresh[0]
+    assert isinstance(fresh_adapter, DeltaAdapter)
+    with torch.no_grad():
+        fresh_adapter.delta.tensors()["up"].add_(0.1)
+    expected = fresh.outputs()
+    computed.clear()
+    changed = ours.outputs()
+    assert len(computed) == 1  # the Linear's norm; the convolution's weights did not change
+    assert (changed[0] - first[0]).abs().max() > 1e-3
+    for actual, wanted in zip(changed, expected, strict=True):
+        assert_relative_close(actual, wanted, what="DoRA after its layer's weight changed in place")
+    loras.fuse()
+    loras.unfuse()  # puts the weights back with `copy_`
+    ours.outputs()
+    assert len(computed) == 3
+    ours.to(torch.float64)
+    assert adapter.delta.output_scale(adapter.target.weight).dtype == torch.float64
+
+
+def test_dora_set_scale_after_a_call_moves_the_layer_by_that_share_of_the_change(tmp_path: Path) -> None:
+    ours = net()
+    base = ours.outputs()
+    peft_dora(ours, tmp_path / "dora.safetensors")
+    loras = LoraManager(ours)
+    loras.add("dora", tmp_path / "dora.safetensors")
+    full = ours.outputs()
+    loras.set_scale("dora", 0.3)
+    for actual, before, after in zip(ours.outputs(), base, full, strict=True):
+        assert_relative_close(actual, before + 0.3 * (after - before), what="DoRA at scale 0.3")
+
+
+def test_dora_on_top_of_another_adapter_of_its_layer_adds_its_own_change_alike_unfused_and_fused(
+    tmp_path: Path,
+) -> None:
+    ours = net()
+    peft_dora(ours, tmp_path / "dora.safetensors")
+    loras = LoraManager(ours)
+    loras.add("dora", tmp_path / "dora.safetensors", scale=0.8)
+    loras.add("mixed", loha_and_lora_file(), scale=1.3)  # injected inside the DoRA's adapters, around the layers
+    stacked = [layer for layer in ours.modules() if isinstance(layer, DeltaAdapter) and layer.low_rank]
+    assert len(stacked) == 2 and all(layer[0] is not layer.target for layer in stacked)
+    unfused = ours.outputs()
+    loras.fuse()
+    for actual, wanted in zip(ours.outputs(), unfused, strict=True):
+        assert_relative_close(actual, wanted, what="DoRA stacked on a LoHa and a LoCon, fused")

@@ -17,6 +17,9 @@ layer names. Two forms are read, each resolved to one multiplier per patched lay
   block (26 values for SD1.5, 20 for SDXL); the short form only `BASE`, the blocks holding a transformer and `M00`
   (17 for SD1.5, 12 for SDXL), and refuses a LoRA patching a block it leaves out. The time embeddings and the output
   convolution are in no block of the extension: they keep 1.
+- the name of one of the extension's presets (`BLOCK_WEIGHT_PRESETS`, spelled as it spells them: "ALL", "INS",
+  "ALL0.5"...). They are 17-value SD1.5 lists, which the extension applies to any model by block name, a block they
+  do not name taking 0 (its `to26`): so here, on SD1.5 as on SDXL, where it ships no presets of its own.
 """
 
 from __future__ import annotations
@@ -30,8 +33,26 @@ from torch import nn
 
 from refiners_core.layer_blocks import LayerBlock, LayerBlocks
 
-BlockScales = Mapping[str, Any] | Sequence[float]
-"""A diffusers-style dictionary of scales per component and block, or an A1111 block-weight list."""
+BlockScales = Mapping[str, Any] | Sequence[float] | str
+"""A diffusers-style dictionary of scales per component and block, an A1111 block-weight list or preset name."""
+
+PRESET_BLOCKS = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(3, 12)))
+"""The blocks of the extension's 17-value lists, in their order: those of its presets."""
+
+BLOCK_WEIGHT_PRESETS: dict[str, tuple[float, ...]] = {
+    "NONE": (0,) * 17,
+    "ALL": (1,) * 17,
+    "INS": (1, 1, 1, 1) + (0,) * 13,
+    "IND": (1, 0, 0, 0, 1, 1, 1) + (0,) * 10,
+    "INALL": (1,) * 7 + (0,) * 10,
+    "MIDD": (1, 0, 0, 0) + (1,) * 8 + (0,) * 5,
+    "OUTD": (1,) + (0,) * 7 + (1,) * 4 + (0,) * 5,
+    "OUTS": (1,) + (0,) * 11 + (1,) * 5,
+    "OUTALL": (1,) + (0,) * 7 + (1,) * 9,
+    "ALL0.5": (0.5,) * 17,
+}
+"""The presets of sd-webui-lora-block-weight's default list (its `DEF_WEIGHT_PRESET`), values in `PRESET_BLOCKS`
+order."""
 
 _SECTIONS = ("down", "mid", "up")
 
@@ -40,8 +61,8 @@ def block_multipliers(model: nn.Module, paths: Sequence[str], scales: BlockScale
     """The multiplier of each layer of `paths` (layer paths of `model`) under `scales`.
 
     Raises TypeError if `model` does not implement `LayerBlocks` or a value is not a number; ValueError naming the
-    key (or list position) at fault for an unknown component, section or block, a list of the wrong length, a NaN
-    or infinite value, a layer of `paths` the model gives no block, or a short block-weight list for a LoRA that
+    key (or list position) at fault for an unknown component, section, block or preset, a list of the wrong length,
+    a NaN or infinite value, a layer of `paths` the model gives no block, or a short block-weight list for a LoRA that
     patches a block it leaves out. `owner` (e.g. "LoRA 'style'") starts every message.
     """
     if not isinstance(model, LayerBlocks):
@@ -54,11 +75,13 @@ def block_multipliers(model: nn.Module, paths: Sequence[str], scales: BlockScale
         if path not in blocks:
             raise ValueError(f"{owner}: layer `{path}` is in no block {type(model).__name__} names")
     targets = [blocks[path] for path in paths]
+    if isinstance(scales, str):
+        return _block_weight_list(_preset(scales, blocks.values(), owner), blocks.values(), paths, targets, owner)
     if isinstance(scales, Mapping):
         resolve = _dictionary(scales, blocks.values(), owner)
         return [resolve(block) for block in targets]
-    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise TypeError(f"{owner}: scale must be a number, a dict or a list of numbers, got {scales!r}")
+    if isinstance(scales, bytes) or not isinstance(scales, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise TypeError(f"{owner}: scale must be a number, a dict, a list of numbers or a preset name, got {scales!r}")
     return _block_weight_list(list(scales), blocks.values(), paths, targets, owner)
 
 
@@ -68,6 +91,16 @@ def block_weight_names(model: nn.Module, *, short: bool = False) -> list[str]:
     if not isinstance(model, LayerBlocks):
         raise TypeError(f"{type(model).__name__} does not tell the block of each layer (LayerBlocks)")
     return _block_weight_ids(list(dict.fromkeys(model.layer_blocks().values())), short=short)[0]
+
+
+def _preset(name: str, blocks: Any, owner: str) -> list[object]:
+    """The full-form block-weight list of preset `name` for a model of `blocks`: each block the preset names takes
+    its value, any other 0, as the extension applies them."""
+    if name not in BLOCK_WEIGHT_PRESETS:
+        raise ValueError(f"{owner}: unknown block-weight preset {name!r} (known: {', '.join(BLOCK_WEIGHT_PRESETS)})")
+    values = dict(zip(PRESET_BLOCKS, BLOCK_WEIGHT_PRESETS[name], strict=True))
+    full, _ = _block_weight_ids(list(dict.fromkeys(blocks)), short=False)
+    return [float(values.get(block, 0)) for block in full]
 
 
 def _number(value: object, where: str, owner: str) -> float:

@@ -10,7 +10,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TypeGuard, cast
 from weakref import WeakKeyDictionary
 
 import torch
@@ -239,13 +239,18 @@ class LoraManager:
 
         `scale` is a number, or per-block scales (`refiners_lora.block_weights`): a diffusers `set_adapters`
         dictionary such as `{"unet": {"down": 0.5, "mid": 1.0, "up": [0.0, 1.0, 1.0]}, "text_encoder": 0.8}`, or an
-        A1111 "LoRA Block Weight" list (17 or 26 values for SD1.5, 12 or 20 for SDXL). Raises KeyError for an
-        unknown name, TypeError if a scale is not a number, ValueError if it is NaN or infinite or for a bad key or
-        length (naming it), RuntimeError while fused; on any error the scales are left as they were.
+        A1111 "LoRA Block Weight" list (17 or 26 values for SD1.5, 12 or 20 for SDXL) or the name of one of its
+        presets ("ALL", "INS", "OUTD"..., `refiners_lora.block_weights.BLOCK_WEIGHT_PRESETS`). Raises KeyError for an
+        unknown name, TypeError if a scale is not a number, ValueError if it is NaN or infinite or for a bad key,
+        length or preset name (naming it), RuntimeError while fused; on any error the scales are left as they were.
         """
         self._check_not_fused("set_scale")
         loaded = self._get(name)
-        if isinstance(scale, Mapping) or (isinstance(scale, Sequence) and not isinstance(scale, (str, bytes))):
+        if (
+            isinstance(scale, Mapping)
+            or _is_preset_name(scale)
+            or (isinstance(scale, Sequence) and not isinstance(scale, (str, bytes)))
+        ):
             multipliers = block_multipliers(self.model, loaded.paths, scale, f"LoRA {name!r}")
         else:
             _check_number(scale, "scale", f"LoRA {name!r}")
@@ -475,6 +480,18 @@ def _check_number(value: object, argument: str, owner: str) -> None:
         raise TypeError(f"{owner}: {argument} must be a number, got {value!r}")
     if not _fits_float32(float(value)):
         raise ValueError(f"{owner}: {argument} must be a finite number, got {value!r}")
+
+
+def _is_preset_name(scale: object) -> TypeGuard[str]:
+    """Whether `scale` is a string to read as a block-weight preset's name: any but a number written as text (a
+    mistake for the number, refused as such)."""
+    if not isinstance(scale, str):
+        return False
+    try:
+        float(scale)
+    except ValueError:
+        return True
+    return False
 
 
 def _fits_float32(value: float) -> bool:

@@ -45,11 +45,16 @@ def mixed_lycoris_module(index: int, name: str, layer: nn.Linear | nn.Conv2d) ->
 
 
 def apply_lycoris(
-    models: Mapping[str, nn.Module], kohya_name: Callable[[str, str], str], path: Path, seed: int = 4
+    models: Mapping[str, nn.Module],
+    kohya_name: Callable[[str, str], str],
+    path: Path,
+    seed: int = 4,
+    module: Callable[[int, str, nn.Linear | nn.Conv2d], Any] = mixed_lycoris_module,
 ) -> list[Any]:
-    """Wrap every Linear and Conv2d of `models` (component -> model, changed in place) with `mixed_lycoris_module`,
-    random weights drawn by `randomize_adapter`, and write their kohya file to `path`, each module's keys under
-    `kohya_name(component, module name)`. Returns the applied LyCORIS modules, in the order of the layers."""
+    """Wrap every Linear and Conv2d of `models` (component -> model, changed in place) with the `lycoris-lora` module
+    `module(index, kohya name, layer)` makes (`mixed_lycoris_module` by default), random weights drawn by
+    `randomize_adapter`, and write their kohya file to `path`, each module's keys under `kohya_name(component, module
+    name)`. Returns the applied LyCORIS modules, in the order of the layers."""
     generator = torch.Generator().manual_seed(seed)
     layers = [
         (component, name, layer)
@@ -61,11 +66,11 @@ def apply_lycoris(
     modules: list[Any] = []
     for index, (component, name, layer) in enumerate(layers):
         key = kohya_name(component, name)
-        module = mixed_lycoris_module(index, key, layer)
-        randomize_adapter(module, generator)
-        module.eval().apply_to()
-        modules.append(module)
-        for role, tensor in module.custom_state_dict().items():
+        wrapper = module(index, key, layer)
+        randomize_adapter(wrapper, generator)
+        wrapper.eval().apply_to()
+        modules.append(wrapper)
+        for role, tensor in wrapper.custom_state_dict().items():
             tensors[f"{key}.{role}"] = tensor.detach().clone().contiguous()
     save_file(tensors, path)
     return modules

@@ -192,6 +192,13 @@ def diffusers_reference_scheduler(name: str, **config: Any) -> Any:
     raise ValueError(f"no diffusers reference scheduler for solver {name!r}: expected 'ddim', 'dpm' or 'euler'")
 
 
+def kohya_module_name(component: str, name: str) -> str:
+    """The kohya key prefix of module `name` (a diffusers / transformers module path) of `component` ("unet" or
+    "text_encoder"), as published SD1.5 files write it: `lora_unet_...`, `lora_te_text_model_...` (transformers 4.x's
+    `text_model.` level)."""
+    return ("lora_unet_" + name if component == "unet" else "lora_te_text_model." + name).replace(".", "_")
+
+
 class DiffusersReferences:
     """A diffusers UNet and a transformers text encoder with random weights (seed 0), saved with a small autoencoder
     as a diffusers SD1.5 folder at `folder`: the references of parity tests of adapters, and a folder that

@@ -27,12 +27,27 @@ def per_output(role: str, magnitude: torch.Tensor, weight_shape: tuple[int, ...]
 
 def change(weight: torch.Tensor, delta: torch.Tensor, role: str, magnitude: torch.Tensor) -> torch.Tensor:
     """`m * (W + dW) / ||W + dW|| - W` in `weight`'s shape (computed in float32 at least)."""
+    updated = _updated(weight, delta)
+    return updated * _norm_scale(updated, role, magnitude) - weight.to(updated.dtype)
+
+
+def output_scale(weight: torch.Tensor, delta: torch.Tensor, role: str, magnitude: torch.Tensor) -> torch.Tensor:
+    """`m / ||W + dW||`, one number per output channel (shape `(out,)`, float32 at least), for a magnitude whose norm
+    is per output row (`per_output` is True): the layer's new output is then `c * (W x + dW x)`, `c` this vector."""
+    updated = _updated(weight, delta)
+    return _norm_scale(updated, role, magnitude).reshape(-1)
+
+
+def _updated(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    updated = weight.to(dtype) + delta.to(dtype)
-    if per_output(role, magnitude, tuple(weight.shape)):
-        norm = updated.flatten(1).square().sum(dim=1).sqrt().reshape(-1, *[1] * (weight.ndim - 1))
+    return weight.to(dtype) + delta.to(dtype)
+
+
+def _norm_scale(updated: torch.Tensor, role: str, magnitude: torch.Tensor) -> torch.Tensor:
+    """`m / ||updated||` in the shape that broadcasts over `updated` (per output row, or per input column)."""
+    if per_output(role, magnitude, tuple(updated.shape)):
+        norm = updated.flatten(1).square().sum(dim=1).sqrt().reshape(-1, *[1] * (updated.ndim - 1))
     else:
         rows = updated.transpose(0, 1).flatten(1)
-        norm = rows.square().sum(dim=1).sqrt().reshape(1, -1, *[1] * (weight.ndim - 2))
-    scale = magnitude.to(dtype).reshape(norm.shape) / norm
-    return updated * scale - weight.to(dtype)
+        norm = rows.square().sum(dim=1).sqrt().reshape(1, -1, *[1] * (updated.ndim - 2))
+    return magnitude.to(updated.dtype).reshape(norm.shape) / norm
