@@ -25,24 +25,27 @@ import torch
 from adapter_step import sd15_unet_step
 from sd15_components import source_commit
 from timing import (
-    RATIO_HEADERS,
-    Comparison,
     StateStep,
     StepMeasurement,
     environment,
     environment_table,
-    markdown_table,
     max_abs_diff,
-    progress,
-    ratio_cells,
+    ratio_table,
     relative_diff,
     state_outputs,
+    state_ratios,
     time_states,
     unet_step_main,
 )
 
 SCALE = 0.6
 STATES = ("plain", "IP-Adapter")
+RATIOS = {  # row -> (side, state) timed, (side, state) of the baseline
+    "ours, IP-Adapter / ours, plain": (("ours", "IP-Adapter"), ("ours", "plain")),
+    "diffusers, IP-Adapter / diffusers, scale 0": (("diffusers", "IP-Adapter"), ("diffusers", "plain")),
+    "ours / diffusers, IP-Adapter": (("ours", "IP-Adapter"), ("diffusers", "IP-Adapter")),
+    "ours / diffusers, plain": (("ours", "plain"), ("diffusers", "plain")),
+}
 TARGET_RATIOS = {"ours / diffusers, IP-Adapter": 1.00}
 
 
@@ -89,28 +92,16 @@ def measure(args: argparse.Namespace) -> StepMeasurement:
         *(("diffusers", set_reference, state, reference_step) for state in STATES),
     ]
     with torch.inference_mode():
-        progress("checking outputs (untimed)")
         outputs = state_outputs(steps)
         theirs = outputs["diffusers", "IP-Adapter"]
         difference = relative_diff(outputs["ours", "IP-Adapter"], theirs)
         assert max_abs_diff(outputs["ours", "IP-Adapter"], outputs["ours", "plain"]) > 1e-3 * theirs.abs().max().item()
         timings = time_states(steps, args.rounds)
-    comparisons = {
-        "ours, IP-Adapter / ours, plain": Comparison(timings["ours", "IP-Adapter"], timings["ours", "plain"], 1),
-        "diffusers, IP-Adapter / diffusers, scale 0": Comparison(
-            timings["diffusers", "IP-Adapter"], timings["diffusers", "plain"], 1
-        ),
-        "ours / diffusers, IP-Adapter": Comparison(
-            timings["ours", "IP-Adapter"], timings["diffusers", "IP-Adapter"], 1
-        ),
-        "ours / diffusers, plain": Comparison(timings["ours", "plain"], timings["diffusers", "plain"], 1),
-    }
-    return StepMeasurement(comparisons, {"IP-Adapter": difference})
+    return StepMeasurement(state_ratios(timings, RATIOS), {"IP-Adapter": difference})
 
 
 def report(measured: StepMeasurement, args: argparse.Namespace) -> str:
-    rows = [ratio_cells(name, c, TARGET_RATIOS.get(name)) for name, c in measured.comparisons.items()]
-    table = markdown_table(RATIO_HEADERS, rows, "lrrrrr")
+    table = ratio_table(measured.comparisons, TARGET_RATIOS, align="lrrrrr")
     env_table = environment_table(environment() | {"repository commit": source_commit()})
     return f"""# IP-Adapter overhead on one SD1.5 UNet step
 

@@ -27,7 +27,6 @@ from timing import (
     StepMeasurement,
     environment,
     environment_table,
-    progress,
     relative_diff,
     state_comparisons,
     state_outputs,
@@ -96,7 +95,6 @@ def measure(args: argparse.Namespace) -> StepMeasurement:
     ]
     differences: dict[str, float] = {}
     with torch.inference_mode():
-        progress("checking outputs (untimed)")
         outputs = state_outputs(steps)
         for state in ("1 LoRA, unfused", "1 LoRA, fused", "3 LoRAs, unfused", "3 LoRAs, fused"):
             theirs = outputs["diffusers", "1 LoRA" if state.startswith("1 ") else "3 LoRAs"]

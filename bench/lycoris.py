@@ -127,7 +127,6 @@ def measure(args: argparse.Namespace) -> StepMeasurement:
     ]
     differences: dict[str, float] = {}
     with torch.inference_mode():
-        progress("checking outputs (untimed)")
         outputs = state_outputs(steps)
         for state in OURS_STATES:
             theirs = outputs["diffusers", state.partition(", ")[0]]

@@ -22,17 +22,15 @@ import torch
 from adapter_step import sd15_unet_step
 from sd15_components import source_commit
 from timing import (
-    RATIO_HEADERS,
-    Comparison,
     StateStep,
     StepMeasurement,
     environment,
     environment_table,
-    markdown_table,
     progress,
-    ratio_cells,
+    ratio_table,
     relative_diff,
     state_outputs,
+    state_ratios,
     time_states,
     unet_step_main,
 )
@@ -47,6 +45,12 @@ ADAPTER_CONFIG: dict[str, Any] = {
     "num_res_blocks": 2,
 }
 STATES = ("no adapter", "T2I-Adapter")
+RATIOS = {  # row -> (side, state) timed, (side, state) of the baseline
+    "ours, T2I-Adapter / no adapter": (("ours", "T2I-Adapter"), ("ours", "no adapter")),
+    "diffusers, T2I-Adapter / no adapter": (("diffusers", "T2I-Adapter"), ("diffusers", "no adapter")),
+    "ours / diffusers, T2I-Adapter step": (("ours", "T2I-Adapter"), ("diffusers", "T2I-Adapter")),
+    "ours / diffusers, adapter network": (("ours", "adapter network"), ("diffusers", "adapter network")),
+}
 
 
 def measure(args: argparse.Namespace) -> StepMeasurement:
@@ -92,33 +96,19 @@ def measure(args: argparse.Namespace) -> StepMeasurement:
     ]
     differences: dict[str, float] = {}
     with torch.inference_mode():
-        progress("checking outputs (untimed)")
         outputs = state_outputs(steps)
         for state in STATES:
             differences[state] = relative_diff(outputs["ours", state], outputs["diffusers", state])
         timings = time_states([*steps, *networks], args.rounds)
-    comparisons = {
-        "ours, T2I-Adapter / no adapter": Comparison(timings["ours", "T2I-Adapter"], timings["ours", "no adapter"], 1),
-        "diffusers, T2I-Adapter / no adapter": Comparison(
-            timings["diffusers", "T2I-Adapter"], timings["diffusers", "no adapter"], 1
-        ),
-        "ours / diffusers, T2I-Adapter step": Comparison(
-            timings["ours", "T2I-Adapter"], timings["diffusers", "T2I-Adapter"], 1
-        ),
-        "ours / diffusers, adapter network": Comparison(
-            timings["ours", "adapter network"], timings["diffusers", "adapter network"], 1
-        ),
-    }
-    return StepMeasurement(comparisons, differences)
+    return StepMeasurement(state_ratios(timings, RATIOS), differences)
 
 
 TARGET_RATIOS = {"ours / diffusers, T2I-Adapter step": 1.0, "ours / diffusers, adapter network": 1.0}
 
 
 def report(measured: StepMeasurement, args: argparse.Namespace) -> str:
-    rows = [ratio_cells(name, c, TARGET_RATIOS.get(name), digits=3) for name, c in measured.comparisons.items()]
     differences = measured.differences
-    table = markdown_table(RATIO_HEADERS, rows)
+    table = ratio_table(measured.comparisons, TARGET_RATIOS, digits=3)
     env_table = environment_table(environment() | {"repository commit": source_commit()})
     return f"""# T2I-Adapter on one SD1.5 UNet step
 

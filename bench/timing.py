@@ -247,6 +247,14 @@ def ratio_cells(name: str, comparison: Comparison, target: float | None, digits:
     ]
 
 
+def ratio_table(
+    comparisons: dict[str, Comparison], targets: dict[str, float], digits: int = 2, align: str | None = None
+) -> str:
+    """The Markdown table of `ratio_cells` of each comparison, under `RATIO_HEADERS`, with its target if any."""
+    rows = [ratio_cells(name, comparison, targets.get(name), digits) for name, comparison in comparisons.items()]
+    return markdown_table(RATIO_HEADERS, rows, align)
+
+
 def relative_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """`max_abs_diff(ours, reference)` over the largest absolute value of `reference`."""
     return max_abs_diff(ours, reference) / reference.abs().max().item()
@@ -319,7 +327,8 @@ StateStep = tuple[str, Callable[[str], None], str, Callable[[], torch.Tensor]]
 
 
 def state_outputs(steps: Sequence[StateStep]) -> dict[tuple[str, str], torch.Tensor]:
-    """The output of each step in its state, by (side, state), untimed."""
+    """The output of each step in its state, by (side, state), untimed (for checking that the sides agree)."""
+    progress("checking outputs (untimed)")
     outputs: dict[tuple[str, str], torch.Tensor] = {}
     for side, set_state, state, step in steps:
         set_state(state)
@@ -358,6 +367,14 @@ def state_comparisons(
     for state, theirs in pairs:
         comparisons[f"ours / diffusers, {state}"] = Comparison(timings["ours", state], timings["diffusers", theirs], 1)
     return comparisons
+
+
+def state_ratios(
+    timings: dict[tuple[str, str], Timing], rows: dict[str, tuple[tuple[str, str], tuple[str, str]]]
+) -> dict[str, Comparison]:
+    """A comparison by table row: `rows` maps a row's name to the (side, state) timed and the (side, state) of its
+    baseline."""
+    return {name: Comparison(timings[timed], timings[baseline], 1) for name, (timed, baseline) in rows.items()}
 
 
 def state_table(
