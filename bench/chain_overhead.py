@@ -11,14 +11,22 @@ in all), each eager and `torch.compile`d (default mode).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from timing import Comparison, compare, environment, markdown_table, max_abs_diff, write_report
+from timing import (
+    Comparison,
+    bench_parser,
+    compare,
+    environment,
+    environment_section,
+    markdown_table,
+    max_abs_diff,
+    write_report,
+)
 from torch import nn
 
 import refiners_core.fluxion as fl
@@ -171,16 +179,13 @@ def report(results: list[Result], rounds: int, env: dict[str, str]) -> str:
             "",
             *(verdict(result) for result in results if result.mode == "eager"),
             "",
-            "## Environment",
-            "",
-            markdown_table(["", ""], [[key, value] for key, value in env.items()]),
-            "",
+            *environment_section(env),
         ]
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__ or "")
     parser.add_argument("--rounds", type=int, default=300, help="timed rounds per case (default: 300)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--output", type=Path, default=Path("bench/results/chain_overhead.md"))

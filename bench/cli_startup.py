@@ -11,14 +11,13 @@ registry imported torch (it must not: plugins register references, imported on f
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from timing import environment, markdown_table, write_report
+from timing import bench_parser, environment, environment_table, markdown_table, write_report
 
 BENCH = Path(__file__).resolve().parent
 TARGET = 0.3
@@ -42,7 +41,7 @@ def _seconds(command: list[str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__ or "")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default: 15)")
     parser.add_argument("--output", type=Path, default=BENCH / "results" / "cli_startup.md")
     args = parser.parse_args()
@@ -73,7 +72,7 @@ def main() -> None:
             table,
             f"Loading the registry imported torch: **{torch_imported == 'True'}**.",
             "## Environment",
-            markdown_table(["", ""], [[key, value] for key, value in env.items()]),
+            environment_table(env),
         ]
     )
     write_report(report + "\n", args.output)

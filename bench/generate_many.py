@@ -26,22 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from sd15_components import save_text_encoder, save_unet, save_vae, versions
-from timing import environment, markdown_table, write_report
+from sd15_components import reference_pipeline, save_text_encoder, save_unet, save_vae, versions
+from timing import bench_parser, environment, environment_table, markdown_table, progress, write_report
 
 PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry"
 GUIDANCE = 7.5
 SEED = 2
-SD15_BETAS: dict[str, Any] = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 BATCH_SIZES = (1, 4)
-START = time.monotonic()
 
 Side = Callable[[int, int], list[Any]]  # (first image, batch size) -> PIL images
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def ours_side(folder: Path, args: argparse.Namespace) -> Side:
@@ -77,28 +71,14 @@ def ours_side(folder: Path, args: argparse.Namespace) -> Side:
 
 
 def reference_side(folder: Path, args: argparse.Namespace) -> Side:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from refiners_sd15.clip import CLIPTokenizer
+    from refiners_sd15.testing import diffusers_reference_scheduler
 
     tokenizer = CLIPTokenizer()
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-    unused: dict[str, Any] = {
-        "text_encoder": None,
-        "tokenizer": None,
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
-    scheduler: Any = DDIMScheduler(**SD15_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae"),
-        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet"),
-        scheduler=scheduler,
-        **unused,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(folder, diffusers_reference_scheduler("ddim"))
 
     def generate(first: int, batch: int) -> list[Any]:
         ids = tokenizer([NEGATIVE] * batch + [PROMPT] * batch)
@@ -127,7 +107,7 @@ def images_per_second(generate: Side, images: int, batch: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__ or "")
     parser.add_argument("--size", type=int, default=128, help="image height and width (default: 128)")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps (default: 2)")
     parser.add_argument("--images", type=int, default=4, help="images per measurement (default: 4)")
@@ -139,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     env = {**environment(), **versions()}
     with tempfile.TemporaryDirectory(prefix="generate_many_") as folder, torch.inference_mode():
-        log("writing the references' random weights (unet, vae, text_encoder)")
+        progress("writing the references' random weights (unet, vae, text_encoder)")
         for save in (save_unet, save_vae, save_text_encoder):
             save(Path(folder))
             gc.collect()
@@ -149,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rates: dict[tuple[str, int], float] = {}
         for batch in BATCH_SIZES:
             for name, side in sides.items():
-                log(f"{name}, batch {batch}")
+                progress(f"{name}, batch {batch}")
                 rates[name, batch] = images_per_second(side, args.images, batch)
     rows = [
         [f"batch {batch}", f"{rates['diffusers', batch]:.3f}", f"{rates['ours', batch]:.3f}",
@@ -164,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             markdown_table(["", "diffusers (images/s)", "ours (images/s)", "ratio median"], rows, "lrrr"),
             "ratio: ours' seconds per image / diffusers' (below 1: ours is faster), from one measurement per cell.",
             f"First image, ours against diffusers: max difference {difference} (8-bit levels).",
-            markdown_table(["", ""], [[key, value] for key, value in env.items()]),
+            environment_table(env),
         ]
     )
     write_report(text + "\n", args.output)

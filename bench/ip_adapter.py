@@ -17,55 +17,53 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from sd15_components import save_unet, source_commit
+from adapter_step import sd15_unet_step
+from sd15_components import source_commit
 from timing import (
-    Comparison,
-    Timing,
+    StateStep,
+    StepMeasurement,
     environment,
-    markdown_table,
+    environment_table,
     max_abs_diff,
-    progress,
-    unet_step_parser,
-    write_report,
+    ratio_table,
+    relative_diff,
+    state_outputs,
+    state_ratios,
+    time_states,
+    unet_step_main,
 )
 
-TIMESTEP = 500
 SCALE = 0.6
-STATES = (("ours", "plain"), ("ours", "IP-Adapter"), ("diffusers", "plain"), ("diffusers", "IP-Adapter"))
+STATES = ("plain", "IP-Adapter")
+RATIOS = {  # row -> (side, state) timed, (side, state) of the baseline
+    "ours, IP-Adapter / ours, plain": (("ours", "IP-Adapter"), ("ours", "plain")),
+    "diffusers, IP-Adapter / diffusers, scale 0": (("diffusers", "IP-Adapter"), ("diffusers", "plain")),
+    "ours / diffusers, IP-Adapter": (("ours", "IP-Adapter"), ("diffusers", "IP-Adapter")),
+    "ours / diffusers, plain": (("ours", "plain"), ("diffusers", "plain")),
+}
+TARGET_RATIOS = {"ours / diffusers, IP-Adapter": 1.00}
 
 
-def measure(rounds: int, latent_size: int) -> tuple[dict[str, Comparison], float]:
-    from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
-
+def measure(args: argparse.Namespace) -> StepMeasurement:
     from refiners_clip_vision import CLIP_VIT_H_14, CLIPImageEncoder
     from refiners_core.weights import save_tensors
     from refiners_ip_adapter import IPAdapter, text_cross_attentions
     from refiners_ip_adapter.testing import released_weights
-    from refiners_sd15 import SD1UNet
 
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, latent_size, latent_size, generator=generator)
-    embedding = torch.randn(2, 77, 768, generator=generator)
-    image_embeds = torch.cat((torch.zeros(1, 1024), torch.randn(1, 1024, generator=generator)))
-    timestep = torch.tensor([TIMESTEP])
-    with tempfile.TemporaryDirectory() as folder:
-        progress("writing the reference UNet")
-        save_unet(Path(folder))
-        progress("loading both sides")
-        ours = SD1UNet.from_pretrained(folder).eval()
-        reference = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
-        inner_dims = [attention.inner_dim for attention in text_cross_attentions(ours)]
+    with sd15_unet_step(args.latent_size) as step:
+        image_embeds = torch.cat((torch.zeros(1, 1024), torch.randn(1, 1024, generator=step.generator)))
+        inner_dims = [attention.inner_dim for attention in text_cross_attentions(step.ours)]
         tensors = released_weights("linear", image_embedding_dim=1024, cross_attention_dim=768, inner_dims=inner_dims)
-        save_tensors(Path(folder) / "ip-adapter_sd15.safetensors", tensors)
+        path = step.folder / "ip-adapter_sd15.safetensors"
+        save_tensors(path, tensors)
         encoder = CLIPImageEncoder(CLIP_VIT_H_14, device="meta")  # the step does not run it
-        ip = IPAdapter.from_pretrained(ours, Path(folder) / "ip-adapter_sd15.safetensors", image_encoder=encoder)
+        ip = IPAdapter.from_pretrained(step.ours, path, image_encoder=encoder)
+    reference = step.reference
     ip.scale = SCALE
     with torch.inference_mode():
         ip.set_image_embedding(ip.image_proj(image_embeds).reshape(2, -1, 768))
@@ -73,16 +71,11 @@ def measure(rounds: int, latent_size: int) -> tuple[dict[str, Comparison], float
         group: {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(group)}
         for group in ("image_proj", "ip_adapter")
     }
-    reference._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)  # pyright: ignore
-
-    def our_step() -> torch.Tensor:
-        ours.set_timestep(timestep)
-        ours.set_clip_text_embedding(embedding)
-        return ours(latents)
+    reference._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
 
     def reference_step() -> torch.Tensor:
         added = {"image_embeds": [image_embeds[:, None]]}
-        return reference(latents, timestep, encoder_hidden_states=embedding, added_cond_kwargs=added).sample
+        return step.reference_step(added_cond_kwargs=added)
 
     def set_ours(state: str) -> None:
         if (state == "IP-Adapter") != ip.is_injected:
@@ -94,61 +87,22 @@ def measure(rounds: int, latent_size: int) -> tuple[dict[str, Comparison], float
             if hasattr(processor, "to_k_ip"):
                 processor.scale = [SCALE if state == "IP-Adapter" else 0.0]
 
-    setters: dict[str, tuple[Callable[[str], None], Callable[[], torch.Tensor]]] = {
-        "ours": (set_ours, our_step),
-        "diffusers": (set_reference, reference_step),
-    }
+    steps: list[StateStep] = [
+        *(("ours", set_ours, state, step.ours_step) for state in STATES),
+        *(("diffusers", set_reference, state, reference_step) for state in STATES),
+    ]
     with torch.inference_mode():
-        progress("checking outputs (untimed)")
-        outputs: dict[tuple[str, str], torch.Tensor] = {}
-        for side, state in STATES:
-            setters[side][0](state)
-            outputs[side, state] = setters[side][1]()
+        outputs = state_outputs(steps)
         theirs = outputs["diffusers", "IP-Adapter"]
-        difference = max_abs_diff(outputs["ours", "IP-Adapter"], theirs) / theirs.abs().max().item()
+        difference = relative_diff(outputs["ours", "IP-Adapter"], theirs)
         assert max_abs_diff(outputs["ours", "IP-Adapter"], outputs["ours", "plain"]) > 1e-3 * theirs.abs().max().item()
-        samples: dict[tuple[str, str], list[float]] = {key: [] for key in STATES}
-        for index in range(rounds):
-            progress(f"round {index + 1}/{rounds}")
-            for side, state in STATES:
-                setters[side][0](state)
-                start = time.process_time()
-                setters[side][1]()
-                samples[side, state].append(time.process_time() - start)
-    timings = {key: Timing(tuple(values)) for key, values in samples.items()}
-    comparisons = {
-        "ours, IP-Adapter / ours, plain": Comparison(timings["ours", "IP-Adapter"], timings["ours", "plain"], 1),
-        "diffusers, IP-Adapter / diffusers, scale 0": Comparison(
-            timings["diffusers", "IP-Adapter"], timings["diffusers", "plain"], 1
-        ),
-        "ours / diffusers, IP-Adapter": Comparison(
-            timings["ours", "IP-Adapter"], timings["diffusers", "IP-Adapter"], 1
-        ),
-        "ours / diffusers, plain": Comparison(timings["ours", "plain"], timings["diffusers", "plain"], 1),
-    }
-    return comparisons, difference
+        timings = time_states(steps, args.rounds)
+    return StepMeasurement(state_ratios(timings, RATIOS), {"IP-Adapter": difference})
 
 
-def report(comparisons: dict[str, Comparison], difference: float, args: argparse.Namespace) -> str:
-    rows: list[list[str]] = []
-    for name, comparison in comparisons.items():
-        low, high = comparison.ratio_median_ci
-        target = "<= 1.00x" if name == "ours / diffusers, IP-Adapter" else ""
-        rows.append(
-            [
-                name,
-                f"{comparison.ours.median:.2f} s",
-                f"{comparison.reference.median:.2f} s",
-                f"{comparison.ratio_median:.3f}x",
-                f"{low:.3f}-{high:.3f}",
-                target,
-            ]
-        )
-    table = markdown_table(
-        ["case", "time (median)", "baseline (median)", "ratio median", "range", "target"], rows, "lrrrrr"
-    )
-    env = environment() | {"repository commit": source_commit()}
-    env_table = markdown_table(["", ""], [[key, value] for key, value in env.items()])
+def report(measured: StepMeasurement, args: argparse.Namespace) -> str:
+    table = ratio_table(measured.comparisons, TARGET_RATIOS, align="lrrrrr")
+    env_table = environment_table(environment() | {"repository commit": source_commit()})
     return f"""# IP-Adapter overhead on one SD1.5 UNet step
 
 `python bench/ip_adapter.py --rounds {args.rounds} --latent-size {args.latent_size} --threads {args.threads}`
@@ -157,7 +111,7 @@ One UNet step, batch 2, latents (2, 4, {args.latent_size}, {args.latent_size}), 
 published SD1.5 UNet with random weights, an IP-Adapter of the `ip-adapter_sd15` shapes at scale {SCALE} (4 image
 tokens). Times are process CPU time of one call; "ratio median" is the median over rounds of the ratio within a
 round, "range" its confidence interval (with fewer than 11 rounds: the whole range of the per-round ratios).
-max |ours - diffusers| / max |diffusers| with the IP-Adapter: {difference:.1e}.
+max |ours - diffusers| / max |diffusers| with the IP-Adapter: {measured.differences["IP-Adapter"]:.1e}.
 
 {table}
 
@@ -166,13 +120,7 @@ max |ours - diffusers| / max |diffusers| with the IP-Adapter: {difference:.1e}.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = unet_step_parser(__doc__ or "", Path("bench/results/ip_adapter.md"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    comparisons, difference = measure(args.rounds, args.latent_size)
-    text = report(comparisons, difference, args)
-    write_report(text, args.output)
-    return 0 if difference <= 1e-4 else 1
+    return unet_step_main(argv, __doc__ or "", Path("bench/results/ip_adapter.md"), measure, report)
 
 
 if __name__ == "__main__":

@@ -16,28 +16,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from sd15_components import save_unet, source_commit
+from adapter_step import sd15_unet_step
+from sd15_components import source_commit
 from timing import (
-    Comparison,
     StateStep,
+    StepMeasurement,
     environment,
-    markdown_table,
-    max_abs_diff,
-    progress,
+    environment_table,
+    relative_diff,
     state_comparisons,
     state_outputs,
+    state_table,
     time_states,
-    unet_step_parser,
-    write_report,
+    unet_step_main,
 )
 from torch import nn
 
-TIMESTEP = 500
 LORAS = ("one", "two", "three")
 TARGETS = ("attn1.", "attn2.", "ff.net", "proj_in", "proj_out")
 OURS_STATES = ("no LoRA", "1 LoRA, unfused", "1 LoRA, fused", "3 LoRAs, unfused", "3 LoRAs, fused")
@@ -62,36 +60,17 @@ def random_loras(unet: nn.Module, rank: int) -> list[dict[str, torch.Tensor]]:
     return loras
 
 
-def measure(rounds: int, latent_size: int, rank: int) -> tuple[dict[str, Comparison], dict[str, float], int]:
-    from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
-
+def measure(args: argparse.Namespace) -> StepMeasurement:
     from refiners_lora import LoraManager
-    from refiners_sd15 import SD1UNet
 
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, latent_size, latent_size, generator=generator)
-    embedding = torch.randn(2, 77, 768, generator=generator)
-    timestep = torch.tensor([TIMESTEP])
-    with tempfile.TemporaryDirectory() as folder:
-        progress("writing the reference UNet")
-        save_unet(Path(folder))
-        progress("loading both sides")
-        ours = SD1UNet.from_pretrained(folder).eval()
-        reference = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
-    loras = random_loras(reference, rank)
+    with sd15_unet_step(args.latent_size) as step:
+        reference = step.reference
+        loras = random_loras(reference, args.rank)
     for name, tensors in zip(LORAS, loras, strict=True):
         reference.load_lora_adapter(
             {f"unet.{key}": value for key, value in tensors.items()}, prefix="unet", adapter_name=name
-        )  # pyright: ignore
-    manager = LoraManager(ours)
-
-    def our_step() -> torch.Tensor:
-        ours.set_timestep(timestep)
-        ours.set_clip_text_embedding(embedding)
-        return ours(latents)
-
-    def reference_step() -> torch.Tensor:
-        return reference(latents, timestep, encoder_hidden_states=embedding).sample
+        )
+    manager = LoraManager(step.ours)
 
     def set_ours(state: str) -> None:
         manager.unfuse()
@@ -105,29 +84,26 @@ def measure(rounds: int, latent_size: int, rank: int) -> tuple[dict[str, Compari
 
     def set_reference(state: str) -> None:
         if state == "no LoRA":
-            reference.disable_adapters()  # pyright: ignore
+            reference.disable_adapters()
             return
-        reference.enable_adapters()  # pyright: ignore
-        reference.set_adapters(list(LORAS[: 1 if state == "1 LoRA" else 3]))  # pyright: ignore
+        reference.enable_adapters()
+        reference.set_adapters(list(LORAS[: 1 if state == "1 LoRA" else 3]))
 
     steps: list[StateStep] = [
-        *(("ours", set_ours, state, our_step) for state in OURS_STATES),
-        *(("diffusers", set_reference, state, reference_step) for state in DIFFUSERS_STATES),
+        *(("ours", set_ours, state, step.ours_step) for state in OURS_STATES),
+        *(("diffusers", set_reference, state, step.reference_step) for state in DIFFUSERS_STATES),
     ]
     differences: dict[str, float] = {}
     with torch.inference_mode():
-        progress("checking outputs (untimed)")
         outputs = state_outputs(steps)
         for state in ("1 LoRA, unfused", "1 LoRA, fused", "3 LoRAs, unfused", "3 LoRAs, fused"):
             theirs = outputs["diffusers", "1 LoRA" if state.startswith("1 ") else "3 LoRAs"]
-            differences[state] = max_abs_diff(outputs["ours", state], theirs) / theirs.abs().max().item()
-        theirs = outputs["diffusers", "no LoRA"]
-        differences["no LoRA"] = max_abs_diff(outputs["ours", "no LoRA"], theirs) / theirs.abs().max().item()
-        timings = time_states(steps, rounds)
+            differences[state] = relative_diff(outputs["ours", state], theirs)
+        differences["no LoRA"] = relative_diff(outputs["ours", "no LoRA"], outputs["diffusers", "no LoRA"])
+        timings = time_states(steps, args.rounds)
     pairs = (("1 LoRA, unfused", "1 LoRA"), ("3 LoRAs, unfused", "3 LoRAs"), ("no LoRA", "no LoRA"))
     comparisons = state_comparisons(timings, OURS_STATES, DIFFUSERS_STATES, pairs)
-    lora_parameters = sum(value.numel() for value in loras[0].values())
-    return comparisons, differences, lora_parameters
+    return StepMeasurement(comparisons, differences, sum(value.numel() for value in loras[0].values()))
 
 
 TARGET_RATIOS = {
@@ -138,32 +114,10 @@ TARGET_RATIOS = {
 }
 
 
-def report(
-    comparisons: dict[str, Comparison], differences: dict[str, float], lora_parameters: int, args: argparse.Namespace
-) -> str:
-    rows: list[list[str]] = []
-    for name, comparison in comparisons.items():
-        low, high = comparison.ratio_median_ci
-        target = TARGET_RATIOS.get(name)
-        state = name.split(", ", 1)[1]
-        rows.append(
-            [
-                name,
-                f"{comparison.ours.median:.2f} s",
-                f"{comparison.reference.median:.2f} s",
-                f"{comparison.ratio_median:.3f}x",
-                f"{low:.3f}-{high:.3f}",
-                f"<= {target:.2f}x" if target else "",
-                f"{differences[state]:.1e}" if name.startswith("ours, ") and state in differences else "",
-            ]
-        )
-    table = markdown_table(
-        ["case", "time (median)", "baseline (median)", "ratio median", "range", "target", "max rel. diff vs diffusers"],
-        rows,
-        "lrrrrrr",
-    )
-    env = environment() | {"repository commit": source_commit()}
-    env_table = markdown_table(["", ""], [[key, value] for key, value in env.items()])
+def report(measured: StepMeasurement, args: argparse.Namespace) -> str:
+    lora_parameters = measured.parameters
+    table = state_table(measured.comparisons, TARGET_RATIOS, measured.differences, "max rel. diff vs diffusers")
+    env_table = environment_table(environment() | {"repository commit": source_commit()})
     return f"""# LoRA overhead on one SD1.5 UNet step
 
 `python bench/lora.py --rounds {args.rounds} --latent-size {args.latent_size} --rank {args.rank} \\
@@ -184,14 +138,7 @@ per-round ratios). The last column is max |ours - diffusers| / max |diffusers| f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = unet_step_parser(__doc__ or "", Path("bench/results/lora.md"))
-    parser.add_argument("--rank", type=int, default=16, help="rank of each LoRA (default: 16)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    comparisons, differences, lora_parameters = measure(args.rounds, args.latent_size, args.rank)
-    text = report(comparisons, differences, lora_parameters, args)
-    write_report(text, args.output)
-    return 0 if all(value <= 1e-4 for value in differences.values()) else 1
+    return unet_step_main(argv, __doc__ or "", Path("bench/results/lora.md"), measure, report, rank_of="each LoRA")
 
 
 if __name__ == "__main__":

@@ -25,17 +25,17 @@ from typing import Any
 
 import torch
 from timing import (
-    Comparison,
     StateStep,
+    StepMeasurement,
     environment,
-    markdown_table,
-    max_abs_diff,
+    environment_table,
     progress,
+    relative_diff,
     state_comparisons,
     state_outputs,
+    state_table,
     time_states,
-    unet_step_parser,
-    write_report,
+    unet_step_main,
 )
 from torch import nn
 
@@ -59,7 +59,7 @@ def random_lora(unet: nn.Module, rank: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def measure(rounds: int, latent_size: int, rank: int) -> tuple[dict[str, Comparison], dict[str, float], int]:
+def measure(args: argparse.Namespace) -> StepMeasurement:
     from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
 
     from refiners_lora import LoraManager
@@ -74,14 +74,14 @@ def measure(rounds: int, latent_size: int, rank: int) -> tuple[dict[str, Compari
     shared = {theirs: own[key] for theirs, key in diffusers_sdxl_unet_mapping(ours.config).items()}
     reference.load_state_dict(shared, strict=True, assign=True)
     reference.eval()
-    lora = random_lora(reference, rank)
+    lora = random_lora(reference, args.rank)
     reference.load_lora_adapter(
         {f"unet.{key}": value for key, value in lora.items()}, prefix="unet", adapter_name="one"
     )
     manager = LoraManager(ours)
 
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, latent_size, latent_size, generator=generator)
+    latents = torch.randn(2, 4, args.latent_size, args.latent_size, generator=generator)
     text = torch.randn(2, 77, 2048, generator=generator)
     pooled = torch.randn(2, 1280, generator=generator)
     timestep, time_ids = torch.tensor([TIMESTEP]), torch.tensor([TIME_IDS] * 2)
@@ -119,42 +119,20 @@ def measure(rounds: int, latent_size: int, rank: int) -> tuple[dict[str, Compari
     ]
     differences: dict[str, float] = {}
     with torch.inference_mode():
-        progress("checking outputs (untimed)")
         outputs = state_outputs(steps)
         for state in OURS_STATES:
             theirs = outputs["diffusers", "no LoRA" if state == "no LoRA" else "LoRA"]
-            differences[state] = max_abs_diff(outputs["ours", state], theirs) / theirs.abs().max().item()
-        timings = time_states(steps, rounds)
+            differences[state] = relative_diff(outputs["ours", state], theirs)
+        timings = time_states(steps, args.rounds)
     pairs = (("LoRA, unfused", "LoRA"), ("LoRA, fused", "LoRA"), ("no LoRA", "no LoRA"))
     comparisons = state_comparisons(timings, OURS_STATES, DIFFUSERS_STATES, pairs)
-    return comparisons, differences, sum(value.numel() for value in lora.values())
+    return StepMeasurement(comparisons, differences, sum(value.numel() for value in lora.values()))
 
 
-def report(
-    comparisons: dict[str, Comparison], differences: dict[str, float], lora_parameters: int, args: argparse.Namespace
-) -> str:
-    rows: list[list[str]] = []
-    for name, comparison in comparisons.items():
-        low, high = comparison.ratio_median_ci
-        target = TARGET_RATIOS.get(name)
-        state = name.split(", ", 1)[1]
-        rows.append(
-            [
-                name,
-                f"{comparison.ours.median:.2f} s",
-                f"{comparison.reference.median:.2f} s",
-                f"{comparison.ratio_median:.3f}x",
-                f"{low:.3f}-{high:.3f}",
-                f"<= {target:.2f}x" if target else "",
-                f"{differences[state]:.1e}" if name.startswith("ours, ") else "",
-            ]
-        )
-    table = markdown_table(
-        ["case", "time (median)", "baseline (median)", "ratio median", "range", "target", "max rel. diff vs diffusers"],
-        rows,
-        "lrrrrrr",
-    )
-    env_table = markdown_table(["", ""], [[key, value] for key, value in environment().items()])
+def report(measured: StepMeasurement, args: argparse.Namespace) -> str:
+    lora_parameters = measured.parameters
+    table = state_table(measured.comparisons, TARGET_RATIOS, measured.differences, "max rel. diff vs diffusers")
+    env_table = environment_table(environment())
     return f"""# LoRA overhead on one SDXL UNet step
 
 `flock /work/bigmem.lock python bench/lora_sdxl.py --rounds {args.rounds} --latent-size {args.latent_size} \\
@@ -177,13 +155,8 @@ max |ours - diffusers| / max |diffusers| for the same LoRA.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = unet_step_parser(__doc__ or "", Path("bench/results/lora_sdxl.md"))
-    parser.add_argument("--rank", type=int, default=16, help="rank of the LoRA (default: 16)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    comparisons, differences, lora_parameters = measure(args.rounds, args.latent_size, args.rank)
-    write_report(report(comparisons, differences, lora_parameters, args), args.output)
-    return 0 if all(value <= 1e-4 for value in differences.values()) else 1
+    output = Path("bench/results/lora_sdxl.md")
+    return unet_step_main(argv, __doc__ or "", output, measure, report, rank_of="the LoRA")
 
 
 if __name__ == "__main__":

@@ -26,23 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sd15_components import save_unet, source_commit
+from adapter_step import sd15_unet_step
+from sd15_components import source_commit
 from timing import (
-    Comparison,
     StateStep,
+    StepMeasurement,
     environment,
-    markdown_table,
+    environment_table,
     max_abs_diff,
     progress,
+    relative_diff,
     state_comparisons,
     state_outputs,
+    state_table,
     time_states,
-    unet_step_parser,
-    write_report,
+    unet_step_main,
 )
 from torch import nn
 
-TIMESTEP = 500
 FAMILIES = ("LoHa", "LoKr", "DoRA")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
 OURS_STATES = ("no LoRA", *(f"{family}, {how}" for family in FAMILIES for how in ("unfused", "fused")))
@@ -85,43 +86,24 @@ def strip(unet: nn.Module) -> None:
         delattr(unet, "peft_config")
 
 
-def measure(rounds: int, latent_size: int, rank: int) -> tuple[dict[str, Comparison], dict[str, float], int]:
-    from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
+def measure(args: argparse.Namespace) -> StepMeasurement:
     from safetensors.torch import load_file
 
     from refiners_lora import LoraManager
-    from refiners_sd15 import SD1UNet
 
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, latent_size, latent_size, generator=generator)
-    embedding = torch.randn(2, 77, 768, generator=generator)
-    timestep = torch.tensor([TIMESTEP])
-    with tempfile.TemporaryDirectory() as folder:
-        progress("writing the reference UNet")
-        save_unet(Path(folder))
-        progress("loading both sides")
-        ours = SD1UNet.from_pretrained(folder).eval()
-        reference: Any = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
-        reference = reference.eval()
+    with sd15_unet_step(args.latent_size) as step:
+        reference = step.reference
+        manager = LoraManager(step.ours)
     files = Path(tempfile.mkdtemp())
     paths = {family: files / f"{family}.safetensors" for family in FAMILIES}
-    manager = LoraManager(ours)
     current: list[str] = []  # the family PEFT holds now
-
-    def our_step() -> torch.Tensor:
-        ours.set_timestep(timestep)
-        ours.set_clip_text_embedding(embedding)
-        return ours(latents)
-
-    def reference_step() -> torch.Tensor:
-        return reference(latents, timestep, encoder_hidden_states=embedding).sample
 
     def set_reference(state: str) -> None:
         if current != [state]:
             strip(reference)
             current.clear()
         if state != "no LoRA" and not current:
-            inject(reference, state, rank, paths[state])
+            inject(reference, state, args.rank, paths[state])
             current.append(state)
 
     def set_ours(state: str) -> None:
@@ -140,26 +122,25 @@ def measure(rounds: int, latent_size: int, rank: int) -> tuple[dict[str, Compari
         set_reference(family)
     parameters = {family: 0 for family in FAMILIES}
     steps: list[StateStep] = [
-        *(("diffusers", set_reference, state, reference_step) for state in DIFFUSERS_STATES),
-        *(("ours", set_ours, state, our_step) for state in OURS_STATES),
+        *(("diffusers", set_reference, state, step.reference_step) for state in DIFFUSERS_STATES),
+        *(("ours", set_ours, state, step.ours_step) for state in OURS_STATES),
     ]
     differences: dict[str, float] = {}
     with torch.inference_mode():
-        progress("checking outputs (untimed)")
         outputs = state_outputs(steps)
         for state in OURS_STATES:
             theirs = outputs["diffusers", state.partition(", ")[0]]
-            differences[state] = max_abs_diff(outputs["ours", state], theirs) / theirs.abs().max().item()
+            differences[state] = relative_diff(outputs["ours", state], theirs)
         for family in FAMILIES:
             lora = outputs["diffusers", family]
             assert max_abs_diff(lora, outputs["diffusers", "no LoRA"]) > 1e-3 * lora.abs().max().item(), family
-        timings = time_states(steps, rounds)
+        timings = time_states(steps, args.rounds)
     for family in FAMILIES:
         parameters[family] = sum(tensor.numel() for tensor in load_file(paths[family]).values())
     shutil.rmtree(files)
     pairs = [(f"{family}, unfused", family) for family in FAMILIES] + [("no LoRA", "no LoRA")]
     comparisons = state_comparisons(timings, OURS_STATES, DIFFUSERS_STATES, pairs)
-    return comparisons, differences, max(parameters.values())
+    return StepMeasurement(comparisons, differences, max(parameters.values()))
 
 
 TARGET_RATIOS = {f"ours, {family}, fused": 1.00 for family in FAMILIES} | {
@@ -167,32 +148,10 @@ TARGET_RATIOS = {f"ours, {family}, fused": 1.00 for family in FAMILIES} | {
 }
 
 
-def report(
-    comparisons: dict[str, Comparison], differences: dict[str, float], parameters: int, args: argparse.Namespace
-) -> str:
-    rows: list[list[str]] = []
-    for name, comparison in comparisons.items():
-        low, high = comparison.ratio_median_ci
-        target = TARGET_RATIOS.get(name)
-        state = name.split(", ", 1)[1]
-        rows.append(
-            [
-                name,
-                f"{comparison.ours.median:.2f} s",
-                f"{comparison.reference.median:.2f} s",
-                f"{comparison.ratio_median:.3f}x",
-                f"{low:.3f}-{high:.3f}",
-                f"<= {target:.2f}x" if target else "",
-                f"{differences[state]:.1e}" if name.startswith("ours, ") and state in differences else "",
-            ]
-        )
-    table = markdown_table(
-        ["case", "time (median)", "baseline (median)", "ratio median", "range", "target", "max rel. diff vs PEFT"],
-        rows,
-        "lrrrrrr",
-    )
-    env = environment() | {"repository commit": source_commit()}
-    env_table = markdown_table(["", ""], [[key, value] for key, value in env.items()])
+def report(measured: StepMeasurement, args: argparse.Namespace) -> str:
+    parameters = measured.parameters
+    table = state_table(measured.comparisons, TARGET_RATIOS, measured.differences, "max rel. diff vs PEFT")
+    env_table = environment_table(environment() | {"repository commit": source_commit()})
     return f"""# LoHa, LoKr and DoRA overhead on one SD1.5 UNet step
 
 `python bench/lycoris.py --rounds {args.rounds} --latent-size {args.latent_size} --rank {args.rank} \\
@@ -214,14 +173,8 @@ column is max |ours - PEFT| / max |PEFT| for the same adapter.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = unet_step_parser(__doc__ or "", Path("bench/results/lycoris.md"))
-    parser.add_argument("--rank", type=int, default=16, help="rank of each adapter (default: 16)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    comparisons, differences, parameters = measure(args.rounds, args.latent_size, args.rank)
-    text = report(comparisons, differences, parameters, args)
-    write_report(text, args.output)
-    return 0 if all(value <= 1e-4 for value in differences.values()) else 1
+    output = Path("bench/results/lycoris.md")
+    return unet_step_main(argv, __doc__ or "", output, measure, report, rank_of="each adapter")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ works, writing into a temporary folder unless `--results` is given: its numbers 
 
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from timing import environment, markdown_table
+from timing import bench_parser, environment, environment_section, markdown_table
 
 BENCH = Path(__file__).resolve().parent
 RELEASES = ("refiners-core", "refiners-lora", "refiners-sd15", "refiners-sam", "refiners-sdxl")
@@ -192,10 +191,7 @@ def summary(runs: Sequence[Run], env: dict[str, str], quick: bool) -> str:
         "faster or smaller), the median of per-round ratios; the LoRA ratios compare states of one side. How each",
         "benchmark measures is in `bench/README.md`; its full report follows the tables below.",
         "",
-        "## Environment",
-        "",
-        markdown_table(["", ""], [[key, value] for key, value in env.items()]),
-        "",
+        *environment_section(env),
         "## Benchmarks run",
         "",
         markdown_table(["benchmark", "status", "seconds", "command"], ran, "llrl"),
@@ -222,7 +218,7 @@ def summary(runs: Sequence[Run], env: dict[str, str], quick: bool) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__ or "")
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(SUITE)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="smallest settings, to check that every benchmark runs")
     parser.add_argument("--results", type=Path, help="folder for the reports (default: bench/results/suite)")

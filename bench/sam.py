@@ -15,13 +15,24 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import torch
-from timing import Comparison, compare, environment, markdown_table, max_abs_diff, write_report
+from timing import (
+    TIMING_HEADERS,
+    Comparison,
+    bench_parser,
+    compare,
+    environment,
+    environment_section,
+    markdown_table,
+    max_abs_diff,
+    progress,
+    timing_cells,
+    write_report,
+)
 
 # The reference and its random weights come from the parity tests' helpers, which also make segment-anything
 # importable without torchvision.
@@ -29,11 +40,6 @@ from refiners_sam.testing import build_reference
 
 Side = Literal["ours", "reference"]
 TARGET = 0.75
-START = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - START:6.0f}s] {message}", file=sys.stderr, flush=True)
 
 
 def load(side: Side, checkpoint: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -84,17 +90,7 @@ def probe_in_subprocess(side: Side, checkpoint: Path) -> tuple[float, float, flo
 def report(comparison: Comparison, difference: float, scale: float, rss: dict[Side, tuple[float, float, float]]) -> str:
     low, high = comparison.ratio_median_ci
     verdict = "met" if high <= TARGET else "missed" if low > TARGET else "inconclusive"
-    time_row = [
-        str(len(comparison.ratios)),
-        f"{comparison.reference.min:.3f}",
-        f"{comparison.ours.min:.3f}",
-        f"{comparison.ratio_min:.3f}x",
-        f"{comparison.reference.median:.3f}",
-        f"{comparison.ours.median:.3f}",
-        f"**{comparison.ratio_median:.3f}x**",
-        f"{low:.3f}-{high:.3f}",
-        f"<= {TARGET:.2f}x",
-    ]
+    time_row = [str(len(comparison.ratios)), *timing_cells(comparison), f"<= {TARGET:.2f}x"]
     memory_rows = [
         [
             side,
@@ -117,21 +113,7 @@ def report(comparison: Comparison, difference: float, scale: float, rss: dict[Si
             "Process CPU time per call, interleaved rounds of one call per side, after one untimed call per side (the",
             "one whose outputs are compared). Ratio = ours / reference, below 1 means ours is faster.",
             "",
-            markdown_table(
-                [
-                    "rounds",
-                    "reference min (s)",
-                    "ours min (s)",
-                    "ratio min",
-                    "reference median (s)",
-                    "ours median (s)",
-                    "ratio median",
-                    "95% CI",
-                    "target",
-                ],
-                [time_row],
-                "rrrrrrrrr",
-            ),
+            markdown_table(["rounds", *TIMING_HEADERS, "target"], [time_row], "rrrrrrrrr"),
             "",
             f"- ratio median {comparison.ratio_median:.3f}x (CI {low:.3f}-{high:.3f}), target {TARGET:.2f}x: "
             f"target {verdict}",
@@ -151,16 +133,13 @@ def report(comparison: Comparison, difference: float, scale: float, rss: dict[Si
                 "lrrrr",
             ),
             "",
-            "## Environment",
-            "",
-            markdown_table(["", ""], [[key, value] for key, value in env.items()]),
-            "",
+            *environment_section(env),
         ]
     )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__ or "")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (default: 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--output", type=Path, default=Path("bench/results/sam.md"))
@@ -173,21 +152,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "sam_vit_b_random.pth"
         torch.save(build_reference("vit_b", seed=0).state_dict(), checkpoint)
-        log("checkpoint written; memory probes")
+        progress("checkpoint written; memory probes")
         rss: dict[Side, tuple[float, float, float]] = {
             side: probe_in_subprocess(side, checkpoint) for side in ("ours", "reference")
         }
         ours, reference = load("ours", checkpoint), load("reference", checkpoint)
         x = pixels()
         with torch.inference_mode():
-            log("first call per side")
+            progress("first call per side")
             expected = reference(x)
             difference = max_abs_diff(ours(x), expected)
             scale = expected.abs().max().item()
             if difference > 1e-3 * scale:
                 print(f"outputs differ: max abs diff {difference} for a max of {scale}", file=sys.stderr)
                 return 1
-            log(f"timing {args.rounds} rounds")
+            progress(f"timing {args.rounds} rounds")
             comparison = compare(
                 lambda: ours(x), lambda: reference(x), rounds=args.rounds, warmup_rounds=0, calls_per_round=1
             )

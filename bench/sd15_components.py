@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -33,7 +32,19 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, get_args
 
 import torch
-from timing import Comparison, compare, environment, markdown_table, max_abs_diff, write_report
+from timing import (
+    TIMING_HEADERS,
+    Comparison,
+    bench_parser,
+    compare,
+    environment,
+    environment_section,
+    markdown_table,
+    max_abs_diff,
+    progress,
+    timing_cells,
+    write_report,
+)
 from torch import nn
 
 # The published SD1.5 configs live beside the parity tests, which build their references from them too.
@@ -49,7 +60,6 @@ VAE_SCALING_FACTOR = 0.18215
 # refiners_sd15.CLIPTokenizer()("a photograph of an astronaut riding a horse"), padded with end-of-text to 77 ids
 PROMPT_IDS = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558] + [49407] * 68
 TIMESTEP = 500
-START = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,29 @@ def save_text_encoder(folder: Path) -> None:
     model = CLIPTextModel(CLIPTextConfig.from_dict(TEXT_ENCODER_CONFIG))  # built normally: it has buffers
     randomize_with_seed(model, seed=0)
     model.save_pretrained(folder / "text_encoder")
+
+
+def reference_pipeline(folder: Path, scheduler: Any, dtype: torch.dtype | None = None) -> Any:
+    """diffusers' `StableDiffusionPipeline` on the UNet and VAE that `save_unet` and `save_vae` wrote into `folder`
+    (in `dtype`; None: as saved) with `scheduler`, without text encoder, tokenizer or safety checker (the
+    benchmarks give it text embeddings), its progress bar off."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
+
+    unused: dict[str, Any] = {
+        "text_encoder": None,
+        "tokenizer": None,
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+        scheduler=scheduler,
+        **unused,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_unet(side: Side, folder: Path, latent_size: int) -> Forward:
@@ -188,32 +221,28 @@ class Result(NamedTuple):
     rss: dict[Side, PeakRSS]
 
 
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - START:5.0f} s] {message}", file=sys.stderr, flush=True)
-
-
 def measure(name: str, folder: Path, latent_size: int, rounds: int) -> Result:
     component = COMPONENTS[name]
-    log(f"{name}: writing the reference's random weights")
+    progress(f"{name}: writing the reference's random weights")
     component.save_reference(folder)
     gc.collect()
     with torch.inference_mode():
-        log(f"{name}: loading both sides")
+        progress(f"{name}: loading both sides")
         ours = component.load("ours", folder, latent_size)
         reference = component.load("reference", folder, latent_size)
-        log(f"{name}: one untimed call per side, whose outputs are compared")
+        progress(f"{name}: one untimed call per side, whose outputs are compared")
         expected = reference()
         diff = max_abs_diff(ours(), expected)
         scale = expected.abs().max().item()
         del expected
-        log(f"{name}: timing {rounds} rounds")
+        progress(f"{name}: timing {rounds} rounds")
         # The call above warmed both sides up; one more untimed call each would cost a minute for a 512x512 UNet.
         comparison = compare(ours, reference, rounds=rounds, warmup_rounds=0, calls_per_round=1)
     del ours, reference
     gc.collect()
     rss: dict[Side, PeakRSS] = {}
     for side in get_args(Side):
-        log(f"{name}: peak RSS of the {side} side, in a fresh process")
+        progress(f"{name}: peak RSS of the {side} side, in a fresh process")
         rss[side] = probe_in_subprocess(name, side, folder, latent_size)
     return Result(name, comparison, diff, scale, rss)
 
@@ -261,9 +290,6 @@ def verdict(result: Result) -> str:
 
 
 def report(results: Sequence[Result], latent_size: int, env: dict[str, str]) -> str:
-    def seconds(value: float) -> str:
-        return f"{value:.3f}"
-
     def mib(value: int) -> str:
         return f"{value / 2**20:,.0f}"
 
@@ -272,21 +298,9 @@ def report(results: Sequence[Result], latent_size: int, env: dict[str, str]) -> 
     memory_rows: list[list[str]] = []
     for name, c, diff, scale, rss in results:
         component = COMPONENTS[name]
-        low, high = c.ratio_median_ci
+        refiners_0_4 = f"{component.refiners_0_4:.2f}x" if component.refiners_0_4 else ""
         timing_rows.append(
-            [
-                component.title,
-                str(len(c.ours.samples)),
-                seconds(c.reference.min),
-                seconds(c.ours.min),
-                f"{c.ratio_min:.3f}x",
-                seconds(c.reference.median),
-                seconds(c.ours.median),
-                f"**{c.ratio_median:.3f}x**",
-                f"{low:.3f}-{high:.3f}",
-                f"<= {component.target:.2f}x",
-                f"{component.refiners_0_4:.2f}x" if component.refiners_0_4 else "",
-            ]
+            [component.title, str(len(c.ours.samples)), *timing_cells(c), f"<= {component.target:.2f}x", refiners_0_4]
         )
         relative = f"{diff / scale:.1e}" if scale else "n/a"
         accuracy_rows.append([component.title, component.inputs(latent_size), f"{diff:.2e}", f"{scale:.3g}", relative])
@@ -296,19 +310,7 @@ def report(results: Sequence[Result], latent_size: int, env: dict[str, str]) -> 
             memory_rows.append(
                 [component.title, side, mib(peaks.torch_imported), mib(peaks.loaded), mib(peaks.forward), ratio]
             )
-    timing_headers = [
-        "component",
-        "rounds",
-        "reference min (s)",
-        "ours min (s)",
-        "ratio min",
-        "reference median (s)",
-        "ours median (s)",
-        "ratio median",
-        "95% CI",
-        "target",
-        "Refiners 0.4.0",
-    ]
+    timing_headers = ["component", "rounds", *TIMING_HEADERS, "target", "Refiners 0.4.0"]
     accuracy_headers = ["component", "input", "max abs diff", "max abs reference", "relative"]
     memory_headers = [
         "component",
@@ -358,10 +360,7 @@ def report(results: Sequence[Result], latent_size: int, env: dict[str, str]) -> 
             "",
             markdown_table(memory_headers, memory_rows, align="llrrrr"),
             "",
-            "## Environment",
-            "",
-            markdown_table(["", ""], [[key, value] for key, value in env.items()]),
-            "",
+            *environment_section(env),
         ]
     )
 
@@ -392,7 +391,7 @@ def source_commit() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__ or "")
     parser.add_argument("--rounds", type=int, help="timed rounds per component (default: 3 unet, 3 vae, 20 clip)")
     parser.add_argument("--latent-size", type=int, default=64, help="latent height and width (default: 64)")
     parser.add_argument("--components", default=",".join(COMPONENTS), help="comma-separated (default: unet,vae,clip)")

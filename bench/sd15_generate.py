@@ -27,13 +27,24 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from sd15_components import save_text_encoder, save_unet, save_vae, versions
-from timing import Comparison, Timing, environment, markdown_table, max_abs_diff, timing_cells, write_report
+from sd15_components import reference_pipeline, save_text_encoder, save_unet, save_vae, versions
+from timing import (
+    TIMING_HEADERS,
+    Comparison,
+    Timing,
+    bench_parser,
+    environment,
+    environment_section,
+    markdown_table,
+    max_abs_diff,
+    progress,
+    timing_cells,
+    write_report,
+)
 
 from refiners_sd15.testing import diffusers_reference_scheduler
 
@@ -41,7 +52,6 @@ PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry"
 GUIDANCE = 7.5
 SEED = 2
-START = time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -84,10 +94,6 @@ class Clock:
         return Run(steps=tuple(intervals[:-1]), decode=intervals[-1])
 
 
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - START:5.0f} s] {message}", file=sys.stderr, flush=True)
-
-
 def ours_side(folder: Path, args: argparse.Namespace, dtype: torch.dtype) -> tuple[Callable[[Clock], Any], Any]:
     from refiners_core.plugins import registry
     from refiners_sd15 import StableDiffusion_1
@@ -115,29 +121,7 @@ def ours_side(folder: Path, args: argparse.Namespace, dtype: torch.dtype) -> tup
 def reference_side(
     folder: Path, args: argparse.Namespace, dtype: torch.dtype, embedding: torch.Tensor
 ) -> Callable[[Clock], Any]:
-    from diffusers import (
-        AutoencoderKL,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-
-    schedulers: dict[str, Callable[[], Any]] = {
-        name: partial(diffusers_reference_scheduler, name) for name in ("ddim", "dpm", "euler")
-    }
-    unused: dict[str, Any] = {
-        "text_encoder": None,
-        "tokenizer": None,
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
-        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-        scheduler=schedulers[args.solver](),
-        **unused,
-        requires_safety_checker=False,
-    ).to(args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(folder, diffusers_reference_scheduler(args.solver), dtype).to(args.device)
     negative, positive = embedding.chunk(2)
 
     def generate(clock: Clock) -> torch.Tensor:
@@ -170,12 +154,12 @@ def measure(args: argparse.Namespace) -> tuple[list[Run], list[Run], float, floa
     dtype = torch.float16 if args.dtype == "float16" else torch.float32
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="sd15_generate_") as folder:
-        log("writing the references' random weights (unet, vae, text_encoder)")
+        progress("writing the references' random weights (unet, vae, text_encoder)")
         for save in (save_unet, save_vae, save_text_encoder):
             save(Path(folder))
             gc.collect()
         with torch.inference_mode():
-            log("loading both sides")
+            progress("loading both sides")
             ours, embedding = ours_side(Path(folder), args, dtype)
             reference = reference_side(Path(folder), args, dtype, embedding)
     runs: dict[str, list[Run]] = {"ours": [], "reference": []}
@@ -185,7 +169,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Run], list[Run], float, floa
         for index in range(args.rounds):
             order = [("ours", ours), ("reference", reference)]
             for side, generate in order if index % 2 == 0 else order[::-1]:
-                log(f"round {index + 1}/{args.rounds}: {side}")
+                progress(f"round {index + 1}/{args.rounds}: {side}")
                 latents = generate(clock)
                 runs[side].append(clock.run())
                 first_latents.setdefault(side, latents)
@@ -214,16 +198,7 @@ def report(
     ]
     clock = "process CPU time" if args.device == "cpu" else "wall-clock time, synchronised"
     relative = diff / scale if scale else float("nan")
-    headers = [
-        "",
-        "reference min (s)",
-        "ours min (s)",
-        "ratio min",
-        "reference median (s)",
-        "ours median (s)",
-        "ratio median",
-        "95% CI",
-    ]
+    headers = ["", *TIMING_HEADERS]
     return "\n".join(
         [
             "# Stable Diffusion 1.5 generation: `StableDiffusion_1` vs diffusers `StableDiffusionPipeline`",
@@ -248,16 +223,13 @@ def report(
             f"Final latents of the first round: max |ours - reference| = {diff:.2e}, max |reference| = {scale:.3g},"
             f" relative {relative:.1e}.",
             "",
-            "## Environment",
-            "",
-            markdown_table(["", ""], [[key, value] for key, value in env.items()]),
-            "",
+            *environment_section(env),
         ]
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__ or "")
     parser.add_argument("--size", type=int, default=512, help="image height and width (default: 512)")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps per generation (default: 3)")
     parser.add_argument("--rounds", type=int, default=2, help="generations per side (default: 2)")
@@ -282,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = report(args, ours, reference, diff, scale, env)
     write_report(text, args.output)
     if not diff <= tolerance * scale:
-        log(f"the final latents differ by {diff:.3g} (> {tolerance} x {scale:.3g}): the timings compare different work")
+        progress(
+            f"the final latents differ by {diff:.3g} (> {tolerance} x {scale:.3g}): the timings compare different work"
+        )
         return 1
     return 0
 

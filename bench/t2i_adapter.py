@@ -14,28 +14,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from sd15_components import save_unet, source_commit
+from adapter_step import sd15_unet_step
+from sd15_components import source_commit
 from timing import (
-    Comparison,
-    Timing,
+    StateStep,
+    StepMeasurement,
     environment,
-    markdown_table,
-    max_abs_diff,
+    environment_table,
     progress,
-    unet_step_parser,
-    write_report,
+    ratio_table,
+    relative_diff,
+    state_outputs,
+    state_ratios,
+    time_states,
+    unet_step_main,
 )
 
 from refiners_sd15.testing import randomize_with_seed
 
-TIMESTEP = 500
 ADAPTER_CONFIG: dict[str, Any] = {
     "adapter_type": "full_adapter",
     "channels": [320, 640, 1280, 1280],
@@ -43,123 +44,72 @@ ADAPTER_CONFIG: dict[str, Any] = {
     "in_channels": 1,
     "num_res_blocks": 2,
 }
-STATES = ("ours, no adapter", "ours, T2I-Adapter", "diffusers, no adapter", "diffusers, T2I-Adapter")
+STATES = ("no adapter", "T2I-Adapter")
+RATIOS = {  # row -> (side, state) timed, (side, state) of the baseline
+    "ours, T2I-Adapter / no adapter": (("ours", "T2I-Adapter"), ("ours", "no adapter")),
+    "diffusers, T2I-Adapter / no adapter": (("diffusers", "T2I-Adapter"), ("diffusers", "no adapter")),
+    "ours / diffusers, T2I-Adapter step": (("ours", "T2I-Adapter"), ("diffusers", "T2I-Adapter")),
+    "ours / diffusers, adapter network": (("ours", "adapter network"), ("diffusers", "adapter network")),
+}
 
 
-def measure(rounds: int, latent_size: int) -> tuple[dict[str, Comparison], dict[str, float]]:
+def measure(args: argparse.Namespace) -> StepMeasurement:
     from diffusers import T2IAdapter as DiffusersT2IAdapter  # pyright: ignore[reportPrivateImportUsage]
-    from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
 
-    from refiners_sd15 import SD1UNet
     from refiners_t2i_adapter import T2IAdapter
 
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2, 4, latent_size, latent_size, generator=generator)
-    embedding = torch.randn(2, 77, 768, generator=generator)
-    condition = torch.rand(1, 1, 8 * latent_size, 8 * latent_size, generator=generator)
-    timestep = torch.tensor([TIMESTEP])
-    with tempfile.TemporaryDirectory() as folder:
-        progress("writing the reference UNet and adapter")
-        save_unet(Path(folder))
+    with sd15_unet_step(args.latent_size) as step:
+        size = 8 * args.latent_size
+        condition = torch.rand(1, 1, size, size, generator=step.generator)
+        progress("writing and loading the adapter")
         with torch.device("meta"):
             adapter: Any = DiffusersT2IAdapter.from_config(ADAPTER_CONFIG)  # pyright: ignore[reportUnknownMemberType]
         adapter = adapter.to_empty(device="cpu")
         randomize_with_seed(adapter, seed=1)
-        adapter.save_pretrained(Path(folder) / "adapter")
-        progress("loading both sides")
-        ours = SD1UNet.from_pretrained(folder).eval()
-        reference = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
-        t2i = T2IAdapter.from_pretrained(ours, Path(folder) / "adapter", scale=0.8).set_condition(condition)
+        adapter.save_pretrained(step.folder / "adapter")
+        t2i = T2IAdapter.from_pretrained(step.ours, step.folder / "adapter", scale=0.8).set_condition(condition)
     adapter = adapter.eval()
 
     with torch.inference_mode():
         features = [0.8 * feature.repeat(2, 1, 1, 1) for feature in adapter(condition)]
 
-    def our_step() -> torch.Tensor:
-        ours.set_timestep(timestep)
-        ours.set_clip_text_embedding(embedding)
-        return ours(latents)
-
     def set_ours(state: str) -> None:
-        if state.endswith("T2I-Adapter") and not t2i.is_injected:
+        if state == "T2I-Adapter" and not t2i.is_injected:
             t2i.inject()
-        elif state.endswith("no adapter") and t2i.is_injected:
+        elif state == "no adapter" and t2i.is_injected:
             t2i.eject()
 
     def reference_step(state: str) -> Callable[[], torch.Tensor]:
-        def step() -> torch.Tensor:
-            residuals = [feature.clone() for feature in features] if state.endswith("T2I-Adapter") else None
-            return reference(
-                latents, timestep, encoder_hidden_states=embedding, down_intrablock_additional_residuals=residuals
-            ).sample
+        def reference() -> torch.Tensor:
+            residuals = [feature.clone() for feature in features] if state == "T2I-Adapter" else None
+            return step.reference_step(down_intrablock_additional_residuals=residuals)
 
-        return step
+        return reference
 
-    steps: list[tuple[str, Callable[[], torch.Tensor]]] = [
-        ("ours, no adapter", our_step),
-        ("ours, T2I-Adapter", our_step),
-        ("diffusers, no adapter", reference_step("no adapter")),
-        ("diffusers, T2I-Adapter", reference_step("T2I-Adapter")),
+    steps: list[StateStep] = [
+        *(("ours", set_ours, state, step.ours_step) for state in STATES),
+        *(("diffusers", set_ours, state, reference_step(state)) for state in STATES),
     ]
-    networks: list[tuple[str, Callable[[], Any]]] = [
-        ("ours, adapter network", lambda: t2i.model(condition)),
-        ("diffusers, adapter network", lambda: adapter(condition)),
+    networks: list[StateStep] = [
+        ("ours", set_ours, "adapter network", lambda: t2i.model(condition)),
+        ("diffusers", set_ours, "adapter network", lambda: adapter(condition)),
     ]
     differences: dict[str, float] = {}
     with torch.inference_mode():
-        progress("checking outputs (untimed)")
-        outputs: dict[str, torch.Tensor] = {}
-        for state, step in steps:
-            set_ours(state)
-            outputs[state] = step()
-        for side in ("no adapter", "T2I-Adapter"):
-            theirs = outputs[f"diffusers, {side}"]
-            differences[side] = max_abs_diff(outputs[f"ours, {side}"], theirs) / theirs.abs().max().item()
-        samples: dict[str, list[float]] = {name: [] for name, _ in [*steps, *networks]}
-        for index in range(rounds):
-            progress(f"round {index + 1}/{rounds}")
-            for state, step in [*steps, *networks]:
-                set_ours(state)
-                start = time.process_time()
-                step()
-                samples[state].append(time.process_time() - start)
-    timings = {name: Timing(tuple(values)) for name, values in samples.items()}
-    comparisons = {
-        "ours, T2I-Adapter / no adapter": Comparison(timings["ours, T2I-Adapter"], timings["ours, no adapter"], 1),
-        "diffusers, T2I-Adapter / no adapter": Comparison(
-            timings["diffusers, T2I-Adapter"], timings["diffusers, no adapter"], 1
-        ),
-        "ours / diffusers, T2I-Adapter step": Comparison(
-            timings["ours, T2I-Adapter"], timings["diffusers, T2I-Adapter"], 1
-        ),
-        "ours / diffusers, adapter network": Comparison(
-            timings["ours, adapter network"], timings["diffusers, adapter network"], 1
-        ),
-    }
-    return comparisons, differences
+        outputs = state_outputs(steps)
+        for state in STATES:
+            differences[state] = relative_diff(outputs["ours", state], outputs["diffusers", state])
+        timings = time_states([*steps, *networks], args.rounds)
+    return StepMeasurement(state_ratios(timings, RATIOS), differences)
 
 
 TARGET_RATIOS = {"ours / diffusers, T2I-Adapter step": 1.0, "ours / diffusers, adapter network": 1.0}
 
 
-def report(comparisons: dict[str, Comparison], differences: dict[str, float], args: argparse.Namespace) -> str:
-    rows: list[list[str]] = []
-    for name, comparison in comparisons.items():
-        low, high = comparison.ratio_median_ci
-        target = TARGET_RATIOS.get(name)
-        rows.append(
-            [
-                name,
-                f"{comparison.ours.median:.3f} s",
-                f"{comparison.reference.median:.3f} s",
-                f"{comparison.ratio_median:.3f}x",
-                f"{low:.3f}-{high:.3f}",
-                f"<= {target:.2f}x" if target else "",
-            ]
-        )
-    table = markdown_table(["case", "time (median)", "baseline (median)", "ratio median", "range", "target"], rows)
-    env = environment() | {"repository commit": source_commit()}
-    env_table = markdown_table(["", ""], [[key, value] for key, value in env.items()])
+def report(measured: StepMeasurement, args: argparse.Namespace) -> str:
+    differences = measured.differences
+    table = ratio_table(measured.comparisons, TARGET_RATIOS, digits=3)
+    env_table = environment_table(environment() | {"repository commit": source_commit()})
     return f"""# T2I-Adapter on one SD1.5 UNet step
 
 `python bench/t2i_adapter.py --rounds {args.rounds} --latent-size {args.latent_size} --threads {args.threads}`
@@ -178,13 +128,7 @@ adapter {differences["no adapter"]:.1e}, with it {differences["T2I-Adapter"]:.1e
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = unet_step_parser(__doc__ or "", Path("bench/results/t2i_adapter.md"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    comparisons, differences = measure(args.rounds, args.latent_size)
-    text = report(comparisons, differences, args)
-    write_report(text, args.output)
-    return 0 if all(value <= 1e-4 for value in differences.values()) else 1
+    return unet_step_main(argv, __doc__ or "", Path("bench/results/t2i_adapter.md"), measure, report)
 
 
 if __name__ == "__main__":

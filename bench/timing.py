@@ -179,6 +179,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def environment_table(env: dict[str, str]) -> str:
+    """`env` (as `environment()` returns it, with any additions) as a two-column Markdown table."""
+    return markdown_table(["", ""], [[key, value] for key, value in env.items()])
+
+
+def environment_section(env: dict[str, str]) -> list[str]:
+    """The closing `## Environment` section of a report, as lines: its title, `environment_table(env)`, an end line."""
+    return ["## Environment", "", environment_table(env), ""]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
     """A GitHub Markdown table; `align` has one letter per column, `l` or `r` (default: all left)."""
     align = align or "l" * len(headers)
@@ -187,6 +197,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align:
     rules = ["---:" if letter == "r" else "---" for letter in align]
     lines = [headers, rules, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+TIMING_HEADERS = (
+    "reference min (s)",
+    "ours min (s)",
+    "ratio min",
+    "reference median (s)",
+    "ours median (s)",
+    "ratio median",
+    "95% CI",
+)
+"""The headers of the columns of `timing_cells`, for times in seconds."""
 
 
 def timing_cells(comparison: Comparison, scale: float = 1.0, digits: int = 3) -> list[str]:
@@ -207,14 +229,85 @@ def timing_cells(comparison: Comparison, scale: float = 1.0, digits: int = 3) ->
     ]
 
 
-def unet_step_parser(description: str, output: Path) -> argparse.ArgumentParser:
-    """Command-line options shared by the one-UNet-step adapter benchmarks (IP-Adapter, T2I-Adapter, LoRA)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+RATIO_HEADERS = ("case", "time (median)", "baseline (median)", "ratio median", "range", "target")
+"""The headers of the columns of `ratio_cells`."""
+
+
+def ratio_cells(name: str, comparison: Comparison, target: float | None, digits: int = 2) -> list[str]:
+    """Table cells of one ratio between two states: `name`, the median time of each (seconds, `digits` decimals),
+    the ratio median, its confidence interval, and `<= target` (empty when `target` is None)."""
+    low, high = comparison.ratio_median_ci
+    return [
+        name,
+        f"{comparison.ours.median:.{digits}f} s",
+        f"{comparison.reference.median:.{digits}f} s",
+        f"{comparison.ratio_median:.3f}x",
+        f"{low:.3f}-{high:.3f}",
+        f"<= {target:.2f}x" if target else "",
+    ]
+
+
+def ratio_table(
+    comparisons: dict[str, Comparison], targets: dict[str, float], digits: int = 2, align: str | None = None
+) -> str:
+    """The Markdown table of `ratio_cells` of each comparison, under `RATIO_HEADERS`, with its target if any."""
+    rows = [ratio_cells(name, comparison, targets.get(name), digits) for name, comparison in comparisons.items()]
+    return markdown_table(RATIO_HEADERS, rows, align)
+
+
+def relative_diff(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """`max_abs_diff(ours, reference)` over the largest absolute value of `reference`."""
+    return max_abs_diff(ours, reference) / reference.abs().max().item()
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser that prints `description` (a benchmark's docstring) as it is written."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def unet_step_args(
+    argv: Sequence[str] | None, description: str, output: Path, rank_of: str | None = None
+) -> argparse.Namespace:
+    """Parse the options shared by the one-UNet-step adapter benchmarks (LoRA, LyCORIS, IP-Adapter, T2I-Adapter), and
+    `--rank` (default 16) when `rank_of` names what it is the rank of; then set torch's intra-op threads to `--threads`
+    before anything else runs."""
+    parser = bench_parser(description)
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default: 7)")
     parser.add_argument("--latent-size", type=int, default=32, help="latent height and width (default: 32)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--output", type=Path, default=output)
-    return parser
+    if rank_of:
+        parser.add_argument("--rank", type=int, default=16, help=f"rank of {rank_of} (default: 16)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """What a one-UNet-step adapter benchmark measured: its comparisons by table row, the relative differences of
+    the outputs of the two sides by state, and the parameter count of its (largest) adapter, where it reports one."""
+
+    comparisons: dict[str, Comparison]
+    differences: dict[str, float]
+    parameters: int = 0
+
+
+def unet_step_main(
+    argv: Sequence[str] | None,
+    description: str,
+    output: Path,
+    measure: Callable[[argparse.Namespace], StepMeasurement],
+    report: Callable[[StepMeasurement, argparse.Namespace], str],
+    rank_of: str | None = None,
+) -> int:
+    """The `main` of a one-UNet-step adapter benchmark: parse `unet_step_args`, `measure`, write the `report` to
+    `--output`. The exit status is 1 if a relative difference of the outputs is above 1e-4 (the timings would then
+    compare different computations), else 0."""
+    args = unet_step_args(argv, description, output, rank_of)
+    measured = measure(args)
+    write_report(report(measured, args), args.output)
+    return 0 if all(value <= 1e-4 for value in measured.differences.values()) else 1
 
 
 def write_report(text: str, output: Path) -> None:
@@ -234,7 +327,8 @@ StateStep = tuple[str, Callable[[str], None], str, Callable[[], torch.Tensor]]
 
 
 def state_outputs(steps: Sequence[StateStep]) -> dict[tuple[str, str], torch.Tensor]:
-    """The output of each step in its state, by (side, state), untimed."""
+    """The output of each step in its state, by (side, state), untimed (for checking that the sides agree)."""
+    progress("checking outputs (untimed)")
     outputs: dict[tuple[str, str], torch.Tensor] = {}
     for side, set_state, state, step in steps:
         set_state(state)
@@ -273,3 +367,24 @@ def state_comparisons(
     for state, theirs in pairs:
         comparisons[f"ours / diffusers, {state}"] = Comparison(timings["ours", state], timings["diffusers", theirs], 1)
     return comparisons
+
+
+def state_ratios(
+    timings: dict[tuple[str, str], Timing], rows: dict[str, tuple[tuple[str, str], tuple[str, str]]]
+) -> dict[str, Comparison]:
+    """A comparison by table row: `rows` maps a row's name to the (side, state) timed and the (side, state) of its
+    baseline."""
+    return {name: Comparison(timings[timed], timings[baseline], 1) for name, (timed, baseline) in rows.items()}
+
+
+def state_table(
+    comparisons: dict[str, Comparison], targets: dict[str, float], differences: dict[str, float], difference: str
+) -> str:
+    """The Markdown table of `state_comparisons`: `ratio_cells` of each, then a column headed `difference` that holds
+    `differences[STATE]` on the rows `ours, STATE`."""
+    rows: list[list[str]] = []
+    for name, comparison in comparisons.items():
+        state = name.split(", ", 1)[1]
+        shown = name.startswith("ours, ") and state in differences
+        rows.append([*ratio_cells(name, comparison, targets.get(name)), f"{differences[state]:.1e}" if shown else ""])
+    return markdown_table([*RATIO_HEADERS, difference], rows, "lrrrrrr")
