@@ -2,15 +2,15 @@
 
 The full-size model (the README's `ViT(embedding_dim=768, image_size=224, num_heads=12)`) is built for the
 shape and parameter-count checks; parity runs on a reduced configuration of the same classes to keep CPU runs
-fast. Parity tolerance: atol 1e-5 in float32 against `readme_vit.TorchViT`, a plain `torch.nn` implementation
-(`nn.MultiheadAttention`) of the same architecture holding the same weights.
+fast. Parity tolerance: atol 1e-5 in float32 against `refiners_core.testing.readme_vit.TorchViT`, a plain
+`torch.nn` implementation (`nn.MultiheadAttention`) of the same architecture holding the same weights.
 """
 
 import pytest
 import torch
-from readme_vit import CrossAttentionViT, TorchViT, ViT, copy_weights, vit_parameter_count
 
 import refiners_core.fluxion as fl
+from refiners_core.testing.readme_vit import CrossAttentionViT, TorchViT, ViT, copy_weights, vit_parameter_count
 
 IMAGE = (2, 3, 224, 224)
 SMALL = {"embedding_dim": 96, "patch_size": 16, "image_size": 64, "num_layers": 3, "num_heads": 6}
