@@ -16,13 +16,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from torch import nn
 
 import refiners_core.fluxion as fl
 from refiners_core.module_names import DIFFUSERS
+from refiners_core.testing import state_snapshot
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 from refiners_lora.patterns import Pattern, PatternError
+from refiners_lora.testing import assert_lora_free
 
 
 class Net(fl.Chain):
@@ -41,18 +42,6 @@ def net() -> Net:
 
 
 X = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
-
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: tensor.clone() for key, tensor in module.state_dict().items()}
-
-
-def assert_untouched(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = module.state_dict()
-    assert list(after) == list(before)
-    assert all(torch.equal(after[key], tensor) for key, tensor in before.items())
-    assert not any(isinstance(layer, LoraAdapter) for layer in module.modules())
-    assert LoraManager(module).names == ()
 
 
 def peft_tensors(rank: int = 2) -> dict[str, torch.Tensor]:
@@ -132,13 +121,13 @@ def test_pattern_keys_that_cannot_be_bounded_are_refused_before_matching_naming_
     for field in ("alpha_pattern", "rank_pattern"):
         path = peft_file(tmp_path, json.dumps({"unet.lora_alpha": 4, f"unet.{field}": {"proj": 1, key: 2}}))
         model = net()
-        before = snapshot(model)
+        before = state_snapshot(model)
         with pytest.raises(WeightsError) as error:
             LoraManager(model).add("style", path)
         message = str(error.value)
         assert message.startswith(f"{path}: its 'lora_adapter_metadata' metadata has a bad unet.{field}")
         assert reason in message.lower() and repr(key)[1:-1][:40] in message
-        assert_untouched(model, before)
+        assert_lora_free(model, before)
 
 
 def test_too_many_pattern_keys_are_refused(tmp_path: Path) -> None:
@@ -223,10 +212,10 @@ def test_the_bounded_matcher_agrees_with_peft_regular_expressions(key: str, name
 )
 def test_bad_lora_values_are_refused_naming_the_source_and_key(tensors: dict[str, Any], match: str) -> None:
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(WeightsError, match=f"LoRA state dict 'style': {match}"):
         LoraManager(model).add("style", tensors, scale=10.0)
-    assert_untouched(model, before)
+    assert_lora_free(model, before)
 
 
 @pytest.mark.parametrize(
@@ -246,10 +235,10 @@ def test_bad_lora_values_are_refused_naming_the_source_and_key(tensors: dict[str
 def test_bad_peft_alphas_are_refused_naming_the_file(metadata: str, match: str, tmp_path: Path) -> None:
     path = peft_file(tmp_path, metadata)
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(WeightsError, match=f"{path}: its 'lora_adapter_metadata' metadata {match}"):
         LoraManager(model).add("style", path)
-    assert_untouched(model, before)
+    assert_lora_free(model, before)
 
 
 BAD_SCALES = [
@@ -268,7 +257,7 @@ def test_a_scale_that_is_not_a_finite_number_is_refused_naming_the_argument(
     scale: Any, error: type[Exception], match: str
 ) -> None:
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(error, match=f"LoRA 'style': {re.escape(match)}"):
         LoraManager(model).add("style", own_lora(), scale=scale)
     with pytest.raises(error, match=f"LoRA 'style': {re.escape(match)}"):
@@ -276,7 +265,7 @@ def test_a_scale_that_is_not_a_finite_number_is_refused_naming_the_argument(
     if scale is not None:  # alpha=None means alpha = rank
         with pytest.raises(error, match=f"LoRA 'style': {re.escape(match.replace('scale', 'alpha'))}"):
             LoraManager(model).create("style", ["Linear_1"], rank=2, alpha=scale)
-    assert_untouched(model, before)
+    assert_lora_free(model, before)
     loras = LoraManager(model)
     loras.add("style", own_lora(), scale=0.5)
     expected = model(X)
@@ -288,7 +277,7 @@ def test_a_scale_that_is_not_a_finite_number_is_refused_naming_the_argument(
 @pytest.mark.parametrize("ejected", [["Linear_1"], ["Linear_2"], ["Linear_1", "Linear_2"]])
 def test_remove_finishes_when_adapters_were_ejected_by_hand_and_the_name_is_free_again(ejected: list[str]) -> None:
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     targets = [model.get_submodule(path) for path in ejected]
     loras = LoraManager(model)
     loras.add("style", own_lora())
@@ -298,7 +287,7 @@ def test_remove_finishes_when_adapters_were_ejected_by_hand_and_the_name_is_free
     with pytest.raises(RuntimeError, match="cannot fuse: the adapter of LoRA 'style' on .* was ejected by hand"):
         loras.fuse()
     loras.remove("style")
-    assert_untouched(model, before)
+    assert_lora_free(model, before)
     loras.add("style", own_lora())
     assert loras.names == ("style",)
 
@@ -339,12 +328,12 @@ def test_random_peft_metadata_loads_or_is_refused_naming_the_file(
 ) -> None:
     path = peft_file(tmp_path, raw if raw is not None else json.dumps(config))
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     try:
         LoraManager(model).add("style", path)
     except WeightsError as error:
         assert str(error).startswith(str(path))
-        assert_untouched(model, before)
+        assert_lora_free(model, before)
     else:
         assert LoraManager(model).names == ("style",)
 
@@ -383,7 +372,7 @@ def test_a_lora_file_that_is_no_weights_file_is_named_for_what_it_is(
     path = tmp_path / f"lora{suffix}"
     path.write_bytes(content)
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(WeightsError, match=f"^cannot read {re.escape(str(path))}.*{match}"):
         LoraManager(model).add("style", path)
-    assert_untouched(model, before)
+    assert_lora_free(model, before)
