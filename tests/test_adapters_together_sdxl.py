@@ -9,6 +9,7 @@ original `state_dict` and the exact original latents (bit for bit, float32 on th
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_controlnet import ControlNet, ControlNetAdapter
+from refiners_core.testing import Original, outputs_after_each
 from refiners_freeu import FreeU
 from refiners_lora import LoraManager
 from refiners_sd15 import DDIM
@@ -73,9 +75,8 @@ def generate(sdxl: StableDiffusion_XL) -> tuple[torch.Tensor, torch.Tensor]:
 def test_lora_controlnet_textual_inversion_and_freeu_on_sdxl_then_ejected_in_another_order(folder: Path) -> None:
     sdxl = StableDiffusion_XL.from_pretrained(folder)
     sdxl.show_progress = False
-    original_state = {key: tensor.clone() for key, tensor in sdxl.state_dict().items()}
-    original_embedding, original_latents = generate(sdxl)
-    modules_before = [type(module) for module in sdxl.modules()]
+    original = Original.of(sdxl, lambda: generate(sdxl))
+    original_embedding, original_latents = original.outputs
 
     # In: LoRA, ControlNet, textual inversion, FreeU.
     loras = LoraManager(sdxl)
@@ -100,26 +101,12 @@ def test_lora_controlnet_textual_inversion_and_freeu_on_sdxl_then_ejected_in_ano
     assert not torch.allclose(latents, original_latents, atol=1e-3)
 
     # Each adapter on its own matters: taking one out changes the result again.
-    latents_by_state = [latents]
-    freeu.eject()
-    latents_by_state.append(generate(sdxl)[1])
-    loras.remove("style")
-    latents_by_state.append(generate(sdxl)[1])
-    controlnet.eject()
-    latents_by_state.append(generate(sdxl)[1])
-    textual_inversion.eject()
-    latents_by_state.append(generate(sdxl)[1])
-    for before, after in zip(latents_by_state, latents_by_state[1:]):
+    steps = [freeu.eject, lambda: loras.remove("style"), controlnet.eject, textual_inversion.eject]
+    latents_by_state = [latents, *outputs_after_each(lambda: generate(sdxl)[1], steps)]
+    for before, after in itertools.pairwise(latents_by_state):
         assert not torch.allclose(before, after, atol=1e-4)
 
     # Out: FreeU, LoRA, ControlNet, textual inversion -- and everything is exactly as it was.
     assert loras.names == ()
-    assert [type(module) for module in sdxl.modules()] == modules_before
-    final_state = sdxl.state_dict()
-    assert final_state.keys() == original_state.keys()
-    for key, tensor in original_state.items():
-        assert torch.equal(final_state[key], tensor), key
-    final_embedding, final_latents = generate(sdxl)
-    assert torch.equal(final_embedding, original_embedding)
-    assert torch.equal(final_latents, original_latents)
+    original.assert_restored(sdxl, lambda: generate(sdxl))
     assert torch.equal(latents_by_state[-1], original_latents)

@@ -161,7 +161,7 @@ def kohya_lora(
 
 def peft_lora(
     targets: LoraTargets,
-    peft_name: Callable[[str, str], str],
+    published_name: Callable[[str, str], str],
     seed: int,
     *,
     rank: int = 3,
@@ -169,8 +169,8 @@ def peft_lora(
     alphas: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[Delta]]:
     """A diffusers / PEFT LoRA file's tensors (lora_A / lora_B) on the attention, feed-forward and MLP layers of
-    `targets`, each module named `peft_name(component, module name)` (`unet.down_blocks...`), with an `alpha` key on
-    the modules of the components in `alphas` (component -> alpha); and its deltas."""
+    `targets`, each module named `{component}.{published_name(component, module name)}` (`unet.down_blocks...`), with
+    an `alpha` key on the modules of the components in `alphas` (component -> alpha); and its deltas."""
     alphas = alphas or {}
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
@@ -178,7 +178,7 @@ def peft_lora(
     for component, name, module in targets:
         if not any(part in name for part in ("attn", "ff.", "mlp", "proj_in", "proj_out")):
             continue
-        key = peft_name(component, name)
+        key = f"{component}.{published_name(component, name)}"
         down, up = random_lora(module, rank, generator, std)
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
         if component in alphas:

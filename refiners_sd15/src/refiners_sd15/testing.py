@@ -3,6 +3,7 @@ and original-layout checkpoints written from transformers state dicts. Nothing h
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -227,6 +228,23 @@ class DiffusersReferences:
     def component(self, name: str) -> Any:
         """The reference `unet` or `text_encoder`."""
         return self.unet if name == "unet" else self.text_encoder
+
+    def pipeline(self) -> Any:
+        """A fresh diffusers `StableDiffusionPipeline` on copies of the reference UNet and text encoder (LoRA loading
+        patches them), the folder's autoencoder and a DDIM scheduler; no tokenizer (ours makes the token ids of both),
+        no safety checker."""
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # pyright: ignore[reportPrivateImportUsage]
+
+        components: dict[str, Any] = {
+            "vae": AutoencoderKL.from_pretrained(self.folder / "vae"),  # pyright: ignore[reportUnknownMemberType]
+            "text_encoder": copy.deepcopy(self.text_encoder),
+            "tokenizer": None,
+            "unet": copy.deepcopy(self.unet),
+            "scheduler": DDIMScheduler(steps_offset=1, clip_sample=False),
+            "safety_checker": None,
+            "feature_extractor": None,
+        }
+        return StableDiffusionPipeline(**components, requires_safety_checker=False)
 
 
 def open_clip_state_dict(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@
 - `fresh_dynamo`, `fail_on_recompile`: `torch.compile` tests.
 - `FakeDistributions`: plugin distributions that look installed, without pip; `GREETER_PLUGIN`, one that works.
 - `check_adapter`: every promise of an adapter, checked on a model (see `refiners_core.testing.adapters`).
-- `state_snapshot`, `assert_state_unchanged`: a model's state dict is back exactly as it was.
+- `state_snapshot`, `assert_state_unchanged`, `Original`: a model is back exactly as it was; `outputs_after_each`.
 - `refiners_core.testing.readme_vit`: the README's toy ViT, and a plain-torch twin of it.
 - `refiners_core.testing.files`: `change_file`, a weights file changed behind a loaded model's back.
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from refiners_core.testing.adapters import AdapterCheckReport, check_adapter
     from refiners_core.testing.closeness import assert_bitwise_equal, assert_relative_close, relative_error
     from refiners_core.testing.dynamo import fail_on_recompile, fresh_dynamo
-    from refiners_core.testing.states import assert_state_unchanged, state_snapshot
+    from refiners_core.testing.states import Original, assert_state_unchanged, outputs_after_each, state_snapshot
 
 _LAZY = {
     "AdapterCheckReport": "refiners_core.testing.adapters",
@@ -34,7 +34,9 @@ _LAZY = {
     "relative_error": "refiners_core.testing.closeness",
     "fail_on_recompile": "refiners_core.testing.dynamo",
     "fresh_dynamo": "refiners_core.testing.dynamo",
+    "Original": "refiners_core.testing.states",
     "assert_state_unchanged": "refiners_core.testing.states",
+    "outputs_after_each": "refiners_core.testing.states",
     "state_snapshot": "refiners_core.testing.states",
 }
 
@@ -46,12 +48,14 @@ __all__ = [
     "AdapterCheckReport",
     "FakeDistributions",
     "GREETER_PLUGIN",
+    "Original",
     "assert_bitwise_equal",
     "assert_relative_close",
     "assert_state_unchanged",
     "check_adapter",
     "fail_on_recompile",
     "fresh_dynamo",
+    "outputs_after_each",
     "relative_error",
     "state_snapshot",
 ]
