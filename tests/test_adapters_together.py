@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 import refiners_core.fluxion as fl
 from refiners_controlnet import ControlNet, ControlNetAdapter
 from refiners_core.module_names import DIFFUSERS
-from refiners_core.testing import Original, outputs_after_each
+from refiners_core.testing import Original, outputs_after_each, randomize_parameters
 from refiners_freeu import FreeU
 from refiners_lora import LoraManager
 from refiners_sd15 import DDIM, StableDiffusion_1
@@ -59,10 +59,7 @@ def lora_file(sd: StableDiffusion_1, folder: Path) -> Path:
 def controlnet_for(sd: StableDiffusion_1) -> ControlNet:
     """A ControlNet for the UNet, with every parameter random so that its residuals are not zero."""
     controlnet = ControlNet.from_unet(sd.unet)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for parameter in controlnet.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.1)
+    randomize_parameters(controlnet, seed=2, std=0.1)
     return controlnet
 
 

@@ -71,6 +71,13 @@ def lora_tensors(model: nn.Module, convention: str, *, rank: int = 1, alpha: flo
     return tensors
 
 
+def loadable_report(capsys: pytest.CaptureFixture[str], path: Path) -> dict[str, Any]:
+    """The `--json` report of `refiners lora inspect PATH`, which exits 0 with nothing on stderr."""
+    code, out, err = inspect(capsys, str(path), "--json")
+    assert (code, err) == (0, "")
+    return json.loads(out)
+
+
 def assert_loads_uniformly(report: dict[str, Any], family: str, modules: int, *, rank: int, alpha: float) -> None:
     """The `--json` report says the file loads, all its `modules` matched, of one `family`, `rank` and `alpha`."""
     assert report["loads"] and report["modules_matched"] == modules
@@ -96,10 +103,8 @@ def test_published_names_of_every_layer_inspect_as_loadable_with_the_guessed_mod
     path = tmp_path / "lora.safetensors"
     save_tensors(path, tensors)
 
-    code, out, err = inspect(capsys, str(path), "--json")
+    report = loadable_report(capsys, path)
 
-    assert (code, err) == (0, "")
-    report = json.loads(out)
     modules = len(tensors) // 3
     assert report["format"] == convention and report["problems"] == []
     assert report["model"]["kind"] == kind and report["model"]["source"] is None
@@ -165,10 +170,8 @@ def test_a_loha_file_is_reported_by_its_family_and_loads(tmp_path: Path, capsys:
     path = tmp_path / "loha.safetensors"
     save_tensors(path, tensors)
 
-    code, out, err = inspect(capsys, str(path), "--json")
+    report = loadable_report(capsys, path)
 
-    assert (code, err) == (0, "")
-    report = json.loads(out)
     modules = len(tensors) // 5
     assert report["model"]["guessed_from"].startswith("SD1.5: ")
     assert_loads_uniformly(report, "loha", modules, rank=2, alpha=1.0)

@@ -24,7 +24,14 @@ from refiners_core.module_names import DIFFUSERS, KOHYA, ForeignModuleNames
 from refiners_core.testing import assert_relative_close, state_snapshot
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
-from refiners_lora.testing import Delta, assert_lora_free, fuse_by_hand, fused, random_lora
+from refiners_lora.testing import (
+    Delta,
+    assert_lora_changes_only_its_generation,
+    assert_lora_free,
+    fuse_by_hand,
+    fused,
+    random_lora,
+)
 from refiners_lora.testing import kohya_lora as random_kohya_lora
 from refiners_lora.testing import peft_lora as random_peft_lora
 from refiners_sd15 import StableDiffusion_1
@@ -273,11 +280,7 @@ def test_refiners_generate_loads_lora_files_given_with_their_scales(
         arguments = ["--model", str(references.folder), "--steps", "1", "--size", "32x32", "--seed", "0"]
         return main(["generate", PROMPT, *arguments, "--no-progress", "--out", str(out), *options])
 
-    assert generate(tmp_path / "plain.png") == 0
-    assert generate(tmp_path / "lora.png", "--lora", f"{lora}:0.8") == 0
-    assert generate(tmp_path / "again.png") == 0
-    plain, styled, again = (Image.open(tmp_path / name).tobytes() for name in ("plain.png", "lora.png", "again.png"))
-    assert styled != plain and again == plain
+    assert_lora_changes_only_its_generation(generate, tmp_path, f"{lora}:0.8")
     capsys.readouterr()
     assert generate(tmp_path / "missing.png", "--lora", str(tmp_path / "missing.safetensors")) == 2
     error = capsys.readouterr().err

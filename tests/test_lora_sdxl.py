@@ -37,6 +37,7 @@ from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 from refiners_lora.testing import (
     Delta,
+    assert_lora_changes_only_its_generation,
     assert_lora_free,
     fuse_by_hand,
     fused,
@@ -444,11 +445,7 @@ def test_refiners_generate_loads_sdxl_lora_files_and_refuses_an_sd15_one(
         arguments = ["--model", str(folder), "--steps", "1", "--size", "64x64", "--seed", "0"]
         return main(["generate", PROMPT, *arguments, "--no-progress", "--out", str(out), *options])
 
-    assert generate(tmp_path / "plain.png") == 0
-    assert generate(tmp_path / "lora.png", "--lora", f"{lora}:0.8") == 0
-    assert generate(tmp_path / "again.png") == 0
-    plain, styled, again = (Image.open(tmp_path / name).tobytes() for name in ("plain.png", "lora.png", "again.png"))
-    assert styled != plain and again == plain
+    assert_lora_changes_only_its_generation(generate, tmp_path, f"{lora}:0.8")
     capsys.readouterr()
     sd15_lora = lora_of(sd15, "kohya", tmp_path / "sd15.safetensors")
     assert generate(tmp_path / "refused.png", "--lora", str(sd15_lora)) == 2

@@ -44,14 +44,21 @@ def net() -> Net:
 X = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
 
 
-def peft_tensors(rank: int = 2) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(4)
+def two_layer_lora(layers: tuple[str, str], keys: tuple[str, str], seed: int, rank: int) -> dict[str, torch.Tensor]:
+    """A rank-`rank` LoRA drawn from `seed` on the 8 -> 16 and 16 -> 4 layers named `layers`, the down and up
+    weights of each under the suffixes `keys`."""
+    generator = torch.Generator().manual_seed(seed)
+    (first, second), (down, up) = layers, keys
     return {
-        "net.blocks.0.proj.lora_A.weight": torch.randn(rank, 8, generator=generator),
-        "net.blocks.0.proj.lora_B.weight": torch.randn(16, rank, generator=generator),
-        "net.blocks.1.proj_out.lora_A.weight": torch.randn(rank, 16, generator=generator),
-        "net.blocks.1.proj_out.lora_B.weight": torch.randn(4, rank, generator=generator),
+        f"{first}.{down}": torch.randn(rank, 8, generator=generator),
+        f"{first}.{up}": torch.randn(16, rank, generator=generator),
+        f"{second}.{down}": torch.randn(rank, 16, generator=generator),
+        f"{second}.{up}": torch.randn(4, rank, generator=generator),
     }
+
+
+def peft_tensors(rank: int = 2) -> dict[str, torch.Tensor]:
+    return two_layer_lora(("net.blocks.0.proj", "net.blocks.1.proj_out"), ("lora_A.weight", "lora_B.weight"), 4, rank)
 
 
 def peft_file(tmp_path: Path, metadata: str, tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -61,14 +68,8 @@ def peft_file(tmp_path: Path, metadata: str, tensors: dict[str, torch.Tensor] | 
 
 
 def own_lora(rank: int = 2) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    return {
-        "Linear_1.down.weight": torch.randn(rank, 8, generator=generator),
-        "Linear_1.up.weight": torch.randn(16, rank, generator=generator),
-        "Linear_2.down.weight": torch.randn(rank, 16, generator=generator),
-        "Linear_2.up.weight": torch.randn(4, rank, generator=generator),
-        "Linear_2.alpha": torch.tensor(3.0),
-    }
+    tensors = two_layer_lora(("Linear_1", "Linear_2"), ("down.weight", "up.weight"), 3, rank)
+    return tensors | {"Linear_2.alpha": torch.tensor(3.0)}
 
 
 HOSTILE_BUT_REGULAR = [

@@ -222,3 +222,16 @@ class ConvAndLinears(fl.Chain):
             fl.Linear(16, 4),
             *(fl.Linear(4, 4) for _ in range(extra_linears)),
         )
+
+
+def assert_lora_changes_only_its_generation(generate: Callable[..., int], folder: Path, lora: str) -> None:
+    """With `generate(out, *options)` running `refiners generate` into the image `out`: a run with `--lora LORA`
+    makes another image than a plain run before it, and a plain run after it the same image as the first (nothing
+    stays loaded). The images are written in `folder` as plain.png, lora.png and again.png."""
+    from PIL import Image
+
+    assert generate(folder / "plain.png") == 0
+    assert generate(folder / "lora.png", "--lora", lora) == 0
+    assert generate(folder / "again.png") == 0
+    plain, styled, again = (Image.open(folder / name).tobytes() for name in ("plain.png", "lora.png", "again.png"))
+    assert styled != plain and again == plain

@@ -284,6 +284,23 @@ def small_unet_config(in_channels: int = 4) -> UNetConfig:
     )
 
 
+def small_compile_unet() -> SD1UNet:
+    """A scaled-down SD1.5 UNet for `torch.compile` tests: levels of 32 and 64 channels, one layer each, 4-wide
+    heads, 24-wide text cross-attention at the first level only, 8 groups per norm; random weights drawn after seeding
+    torch's global generator with 0, in eval mode."""
+    torch.manual_seed(0)  # pyright: ignore[reportUnknownMemberType]
+    return SD1UNet(
+        UNetConfig(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=4,
+            cross_attention_dim=24,
+            cross_attention_levels=(True, False),
+            norm_num_groups=8,
+        )
+    ).eval()
+
+
 def small_sd15_components(in_channels: int) -> dict[str, torch.nn.Module]:
     """`unet`, `lda` and `clip_text_encoder` of a scaled-down SD1.5 (32 channels, one layer each) with random weights
     drawn from seed `in_channels`, as keyword arguments of `StableDiffusion_1` (`in_channels` 4) or

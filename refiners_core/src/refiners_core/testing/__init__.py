@@ -5,6 +5,7 @@
 - `FakeDistributions`: plugin distributions that look installed, without pip; `GREETER_PLUGIN`, one that works.
 - `check_adapter`: every promise of an adapter, checked on a model (see `refiners_core.testing.adapters`).
 - `state_snapshot`, `assert_state_unchanged`, `Original`: a model is back exactly as it was; `outputs_after_each`.
+- `randomize_parameters`: random weights from a seed.
 - `refiners_core.testing.readme_vit`: the README's toy ViT, and a plain-torch twin of it.
 - `refiners_core.testing.files`: `change_file`, a weights file changed behind a loaded model's back.
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from refiners_core.testing.adapters import AdapterCheckReport, check_adapter
     from refiners_core.testing.closeness import assert_bitwise_equal, assert_relative_close, relative_error
     from refiners_core.testing.dynamo import fail_on_recompile, fresh_dynamo
+    from refiners_core.testing.random_weights import randomize_parameters
     from refiners_core.testing.states import Original, assert_state_unchanged, outputs_after_each, state_snapshot
 
 _LAZY = {
@@ -34,6 +36,7 @@ _LAZY = {
     "relative_error": "refiners_core.testing.closeness",
     "fail_on_recompile": "refiners_core.testing.dynamo",
     "fresh_dynamo": "refiners_core.testing.dynamo",
+    "randomize_parameters": "refiners_core.testing.random_weights",
     "Original": "refiners_core.testing.states",
     "assert_state_unchanged": "refiners_core.testing.states",
     "outputs_after_each": "refiners_core.testing.states",
@@ -56,6 +59,7 @@ __all__ = [
     "fail_on_recompile",
     "fresh_dynamo",
     "outputs_after_each",
+    "randomize_parameters",
     "relative_error",
     "state_snapshot",
 ]
