@@ -116,22 +116,18 @@ def test_readme_cross_attention_vit_output_follows_the_context(
     assert torch.equal(y_first, y_first_again)
 
 
-def test_readme_cross_attention_vit_without_context_names_context_key_and_layer() -> None:
+@pytest.mark.parametrize(
+    ("context", "quote"), [(None, ""), ({"other": (1, 16, 32)}, "'")], ids=["without context", "without context key"]
+)
+def test_readme_cross_attention_vit_missing_its_context_names_context_key_and_layer(
+    context: dict[str, tuple[int, ...]] | None, quote: str
+) -> None:
     model = CrossAttentionViT(embedding_dim=32, patch_size=8, image_size=32, num_layers=2, num_heads=4)
+    if context is not None:
+        model.set_context("cross_attention", {key: torch.randn(shape) for key, shape in context.items()})
     with pytest.raises(fl.ContextError) as info:
         model(torch.randn(1, 3, 32, 32))
     message = str(info.value)
-    assert "cross_attention" in message
-    assert "my_embed" in message
-    assert "CrossAttentionViT.Chain_1.Residual_1.Parallel.UseContext_1" in message
-
-
-def test_readme_cross_attention_vit_without_context_key_names_context_key_and_layer() -> None:
-    model = CrossAttentionViT(embedding_dim=32, patch_size=8, image_size=32, num_layers=2, num_heads=4)
-    model.set_context("cross_attention", {"other": torch.randn(1, 16, 32)})
-    with pytest.raises(fl.ContextError) as info:
-        model(torch.randn(1, 3, 32, 32))
-    message = str(info.value)
-    assert "'cross_attention'" in message
-    assert "'my_embed'" in message
+    assert f"{quote}cross_attention{quote}" in message
+    assert f"{quote}my_embed{quote}" in message
     assert "CrossAttentionViT.Chain_1.Residual_1.Parallel.UseContext_1" in message
