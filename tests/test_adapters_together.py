@@ -8,6 +8,7 @@ the exact original `state_dict` and the exact original latents (bit for bit, flo
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 import refiners_core.fluxion as fl
 from refiners_controlnet import ControlNet, ControlNetAdapter
 from refiners_core.module_names import DIFFUSERS
+from refiners_core.testing import Original, outputs_after_each, randomize_parameters
 from refiners_freeu import FreeU
 from refiners_lora import LoraManager
 from refiners_sd15 import DDIM, StableDiffusion_1
@@ -57,10 +59,7 @@ def lora_file(sd: StableDiffusion_1, folder: Path) -> Path:
 def controlnet_for(sd: StableDiffusion_1) -> ControlNet:
     """A ControlNet for the UNet, with every parameter random so that its residuals are not zero."""
     controlnet = ControlNet.from_unet(sd.unet)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for parameter in controlnet.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.1)
+    randomize_parameters(controlnet, seed=2, std=0.1)
     return controlnet
 
 
@@ -75,8 +74,20 @@ def generate(sd: StableDiffusion_1) -> tuple[torch.Tensor, torch.Tensor]:
     return embedding, x
 
 
-def state(sd: StableDiffusion_1) -> dict[str, torch.Tensor]:
-    return {key: tensor.clone() for key, tensor in sd.state_dict().items()}
+def add_lora_controlnet_and_textual_inversion(
+    sd: StableDiffusion_1, folder: Path
+) -> tuple[LoraManager, ControlNetAdapter, TextualInversionAdapter]:
+    """Into `sd`: the LoRA of `lora_file` (written in `folder`) at scale 0.8, a random ControlNet at scale 0.7 on a
+    random condition, and a random 2-vector embedding of `<toy>`."""
+    loras = LoraManager(sd)
+    loras.add("style", lora_file(sd, folder), scale=0.8)
+    controlnet = ControlNetAdapter(sd.unet, controlnet_for(sd), scale=0.7)
+    controlnet.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
+    textual_inversion = TextualInversionAdapter(sd.clip_text_encoder)
+    torch.manual_seed(4)
+    textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP_TRANSFORMERS_CONFIG["hidden_size"]))
+    textual_inversion.inject()
+    return loras, controlnet, textual_inversion
 
 
 def test_lora_controlnet_textual_inversion_freeu_and_t2i_adapter_together_then_ejected_in_another_order(
@@ -84,19 +95,11 @@ def test_lora_controlnet_textual_inversion_freeu_and_t2i_adapter_together_then_e
 ) -> None:
     sd = StableDiffusion_1.from_pretrained(folder)
     sd.show_progress = False
-    original_state = state(sd)
-    original_embedding, original_latents = generate(sd)
-    modules_before = [type(module) for module in sd.modules()]
+    original = Original.of(sd, lambda: generate(sd))
+    original_embedding, original_latents = original.outputs
 
     # In: LoRA, ControlNet, textual inversion, FreeU, T2I-Adapter.
-    loras = LoraManager(sd)
-    loras.add("style", lora_file(sd, tmp_path), scale=0.8)
-    controlnet = ControlNetAdapter(sd.unet, controlnet_for(sd), scale=0.7)
-    controlnet.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
-    textual_inversion = TextualInversionAdapter(sd.clip_text_encoder)
-    torch.manual_seed(4)
-    textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP_TRANSFORMERS_CONFIG["hidden_size"]))
-    textual_inversion.inject()
+    loras, controlnet, textual_inversion = add_lora_controlnet_and_textual_inversion(sd, tmp_path)
     freeu = FreeU(sd.unet, s1=0.9, s2=0.2, b1=1.2, b2=1.4).inject()
     torch.manual_seed(5)  # a full adapter of the small UNet's levels: features of 32 and 64 channels
     t2i = T2IAdapter(sd.unet, T2IAdapterModel(T2IAdapterConfig(channels=(32, 64), num_res_blocks=1)), scale=0.6)
@@ -109,30 +112,14 @@ def test_lora_controlnet_textual_inversion_freeu_and_t2i_adapter_together_then_e
     assert not torch.allclose(latents, original_latents, atol=1e-3)
 
     # Each adapter on its own matters: taking one out changes the result again.
-    latents_by_state = [latents]
-    controlnet.eject()
-    latents_by_state.append(generate(sd)[1])
-    t2i.eject()
-    latents_by_state.append(generate(sd)[1])
-    loras.remove("style")
-    latents_by_state.append(generate(sd)[1])
-    freeu.eject()
-    latents_by_state.append(generate(sd)[1])
-    textual_inversion.eject()
-    latents_by_state.append(generate(sd)[1])
-    for before, after in zip(latents_by_state, latents_by_state[1:]):
+    steps = [controlnet.eject, t2i.eject, lambda: loras.remove("style"), freeu.eject, textual_inversion.eject]
+    latents_by_state = [latents, *outputs_after_each(lambda: generate(sd)[1], steps)]
+    for before, after in itertools.pairwise(latents_by_state):
         assert not torch.allclose(before, after, atol=1e-4)
 
     # Out: ControlNet, T2I-Adapter, LoRA, FreeU, textual inversion -- and everything is exactly as it was.
     assert loras.names == ()
-    assert [type(module) for module in sd.modules()] == modules_before
-    final_state = sd.state_dict()
-    assert final_state.keys() == original_state.keys()
-    for key, tensor in original_state.items():
-        assert torch.equal(final_state[key], tensor), key
-    final_embedding, final_latents = generate(sd)
-    assert torch.equal(final_embedding, original_embedding)
-    assert torch.equal(final_latents, original_latents)
+    original.assert_restored(sd, lambda: generate(sd))
     assert torch.equal(latents_by_state[-1], original_latents)
 
 
@@ -148,9 +135,8 @@ def test_ip_adapter_with_t2i_adapter_lora_controlnet_and_textual_inversion_then_
 
     sd = StableDiffusion_1.from_pretrained(folder)
     sd.show_progress = False
-    original_state = state(sd)
-    original_embedding, original_latents = generate(sd)
-    modules_before = [type(module) for module in sd.modules()]
+    original = Original.of(sd, lambda: generate(sd))
+    original_latents = original.outputs[1]
     weights = released_weights(
         "perceiver",
         image_embedding_dim=SMALL_VIT_H.embedding_dim,
@@ -166,14 +152,7 @@ def test_ip_adapter_with_t2i_adapter_lora_controlnet_and_textual_inversion_then_
     ip_adapter.set_image_embedding(ip_adapter.compute_image_embedding(reference))
     with_ip_adapter = generate(sd)[1]
     assert not torch.allclose(with_ip_adapter, original_latents, atol=1e-3)
-    loras = LoraManager(sd)
-    loras.add("style", lora_file(sd, tmp_path), scale=0.8)
-    controlnet = ControlNetAdapter(sd.unet, controlnet_for(sd), scale=0.7)
-    controlnet.set_condition(torch.rand(1, 3, *CONDITION_SIZE)).inject()
-    textual_inversion = TextualInversionAdapter(sd.clip_text_encoder)
-    torch.manual_seed(4)
-    textual_inversion.add_embedding("<toy>", torch.randn(2, SMALL_CLIP_TRANSFORMERS_CONFIG["hidden_size"]))
-    textual_inversion.inject()
+    loras, controlnet, textual_inversion = add_lora_controlnet_and_textual_inversion(sd, tmp_path)
     without_t2i = generate(sd)[1]
     torch.manual_seed(5)  # a full adapter of the small UNet's levels: features of 32 and 64 channels
     t2i = T2IAdapter(sd.unet, T2IAdapterModel(T2IAdapterConfig(channels=(32, 64), num_res_blocks=1)), scale=0.6)
@@ -190,11 +169,4 @@ def test_ip_adapter_with_t2i_adapter_lora_controlnet_and_textual_inversion_then_
     t2i.eject()
     textual_inversion.eject()
     assert not torch.allclose(all_in, original_latents, atol=1e-3)
-    assert [type(module) for module in sd.modules()] == modules_before
-    final_state = sd.state_dict()
-    assert final_state.keys() == original_state.keys()
-    for key, tensor in original_state.items():
-        assert torch.equal(final_state[key], tensor), key
-    final_embedding, final_latents = generate(sd)
-    assert torch.equal(final_embedding, original_embedding)
-    assert torch.equal(final_latents, original_latents)
+    original.assert_restored(sd, lambda: generate(sd))

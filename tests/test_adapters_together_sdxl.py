@@ -9,6 +9,7 @@ original `state_dict` and the exact original latents (bit for bit, float32 on th
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,15 @@ import torch
 
 import refiners_core.fluxion as fl
 from refiners_controlnet import ControlNet, ControlNetAdapter
+from refiners_core.testing import Original, outputs_after_each, randomize_parameters
 from refiners_freeu import FreeU
 from refiners_lora import LoraManager
 from refiners_sd15 import DDIM
 from refiners_sdxl import StableDiffusion_XL
-from refiners_sdxl.testing import G_DIM, L_DIM, write_small_sdxl_folder
+from refiners_sdxl.testing import G_DIM, L_DIM, guided_latents, write_small_sdxl_folder
 from refiners_textual_inversion import SDXLTextualInversion
 
-SIZE = (64, 64)  # pixels: 8x8 latents
+SIZE = 64  # pixels: 8x8 latents
 PROMPT = "a <toy> riding a horse"
 
 
@@ -44,10 +46,7 @@ def attention_projections(sdxl: StableDiffusion_XL) -> list[str]:
 def controlnet_for(sdxl: StableDiffusion_XL) -> ControlNet:
     """A ControlNet for the SDXL UNet, every parameter random so that its residuals are not zero."""
     controlnet = ControlNet.from_unet(sdxl.unet)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for parameter in controlnet.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.1)
+    randomize_parameters(controlnet, seed=2, std=0.1)
     return controlnet
 
 
@@ -56,26 +55,15 @@ def generate(sdxl: StableDiffusion_XL) -> tuple[torch.Tensor, torch.Tensor]:
     sdxl.solver = DDIM(num_inference_steps=2, **sdxl.solver_defaults)
     with torch.no_grad():
         embedding, pooled = sdxl.compute_clip_text_embedding(PROMPT, negative_text="blurry")
-        x = sdxl.init_latents(size=SIZE, noise=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)))
-        time_ids = sdxl.time_ids(original_size=SIZE, target_size=SIZE)
-        for step in sdxl.steps:
-            x = sdxl(
-                x,
-                step=step,
-                clip_text_embedding=embedding,
-                pooled_text_embedding=pooled,
-                time_ids=time_ids,
-                condition_scale=5.0,
-            )
-    return embedding, x
+        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+        return embedding, guided_latents(sdxl, noise, embedding, pooled, size=SIZE, condition_scale=5.0)
 
 
 def test_lora_controlnet_textual_inversion_and_freeu_on_sdxl_then_ejected_in_another_order(folder: Path) -> None:
     sdxl = StableDiffusion_XL.from_pretrained(folder)
     sdxl.show_progress = False
-    original_state = {key: tensor.clone() for key, tensor in sdxl.state_dict().items()}
-    original_embedding, original_latents = generate(sdxl)
-    modules_before = [type(module) for module in sdxl.modules()]
+    original = Original.of(sdxl, lambda: generate(sdxl))
+    original_embedding, original_latents = original.outputs
 
     # In: LoRA, ControlNet, textual inversion, FreeU.
     loras = LoraManager(sdxl)
@@ -87,7 +75,7 @@ def test_lora_controlnet_textual_inversion_and_freeu_on_sdxl_then_ejected_in_ano
         with torch.no_grad():
             adapter.lora.up.weight.copy_(torch.randn_like(adapter.lora.up.weight) * 0.3)
     controlnet = ControlNetAdapter(sdxl.unet, controlnet_for(sdxl), scale=0.7)
-    controlnet.set_condition(torch.rand(1, 3, *SIZE)).inject()
+    controlnet.set_condition(torch.rand(1, 3, SIZE, SIZE)).inject()
     textual_inversion = SDXLTextualInversion(sdxl.clip_text_encoder)
     torch.manual_seed(4)
     textual_inversion.add_embedding("<toy>", torch.randn(2, L_DIM), torch.randn(2, G_DIM))
@@ -100,26 +88,12 @@ def test_lora_controlnet_textual_inversion_and_freeu_on_sdxl_then_ejected_in_ano
     assert not torch.allclose(latents, original_latents, atol=1e-3)
 
     # Each adapter on its own matters: taking one out changes the result again.
-    latents_by_state = [latents]
-    freeu.eject()
-    latents_by_state.append(generate(sdxl)[1])
-    loras.remove("style")
-    latents_by_state.append(generate(sdxl)[1])
-    controlnet.eject()
-    latents_by_state.append(generate(sdxl)[1])
-    textual_inversion.eject()
-    latents_by_state.append(generate(sdxl)[1])
-    for before, after in zip(latents_by_state, latents_by_state[1:]):
+    steps = [freeu.eject, lambda: loras.remove("style"), controlnet.eject, textual_inversion.eject]
+    latents_by_state = [latents, *outputs_after_each(lambda: generate(sdxl)[1], steps)]
+    for before, after in itertools.pairwise(latents_by_state):
         assert not torch.allclose(before, after, atol=1e-4)
 
     # Out: FreeU, LoRA, ControlNet, textual inversion -- and everything is exactly as it was.
     assert loras.names == ()
-    assert [type(module) for module in sdxl.modules()] == modules_before
-    final_state = sdxl.state_dict()
-    assert final_state.keys() == original_state.keys()
-    for key, tensor in original_state.items():
-        assert torch.equal(final_state[key], tensor), key
-    final_embedding, final_latents = generate(sdxl)
-    assert torch.equal(final_embedding, original_embedding)
-    assert torch.equal(final_latents, original_latents)
+    original.assert_restored(sdxl, lambda: generate(sdxl))
     assert torch.equal(latents_by_state[-1], original_latents)

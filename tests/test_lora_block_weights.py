@@ -18,14 +18,15 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # type: ignore[import-untyped]
+from diffusers import StableDiffusionPipeline  # type: ignore[import-untyped]
 
 import refiners_core.fluxion as fl
 from refiners_core.module_names import DIFFUSERS, KOHYA
 from refiners_lora import LoraManager
 from refiners_lora.block_weights import BLOCK_WEIGHT_PRESETS, block_multipliers, block_weight_names
+from refiners_lora.testing import randomize_loras
 from refiners_sd15 import SD15_UNET, SD1UNet, StableDiffusion_1
-from refiners_sd15.testing import SMALL_UNET_DIFFUSERS_CONFIG, DiffusersReferences
+from refiners_sd15.testing import SMALL_UNET_DIFFUSERS_CONFIG, DiffusersReferences, paired_outputs
 from refiners_sdxl import SDXLUNet, StableDiffusion_XL
 from refiners_sdxl.config import SDXL_BASE_UNET
 from refiners_sdxl.testing import write_small_sdxl_folder
@@ -34,11 +35,7 @@ UNET_CONFIG = {**SMALL_UNET_DIFFUSERS_CONFIG, "layers_per_block": 2}
 """Two layers per down block and three per up block, as in SD1.5: the issue's `"up": [0.0, 1.0, 1.0]` fits."""
 SCALES: dict[str, Any] = {"unet": {"down": 0.5, "mid": 2.0, "up": [0.0, 1.0, 1.5]}, "text_encoder": 0.8}
 TEXT_MODULES = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1")
-
-INPUTS = torch.Generator().manual_seed(3)
-LATENTS = torch.randn(1, 4, 8, 8, generator=INPUTS)
-TEXT = torch.randn(1, 77, 64, generator=INPUTS)
-TIMESTEP = torch.tensor([500])
+PROMPT = "a photograph of an astronaut riding a horse"
 
 
 @pytest.fixture(scope="module")
@@ -46,28 +43,10 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> DiffusersReferences:
     return DiffusersReferences(tmp_path_factory.mktemp("sd15_blocks"), unet_config=UNET_CONFIG)
 
 
-def pipeline(references: DiffusersReferences) -> StableDiffusionPipeline:
-    components: dict[str, Any] = {
-        "vae": AutoencoderKL.from_pretrained(references.folder / "vae"),
-        "text_encoder": copy.deepcopy(references.text_encoder),
-        "tokenizer": None,
-        "unet": copy.deepcopy(references.unet),
-        "scheduler": DDIMScheduler(steps_offset=1, clip_sample=False),
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
-    return StableDiffusionPipeline(**components, requires_safety_checker=False)
-
-
-@torch.no_grad()
 def outputs(sd: StableDiffusion_1, pipe: StableDiffusionPipeline) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(ours, theirs) for the UNet and for the text encoder."""
-    sd.unet.set_timestep(TIMESTEP)
-    sd.unet.set_clip_text_embedding(TEXT)
-    tokens = sd.clip_text_encoder.tokenizer("a photograph of an astronaut riding a horse")
-    their_unet = pipe.unet(LATENTS, TIMESTEP, encoder_hidden_states=TEXT).sample
-    their_text = pipe.text_encoder(tokens).last_hidden_state
-    return [(sd.unet(LATENTS), their_unet), (sd.clip_text_encoder(tokens), their_text)]
+    ours_unet, their_unet, ours_text, their_text = paired_outputs(sd, pipe.unet, pipe.text_encoder, 64, PROMPT)
+    return [(ours_unet, their_unet), (ours_text, their_text)]
 
 
 def relative_errors(sd: StableDiffusion_1, pipe: StableDiffusionPipeline) -> list[float]:
@@ -93,14 +72,10 @@ def test_a_diffusers_scale_dict_gives_the_outputs_of_diffusers_set_adapters(
     sd = StableDiffusion_1.from_pretrained(references.folder)
     loras = LoraManager(sd)
     adapters = loras.create("style", lora_paths(sd), rank=4, alpha=2.0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for adapter in adapters.values():
-            for parameter in adapter.lora.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomize_loras(adapters.values(), seed=1, std=0.2)
     path = tmp_path / "style.safetensors"
     loras.save("style", path, format="diffusers")
-    pipe = pipeline(references)
+    pipe = references.pipeline()
     pipe.load_lora_weights(str(path), adapter_name="style")  # pyright: ignore[reportUnknownMemberType]
     assert max(relative_errors(sd, pipe)) <= 1e-4, "same LoRA at scale 1"
     pipe.set_adapters("style", adapter_weights=copy.deepcopy(SCALES))  # pyright: ignore[reportUnknownMemberType]

@@ -23,7 +23,8 @@ from safetensors.torch import save_file
 import refiners_core.fluxion as fl
 from refiners_core.testing import assert_relative_close, fail_on_recompile, relative_error
 from refiners_lora import LoraManager
-from refiners_sd15 import SD1UNet, UNetConfig
+from refiners_sd15 import SD1UNet
+from refiners_sd15.testing import small_compile_unet
 
 TOLERANCE = 1e-6
 RANK = 4
@@ -33,17 +34,7 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # refiners_core.testing's 
 
 
 def small_unet() -> SD1UNet:
-    torch.manual_seed(0)
-    unet = SD1UNet(
-        UNetConfig(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            attention_head_dim=4,
-            cross_attention_dim=24,
-            cross_attention_levels=(True, False),
-            norm_num_groups=8,
-        )
-    ).eval()
+    unet = small_compile_unet()
     unet.set_timestep(torch.tensor([500]))
     unet.set_clip_text_embedding(torch.randn(2, 7, 24))
     return unet

@@ -71,6 +71,21 @@ def lora_tensors(model: nn.Module, convention: str, *, rank: int = 1, alpha: flo
     return tensors
 
 
+def loadable_report(capsys: pytest.CaptureFixture[str], path: Path) -> dict[str, Any]:
+    """The `--json` report of `refiners lora inspect PATH`, which exits 0 with nothing on stderr."""
+    code, out, err = inspect(capsys, str(path), "--json")
+    assert (code, err) == (0, "")
+    return json.loads(out)
+
+
+def assert_loads_uniformly(report: dict[str, Any], family: str, modules: int, *, rank: int, alpha: float) -> None:
+    """The `--json` report says the file loads, all its `modules` matched, of one `family`, `rank` and `alpha`."""
+    assert report["loads"] and report["modules_matched"] == modules
+    assert report["families"] == {family: modules}
+    assert report["ranks"] == [{"rank": rank, "modules": modules}]
+    assert report["alphas"] == [{"alpha": alpha, "modules": modules}]
+
+
 def inspect(capsys: pytest.CaptureFixture[str], *arguments: str) -> tuple[int, str, str]:
     code = main(["lora", "inspect", *arguments])
     captured = capsys.readouterr()
@@ -88,19 +103,15 @@ def test_published_names_of_every_layer_inspect_as_loadable_with_the_guessed_mod
     path = tmp_path / "lora.safetensors"
     save_tensors(path, tensors)
 
-    code, out, err = inspect(capsys, str(path), "--json")
+    report = loadable_report(capsys, path)
 
-    assert (code, err) == (0, "")
-    report = json.loads(out)
     modules = len(tensors) // 3
-    assert report["format"] == convention and report["loads"] and report["problems"] == []
+    assert report["format"] == convention and report["problems"] == []
     assert report["model"]["kind"] == kind and report["model"]["source"] is None
     assert report["model"]["class"] == type(model).__name__
     assert report["model"]["guessed_from"].startswith({"sd15": "SD1.5: ", "sdxl": "SDXL: "}[kind])
-    assert report["modules"] == report["modules_matched"] == modules
-    assert report["families"] == {"lora": modules}
-    assert report["ranks"] == [{"rank": 2, "modules": modules}]
-    assert report["alphas"] == [{"alpha": 1.5, "modules": modules}]
+    assert report["modules"] == modules
+    assert_loads_uniformly(report, "lora", modules, rank=2, alpha=1.5)
     assert {c["name"] for c in report["components"]} == {"unet", "clip_text_encoder"}
     assert sum(c["patched"] for c in report["components"]) == modules
     assert all(0 < c["patched"] <= c["layers"] for c in report["components"])
@@ -159,15 +170,11 @@ def test_a_loha_file_is_reported_by_its_family_and_loads(tmp_path: Path, capsys:
     path = tmp_path / "loha.safetensors"
     save_tensors(path, tensors)
 
-    code, out, err = inspect(capsys, str(path), "--json")
+    report = loadable_report(capsys, path)
 
-    assert (code, err) == (0, "")
-    report = json.loads(out)
     modules = len(tensors) // 5
-    assert report["loads"] and report["model"]["guessed_from"].startswith("SD1.5: ")
-    assert report["families"] == {"loha": modules} and report["modules_matched"] == modules
-    assert report["ranks"] == [{"rank": 2, "modules": modules}]
-    assert report["alphas"] == [{"alpha": 1.0, "modules": modules}]
+    assert report["model"]["guessed_from"].startswith("SD1.5: ")
+    assert_loads_uniformly(report, "loha", modules, rank=2, alpha=1.0)
     code, out, _ = inspect(capsys, str(path))
     assert code == 0 and f"families: loha ({modules})" in out
     assert LoraManager(StableDiffusion_1.architecture(device="meta")).add("same", path) == []

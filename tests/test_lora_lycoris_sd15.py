@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from refiners_core.fluxion.adapters import Adapter
-from refiners_core.testing import assert_relative_close
+from refiners_core.testing import assert_relative_close, assert_state_unchanged, state_snapshot
 from refiners_lora import LoraManager
 from refiners_lora.testing import apply_lycoris, write_peft_file
 from refiners_sd15 import StableDiffusion_1
@@ -50,7 +50,7 @@ def test_a_kohya_loha_lokr_dora_file_matches_lycoris_on_the_sd15_unet_and_text_e
     references: DiffusersReferences, tmp_path: Path
 ) -> None:
     sd = StableDiffusion_1.from_pretrained(references.folder)
-    before = {key: tensor.clone() for key, tensor in sd.state_dict().items()}
+    before = state_snapshot(sd)
     path = tmp_path / "lycoris.safetensors"
     models, modules = lycoris_references(references, path)
     width = references.cross_attention_dim
@@ -68,8 +68,7 @@ def test_a_kohya_loha_lokr_dora_file_matches_lycoris_on_the_sd15_unet_and_text_e
     assert_relative_close(text_fused, text_theirs, what="text encoder, fused")
     loras.unfuse()
     loras.remove("style")
-    after = sd.state_dict()
-    assert list(after) == list(before) and all(torch.equal(after[key], value) for key, value in before.items())
+    assert_state_unchanged(sd, before)
 
 
 @pytest.mark.parametrize("family", ["dora", "loha", "lokr"])

@@ -19,22 +19,21 @@ import pytest
 import torch
 
 from refiners_core.fluxion.adapters import Adapter
-from refiners_core.testing import assert_relative_close
+from refiners_core.testing import assert_relative_close, assert_state_unchanged, state_snapshot
 from refiners_lora import LoraManager
 from refiners_lora.testing import apply_lycoris, write_peft_file
 from refiners_sdxl import StableDiffusion_XL
-from refiners_sdxl.testing import G_DIM, L_DIM, POOLED_DIM, SDXLReferences, sdxl_references, write_small_sdxl_folder
+from refiners_sdxl.testing import (
+    SDXLReferences,
+    our_outputs,
+    reference_outputs,
+    sdxl_references,
+    write_small_sdxl_folder,
+)
 
 PROMPT = "a photograph of an astronaut riding a horse"
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 WHAT = ("UNet", "text embedding", "pooled embedding")
-
-INPUTS = torch.Generator().manual_seed(3)
-LATENTS = torch.randn(1, 4, 8, 8, generator=INPUTS)
-TEXT = torch.randn(1, 77, L_DIM + G_DIM, generator=INPUTS)
-POOLED = torch.randn(1, POOLED_DIM, generator=INPUTS)
-TIME_IDS = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
-TIMESTEP = torch.tensor([500])
 
 
 def kohya_name(component: str, name: str) -> str:
@@ -44,29 +43,12 @@ def kohya_name(component: str, name: str) -> str:
     return (KOHYA_PREFIXES[component] + name).replace(".", "_")
 
 
-@torch.no_grad()
 def ours(sdxl: StableDiffusion_XL) -> list[torch.Tensor]:
-    """The UNet's output on random inputs, then the text and pooled embeddings of `PROMPT`."""
-    unet = sdxl.unet
-    unet.set_timestep(TIMESTEP)
-    unet.set_clip_text_embedding(TEXT)
-    unet.set_pooled_text_embedding(POOLED)
-    unet.set_time_ids(TIME_IDS)
-    embedding, pooled = sdxl.clip_text_encoder(PROMPT)
-    return [unet(LATENTS), embedding, pooled]
+    return our_outputs(sdxl, PROMPT)
 
 
-@torch.no_grad()
 def theirs(sdxl: StableDiffusion_XL, models: dict[str, Any]) -> list[torch.Tensor]:
-    """What `ours` gives, from the references (on our tokenizers' ids): the penultimate hidden states of both
-    encoders, concatenated, and CLIP-G's projected pooled embedding."""
-    added = {"text_embeds": POOLED, "time_ids": TIME_IDS}
-    unet = models["unet"](LATENTS, TIMESTEP, encoder_hidden_states=TEXT, added_cond_kwargs=added).sample
-    encoders = sdxl.clip_text_encoder
-    ids_l, ids_g = encoders.text_encoder_l.tokenizer(PROMPT), encoders.text_encoder_g.tokenizer(PROMPT)
-    hidden_l = models["text_encoder"](ids_l, output_hidden_states=True).hidden_states[-2]
-    output_g = models["text_encoder_2"](ids_g, output_hidden_states=True)
-    return [unet, torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1), output_g.text_embeds]
+    return reference_outputs(sdxl, models, PROMPT)
 
 
 def assert_matches(mine: list[torch.Tensor], reference: list[torch.Tensor], how: str) -> None:
@@ -92,7 +74,7 @@ def test_a_kohya_loha_lokr_dora_file_matches_lycoris_on_the_sdxl_unet_and_both_t
     references: SDXLReferences, folder: Path, tmp_path: Path
 ) -> None:
     sdxl = StableDiffusion_XL.from_pretrained(folder)
-    before = {key: tensor.clone() for key, tensor in sdxl.state_dict().items()}
+    before = state_snapshot(sdxl)
     plain = theirs(sdxl, copies(references))
     assert_matches(ours(sdxl), plain, "no LoRA")  # the folder holds the references' weights
     path = tmp_path / "lycoris.safetensors"
@@ -111,8 +93,7 @@ def test_a_kohya_loha_lokr_dora_file_matches_lycoris_on_the_sdxl_unet_and_both_t
     assert_matches(ours(sdxl), expected, "fused")
     loras.unfuse()
     loras.remove("style")
-    after = sdxl.state_dict()
-    assert list(after) == list(before) and all(torch.equal(after[key], value) for key, value in before.items())
+    assert_state_unchanged(sdxl, before)
 
 
 def test_a_diffusers_peft_dora_unet_file_matches_peft_on_the_sdxl_unet(

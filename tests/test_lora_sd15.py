@@ -9,7 +9,6 @@ configurations cover every kind of layer; one test runs the published SD1.5 UNet
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,29 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from torch import nn
 
 import refiners_core.fluxion as fl
 from refiners_core.cli import main
 from refiners_core.module_names import DIFFUSERS, KOHYA, ForeignModuleNames
-from refiners_core.testing import assert_relative_close
+from refiners_core.testing import assert_relative_close, state_snapshot
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
+from refiners_lora.testing import (
+    Delta,
+    assert_lora_changes_only_its_generation,
+    assert_lora_free,
+    fuse_by_hand,
+    fused,
+    random_lora,
+)
+from refiners_lora.testing import kohya_lora as random_kohya_lora
+from refiners_lora.testing import peft_lora as random_peft_lora
 from refiners_sd15 import StableDiffusion_1
 from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, DiffusersReferences, paired_outputs
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
 Lora = dict[str, torch.Tensor]
-Delta = tuple[str, str, torch.Tensor, torch.Tensor, float]  # (component, module name, down, up, alpha / rank)
 
 
 def published_name(component: str, name: str) -> str:
@@ -40,55 +47,20 @@ def published_name(component: str, name: str) -> str:
     return name if component == "unet" else f"text_model.{name}"
 
 
-def random_lora(module: nn.Linear | nn.Conv2d, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """(down, up): LoCon for a convolution (down with the kernel, 1x1 up), plain matrices for a linear."""
-    if isinstance(module, nn.Conv2d):
-        down_shape: tuple[int, ...] = (rank, module.in_channels, *module.kernel_size)
-        up_shape: tuple[int, ...] = (module.out_channels, rank, 1, 1)
-    else:
-        down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
-    return torch.randn(down_shape, generator=generator) * 0.2, torch.randn(up_shape, generator=generator) * 0.2
-
-
-def fuse_by_hand(model: nn.Module, deltas: list[Delta], scale: float) -> None:
-    """`W += scale * alpha / rank * up @ down` (for a convolution: the kernel of the 1x1 up after the down)."""
-    with torch.no_grad():
-        for _, name, down, up, factor in deltas:
-            weight = model.get_submodule(name).weight
-            assert isinstance(weight, torch.Tensor)
-            weight.add_((scale * factor * torch.einsum("or,r...->o...", up.flatten(1), down)).reshape(weight.shape))
+def kohya_name(component: str, name: str) -> str:
+    """The kohya module name of a reference module (`lora_unet_...`, `lora_te_text_model_...`)."""
+    prefix = "lora_unet_" if component == "unet" else "lora_te_"
+    return prefix + published_name(component, name).replace(".", "_")
 
 
 def kohya_lora(references: DiffusersReferences, seed: int, rank: int = 4) -> tuple[Lora, list[Delta]]:
     """A kohya LoRA on every Linear and Conv2d (LoCon), with an alpha on every other module only."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: Lora = {}
-    deltas: list[Delta] = []
-    for index, (component, name, module) in enumerate(references.targets()):
-        prefix = "lora_unet_" if component == "unet" else "lora_te_"
-        key = prefix + published_name(component, name).replace(".", "_")
-        down, up = random_lora(module, rank, generator)
-        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
-        alpha = None if index % 2 else float(index % 5 + 1)
-        if alpha is not None:
-            tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
-        deltas.append((component, name, down, up, (alpha or rank) / rank))
-    return tensors, deltas
+    return random_kohya_lora(references.targets(), kohya_name, seed, rank=rank, std=0.2)
 
 
 def peft_lora(references: DiffusersReferences, seed: int, rank: int = 3) -> tuple[Lora, list[Delta]]:
     """A diffusers / PEFT LoRA (`unet.*`, `text_encoder.*`, lora_A / lora_B) on every attention and MLP layer."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: Lora = {}
-    deltas: list[Delta] = []
-    for component, name, module in references.targets():
-        if not any(part in name for part in ("attn", "ff.", "mlp", "proj_in", "proj_out")):
-            continue
-        key = f"{component}.{published_name(component, name)}"
-        down, up = random_lora(module, rank, generator)
-        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
-        deltas.append((component, name, down, up, 1.0))
-    return tensors, deltas
+    return random_peft_lora(references.targets(), published_name, seed, rank=rank, std=0.2)
 
 
 def processor_lora(references: DiffusersReferences, seed: int, rank: int = 2) -> tuple[Lora, list[Delta]]:
@@ -111,7 +83,7 @@ def processor_lora(references: DiffusersReferences, seed: int, rank: int = 2) ->
             key = f"{attention}.processor.{old_name}_lora"
         else:
             key = f"text_encoder.{published_name(component, attention)}.{old_name}_lora"
-        down, up = random_lora(module, rank, generator)
+        down, up = random_lora(module, rank, generator, std=0.2)
         tensors[f"{key}.down.weight"], tensors[f"{key}.up.weight"] = down, up
         deltas.append((component, name, down, up, 1.0))
     return tensors, deltas
@@ -121,10 +93,7 @@ class Fused:
     """A copy of the references with LoRA deltas added to their weights by hand."""
 
     def __init__(self, references: DiffusersReferences, *loras: tuple[list[Delta], float]) -> None:
-        self.models = {"unet": copy.deepcopy(references.unet), "text_encoder": copy.deepcopy(references.text_encoder)}
-        for deltas, scale in loras:
-            for component, model in self.models.items():
-                fuse_by_hand(model, [delta for delta in deltas if delta[0] == component], scale)
+        self.models = fused({"unet": references.unet, "text_encoder": references.text_encoder}, *loras)
 
 
 def outputs(sd: StableDiffusion_1, unet: Any, text_encoder: Any, cross_attention_dim: int) -> tuple[torch.Tensor, ...]:
@@ -138,18 +107,6 @@ def assert_matches(sd: StableDiffusion_1, references: DiffusersReferences, refer
     ours_unet, their_unet, ours_text, their_text = outputs(sd, unet, text_encoder, references.cross_attention_dim)
     for what, ours, theirs in (("unet", ours_unet, their_unet), ("text", ours_text, their_text)):
         assert_relative_close(ours, theirs, 1e-4, what=what)
-
-
-def snapshot(sd: StableDiffusion_1) -> dict[str, torch.Tensor]:
-    return {key: tensor.clone() for key, tensor in sd.state_dict().items()}
-
-
-def assert_untouched(sd: StableDiffusion_1, before: dict[str, torch.Tensor]) -> None:
-    after = sd.state_dict()
-    assert list(after) == list(before)
-    assert all(torch.equal(after[key], tensor) for key, tensor in before.items())
-    assert not any(isinstance(layer, LoraAdapter) for layer in sd.modules())
-    assert LoraManager(sd).names == ()
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +128,7 @@ def test_every_reference_module_is_named_and_maps_to_the_layer_with_its_weights(
     for component, name, module in references.targets():
         ours = "unet" if component == "unet" else "clip_text_encoder"
         published = published_name(component, name)
-        prefix = "lora_unet_" if component == "unet" else "lora_te_"
-        paths = {diffusers[f"{component}.{published}"], kohya[prefix + published.replace(".", "_")]}
+        paths = {diffusers[f"{component}.{published}"], kohya[kohya_name(component, name)]}
         if component == "text_encoder":
             paths.add(diffusers[f"text_encoder.{name}"])  # as transformers >= 5.6 names it
         else:
@@ -194,7 +150,7 @@ def test_a_lora_matches_the_reference_with_its_deltas_fused_by_hand(
     tensors, deltas = make_lora(references, 1)
     path = tmp_path / "lora.safetensors"
     save_file(tensors, path)
-    before = snapshot(sd)
+    before = state_snapshot(sd)
     loras = LoraManager(sd)
     assert loras.add("style", path, scale=0.8) == []
     assert sum(isinstance(layer, LoraAdapter) for layer in sd.modules()) == len(deltas)
@@ -204,7 +160,7 @@ def test_a_lora_matches_the_reference_with_its_deltas_fused_by_hand(
     loras.set_scale("style", -0.5)
     assert_matches(sd, references, Fused(references, (deltas, -0.5)))
     loras.remove("style")
-    assert_untouched(sd, before)
+    assert_lora_free(sd, before)
     assert_matches(sd, references)
 
 
@@ -223,13 +179,13 @@ def test_two_loras_at_once_add_both_deltas_and_fuse_and_unfuse_exactly(
 ) -> None:
     kohya, kohya_deltas = kohya_lora(references, 1)
     peft, peft_deltas = peft_lora(references, 2)
-    before = snapshot(sd)
+    before = state_snapshot(sd)
     loras = LoraManager(sd)
     loras.add("kohya", kohya, scale=0.7)
     loras.add("peft", peft, scale=1.3)
     both = Fused(references, (kohya_deltas, 0.7), (peft_deltas, 1.3))
     assert_matches(sd, references, both)
-    unfused = snapshot(sd)
+    unfused = state_snapshot(sd)
     loras.fuse()
     assert not any(isinstance(layer, LoraAdapter) for layer in sd.modules())
     assert list(sd.state_dict()) == list(before)
@@ -239,7 +195,7 @@ def test_two_loras_at_once_add_both_deltas_and_fuse_and_unfuse_exactly(
     loras.remove("kohya")
     assert_matches(sd, references, Fused(references, (peft_deltas, 1.3)))
     loras.remove("peft")
-    assert_untouched(sd, before)
+    assert_lora_free(sd, before)
 
 
 def _shape_mismatch(references: DiffusersReferences, tmp_path: Path) -> tuple[Path, str]:
@@ -255,14 +211,14 @@ def test_a_shape_mismatch_names_key_layer_path_and_shapes_and_applies_nothing(
     sd: StableDiffusion_1, references: DiffusersReferences, tmp_path: Path
 ) -> None:
     path, key = _shape_mismatch(references, tmp_path)
-    before = snapshot(sd)
+    before = state_snapshot(sd)
     with pytest.raises(WeightsError) as error:
         LoraManager(sd).add("style", path)
     layer = "StableDiffusion_1.unet.DownBlocks.Chain_2.CrossAttentionBlock2d.Tokens.TransformerBlock.Residual_2"
     message = str(error.value)
     assert str(path) in message and f"'{key}' has shape (4, 48)" in message
     assert f"`{layer}.CrossAttention.Attention.Distribute.Linear_2`" in message and "expects (4, 64)" in message
-    assert_untouched(sd, before)
+    assert_lora_free(sd, before)
 
 
 @pytest.mark.parametrize("problem", ["unknown key", "not weights", "truncated"])
@@ -283,10 +239,10 @@ def test_bad_files_are_named_and_leave_the_model_byte_identical(
         save_file(tensors, path)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         match = str(path)
-    before = snapshot(sd)
+    before = state_snapshot(sd)
     with pytest.raises(WeightsError, match=match):
         LoraManager(sd).add("style", path)
-    assert_untouched(sd, before)
+    assert_lora_free(sd, before)
 
 
 def test_the_published_architecture_with_a_full_kohya_lora_matches_the_reference(tmp_path: Path) -> None:
@@ -324,11 +280,7 @@ def test_refiners_generate_loads_lora_files_given_with_their_scales(
         arguments = ["--model", str(references.folder), "--steps", "1", "--size", "32x32", "--seed", "0"]
         return main(["generate", PROMPT, *arguments, "--no-progress", "--out", str(out), *options])
 
-    assert generate(tmp_path / "plain.png") == 0
-    assert generate(tmp_path / "lora.png", "--lora", f"{lora}:0.8") == 0
-    assert generate(tmp_path / "again.png") == 0
-    plain, styled, again = (Image.open(tmp_path / name).tobytes() for name in ("plain.png", "lora.png", "again.png"))
-    assert styled != plain and again == plain
+    assert_lora_changes_only_its_generation(generate, tmp_path, f"{lora}:0.8")
     capsys.readouterr()
     assert generate(tmp_path / "missing.png", "--lora", str(tmp_path / "missing.safetensors")) == 2
     error = capsys.readouterr().err

@@ -9,21 +9,21 @@ the time embedding, and the text encoder's attention and MLP.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # type: ignore[import-untyped]
+from diffusers import StableDiffusionPipeline  # type: ignore[import-untyped]
 from peft import LoraConfig, get_peft_model_state_dict  # type: ignore[import-untyped]
 from safetensors import safe_open
 
 from refiners_core.module_names import DIFFUSERS
 from refiners_core.testing import assert_relative_close
 from refiners_lora import LoraManager
+from refiners_lora.testing import randomize_loras
 from refiners_sd15 import StableDiffusion_1
-from refiners_sd15.testing import DiffusersReferences
+from refiners_sd15.testing import DiffusersReferences, paired_outputs
 
 _BLOCK = "down_blocks.0.attentions.0.transformer_blocks.0"
 UNET_MODULES = (
@@ -38,46 +38,17 @@ UNET_MODULES = (
     "mid_block.resnets.0.time_emb_proj",
 )
 TEXT_MODULES = ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.out_proj", "encoder.layers.0.mlp.fc1")
-
-
-class References(DiffusersReferences):
-    """The small diffusers UNet and transformers text encoder of `refiners_sd15.testing`, and a pipeline to load
-    LoRAs into."""
-
-    def pipeline(self) -> StableDiffusionPipeline:
-        """A fresh pipeline on copies of the reference models (`load_lora_weights` patches them)."""
-        components: dict[str, Any] = {
-            "vae": AutoencoderKL.from_pretrained(self.folder / "vae"),
-            "text_encoder": copy.deepcopy(self.text_encoder),
-            "tokenizer": None,  # our tokenizer makes the token ids of both
-            "unet": copy.deepcopy(self.unet),
-            "scheduler": DDIMScheduler(steps_offset=1, clip_sample=False),
-            "safety_checker": None,
-            "feature_extractor": None,
-        }
-        return StableDiffusionPipeline(**components, requires_safety_checker=False)
+PROMPT = "a photograph of an astronaut riding a horse"
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> References:
-    return References(tmp_path_factory.mktemp("sd15_export"))
+def references(tmp_path_factory: pytest.TempPathFactory) -> DiffusersReferences:
+    return DiffusersReferences(tmp_path_factory.mktemp("sd15_export"))
 
 
-INPUTS = torch.Generator().manual_seed(3)
-LATENTS = torch.randn(1, 4, 8, 8, generator=INPUTS)
-TEXT = torch.randn(1, 77, 64, generator=INPUTS)
-TIMESTEP = torch.tensor([500])
-
-
-@torch.no_grad()
 def assert_same_outputs(sd: StableDiffusion_1, pipe: StableDiffusionPipeline) -> None:
     """Our UNet and text encoder against the pipeline's, within 1e-4 of max |reference|."""
-    sd.unet.set_timestep(TIMESTEP)
-    sd.unet.set_clip_text_embedding(TEXT)
-    tokens = sd.clip_text_encoder.tokenizer("a photograph of an astronaut riding a horse")
-    ours_unet, ours_text = sd.unet(LATENTS), sd.clip_text_encoder(tokens)
-    their_unet = pipe.unet(LATENTS, TIMESTEP, encoder_hidden_states=TEXT).sample
-    their_text = pipe.text_encoder(tokens).last_hidden_state
+    ours_unet, their_unet, ours_text, their_text = paired_outputs(sd, pipe.unet, pipe.text_encoder, 64, PROMPT)
     for what, ours, theirs in (("unet", ours_unet, their_unet), ("text", ours_text, their_text)):
         assert_relative_close(ours, theirs, 1e-4, what=what)
 
@@ -90,15 +61,11 @@ def our_paths(sd: StableDiffusion_1) -> list[str]:
 
 @pytest.mark.parametrize("lora_format", ["kohya", "diffusers"])
 def test_a_created_lora_saved_for_diffusers_gives_the_same_outputs_there(
-    lora_format: str, references: References, tmp_path: Path
+    lora_format: str, references: DiffusersReferences, tmp_path: Path
 ) -> None:
     sd = StableDiffusion_1.from_pretrained(references.folder)
     adapters = LoraManager(sd).create("style", our_paths(sd), rank=4, alpha=2.0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for adapter in adapters.values():
-            for parameter in adapter.lora.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomize_loras(adapters.values(), seed=1, std=0.2)
     path = tmp_path / "style.safetensors"
     LoraManager(sd).save("style", path, format=lora_format)  # type: ignore[arg-type]
     pipe = references.pipeline()
@@ -109,7 +76,7 @@ def test_a_created_lora_saved_for_diffusers_gives_the_same_outputs_there(
 
 
 def test_a_peft_lora_saved_by_diffusers_with_alpha_in_its_metadata_loads_with_that_alpha(
-    references: References, tmp_path: Path
+    references: DiffusersReferences, tmp_path: Path
 ) -> None:
     pipe = references.pipeline()
     torch.manual_seed(1)

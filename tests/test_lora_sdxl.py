@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import gc
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,20 @@ from torch import nn
 
 from refiners_core.cli import main
 from refiners_core.module_names import module_names
-from refiners_core.testing import assert_relative_close
+from refiners_core.testing import assert_relative_close, state_snapshot
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
+from refiners_lora.testing import (
+    Delta,
+    assert_lora_changes_only_its_generation,
+    assert_lora_free,
+    fuse_by_hand,
+    fused,
+    linear_and_conv_layers,
+    randomize_loras,
+)
+from refiners_lora.testing import kohya_lora as random_kohya_lora
+from refiners_lora.testing import peft_lora as random_peft_lora
 from refiners_sd15 import DDIM, StableDiffusion_1
 from refiners_sd15.solvers import LCM, Solver, StochasticSolver
 from refiners_sd15.testing import small_sd15_components
@@ -43,11 +54,12 @@ from refiners_sdxl import SDXLUNet, StableDiffusion_XL, diffusers_sdxl_unet_mapp
 from refiners_sdxl.testing import (
     G_DIM,
     L_DIM,
-    POOLED_DIM,
     SDXL_BASE_UNET_CONFIG,
     SDXLReferences,
     guided_latents,
     guided_pipeline_arguments,
+    our_outputs,
+    reference_outputs,
     sdxl_references,
 )
 
@@ -57,7 +69,6 @@ KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encod
 TOLERANCE = 1e-4
 
 Lora = dict[str, torch.Tensor]
-Delta = tuple[str, str, torch.Tensor, torch.Tensor, float]  # (component, module name, down, up, alpha / rank)
 Models = dict[str, nn.Module]
 
 
@@ -72,24 +83,6 @@ def models_of(references: SDXLReferences) -> Models:
     return {component: getattr(references, component) for component in COMPONENTS}
 
 
-def targets(models: Models) -> Iterator[tuple[str, str, nn.Linear | nn.Conv2d]]:
-    """(component, module name, module) of every Linear and Conv2d a LoRA can patch."""
-    for component, model in models.items():
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear | nn.Conv2d):
-                yield component, name, module
-
-
-def random_lora(module: nn.Linear | nn.Conv2d, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """(down, up): LoCon for a convolution (down with the kernel, 1x1 up), plain matrices for a linear."""
-    if isinstance(module, nn.Conv2d):
-        down_shape: tuple[int, ...] = (rank, module.in_channels, *module.kernel_size)
-        up_shape: tuple[int, ...] = (module.out_channels, rank, 1, 1)
-    else:
-        down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
-    return torch.randn(down_shape, generator=generator) * 0.1, torch.randn(up_shape, generator=generator) * 0.1
-
-
 def ldm_names(unet: Any) -> dict[str, str]:
     """diffusers UNet module name -> the original checkpoint's (`input_blocks.4.1.proj_in`)."""
     config = unet_config_from_diffusers(dict(unet.config))
@@ -101,102 +94,37 @@ def ldm_names(unet: Any) -> dict[str, str]:
 def kohya_lora(models: Models, seed: int, *, original_names: bool = False, rank: int = 4) -> tuple[Lora, list[Delta]]:
     """A kohya LoRA on every Linear and Conv2d (LoCon) of the UNet and both text encoders, an alpha on every other
     module; UNet names from diffusers' paths, or from the original checkpoint's (`original_names`)."""
-    generator = torch.Generator().manual_seed(seed)
     renamed = ldm_names(models["unet"]) if original_names else {}
-    tensors: Lora = {}
-    deltas: list[Delta] = []
-    for index, (component, name, module) in enumerate(targets(models)):
-        key = KOHYA_PREFIXES[component] + renamed.get(name, published_name(component, name)).replace(".", "_")
-        down, up = random_lora(module, rank, generator)
-        tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
-        alpha = None if index % 2 else float(index % 5 + 1)
-        if alpha is not None:
-            tensors[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
-        deltas.append((component, name, down, up, (alpha or rank) / rank))
-    return tensors, deltas
+
+    def kohya_name(component: str, name: str) -> str:
+        return KOHYA_PREFIXES[component] + renamed.get(name, published_name(component, name)).replace(".", "_")
+
+    return random_kohya_lora(linear_and_conv_layers(models), kohya_name, seed, rank=rank, std=0.1)
 
 
 def peft_lora(models: Models, seed: int, rank: int = 3) -> tuple[Lora, list[Delta]]:
-    """A diffusers / PEFT LoRA (`unet.*`, `text_encoder.*`, `text_encoder_2.*`, lora_A / lora_B, alpha keys on the
+    """A diffusers / PEFT LoRA (`unet.*`, `text_encoder.*`, `text_encoder_2.*`, lora_A / lora_B, alpha 6 keys on the
     text encoders' modules) on every attention, feed-forward and MLP layer."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors: Lora = {}
-    deltas: list[Delta] = []
-    for component, name, module in targets(models):
-        if not any(part in name for part in ("attn", "ff.", "mlp", "proj_in", "proj_out")):
-            continue
-        key = f"{component}.{published_name(component, name)}"
-        down, up = random_lora(module, rank, generator)
-        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
-        alpha = 1.0 if component == "unet" else 6.0
-        if component != "unet":
-            tensors[f"{key}.alpha"] = torch.tensor(alpha)
-        deltas.append((component, name, down, up, alpha / rank if component != "unet" else 1.0))
-    return tensors, deltas
+    return random_peft_lora(
+        linear_and_conv_layers(models),
+        published_name,
+        seed,
+        rank=rank,
+        std=0.1,
+        alphas={"text_encoder": 6.0, "text_encoder_2": 6.0},
+    )
 
 
-def fused(models: Models, *loras: tuple[list[Delta], float]) -> Models:
-    """Copies of `models` with the deltas added to their weights by hand (`W += scale * alpha / rank * up @ down`)."""
-    copies = {component: copy.deepcopy(model) for component, model in models.items()}
-    with torch.no_grad():
-        for deltas, scale in loras:
-            for component, name, down, up, factor in deltas:
-                weight = copies[component].get_submodule(name).weight
-                assert isinstance(weight, torch.Tensor)
-                delta = scale * factor * torch.einsum("or,r...->o...", up.flatten(1), down)
-                weight.add_(delta.reshape(weight.shape))
-    return copies
-
-
-INPUTS = torch.Generator().manual_seed(3)
-LATENTS = torch.randn(1, 4, 8, 8, generator=INPUTS)
-TEXT = torch.randn(1, 77, L_DIM + G_DIM, generator=INPUTS)
-POOLED = torch.randn(1, POOLED_DIM, generator=INPUTS)
-TIME_IDS = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
-TIMESTEP = torch.tensor([500])
-
-
-@torch.no_grad()
 def ours(sdxl: StableDiffusion_XL) -> list[torch.Tensor]:
-    """The UNet's output on random inputs, then the text and pooled embeddings of `PROMPT`."""
-    unet = sdxl.unet
-    unet.set_timestep(TIMESTEP)
-    unet.set_clip_text_embedding(TEXT)
-    unet.set_pooled_text_embedding(POOLED)
-    unet.set_time_ids(TIME_IDS)
-    embedding, pooled = sdxl.clip_text_encoder(PROMPT)
-    return [unet(LATENTS), embedding, pooled]
-
-
-@torch.no_grad()
-def theirs(sdxl: StableDiffusion_XL, models: Models) -> list[torch.Tensor]:
-    """What `ours` gives, from the references: the penultimate hidden states of both encoders, concatenated, and
-    CLIP-G's projected pooled embedding (on our tokenizers' ids)."""
-    added = {"text_embeds": POOLED, "time_ids": TIME_IDS}
-    unet = models["unet"](LATENTS, TIMESTEP, encoder_hidden_states=TEXT, added_cond_kwargs=added).sample
-    encoders = sdxl.clip_text_encoder
-    ids_l, ids_g = encoders.text_encoder_l.tokenizer(PROMPT), encoders.text_encoder_g.tokenizer(PROMPT)
-    hidden_l = models["text_encoder"](ids_l, output_hidden_states=True).hidden_states[-2]
-    output_g = models["text_encoder_2"](ids_g, output_hidden_states=True)
-    return [unet, torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1), output_g.text_embeds]
+    return our_outputs(sdxl, PROMPT)
 
 
 def assert_matches(sdxl: StableDiffusion_XL, models: Models, tolerance: float = TOLERANCE) -> None:
     """Our UNet, text and pooled embeddings against the references', within `tolerance` of max |reference|."""
-    for what, mine, reference in zip(("unet", "text", "pooled"), ours(sdxl), theirs(sdxl, models), strict=True):
+    for what, mine, reference in zip(
+        ("unet", "text", "pooled"), ours(sdxl), reference_outputs(sdxl, models, PROMPT), strict=True
+    ):
         assert_relative_close(mine, reference, tolerance, what=what)
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: tensor.clone() for key, tensor in model.state_dict().items()}
-
-
-def assert_untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert list(after) == list(before)
-    assert all(torch.equal(after[key], tensor) for key, tensor in before.items())
-    assert not any(isinstance(layer, LoraAdapter) for layer in model.modules())
-    assert LoraManager(model).names == ()
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +163,7 @@ def test_a_lora_matches_the_reference_with_its_deltas_fused_by_hand(
     assert {delta[0] for delta in deltas} == set(COMPONENTS)
     path = tmp_path / "lora.safetensors"
     save_file(tensors, path)
-    before = snapshot(sdxl)
+    before = state_snapshot(sdxl)
     loras = LoraManager(sdxl)
     assert loras.add("style", path, scale=0.8) == []  # every key used
     assert sum(isinstance(layer, LoraAdapter) for layer in sdxl.modules()) == len(deltas)
@@ -245,7 +173,7 @@ def test_a_lora_matches_the_reference_with_its_deltas_fused_by_hand(
     loras.set_scale("style", -0.5)
     assert_matches(sdxl, fused(models, (deltas, -0.5)))
     loras.remove("style")
-    assert_untouched(sdxl, before)
+    assert_lora_free(sdxl, before)
     assert_matches(sdxl, models)
 
 
@@ -255,7 +183,7 @@ def test_several_loras_at_once_in_three_formats_fuse_unfuse_and_remove_bit_for_b
     models = models_of(references)
     kohya, kohya_deltas = kohya_lora(models, 1)
     peft, peft_deltas = peft_lora(models, 2)
-    before = snapshot(sdxl)
+    before = state_snapshot(sdxl)
     loras = LoraManager(sdxl)
     loras.add("kohya", kohya, scale=0.7)
     loras.add("peft", peft, scale=1.3)
@@ -264,7 +192,7 @@ def test_several_loras_at_once_in_three_formats_fuse_unfuse_and_remove_bit_for_b
     loras.add("own", own, scale=0.2)
     together = fused(models, (kohya_deltas, 0.7 + 0.2), (peft_deltas, 1.3))
     assert_matches(sdxl, together)
-    unfused = snapshot(sdxl)
+    unfused = state_snapshot(sdxl)
     loras.fuse()
     assert not any(isinstance(layer, LoraAdapter) for layer in sdxl.modules())
     assert list(sdxl.state_dict()) == list(before)
@@ -276,7 +204,7 @@ def test_several_loras_at_once_in_three_formats_fuse_unfuse_and_remove_bit_for_b
     loras.remove("own")
     assert_matches(sdxl, fused(models, (peft_deltas, 1.3)))
     loras.remove("peft")
-    assert_untouched(sdxl, before)
+    assert_lora_free(sdxl, before)
 
 
 @pytest.mark.parametrize("lora_format", ["kohya", "diffusers", "refiners"])
@@ -330,11 +258,7 @@ def test_a_created_lora_saved_for_diffusers_gives_the_same_outputs_in_load_lora_
     paths = [names[f"unet.{module}"] for module in UNET_MODULES]
     paths += [names[f"{component}.text_model.{m}"] for component in COMPONENTS[1:] for m in TEXT_MODULES]
     adapters = LoraManager(sdxl).create("style", paths, rank=4, alpha=2.0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for adapter in adapters.values():
-            for parameter in adapter.lora.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    randomize_loras(adapters.values(), seed=1, std=0.2)
     path = tmp_path / "style.safetensors"
     LoraManager(sdxl).save("style", path, format=lora_format)  # type: ignore[arg-type]
     pipeline = pipeline_of(references)
@@ -478,12 +402,12 @@ def test_an_sd15_lora_given_to_sdxl_and_the_reverse_name_the_model_it_was_made_f
     for model, path, made_for, model_name in cases:
         if lora_format == "diffusers" and made_for == "SD1.5":
             continue  # `text_encoder.` is CLIP-L in both: only the published widths (768, 2048) tell them apart
-        before = snapshot(model)
+        before = state_snapshot(model)
         for strict in (True, False):
             pattern = rf"^{re.escape(str(path))} is a LoRA for {made_for} \(.*\), (but|not for) {model_name}"
             with pytest.raises(WeightsError, match=pattern):
                 LoraManager(model).add("other", path, strict=strict)
-        assert_untouched(model, before)
+        assert_lora_free(model, before)
 
 
 def test_the_published_cross_attention_widths_tell_an_sd15_lora_from_an_sdxl_one_without_text_encoder_keys(
@@ -521,11 +445,7 @@ def test_refiners_generate_loads_sdxl_lora_files_and_refuses_an_sd15_one(
         arguments = ["--model", str(folder), "--steps", "1", "--size", "64x64", "--seed", "0"]
         return main(["generate", PROMPT, *arguments, "--no-progress", "--out", str(out), *options])
 
-    assert generate(tmp_path / "plain.png") == 0
-    assert generate(tmp_path / "lora.png", "--lora", f"{lora}:0.8") == 0
-    assert generate(tmp_path / "again.png") == 0
-    plain, styled, again = (Image.open(tmp_path / name).tobytes() for name in ("plain.png", "lora.png", "again.png"))
-    assert styled != plain and again == plain
+    assert_lora_changes_only_its_generation(generate, tmp_path, f"{lora}:0.8")
     capsys.readouterr()
     sd15_lora = lora_of(sd15, "kohya", tmp_path / "sd15.safetensors")
     assert generate(tmp_path / "refused.png", "--lora", str(sd15_lora)) == 2
@@ -574,10 +494,8 @@ def test_the_published_sdxl_unet_with_a_full_kohya_lora_matches_the_reference(tm
         {theirs: own[key] for theirs, key in diffusers_sdxl_unet_mapping(unet.config).items()}, strict=True, assign=True
     )
     del unet, own
+    fuse_by_hand(reference, deltas, 0.6)
     with torch.no_grad():
-        for _, name, down, up, factor in deltas:
-            weight = reference.get_submodule(name).weight
-            weight.add_((0.6 * factor * torch.einsum("or,r...->o...", up.flatten(1), down)).reshape(weight.shape))
         added = {"text_embeds": pooled, "time_ids": time_ids}
         expected = reference.eval()(latents, timestep, encoder_hidden_states=text, added_cond_kwargs=added).sample
     del reference

@@ -3,37 +3,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from refiners_core.cli import main
 from refiners_core.plugins import registry
-from refiners_sd15 import (
-    SD15_AUTOENCODER,
-    CLIPTextEncoderConfig,
-    CLIPTextEncoderL,
-    SD1Autoencoder,
-    SD1UNet,
-    StableDiffusion_1,
-    UNetConfig,
-)
+from refiners_sd15 import StableDiffusion_1
+from refiners_sd15.testing import small_sd15_components
 
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("sd15")
-    StableDiffusion_1(
-        unet=SD1UNet(UNetConfig(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=4,
-                                cross_attention_dim=32, cross_attention_levels=(True, False))),
-        lda=SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32, 32, 32, 32), layers_per_block=1)),
-        clip_text_encoder=CLIPTextEncoderL(
-            CLIPTextEncoderConfig(embedding_dim=32, num_layers=1, num_attention_heads=2, feedforward_dim=64)
-        ),
-    ).save_pretrained(folder)  # fmt: skip
+    StableDiffusion_1(**small_sd15_components(4)).save_pretrained(folder)  # pyright: ignore[reportArgumentType]
     return folder
 
 

@@ -15,35 +15,10 @@ from hypothesis import strategies as st
 from refiners_core.cli import demo, main
 from refiners_core.cli.plugins import format_table
 from refiners_core.plugins import PluginError, PluginRecord
+from refiners_core.testing import GREETER_PLUGIN
 
 AddPlugin = Callable[..., str]  # the `plugin_site` fixture of conftest.py
 
-GREETER = """
-    from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, ModelSpec, hookimpl
-
-    def configure(parser):
-        parser.add_argument("--name", default="world")
-
-    def run(args):
-        print(f"hello {args.name}")
-        return 3
-
-    @hookimpl
-    def refiners_register_commands(cli):
-        cli.add_command("t-hello", run, help="Greet someone", configure=configure)
-
-    @hookimpl
-    def refiners_register_adapters(register):
-        register(AdapterSpec("t-scale", lambda target: target))
-
-    @hookimpl
-    def refiners_register_models(register):
-        register(ModelSpec("t-model", dict))
-
-    @hookimpl
-    def refiners_register_generate_options(register):
-        register(GenerateOptionSpec("--t-style", lambda model, values: None))
-"""
 
 BROKEN = "import refiners_test_dependency_that_does_not_exist\n"
 
@@ -51,7 +26,7 @@ BROKEN = "import refiners_test_dependency_that_does_not_exist\n"
 def test_help_lists_builtin_and_plugin_commands_despite_a_broken_plugin(
     plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
     plugin_site("t-broken", BROKEN)
 
     with pytest.raises(SystemExit) as exited:
@@ -68,7 +43,7 @@ def test_help_lists_builtin_and_plugin_commands_despite_a_broken_plugin(
 def test_plugin_command_is_configured_and_run_with_its_arguments(
     plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
 
     assert main(["t-hello", "--name", "refiners"]) == 3
     assert capsys.readouterr().out == "hello refiners\n"
@@ -77,7 +52,7 @@ def test_plugin_command_is_configured_and_run_with_its_arguments(
 def test_broken_plugin_is_warned_about_on_stderr_when_running_another_command(
     plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
     plugin_site("t-broken", BROKEN)
 
     assert main(["t-hello"]) == 3
@@ -104,7 +79,7 @@ def test_plugin_command_whose_configure_fails_does_not_break_other_commands(
             cli.add_command("t-bad", lambda args: 0, configure=configure)
         """,
     )
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
 
     assert main(["t-hello"]) == 3
     capsys.readouterr()
@@ -115,7 +90,7 @@ def test_plugin_command_whose_configure_fails_does_not_break_other_commands(
 def test_plugins_command_prints_a_table_and_exits_0_with_a_broken_plugin(
     plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    greeter = plugin_site("t-greeter", GREETER, version="0.3")
+    greeter = plugin_site("t-greeter", GREETER_PLUGIN, version="0.3")
     broken = plugin_site("t-broken", BROKEN)
 
     assert main(["plugins"]) == 0
@@ -143,7 +118,7 @@ def test_plugins_command_prints_a_table_and_exits_0_with_a_broken_plugin(
 def test_plugins_json_has_one_object_per_entry_point_with_the_documented_keys(
     plugin_site: AddPlugin, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    greeter = plugin_site("t-greeter", GREETER)
+    greeter = plugin_site("t-greeter", GREETER_PLUGIN)
     plugin_site("t-broken", BROKEN)
 
     assert main(["plugins", "--json"]) == 0

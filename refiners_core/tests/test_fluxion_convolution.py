@@ -39,6 +39,15 @@ def reference(conv: fl.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+def assert_im2col_matches_f_conv2d(conv: fl.Conv2d, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`conv(x)` takes the im2col path (`F.conv2d` forbidden), gives a contiguous tensor within 1e-5 of `F.conv2d`."""
+    expected = reference(conv, x)
+    with f_conv2d_forbidden(monkeypatch):
+        actual = conv(x)
+    assert actual.is_contiguous()
+    assert_relative_close(actual, expected, 1e-5)
+
+
 @pytest.mark.usefixtures("im2col_everywhere")
 @pytest.mark.parametrize(
     ("kernel_size", "stride", "padding", "dilation", "use_bias"),
@@ -56,12 +65,7 @@ def test_conv2d_im2col_path_equals_f_conv2d(
 ) -> None:
     torch.manual_seed(0)
     conv = fl.Conv2d(6, 5, kernel_size, stride=stride, padding=padding, dilation=dilation, use_bias=use_bias)
-    x = torch.randn(3, 6, 7, 9)
-    expected = reference(conv, x)
-    with f_conv2d_forbidden(monkeypatch):
-        actual = conv(x)
-    assert actual.is_contiguous()
-    assert_relative_close(actual, expected, 1e-5)
+    assert_im2col_matches_f_conv2d(conv, torch.randn(3, 6, 7, 9), monkeypatch)
 
 
 @pytest.mark.usefixtures("im2col_everywhere")
@@ -85,11 +89,7 @@ def test_conv2d_takes_the_im2col_path_only_for_a_large_kernel_on_few_pixels(monk
     torch.manual_seed(2)
     conv = fl.Conv2d(768, 640, 3, padding=1)
     small = torch.randn(2, 768, 8, 8)
-    expected = reference(conv, small)
-    with f_conv2d_forbidden(monkeypatch):
-        actual = conv(small)
-    assert actual.is_contiguous()
-    assert_relative_close(actual, expected, 1e-5)
+    assert_im2col_matches_f_conv2d(conv, small, monkeypatch)
     large = torch.randn(2, 768, 16, 16)
     assert torch.equal(conv(large), reference(conv, large))  # F.conv2d itself: bit for bit
     small_kernel = fl.Conv2d(64, 64, 3, padding=1)

@@ -208,22 +208,24 @@ def test_conv_transpose_2d_matches_functional_conv_transpose2d() -> None:
     assert torch.equal(out, expected)
 
 
-def test_downsample_with_padding_1_is_a_padded_stride_2_conv() -> None:
-    layer = fl.Downsample(4, padding=1)
+Reference = Callable[[torch.Tensor, fl.Conv2d], torch.Tensor]
+
+
+@pytest.mark.parametrize(
+    ("padding", "reference"),
+    [
+        (1, lambda x, conv: F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1)),
+        (0, lambda x, conv: F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)),
+    ],
+    ids=["padding 1: a padded stride-2 conv", "padding 0: pads right and bottom only"],
+)
+def test_downsample_is_a_stride_2_conv(padding: int, reference: Reference) -> None:
+    layer = fl.Downsample(4, padding=padding)
     conv = layer.ensure_find(fl.Conv2d)
     x = torch.randn(2, 4, 8, 8)
     out = layer(x)
     assert out.shape == (2, 4, 4, 4)
-    assert torch.equal(out, F.conv2d(x, conv.weight, conv.bias, stride=2, padding=1))
-
-
-def test_downsample_with_padding_0_pads_right_and_bottom_only() -> None:
-    layer = fl.Downsample(4, padding=0)
-    conv = layer.ensure_find(fl.Conv2d)
-    x = torch.randn(2, 4, 8, 8)
-    out = layer(x)
-    assert out.shape == (2, 4, 4, 4)
-    assert torch.equal(out, F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2))
+    assert torch.equal(out, reference(x, conv))
 
 
 def test_upsample_is_nearest_doubling_then_a_3x3_conv() -> None:

@@ -2,15 +2,15 @@
 
 The full-size model (the README's `ViT(embedding_dim=768, image_size=224, num_heads=12)`) is built for the
 shape and parameter-count checks; parity runs on a reduced configuration of the same classes to keep CPU runs
-fast. Parity tolerance: atol 1e-5 in float32 against `readme_vit.TorchViT`, a plain `torch.nn` implementation
-(`nn.MultiheadAttention`) of the same architecture holding the same weights.
+fast. Parity tolerance: atol 1e-5 in float32 against `refiners_core.testing.readme_vit.TorchViT`, a plain
+`torch.nn` implementation (`nn.MultiheadAttention`) of the same architecture holding the same weights.
 """
 
 import pytest
 import torch
-from readme_vit import CrossAttentionViT, TorchViT, ViT, copy_weights, vit_parameter_count
 
 import refiners_core.fluxion as fl
+from refiners_core.testing.readme_vit import CrossAttentionViT, TorchViT, ViT, copy_weights, vit_parameter_count
 
 IMAGE = (2, 3, 224, 224)
 SMALL = {"embedding_dim": 96, "patch_size": 16, "image_size": 64, "num_layers": 3, "num_heads": 6}
@@ -116,22 +116,18 @@ def test_readme_cross_attention_vit_output_follows_the_context(
     assert torch.equal(y_first, y_first_again)
 
 
-def test_readme_cross_attention_vit_without_context_names_context_key_and_layer() -> None:
+@pytest.mark.parametrize(
+    ("context", "quote"), [(None, ""), ({"other": (1, 16, 32)}, "'")], ids=["without context", "without context key"]
+)
+def test_readme_cross_attention_vit_missing_its_context_names_context_key_and_layer(
+    context: dict[str, tuple[int, ...]] | None, quote: str
+) -> None:
     model = CrossAttentionViT(embedding_dim=32, patch_size=8, image_size=32, num_layers=2, num_heads=4)
+    if context is not None:
+        model.set_context("cross_attention", {key: torch.randn(shape) for key, shape in context.items()})
     with pytest.raises(fl.ContextError) as info:
         model(torch.randn(1, 3, 32, 32))
     message = str(info.value)
-    assert "cross_attention" in message
-    assert "my_embed" in message
-    assert "CrossAttentionViT.Chain_1.Residual_1.Parallel.UseContext_1" in message
-
-
-def test_readme_cross_attention_vit_without_context_key_names_context_key_and_layer() -> None:
-    model = CrossAttentionViT(embedding_dim=32, patch_size=8, image_size=32, num_layers=2, num_heads=4)
-    model.set_context("cross_attention", {"other": torch.randn(1, 16, 32)})
-    with pytest.raises(fl.ContextError) as info:
-        model(torch.randn(1, 3, 32, 32))
-    message = str(info.value)
-    assert "'cross_attention'" in message
-    assert "'my_embed'" in message
+    assert f"{quote}cross_attention{quote}" in message
+    assert f"{quote}my_embed{quote}" in message
     assert "CrossAttentionViT.Chain_1.Residual_1.Parallel.UseContext_1" in message

@@ -11,27 +11,10 @@ import pytest
 
 from refiners_core.cli import main
 from refiners_core.plugins import PluginError, PluginRecord, RefinersPluginWarning, Registry, registry
+from refiners_core.testing import GREETER_PLUGIN
 
 AddPlugin = Callable[..., str]  # the `plugin_site` fixture of conftest.py
 
-GREETER = """
-    from refiners_core.plugins import AdapterSpec, hookimpl
-
-    def configure(parser):
-        parser.add_argument("--name", default="world")
-
-    def run(args):
-        print(f"hello {args.name}")
-        return 3
-
-    @hookimpl
-    def refiners_register_commands(cli):
-        cli.add_command("t-hello", run, help="Greet someone", configure=configure)
-
-    @hookimpl
-    def refiners_register_adapters(register):
-        register(AdapterSpec("t-good", lambda target: target))
-"""
 
 # Statements that end a plugin's code abruptly, and how the plugin's error describes them.
 FAILURES = {
@@ -76,7 +59,7 @@ def test_plugin_that_ends_its_import_abruptly_is_recorded_and_others_still_load(
 ) -> None:
     statement, described = FAILURES[failure]
     entry_point = plugin_site("t-failing", at_import(statement))
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
     argv = sys.argv
 
     with pytest.warns(RefinersPluginWarning, match=f"t-failing 1.0 \\(entry point `{entry_point}`\\)"):
@@ -87,7 +70,7 @@ def test_plugin_that_ends_its_import_abruptly_is_recorded_and_others_still_load(
     assert failing.error is not None and failing.error.startswith(f"import failed: {described}")
     assert failing.exception is not None
     assert record_of(loaded, "t-greeter").status == "ok"
-    assert "t-good" in loaded.adapters and "t-hello" in loaded.commands
+    assert "t-scale" in loaded.adapters and "t-hello" in loaded.commands
     assert sys.argv is argv
 
 
@@ -97,7 +80,7 @@ def test_plugin_whose_hook_ends_abruptly_registers_nothing_and_others_still_load
 ) -> None:
     statement, described = FAILURES[failure]
     plugin_site("t-failing", in_hook(statement))
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
 
     with pytest.warns(RefinersPluginWarning, match="t-failing"):
         loaded = registry()
@@ -166,7 +149,7 @@ def test_plugins_see_only_the_program_name_in_sys_argv_and_cannot_change_it(
     plugin_site: AddPlugin, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     plugin_site("t-argv", SEES_ARGV)
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
     monkeypatch.setattr(sys, "argv", ["refiners", "t-hello", "--name", "argv"])
 
     assert main() == 3
@@ -218,7 +201,7 @@ def test_refiners_plugins_json_stays_valid_json_whatever_a_plugin_does(
         plugin_site("t-failing", PRINTS)
     else:
         plugin_site("t-failing", "print('[1, 2')\n" + at_import(FAILURES[failure][0]))
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
 
     assert main(["plugins", "--json"]) == 0
 
@@ -244,7 +227,7 @@ def test_commands_still_run_with_their_exit_code_whatever_a_plugin_does(
 ) -> None:
     statement = "print('plugin output')" if failure == "print" else FAILURES[failure][0]
     plugin_site("t-failing", at_import(statement) if where == "import" else in_hook(statement))
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
 
     assert main(["t-hello", "--name", "refiners"]) == 3
 
@@ -285,7 +268,7 @@ def test_unknown_disabled_name_is_one_warning_line_on_stderr_of_other_commands(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    plugin_site("t-greeter", GREETER)
+    plugin_site("t-greeter", GREETER_PLUGIN)
     monkeypatch.setenv("REFINERS_DISABLE_PLUGINS", "t-greter")
 
     assert main(["t-hello"]) == 3

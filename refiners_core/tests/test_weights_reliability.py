@@ -25,6 +25,7 @@ from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariable
 import refiners_core.fluxion as fl
 import refiners_core.weight_formats
 from refiners_core.state_dicts import load_state_dict_checked
+from refiners_core.testing.files import FILE_CHANGES
 from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, shard_files
 
 
@@ -196,9 +197,10 @@ def test_a_missing_shard_is_named_with_its_index(tmp_path: Path) -> None:
 
 
 CHANGE_AFTER_LOAD = """
-import os, sys, torch
+import sys, torch
 from pathlib import Path
 import refiners_core.fluxion as fl
+from refiners_core.testing.files import change_file
 from refiners_core.state_dicts import load_state_dict_checked
 from refiners_core.weights import load_tensors
 from safetensors.torch import load_file
@@ -207,24 +209,14 @@ path, change, loader = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 model = fl.Linear(256, 256, device="meta")
 tensors = load_tensors(path) if loader == "ours" else load_file(path)
 load_state_dict_checked(model, tensors, source=str(path), assign_to_device="cpu")
-size = path.stat().st_size
-if change == "truncate":
-    os.truncate(path, 0)
-elif change == "overwrite in place":
-    with open(path, "r+b") as file:
-        file.write(os.urandom(size))
-elif change == "replace like cp":
-    with open(path, "wb") as file:
-        file.write(os.urandom(size // 3))
-elif change == "delete":
-    path.unlink()
+change_file(path, change)
 with torch.no_grad():
     print(float(model(torch.ones(1, 256)).sum()), float(model.weight.sum()))
 """
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="a mapped file cannot be changed on Windows")
-@pytest.mark.parametrize("change", ["truncate", "overwrite in place", "replace like cp", "delete"])
+@pytest.mark.parametrize("change", FILE_CHANGES)
 def test_changing_a_weights_file_after_loading_neither_crashes_nor_changes_the_model(
     change: str, tmp_path: Path
 ) -> None:

@@ -22,27 +22,19 @@ from torch import nn
 import refiners_core.fluxion as fl
 import refiners_core.weights
 from refiners_core.module_names import DIFFUSERS, KOHYA
-from refiners_core.testing import assert_relative_close
+from refiners_core.testing import assert_relative_close, state_snapshot
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
+from refiners_lora.testing import ConvAndLinears, assert_lora_free, randomize_loras
 
 LORA_LAYERS = ("Conv2d", "Linear_1", "Linear_2")
 
 
-class PlainNet(fl.Chain):
+class PlainNet(ConvAndLinears):
     """A LoCon-able convolution and three Linears, named only by our layer paths."""
 
     def __init__(self) -> None:
-        super().__init__(
-            fl.Conv2d(3, 8, kernel_size=3, stride=2, padding=1),
-            fl.SiLU(),
-            fl.Flatten(-2, -1),
-            fl.Transpose(-1, -2),
-            fl.Linear(8, 16),
-            fl.LayerNorm(16),
-            fl.Linear(16, 4),
-            fl.Linear(4, 4),
-        )
+        super().__init__(extra_linears=1)
 
 
 class Net(PlainNet):
@@ -72,23 +64,8 @@ def trained(model: nn.Module, rank: int = 2, alpha: float | None = 3.0, scale: f
     """A LoRA "style" created on `LORA_LAYERS` with random up and down weights, as if trained."""
     loras = LoraManager(model)
     adapters = loras.create("style", LORA_LAYERS, rank=rank, alpha=alpha, scale=scale)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for adapter in adapters.values():
-            for parameter in adapter.lora.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    randomize_loras(adapters.values(), seed=2, std=0.5)
     return loras
-
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: tensor.clone() for key, tensor in module.state_dict().items()}
-
-
-def assert_untouched(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = module.state_dict()
-    assert list(after) == list(before)
-    assert all(torch.equal(after[key], tensor) for key, tensor in before.items())
-    assert not any(isinstance(layer, LoraAdapter) for layer in module.modules())
 
 
 def test_create_adds_trainable_loras_that_change_nothing_until_trained() -> None:
@@ -311,7 +288,7 @@ def test_an_alpha_key_wins_over_peft_metadata_and_bad_metadata_is_named(tmp_path
     ):
         save_file(tensors, path, metadata={"lora_adapter_metadata": bad})
         model = net()
-        before = snapshot(model)
+        before = state_snapshot(model)
         with pytest.raises(WeightsError, match=f"{path}: its 'lora_adapter_metadata' metadata {match}"):
             LoraManager(model).add("style", path)
-        assert_untouched(model, before)
+        assert_lora_free(model, before)

@@ -49,6 +49,12 @@ def lora(seed: int, rank: int, layers: tuple[str, ...] = ("Conv2d", "Linear_1", 
     return tensors
 
 
+def lora_file(path: Path, seed: int, rank: int, layers: tuple[str, ...]) -> Path:
+    """`lora(seed, rank, layers)` saved at `path`."""
+    save_file(lora(seed, rank, layers), path)
+    return path
+
+
 X = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(9))
 
 
@@ -96,8 +102,7 @@ def test_exceeding_the_declared_limits_is_refused_naming_the_file_and_the_limit(
     chain = model()
     loras = LoraManager(chain)
     loras.enable_hotswap(max_rank=2, max_loras=1, layers=["Linear_1", "Linear_2"])
-    big = tmp_path / "big.safetensors"
-    save_file(lora(1, rank=3, layers=("Linear_1",)), big)
+    big = lora_file(tmp_path / "big.safetensors", 1, rank=3, layers=("Linear_1",))
     with pytest.raises(
         WeightsError,
         match=rf"^{re.escape(str(big))}: 'Linear_1.down.weight' has rank 3, more than the hot-swap maximum rank 2 "
@@ -110,8 +115,7 @@ def test_exceeding_the_declared_limits_is_refused_naming_the_file_and_the_limit(
     small = lora(2, rank=2, layers=("Linear_1",))
     loras.add("small", small)
     before = chain(X)
-    other = tmp_path / "other.safetensors"
-    save_file(lora(3, rank=1, layers=("Linear_2",)), other)
+    other = lora_file(tmp_path / "other.safetensors", 3, rank=1, layers=("Linear_2",))
     with pytest.raises(
         ValueError,
         match=rf"^cannot add LoRA 'other' from {re.escape(str(other))}: all 1 hot-swap slots are taken "

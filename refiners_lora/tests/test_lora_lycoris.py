@@ -27,13 +27,13 @@ from torch import nn
 
 import refiners_core.fluxion as fl
 from refiners_core.module_names import DIFFUSERS, KOHYA
-from refiners_core.testing import assert_relative_close
+from refiners_core.testing import assert_relative_close, state_snapshot
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraManager
 from refiners_lora.delta_adapter import DeltaAdapter
 from refiners_lora.families import dora, recognize
 from refiners_lora.planning import plan_lora
-from refiners_lora.testing import randomize_adapter, write_peft_file
+from refiners_lora.testing import assert_lora_free, randomize_adapter, write_peft_file
 
 LINEAR_INPUT = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
 CONV_INPUT = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(2))
@@ -74,17 +74,6 @@ class TorchNet(nn.Module):
 def net() -> Net:
     torch.manual_seed(0)
     return Net().eval()
-
-
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: tensor.clone() for key, tensor in module.state_dict().items()}
-
-
-def assert_same_state(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = module.state_dict()
-    assert list(after) == list(before)
-    assert all(torch.equal(after[key], tensor) for key, tensor in before.items())
-    assert not any(isinstance(layer, DeltaAdapter) for layer in module.modules())
 
 
 # --- lycoris-lora -----------------------------------------------------------------------------------------------
@@ -219,7 +208,7 @@ def loha_and_lora_file(seed: int = 7) -> dict[str, torch.Tensor]:
 
 def test_a_file_mixing_loha_and_lora_loads_both_and_remove_restores_bit_for_bit() -> None:
     ours = net()
-    before, base = snapshot(ours), ours.outputs()
+    before, base = state_snapshot(ours), ours.outputs()
     tensors = loha_and_lora_file()
     LoraManager(ours).add("mixed", tensors, scale=0.7)
     with torch.no_grad():
@@ -229,13 +218,13 @@ def test_a_file_mixing_loha_and_lora_loads_both_and_remove_restores_bit_for_bit(
     assert_relative_close(ours.outputs()[0], expected, what="LoHa by hand")
     assert (ours.outputs()[1] - base[1]).abs().max() > 1e-3
     LoraManager(ours).remove("mixed")
-    assert_same_state(ours, before)
+    assert_lora_free(ours, before)
     assert all(torch.equal(a, b) for a, b in zip(ours.outputs(), base, strict=True))
 
 
 def test_full_diffs_change_weight_and_bias_and_unfuse_restores_both() -> None:
     ours = net()
-    before = snapshot(ours)
+    before = state_snapshot(ours)
     generator = torch.Generator().manual_seed(8)
     diff, diff_b = torch.randn(12, 16, generator=generator), torch.randn(12, generator=generator)
     loras = LoraManager(ours)
@@ -250,7 +239,7 @@ def test_full_diffs_change_weight_and_bias_and_unfuse_restores_both() -> None:
     assert_relative_close(ours.outputs()[0], expected, what="full diff fused")
     loras.unfuse()
     loras.remove("full")
-    assert_same_state(ours, before)
+    assert_lora_free(ours, before)
 
 
 def test_dora_at_scale_zero_leaves_outputs_and_stacks_with_a_lora_alike_fused_and_unfused(tmp_path: Path) -> None:
@@ -271,24 +260,24 @@ def test_dora_at_scale_zero_leaves_outputs_and_stacks_with_a_lora_alike_fused_an
 
 def test_a_bad_module_among_good_ones_applies_nothing_and_is_named() -> None:
     ours = net()
-    before = snapshot(ours)
+    before = state_snapshot(ours)
     tensors = loha_and_lora_file()
     del tensors["lora_unet_fc.hada_w2_b"]
     with pytest.raises(WeightsError, match=r"'lora_unet_fc.hada_w1_a' is a LoHa weight with no hada_w2_b beside it"):
         LoraManager(ours).add("bad", tensors)
-    assert_same_state(ours, before)
+    assert_lora_free(ours, before)
     assert LoraManager(ours).names == ()
 
 
 def test_a_lokr_that_does_not_compose_to_the_layer_shape_names_both_shapes() -> None:
     ours = net()
-    before = snapshot(ours)
+    before = state_snapshot(ours)
     tensors = {"lora_unet_fc.lokr_w1": torch.randn(3, 4), "lora_unet_fc.lokr_w2": torch.randn(4, 5)}
     with pytest.raises(
         WeightsError, match=r"LoKr update of shape \(12, 20\), but the layer's weight has shape \(12, 16\)"
     ):
         LoraManager(ours).add("bad", tensors)
-    assert_same_state(ours, before)
+    assert_lora_free(ours, before)
 
 
 @pytest.mark.parametrize(
@@ -297,11 +286,11 @@ def test_a_lokr_that_does_not_compose_to_the_layer_shape_names_both_shapes() -> 
 )
 def test_an_unsupported_family_refuses_the_whole_file_naming_it(suffix: str, family: str) -> None:
     ours = net()
-    before = snapshot(ours)
+    before = state_snapshot(ours)
     tensors = loha_and_lora_file() | {f"lora_unet_conv.{suffix}": torch.randn(2, 3, 3)}
     with pytest.raises(WeightsError, match=rf"'lora_unet_conv.{suffix}' is a {family}.* weight"):
         LoraManager(ours).add("other", tensors, strict=False)
-    assert_same_state(ours, before)
+    assert_lora_free(ours, before)
 
 
 def test_recognize_names_family_rank_alpha_and_factor() -> None:
@@ -325,7 +314,7 @@ def test_saving_a_lycoris_lora_is_refused_naming_the_layer_and_family() -> None:
 
 def test_plan_lora_tells_every_module_its_layer_family_rank_and_problem_without_changing_the_model() -> None:
     ours = net()
-    before = snapshot(ours)
+    before = state_snapshot(ours)
     tensors = loha_and_lora_file() | {"lora_unet_other.diff": torch.randn(3, 3)}
     tensors["lora_unet_conv.lora_up.weight"] = torch.randn(6, 3, 1, 1)  # rank 3 against a rank-2 down
     plan = plan_lora(ours, tensors, "file.safetensors")
@@ -341,7 +330,7 @@ def test_plan_lora_tells_every_module_its_layer_family_rank_and_problem_without_
     assert "file.safetensors: 'lora_unet_conv.lora_up.weight' has shape (6, 3, 1, 1)" in conv.problem
     assert other.path is None and plan.unmatched == ["lora_unet_other.diff"]
     assert [module.module for module in plan.applicable] == ["lora_unet_fc"]
-    assert_same_state(ours, before)
+    assert_lora_free(ours, before)
 
 
 def test_a_half_precision_file_is_computed_in_the_model_dtype() -> None:

@@ -13,29 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
 from refiners_core.module_names import DIFFUSERS, KOHYA, ForeignModuleNames
-from refiners_core.testing import assert_relative_close
+from refiners_core.testing import assert_relative_close, state_snapshot
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
+from refiners_lora.testing import ConvAndLinears, assert_lora_free
 
 Snapshot = dict[str, torch.Tensor]
 
 
-class Block(fl.Chain):
-    def __init__(self) -> None:
-        super().__init__(
-            fl.Conv2d(3, 8, kernel_size=3, stride=2, padding=1),
-            fl.SiLU(),
-            fl.Flatten(-2, -1),
-            fl.Transpose(-1, -2),
-            fl.Linear(8, 16),
-            fl.LayerNorm(16),
-            fl.Linear(16, 4),
-        )
+class Block(ConvAndLinears):
+    """The convolution and two Linears of `ConvAndLinears`."""
 
 
 def model() -> Block:
@@ -80,18 +71,6 @@ def fused_by_hand(base: Block, loras: list[tuple[dict[str, torch.Tensor], float]
     return fused
 
 
-def snapshot(module: nn.Module) -> Snapshot:
-    return {key: tensor.clone() for key, tensor in module.state_dict().items()}
-
-
-def assert_untouched(module: nn.Module, before: Snapshot) -> None:
-    after = module.state_dict()
-    assert list(after) == list(before)
-    for key, tensor in before.items():
-        assert after[key].dtype == tensor.dtype and torch.equal(after[key], tensor), key
-    assert not any(isinstance(layer, LoraAdapter) for layer in module.modules())
-
-
 TOLERANCE = 1e-4
 """Relative to max |reference|: the LoRA deltas are of the order of the weights, so are rounding errors."""
 
@@ -130,12 +109,12 @@ def test_set_scale_rescales_without_reading_the_file_again(tmp_path: Path) -> No
 
 def test_remove_restores_the_state_dict_and_outputs_exactly() -> None:
     net = model()
-    before, expected = snapshot(net), net(X)
+    before, expected = state_snapshot(net), net(X)
     loras = LoraManager(net)
     loras.add("style", own_lora(1))
     assert not torch.allclose(net(X), expected)
     loras.remove("style")
-    assert_untouched(net, before)
+    assert_lora_free(net, before)
     assert torch.equal(net(X), expected)
     assert loras.names == ()
 
@@ -157,7 +136,7 @@ def test_two_loras_add_up_and_either_can_be_removed_first() -> None:
         remaining = [(own_lora(2, rank=3, alpha=1.0), 2.0)] if first_out == "one" else [(own_lora(1), 0.5)]
         assert_relative_close(net(X), fused_by_hand(model(), remaining)(X), TOLERANCE)
         loras.remove(loras.names[0])
-        assert_untouched(net, snapshot(model()))
+        assert_lora_free(net, state_snapshot(model()))
 
 
 def test_managers_of_one_model_share_their_loras() -> None:
@@ -169,11 +148,11 @@ def test_managers_of_one_model_share_their_loras() -> None:
 
 def test_fuse_bakes_the_loras_in_and_unfuse_restores_the_weights_bit_for_bit() -> None:
     net = model()
-    before = snapshot(net)
+    before = state_snapshot(net)
     loras = LoraManager(net)
     loras.add("one", own_lora(1), scale=0.5)
     loras.add("two", own_lora(2), scale=-1.0)
-    unfused_state, unfused = snapshot(net), net(X)
+    unfused_state, unfused = state_snapshot(net), net(X)
     loras.fuse()
     assert loras.is_fused
     assert not any(isinstance(layer, LoraAdapter) for layer in net.modules())
@@ -189,7 +168,7 @@ def test_fuse_bakes_the_loras_in_and_unfuse_restores_the_weights_bit_for_bit() -
     assert torch.equal(net(X), unfused)
     loras.remove("one")
     loras.remove("two")
-    assert_untouched(net, before)
+    assert_lora_free(net, before)
 
 
 @pytest.mark.parametrize("action", ["add", "remove", "set_scale"])
@@ -198,7 +177,7 @@ def test_changing_loras_while_fused_raises_and_changes_nothing(action: str) -> N
     loras = LoraManager(net)
     loras.add("style", own_lora(1))
     loras.fuse()
-    fused = snapshot(net)
+    fused = state_snapshot(net)
     with pytest.raises(RuntimeError, match=f"cannot {action} .*unfuse"):
         if action == "add":
             loras.add("other", own_lora(2))
@@ -212,11 +191,11 @@ def test_changing_loras_while_fused_raises_and_changes_nothing(action: str) -> N
 
 def test_a_key_that_matches_no_layer_is_named_and_nothing_is_applied() -> None:
     net = model()
-    before = snapshot(net)
+    before = state_snapshot(net)
     tensors = own_lora(1) | {"Linear_9.down.weight": torch.randn(2, 8), "Linear_9.up.weight": torch.randn(16, 2)}
     with pytest.raises(WeightsError, match=r"2 key\(s\) match no layer of Block.*'Linear_9.down.weight'"):
         LoraManager(net).add("style", tensors)
-    assert_untouched(net, before)
+    assert_lora_free(net, before)
     assert LoraManager(net).names == ()
 
 
@@ -252,7 +231,7 @@ def test_a_shape_that_does_not_fit_names_key_layer_path_expected_and_found(
     key: str, shape: tuple[int, ...], expected: str
 ) -> None:
     net = model()
-    before = snapshot(net)
+    before = state_snapshot(net)
     tensors = own_lora(1) | {key: torch.randn(*shape)}
     with pytest.raises(WeightsError) as error:
         LoraManager(net).add("style", tensors)
@@ -260,19 +239,19 @@ def test_a_shape_that_does_not_fit_names_key_layer_path_expected_and_found(
     layer = key.rsplit(".", 2)[0]
     assert f"'{key}' has shape {shape}" in message
     assert f"`Block.{layer}`" in message and f"expects {expected}" in message
-    assert_untouched(net, before)
+    assert_lora_free(net, before)
     assert LoraManager(net).names == ()
 
 
 def test_a_layer_other_than_linear_or_conv_is_refused() -> None:
     net = model()
-    before = snapshot(net)
+    before = state_snapshot(net)
     with pytest.raises(WeightsError, match=r"`Block.LayerNorm`, a LayerNorm"):
         LoraManager(net).add(
             "style",
             own_lora(1) | {"LayerNorm.down.weight": torch.randn(2, 16), "LayerNorm.up.weight": torch.randn(16, 2)},
         )
-    assert_untouched(net, before)
+    assert_lora_free(net, before)
 
 
 def test_down_weights_without_up_weights_are_refused() -> None:
@@ -281,12 +260,12 @@ def test_down_weights_without_up_weights_are_refused() -> None:
     del tensors["Linear_2.up.weight"]
     with pytest.raises(WeightsError, match=r"'Linear_2.down.weight' has no up weights"):
         LoraManager(net).add("style", tensors)
-    assert_untouched(net, snapshot(model()))
+    assert_lora_free(net, state_snapshot(model()))
 
 
 def test_not_a_weights_file_and_a_truncated_file_are_named(tmp_path: Path) -> None:
     net = model()
-    before = snapshot(net)
+    before = state_snapshot(net)
     text = tmp_path / "notes.safetensors"
     text.write_text("not weights")
     truncated = tmp_path / "cut.safetensors"
@@ -300,7 +279,7 @@ def test_not_a_weights_file_and_a_truncated_file_are_named(tmp_path: Path) -> No
             LoraManager(net).add("style", path)
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         LoraManager(net).add("style", tmp_path / "missing.safetensors")
-    assert_untouched(net, before)
+    assert_lora_free(net, before)
     assert LoraManager(net).names == ()
 
 
@@ -315,7 +294,7 @@ def test_a_name_is_unique_and_an_unknown_name_is_a_key_error() -> None:
     net = model()
     loras = LoraManager(net)
     loras.add("style", own_lora(1))
-    state = snapshot(net)
+    state = state_snapshot(net)
     with pytest.raises(ValueError, match="already loaded"):
         loras.add("style", own_lora(2))
     assert all(torch.equal(net.state_dict()[key], tensor) for key, tensor in state.items())
@@ -394,7 +373,7 @@ def test_mixed_formats_are_refused_naming_an_example_of_each() -> None:
 
 def test_a_foreign_key_unknown_to_the_model_is_named() -> None:
     net = ThirdPartyNet()
-    before = snapshot(net)
+    before = state_snapshot(net)
     tensors = {
         "lora_net_attn_to_q.lora_down.weight": torch.randn(2, 8),
         "lora_net_attn_to_q.lora_up.weight": torch.randn(8, 2),
@@ -404,7 +383,7 @@ def test_a_foreign_key_unknown_to_the_model_is_named() -> None:
     }
     with pytest.raises(WeightsError, match=r"3 key\(s\) match no layer of ThirdPartyNet.*lora_net_attn_to_k"):
         LoraManager(net).add("style", tensors)
-    assert_untouched(net, before)
+    assert_lora_free(net, before)
     skipped = LoraManager(net).add("style", tensors, strict=False)
     assert skipped == [
         "lora_net_attn_to_k.lora_down.weight",

@@ -16,13 +16,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from torch import nn
 
 import refiners_core.fluxion as fl
 from refiners_core.module_names import DIFFUSERS
+from refiners_core.testing import state_snapshot
 from refiners_core.weights import WeightsError
 from refiners_lora import LoraAdapter, LoraManager
 from refiners_lora.patterns import Pattern, PatternError
+from refiners_lora.testing import assert_lora_free
 
 
 class Net(fl.Chain):
@@ -43,26 +44,21 @@ def net() -> Net:
 X = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
 
 
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: tensor.clone() for key, tensor in module.state_dict().items()}
-
-
-def assert_untouched(module: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = module.state_dict()
-    assert list(after) == list(before)
-    assert all(torch.equal(after[key], tensor) for key, tensor in before.items())
-    assert not any(isinstance(layer, LoraAdapter) for layer in module.modules())
-    assert LoraManager(module).names == ()
+def two_layer_lora(layers: tuple[str, str], keys: tuple[str, str], seed: int, rank: int) -> dict[str, torch.Tensor]:
+    """A rank-`rank` LoRA drawn from `seed` on the 8 -> 16 and 16 -> 4 layers named `layers`, the down and up
+    weights of each under the suffixes `keys`."""
+    generator = torch.Generator().manual_seed(seed)
+    (first, second), (down, up) = layers, keys
+    return {
+        f"{first}.{down}": torch.randn(rank, 8, generator=generator),
+        f"{first}.{up}": torch.randn(16, rank, generator=generator),
+        f"{second}.{down}": torch.randn(rank, 16, generator=generator),
+        f"{second}.{up}": torch.randn(4, rank, generator=generator),
+    }
 
 
 def peft_tensors(rank: int = 2) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(4)
-    return {
-        "net.blocks.0.proj.lora_A.weight": torch.randn(rank, 8, generator=generator),
-        "net.blocks.0.proj.lora_B.weight": torch.randn(16, rank, generator=generator),
-        "net.blocks.1.proj_out.lora_A.weight": torch.randn(rank, 16, generator=generator),
-        "net.blocks.1.proj_out.lora_B.weight": torch.randn(4, rank, generator=generator),
-    }
+    return two_layer_lora(("net.blocks.0.proj", "net.blocks.1.proj_out"), ("lora_A.weight", "lora_B.weight"), 4, rank)
 
 
 def peft_file(tmp_path: Path, metadata: str, tensors: dict[str, torch.Tensor] | None = None) -> Path:
@@ -72,14 +68,8 @@ def peft_file(tmp_path: Path, metadata: str, tensors: dict[str, torch.Tensor] | 
 
 
 def own_lora(rank: int = 2) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    return {
-        "Linear_1.down.weight": torch.randn(rank, 8, generator=generator),
-        "Linear_1.up.weight": torch.randn(16, rank, generator=generator),
-        "Linear_2.down.weight": torch.randn(rank, 16, generator=generator),
-        "Linear_2.up.weight": torch.randn(4, rank, generator=generator),
-        "Linear_2.alpha": torch.tensor(3.0),
-    }
+    tensors = two_layer_lora(("Linear_1", "Linear_2"), ("down.weight", "up.weight"), 3, rank)
+    return tensors | {"Linear_2.alpha": torch.tensor(3.0)}
 
 
 HOSTILE_BUT_REGULAR = [
@@ -132,13 +122,13 @@ def test_pattern_keys_that_cannot_be_bounded_are_refused_before_matching_naming_
     for field in ("alpha_pattern", "rank_pattern"):
         path = peft_file(tmp_path, json.dumps({"unet.lora_alpha": 4, f"unet.{field}": {"proj": 1, key: 2}}))
         model = net()
-        before = snapshot(model)
+        before = state_snapshot(model)
         with pytest.raises(WeightsError) as error:
             LoraManager(model).add("style", path)
         message = str(error.value)
         assert message.startswith(f"{path}: its 'lora_adapter_metadata' metadata has a bad unet.{field}")
         assert reason in message.lower() and repr(key)[1:-1][:40] in message
-        assert_untouched(model, before)
+        assert_lora_free(model, before)
 
 
 def test_too_many_pattern_keys_are_refused(tmp_path: Path) -> None:
@@ -223,10 +213,10 @@ def test_the_bounded_matcher_agrees_with_peft_regular_expressions(key: str, name
 )
 def test_bad_lora_values_are_refused_naming_the_source_and_key(tensors: dict[str, Any], match: str) -> None:
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(WeightsError, match=f"LoRA state dict 'style': {match}"):
         LoraManager(model).add("style", tensors, scale=10.0)
-    assert_untouched(model, before)
+    assert_lora_free(model, before)
 
 
 @pytest.mark.parametrize(
@@ -246,10 +236,10 @@ def test_bad_lora_values_are_refused_naming_the_source_and_key(tensors: dict[str
 def test_bad_peft_alphas_are_refused_naming_the_file(metadata: str, match: str, tmp_path: Path) -> None:
     path = peft_file(tmp_path, metadata)
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(WeightsError, match=f"{path}: its 'lora_adapter_metadata' metadata {match}"):
         LoraManager(model).add("style", path)
-    assert_untouched(model, before)
+    assert_lora_free(model, before)
 
 
 BAD_SCALES = [
@@ -268,7 +258,7 @@ def test_a_scale_that_is_not_a_finite_number_is_refused_naming_the_argument(
     scale: Any, error: type[Exception], match: str
 ) -> None:
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(error, match=f"LoRA 'style': {re.escape(match)}"):
         LoraManager(model).add("style", own_lora(), scale=scale)
     with pytest.raises(error, match=f"LoRA 'style': {re.escape(match)}"):
@@ -276,7 +266,7 @@ def test_a_scale_that_is_not_a_finite_number_is_refused_naming_the_argument(
     if scale is not None:  # alpha=None means alpha = rank
         with pytest.raises(error, match=f"LoRA 'style': {re.escape(match.replace('scale', 'alpha'))}"):
             LoraManager(model).create("style", ["Linear_1"], rank=2, alpha=scale)
-    assert_untouched(model, before)
+    assert_lora_free(model, before)
     loras = LoraManager(model)
     loras.add("style", own_lora(), scale=0.5)
     expected = model(X)
@@ -288,7 +278,7 @@ def test_a_scale_that_is_not_a_finite_number_is_refused_naming_the_argument(
 @pytest.mark.parametrize("ejected", [["Linear_1"], ["Linear_2"], ["Linear_1", "Linear_2"]])
 def test_remove_finishes_when_adapters_were_ejected_by_hand_and_the_name_is_free_again(ejected: list[str]) -> None:
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     targets = [model.get_submodule(path) for path in ejected]
     loras = LoraManager(model)
     loras.add("style", own_lora())
@@ -298,7 +288,7 @@ def test_remove_finishes_when_adapters_were_ejected_by_hand_and_the_name_is_free
     with pytest.raises(RuntimeError, match="cannot fuse: the adapter of LoRA 'style' on .* was ejected by hand"):
         loras.fuse()
     loras.remove("style")
-    assert_untouched(model, before)
+    assert_lora_free(model, before)
     loras.add("style", own_lora())
     assert loras.names == ("style",)
 
@@ -339,12 +329,12 @@ def test_random_peft_metadata_loads_or_is_refused_naming_the_file(
 ) -> None:
     path = peft_file(tmp_path, raw if raw is not None else json.dumps(config))
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     try:
         LoraManager(model).add("style", path)
     except WeightsError as error:
         assert str(error).startswith(str(path))
-        assert_untouched(model, before)
+        assert_lora_free(model, before)
     else:
         assert LoraManager(model).names == ("style",)
 
@@ -383,7 +373,7 @@ def test_a_lora_file_that_is_no_weights_file_is_named_for_what_it_is(
     path = tmp_path / f"lora{suffix}"
     path.write_bytes(content)
     model = net()
-    before = snapshot(model)
+    before = state_snapshot(model)
     with pytest.raises(WeightsError, match=f"^cannot read {re.escape(str(path))}.*{match}"):
         LoraManager(model).add("style", path)
-    assert_untouched(model, before)
+    assert_lora_free(model, before)

@@ -1,6 +1,6 @@
 """The README's Adapter API example: LoRA in every linear layer of the toy ViT's attentions, then ejected.
 
-`ViT` is the README's model, verbatim but for the import. The full-size model runs the example itself; the
+`ViT` is the README's model (`refiners_core.testing.readme_vit`). The full-size model runs the example itself; the
 gradient check uses a reduced configuration of the same class to keep CPU runs fast.
 """
 
@@ -8,28 +8,8 @@ import pytest
 import torch
 
 import refiners_core.fluxion as fl
+from refiners_core.testing.readme_vit import ViT
 from refiners_lora import LoraAdapter
-
-
-# fmt: off
-class ViT(fl.Chain):
-    def __init__(self, embedding_dim=512, patch_size=16, image_size=384, num_layers=12, num_heads=8):
-        num_patches = (image_size // patch_size)
-        super().__init__(
-            fl.Conv2d(in_channels=3, out_channels=embedding_dim, kernel_size=patch_size, stride=patch_size),
-            fl.Reshape(num_patches**2, embedding_dim),
-            fl.Residual(fl.Parameter(num_patches**2, embedding_dim)),
-            *(fl.Chain(
-                    fl.LayerNorm(embedding_dim),
-                    fl.Residual(fl.Parallel(fl.Identity(), fl.Identity(), fl.Identity()),
-                        fl.Attention(embedding_dim=embedding_dim, num_heads=num_heads, key_embedding_dim=embedding_dim, value_embedding_dim=embedding_dim)),  # noqa: E501
-                    fl.LayerNorm(embedding_dim),
-                    fl.Residual(fl.Linear(embedding_dim, embedding_dim * 4), fl.GeLU(), fl.Linear(embedding_dim * 4, embedding_dim)),  # noqa: E501
-                    fl.Chain(fl.Linear(embedding_dim, embedding_dim * 4), fl.GeLU(), fl.Linear(embedding_dim * 4, embedding_dim)),  # noqa: E501
-                ) for _ in range(num_layers)),
-            fl.Reshape(embedding_dim, num_patches, num_patches),
-        )
-# fmt: on
 
 
 def inject_readme_loras(vit: fl.Chain, rank: int = 64) -> list[LoraAdapter]:

@@ -16,26 +16,13 @@ import pytest
 import torch
 
 from refiners_core.testing import assert_relative_close
-from refiners_sd15 import SD1UNet, UNetConfig
+from refiners_sd15 import SD1UNet
+from refiners_sd15.testing import small_compile_unet
 
 TOLERANCE = 1e-6
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # refiners_core.testing's fixture
-
-
-def small_unet() -> SD1UNet:
-    torch.manual_seed(0)
-    return SD1UNet(
-        UNetConfig(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            attention_head_dim=4,
-            cross_attention_dim=24,
-            cross_attention_levels=(True, False),
-            norm_num_groups=8,
-        )
-    ).eval()
 
 
 def set_step(unet: SD1UNet, timestep: int, seed: int) -> None:
@@ -44,7 +31,7 @@ def set_step(unet: SD1UNet, timestep: int, seed: int) -> None:
 
 
 def test_sd15_unet_compiles_without_graph_break_and_new_steps_reuse_the_graph() -> None:
-    unet = small_unet()
+    unet = small_compile_unet()
     compiled = torch.compile(unet, fullgraph=True, backend="eager")  # raises on a graph break
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad():

@@ -71,21 +71,14 @@ def test_sd15_unet_from_pretrained_converts_to_the_dtype_asked_for(tmp_path: Pat
 
 
 CHANGE_AFTER_FROM_PRETRAINED = """
-import os, sys, torch
+import sys, torch
 from pathlib import Path
+from refiners_core.testing.files import change_file
 from refiners_sd15 import SD1UNet
 
 path, change = Path(sys.argv[1]), sys.argv[2]
 unet = SD1UNet.from_pretrained(path).eval()
-size = path.stat().st_size
-if change == "truncate":
-    os.truncate(path, 0)
-elif change == "overwrite in place":
-    with open(path, "r+b") as file:
-        file.write(os.urandom(size))
-elif change == "replace like cp":
-    with open(path, "wb") as file:
-        file.write(os.urandom(size // 3))
+change_file(path, change)
 torch.manual_seed(0)
 x, text = torch.randn(1, 4, 16, 16), torch.randn(1, 7, 32)
 with torch.no_grad():

@@ -165,6 +165,31 @@ def pipeline(kind: type[Any], models: Models, scheduler: Any) -> Any:
     return pipe
 
 
+def reference_latents(
+    pipeline_class: Any,
+    models: Models,
+    scheduler: Any,
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    *,
+    steps: int,
+    guidance: float,
+    seed: int,
+    **inputs: Any,
+) -> torch.Tensor:
+    """The final latents of the diffusers `pipeline_class` run on our (negative, positive) `embeddings`: `steps`
+    steps with classifier-free guidance of `guidance`, noise from `seed`; `inputs` adds the image, mask, size..."""
+    negative, positive = embeddings
+    return pipeline(pipeline_class, models, scheduler)(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        **inputs,
+    ).images
+
+
 def denoise(sd: StableDiffusion_1, x: torch.Tensor, embedding: torch.Tensor, scale: float) -> torch.Tensor:
     with torch.no_grad():
         for step in sd.steps:
@@ -178,16 +203,9 @@ def test_text_to_image_loop_matches_diffusers_pipeline(
 ) -> None:
     ours_class, scheduler = SOLVERS[solver]
     negative, positive = embeddings
-    reference = pipeline(StableDiffusionPipeline, models, scheduler())(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=3,
-        guidance_scale=7.5,
-        generator=torch.Generator().manual_seed(6),
-        output_type="latent",
-    ).images
+    reference = reference_latents(
+        StableDiffusionPipeline, models, scheduler(), embeddings, steps=3, guidance=7.5, seed=6, height=SIZE, width=SIZE
+    )
 
     sd = models.sd
     sd.solver = ours_class(num_inference_steps=3)
@@ -208,16 +226,17 @@ def test_image_to_image_loop_matches_diffusers_pipeline(
     image, _ = images()
     sd = models.sd
     init_latents = sd.lda.image_to_latents(image)
-    reference = pipeline(StableDiffusionImg2ImgPipeline, models, scheduler())(
+    reference = reference_latents(
+        StableDiffusionImg2ImgPipeline,
+        models,
+        scheduler(),
+        embeddings,
+        steps=4,
+        guidance=5.0,
+        seed=7,
         image=init_latents,  # diffusers takes 4-channel images as latents
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
         strength=0.75,
-        num_inference_steps=4,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(7),
-        output_type="latent",
-    ).images
+    )
 
     sd.solver = ours_class(num_inference_steps=4, first_inference_step=1)
     x = sd.init_latents(size=(SIZE, SIZE), init_image=image, seed=7)
@@ -233,18 +252,19 @@ def test_inpainting_loop_matches_diffusers_pipeline(
     ours_class, scheduler = SOLVERS["euler"]
     negative, positive = embeddings
     image, mask = images()
-    reference = pipeline(StableDiffusionInpaintPipeline, models, scheduler())(
+    reference = reference_latents(
+        StableDiffusionInpaintPipeline,
+        models,
+        scheduler(),
+        embeddings,
+        steps=3,
+        guidance=7.5,
+        seed=8,
         image=image,
         mask_image=mask,
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
         height=SIZE,
         width=SIZE,
-        num_inference_steps=3,
-        guidance_scale=7.5,
-        generator=torch.Generator().manual_seed(8),
-        output_type="latent",
-    ).images
+    )
 
     sd = models.inpainting
     sd.solver = ours_class(num_inference_steps=3)

@@ -3,6 +3,7 @@ and original-layout checkpoints written from transformers state dicts. Nothing h
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -235,6 +236,23 @@ class DiffusersReferences:
         """The reference `unet` or `text_encoder`."""
         return self.unet if name == "unet" else self.text_encoder
 
+    def pipeline(self) -> Any:
+        """A fresh diffusers `StableDiffusionPipeline` on copies of the reference UNet and text encoder (LoRA loading
+        patches them), the folder's autoencoder and a DDIM scheduler; no tokenizer (ours makes the token ids of both),
+        no safety checker."""
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline  # pyright: ignore[reportPrivateImportUsage]
+
+        components: dict[str, Any] = {
+            "vae": AutoencoderKL.from_pretrained(self.folder / "vae"),  # pyright: ignore[reportUnknownMemberType]
+            "text_encoder": copy.deepcopy(self.text_encoder),
+            "tokenizer": None,
+            "unet": copy.deepcopy(self.unet),
+            "scheduler": DDIMScheduler(steps_offset=1, clip_sample=False),
+            "safety_checker": None,
+            "feature_extractor": None,
+        }
+        return StableDiffusionPipeline(**components, requires_safety_checker=False)
+
 
 def open_clip_state_dict(state_dict: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
     """The OpenCLIP text tower of a transformers `CLIPTextModelWithProjection` state dict of `num_layers` layers, as
@@ -271,6 +289,23 @@ def small_unet_config(in_channels: int = 4) -> UNetConfig:
         cross_attention_dim=32,
         cross_attention_levels=(True, False),
     )
+
+
+def small_compile_unet() -> SD1UNet:
+    """A scaled-down SD1.5 UNet for `torch.compile` tests: levels of 32 and 64 channels, one layer each, 4-wide
+    heads, 24-wide text cross-attention at the first level only, 8 groups per norm; random weights drawn after seeding
+    torch's global generator with 0, in eval mode."""
+    torch.manual_seed(0)  # pyright: ignore[reportUnknownMemberType]
+    return SD1UNet(
+        UNetConfig(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            attention_head_dim=4,
+            cross_attention_dim=24,
+            cross_attention_levels=(True, False),
+            norm_num_groups=8,
+        )
+    ).eval()
 
 
 def small_sd15_components(in_channels: int) -> dict[str, torch.nn.Module]:

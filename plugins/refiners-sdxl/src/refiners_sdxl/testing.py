@@ -515,3 +515,42 @@ def guided_latents(
             condition_scale=condition_scale,
         )
     return x
+
+
+def _parity_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents (8x8), text and pooled embeddings drawn from seed 3, the time ids of a 64x64 image, timestep 500."""
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, L_DIM + G_DIM, generator=generator)
+    pooled = torch.randn(1, POOLED_DIM, generator=generator)
+    return latents, text, pooled, torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]), torch.tensor([500])
+
+
+@torch.no_grad()
+def our_outputs(sdxl: StableDiffusion_XL, prompt: str) -> list[torch.Tensor]:
+    """The small SDXL's UNet output on seeded random inputs (timestep 500), then the text and pooled embeddings of
+    `prompt`: what `reference_outputs` gives from diffusers and transformers models, for parity tests of adapters
+    patching the UNet and both text encoders."""
+    latents, text, pooled, time_ids, timestep = _parity_inputs()
+    unet = sdxl.unet
+    unet.set_timestep(timestep)
+    unet.set_clip_text_embedding(text)
+    unet.set_pooled_text_embedding(pooled)
+    unet.set_time_ids(time_ids)
+    embedding, pooled_embedding = sdxl.clip_text_encoder(prompt)
+    return [unet(latents), embedding, pooled_embedding]
+
+
+@torch.no_grad()
+def reference_outputs(sdxl: StableDiffusion_XL, models: dict[str, Any], prompt: str) -> list[torch.Tensor]:
+    """What `our_outputs` gives, from `models` (`unet`, `text_encoder`, `text_encoder_2`: diffusers' UNet and
+    transformers' text encoders, on our tokenizers' ids): the penultimate hidden states of both encoders,
+    concatenated, and CLIP-G's projected pooled embedding."""
+    latents, text, pooled, time_ids, timestep = _parity_inputs()
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    unet = models["unet"](latents, timestep, encoder_hidden_states=text, added_cond_kwargs=added).sample
+    encoders = sdxl.clip_text_encoder
+    ids_l, ids_g = encoders.text_encoder_l.tokenizer(prompt), encoders.text_encoder_g.tokenizer(prompt)
+    hidden_l = models["text_encoder"](ids_l, output_hidden_states=True).hidden_states[-2]
+    output_g = models["text_encoder_2"](ids_g, output_hidden_states=True)
+    return [unet, torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1), output_g.text_embeds]

@@ -51,3 +51,34 @@ class FakeDistributions:
         """Remove the plugin modules from `sys.modules`, so a later test imports its own."""
         for module in self.modules:
             sys.modules.pop(module, None)
+
+
+GREETER_PLUGIN = """
+    from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, ModelSpec, hookimpl
+
+    def configure(parser):
+        parser.add_argument("--name", default="world")
+
+    def run(args):
+        print(f"hello {args.name}")
+        return 3
+
+    @hookimpl
+    def refiners_register_commands(cli):
+        cli.add_command("t-hello", run, help="Greet someone", configure=configure)
+
+    @hookimpl
+    def refiners_register_adapters(register):
+        register(AdapterSpec("t-scale", lambda target: target))
+
+    @hookimpl
+    def refiners_register_models(register):
+        register(ModelSpec("t-model", dict))
+
+    @hookimpl
+    def refiners_register_generate_options(register):
+        register(GenerateOptionSpec("--t-style", lambda model, values: None))
+"""
+"""The source of a plugin that works, for `FakeDistributions.add` (the `plugin_site` fixture): the command `t-hello
+[--name NAME]` (prints "hello NAME", exits 3), the adapter `t-scale`, the model `t-model` and the generate option
+`--t-style`, none of which does anything."""

@@ -1,9 +1,12 @@
+# pyright: basic
+# (`ViT` and `CrossAttentionViT` are the README's code as written, without type hints.)
 """The toy ViT of the Refiners README, verbatim but for the import, and a plain-torch twin to check it against.
 
 `ViT` is the README's first example; `CrossAttentionViT` is the same model with the README's Context API diff
 applied (the key and value `Identity` layers replaced by `UseContext`). `TorchViT` computes the same function
 with `torch.nn` layers only (`nn.MultiheadAttention` for attention); `copy_weights` fills it from a `ViT` by
-explicit layer paths, so the two can be compared output for output.
+explicit layer paths, so the two can be compared output for output. For the tests of the README's examples, in
+refiners-core (Fluxion, the Context API) and in the plugins that adapt the model (refiners-lora's Adapter API).
 """
 
 import torch
