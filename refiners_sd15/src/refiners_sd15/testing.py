@@ -328,3 +328,49 @@ def paired_outputs(
         sd.clip_text_encoder(tokens),
         text_encoder(tokens).last_hidden_state,
     )
+
+
+def adapter_value_cases(hub_source: str, image: str, windows_source: str) -> list[tuple[str, tuple[str, Path, float]]]:
+    """Values of an adapter option `SOURCE:IMAGE[:SCALE]` of `refiners generate` and their (source, image, scale): a
+    hub id and a relative image without a scale, a relative folder and an absolute image with one, and Windows paths
+    whose drive letters hold a ':' (`windows_source` such as `C:\\adapters\\canny`)."""
+    return [
+        (f"{hub_source}:{image}", (hub_source, Path(image), 1.0)),
+        ("./canny:/tmp/edges.png:0.8", ("./canny", Path("/tmp/edges.png"), 0.8)),
+        (f"{windows_source}:D:\\edges.png:1.5", (windows_source, Path("D:\\edges.png"), 1.5)),
+    ]
+
+
+MALFORMED_ADAPTER_VALUES = [
+    ("canny", "expected FOLDER:IMAGE"),
+    (":edges.png", "expected FOLDER:IMAGE"),
+    ("a:b:x", "'a:b:x': the scale must be a finite number, got 'x'"),
+]
+"""Values of a `FOLDER:IMAGE[:SCALE]` adapter option and what the error about each says."""
+
+
+def write_bad_diffusers_sources(folder: Path) -> dict[str, Path]:
+    """Under `folder`, what an adapter option must refuse as a diffusers model or image, by name: `empty` (a folder
+    without config.json), `no_weights` (a config.json alone), `pointer` (a git-lfs pointer in place of the weights),
+    `wide` (an 8x9000 image) and `missing` (no file)."""
+    from PIL import Image
+
+    paths = {name: folder / name for name in ("empty", "no_weights", "pointer")}
+    for path in paths.values():
+        path.mkdir()
+    (paths["no_weights"] / "config.json").write_text("{}")
+    (paths["pointer"] / "config.json").write_text("{}")
+    (paths["pointer"] / "diffusion_pytorch_model.safetensors").write_text("version https://git-lfs.github.com/x")
+    Image.new("L", (8, 9000)).save(folder / "wide.png")
+    return {**paths, "wide": folder / "wide.png", "missing": folder / "missing.png"}
+
+
+def cache_hub_config(cache: Path, repo_id: str) -> None:
+    """Make the hub repository `repo_id` appear in the huggingface_hub cache folder `cache` with a `config.json`
+    (`{}`) at its `main` revision, laid out as a download leaves it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = cache / f"models--{repo_id.replace('/', '--')}"
+    (repository / "snapshots" / commit).mkdir(parents=True)
+    (repository / "snapshots" / commit / "config.json").write_text("{}")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
