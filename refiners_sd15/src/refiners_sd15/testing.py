@@ -4,7 +4,7 @@ and original-layout checkpoints written from transformers state dicts. Nothing h
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from refiners_core.fluxion.utils import manual_seed
 from refiners_sd15.autoencoder import SD15_AUTOENCODER, SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
 from refiners_sd15.model import StableDiffusion_1
+from refiners_sd15.solvers import DDIM
 from refiners_sd15.unet import SD1UNet, UNetConfig
 
 SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
@@ -374,3 +375,79 @@ def cache_hub_config(cache: Path, repo_id: str) -> None:
     (repository / "snapshots" / commit / "config.json").write_text("{}")
     (repository / "refs").mkdir()
     (repository / "refs" / "main").write_text(commit)
+
+
+@torch.no_grad()
+def reference_guided_latents(
+    pipeline_class: Any,
+    modules: Mapping[str, Any],
+    arguments: Mapping[str, Any],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    *,
+    size: int,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """The final latents of the diffusers SD1.5 pipeline `pipeline_class` (an adapter's: ControlNet, T2I-Adapter),
+    built with `modules` (its UNet and adapter models) and called with `arguments` (images, scales): DDIM
+    (`diffusers_reference_scheduler("ddim")`), `steps` steps of classifier-free guidance `guidance` on the
+    (negative, positive) `embeddings`, `size`x`size`, seed 6 noise on the CPU, `output_type="latent"`. No text encoder;
+    the autoencoder, unused, has 4 levels so that the latents are 1/8 of the image. Needs diffusers (test extra)."""
+    from diffusers import AutoencoderKL  # pyright: ignore[reportPrivateImportUsage]
+
+    pipe: Any = pipeline_class(
+        vae=AutoencoderKL(
+            block_out_channels=(32,) * 4,  # pyright: ignore[reportArgumentType]
+            down_block_types=("DownEncoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+            up_block_types=("UpDecoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+        ),
+        text_encoder=None,
+        tokenizer=None,
+        scheduler=diffusers_reference_scheduler("ddim"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **modules,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    negative, positive = embeddings
+    output = pipe(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(6),
+        output_type="latent",
+        **arguments,
+    )
+    return output.images
+
+
+@torch.no_grad()
+def our_guided_latents(
+    unet: SD1UNet,
+    adapt: Callable[[SD1UNet], object],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    *,
+    size: int,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """What `reference_guided_latents` computes, on our side: `StableDiffusion_1` with `unet` (which `adapt` adapts once
+    the model is built) and the DDIM solver, from `init_latents(seed=6)`. Its autoencoder and text encoder, unused, are
+    on the meta device."""
+    sd = StableDiffusion_1(
+        unet=unet,
+        lda=SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32,) * 4), device="meta"),
+        clip_text_encoder=CLIPTextEncoderL(device="meta"),
+        show_progress=False,
+    )
+    adapt(sd.unet)
+    sd.solver = DDIM(num_inference_steps=steps)
+    embedding = torch.cat(embeddings)
+    x = sd.init_latents(size=(size, size), seed=6)
+    for step in sd.steps:
+        x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=guidance)
+    return x
