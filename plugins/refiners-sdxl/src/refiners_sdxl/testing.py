@@ -23,6 +23,7 @@ from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG, open_clip_state_dict
 from refiners_sd15.testing import SDXL_TEXT_ENCODER_2_CONFIG as PUBLISHED_TEXT_ENCODER_2_CONFIG
 from refiners_sd15.unet import unet_config_from_diffusers
 from refiners_sdxl.model import StableDiffusion_XL
+from refiners_sdxl.refiner import StableDiffusion_XL_Refiner
 from refiners_sdxl.unet import diffusers_sdxl_unet_mapping, ldm_sdxl_unet_mapping
 
 TIME_ID_DIM = 8
@@ -505,6 +506,21 @@ def guided_latents(
     final latents, to compare with a diffusers pipeline called with `guided_pipeline_arguments`."""
     x = sdxl.init_latents(size=(size, size), noise=noise)
     time_ids = sdxl.time_ids(original_size=(size, size), target_size=(size, size))
+    return guided_steps(sdxl, x, embedding, pooled, time_ids, condition_scale=condition_scale)
+
+
+def guided_steps(
+    sdxl: StableDiffusion_XL | StableDiffusion_XL_Refiner,
+    x: torch.Tensor,
+    embedding: torch.Tensor,
+    pooled: torch.Tensor,
+    time_ids: torch.Tensor,
+    *,
+    condition_scale: float = 5.0,
+) -> torch.Tensor:
+    """The latents `x` after every step of `sdxl.solver` (a base model's or a refiner's), with classifier-free
+    guidance of `condition_scale` and the micro-conditioning `time_ids`. Written out, not `refiners_sd15.generation`'s
+    `denoise`, so that tests of what runs that loop compare with one of their own."""
     for step in sdxl.steps:
         x = sdxl(
             x,
