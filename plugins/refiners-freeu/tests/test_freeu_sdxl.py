@@ -31,6 +31,7 @@ from refiners_sdxl import SDXLUNet, StableDiffusion_XL
 from refiners_sdxl.testing import (
     POOLED_DIM,
     SDXL_BASE_UNET_CONFIG,
+    SMALL_THREE_LEVEL_UNET,
     SMALL_UNET,
     guided_latents,
     guided_pipeline_arguments,
@@ -39,14 +40,7 @@ from refiners_sdxl.testing import (
 )
 
 SIZE = 64  # pixels: 8x8 latents
-THREE_LEVELS: dict[str, Any] = {
-    **SMALL_UNET,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 64],
-    "attention_head_dim": [1, 2, 2],
-    "transformer_layers_per_block": [1, 2, 2],
-}
+THREE_LEVELS: dict[str, Any] = {**SMALL_THREE_LEVEL_UNET, "transformer_layers_per_block": [1, 2, 2]}
 """A small SDXL-like UNet of three levels, as SDXL base: FreeU applies to the first two decoder levels only."""
 
 

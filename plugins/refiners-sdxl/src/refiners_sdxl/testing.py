@@ -50,6 +50,17 @@ SMALL_UNET: dict[str, Any] = {
 """`UNet2DConditionModel` arguments of a small SDXL base-like UNet: two levels, attention on the second, CLIP-L + CLIP-G
 text, the `text_time` added embedding of the pooled embedding and six time ids."""
 
+SMALL_THREE_LEVEL_UNET: dict[str, Any] = {
+    **SMALL_UNET,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "attention_head_dim": [1, 2, 2],
+    "transformer_layers_per_block": [1, 1, 2],
+}
+"""`SMALL_UNET` with SDXL base's three kinds of level: no attention and a downsampling, attention and a
+downsampling, attention."""
+
 SMALL_INPAINTING_UNET: dict[str, Any] = {**SMALL_UNET, "in_channels": 9}
 """`SMALL_UNET` with latents, mask and masked image latents in (4 + 1 + 4 channels)."""
 
