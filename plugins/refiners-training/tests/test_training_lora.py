@@ -25,15 +25,14 @@ from refiners_training import CheckpointError, TrainingConfig, TrainingResult, t
 from refiners_training import models as models_module
 from refiners_training import trainer as trainer_module
 from refiners_training.testing import (
-    KILLED_AT_STEP_4,
     RED,
     RESUMABLE_RUN,
+    assert_resumes_after_sigkill,
     assert_same_checkpoint,
     checkpoint_weights,
     logged_losses,
     one_torch_thread,
-    run_process,
-    torchrun_command,
+    run_under_torchrun,
     write_colour_patches,
     write_config,
 )
@@ -220,14 +219,8 @@ def test_a_process_killed_with_sigkill_during_a_checkpoint_write_resumes_to_the_
     straight_run: TrainingResult, folders: dict[str, Path]
 ) -> None:
     path, config = write_config(folders, "sigkilled", **RESUMABLE_RUN)  # pyright: ignore[reportArgumentType]
-    completed = run_process([sys.executable, "-c", KILLED_AT_STEP_4, str(path)])
-    assert completed.returncode == -9, completed.stderr[-4000:]
-    checkpoints = config.training.output_dir / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "step-000002"
-
-    assert main(["train", "lora", str(path), "--resume"]) == 0
-    assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
-    assert_same_checkpoint(folders["root"] / "straight", config.training.output_dir, 4)
+    losses = list(straight_run.losses.values())
+    assert_resumes_after_sigkill(path, config.training.output_dir, folders["root"] / "straight", losses)
 
 
 def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_same_global_batch(
@@ -235,12 +228,8 @@ def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_
 ) -> None:
     per_process = {**RESUMABLE_RUN, "training": {**RESUMABLE_RUN["training"], "batch_size": 1}}
     path, config = write_config(folders, "ddp", **per_process)  # pyright: ignore[reportArgumentType]
-    completed = run_process(torchrun_command(path, 2))
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert logged_losses(config.training.output_dir) == pytest.approx(list(straight_run.losses.values()), rel=1e-5)
-    expected = checkpoint_weights(folders["root"] / "straight", 4)
-    distributed = checkpoint_weights(config.training.output_dir, 4)
-    assert expected.keys() == distributed.keys()
+    losses = list(straight_run.losses.values())
+    expected, distributed = run_under_torchrun(path, config.training.output_dir, folders["root"] / "straight", losses)
     for key in expected:
         assert torch.allclose(distributed[key], expected[key], atol=1e-5, rtol=1e-5), key
 

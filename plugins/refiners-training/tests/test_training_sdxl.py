@@ -38,15 +38,11 @@ from refiners_training.diffusion import NoiseSchedule, sample_generator
 from refiners_training.models import resolve_kind
 from refiners_training.sdxl import SDXLModel
 from refiners_training.testing import (
-    KILLED_AT_STEP_4,
     RESUMABLE_RUN,
-    assert_same_checkpoint,
-    checkpoint_weights,
-    logged_losses,
+    assert_resumes_after_sigkill,
     one_torch_thread,
-    run_process,
+    run_under_torchrun,
     toml_config,
-    torchrun_command,
     write_colour_patches,
     write_config,
 )
@@ -328,13 +324,8 @@ def test_a_process_killed_with_sigkill_during_a_checkpoint_write_resumes_to_the_
     straight_run: TrainingResult, folders: dict[str, Path]
 ) -> None:
     path, config = load_config(folders, "sigkilled", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
-    completed = run_process([sys.executable, "-c", KILLED_AT_STEP_4, str(path)])
-    assert completed.returncode == -9, completed.stderr[-4000:]
-    assert (config.training.output_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"
-
-    assert main(["train", "lora", str(path), "--resume"]) == 0
-    assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
-    assert_same_checkpoint(folders["root"] / "straight", config.training.output_dir, 4)
+    losses = list(straight_run.losses.values())
+    assert_resumes_after_sigkill(path, config.training.output_dir, folders["root"] / "straight", losses)
 
 
 def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_same_global_batch(
@@ -342,12 +333,8 @@ def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_
 ) -> None:
     per_process = {**SMALL_RUN, "training": {**SMALL_RUN["training"], "batch_size": 1}}
     path, config = load_config(folders, "ddp", **per_process)  # pyright: ignore[reportArgumentType]
-    completed = run_process(torchrun_command(path, 2))
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert logged_losses(config.training.output_dir) == pytest.approx(list(straight_run.losses.values()), rel=1e-5)
-    expected = checkpoint_weights(folders["root"] / "straight", 4)
-    distributed = checkpoint_weights(config.training.output_dir, 4)
-    assert expected.keys() == distributed.keys()
+    losses = list(straight_run.losses.values())
+    expected, distributed = run_under_torchrun(path, config.training.output_dir, folders["root"] / "straight", losses)
     # Gradients are summed in another order (all-reduce): AdamW divides each one by its running magnitude, which
     # turns the rounding of a gradient near zero into a step of up to `learning_rate` (1e-3) on that weight. On this
     # small model a few weights of one layer move 2e-5 apart; the others within 2e-6.

@@ -152,3 +152,36 @@ def torchrun_command(config: Path, processes: int) -> list[str]:
         "lora",
         str(config),
     ]
+
+
+def assert_resumes_after_sigkill(config: Path, output_dir: Path, reference_dir: Path, losses: list[float]) -> None:
+    """Run `refiners train lora config` (writing to `output_dir`) in a process that SIGKILLs itself halfway through
+    the checkpoint of step 4 (`KILLED_AT_STEP_4`) and assert it died so, the checkpoint of step 2 the latest; then
+    resume it in this process and assert it logs `losses` exactly and ends with the weights of step 4 of the run
+    writing to `reference_dir`, bit for bit."""
+    from refiners_core.cli import main
+
+    completed = run_process([sys.executable, "-c", KILLED_AT_STEP_4, str(config)])
+    assert completed.returncode == -9, completed.stderr[-4000:]
+    assert (output_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"
+
+    assert main(["train", "lora", str(config), "--resume"]) == 0
+    assert logged_losses(output_dir) == losses  # exactly
+    assert_same_checkpoint(reference_dir, output_dir, 4)
+
+
+def run_under_torchrun(
+    config: Path, output_dir: Path, reference_dir: Path, losses: list[float]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Train the LoRA of `config` (writing to `output_dir`) in 2 processes under torchrun and assert it succeeds and
+    logs `losses` within a relative 1e-5; return the LoRA weights of step 4 of the run writing to `reference_dir` and
+    of this one, after asserting they have the same keys."""
+    import pytest
+
+    completed = run_process(torchrun_command(config, 2))
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert logged_losses(output_dir) == pytest.approx(losses, rel=1e-5)
+    expected = checkpoint_weights(reference_dir, 4)
+    distributed = checkpoint_weights(output_dir, 4)
+    assert expected.keys() == distributed.keys()
+    return expected, distributed
