@@ -71,11 +71,10 @@ def reference_latents(
     return reference_guided_latents(
         StableDiffusionControlNetPipeline,
         {"unet": unet, "controlnet": controlnets if len(controlnets) > 1 else controlnets[0]},
-        {
-            "image": images if len(images) > 1 else images[0],
-            "controlnet_conditioning_scale": scales if len(scales) > 1 else scales[0],
-        },
         embeddings,
+        images=images,
+        scale_argument="controlnet_conditioning_scale",
+        scales=scales,
         size=SIZE,
         steps=STEPS,
         guidance=GUIDANCE,

@@ -378,21 +378,50 @@ def cache_hub_config(cache: Path, repo_id: str) -> None:
 
 
 @torch.no_grad()
-def reference_guided_latents(
-    pipeline_class: Any,
-    modules: Mapping[str, Any],
-    arguments: Mapping[str, Any],
+def pipeline_latents(
+    pipe: Any,
     embeddings: tuple[torch.Tensor, torch.Tensor],
     *,
     size: int,
     steps: int,
     guidance: float,
+    **arguments: Any,
 ) -> torch.Tensor:
-    """The final latents of the diffusers SD1.5 pipeline `pipeline_class` (an adapter's: ControlNet, T2I-Adapter),
-    built with `modules` (its UNet and adapter models) and called with `arguments` (images, scales): DDIM
-    (`diffusers_reference_scheduler("ddim")`), `steps` steps of classifier-free guidance `guidance` on the
-    (negative, positive) `embeddings`, `size`x`size`, seed 6 noise on the CPU, `output_type="latent"`. No text encoder;
-    the autoencoder, unused, has 4 levels so that the latents are 1/8 of the image. Needs diffusers (test extra)."""
+    """The final latents of the diffusers SD1.5 pipeline `pipe`: `steps` steps of classifier-free guidance `guidance`
+    on the (negative, positive) `embeddings`, `size`x`size`, seed 6 noise on the CPU, `output_type="latent"`;
+    `arguments` add the adapter's inputs."""
+    negative, positive = embeddings
+    output = pipe(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(6),
+        output_type="latent",
+        **arguments,
+    )
+    return output.images
+
+
+def reference_guided_latents(
+    pipeline_class: Any,
+    modules: Mapping[str, Any],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    *,
+    images: list[Any],
+    scale_argument: str,
+    scales: list[float],
+    size: int,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """`pipeline_latents` of the diffusers SD1.5 pipeline `pipeline_class` of an adapter (ControlNet, T2I-Adapter)
+    built with `modules` (its UNet and adapter models), DDIM (`diffusers_reference_scheduler("ddim")`), no text
+    encoder and an unused autoencoder of 4 levels (so that the latents are 1/8 of the image). The condition `images`
+    and their `scales` (the call argument `scale_argument`) are given as a list for several adapters, alone for one,
+    as diffusers takes them. Needs diffusers (test extra)."""
     from diffusers import AutoencoderKL  # pyright: ignore[reportPrivateImportUsage]
 
     pipe: Any = pipeline_class(
@@ -410,19 +439,16 @@ def reference_guided_latents(
         **modules,
     )
     pipe.set_progress_bar_config(disable=True)
-    negative, positive = embeddings
-    output = pipe(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
-        height=size,
-        width=size,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(6),
-        output_type="latent",
-        **arguments,
+    several = len(images) > 1
+    return pipeline_latents(
+        pipe,
+        embeddings,
+        size=size,
+        steps=steps,
+        guidance=guidance,
+        image=images if several else images[0],
+        **{scale_argument: scales if several else scales[0]},
     )
-    return output.images
 
 
 @torch.no_grad()
