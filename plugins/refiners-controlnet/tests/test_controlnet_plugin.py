@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +15,8 @@ from PIL import Image
 from refiners_controlnet import ControlNet, ControlNetAdapter, ControlNetResiduals, image_to_condition
 from refiners_controlnet.cli import ControlNetOption, parse_controlnet_option
 from refiners_controlnet.testing import SMALL_CONTROLNET_CONFIG, reference_controlnet
-from refiners_core.cli import main
 from refiners_core.plugins import registry, resolve
+from refiners_core.testing.plugins import discovered_plugin, listed_plugin
 from refiners_sd15.testing import (
     MALFORMED_ADAPTER_VALUES,
     adapter_value_cases,
@@ -33,22 +32,15 @@ def small_unet() -> SD1UNet:
 
 
 def test_refiners_controlnet_is_discovered_through_its_entry_point() -> None:
-    records = [record for record in registry(reload=True).plugins if record.distribution == "refiners-controlnet"]
-    assert len(records) == 1
-    assert records[0].entry_point == "controlnet = refiners_controlnet.plugin"
-    assert records[0].error is None and records[0].status == "ok"
+    discovered_plugin("refiners-controlnet", "controlnet = refiners_controlnet.plugin")
     assert resolve(registry().adapters["controlnet"].factory) is ControlNetAdapter
     assert registry().generate_options["--controlnet"].applies_to("sd15")
 
 
-def test_refiners_plugins_lists_the_controlnet_adapter_and_option(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plugins", "--json"]) == 0
-    records = [
-        record for record in json.loads(capsys.readouterr().out) if record["distribution"] == "refiners-controlnet"
-    ]
-    assert len(records) == 1
-    assert records[0]["adapters"] == ["controlnet"]
-    assert records[0]["generate_options"] == ["--controlnet"]
+def test_refiners_plugins_lists_the_controlnet_adapter_and_option() -> None:
+    record = listed_plugin("refiners-controlnet")
+    assert record["adapters"] == ["controlnet"]
+    assert record["generate_options"] == ["--controlnet"]
 
 
 def test_the_registered_adapter_controls_a_unet() -> None:

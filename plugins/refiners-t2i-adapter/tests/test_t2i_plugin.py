@@ -4,7 +4,6 @@ adapter folders."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,7 @@ from PIL import Image
 
 from refiners_core.cli import main
 from refiners_core.plugins import registry, resolve
+from refiners_core.testing.plugins import discovered_plugin, listed_plugin
 from refiners_sd15 import StableDiffusion_1
 from refiners_sd15.testing import (
     MALFORMED_ADAPTER_VALUES,
@@ -49,20 +49,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 
 def test_refiners_t2i_adapter_is_discovered_through_its_entry_point() -> None:
-    records = [record for record in registry(reload=True).plugins if record.distribution == "refiners-t2i-adapter"]
-    assert len(records) == 1
-    assert records[0].entry_point == "t2i_adapter = refiners_t2i_adapter.plugin"
-    assert records[0].error is None and records[0].status == "ok"
+    discovered_plugin("refiners-t2i-adapter", "t2i_adapter = refiners_t2i_adapter.plugin")
     assert resolve(registry().adapters["t2i_adapter"].factory) is T2IAdapter
     option = registry().generate_options["--t2i-adapter"]
     assert option.applies_to("sd15") and option.applies_to("sdxl")
 
 
-def test_refiners_plugins_lists_the_adapter_and_option(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plugins", "--json"]) == 0
-    records = [r for r in json.loads(capsys.readouterr().out) if r["distribution"] == "refiners-t2i-adapter"]
-    assert len(records) == 1
-    assert records[0]["adapters"] == ["t2i_adapter"] and records[0]["generate_options"] == ["--t2i-adapter"]
+def test_refiners_plugins_lists_the_adapter_and_option() -> None:
+    record = listed_plugin("refiners-t2i-adapter")
+    assert record["adapters"] == ["t2i_adapter"] and record["generate_options"] == ["--t2i-adapter"]
 
 
 def test_the_registered_adapter_steers_a_unet(files: tuple[Path, Path, Path]) -> None:
