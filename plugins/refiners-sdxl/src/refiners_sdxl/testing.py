@@ -542,3 +542,46 @@ def guided_steps(
             condition_scale=condition_scale,
         )
     return x
+
+
+def ddim_pipeline_components(pipeline: Any) -> dict[str, Any]:
+    """The components of the diffusers SDXL `pipeline`, its scheduler made DDIM without sample clipping (what our DDIM
+    solver with SDXL's settings reproduces), to build an adapter's pipeline on. Needs diffusers (test extra)."""
+    from diffusers import DDIMScheduler  # pyright: ignore[reportPrivateImportUsage]
+
+    components = dict(pipeline.components)
+    components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, clip_sample=False)  # pyright: ignore[reportUnknownMemberType]
+    return components
+
+
+@torch.no_grad()
+def assert_adapted_steps_match_pipeline(
+    sdxl: StableDiffusion_XL,
+    pipeline: Any,
+    *,
+    image: Any,
+    scale_argument: str,
+    scale: Any,
+    off: Any,
+    steps: int,
+    guidance: float,
+    size: int,
+) -> None:
+    """Compare `guided_latents` of `sdxl` (its adapters injected, its solver set) with the diffusers SDXL adapter
+    `pipeline` (the same adapters) called through `guided_pipeline_arguments` with `image` and `scale_argument=scale`:
+    both from seed 7 noise and the embeddings of "a cute cat", negative "blurry". Asserts first that the adapters steer
+    the reference (with `scale_argument=off` its latents move by more than 1% of their magnitude), then that ours are
+    within 1e-3 of max |reference|."""
+    from refiners_core.testing import assert_relative_close
+
+    embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
+    noise = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
+    pipeline.set_progress_bar_config(disable=True)
+    arguments = guided_pipeline_arguments(embedding, pooled, steps=steps, guidance_scale=guidance, size=size)
+    arguments["image"] = image
+    expected: torch.Tensor = pipeline(**arguments, **{scale_argument: scale}, latents=noise.clone()).images
+    without: torch.Tensor = pipeline(**arguments, **{scale_argument: off}, latents=noise.clone()).images
+    assert (expected - without).abs().max() > 1e-2 * without.abs().max()  # the adapters do steer the generation
+
+    x = guided_latents(sdxl, noise, embedding, pooled, size=size, condition_scale=guidance)
+    assert_relative_close(x, expected, 1e-3)
