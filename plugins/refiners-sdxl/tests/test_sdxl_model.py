@@ -49,6 +49,7 @@ from refiners_sdxl.testing import (
     TIME_ID_DIM,
     guided_latents,
     guided_pipeline_arguments,
+    prompt_arguments,
     small_sdxl_pipeline,
 )
 
@@ -293,15 +294,12 @@ def test_image_to_image_matches_stable_diffusion_xl_img2img_pipeline(
     embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
     init_latents = sdxl.lda.image_to_latents(image)
 
-    pipeline = StableDiffusionXLImg2ImgPipeline(**reference.pipeline.components)
+    pipeline: Any = StableDiffusionXLImg2ImgPipeline(**reference.pipeline.components)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(reference.pipeline.scheduler.config)
     output: Any = pipeline(
         image=init_latents,  # diffusers takes 4-channel images as latents
-        prompt_embeds=embedding[1:],
-        negative_prompt_embeds=embedding[:1],
-        pooled_prompt_embeds=pooled[1:],
-        negative_pooled_prompt_embeds=pooled[:1],
+        **prompt_arguments(embedding, pooled),
         strength=0.75,
         num_inference_steps=4,
         guidance_scale=5.0,

@@ -41,6 +41,7 @@ from refiners_sdxl.testing import (
     SDXLReferences,
     guided_pipeline_arguments,
     guided_steps,
+    prompt_arguments,
     sdxl_references,
 )
 
@@ -167,7 +168,7 @@ def test_base_then_refiner_matches_denoising_end_then_denoising_start(folders: F
         denoising_end=0.5,
     )
     expected_handover: torch.Tensor = output.images
-    refiner_pipeline = StableDiffusionXLImg2ImgPipeline(
+    refiner_pipeline: Any = StableDiffusionXLImg2ImgPipeline(
         **folders.references.components(
             unet=folders.references.refiner_unet,
             text_encoder=None,
@@ -179,10 +180,7 @@ def test_base_then_refiner_matches_denoising_end_then_denoising_start(folders: F
     refiner_pipeline.set_progress_bar_config(disable=True)
     output = refiner_pipeline(
         image=expected_handover.clone(),
-        prompt_embeds=refiner_embedding[1:],
-        negative_prompt_embeds=refiner_embedding[:1],
-        pooled_prompt_embeds=refiner_pooled[1:],
-        negative_pooled_prompt_embeds=refiner_pooled[:1],
+        **prompt_arguments(refiner_embedding, refiner_pooled),
         num_inference_steps=4,
         denoising_start=0.5,
         guidance_scale=5.0,

@@ -484,6 +484,17 @@ def write_published_sdxl_folder(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
+def prompt_arguments(embedding: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our text and pooled embeddings (negative first, as `compute_clip_text_embedding` returns them) as the keyword
+    arguments of a diffusers SDXL pipeline call."""
+    return {
+        "prompt_embeds": embedding[1:],
+        "negative_prompt_embeds": embedding[:1],
+        "pooled_prompt_embeds": pooled[1:],
+        "negative_pooled_prompt_embeds": pooled[:1],
+    }
+
+
 def guided_pipeline_arguments(
     embedding: torch.Tensor, pooled: torch.Tensor, *, steps: int, guidance_scale: float, size: int
 ) -> dict[str, Any]:
@@ -491,10 +502,7 @@ def guided_pipeline_arguments(
     embeddings (negative first, as `compute_clip_text_embedding` returns them), `steps` steps with classifier-free
     guidance of `guidance_scale`, a `size` x `size` image, latents out. Add `latents` (and the adapter's inputs)."""
     return {
-        "prompt_embeds": embedding[1:],
-        "negative_prompt_embeds": embedding[:1],
-        "pooled_prompt_embeds": pooled[1:],
-        "negative_pooled_prompt_embeds": pooled[:1],
+        **prompt_arguments(embedding, pooled),
         "num_inference_steps": steps,
         "guidance_scale": guidance_scale,
         "height": size,
