@@ -11,16 +11,12 @@ The UNet and ControlNets are small SD1-like ones with random weights, loaded on 
 # diffusers exports its classes lazily, which pyright reads as private imports.
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     ControlNetModel,
-    DDIMScheduler,
     StableDiffusionControlNetPipeline,
     UNet2DConditionModel,
 )
@@ -33,9 +29,9 @@ from refiners_controlnet.testing import (
     reference_unet,
 )
 from refiners_core.testing import assert_relative_close
-from refiners_sd15 import SD15_AUTOENCODER, CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
-from refiners_sd15.solvers import DDIM
+from refiners_sd15 import SD1UNet
 from refiners_sd15.testing import SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG as SMALL_UNET_CONFIG
+from refiners_sd15.testing import our_guided_latents, reference_guided_latents
 
 SIZE = 128
 STEPS = 3
@@ -72,70 +68,29 @@ def reference_latents(
     scales: list[float],
     embeddings: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    vae = AutoencoderKL(  # unused with output_type="latent", but its 4 levels make the latents 1/8 of the image
-        block_out_channels=(32,) * 4,  # pyright: ignore[reportArgumentType]
-        down_block_types=("DownEncoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
-        up_block_types=("UpDecoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+    return reference_guided_latents(
+        StableDiffusionControlNetPipeline,
+        {"unet": unet, "controlnet": controlnets if len(controlnets) > 1 else controlnets[0]},
+        embeddings,
+        images=images,
+        scale_argument="controlnet_conditioning_scale",
+        scales=scales,
+        size=SIZE,
+        steps=STEPS,
+        guidance=GUIDANCE,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe: Any = StableDiffusionControlNetPipeline(
-        vae=vae,
-        text_encoder=None,  # pyright: ignore[reportArgumentType]
-        tokenizer=None,  # pyright: ignore[reportArgumentType]
-        unet=unet,
-        controlnet=controlnets if len(controlnets) > 1 else controlnets[0],
-        scheduler=scheduler,  # pyright: ignore[reportArgumentType]
-        safety_checker=None,  # pyright: ignore[reportArgumentType]
-        feature_extractor=None,  # pyright: ignore[reportArgumentType]
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    negative, positive = embeddings
-    with torch.no_grad():
-        output = pipe(
-            prompt_embeds=positive,
-            negative_prompt_embeds=negative,
-            image=images if len(images) > 1 else images[0],
-            height=SIZE,
-            width=SIZE,
-            num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE,
-            controlnet_conditioning_scale=scales if len(scales) > 1 else scales[0],
-            generator=torch.Generator().manual_seed(6),
-            output_type="latent",
-        )
-    return cast(torch.Tensor, output.images)
 
 
 def our_latents(
     folder: Path, images: list[Image.Image], scales: list[float], embeddings: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    sd = StableDiffusion_1(
-        unet=SD1UNet.from_pretrained(folder).eval(),
-        lda=SD1Autoencoder(
-            replace(SD15_AUTOENCODER, block_out_channels=(32,) * 4), device="meta"
-        ),  # unused: the tests compare latents
-        clip_text_encoder=CLIPTextEncoderL(device="meta"),  # unused: the tests give text embeddings
-        show_progress=False,
-    )
-    for index, (image, scale) in enumerate(zip(images, scales)):
-        controlnet = ControlNet.from_pretrained(folder / f"controlnet_{index}").eval()
-        ControlNetAdapter(sd.unet, controlnet, scale=scale).inject().set_condition(image_to_condition(image))
-    sd.solver = DDIM(num_inference_steps=STEPS)
-    negative, positive = embeddings
-    embedding = torch.cat([negative, positive])
-    with torch.no_grad():
-        x = sd.init_latents(size=(SIZE, SIZE), seed=6)
-        for step in sd.steps:
-            x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=GUIDANCE)
-    return x
+    def adapt(unet: SD1UNet) -> None:
+        for index, (image, scale) in enumerate(zip(images, scales)):
+            controlnet = ControlNet.from_pretrained(folder / f"controlnet_{index}").eval()
+            ControlNetAdapter(unet, controlnet, scale=scale).inject().set_condition(image_to_condition(image))
+
+    unet = SD1UNet.from_pretrained(folder).eval()
+    return our_guided_latents(unet, adapt, embeddings, size=SIZE, steps=STEPS, guidance=GUIDANCE)
 
 
 @pytest.mark.parametrize("count, scales", [(1, [0.8]), (2, [0.8, 0.4])], ids=["one-controlnet", "two-controlnets"])

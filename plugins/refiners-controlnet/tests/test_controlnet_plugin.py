@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +15,14 @@ from PIL import Image
 from refiners_controlnet import ControlNet, ControlNetAdapter, ControlNetResiduals, image_to_condition
 from refiners_controlnet.cli import ControlNetOption, parse_controlnet_option
 from refiners_controlnet.testing import SMALL_CONTROLNET_CONFIG, reference_controlnet
-from refiners_core.cli import main
 from refiners_core.plugins import registry, resolve
+from refiners_core.testing.plugins import discovered_plugin, listed_plugin
+from refiners_sd15.testing import (
+    MALFORMED_ADAPTER_VALUES,
+    adapter_value_cases,
+    cache_hub_config,
+    write_bad_diffusers_sources,
+)
 from refiners_sd15.testing import SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG as SMALL_UNET_CONFIG
 from refiners_sd15.unet import SD1UNet, unet_config_from_diffusers
 
@@ -27,22 +32,15 @@ def small_unet() -> SD1UNet:
 
 
 def test_refiners_controlnet_is_discovered_through_its_entry_point() -> None:
-    records = [record for record in registry(reload=True).plugins if record.distribution == "refiners-controlnet"]
-    assert len(records) == 1
-    assert records[0].entry_point == "controlnet = refiners_controlnet.plugin"
-    assert records[0].error is None and records[0].status == "ok"
+    discovered_plugin("refiners-controlnet", "controlnet = refiners_controlnet.plugin")
     assert resolve(registry().adapters["controlnet"].factory) is ControlNetAdapter
     assert registry().generate_options["--controlnet"].applies_to("sd15")
 
 
-def test_refiners_plugins_lists_the_controlnet_adapter_and_option(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plugins", "--json"]) == 0
-    records = [
-        record for record in json.loads(capsys.readouterr().out) if record["distribution"] == "refiners-controlnet"
-    ]
-    assert len(records) == 1
-    assert records[0]["adapters"] == ["controlnet"]
-    assert records[0]["generate_options"] == ["--controlnet"]
+def test_refiners_plugins_lists_the_controlnet_adapter_and_option() -> None:
+    record = listed_plugin("refiners-controlnet")
+    assert record["adapters"] == ["controlnet"]
+    assert record["generate_options"] == ["--controlnet"]
 
 
 def test_the_registered_adapter_controls_a_unet() -> None:
@@ -58,28 +56,13 @@ def test_the_registered_adapter_controls_a_unet() -> None:
 
 
 @pytest.mark.parametrize(
-    "value, expected",
-    [
-        (
-            "lllyasviel/sd-controlnet-canny:edges.png",
-            ControlNetOption("lllyasviel/sd-controlnet-canny", Path("edges.png")),
-        ),
-        ("./canny:/tmp/edges.png:0.8", ControlNetOption("./canny", Path("/tmp/edges.png"), 0.8)),
-        (r"C:\nets\canny:D:\edges.png:1.5", ControlNetOption(r"C:\nets\canny", Path(r"D:\edges.png"), 1.5)),
-    ],
+    "value, expected", adapter_value_cases("lllyasviel/sd-controlnet-canny", "edges.png", r"C:\nets\canny")
 )
-def test_option_values_parse(value: str, expected: ControlNetOption) -> None:
-    assert parse_controlnet_option(value) == expected
+def test_option_values_parse(value: str, expected: tuple[str, Path, float]) -> None:
+    assert parse_controlnet_option(value) == ControlNetOption(*expected)
 
 
-@pytest.mark.parametrize(
-    "value, message",
-    [
-        ("canny", "expected FOLDER:IMAGE"),
-        (":edges.png", "expected FOLDER:IMAGE"),
-        ("a:b:x", "'a:b:x': the scale must be a finite number, got 'x'"),
-    ],
-)
+@pytest.mark.parametrize("value, message", MALFORMED_ADAPTER_VALUES)
 def test_malformed_option_values_are_refused(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_controlnet_option(value)
@@ -142,22 +125,7 @@ def test_option_values_are_validated_before_the_model_is_loaded(
     files: tuple[Path, Path], tmp_path: Path, value: str, message: str
 ) -> None:
     folder, image = files
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "no_weights").mkdir()
-    (tmp_path / "no_weights" / "config.json").write_text("{}")
-    (tmp_path / "pointer").mkdir()
-    (tmp_path / "pointer" / "config.json").write_text("{}")
-    (tmp_path / "pointer" / "diffusion_pytorch_model.safetensors").write_text("version https://git-lfs.github.com/x")
-    Image.new("L", (8, 9000)).save(tmp_path / "wide.png")
-    value = value.format(
-        folder=folder,
-        image=image,
-        missing=tmp_path / "missing.png",
-        empty=tmp_path / "empty",
-        wide=tmp_path / "wide.png",
-        no_weights=tmp_path / "no_weights",
-        pointer=tmp_path / "pointer",
-    )
+    value = value.format(folder=folder, image=image, **write_bad_diffusers_sources(tmp_path))
     validate = registry().generate_options["--controlnet"].validate
     assert validate is not None
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -174,12 +142,7 @@ def test_a_hub_id_is_validated_from_the_hub_cache_before_the_model_is_loaded(
     _, image = files
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repository = tmp_path / "hub" / "models--acme--controlnet-canny"
-    (repository / "snapshots" / commit).mkdir(parents=True)
-    (repository / "snapshots" / commit / "config.json").write_text("{}")
-    (repository / "refs").mkdir()
-    (repository / "refs" / "main").write_text(commit)
+    cache_hub_config(tmp_path / "hub", "acme/controlnet-canny")
     validate = registry().generate_options["--controlnet"].validate
     assert validate is not None
     validate([f"acme/controlnet-canny:{image}"])

@@ -19,7 +19,6 @@ import pytest
 import torch
 from diffusers import (
     ControlNetModel,
-    DDIMScheduler,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -48,7 +47,13 @@ from refiners_core.cli import main
 from refiners_core.testing import assert_relative_close
 from refiners_sd15 import DDIM
 from refiners_sdxl import SDXLUNet, StableDiffusion_XL
-from refiners_sdxl.testing import POOLED_DIM, SMALL_UNET, guided_latents, guided_pipeline_arguments, small_sdxl_pipeline
+from refiners_sdxl.testing import (
+    POOLED_DIM,
+    SMALL_UNET,
+    assert_adapted_steps_match_pipeline,
+    ddim_pipeline_components,
+    small_sdxl_pipeline,
+)
 
 SIZE = 64  # pixels: 8x8 latents
 STEPS = 3
@@ -214,26 +219,21 @@ def test_three_guided_steps_with_two_controlnets_match_stable_diffusion_xl_contr
     for name, image, scale in zip(("full", "mid"), images, scales):
         controlnet = ControlNet.from_pretrained(references.folder / name)
         ControlNetAdapter(sdxl.unet, controlnet, scale=scale).inject().set_condition(image_to_condition(image))
-    embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
-    noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
-
-    components = dict(references.pipeline.components)
-    components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, clip_sample=False)
-    pipeline: Any = StableDiffusionXLControlNetPipeline(
-        **components, controlnet=[references.controlnet("full"), references.controlnet("mid")]
+    pipeline = StableDiffusionXLControlNetPipeline(
+        **ddim_pipeline_components(references.pipeline),
+        controlnet=[references.controlnet("full"), references.controlnet("mid")],
     )
-    pipeline.set_progress_bar_config(disable=True)
-    arguments: dict[str, Any] = guided_pipeline_arguments(
-        embedding, pooled, steps=STEPS, guidance_scale=GUIDANCE, size=SIZE
-    ) | {"image": images}
-    expected: torch.Tensor = pipeline(**arguments, controlnet_conditioning_scale=scales, latents=noise.clone()).images
-    without: torch.Tensor = pipeline(
-        **arguments, controlnet_conditioning_scale=[0.0, 0.0], latents=noise.clone()
-    ).images
-    assert (expected - without).abs().max() > 1e-2 * without.abs().max()  # the ControlNets do steer the generation
-
-    x = guided_latents(sdxl, noise, embedding, pooled, size=SIZE, condition_scale=GUIDANCE)
-    assert_relative_close(x, expected, 1e-3)
+    assert_adapted_steps_match_pipeline(
+        sdxl,
+        pipeline,
+        image=images,
+        scale_argument="controlnet_conditioning_scale",
+        scale=scales,
+        off=[0.0, 0.0],
+        steps=STEPS,
+        guidance=GUIDANCE,
+        size=SIZE,
+    )
 
 
 def test_an_sd15_controlnet_on_sdxl_and_an_sdxl_controlnet_on_sd15_are_refused(references: References) -> None:

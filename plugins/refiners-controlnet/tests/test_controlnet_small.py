@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -27,6 +28,9 @@ from refiners_core.testing import assert_relative_close
 from refiners_sd15.testing import SMALL_THREE_LEVEL_UNET_DIFFUSERS_CONFIG as SMALL_UNET_CONFIG
 from refiners_sd15.unet import SD15_UNET, SD1UNet
 
+References = tuple[UNet2DConditionModel, ControlNetModel, ControlNetModel]
+"""A UNet and two ControlNets."""
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -34,7 +38,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def references(folder: Path) -> tuple[UNet2DConditionModel, ControlNetModel, ControlNetModel]:
+def references(folder: Path) -> References:
     """A UNet and two ControlNets, saved with `save_pretrained` into `folder`/unet, controlnet_a, controlnet_b."""
     unet = reference_unet(SMALL_UNET_CONFIG, seed=0)
     first = reference_controlnet(SMALL_CONTROLNET_CONFIG, seed=1)
@@ -58,36 +62,42 @@ def controlnets(references: object, folder: Path) -> tuple[ControlNet, ControlNe
     )
 
 
-def inputs(seed: int = 0, batch: int = 2, size: tuple[int, int] = (16, 16)) -> dict[str, torch.Tensor]:
+class Inputs(NamedTuple):
+    """Latents, timesteps, text embeddings and conditioning images, for both sides."""
+
+    x: torch.Tensor
+    timestep: torch.Tensor
+    text: torch.Tensor
+    condition: torch.Tensor
+
+
+def inputs(seed: int = 0, batch: int = 2, size: tuple[int, int] = (16, 16)) -> Inputs:
     generator = torch.Generator().manual_seed(seed)
     height, width = size
-    return {
-        "x": torch.randn(batch, 4, height, width, generator=generator),
-        "timestep": torch.tensor([300.0, 700.0][:batch]),
-        "text": torch.randn(batch, 77, 24, generator=generator),
-        "condition": torch.rand(batch, 3, 8 * height, 8 * width, generator=generator),
-    }
+    x = torch.randn(batch, 4, height, width, generator=generator)
+    timestep = torch.tensor([300.0, 700.0][:batch])
+    text = torch.randn(batch, 77, 24, generator=generator)
+    return Inputs(x, timestep, text, torch.rand(batch, 3, 8 * height, 8 * width, generator=generator))
 
 
 @pytest.mark.parametrize("size", [(16, 16), (12, 20)])
 def test_controlnet_residuals_match_diffusers(
-    references: tuple[UNet2DConditionModel, ControlNetModel, ControlNetModel],
+    references: References,
     controlnets: tuple[ControlNet, ControlNet],
     size: tuple[int, int],
 ) -> None:
-    x, timestep, text, condition = inputs(size=size).values()
+    x, timestep, text, condition = inputs(size=size)
     expected = reference_residuals(references[1], x, timestep, text, condition)
     assert_residuals_close(our_residuals(controlnets[0], x, timestep, text, condition), expected)
 
 
 def test_unet_with_controlnet_matches_diffusers_unet_with_residuals(
-    references: tuple[UNet2DConditionModel, ControlNetModel, ControlNetModel],
+    references: References,
     unet: SD1UNet,
     controlnets: tuple[ControlNet, ControlNet],
 ) -> None:
     reference_model, reference_controlnet_a, _ = references
-    values = inputs(seed=1)
-    x, timestep, text, condition = values["x"], values["timestep"], values["text"], values["condition"]
+    x, timestep, text, condition = inputs(seed=1)
     residuals = reference_residuals(reference_controlnet_a, x, timestep, text, condition, scale=0.7)
     expected = reference_unet_output(reference_model, x, timestep, text, residuals)
     without = reference_unet_output(reference_model, x, timestep, text)
@@ -99,14 +109,13 @@ def test_unet_with_controlnet_matches_diffusers_unet_with_residuals(
 
 
 def test_a_condition_batch_of_one_applies_to_every_latent(
-    references: tuple[UNet2DConditionModel, ControlNetModel, ControlNetModel],
+    references: References,
     unet: SD1UNet,
     controlnets: tuple[ControlNet, ControlNet],
 ) -> None:
     reference_model, reference_controlnet_a, _ = references
-    values = inputs(seed=2)
-    x, timestep, text = values["x"], values["timestep"], values["text"]
-    condition = values["condition"][:1]
+    x, timestep, text, condition = inputs(seed=2)
+    condition = condition[:1]
     residuals = reference_residuals(reference_controlnet_a, x, timestep, text, condition.expand(2, -1, -1, -1))
     ControlNetAdapter(unet, controlnets[0]).inject().set_condition(condition)
     assert_relative_close(
@@ -117,20 +126,19 @@ def test_a_condition_batch_of_one_applies_to_every_latent(
 
 
 def test_two_controlnets_add_their_scaled_residuals_like_multicontrolnet(
-    references: tuple[UNet2DConditionModel, ControlNetModel, ControlNetModel],
+    references: References,
     unet: SD1UNet,
     controlnets: tuple[ControlNet, ControlNet],
 ) -> None:
     reference_model, reference_a, reference_b = references
-    values = inputs(seed=3)
-    x, timestep, text = values["x"], values["timestep"], values["text"]
-    other = torch.rand_like(values["condition"])
-    down_a, middle_a = reference_residuals(reference_a, x, timestep, text, values["condition"], scale=0.8)
+    x, timestep, text, condition = inputs(seed=3)
+    other = torch.rand_like(condition)
+    down_a, middle_a = reference_residuals(reference_a, x, timestep, text, condition, scale=0.8)
     down_b, middle_b = reference_residuals(reference_b, x, timestep, text, other, scale=0.3)
     summed = ([a + b for a, b in zip(down_a, down_b)], middle_a + middle_b)
     expected = reference_unet_output(reference_model, x, timestep, text, summed)
 
-    first = ControlNetAdapter(unet, controlnets[0], scale=0.8).inject().set_condition(values["condition"])
+    first = ControlNetAdapter(unet, controlnets[0], scale=0.8).inject().set_condition(condition)
     second = ControlNetAdapter(unet, controlnets[1], scale=0.3).inject().set_condition(other)
     assert_relative_close(our_unet_output(unet, x, timestep, text), expected, 1e-4)
 
@@ -141,14 +149,13 @@ def test_two_controlnets_add_their_scaled_residuals_like_multicontrolnet(
 
 
 def test_eject_in_any_order_restores_the_exact_unet(unet: SD1UNet, controlnets: tuple[ControlNet, ControlNet]) -> None:
-    values = inputs(seed=4)
-    x, timestep, text = values["x"], values["timestep"], values["text"]
+    x, timestep, text, condition = inputs(seed=4)
     original_state = {key: value.clone() for key, value in unet.state_dict().items()}
     original_layers = list(unet)
     original_output = our_unet_output(unet, x, timestep, text)
 
-    first = ControlNetAdapter(unet, controlnets[0]).inject().set_condition(values["condition"])
-    second = ControlNetAdapter(unet, controlnets[1], scale=0.5).inject().set_condition(values["condition"])
+    first = ControlNetAdapter(unet, controlnets[0]).inject().set_condition(condition)
+    second = ControlNetAdapter(unet, controlnets[1], scale=0.5).inject().set_condition(condition)
     assert [type(layer) for layer in unet][:2] == [ControlNet, ControlNet]
     assert sum(isinstance(layer, ControlNetResiduals) for layer in unet) == 2
     assert any(key.startswith("ControlNet_1.") for key in unet.state_dict())  # the weights are in the UNet's
@@ -178,10 +185,9 @@ def test_a_new_controlnet_from_the_unet_leaves_its_output_unchanged(unet: SD1UNe
     for key, value in controlnet.state_dict().items():
         if key in unet_weights:
             assert torch.equal(value, unet_weights[key]), key  # the encoder starts as a copy of the UNet's
-    values = inputs(seed=5)
-    x, timestep, text = values["x"], values["timestep"], values["text"]
+    x, timestep, text, condition = inputs(seed=5)
     expected = our_unet_output(unet, x, timestep, text)
-    adapter = ControlNetAdapter(unet, controlnet).inject().set_condition(values["condition"])
+    adapter = ControlNetAdapter(unet, controlnet).inject().set_condition(condition)
     assert torch.equal(our_unet_output(unet, x, timestep, text), expected)  # zero convolutions: zero residuals
     assert {name for name, _ in adapter.named_parameters()} == {f"controlnet.{key}" for key in controlnet.state_dict()}
 
@@ -195,9 +201,9 @@ def test_adapter_misuse_raises_clear_errors(unet: SD1UNet, controlnets: tuple[Co
     adapter.inject()
     with pytest.raises(fl.AdapterError, match="already injected"):
         adapter.inject()
-    values = inputs()
+    x, timestep, text, _ = inputs()
     with pytest.raises(fl.ContextError, match="no conditioning image: call set_condition"):
-        our_unet_output(unet, values["x"], values["timestep"], values["text"])
+        our_unet_output(unet, x, timestep, text)
     with pytest.raises(ValueError, match=r"must be \(B, 3, H, W\), got a tensor of shape \(3, 128, 128\)"):
         adapter.set_condition(torch.rand(3, 128, 128))
     adapter.eject()
@@ -230,8 +236,7 @@ def test_a_scale_or_condition_that_is_not_finite_is_refused(
 def test_a_condition_of_another_size_is_resized_to_the_generated_size(
     unet: SD1UNet, controlnets: tuple[ControlNet, ControlNet]
 ) -> None:
-    values = inputs(seed=6)
-    x, timestep, text = values["x"], values["timestep"], values["text"]
+    x, timestep, text, _ = inputs(seed=6)
     large = torch.rand(2, 3, 200, 160)
     resized = torch.nn.functional.interpolate(large, size=(128, 128), mode="bilinear", antialias=True)
     adapter = ControlNetAdapter(unet, controlnets[0]).inject().set_condition(resized)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from PIL import Image
 
 from refiners_core.cli import main
@@ -31,7 +31,9 @@ from refiners_sdxl import SDXLUNet, StableDiffusion_XL
 from refiners_sdxl.testing import (
     POOLED_DIM,
     SDXL_BASE_UNET_CONFIG,
+    SMALL_THREE_LEVEL_UNET,
     SMALL_UNET,
+    ddim_pipeline_components,
     guided_latents,
     guided_pipeline_arguments,
     random_diffusers_model,
@@ -39,14 +41,7 @@ from refiners_sdxl.testing import (
 )
 
 SIZE = 64  # pixels: 8x8 latents
-THREE_LEVELS: dict[str, Any] = {
-    **SMALL_UNET,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 64],
-    "attention_head_dim": [1, 2, 2],
-    "transformer_layers_per_block": [1, 2, 2],
-}
+THREE_LEVELS: dict[str, Any] = {**SMALL_THREE_LEVEL_UNET, "transformer_layers_per_block": [1, 2, 2]}
 """A small SDXL-like UNet of three levels, as SDXL base: FreeU applies to the first two decoder levels only."""
 
 
@@ -150,9 +145,7 @@ def test_three_guided_steps_with_freeu_match_stable_diffusion_xl_pipeline(pipeli
     embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
     noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
 
-    components = dict(reference.components)
-    components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, clip_sample=False)
-    pipeline: Any = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    pipeline: Any = StableDiffusionXLPipeline(**ddim_pipeline_components(reference), add_watermarker=False)
     pipeline.set_progress_bar_config(disable=True)
     arguments: dict[str, Any] = guided_pipeline_arguments(embedding, pooled, steps=3, guidance_scale=5.0, size=SIZE)
     without: torch.Tensor = pipeline(**arguments, latents=noise.clone()).images

@@ -16,6 +16,7 @@ from PIL import Image
 from refiners_clip_vision.testing import SMALL_VIT_BIGG, SMALL_VIT_H, write_reference_folder
 from refiners_core.cli import main
 from refiners_core.plugins import registry
+from refiners_core.testing.plugins import discovered_plugin, listed_plugin
 from refiners_core.weights import save_tensors
 from refiners_ip_adapter import ImageCrossAttention, IPAdapter, text_cross_attentions
 from refiners_ip_adapter.cli import IPAdapterOption, parse_ip_adapter_option
@@ -41,13 +42,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return SimpleNamespace(root=root, model=root / "sd15", weights=weights, image=root / "reference.png")
 
 
-def test_refiners_ip_adapter_is_discovered_through_its_entry_point(capsys: pytest.CaptureFixture[str]) -> None:
-    records = [record for record in registry(reload=True).plugins if record.distribution == "refiners-ip-adapter"]
-    assert len(records) == 1 and records[0].status == "ok"
-    assert records[0].entry_point == "ip_adapter = refiners_ip_adapter.plugin"
+def test_refiners_ip_adapter_is_discovered_through_its_entry_point() -> None:
+    discovered_plugin("refiners-ip-adapter", "ip_adapter = refiners_ip_adapter.plugin")
     assert registry().generate_options["--ip-adapter"].applies_to("sd15")
-    assert main(["plugins", "--json"]) == 0
-    (record,) = [r for r in json.loads(capsys.readouterr().out) if r["distribution"] == "refiners-ip-adapter"]
+    record = listed_plugin("refiners-ip-adapter")
     assert record["adapters"] == ["ip-adapter"]
     assert record["generate_options"] == ["--ip-adapter-encoder", "--ip-adapter"]
 

@@ -14,7 +14,6 @@ shape of ip-adapter-plus_sd15 (and plus-face): 16 queries resampling the penulti
 # diffusers exports its classes lazily, which pyright reads as private imports.
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,8 +27,8 @@ from refiners_clip_vision.testing import SMALL_VIT_H, randomize
 from refiners_core.testing import assert_relative_close
 from refiners_ip_adapter import IPAdapter, text_cross_attentions
 from refiners_ip_adapter.testing import SMALL_SD15_UNET, released_weights, write_release_folder
-from refiners_sd15 import SD15_AUTOENCODER, CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
-from refiners_sd15.solvers import DDIM
+from refiners_sd15 import SD1UNet
+from refiners_sd15.testing import our_guided_latents, pipeline_latents
 
 SIZE = 128
 STEPS = 3
@@ -115,39 +114,22 @@ def test_image_embedding_matches_diffusers(unet_folder: Path, projection: str, s
     assert_relative_close(ours, expected, 1e-4)
 
 
-def reference_latents(pipe: Any, images: list[Image.Image], scale: float, text: tuple[torch.Tensor, ...]) -> Any:
+def reference_latents(
+    pipe: Any, images: list[Image.Image], scale: float, text: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     pipe.set_ip_adapter_scale(scale)
-    negative, positive = text
-    with torch.no_grad():
-        output = pipe(
-            prompt_embeds=positive,
-            negative_prompt_embeds=negative,
-            ip_adapter_image=[images],
-            height=SIZE,
-            width=SIZE,
-            num_inference_steps=STEPS,
-            guidance_scale=GUIDANCE,
-            generator=torch.Generator().manual_seed(6),
-            output_type="latent",
-        )
-    return cast(torch.Tensor, output.images)
+    return pipeline_latents(pipe, text, size=SIZE, steps=STEPS, guidance=GUIDANCE, ip_adapter_image=[images])
 
 
-def our_latents(unet_folder: Path, weights: Path, images: list[Image.Image], scale: float, text: Any) -> torch.Tensor:
-    sd = StableDiffusion_1(
-        unet=SD1UNet.from_pretrained(unet_folder).eval(),
-        lda=SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32,) * 4), device="meta"),  # unused
-        clip_text_encoder=CLIPTextEncoderL(device="meta"),  # unused: the tests give text embeddings
-        show_progress=False,
-    )
-    ip = IPAdapter.from_pretrained(sd.unet, weights, scale=scale).inject()
-    ip.set_image_embedding(ip.compute_image_embedding(images))
-    sd.solver = DDIM(num_inference_steps=STEPS)
-    with torch.no_grad():
-        x = sd.init_latents(size=(SIZE, SIZE), seed=6)
-        for step in sd.steps:
-            x = sd(x, step=step, clip_text_embedding=torch.cat(text), condition_scale=GUIDANCE)
-    return x
+def our_latents(
+    unet_folder: Path, weights: Path, images: list[Image.Image], scale: float, text: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    def adapt(unet: SD1UNet) -> None:
+        ip = IPAdapter.from_pretrained(unet, weights, scale=scale).inject()
+        ip.set_image_embedding(ip.compute_image_embedding(images))
+
+    unet = SD1UNet.from_pretrained(unet_folder).eval()
+    return our_guided_latents(unet, adapt, text, size=SIZE, steps=STEPS, guidance=GUIDANCE)
 
 
 @pytest.mark.parametrize("projection, count", [("linear", 1), ("perceiver", 2)])

@@ -28,7 +28,7 @@ from refiners_sd15.generate_checks import GenerateError
 from refiners_sd15.testing import small_sd15_components
 from refiners_sdxl import StableDiffusion_XL, StableDiffusion_XL_Refiner, refiner_first_step
 from refiners_sdxl.generation import detect_sdxl, detect_sdxl_refiner
-from refiners_sdxl.testing import write_small_sdxl_folder, write_small_sdxl_refiner_folder
+from refiners_sdxl.testing import guided_steps, write_small_sdxl_folder, write_small_sdxl_refiner_folder
 
 PROMPT = "a cute cat"
 SDXL_FOUND = "model_index.json's _class_name is 'StableDiffusionXLPipeline'"
@@ -67,15 +67,7 @@ def api_image(
     time_ids = sdxl.time_ids(original_size=(height, width), target_size=(height, width))
     with torch.no_grad():
         x = sdxl.init_latents(size=(height, width), init_image=init_image, seed=seed)
-        for step in sdxl.steps:
-            x = sdxl(
-                x,
-                step=step,
-                clip_text_embedding=embedding,
-                pooled_text_embedding=pooled,
-                time_ids=time_ids,
-                condition_scale=5.0,
-            )
+        x = guided_steps(sdxl, x, embedding, pooled, time_ids, condition_scale=5.0)
     return sdxl.lda.latents_to_image(x)
 
 

@@ -48,6 +48,8 @@ from refiners_sdxl.testing import (
     POOLED_DIM,
     TIME_ID_DIM,
     guided_latents,
+    guided_pipeline_arguments,
+    prompt_arguments,
     small_sdxl_pipeline,
 )
 
@@ -268,17 +270,9 @@ def test_three_guided_steps_match_stable_diffusion_xl_pipeline(
     pipeline = StableDiffusionXLPipeline(**{**components, "scheduler": scheduler(components["scheduler"].config)})
     pipeline.set_progress_bar_config(disable=True)
     output: Any = pipeline(
-        prompt_embeds=embedding[1:],
-        negative_prompt_embeds=embedding[:1],
-        pooled_prompt_embeds=pooled[1:],
-        negative_pooled_prompt_embeds=pooled[:1],
+        **guided_pipeline_arguments(embedding, pooled, steps=3, guidance_scale=5.0, size=SIZE),
         latents=noise.clone(),
-        num_inference_steps=3,
         generator=torch.Generator().manual_seed(9),  # for the noise of stochastic schedulers' steps
-        guidance_scale=5.0,
-        height=SIZE,
-        width=SIZE,
-        output_type="latent",
     )
     expected: torch.Tensor = output.images
 
@@ -300,15 +294,12 @@ def test_image_to_image_matches_stable_diffusion_xl_img2img_pipeline(
     embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
     init_latents = sdxl.lda.image_to_latents(image)
 
-    pipeline = StableDiffusionXLImg2ImgPipeline(**reference.pipeline.components)
+    pipeline: Any = StableDiffusionXLImg2ImgPipeline(**reference.pipeline.components)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(reference.pipeline.scheduler.config)
     output: Any = pipeline(
         image=init_latents,  # diffusers takes 4-channel images as latents
-        prompt_embeds=embedding[1:],
-        negative_prompt_embeds=embedding[:1],
-        pooled_prompt_embeds=pooled[1:],
-        negative_pooled_prompt_embeds=pooled[:1],
+        **prompt_arguments(embedding, pooled),
         strength=0.75,
         num_inference_steps=4,
         guidance_scale=5.0,

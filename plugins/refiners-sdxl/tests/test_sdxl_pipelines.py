@@ -36,7 +36,14 @@ from refiners_sdxl import (
     StableDiffusion_XL_Refiner,
     refiner_first_step,
 )
-from refiners_sdxl.testing import SDXL_SCHEDULER, SDXLReferences, sdxl_references
+from refiners_sdxl.testing import (
+    SDXL_SCHEDULER,
+    SDXLReferences,
+    guided_pipeline_arguments,
+    guided_steps,
+    prompt_arguments,
+    sdxl_references,
+)
 
 TOLERANCE = 1e-3
 SIZE = 64  # pixels: 8x8 latents
@@ -93,20 +100,12 @@ def test_inpainting_matches_stable_diffusion_xl_inpaint_pipeline(folders: Folder
     )
     pipeline.set_progress_bar_config(disable=True)
     output: Any = pipeline(
+        **guided_pipeline_arguments(embedding, pooled, steps=3, guidance_scale=5.0, size=SIZE),
         image=image,
         mask_image=mask,
-        prompt_embeds=embedding[1:],
-        negative_prompt_embeds=embedding[:1],
-        pooled_prompt_embeds=pooled[1:],
-        negative_pooled_prompt_embeds=pooled[:1],
         latents=noise.clone(),
         strength=1.0,
-        num_inference_steps=3,
-        guidance_scale=5.0,
-        height=SIZE,
-        width=SIZE,
         generator=torch.Generator().manual_seed(8),
-        output_type="latent",
     )
     expected: torch.Tensor = output.images
 
@@ -164,20 +163,12 @@ def test_base_then_refiner_matches_denoising_end_then_denoising_start(folders: F
     )
     base_pipeline.set_progress_bar_config(disable=True)
     output: Any = base_pipeline(
-        prompt_embeds=embedding[1:],
-        negative_prompt_embeds=embedding[:1],
-        pooled_prompt_embeds=pooled[1:],
-        negative_pooled_prompt_embeds=pooled[:1],
+        **guided_pipeline_arguments(embedding, pooled, steps=4, guidance_scale=5.0, size=SIZE),
         latents=noise.clone(),
-        num_inference_steps=4,
         denoising_end=0.5,
-        guidance_scale=5.0,
-        height=SIZE,
-        width=SIZE,
-        output_type="latent",
     )
     expected_handover: torch.Tensor = output.images
-    refiner_pipeline = StableDiffusionXLImg2ImgPipeline(
+    refiner_pipeline: Any = StableDiffusionXLImg2ImgPipeline(
         **folders.references.components(
             unet=folders.references.refiner_unet,
             text_encoder=None,
@@ -189,10 +180,7 @@ def test_base_then_refiner_matches_denoising_end_then_denoising_start(folders: F
     refiner_pipeline.set_progress_bar_config(disable=True)
     output = refiner_pipeline(
         image=expected_handover.clone(),
-        prompt_embeds=refiner_embedding[1:],
-        negative_prompt_embeds=refiner_embedding[:1],
-        pooled_prompt_embeds=refiner_pooled[1:],
-        negative_pooled_prompt_embeds=refiner_pooled[:1],
+        **prompt_arguments(refiner_embedding, refiner_pooled),
         num_inference_steps=4,
         denoising_start=0.5,
         guidance_scale=5.0,
@@ -212,14 +200,7 @@ def test_base_then_refiner_matches_denoising_end_then_denoising_start(folders: F
     refiner.solver = solver_class(num_inference_steps=4, first_inference_step=handover, **refiner.solver_defaults)
     refiner_time_ids = refiner.time_ids(original_size=(SIZE, SIZE))
     assert refiner_time_ids.tolist() == [[SIZE, SIZE, 0, 0, 2.5], [SIZE, SIZE, 0, 0, 6.0]]
-    for step in refiner.steps:
-        x = refiner(
-            x,
-            step=step,
-            clip_text_embedding=refiner_embedding,
-            pooled_text_embedding=refiner_pooled,
-            time_ids=refiner_time_ids,
-        )
+    x = guided_steps(refiner, x, refiner_embedding, refiner_pooled, refiner_time_ids)
 
     assert not torch.allclose(expected, expected_handover, atol=0.1)  # the refiner moved the latents
     assert_relative_close(x, expected, TOLERANCE, what=f"{name}: base + refiner")

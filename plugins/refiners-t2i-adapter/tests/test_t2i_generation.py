@@ -11,19 +11,18 @@ within 1e-3 of max |reference|.
 # pyright: reportPrivateImportUsage=false
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, MultiAdapter, StableDiffusionAdapterPipeline
+from diffusers import MultiAdapter, StableDiffusionAdapterPipeline
 from diffusers import T2IAdapter as DiffusersT2IAdapter
 from PIL import Image
 
 from refiners_core.testing import assert_relative_close
-from refiners_sd15 import SD15_AUTOENCODER, CLIPTextEncoderL, SD1Autoencoder, SD1UNet, StableDiffusion_1
-from refiners_sd15.solvers import DDIM
+from refiners_sd15 import SD1UNet
+from refiners_sd15.testing import our_guided_latents, reference_guided_latents
 from refiners_t2i_adapter import T2IAdapter
 from refiners_t2i_adapter.testing import (
     SMALL_FULL_ADAPTER,
@@ -58,68 +57,43 @@ def embeddings() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(1, 77, 24, generator=generator), torch.randn(1, 77, 24, generator=generator)
 
 
-@torch.no_grad()
 def reference_latents(
-    folder: Path, names: list[str], images: list[Image.Image], scales: list[float], embeddings: tuple[torch.Tensor, ...]
+    folder: Path,
+    names: list[str],
+    images: list[Image.Image],
+    scales: list[float],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
     adapters: list[Any] = [DiffusersT2IAdapter.from_pretrained(folder / name) for name in names]
-    pipe: Any = StableDiffusionAdapterPipeline(
-        vae=AutoencoderKL(  # unused with output_type="latent", but its 4 levels make the latents 1/8 of the image
-            block_out_channels=(32,) * 4,  # pyright: ignore[reportArgumentType]
-            down_block_types=("DownEncoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
-            up_block_types=("UpDecoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
-        ),
-        text_encoder=None,  # pyright: ignore[reportArgumentType]
-        tokenizer=None,  # pyright: ignore[reportArgumentType]
-        unet=reference_unet(SMALL_UNET_CONFIG, seed=10),
-        adapter=MultiAdapter(adapters) if len(adapters) > 1 else adapters[0],
-        scheduler=DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        ),  # pyright: ignore[reportArgumentType]
-        safety_checker=None,  # pyright: ignore[reportArgumentType]
-        feature_extractor=None,  # pyright: ignore[reportArgumentType]
-        requires_safety_checker=False,
+    return reference_guided_latents(
+        StableDiffusionAdapterPipeline,
+        {
+            "unet": reference_unet(SMALL_UNET_CONFIG, seed=10),
+            "adapter": MultiAdapter(adapters) if len(adapters) > 1 else adapters[0],
+        },
+        embeddings,
+        images=images,
+        scale_argument="adapter_conditioning_scale",
+        scales=scales,
+        size=SIZE,
+        steps=STEPS,
+        guidance=GUIDANCE,
     )
-    pipe.set_progress_bar_config(disable=True)
-    negative, positive = embeddings
-    output = pipe(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
-        image=images if len(images) > 1 else images[0],
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-        adapter_conditioning_scale=scales if len(scales) > 1 else scales[0],
-        generator=torch.Generator().manual_seed(6),
-        output_type="latent",
-    )
-    return output.images
 
 
-@torch.no_grad()
 def our_latents(
-    folder: Path, names: list[str], images: list[Image.Image], scales: list[float], embeddings: tuple[torch.Tensor, ...]
+    folder: Path,
+    names: list[str],
+    images: list[Image.Image],
+    scales: list[float],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    sd = StableDiffusion_1(
-        unet=SD1UNet.from_pretrained(folder).eval(),
-        lda=SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32,) * 4), device="meta"),  # unused
-        clip_text_encoder=CLIPTextEncoderL(device="meta"),  # unused: the tests give text embeddings
-        show_progress=False,
-    )
-    for name, image, scale in zip(names, images, scales):
-        T2IAdapter.from_pretrained(sd.unet, folder / name, scale=scale).inject().set_condition(image)
-    sd.solver = DDIM(num_inference_steps=STEPS)
-    embedding = torch.cat(embeddings)
-    x = sd.init_latents(size=(SIZE, SIZE), seed=6)
-    for step in sd.steps:
-        x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=GUIDANCE)
-    return x
+    def adapt(unet: SD1UNet) -> None:
+        for name, image, scale in zip(names, images, scales):
+            T2IAdapter.from_pretrained(unet, folder / name, scale=scale).inject().set_condition(image)
+
+    unet = SD1UNet.from_pretrained(folder).eval()
+    return our_guided_latents(unet, adapt, embeddings, size=SIZE, steps=STEPS, guidance=GUIDANCE)
 
 
 @pytest.mark.parametrize(

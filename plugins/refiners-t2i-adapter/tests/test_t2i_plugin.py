@@ -4,7 +4,6 @@ adapter folders."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +15,15 @@ from PIL import Image
 
 from refiners_core.cli import main
 from refiners_core.plugins import registry, resolve
+from refiners_core.testing.plugins import discovered_plugin, listed_plugin
 from refiners_sd15 import StableDiffusion_1
-from refiners_sd15.testing import small_sd15_components
+from refiners_sd15.testing import (
+    MALFORMED_ADAPTER_VALUES,
+    adapter_value_cases,
+    cache_hub_config,
+    small_sd15_components,
+    write_bad_diffusers_sources,
+)
 from refiners_sd15.unet import SD1UNet
 from refiners_t2i_adapter import T2IAdapter, T2IAdapterModel, T2IFeatures, T2IResidual
 from refiners_t2i_adapter.cli import T2IAdapterOption, parse_t2i_adapter_option
@@ -43,20 +49,15 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 
 
 def test_refiners_t2i_adapter_is_discovered_through_its_entry_point() -> None:
-    records = [record for record in registry(reload=True).plugins if record.distribution == "refiners-t2i-adapter"]
-    assert len(records) == 1
-    assert records[0].entry_point == "t2i_adapter = refiners_t2i_adapter.plugin"
-    assert records[0].error is None and records[0].status == "ok"
+    discovered_plugin("refiners-t2i-adapter", "t2i_adapter = refiners_t2i_adapter.plugin")
     assert resolve(registry().adapters["t2i_adapter"].factory) is T2IAdapter
     option = registry().generate_options["--t2i-adapter"]
     assert option.applies_to("sd15") and option.applies_to("sdxl")
 
 
-def test_refiners_plugins_lists_the_adapter_and_option(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["plugins", "--json"]) == 0
-    records = [r for r in json.loads(capsys.readouterr().out) if r["distribution"] == "refiners-t2i-adapter"]
-    assert len(records) == 1
-    assert records[0]["adapters"] == ["t2i_adapter"] and records[0]["generate_options"] == ["--t2i-adapter"]
+def test_refiners_plugins_lists_the_adapter_and_option() -> None:
+    record = listed_plugin("refiners-t2i-adapter")
+    assert record["adapters"] == ["t2i_adapter"] and record["generate_options"] == ["--t2i-adapter"]
 
 
 def test_the_registered_adapter_steers_a_unet(files: tuple[Path, Path, Path]) -> None:
@@ -72,28 +73,13 @@ def test_the_registered_adapter_steers_a_unet(files: tuple[Path, Path, Path]) ->
 
 
 @pytest.mark.parametrize(
-    "value, expected",
-    [
-        (
-            "TencentARC/t2iadapter_canny_sd15v2:e.png",
-            T2IAdapterOption("TencentARC/t2iadapter_canny_sd15v2", Path("e.png")),
-        ),
-        ("./canny:/tmp/edges.png:0.8", T2IAdapterOption("./canny", Path("/tmp/edges.png"), 0.8)),
-        (r"C:\t2i\canny:D:\edges.png:1.5", T2IAdapterOption(r"C:\t2i\canny", Path(r"D:\edges.png"), 1.5)),
-    ],
+    "value, expected", adapter_value_cases("TencentARC/t2iadapter_canny_sd15v2", "e.png", r"C:\t2i\canny")
 )
-def test_option_values_parse(value: str, expected: T2IAdapterOption) -> None:
-    assert parse_t2i_adapter_option(value) == expected
+def test_option_values_parse(value: str, expected: tuple[str, Path, float]) -> None:
+    assert parse_t2i_adapter_option(value) == T2IAdapterOption(*expected)
 
 
-@pytest.mark.parametrize(
-    "value, message",
-    [
-        ("canny", "expected FOLDER:IMAGE"),
-        (":edges.png", "expected FOLDER:IMAGE"),
-        ("a:b:x", "'a:b:x': the scale must be a finite number, got 'x'"),
-    ],
-)
+@pytest.mark.parametrize("value, message", MALFORMED_ADAPTER_VALUES)
 def test_malformed_option_values_are_refused(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_t2i_adapter_option(value)
@@ -147,18 +133,7 @@ def test_option_values_are_validated_before_the_model_is_loaded(
     files: tuple[Path, Path, Path], tmp_path: Path, value: str, message: str
 ) -> None:
     adapter, _, image = files
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "no_weights").mkdir()
-    (tmp_path / "no_weights" / "config.json").write_text("{}")
-    Image.new("L", (8, 9000)).save(tmp_path / "wide.png")
-    value = value.format(
-        adapter=adapter,
-        image=image,
-        missing=tmp_path / "missing.png",
-        empty=tmp_path / "empty",
-        wide=tmp_path / "wide.png",
-        no_weights=tmp_path / "no_weights",
-    )
+    value = value.format(adapter=adapter, image=image, **write_bad_diffusers_sources(tmp_path))
     validate = registry().generate_options["--t2i-adapter"].validate
     assert validate is not None
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -174,12 +149,7 @@ def test_a_hub_id_is_validated_from_the_offline_hub_cache(
     _, _, image = files
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repository = tmp_path / "hub" / "models--acme--t2i-canny"
-    (repository / "snapshots" / commit).mkdir(parents=True)
-    (repository / "snapshots" / commit / "config.json").write_text("{}")
-    (repository / "refs").mkdir()
-    (repository / "refs" / "main").write_text(commit)
+    cache_hub_config(tmp_path / "hub", "acme/t2i-canny")
     validate = registry().generate_options["--t2i-adapter"].validate
     assert validate is not None
     validate([f"acme/t2i-canny:{image}"])

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 from diffusers import (
-    DDIMScheduler,
     StableDiffusionXLAdapterPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -32,8 +31,8 @@ from refiners_sdxl import SDXLUNet, StableDiffusion_XL
 from refiners_sdxl.testing import (
     POOLED_DIM,
     TIME_ID_DIM,
-    guided_latents,
-    guided_pipeline_arguments,
+    assert_adapted_steps_match_pipeline,
+    ddim_pipeline_components,
     small_sdxl_pipeline,
 )
 from refiners_t2i_adapter import T2IAdapter, image_to_tensor
@@ -108,24 +107,21 @@ def test_three_guided_steps_match_stable_diffusion_xl_adapter_pipeline(reference
     sdxl.show_progress = False
     sdxl.solver = DDIM(num_inference_steps=STEPS, **sdxl.solver_defaults)
     T2IAdapter.from_pretrained(sdxl.unet, reference.folder / "xl", scale=0.8).inject().set_condition(edges())
-    embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
-    noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(7))
-
-    components = dict(reference.pipeline.components)
-    components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, clip_sample=False)
-    pipeline: Any = StableDiffusionXLAdapterPipeline(
-        **components, adapter=DiffusersT2IAdapter.from_pretrained(reference.folder / "xl")
+    pipeline = StableDiffusionXLAdapterPipeline(
+        **ddim_pipeline_components(reference.pipeline),
+        adapter=DiffusersT2IAdapter.from_pretrained(reference.folder / "xl"),
     )
-    pipeline.set_progress_bar_config(disable=True)
-    arguments: dict[str, Any] = guided_pipeline_arguments(
-        embedding, pooled, steps=STEPS, guidance_scale=GUIDANCE, size=SIZE
-    ) | {"image": edges()}
-    expected: torch.Tensor = pipeline(**arguments, adapter_conditioning_scale=0.8, latents=noise.clone()).images
-    without: torch.Tensor = pipeline(**arguments, adapter_conditioning_scale=0.0, latents=noise.clone()).images
-    assert (expected - without).abs().max() > 1e-2 * without.abs().max()  # the adapter does steer the generation
-
-    x = guided_latents(sdxl, noise, embedding, pooled, size=SIZE, condition_scale=GUIDANCE)
-    assert_relative_close(x, expected, 1e-3)
+    assert_adapted_steps_match_pipeline(
+        sdxl,
+        pipeline,
+        image=edges(),
+        scale_argument="adapter_conditioning_scale",
+        scale=0.8,
+        off=0.0,
+        steps=STEPS,
+        guidance=GUIDANCE,
+        size=SIZE,
+    )
 
 
 def test_an_sd15_adapter_on_an_sdxl_unet_is_refused_naming_it(reference: Reference) -> None:

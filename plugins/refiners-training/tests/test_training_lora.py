@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,13 +25,16 @@ from refiners_training import CheckpointError, TrainingConfig, TrainingResult, t
 from refiners_training import models as models_module
 from refiners_training import trainer as trainer_module
 from refiners_training.testing import (
-    KILLED_AT_STEP_4,
     RED,
+    RESUMABLE_RUN,
+    assert_resumes_after_sigkill,
+    assert_same_checkpoint,
     checkpoint_weights,
     logged_losses,
-    toml_config,
-    torchrun_command,
+    one_torch_thread,
+    run_under_torchrun,
     write_colour_patches,
+    write_config,
 )
 
 PROMPT = "a red square"
@@ -41,11 +42,8 @@ PROMPT = "a red square"
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Small models run faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -58,17 +56,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def load_config(folders: dict[str, Path], name: str, **sections: dict[str, object]) -> tuple[Path, TrainingConfig]:
-    path = folders["root"] / f"{name}.toml"
-    text = toml_config(folders["model"], folders["data"], folders["root"] / name, **sections)  # pyright: ignore[reportArgumentType]
-    path.write_text(text, encoding="utf-8")
-    return path, TrainingConfig.from_toml(path)
-
-
 @pytest.fixture(scope="module")
 def toy_run(folders: dict[str, Path]) -> TrainingResult:
     """40 steps on the red patch, attention and LoCon convolutions, an evaluation prompt at each checkpoint."""
-    _, config = load_config(
+    _, config = write_config(
         folders,
         "toy",
         lora={"rank": 8, "layers": "attention+conv"},
@@ -186,26 +177,10 @@ def test_exports_load_in_refiners_and_in_diffusers_with_the_trained_outputs(
         assert (reference - trained).abs().max().item() <= 1e-4 * scale, format
 
 
-SMALL_RUN = {
-    "lora": {"rank": 2},
-    "training": {
-        "max_steps": 4,
-        "batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "linear",
-        "lr_warmup_steps": 1,
-        "checkpoint_every": 2,
-        "seed": 3,
-    },
-    "export": {"formats": ["refiners"]},
-}
-
-
 @pytest.fixture(scope="module")
 def straight_run(folders: dict[str, Path]) -> TrainingResult:
     """4 steps without interruption: the reference of the resumed and the multi-process runs."""
-    _, config = load_config(folders, "straight", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
+    _, config = write_config(folders, "straight", **RESUMABLE_RUN)  # pyright: ignore[reportArgumentType]
     return train_lora(config)
 
 
@@ -215,7 +190,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_to_the_same_losses_and_
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    path, config = load_config(folders, "resumed", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
+    path, config = write_config(folders, "resumed", **RESUMABLE_RUN)  # pyright: ignore[reportArgumentType]
     write = trainer_module._Run._write_checkpoint  # pyright: ignore[reportPrivateUsage]
 
     def killed_at_step_4(run: trainer_module._Run, folder: Path) -> None:  # pyright: ignore[reportPrivateUsage]
@@ -236,50 +211,33 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_to_the_same_losses_and_
     assert "--resume" in capsys.readouterr().err
     assert main(["train", "lora", str(path), "--resume"]) == 0
     assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
-    expected = checkpoint_weights(folders["root"] / "straight", 4)
-    resumed = checkpoint_weights(config.training.output_dir, 4)
-    assert all(torch.equal(resumed[key], expected[key]) for key in expected)
+    assert_same_checkpoint(folders["root"] / "straight", config.training.output_dir, 4)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 def test_a_process_killed_with_sigkill_during_a_checkpoint_write_resumes_to_the_same_losses_and_weights(
     straight_run: TrainingResult, folders: dict[str, Path]
 ) -> None:
-    path, config = load_config(folders, "sigkilled", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", KILLED_AT_STEP_4, str(path)]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
-    assert completed.returncode == -9, completed.stderr[-4000:]
-    checkpoints = config.training.output_dir / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "step-000002"
-
-    assert main(["train", "lora", str(path), "--resume"]) == 0
-    assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
-    expected = checkpoint_weights(folders["root"] / "straight", 4)
-    resumed = checkpoint_weights(config.training.output_dir, 4)
-    assert all(torch.equal(resumed[key], expected[key]) for key in expected)
+    path, config = write_config(folders, "sigkilled", **RESUMABLE_RUN)  # pyright: ignore[reportArgumentType]
+    losses = list(straight_run.losses.values())
+    assert_resumes_after_sigkill(path, config.training.output_dir, folders["root"] / "straight", losses)
 
 
 def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_same_global_batch(
     straight_run: TrainingResult, folders: dict[str, Path]
 ) -> None:
-    per_process = {**SMALL_RUN, "training": {**SMALL_RUN["training"], "batch_size": 1}}
-    path, config = load_config(folders, "ddp", **per_process)  # pyright: ignore[reportArgumentType]
-    command = torchrun_command(path, 2)
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert logged_losses(config.training.output_dir) == pytest.approx(list(straight_run.losses.values()), rel=1e-5)
-    expected = checkpoint_weights(folders["root"] / "straight", 4)
-    distributed = checkpoint_weights(config.training.output_dir, 4)
-    assert expected.keys() == distributed.keys()
+    per_process = {**RESUMABLE_RUN, "training": {**RESUMABLE_RUN["training"], "batch_size": 1}}
+    path, config = write_config(folders, "ddp", **per_process)  # pyright: ignore[reportArgumentType]
+    losses = list(straight_run.losses.values())
+    expected, distributed = run_under_torchrun(path, config.training.output_dir, folders["root"] / "straight", losses)
     for key in expected:
         assert torch.allclose(distributed[key], expected[key], atol=1e-5, rtol=1e-5), key
 
 
 def copy_run(folders: dict[str, Path], source: str, name: str, **sections: object) -> tuple[Path, TrainingConfig]:
-    """A copy of run `source`'s checkpoints and log (not its exports), configured as `name` with SMALL_RUN's keys."""
-    path, config = load_config(folders, name, **{**SMALL_RUN, **sections})  # pyright: ignore[reportArgumentType]
+    """A copy of run `source`'s checkpoints and log (not its exports), configured as `name` with RESUMABLE_RUN's
+    keys."""
+    path, config = write_config(folders, name, **{**RESUMABLE_RUN, **sections})  # pyright: ignore[reportArgumentType]
     shutil.copytree(folders["root"] / source, config.training.output_dir)
     for export in config.training.output_dir.glob("*.safetensors"):
         export.unlink()
@@ -519,8 +477,8 @@ def test_a_non_finite_loss_or_weight_stops_the_run_and_never_reaches_a_file(
     message: str,
     kept: int,
 ) -> None:
-    training = {**SMALL_RUN["training"], "checkpoint_every": 1}
-    path, config = load_config(folders, f"nan-{cause.replace(' ', '-')}", **{**SMALL_RUN, "training": training})  # pyright: ignore[reportArgumentType]
+    training = {**RESUMABLE_RUN["training"], "checkpoint_every": 1}
+    path, config = write_config(folders, f"nan-{cause.replace(' ', '-')}", **{**RESUMABLE_RUN, "training": training})  # pyright: ignore[reportArgumentType]
     mse_loss, calls = trainer_module.F.mse_loss, [0]
     first_bad_call = {"a NaN loss at step 3": 5, "NaN gradients at step 2": 3}.get(cause, 1)  # 2 passes per step
 
@@ -576,12 +534,12 @@ def test_captions_and_evaluation_prompts_are_tokenized_once_per_run(
         return tokenize(tokenizer, text)
 
     monkeypatch.setattr(CLIPTokenizer, "forward", counting)
-    training = {**SMALL_RUN["training"], "max_steps": 3, "checkpoint_every": 1, "lr_warmup_steps": 0}
+    training = {**RESUMABLE_RUN["training"], "max_steps": 3, "checkpoint_every": 1, "lr_warmup_steps": 0}
     prompts = ["a red square", "a blue circle"]
-    _, config = load_config(
+    _, config = write_config(
         folders,
         "tokenized-once",
-        **{**SMALL_RUN, "training": training, "evaluation": {"prompts": prompts, "steps": 1}},  # pyright: ignore[reportArgumentType]
+        **{**RESUMABLE_RUN, "training": training, "evaluation": {"prompts": prompts, "steps": 1}},  # pyright: ignore[reportArgumentType]
     )
     train_lora(config)
     assert [text for text in texts if isinstance(text, list)] == [["", prompt] for prompt in prompts]

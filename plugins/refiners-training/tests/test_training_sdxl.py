@@ -6,7 +6,6 @@ run reproduces a 1-process one."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -39,12 +38,13 @@ from refiners_training.diffusion import NoiseSchedule, sample_generator
 from refiners_training.models import resolve_kind
 from refiners_training.sdxl import SDXLModel
 from refiners_training.testing import (
-    KILLED_AT_STEP_4,
-    checkpoint_weights,
-    logged_losses,
+    RESUMABLE_RUN,
+    assert_resumes_after_sigkill,
+    one_torch_thread,
+    run_under_torchrun,
     toml_config,
-    torchrun_command,
     write_colour_patches,
+    write_config,
 )
 
 RESOLUTION = 32  # 4x4 latents with the small SDXL's 8x autoencoder
@@ -52,11 +52,8 @@ RESOLUTION = 32  # 4x4 latents with the small SDXL's 8x autoencoder
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Small models run faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +64,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def load_config(folders: dict[str, Path], name: str, **sections: dict[str, object]) -> tuple[Path, TrainingConfig]:
-    path = folders["root"] / f"{name}.toml"
-    sections = {**sections, "data": {"resolution": RESOLUTION, **sections.get("data", {})}}
-    text = toml_config(folders["model"], folders["data"], folders["root"] / name, **sections)  # pyright: ignore[reportArgumentType]
-    path.write_text(text, encoding="utf-8")
-    return path, TrainingConfig.from_toml(path)
+    """`write_config` at `RESOLUTION`."""
+    return write_config(folders, name, **{**sections, "data": {"resolution": RESOLUTION, **sections.get("data", {})}})
 
 
 @pytest.fixture(scope="module")
@@ -315,21 +309,7 @@ def test_a_single_file_base_trains_as_its_diffusers_folder(tmp_path: Path) -> No
     assert exported[0].keys() == exported[1].keys()
 
 
-SMALL_RUN = {
-    "data": {"crop": "random"},
-    "lora": {"rank": 2, "train_text_encoder": True},
-    "training": {
-        "max_steps": 4,
-        "batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "linear",
-        "lr_warmup_steps": 1,
-        "checkpoint_every": 2,
-        "seed": 3,
-    },
-    "export": {"formats": ["refiners"]},
-}
+SMALL_RUN = {**RESUMABLE_RUN, "data": {"crop": "random"}, "lora": {"rank": 2, "train_text_encoder": True}}
 
 
 @pytest.fixture(scope="module")
@@ -344,17 +324,8 @@ def test_a_process_killed_with_sigkill_during_a_checkpoint_write_resumes_to_the_
     straight_run: TrainingResult, folders: dict[str, Path]
 ) -> None:
     path, config = load_config(folders, "sigkilled", **SMALL_RUN)  # pyright: ignore[reportArgumentType]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", KILLED_AT_STEP_4, str(path)]
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
-    assert completed.returncode == -9, completed.stderr[-4000:]
-    assert (config.training.output_dir / "checkpoints" / "latest").read_text().strip() == "step-000002"
-
-    assert main(["train", "lora", str(path), "--resume"]) == 0
-    assert logged_losses(config.training.output_dir) == list(straight_run.losses.values())  # exactly
-    expected = checkpoint_weights(folders["root"] / "straight", 4)
-    resumed = checkpoint_weights(config.training.output_dir, 4)
-    assert expected.keys() == resumed.keys() and all(torch.equal(resumed[key], expected[key]) for key in expected)
+    losses = list(straight_run.losses.values())
+    assert_resumes_after_sigkill(path, config.training.output_dir, folders["root"] / "straight", losses)
 
 
 def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_same_global_batch(
@@ -362,14 +333,8 @@ def test_two_processes_under_torchrun_train_the_weights_of_one_process_with_the_
 ) -> None:
     per_process = {**SMALL_RUN, "training": {**SMALL_RUN["training"], "batch_size": 1}}
     path, config = load_config(folders, "ddp", **per_process)  # pyright: ignore[reportArgumentType]
-    command = torchrun_command(path, 2)
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240, check=False)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert logged_losses(config.training.output_dir) == pytest.approx(list(straight_run.losses.values()), rel=1e-5)
-    expected = checkpoint_weights(folders["root"] / "straight", 4)
-    distributed = checkpoint_weights(config.training.output_dir, 4)
-    assert expected.keys() == distributed.keys()
+    losses = list(straight_run.losses.values())
+    expected, distributed = run_under_torchrun(path, config.training.output_dir, folders["root"] / "straight", losses)
     # Gradients are summed in another order (all-reduce): AdamW divides each one by its running magnitude, which
     # turns the rounding of a gradient near zero into a step of up to `learning_rate` (1e-3) on that weight. On this
     # small model a few weights of one layer move 2e-5 apart; the others within 2e-6.

@@ -18,6 +18,8 @@ from refiners_sd15.latent_diffusion import MAX_IMAGE_SIDE
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 """A hub repository id, `owner/name`."""
+DIFFUSERS_WEIGHTS_STEM = "diffusion_pytorch_model"
+"""The name of a diffusers model folder's weight files (before `.safetensors`, `.fp16.safetensors`, `.bin`...)."""
 
 
 def split_adapter_value(flag: str, value: str, metavar: str, example: str) -> tuple[str, str, float]:
@@ -81,3 +83,12 @@ def check_diffusers_source(what: str, source: str, weights_stem: str) -> None:
             resolve_path(source, "config.json")
         except FileNotFoundError as error:
             raise type(error)(f"{what}: {error}") from None
+
+
+def check_diffusers_adapter_value(flag: str, value: str, source: str, image: Path) -> None:
+    """Check the parts of the `flag` value `value` of an adapter stored as a diffusers model, without loading it: the
+    image by its header (`check_image_header`), then the model `source` (`check_diffusers_source`, weights named
+    `DIFFUSERS_WEIGHTS_STEM`). Raises FileNotFoundError or ValueError naming `flag` and `value`."""
+    what = f"{flag} {value!r}"
+    check_image_header(what, image)
+    check_diffusers_source(what, source, DIFFUSERS_WEIGHTS_STEM)

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from refiners_core.checks import sniff_weights_format
 from refiners_core.layer_blocks import LayerBlock
 from refiners_core.module_names import DIFFUSERS, prefixed
-from refiners_core.weights import WeightsError, load_tensors, read_safetensors_shapes, resolve_path
+from refiners_core.weights import WeightsError, load_tensors, resolve_path
+from refiners_sd15.architecture import single_file_shapes
 from refiners_sd15.autoencoder import SD1Autoencoder
 from refiners_sd15.clip import TEXT_ENCODER_FORMAT, CLIPTextEncoderL
 from refiners_sd15.latent_diffusion import LatentDiffusionModel, guidance_prompts
@@ -247,9 +247,7 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
             return cls(device=device, dtype=dtype)
         local = Path(source).expanduser()
         if local.is_file():
-            if sniff_weights_format(local) != "safetensors":
-                raise ValueError(f"{local}: the architecture of a single file is read from a safetensors header only")
-            shapes, _ = read_safetensors_shapes(local)
+            shapes = single_file_shapes(local)
             unet_config = read_single_file_config(SD1UNet.component_format, source=local, tensors=shapes)
             text_config = read_single_file_config(CLIPTextEncoderL.component_format, source=local, tensors=shapes)
         elif (local / OWN_INDEX).is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from refiners_core.fluxion.utils import manual_seed
 from refiners_sd15.autoencoder import SD15_AUTOENCODER, SD1Autoencoder
 from refiners_sd15.clip import CLIPTextEncoderConfig, CLIPTextEncoderL
 from refiners_sd15.model import StableDiffusion_1
+from refiners_sd15.solvers import DDIM
 from refiners_sd15.unet import SD1UNet, UNetConfig
 
 SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
@@ -370,3 +371,151 @@ def paired_outputs(
         sd.clip_text_encoder(tokens),
         text_encoder(tokens).last_hidden_state,
     )
+
+
+def adapter_value_cases(hub_source: str, image: str, windows_source: str) -> list[tuple[str, tuple[str, Path, float]]]:
+    """Values of an adapter option `SOURCE:IMAGE[:SCALE]` of `refiners generate` and their (source, image, scale): a
+    hub id and a relative image without a scale, a relative folder and an absolute image with one, and Windows paths
+    whose drive letters hold a ':' (`windows_source` such as `C:\\adapters\\canny`)."""
+    return [
+        (f"{hub_source}:{image}", (hub_source, Path(image), 1.0)),
+        ("./canny:/tmp/edges.png:0.8", ("./canny", Path("/tmp/edges.png"), 0.8)),
+        (f"{windows_source}:D:\\edges.png:1.5", (windows_source, Path("D:\\edges.png"), 1.5)),
+    ]
+
+
+MALFORMED_ADAPTER_VALUES = [
+    ("canny", "expected FOLDER:IMAGE"),
+    (":edges.png", "expected FOLDER:IMAGE"),
+    ("a:b:x", "'a:b:x': the scale must be a finite number, got 'x'"),
+]
+"""Values of a `FOLDER:IMAGE[:SCALE]` adapter option and what the error about each says."""
+
+
+def write_bad_diffusers_sources(folder: Path) -> dict[str, Path]:
+    """Under `folder`, what an adapter option must refuse as a diffusers model or image, by name: `empty` (a folder
+    without config.json), `no_weights` (a config.json alone), `pointer` (a git-lfs pointer in place of the weights),
+    `wide` (an 8x9000 image) and `missing` (no file)."""
+    from PIL import Image
+
+    paths = {name: folder / name for name in ("empty", "no_weights", "pointer")}
+    for path in paths.values():
+        path.mkdir()
+    (paths["no_weights"] / "config.json").write_text("{}")
+    (paths["pointer"] / "config.json").write_text("{}")
+    (paths["pointer"] / "diffusion_pytorch_model.safetensors").write_text("version https://git-lfs.github.com/x")
+    Image.new("L", (8, 9000)).save(folder / "wide.png")
+    return {**paths, "wide": folder / "wide.png", "missing": folder / "missing.png"}
+
+
+def cache_hub_config(cache: Path, repo_id: str) -> None:
+    """Make the hub repository `repo_id` appear in the huggingface_hub cache folder `cache` with a `config.json`
+    (`{}`) at its `main` revision, laid out as a download leaves it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = cache / f"models--{repo_id.replace('/', '--')}"
+    (repository / "snapshots" / commit).mkdir(parents=True)
+    (repository / "snapshots" / commit / "config.json").write_text("{}")
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(commit)
+
+
+@torch.no_grad()
+def pipeline_latents(
+    pipe: Any,
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    *,
+    size: int,
+    steps: int,
+    guidance: float,
+    **arguments: Any,
+) -> torch.Tensor:
+    """The final latents of the diffusers SD1.5 pipeline `pipe`: `steps` steps of classifier-free guidance `guidance`
+    on the (negative, positive) `embeddings`, `size`x`size`, seed 6 noise on the CPU, `output_type="latent"`;
+    `arguments` add the adapter's inputs."""
+    negative, positive = embeddings
+    output = pipe(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(6),
+        output_type="latent",
+        **arguments,
+    )
+    return output.images
+
+
+def reference_guided_latents(
+    pipeline_class: Any,
+    modules: Mapping[str, Any],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    *,
+    images: list[Any],
+    scale_argument: str,
+    scales: list[float],
+    size: int,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """`pipeline_latents` of the diffusers SD1.5 pipeline `pipeline_class` of an adapter (ControlNet, T2I-Adapter)
+    built with `modules` (its UNet and adapter models), DDIM (`diffusers_reference_scheduler("ddim")`), no text
+    encoder and an unused autoencoder of 4 levels (so that the latents are 1/8 of the image). The condition `images`
+    and their `scales` (the call argument `scale_argument`) are given as a list for several adapters, alone for one,
+    as diffusers takes them. Needs diffusers (test extra)."""
+    from diffusers import AutoencoderKL  # pyright: ignore[reportPrivateImportUsage]
+
+    pipe: Any = pipeline_class(
+        vae=AutoencoderKL(
+            block_out_channels=(32,) * 4,  # pyright: ignore[reportArgumentType]
+            down_block_types=("DownEncoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+            up_block_types=("UpDecoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+        ),
+        text_encoder=None,
+        tokenizer=None,
+        scheduler=diffusers_reference_scheduler("ddim"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **modules,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    several = len(images) > 1
+    return pipeline_latents(
+        pipe,
+        embeddings,
+        size=size,
+        steps=steps,
+        guidance=guidance,
+        image=images if several else images[0],
+        **{scale_argument: scales if several else scales[0]},
+    )
+
+
+@torch.no_grad()
+def our_guided_latents(
+    unet: SD1UNet,
+    adapt: Callable[[SD1UNet], object],
+    embeddings: tuple[torch.Tensor, torch.Tensor],
+    *,
+    size: int,
+    steps: int,
+    guidance: float,
+) -> torch.Tensor:
+    """What `reference_guided_latents` computes, on our side: `StableDiffusion_1` with `unet` (which `adapt` adapts once
+    the model is built) and the DDIM solver, from `init_latents(seed=6)`. Its autoencoder and text encoder, unused, are
+    on the meta device."""
+    sd = StableDiffusion_1(
+        unet=unet,
+        lda=SD1Autoencoder(replace(SD15_AUTOENCODER, block_out_channels=(32,) * 4), device="meta"),
+        clip_text_encoder=CLIPTextEncoderL(device="meta"),
+        show_progress=False,
+    )
+    adapt(sd.unet)
+    sd.solver = DDIM(num_inference_steps=steps)
+    embedding = torch.cat(embeddings)
+    x = sd.init_latents(size=(size, size), seed=6)
+    for step in sd.steps:
+        x = sd(x, step=step, clip_text_embedding=embedding, condition_scale=guidance)
+    return x

@@ -12,10 +12,7 @@ from refiners_controlnet.adapter import ControlNetAdapter
 from refiners_controlnet.condition import image_to_condition
 from refiners_controlnet.controlnet import ControlNet, unet_config
 from refiners_controlnet.plugin import OPTION_METAVAR
-from refiners_sd15.adapter_options import check_diffusers_source, check_image_header, split_adapter_value
-
-WEIGHTS_STEM = "diffusion_pytorch_model"
-"""The name of a diffusers ControlNet folder's weight files (before `.safetensors`, `.fp16.safetensors`...)."""
+from refiners_sd15.adapter_options import check_diffusers_adapter_value, split_adapter_value
 
 
 @dataclass(frozen=True)
@@ -48,9 +45,7 @@ def validate_controlnet_option(values: list[str]) -> None:
     naming the value at fault."""
     for value in values:
         option = parse_controlnet_option(value)
-        what = f"--controlnet {value!r}"
-        check_image_header(what, option.image)
-        check_diffusers_source(what, option.controlnet, WEIGHTS_STEM)
+        check_diffusers_adapter_value("--controlnet", value, option.controlnet, option.image)
 
 
 def apply_controlnet_option(model: Any, values: list[str]) -> None:

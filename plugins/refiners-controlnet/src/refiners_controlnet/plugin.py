@@ -5,10 +5,10 @@ Heavy imports (torch, the model) happen in the hooks and in the option's `apply`
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, Reference, hookimpl
+from refiners_sd15.unet_targets import sd_unet_targets
 
 OPTION_HELP = (
     "steer the generation with a ControlNet (a diffusers ControlNetModel folder or hub id) and its conditioning "
@@ -20,9 +20,6 @@ OPTION_METAVAR = "FOLDER:IMAGE[:SCALE]"
 
 @hookimpl
 def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
-    targets = (Reference("refiners_sd15.unet:SD1UNet"),)
-    if importlib.util.find_spec("refiners_sdxl") is not None:  # SDXL's UNet, with the `sdxl` extra
-        targets += (Reference("refiners_sdxl.unet:SDXLUNet"),)
     register(
         AdapterSpec(
             name="controlnet",
@@ -31,7 +28,7 @@ def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
                 "ControlNet for SD1.5 and SDXL, steered by a conditioning image: "
                 "ControlNetAdapter(unet, controlnet, scale)"
             ),
-            targets=targets,
+            targets=sd_unet_targets(),
         )
     )
 

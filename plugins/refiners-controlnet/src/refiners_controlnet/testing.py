@@ -12,29 +12,21 @@ from diffusers import ControlNetModel, UNet2DConditionModel  # pyright: ignore[r
 
 from refiners_controlnet import ControlNet
 from refiners_core.testing import assert_relative_close
+from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet import SD1UNet
 from refiners_sdxl.testing import SDXL_BASE_UNET_CONFIG, SMALL_UNET, random_diffusers_model
 
-# lllyasviel/control_v11p_sd15_canny, config.json (the ControlNet 1.1 models all share it)
+_UNET_ONLY = ("sample_size", "up_block_types", "out_channels")
+
+# lllyasviel/control_v11p_sd15_canny, config.json (the ControlNet 1.1 models all share it): SD1.5's UNet config
+# without its decoder and output fields, with those of the ControlNet.
 SD15_CONTROLNET_CONFIG: dict[str, Any] = {
+    **{key: value for key, value in SD15_UNET_CONFIG.items() if key not in (*_UNET_ONLY, "center_input_sample")},
     "_class_name": "ControlNetModel",
     "_diffusers_version": "0.16.0.dev0",
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
     "class_embed_type": None,
     "conditioning_embedding_out_channels": [16, 32, 96, 256],
     "controlnet_conditioning_channel_order": "rgb",
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
     "num_class_embeds": None,
     "only_cross_attention": False,
     "projection_class_embeddings_input_dim": None,
@@ -53,8 +45,6 @@ SMALL_CONTROLNET_CONFIG: dict[str, Any] = {
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "norm_num_groups": 8,
 }
-
-_UNET_ONLY = ("sample_size", "up_block_types", "out_channels")
 
 SMALL_SDXL_CONTROLNET: dict[str, Any] = {
     **{key: value for key, value in SMALL_UNET.items() if key not in _UNET_ONLY},

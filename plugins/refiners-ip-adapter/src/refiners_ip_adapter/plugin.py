@@ -7,11 +7,11 @@ are imported on first use, so the plugin registers without torch.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from typing import Any
 
 from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, Reference, hookimpl
+from refiners_sd15.unet_targets import sd_unet_targets
 
 OPTION_HELP = (
     "prompt the generation with a reference image through an IP-Adapter (its released .safetensors or .bin weights), "
@@ -34,16 +34,13 @@ def _create(target: Any, **options: Any) -> Any:
 
 @hookimpl
 def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
-    targets = (Reference("refiners_sd15.unet:SD1UNet"),)
-    if importlib.util.find_spec("refiners_sdxl") is not None:  # SDXL's UNet, when refiners-sdxl is installed
-        targets += (Reference("refiners_sdxl.unet:SDXLUNet"),)
     register(
         AdapterSpec(
             name="ip-adapter",
             factory=_create,
             summary="IP-Adapter for SD1.5 and SDXL, prompted by reference images: "
             "IPAdapter.from_pretrained(unet, weights, image_encoder=..., scale=...)",
-            targets=targets,
+            targets=sd_unet_targets(),
         )
     )
 

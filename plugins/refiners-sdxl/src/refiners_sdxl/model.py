@@ -9,9 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from refiners_core.checks import sniff_weights_format
-from refiners_core.weights import read_safetensors_shapes
 from refiners_sd15 import SD1Autoencoder
+from refiners_sd15.architecture import single_file_shapes
 from refiners_sd15.clip import (
     SDXL_TEXT_ENCODER_FORMAT,
     CLIPTextEncoderG,
@@ -111,9 +110,7 @@ class StableDiffusion_XL(SDXLDenoisingModel[DoubleTextEncoder]):
             return cls(device=device, dtype=dtype)
         local = Path(source).expanduser()
         if local.is_file():
-            if sniff_weights_format(local) != "safetensors":
-                raise ValueError(f"{local}: the architecture of a single file is read from a safetensors header only")
-            configs = read_sdxl_single_file(local, read_safetensors_shapes(local)[0])
+            configs = read_sdxl_single_file(local, single_file_shapes(local))
             unet, text_l, text_g = configs.unet, configs.text_encoder, configs.text_encoder_2
         elif (local / cls.own_index).is_file():
             unet = read_own_config(SDXLUNet.component_format, component_file(local, "unet"))

@@ -23,6 +23,7 @@ from refiners_sd15.testing import SD15_TEXT_ENCODER_CONFIG, open_clip_state_dict
 from refiners_sd15.testing import SDXL_TEXT_ENCODER_2_CONFIG as PUBLISHED_TEXT_ENCODER_2_CONFIG
 from refiners_sd15.unet import unet_config_from_diffusers
 from refiners_sdxl.model import StableDiffusion_XL
+from refiners_sdxl.refiner import StableDiffusion_XL_Refiner
 from refiners_sdxl.unet import diffusers_sdxl_unet_mapping, ldm_sdxl_unet_mapping
 
 TIME_ID_DIM = 8
@@ -48,6 +49,17 @@ SMALL_UNET: dict[str, Any] = {
 }
 """`UNet2DConditionModel` arguments of a small SDXL base-like UNet: two levels, attention on the second, CLIP-L + CLIP-G
 text, the `text_time` added embedding of the pooled embedding and six time ids."""
+
+SMALL_THREE_LEVEL_UNET: dict[str, Any] = {
+    **SMALL_UNET,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64, 64],
+    "attention_head_dim": [1, 2, 2],
+    "transformer_layers_per_block": [1, 1, 2],
+}
+"""`SMALL_UNET` with SDXL base's three kinds of level: no attention and a downsampling, attention and a
+downsampling, attention."""
 
 SMALL_INPAINTING_UNET: dict[str, Any] = {**SMALL_UNET, "in_channels": 9}
 """`SMALL_UNET` with latents, mask and masked image latents in (4 + 1 + 4 channels)."""
@@ -472,6 +484,17 @@ def write_published_sdxl_folder(folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
+def prompt_arguments(embedding: torch.Tensor, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our text and pooled embeddings (negative first, as `compute_clip_text_embedding` returns them) as the keyword
+    arguments of a diffusers SDXL pipeline call."""
+    return {
+        "prompt_embeds": embedding[1:],
+        "negative_prompt_embeds": embedding[:1],
+        "pooled_prompt_embeds": pooled[1:],
+        "negative_pooled_prompt_embeds": pooled[:1],
+    }
+
+
 def guided_pipeline_arguments(
     embedding: torch.Tensor, pooled: torch.Tensor, *, steps: int, guidance_scale: float, size: int
 ) -> dict[str, Any]:
@@ -479,10 +502,7 @@ def guided_pipeline_arguments(
     embeddings (negative first, as `compute_clip_text_embedding` returns them), `steps` steps with classifier-free
     guidance of `guidance_scale`, a `size` x `size` image, latents out. Add `latents` (and the adapter's inputs)."""
     return {
-        "prompt_embeds": embedding[1:],
-        "negative_prompt_embeds": embedding[:1],
-        "pooled_prompt_embeds": pooled[1:],
-        "negative_pooled_prompt_embeds": pooled[:1],
+        **prompt_arguments(embedding, pooled),
         "num_inference_steps": steps,
         "guidance_scale": guidance_scale,
         "height": size,
@@ -505,6 +525,21 @@ def guided_latents(
     final latents, to compare with a diffusers pipeline called with `guided_pipeline_arguments`."""
     x = sdxl.init_latents(size=(size, size), noise=noise)
     time_ids = sdxl.time_ids(original_size=(size, size), target_size=(size, size))
+    return guided_steps(sdxl, x, embedding, pooled, time_ids, condition_scale=condition_scale)
+
+
+def guided_steps(
+    sdxl: StableDiffusion_XL | StableDiffusion_XL_Refiner,
+    x: torch.Tensor,
+    embedding: torch.Tensor,
+    pooled: torch.Tensor,
+    time_ids: torch.Tensor,
+    *,
+    condition_scale: float = 5.0,
+) -> torch.Tensor:
+    """The latents `x` after every step of `sdxl.solver` (a base model's or a refiner's), with classifier-free
+    guidance of `condition_scale` and the micro-conditioning `time_ids`. Written out, not `refiners_sd15.generation`'s
+    `denoise`, so that tests of what runs that loop compare with one of their own."""
     for step in sdxl.steps:
         x = sdxl(
             x,
@@ -554,3 +589,46 @@ def reference_outputs(sdxl: StableDiffusion_XL, models: dict[str, Any], prompt: 
     hidden_l = models["text_encoder"](ids_l, output_hidden_states=True).hidden_states[-2]
     output_g = models["text_encoder_2"](ids_g, output_hidden_states=True)
     return [unet, torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1), output_g.text_embeds]
+
+
+def ddim_pipeline_components(pipeline: Any) -> dict[str, Any]:
+    """The components of the diffusers SDXL `pipeline`, its scheduler made DDIM without sample clipping (what our DDIM
+    solver with SDXL's settings reproduces), to build an adapter's pipeline on. Needs diffusers (test extra)."""
+    from diffusers import DDIMScheduler  # pyright: ignore[reportPrivateImportUsage]
+
+    components = dict(pipeline.components)
+    components["scheduler"] = DDIMScheduler.from_config(components["scheduler"].config, clip_sample=False)  # pyright: ignore[reportUnknownMemberType]
+    return components
+
+
+@torch.no_grad()
+def assert_adapted_steps_match_pipeline(
+    sdxl: StableDiffusion_XL,
+    pipeline: Any,
+    *,
+    image: Any,
+    scale_argument: str,
+    scale: Any,
+    off: Any,
+    steps: int,
+    guidance: float,
+    size: int,
+) -> None:
+    """Compare `guided_latents` of `sdxl` (its adapters injected, its solver set) with the diffusers SDXL adapter
+    `pipeline` (the same adapters) called through `guided_pipeline_arguments` with `image` and `scale_argument=scale`:
+    both from seed 7 noise and the embeddings of "a cute cat", negative "blurry". Asserts first that the adapters steer
+    the reference (with `scale_argument=off` its latents move by more than 1% of their magnitude), then that ours are
+    within 1e-3 of max |reference|."""
+    from refiners_core.testing import assert_relative_close
+
+    embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat", negative_text="blurry")
+    noise = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
+    pipeline.set_progress_bar_config(disable=True)
+    arguments = guided_pipeline_arguments(embedding, pooled, steps=steps, guidance_scale=guidance, size=size)
+    arguments["image"] = image
+    expected: torch.Tensor = pipeline(**arguments, **{scale_argument: scale}, latents=noise.clone()).images
+    without: torch.Tensor = pipeline(**arguments, **{scale_argument: off}, latents=noise.clone()).images
+    assert (expected - without).abs().max() > 1e-2 * without.abs().max()  # the adapters do steer the generation
+
+    x = guided_latents(sdxl, noise, embedding, pooled, size=size, condition_scale=guidance)
+    assert_relative_close(x, expected, 1e-3)

@@ -8,12 +8,9 @@ from typing import Any
 
 from PIL import Image
 
-from refiners_sd15.adapter_options import check_diffusers_source, check_image_header, split_adapter_value
+from refiners_sd15.adapter_options import check_diffusers_adapter_value, split_adapter_value
 from refiners_t2i_adapter.adapter import T2IAdapter
 from refiners_t2i_adapter.plugin import FLAG, OPTION_METAVAR
-
-WEIGHTS_STEM = "diffusion_pytorch_model"
-"""The name of a diffusers T2I-Adapter folder's weight files (before `.safetensors` or `.bin`)."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +40,7 @@ def validate_t2i_adapter_option(values: list[str]) -> None:
     cache when offline). Raises ValueError or FileNotFoundError naming the value at fault."""
     for value in values:
         option = parse_t2i_adapter_option(value)
-        what = f"{FLAG} {value!r}"
-        check_image_header(what, option.image)
-        check_diffusers_source(what, option.adapter, WEIGHTS_STEM)
+        check_diffusers_adapter_value(FLAG, value, option.adapter, option.image)
 
 
 def apply_t2i_adapter_option(model: Any, values: list[str]) -> None:

@@ -6,10 +6,10 @@ here but refiners_core.plugins: the references are imported on first use, so the
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 
 from refiners_core.plugins import AdapterSpec, GenerateOptionSpec, Reference, hookimpl
+from refiners_sd15.unet_targets import sd_unet_targets
 
 FLAG = "--t2i-adapter"
 OPTION_HELP = (
@@ -22,15 +22,12 @@ OPTION_METAVAR = "FOLDER:IMAGE[:SCALE]"
 
 @hookimpl
 def refiners_register_adapters(register: Callable[[AdapterSpec], None]) -> None:
-    targets = (Reference("refiners_sd15.unet:SD1UNet"),)
-    if importlib.util.find_spec("refiners_sdxl") is not None:  # SDXL's UNet, with the `sdxl` extra
-        targets += (Reference("refiners_sdxl.unet:SDXLUNet"),)
     register(
         AdapterSpec(
             name="t2i_adapter",
             factory=Reference("refiners_t2i_adapter.adapter:T2IAdapter"),
             summary="T2I-Adapter for SD1.5 and SDXL, steered by a condition image: T2IAdapter(unet, model, scale)",
-            targets=targets,
+            targets=sd_unet_targets(),
         )
     )
 

@@ -13,8 +13,7 @@ import torch
 from diffusers import ControlNetModel, T2IAdapter, UNet2DConditionModel
 from PIL import Image
 
-from refiners_sdxl.testing import SMALL_UNET as SMALL_SDXL_UNET
-from refiners_sdxl.testing import random_diffusers_model
+from refiners_sdxl.testing import SMALL_THREE_LEVEL_UNET, random_diffusers_model
 
 # A small SD1-like UNet: three levels, cross-attention on the first two (their features go before the downsampling),
 # none on the last (its feature goes after its last block), as in SD1.5.
@@ -76,14 +75,7 @@ SDXL_CANNY_ADAPTER: dict[str, Any] = {
 
 # A small SDXL-like UNet with SDXL's three kinds of level: no attention and a downsampling, attention and a
 # downsampling, attention; and its full_adapter_xl (features at 1/16, 1/16, 1/32 and after the middle block, 1/32).
-SMALL_SDXL_UNET_CONFIG: dict[str, Any] = {
-    **SMALL_SDXL_UNET,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 64],
-    "attention_head_dim": [1, 2, 2],
-    "transformer_layers_per_block": [1, 1, 2],
-}
+SMALL_SDXL_UNET_CONFIG: dict[str, Any] = SMALL_THREE_LEVEL_UNET
 SMALL_XL_ADAPTER: dict[str, Any] = {
     "in_channels": 1,
     "channels": [32, 64, 64, 64],
