@@ -4,6 +4,8 @@
 - `fresh_dynamo`, `fail_on_recompile`: `torch.compile` tests.
 - `FakeDistributions`: plugin distributions that look installed, without pip.
 - `check_adapter`: every promise of an adapter, checked on a model (see `refiners_core.testing.adapters`).
+- `is_mapped`, `is_view_of_file`, `CAN_READ_MAPPINGS`: whether weights were copied or memory-mapped from a file
+  (`refiners_core.testing.mappings`, Linux).
 
 refiners-core also registers a pytest plugin (`refiners_core.testing.pytest_plugin`, the `pytest11` entry point):
 the fixtures `plugin_site` and `fresh_dynamo` are available in any test suite of an environment where refiners-core
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from refiners_core.testing.adapters import AdapterCheckReport, check_adapter
     from refiners_core.testing.closeness import assert_bitwise_equal, assert_relative_close, relative_error
     from refiners_core.testing.dynamo import fail_on_recompile, fresh_dynamo
+    from refiners_core.testing.mappings import CAN_READ_MAPPINGS, is_mapped, is_view_of_file
 
 _LAZY = {
     "AdapterCheckReport": "refiners_core.testing.adapters",
@@ -30,6 +33,9 @@ _LAZY = {
     "relative_error": "refiners_core.testing.closeness",
     "fail_on_recompile": "refiners_core.testing.dynamo",
     "fresh_dynamo": "refiners_core.testing.dynamo",
+    "CAN_READ_MAPPINGS": "refiners_core.testing.mappings",
+    "is_mapped": "refiners_core.testing.mappings",
+    "is_view_of_file": "refiners_core.testing.mappings",
 }
 
 
@@ -37,6 +43,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
+    "CAN_READ_MAPPINGS",
     "AdapterCheckReport",
     "FakeDistributions",
     "assert_bitwise_equal",
@@ -44,5 +51,7 @@ __all__ = [
     "check_adapter",
     "fail_on_recompile",
     "fresh_dynamo",
+    "is_mapped",
+    "is_view_of_file",
     "relative_error",
 ]
