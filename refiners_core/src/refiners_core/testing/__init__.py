@@ -4,8 +4,8 @@
 - `fresh_dynamo`, `fail_on_recompile`: `torch.compile` tests.
 - `FakeDistributions`: plugin distributions that look installed, without pip.
 - `check_adapter`: every promise of an adapter, checked on a model (see `refiners_core.testing.adapters`).
-- `is_mapped`, `is_view_of_file`, `CAN_READ_MAPPINGS`: whether weights were copied or memory-mapped from a file
-  (`refiners_core.testing.mappings`, Linux).
+- `is_mapped`, `is_view_of_file`, `parameters_viewing`, `CAN_READ_MAPPINGS`: whether weights were copied or
+  memory-mapped from a file (`refiners_core.testing.mappings`, Linux).
 
 refiners-core also registers a pytest plugin (`refiners_core.testing.pytest_plugin`, the `pytest11` entry point):
 the fixtures `plugin_site` and `fresh_dynamo` are available in any test suite of an environment where refiners-core
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from refiners_core.testing.adapters import AdapterCheckReport, check_adapter
     from refiners_core.testing.closeness import assert_bitwise_equal, assert_relative_close, relative_error
     from refiners_core.testing.dynamo import fail_on_recompile, fresh_dynamo
-    from refiners_core.testing.mappings import CAN_READ_MAPPINGS, is_mapped, is_view_of_file
+    from refiners_core.testing.mappings import CAN_READ_MAPPINGS, is_mapped, is_view_of_file, parameters_viewing
 
 _LAZY = {
     "AdapterCheckReport": "refiners_core.testing.adapters",
@@ -36,6 +36,7 @@ _LAZY = {
     "CAN_READ_MAPPINGS": "refiners_core.testing.mappings",
     "is_mapped": "refiners_core.testing.mappings",
     "is_view_of_file": "refiners_core.testing.mappings",
+    "parameters_viewing": "refiners_core.testing.mappings",
 }
 
 
@@ -53,5 +54,6 @@ __all__ = [
     "fresh_dynamo",
     "is_mapped",
     "is_view_of_file",
+    "parameters_viewing",
     "relative_error",
 ]

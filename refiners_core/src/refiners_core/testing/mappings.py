@@ -5,6 +5,7 @@ the two contracts apart: copied weights leave no mapping, mapped ones are views 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -14,17 +15,20 @@ CAN_READ_MAPPINGS = MAPS.exists()
 """Whether this system tells a process's mappings (`/proc/self/maps`): skip the tests that need them otherwise."""
 
 
-def file_mappings(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
-    """The address ranges `[start, end)` where this process maps the file at `path` (compared resolved), in the
-    order `/proc/self/maps` lists them; empty when none. Raises FileNotFoundError where there is no
-    `/proc/self/maps`."""
-    target = Path(path).resolve()
+def file_mappings(*paths: str | os.PathLike[str]) -> list[tuple[int, int]]:
+    """The address ranges `[start, end)` where this process maps the files at `paths` (compared resolved), adjacent
+    ranges merged (the kernel may list one mapping as several), in address order; empty when none. Raises
+    FileNotFoundError where there is no `/proc/self/maps`."""
+    targets = {Path(path).resolve() for path in paths}
     ranges: list[tuple[int, int]] = []
     for line in MAPS.read_text(encoding="utf-8").splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and Path(fields[5]) == target:
-            start, end = fields[0].split("-")
-            ranges.append((int(start, 16), int(end, 16)))
+        if len(fields) == 6 and Path(fields[5]) in targets:
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], end)
+            else:
+                ranges.append((start, end))
     return ranges
 
 
@@ -37,12 +41,22 @@ def is_view_of_file(tensor: torch.Tensor, path: str | os.PathLike[str]) -> bool:
     """Whether every byte of `tensor`'s storage lies in one mapping of the file at `path` (a tensor read from the
     mapped file without a copy; a copy of it, even one made from the mapping, lies elsewhere). False for a tensor
     without data (no element)."""
+    return _inside(tensor, file_mappings(path))
+
+
+def parameters_viewing(model: torch.nn.Module, files: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[str]]:
+    """The names of `model`'s parameters that are views of one of `files` (mapped), and of those that are not
+    (copied): a model loaded with `mmap=True` in the files' dtype has only the former, a default load only the
+    latter."""
+    ranges = file_mappings(*files)
+    mapped: list[str] = []
+    copied: list[str] = []
+    for name, parameter in model.named_parameters():
+        (mapped if _inside(parameter, ranges) else copied).append(name)
+    return mapped, copied
+
+
+def _inside(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     storage = tensor.untyped_storage()
     start, size = storage.data_ptr(), storage.nbytes()
-    merged: list[tuple[int, int]] = []  # the kernel may list one mapping as several adjacent ranges
-    for begin, end in file_mappings(path):
-        if merged and merged[-1][1] == begin:
-            merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((begin, end))
-    return size > 0 and any(begin <= start and start + size <= end for begin, end in merged)
+    return size > 0 and any(begin <= start and start + size <= end for begin, end in ranges)
