@@ -4,16 +4,13 @@ file, a dtype conversion) give correct copies; a bad file gives the default mode
 
 Which contract each mode has is shown by what a change of the file does: overwritten in place (same size), the
 file's new bytes reach mapped tensors and not copied ones; truncated, it kills a process holding mapped weights
-with SIGBUS (in a child process: never truncate a file this process maps).
+with SIGBUS (shown in a child process by `test_weights_reliability`: never truncate a file this process maps).
 """
 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -232,44 +229,3 @@ def test_mutated_files_load_alike_or_fail_alike_in_both_modes(data: st.DataObjec
             torch.equal(copied[key].view(-1).view(torch.uint8), mapped[key].view(-1).view(torch.uint8))
             for key in copied
         )
-
-
-DIE_OR_NOT = """
-import os, sys, torch
-from pathlib import Path
-import refiners_core.fluxion as fl
-from refiners_core.state_dicts import load_state_dict_checked
-from refiners_core.weights import load_tensors
-
-path, change = Path(sys.argv[1]), sys.argv[2]
-model = fl.Linear(256, 256, device="meta")
-load_state_dict_checked(model, load_tensors(path, mmap=True), source=str(path), assign_to_device="cpu")
-if change == "truncate":
-    os.truncate(path, 0)
-elif change == "delete":
-    path.unlink()
-with torch.no_grad():
-    print(float(model(torch.ones(1, 256)).sum()), float(model.weight.sum()))
-"""
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="a mapped file cannot be changed on Windows")
-@pytest.mark.parametrize("change", ["truncate", "delete"])
-def test_a_model_of_mapped_weights_dies_of_sigbus_if_its_file_is_truncated_and_survives_its_deletion(
-    change: str, tmp_path: Path
-) -> None:
-    torch.manual_seed(0)
-    reference = fl.Linear(256, 256)
-    path = tmp_path / "model.safetensors"
-    save_tensors(path, {key: value.contiguous() for key, value in reference.state_dict().items()})
-    with torch.no_grad():
-        expected = f"{float(reference(torch.ones(1, 256)).sum())} {float(reference.weight.sum())}"
-    script = textwrap.dedent(DIE_OR_NOT)
-
-    run = subprocess.run([sys.executable, "-c", script, str(path), change], capture_output=True, text=True)
-
-    if change == "truncate":
-        assert run.returncode == -signal.SIGBUS, run.stderr  # what the default's copy is there to prevent
-    else:
-        assert run.returncode == 0, run.stderr  # the mapping keeps an unlinked file's pages
-        assert run.stdout.strip() == expected
