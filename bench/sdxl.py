@@ -15,8 +15,9 @@ weights (`refiners_sdxl.testing.write_published_sdxl_folder`: `unet/`, `vae/`, `
   (through our key mapping): the two sides share one copy of the 10 GB of weights, since two would not fit in this
   machine's memory next to everything else. The outputs are compared before timing, so a wrong mapping would show.
 - vae: decoding one latent (1, 4, N, N) into an 8N x 8N image, each side loaded by its own `from_pretrained`.
-- load: `StableDiffusion_XL.from_pretrained(folder)` against `StableDiffusionXLPipeline.from_pretrained(folder)`, each
-  load in a fresh process (time and peak RSS, before and after reading every weight once; see `sd15_load.py`).
+- load: `StableDiffusion_XL.from_pretrained(folder)`, by default (copy-on-load) and with `mmap=True` (memory-mapped),
+  against `StableDiffusionXLPipeline.from_pretrained(folder)`, each load in a fresh process (time and peak RSS, before
+  and after reading every weight once; see `sd15_load.py`).
 
 N is `--latent-size` (default 64: 512x512 images; the published 1024x1024, N = 128, takes minutes per step on one
 core). The UNet and VAE are timed in interleaved rounds (`timing.compare`, process CPU time).
@@ -27,21 +28,36 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple, get_args
 
 import torch
 from sd15_components import PROMPT_IDS, versions
-from sd15_load import Probe, probe_loader, read_files_once
-from timing import Comparison, Timing, compare, environment, markdown_table, max_abs_diff, timing_cells, write_report
+from sd15_load import (
+    ACCURACY_HEADERS,
+    CONTRACTS,
+    LOAD_HEADERS,
+    OURS,
+    Differences,
+    Probe,
+    Probes,
+    Side,
+    accuracy_rows,
+    load_rows,
+    measure_sides,
+    probe_loader,
+    read_files_once,
+    run_probe,
+    verdict,
+)
+from timing import Comparison, compare, environment, markdown_table, max_abs_diff, timing_cells, write_report
 
-Side = Literal["ours", "reference"]
 Forward = Callable[[], torch.Tensor]
 Outputs = dict[str, torch.Tensor]
 
@@ -145,10 +161,10 @@ def time_component(name: str, folder: Path, latent_size: int, rounds: int) -> Ti
 # Loading, each side in a fresh process
 
 
-def load_ours(folder: Path) -> tuple[list[torch.nn.Module], Callable[[], Outputs]]:
+def load_ours(folder: Path, *, mmap: bool) -> tuple[list[torch.nn.Module], Callable[[], Outputs]]:
     from refiners_sdxl import StableDiffusion_XL
 
-    sdxl = StableDiffusion_XL.from_pretrained(folder, dtype=torch.float32)
+    sdxl = StableDiffusion_XL.from_pretrained(folder, dtype=torch.float32, mmap=mmap)
 
     def outputs() -> Outputs:
         latents, timestep, text, pooled, time_ids = unet_inputs(8)
@@ -196,59 +212,33 @@ def load_reference(folder: Path) -> tuple[list[torch.nn.Module], Callable[[], Ou
 
 def probe(side: Side, folder: Path, outputs_path: Path | None) -> Probe:
     """Load one side and read every weight once, timing both (meant to run in a fresh process)."""
-    if side == "ours":
+    if side in OURS:
         import refiners_sdxl  # noqa: F401  # pyright: ignore[reportUnusedImport]
     else:
         import diffusers  # noqa: F401  # pyright: ignore[reportUnusedImport]
         import transformers  # noqa: F401  # pyright: ignore[reportUnusedImport]
-    return probe_loader(load_ours if side == "ours" else load_reference, folder, outputs_path)
-
-
-def probe_in_subprocess(side: Side, folder: Path, threads: int, outputs_path: Path | None) -> Probe:
-    command = [sys.executable, __file__, "--probe", side, "--folder", str(folder), "--threads", str(threads)]
-    if outputs_path is not None:
-        command += ["--outputs", str(outputs_path)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise RuntimeError(f"loading probe ({side}) failed:\n{result.stderr[-3000:]}")
-    return Probe(*json.loads(result.stdout.splitlines()[-1]))
+    loader = partial(load_ours, mmap=side == "ours-mmap") if side in OURS else load_reference
+    return probe_loader(loader, folder, outputs_path)
 
 
 class Loads(NamedTuple):
-    probes: dict[Side, list[Probe]]
-    differences: dict[str, tuple[float, float]]  # output -> (max abs diff, max abs reference)
+    probes: Probes
+    differences: Differences
 
 
 def measure_loads(folder: Path, repeats: int, threads: int) -> Loads:
-    probes: dict[Side, list[Probe]] = {"ours": [], "reference": []}
-    with tempfile.TemporaryDirectory(prefix="sdxl_load_outputs_") as scratch:
-        for repeat in range(repeats):
-            order: tuple[Side, ...] = get_args(Side) if repeat % 2 == 0 else tuple(reversed(get_args(Side)))
-            for side in order:
-                # 14 GB of files and a 14 GB model do not both fit in memory: bring the files back into the page
-                # cache before each load, so that no load reads from the disk what the one before evicted.
-                read_files_once(folder)
-                log(f"load: repeat {repeat + 1}/{repeats}, the {side} side in a fresh process")
-                outputs_path = Path(scratch, f"{side}.pt") if repeat == 0 else None
-                probes[side].append(probe_in_subprocess(side, folder, threads, outputs_path))
-        ours: Outputs = torch.load(Path(scratch, "ours.pt"), weights_only=True)
-        reference: Outputs = torch.load(Path(scratch, "reference.pt"), weights_only=True)
-    differences = {
-        name: ((ours[name] - expected).abs().max().item(), expected.abs().max().item())
-        for name, expected in reference.items()
-    }
+    command = [sys.executable, __file__, "--folder", str(folder), "--threads", str(threads), "--probe"]
+    # 14 GB of files and a 14 GB model do not both fit in memory: bring the files back into the page cache before
+    # each load, so that no load reads from the disk what the one before evicted.
+    probes, differences = measure_sides(
+        repeats,
+        lambda side, outputs: run_probe([*command, side], side, outputs),
+        before_each=lambda: read_files_once(folder),
+    )
     return Loads(probes, differences)
 
 
 # Report
-
-
-def verdict(ratio: float, low: float, high: float, target: float) -> str:
-    if high <= target:
-        return "met"
-    if low > target:
-        return "**missed**"
-    return "inconclusive"
 
 
 def timed_section(results: Sequence[Timed]) -> list[str]:
@@ -263,7 +253,7 @@ def timed_section(results: Sequence[Timed]) -> list[str]:
                 result.title,
                 str(len(c.ours.samples)),
                 *timing_cells(c),
-                f"<= {target:.2f}x {verdict(c.ratio_median, low, high, target)}",
+                f"<= {target:.2f}x {verdict(low, high, target)}",
             ]
         )
         lines.append(f"- {result.title}: {result.inputs}.")
@@ -292,67 +282,45 @@ def timed_section(results: Sequence[Timed]) -> list[str]:
 
 
 def load_section(loads: Loads) -> list[str]:
-    def comparison(value: Callable[[Probe], float]) -> Comparison:
-        ours = Timing(tuple(value(p) for p in loads.probes["ours"]))
-        reference = Timing(tuple(value(p) for p in loads.probes["reference"]))
-        return Comparison(ours, reference, calls_per_round=1)
-
-    def row(title: str, value: Callable[[Probe], float], scale: float, target: float | None) -> list[str]:
-        c = comparison(value)
-        low, high = c.ratio_median_ci
-        digits = 3 if scale == 1.0 else 0
-        return [
-            title,
-            f"{c.reference.min / scale:,.{digits}f}",
-            f"{c.ours.min / scale:,.{digits}f}",
-            f"{c.reference.median / scale:,.{digits}f}",
-            f"{c.ours.median / scale:,.{digits}f}",
-            f"**{c.ratio_median:.3f}x**",
-            f"{low:.3f}-{high:.3f}",
-            f"<= {target:.2f}x {verdict(c.ratio_median, low, high, target)}" if target else "",
-        ]
-
     mib = float(2**20)
-    time_target, memory_target = TARGETS["load time"], TARGETS["load memory"]
+    probes, time_target, memory_target = loads.probes, TARGETS["load time"], TARGETS["load memory"]
     time_rows = [
-        row("load (wall, s)", lambda p: p.load_wall, 1.0, None),
-        row("load (CPU, s)", lambda p: p.load_cpu, 1.0, None),
-        row("load + read every weight (wall, s)", lambda p: p.read_wall, 1.0, time_target),
-        row("load + read every weight (CPU, s)", lambda p: p.read_cpu, 1.0, None),
+        *load_rows(probes, "load (wall, s)", lambda p: p.load_wall, 1.0, None),
+        *load_rows(probes, "load (CPU, s)", lambda p: p.load_cpu, 1.0, None),
+        *load_rows(probes, "load + read every weight (wall, s)", lambda p: p.read_wall, 1.0, time_target),
+        *load_rows(probes, "load + read every weight (CPU, s)", lambda p: p.read_cpu, 1.0, None),
     ]
     memory_rows = [
-        row("after imports (MiB)", lambda p: p.rss_imported, mib, None),
-        row("after loading (MiB)", lambda p: p.rss_loaded, mib, None),
-        row("after reading every weight (MiB)", lambda p: p.rss_read, mib, memory_target),
-    ]
-    headers = ["", "reference min", "ours min", "reference median", "ours median", "ratio median", "95% CI", "target"]
-    accuracy = [
-        [name, f"{diff:.2e}", f"{scale:.3g}", f"{diff / scale:.1e}" if scale else "n/a"]
-        for name, (diff, scale) in loads.differences.items()
+        *load_rows(probes, "after imports (MiB)", lambda p: p.rss_imported, mib, None),
+        *load_rows(probes, "after loading (MiB)", lambda p: p.rss_loaded, mib, None),
+        *load_rows(probes, "after reading every weight (MiB)", lambda p: p.rss_read, mib, memory_target),
     ]
     repeats = len(loads.probes["ours"])
     return [
         "## Loading",
         "",
-        "`StableDiffusion_XL.from_pretrained(folder, dtype=torch.float32)` against diffusers'",
-        "`StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)` (no tokenizers: the folder has",
-        f"none, and ours ship with refiners-sd15), each load in a fresh process, {repeats} repeat(s) per side,",
-        "alternating which side goes first, the files brought into the page cache before each load. diffusers and",
-        "transformers leave the weights memory-mapped, read from the file when first used; ours reads them into the",
-        "process's memory during `from_pretrained`. So the time and peak RSS are also taken after reading every",
-        "weight once (`tensor.sum()` over every parameter and buffer): that is when either model can compute without",
-        "touching the disk, and the first denoising step of a lazily mapped model pays the difference. The targets",
-        "are judged there.",
+        "`StableDiffusion_XL.from_pretrained(folder, dtype=torch.float32)`, and the same with `mmap=True`, against",
+        "diffusers' `StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)` (no tokenizers: the",
+        f"folder has none, and ours ship with refiners-sd15), each load in a fresh process, {repeats} repeat(s) per",
+        "side, the sides taking turns going first, the files brought into the page cache before each load.",
+        "",
+        *CONTRACTS,
+        "",
+        "diffusers and transformers, like ours with `mmap=True`, leave the weights memory-mapped, read from the file",
+        "when first used; ours by default reads them into the process's memory during `from_pretrained`. So the time",
+        "and peak RSS are also taken after reading every weight once (`tensor.sum()` over every parameter and buffer):",
+        "that is when a model can compute without touching the files, and the first denoising step of a lazily mapped",
+        "model pays the difference. The targets are judged there.",
         "",
         "### Time",
         "",
-        markdown_table(headers, time_rows, "lrrrrrrl"),
+        markdown_table(LOAD_HEADERS, time_rows, "llrrrrrrl"),
         "",
         "### Memory",
         "",
         "Peak resident set size (`VmHWM`) of the loading process.",
         "",
-        markdown_table(headers, memory_rows, "lrrrrrrl"),
+        markdown_table(LOAD_HEADERS, memory_rows, "llrrrrrrl"),
         "",
         "### Loaded models' outputs",
         "",
@@ -360,7 +328,7 @@ def load_section(loads: Loads) -> list[str]:
         "latents (1, 4, 8, 8), both text encoders (penultimate hidden states, CLIP-G's projected pooled embedding) on",
         "one prompt's token ids.",
         "",
-        markdown_table(["output", "max abs diff", "max abs reference", "relative"], accuracy, "lrrr"),
+        markdown_table(ACCURACY_HEADERS, accuracy_rows(loads.differences), "llrrr"),
         "",
     ]
 

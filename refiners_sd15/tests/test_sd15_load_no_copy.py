@@ -5,7 +5,8 @@ memory (no mapping of the file remains, so changing the file afterwards cannot r
 views of that buffer. A component built on the meta device that takes those tensors as its own has every parameter
 in that same storage; a component built normally (random initialisation, then a copy of the file's weights) would
 hold two copies at its peak and one storage per parameter. Buffers no file provides (the UNet's empty dtype and
-device anchor) are recreated on the target device.
+device anchor) are recreated on the target device. With `mmap=True` the parameters are views of the file's mapping
+instead, again one storage, with the same outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel  # pyright: ignore[reportPrivateImportUsage]
 
+from refiners_core.testing import CAN_READ_MAPPINGS, assert_relative_close, is_mapped, is_view_of_file
 from refiners_sd15 import SD1UNet
 from refiners_sd15.testing import SD15_UNET_CONFIG
 from refiners_sd15.unet.blocks import SinusoidalEmbedding
@@ -41,13 +43,7 @@ def save_reference(folder: Path) -> UNet2DConditionModel:
     return reference
 
 
-def is_mapped(path: Path) -> bool:
-    """Whether this process maps `path` into memory (Linux: read from /proc/self/maps)."""
-    lines = Path("/proc/self/maps").read_text(encoding="utf-8").splitlines()
-    return any(len(fields) == 6 and Path(fields[5]) == path for fields in (line.split(maxsplit=5) for line in lines))
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the memory map of the process (Linux)")
+@pytest.mark.skipif(not CAN_READ_MAPPINGS, reason="reads the memory map of the process (Linux)")
 def test_sd15_unet_from_pretrained_takes_the_file_tensors_from_one_unmapped_buffer(tmp_path: Path) -> None:
     reference = save_reference(tmp_path)
     unet = SD1UNet.from_pretrained(tmp_path).eval()
@@ -62,6 +58,26 @@ def test_sd15_unet_from_pretrained_takes_the_file_tensors_from_one_unmapped_buff
         unet.set_clip_text_embedding(text)
         expected = reference(x, 500, encoder_hidden_states=text).sample
         assert (unet(x) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.skipif(not CAN_READ_MAPPINGS, reason="reads the memory map of the process (Linux)")
+def test_sd15_unet_from_pretrained_with_mmap_takes_views_of_the_file_itself(tmp_path: Path) -> None:
+    save_reference(tmp_path)
+    path = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    copied = SD1UNet.from_pretrained(tmp_path).eval()
+    mapped = SD1UNet.from_pretrained(tmp_path, mmap=True).eval()
+    assert all(is_view_of_file(parameter, path) for parameter in mapped.parameters())
+    storages = {parameter.untyped_storage().data_ptr() for parameter in mapped.parameters()}
+    assert len(storages) == 1, f"the weights are in {len(storages)} storages: some were copied out of the mapping"
+    assert not any(is_view_of_file(parameter, path) for parameter in copied.parameters())
+    x, text = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        outputs = []
+        for unet in (copied, mapped):
+            unet.set_timestep(torch.tensor([500]))
+            unet.set_clip_text_embedding(text)
+            outputs.append(unet(x))
+    assert_relative_close(outputs[1], outputs[0], 1e-5)  # float32 rounding: BLAS may sum unaligned weights otherwise
 
 
 def test_sd15_unet_from_pretrained_converts_to_the_dtype_asked_for(tmp_path: Path) -> None:

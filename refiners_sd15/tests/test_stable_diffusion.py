@@ -1,13 +1,16 @@
 """`StableDiffusion_1` loading: diffusers folders, hub ids (offline cache), variants, .bin files, single-file
-checkpoints and our own format, with the errors a user gets for missing, truncated or mismatched weights.
+checkpoints and our own format, with the errors a user gets for missing, truncated or mismatched weights; with
+`mmap=True`, the same model whose parameters are views of the files.
 
 References are diffusers `UNet2DConditionModel`, `AutoencoderKL` and transformers `CLIPTextModel` built from small
 configs with every parameter perturbed, written with `save_pretrained` in the diffusers layout. Outputs are compared
-in fp32 within 1e-4 of max |reference| (the full architectures are covered by the per-component parity tests).
+in fp32 within 1e-4 of max |reference| (the full architectures are covered by the per-component parity tests); a
+model loaded with `mmap=True` has bitwise the default load's weights and its outputs within 1e-5.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -24,7 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # type: ignore[import-un
 
 from refiners_core.plugins import registry, resolve
 from refiners_core.state_dicts import invert
-from refiners_core.testing import assert_relative_close
+from refiners_core.testing import CAN_READ_MAPPINGS, assert_relative_close, is_mapped, parameters_viewing
 from refiners_core.weights import WeightsError, save_tensors
 from refiners_sd15 import SD1Autoencoder, SD1UNet, StableDiffusion_1
 from refiners_sd15.solvers import DDIM
@@ -56,6 +59,8 @@ TINY_VAE: dict[str, Any] = {
 # SMALL_CLIP_TRANSFORMERS_CONFIG) keep SD1.5's conventions (8 UNet heads, groups of 32, CLIP heads of 64 dimensions)
 # so that they can be read back from one.
 PROMPT = "a photograph of an astronaut riding a horse"
+MMAP_TOLERANCE = 1e-5
+"""How far a model loaded with `mmap=True` may be from the default load (relative to max |output|): float32 rounding."""
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
@@ -305,6 +310,73 @@ def test_from_pretrained_puts_every_tensor_on_the_requested_dtype(diffusers_fold
     sd = StableDiffusion_1.from_pretrained(diffusers_folder, dtype=torch.float64)
     tensors = [*sd.parameters(), *sd.buffers()]
     assert tensors and all(tensor.dtype == torch.float64 for tensor in tensors)
+
+
+def _written(layout: str, references: References, diffusers_folder: Path, folder: Path) -> tuple[Path, list[Path]]:
+    """The references written in `layout` under `folder` (a fresh one: no other test maps its files): what
+    `from_pretrained` takes, and the weight files."""
+    if layout == "diffusers":
+        source = references.save(folder)
+    elif layout == "sharded":
+        source = references.save(folder, max_shard_size="1MB")
+        assert list((source / "unet").glob("*.index.json")), "the UNet was not sharded"
+    elif layout == "own":
+        source = folder / "own"
+        StableDiffusion_1.from_pretrained(diffusers_folder).save_pretrained(source)
+    else:
+        source = folder / f"v1-5-pruned{layout.removeprefix('single ')}"
+        checkpoint = _single_file_checkpoint(references, StableDiffusion_1.from_pretrained(diffusers_folder))
+        if source.suffix == ".safetensors":
+            save_tensors(source, checkpoint)
+        else:
+            torch.save({"state_dict": checkpoint}, source)
+        return source, [source]
+    return source, [path for path in source.rglob("*") if path.suffix in (".safetensors", ".bin")]
+
+
+def _unet_output(sd: StableDiffusion_1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    latents, text = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 64, generator=generator)
+    with torch.no_grad():
+        sd.unet.set_timestep(torch.tensor([500]))
+        sd.unet.set_clip_text_embedding(text)
+        return sd.unet(latents)
+
+
+@pytest.mark.skipif(not CAN_READ_MAPPINGS, reason="reads the memory map of the process (Linux)")
+@pytest.mark.parametrize("layout", ["diffusers", "sharded", "own", "single .safetensors", "single .ckpt"])
+def test_from_pretrained_with_mmap_loads_the_default_model_as_views_of_its_files(
+    layout: str, references: References, diffusers_folder: Path, tmp_path: Path
+) -> None:
+    source, files = _written(layout, references, diffusers_folder, tmp_path)
+    copied = StableDiffusion_1.from_pretrained(source)
+    mapped = StableDiffusion_1.from_pretrained(source, mmap=True)
+
+    views, copies = parameters_viewing(mapped, files)
+    assert views and not copies, f"{len(copies)} parameters copied out of the mapped files, e.g. {copies[:1]}"
+    assert not parameters_viewing(copied, files)[0]
+    expected = copied.state_dict()
+    assert list(mapped.state_dict()) == list(expected)
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in mapped.state_dict().items())
+    # Equal weights, not always bitwise-equal outputs: the copy aligns each tensor to 64 bytes, a file may align
+    # them to 8 only (diffusers' shards do), and BLAS kernels then sum in another order (a few float32 ulps).
+    assert_relative_close(_unet_output(mapped), _unet_output(copied), MMAP_TOLERANCE, what="mapped UNet")
+    _assert_matches(mapped, references)
+
+
+@pytest.mark.skipif(not CAN_READ_MAPPINGS, reason="reads the memory map of the process (Linux)")
+def test_from_pretrained_with_mmap_and_another_dtype_converts_and_keeps_no_mapping(
+    references: References, tmp_path: Path
+) -> None:
+    folder = references.save(tmp_path)
+    sd = StableDiffusion_1.from_pretrained(folder, dtype=torch.float64, mmap=True)
+
+    tensors = [*sd.parameters(), *sd.buffers()]
+    assert tensors and all(tensor.dtype == torch.float64 for tensor in tensors)
+    gc.collect()  # the mapped tensors the conversion read from are garbage once loaded
+    assert not [path for path in folder.rglob("*.safetensors") if is_mapped(path)]
+    expected = StableDiffusion_1.from_pretrained(folder, dtype=torch.float64).state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in sd.state_dict().items())
 
 
 def test_the_model_is_registered_with_the_plugin_manager() -> None:

@@ -12,6 +12,7 @@ image are its mean, which is what ours (and diffusers' image-to-image with `samp
 
 from __future__ import annotations
 
+import gc
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from refiners_core.testing import assert_relative_close
+from refiners_core.testing import CAN_READ_MAPPINGS, assert_relative_close, is_mapped, parameters_viewing
 from refiners_sd15 import DPMSolver, Euler, Solver
 from refiners_sdxl import (
     StableDiffusion_XL,
@@ -294,3 +295,79 @@ def test_base_and_refiner_refuse_prompts_that_are_not_strings_or_do_not_pair(
     ):
         with pytest.raises(error, match=message):
             model.compute_clip_text_embedding(text, negative_text=negative_text)
+
+
+# Memory-mapped loading
+
+MODEL_CLASSES: dict[str, type[StableDiffusion_XL] | type[StableDiffusion_XL_Refiner]] = {
+    "base": StableDiffusion_XL,
+    "inpainting": StableDiffusion_XL_Inpainting,
+    "refiner": StableDiffusion_XL_Refiner,
+}
+
+
+def written(folders: Folders, name: str, layout: str, root: Path) -> Path:
+    """The `name` model of `folders` as `layout`: its diffusers folder, a copy whose UNet is sharded, or the folder its
+    `save_pretrained` writes (in `root`, fresh: no other test maps their files)."""
+    if layout == "own":
+        MODEL_CLASSES[name].from_pretrained(getattr(folders, name)).save_pretrained(root / "own")
+        return root / "own"
+    folder = root / "diffusers"
+    shutil.copytree(getattr(folders, name), folder)
+    if layout == "sharded":
+        unet = {"base": folders.references.unet, "inpainting": folders.references.inpainting_unet}.get(
+            name, folders.references.refiner_unet
+        )
+        for weights in (folder / "unet").glob("diffusion_pytorch_model*"):
+            weights.unlink()
+        unet.save_pretrained(folder / "unet", max_shard_size="4MB")
+        assert len(list((folder / "unet").glob("*.safetensors"))) > 1, "the UNet was not sharded"
+    return folder
+
+
+@pytest.mark.skipif(not CAN_READ_MAPPINGS, reason="reads the memory map of the process (Linux)")
+@pytest.mark.parametrize("layout", ["diffusers", "sharded", "own"])
+@pytest.mark.parametrize("name", list(MODEL_CLASSES))
+def test_from_pretrained_with_mmap_loads_the_default_model_as_views_of_its_files(
+    folders: Folders, name: str, layout: str, tmp_path: Path
+) -> None:
+    """Bitwise the default load's weights, each parameter a view of the files; outputs within 1e-5 of the default's
+    (float32 rounding: the copy aligns each tensor to 64 bytes, the files may align them to 8 only, and BLAS kernels
+    sum unaligned weights in another order)."""
+    source = written(folders, name, layout, tmp_path)
+    files = list(source.rglob("*.safetensors"))
+    copied = MODEL_CLASSES[name].from_pretrained(source)
+    mapped = MODEL_CLASSES[name].from_pretrained(source, mmap=True)
+
+    views, copies = parameters_viewing(mapped, files)
+    assert views and not copies, f"{len(copies)} parameters copied out of the mapped files, e.g. {copies[:1]}"
+    assert not parameters_viewing(copied, files)[0]
+    assert all(parameter.dtype == torch.float32 for parameter in mapped.parameters())
+    expected = copied.state_dict()
+    assert list(mapped.state_dict()) == list(expected)
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in mapped.state_dict().items())
+    assert mapped.solver_defaults == copied.solver_defaults
+    outputs: list[torch.Tensor] = []
+    for model in (copied, mapped):
+        if isinstance(model, StableDiffusion_XL_Inpainting):
+            model.set_inpainting_conditions(*images())
+        embedding, pooled = model.compute_clip_text_embedding("a cat")
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            noise = model.compute_noise(latents, torch.tensor([500]), embedding, pooled, model.default_time_ids, 5.0)
+        outputs.append(noise)
+    assert_relative_close(outputs[1], outputs[0], 1e-5, what="mapped model's guided noise")
+
+
+@pytest.mark.skipif(not CAN_READ_MAPPINGS, reason="reads the memory map of the process (Linux)")
+def test_from_pretrained_with_mmap_and_another_dtype_converts_and_keeps_no_mapping(
+    folders: Folders, tmp_path: Path
+) -> None:
+    source = written(folders, "base", "diffusers", tmp_path)
+    sdxl = StableDiffusion_XL.from_pretrained(source, dtype=torch.float64, mmap=True)
+
+    assert all(tensor.dtype == torch.float64 for tensor in [*sdxl.parameters(), *sdxl.buffers()])
+    gc.collect()  # the mapped tensors the conversion read from are garbage once loaded
+    assert not [path for path in source.rglob("*.safetensors") if is_mapped(path)]
+    expected = StableDiffusion_XL.from_pretrained(source, dtype=torch.float64).state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in sdxl.state_dict().items())

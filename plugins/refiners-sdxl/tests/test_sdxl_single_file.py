@@ -1,7 +1,7 @@
 # pyright: reportPrivateImportUsage=false
 """Original single-file SDXL checkpoints (base, inpainting, refiner): each loads as the same model as the diffusers
 folder of the same weights, its configs read from the tensors' shapes; another model's file is refused, naming the
-file and what differs, before any weight is loaded.
+file and what differs, before any weight is loaded; loaded with `mmap=True`, the same weights as views of the file.
 
 The checkpoints are `refiners_sdxl.testing.original_layout_checkpoint`'s, written from small diffusers/transformers
 models with random weights (`sdxl_references` of the `SINGLE_FILE_*` configs: heads of 64 channels and 256 features
@@ -20,6 +20,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from refiners_core.testing import CAN_READ_MAPPINGS, parameters_viewing
 from refiners_core.weights import save_tensors
 from refiners_sd15 import StableDiffusion_1
 from refiners_sd15.loading import PretrainedComponent
@@ -93,6 +94,32 @@ def test_single_file_loads_as_the_diffusers_folder_of_the_same_weights(
     assert set(state) == set(expected_state)
     assert all(tensor.dtype == torch.float64 for tensor in state.values())
     assert all(torch.equal(tensor, expected_state[key].double()) for key, tensor in state.items())
+
+
+@pytest.mark.skipif(not CAN_READ_MAPPINGS, reason="reads the memory map of the process (Linux)")
+@pytest.mark.parametrize(
+    "name, model_class",
+    [
+        ("base", StableDiffusion_XL),
+        ("inpainting", StableDiffusion_XL_Inpainting),
+        ("refiner", StableDiffusion_XL_Refiner),
+    ],
+)
+def test_a_single_file_loaded_with_mmap_gives_the_default_weights_as_views_of_the_file(
+    sources: Sources, name: str, model_class: type[SDXLDenoisingModel[Any]]
+) -> None:
+    """Every parameter a view of the file (the split projections and reshaped 1x1 convolutions too), equal to the
+    default load's."""
+    file: Path = getattr(sources, name).file
+    copied = model_class.from_pretrained(file)
+    mapped = model_class.from_pretrained(file, mmap=True)
+
+    views, copies = parameters_viewing(mapped, [file])
+    assert views and not copies, f"{len(copies)} parameters copied out of the mapped file, e.g. {copies[:1]}"
+    assert not parameters_viewing(copied, [file])[0]
+    state, expected = mapped.state_dict(), copied.state_dict()
+    assert list(state) == list(expected)
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in state.items())
 
 
 def text_encoder_configs(model: SDXLDenoisingModel[Any]) -> list[Any]:

@@ -1,4 +1,5 @@
-"""The bytes of weight files: what kind a file is, a safetensors reader that copies, a torch archive inspector.
+"""The bytes of weight files: what kind a file is, a safetensors reader that copies and one that maps, a torch
+archive inspector.
 
 `load_tensors` (in `refiners_core.weights`) uses these; they raise `WeightsError` naming the file for anything
 malformed, and never run code from a file:
@@ -8,7 +9,10 @@ malformed, and never run code from a file:
 - `read_safetensors` checks the header as strictly as the safetensors library does, then reads the data into one
   buffer of the process's own memory (in pieces, on two threads): nothing stays memory-mapped, so a file changed,
   truncated or deleted after loading cannot change the tensors or crash the process, and the weights are in memory
-  once.
+  once. This is the default.
+- `map_safetensors` checks the header the same way, then maps the file (one private mapping) and gives tensors that
+  are views of it: no copy, but the file must stay as it is while the tensors live (truncating it kills the process
+  with SIGBUS on the next read, overwriting it in place changes them). `load_tensors(..., mmap=True)` uses it.
 - `inspect_torch_archive` reads the pickle of a torch zip archive without building anything from it, to learn the
   storages it declares, and refuses entries that would inflate to more than those declare (archive bombs).
 """
@@ -204,6 +208,48 @@ def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, t
         for entry, slot in zip(entries, slots, strict=True)
     }
     return {entry.name: tensors[entry.name] for entry in sorted(entries, key=lambda e: e.name)}, metadata
+
+
+def map_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file, as views of one private mapping of the file (see the module
+    doc): nothing is read but the header, the pages of a tensor are read from the page cache when it is first used.
+
+    The header is checked as `read_safetensors` checks it (the same errors, before anything is mapped), then the file
+    at `path` is mapped whole (`torch.UntypedStorage.from_file`, `shared=False`: writing a tensor copies its page and
+    never reaches the file) and its header, read through the mapping, must be the one checked. A tensor whose offset
+    in the file is not a multiple of its element size cannot be a view of the mapping: it is copied out of it.
+    Raises WeightsError naming the file when it cannot be mapped or changed between the check and the mapping.
+    """
+    entries, metadata, data_start = read_safetensors_header(file, size, path)
+    file.seek(0)
+    header = file.read(data_start)
+    try:
+        from_file = cast(Callable[..., torch.UntypedStorage], torch.UntypedStorage.from_file)  # pyright: ignore[reportUnknownMemberType]
+        storage = from_file(str(path), shared=False, nbytes=size)
+    except RuntimeError as error:
+        raise WeightsError(f"cannot map {path}: {error}") from error
+    mapped = torch.empty(0, dtype=torch.uint8).set_(storage)
+    if mapped.numel() != size or bytes(cast(Any, mapped[:data_start].numpy())) != header:
+        raise WeightsError(f"cannot map {path}: the file changed while it was being opened")
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in sorted(entries, key=lambda e: e.name):
+        begin = data_start + entry.begin
+        data = mapped[begin : data_start + entry.end]
+        if begin % entry.dtype.itemsize:
+            data = data.clone()  # a view must start at a whole element of its dtype
+        tensors[entry.name] = data.view(entry.dtype).view(entry.shape)
+    return tensors, metadata
+
+
+def torch_archive_is_stored(file: BinaryIO) -> bool:
+    """Whether every entry of a torch zip archive is stored uncompressed, as `torch.save` writes them: only then
+    can `torch.load(mmap=True)` map its tensors (it maps a deflated entry's compressed bytes as if they were the
+    tensor's). The file is left at its start; it must be a zip archive (`inspect_torch_archive` checked it)."""
+    file.seek(0)
+    with zipfile.ZipFile(file) as archive:
+        stored = all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+    file.seek(0)
+    return stored
 
 
 @dataclass(frozen=True)

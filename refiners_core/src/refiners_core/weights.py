@@ -1,10 +1,21 @@
 """Read and write weight files, check the weights they hold, and find them locally or on the Hugging Face Hub.
 
 Weights are read with our safetensors reader, or for torch files with `torch.load(weights_only=True)`, which refuses
-pickles that would run code; a file's kind is told from its first bytes, not its name. Loaded tensors live in the
-process's own memory: no file stays memory-mapped, so changing, truncating or deleting a file after loading neither
-changes the loaded weights nor crashes the process, and each weight is held once. Writes are atomic: a failed save
-leaves any existing file as it was.
+pickles that would run code; a file's kind is told from its first bytes, not its name. Writes are atomic: a failed
+save leaves any existing file as it was.
+
+Two contracts for loaded tensors, chosen by `load_tensors`'s `mmap` (and every `from_pretrained(..., mmap=...)` that
+calls it), as with `torch.load(mmap=...)`:
+
+- `mmap=False`, the default: copy-on-load. The tensors live in the process's own memory, read into one buffer; no
+  file stays memory-mapped, so changing, truncating or deleting a file after loading neither changes the loaded
+  weights nor crashes the process. Each weight is held once.
+- `mmap=True`: the tensors of a safetensors file (and of a torch zip archive) are views of a private memory mapping
+  of the file, read from the page cache when first used: no copy, a faster load, the pages shared with the cache
+  and with other processes mapping the same file. The file must then not be changed, truncated or deleted while
+  the tensors (the model) live: truncating it kills the process with SIGBUS at the next read of a weight, and
+  overwriting it in place changes the weights. A tensor that is converted (another dtype, another device) is a
+  copy anyway, and keeps no mapping.
 """
 
 from __future__ import annotations
@@ -26,9 +37,11 @@ from refiners_core.weight_formats import (
     MAX_PICKLE_BYTES,
     WeightsError,
     inspect_torch_archive,
+    map_safetensors,
     read_safetensors,
     read_safetensors_header,
     sniff,
+    torch_archive_is_stored,
 )
 
 __all__ = [
@@ -58,15 +71,24 @@ class NotInHubCacheError(FileNotFoundError):
     none is found, instead of reporting the names as absent from the repository."""
 
 
-def load_tensors(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, torch.Tensor]:
     """Read the tensors of a `.safetensors`, `.pth`, `.pt`, `.ckpt` or `.bin` file onto `device`.
 
     The content decides how the file is read (a safetensors file named `.pth` is read as safetensors). A torch
     checkpoint that wraps its tensors in a `"state_dict"` entry is unwrapped; one whose entries are dicts of tensors
     (IP-Adapter's `{"image_proj": {...}, "ip_adapter": {...}}`) is flattened, keys joined by "." (`image_proj.x`).
-    The tensors are copies in this process's memory, read into one buffer (the weights are held once; see
+
+    By default the tensors are copies in this process's memory, read into one buffer (the weights are held once; see
     `weight_formats.read_safetensors`): the file is closed and unmapped on return, and whatever happens to it
-    afterwards does not reach them.
+    afterwards does not reach them. With `mmap=True` (see the module doc) the tensors of a safetensors file are views
+    of one private mapping of it (`weight_formats.map_safetensors`; the header is checked first, with the same
+    errors), and those of a torch zip archive whose entries are stored uncompressed come from
+    `torch.load(mmap=True)`; the file must then stay as it is while they live: truncated, it kills the process with
+    SIGBUS, overwritten in place, it changes them. A legacy (non-zip) or compressed torch file, or a safetensors
+    tensor not aligned to its element size in the file, is copied all the same; so is every tensor when `device` is
+    not the CPU (the mapping is then dropped on return).
 
     Raises FileNotFoundError if the file does not exist, WeightsError naming the file if it is not a weights file of
     a known kind (truncated, text, a git-lfs pointer, a pickle of anything but tensors...) or is a torch archive
@@ -87,12 +109,13 @@ def load_tensors(path: str | os.PathLike[str], *, device: str | torch.device = "
             size = os.fstat(file.fileno()).st_size
             kind = sniff(file, size)
             if kind == "safetensors" or (kind == "unknown" and suffix == SAFETENSORS_SUFFIX):
-                tensors, _ = read_safetensors(file, size, path)
+                tensors, _ = (map_safetensors if mmap else read_safetensors)(file, size, path)
                 return tensors if torch.device(device).type == "cpu" else _moved(tensors, device)
             if kind == "torch-zip":
                 inspect_torch_archive(file, path)
+                mapped = mmap and torch_archive_is_stored(file)
                 file.seek(0)
-                return _tensors_of(_torch_load(file, path, device), path)
+                return _tensors_of(_torch_load(path if mapped else file, path, device, mmap=mapped), path)
             if kind == "torch-legacy":
                 return _tensors_of(_torch_load(file, path, device), path)
     except OSError as error:
@@ -284,9 +307,10 @@ def _moved(tensors: dict[str, torch.Tensor], device: str | torch.device) -> dict
     return {name: tensor.to(device) for name, tensor in tensors.items()}
 
 
-def _torch_load(file: BinaryIO, path: Path, device: str | torch.device) -> object:
+def _torch_load(source: BinaryIO | Path, path: Path, device: str | torch.device, *, mmap: bool = False) -> object:
+    """`torch.load(source, weights_only=True)`; with `mmap`, `source` is the path (torch maps only paths)."""
     try:
-        return torch.load(file, map_location=device, weights_only=True)
+        return torch.load(source, map_location=device, weights_only=True, mmap=mmap)
     except Exception as error:
         raise WeightsError(f"cannot read {path} as a torch checkpoint of tensors: {_torch_reason(error)}") from error
 

@@ -119,13 +119,16 @@ class PretrainedComponent(nn.Module):
         dtype: torch.dtype | None = None,
         variant: str | None = None,
         revision: str | None = None,
+        mmap: bool = False,
     ) -> Self:
         """Load from a diffusers folder or hub id (its component subfolder), or from a file written by `save`.
 
         `subfolder` defaults to the diffusers one (`unet`, `vae`, `text_encoder`); pass `""` for a folder that
-        holds the component directly. Raises FileNotFoundError naming what is missing (the folder, its
-        `config.json`, its weights; `NotInHubCacheError` for a hub id missing from the cache while offline) and
-        WeightsError naming the file and the config field, key or layer at fault; nothing is half-loaded.
+        holds the component directly. The weights are copied into memory, or with `mmap=True` memory-mapped from
+        the files, which must then stay unchanged while the model lives (`refiners_core.weights`). Raises
+        FileNotFoundError naming what is missing (the folder, its `config.json`, its weights; `NotInHubCacheError`
+        for a hub id missing from the cache while offline) and WeightsError naming the file and the config field,
+        key or layer at fault; nothing is half-loaded.
         """
         return load_component(
             cls,
@@ -136,6 +139,7 @@ class PretrainedComponent(nn.Module):
             dtype=dtype,
             variant=variant,
             revision=revision,
+            mmap=mmap,
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -154,13 +158,15 @@ def load_component(
     dtype: torch.dtype | None = None,
     variant: str | None = None,
     revision: str | None = None,
+    mmap: bool = False,
 ) -> TModel:
-    """Build `model_class` from a diffusers folder or hub id (the component's subfolder), or our own file."""
+    """Build `model_class` from a diffusers folder or hub id (the component's subfolder), or our own file; with
+    `mmap`, the weights memory-mapped from the files (`load_tensors`)."""
     local = Path(path_or_repo_id).expanduser()
     if local.is_file():
-        return load_own_format(model_class, component, local, device=device, dtype=dtype)
+        return load_own_format(model_class, component, local, device=device, dtype=dtype, mmap=mmap)
     located = locate_component(component, path_or_repo_id, subfolder=subfolder, variant=variant, revision=revision)
-    return load_located(model_class, located, device=device, dtype=dtype)
+    return load_located(model_class, located, device=device, dtype=dtype, mmap=mmap)
 
 
 @dataclass(frozen=True)
@@ -212,9 +218,11 @@ def load_located(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    mmap: bool = False,
 ) -> TModel:
-    """Read the weights of a located component and build `model_class` with them (all or nothing)."""
-    tensors = _read_all(located.files)
+    """Read the weights of a located component and build `model_class` with them (all or nothing); with `mmap`,
+    the weights memory-mapped from the files (`load_tensors`)."""
+    tensors = _read_all(located.files, mmap=mmap)
     return _build_and_load(
         model_class,
         located.config,
@@ -345,14 +353,15 @@ def load_own_format(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    mmap: bool = False,
 ) -> TModel:
     """Read a file written by `save_own_format`, told by its content, whatever its name (raises WeightsError for
-    another component or format)."""
+    another component or format); with `mmap`, its weights memory-mapped (`load_tensors`)."""
     config = read_own_config(component, path)
     return _build_and_load(
         model_class,
         config,
-        load_tensors(path),
+        load_tensors(path, mmap=mmap),
         source=str(path),
         mapping=lambda model: None,
         ignore=(),
@@ -400,8 +409,8 @@ def _build_and_load(
     """Build the model from `config` and load `tensors` into it, holding the weights in memory only once.
 
     The model is built on the meta device (no time spent on a random initialisation) and takes the loaded tensors
-    as its own (`load_tensors` copies a file into the process's memory once; a weight is not copied again unless
-    its dtype or device changes). Buffers that no weights file provides (not in the
+    as its own (`load_tensors` copies a file into the process's memory once, or maps it with `mmap=True`; a weight
+    is not copied again unless its dtype or device changes). Buffers that no weights file provides (not in the
     `state_dict`) are recreated on the device when empty (they only carry a device and dtype); a model with a
     non-empty one is built normally instead, since those buffers must keep the values its constructor gives them.
     """
@@ -496,10 +505,10 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return content  # pyright: ignore[reportUnknownVariableType]
 
 
-def _read_all(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+def _read_all(files: Iterable[Path], *, mmap: bool) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        tensors.update(load_tensors(path))
+        tensors.update(load_tensors(path, mmap=mmap))
     return tensors
 
 

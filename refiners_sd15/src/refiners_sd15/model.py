@@ -196,11 +196,15 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         dtype: torch.dtype | None = None,
         variant: str | None = None,
         revision: str | None = None,
+        mmap: bool = False,
     ) -> StableDiffusion_1:
         """Load from a diffusers folder or hub id (`unet/`, `vae/`, `text_encoder/`), a folder written by
         `save_pretrained`, or an original single-file checkpoint (`.safetensors`/`.ckpt`).
 
-        `variant` picks e.g. the `fp16` weight files of a diffusers repository. `tokenizer/` and `scheduler/`
+        `variant` picks e.g. the `fp16` weight files of a diffusers repository. The weights are copied into memory
+        (whatever happens to the files afterwards does not reach the model), or with `mmap=True` memory-mapped: a
+        faster load, but the files must stay unchanged while the model lives (truncating one kills the process
+        with SIGBUS; see `refiners_core.weights`). Either way, no weight is copied twice. `tokenizer/` and `scheduler/`
         folders are not needed: the tokenizer ships with this package and solvers are ours; a `scheduler/` whose
         `prediction_type` is not "epsilon" (a v-prediction fine-tune) makes it a solver default (`solver_defaults`),
         so every solver set on the model predicts the same way. Raises FileNotFoundError naming a missing component,
@@ -209,9 +213,9 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         """
         local = Path(path_or_repo_id).expanduser()
         if local.is_file():
-            return cls.from_single_file(local, device=device, dtype=dtype)
+            return cls.from_single_file(local, device=device, dtype=dtype, mmap=mmap)
         if (local / OWN_INDEX).is_file():
-            return cls._from_own_folder(local, device=device, dtype=dtype)
+            return cls._from_own_folder(local, device=device, dtype=dtype, mmap=mmap)
         check_not_sdxl(path_or_repo_id, revision=revision)
         located = [
             locate_component(component.component_format, path_or_repo_id, variant=variant, revision=revision)
@@ -222,9 +226,9 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         prediction_type = "epsilon" if scheduler is None else scheduler_prediction_type(*scheduler)
         unet, lda, clip_text_encoder = located
         return cls(
-            unet=load_located(SD1UNet, unet, device=device, dtype=dtype),
-            lda=load_located(SD1Autoencoder, lda, device=device, dtype=dtype),
-            clip_text_encoder=load_located(CLIPTextEncoderL, clip_text_encoder, device=device, dtype=dtype),
+            unet=load_located(SD1UNet, unet, device=device, dtype=dtype, mmap=mmap),
+            lda=load_located(SD1Autoencoder, lda, device=device, dtype=dtype, mmap=mmap),
+            clip_text_encoder=load_located(CLIPTextEncoderL, clip_text_encoder, device=device, dtype=dtype, mmap=mmap),
             solver_defaults=_prediction_defaults(prediction_type),
         )
 
@@ -272,13 +276,15 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        mmap: bool = False,
     ) -> StableDiffusion_1:
         """Load an original SD1.5 checkpoint (`model.diffusion_model.*`, `first_stage_model.*`,
-        `cond_stage_model.transformer.*` keys); other entries (EMA copies, noise schedule) are ignored."""
+        `cond_stage_model.transformer.*` keys); other entries (EMA copies, noise schedule) are ignored. With
+        `mmap=True` the weights are memory-mapped from the file (see `from_pretrained`)."""
         path = Path(path)
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise WeightsError(f"{path}: not a checkpoint file (expected one of {', '.join(SINGLE_FILE_SUFFIXES)})")
-        tensors = load_tensors(path)
+        tensors = load_tensors(path, mmap=mmap)
         sdxl = next((key for key in tensors if key.startswith("conditioner.embedders.")), None)
         if sdxl is not None:
             raise ValueError(
@@ -318,7 +324,7 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
 
     @classmethod
     def _from_own_folder(
-        cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None
+        cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None, mmap: bool
     ) -> StableDiffusion_1:
         index_path = folder / OWN_INDEX
         solver_defaults = read_json_object(index_path).get("solver_defaults", {})  # none before prediction types
@@ -327,10 +333,10 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):
         prediction_type = scheduler_prediction_type(index_path, solver_defaults)  # pyright: ignore[reportUnknownArgumentType]
         return cls(
             solver_defaults=_prediction_defaults(prediction_type),
-            unet=SD1UNet.from_pretrained(folder / OWN_FILES["unet"], device=device, dtype=dtype),
-            lda=SD1Autoencoder.from_pretrained(folder / OWN_FILES["lda"], device=device, dtype=dtype),
+            unet=SD1UNet.from_pretrained(folder / OWN_FILES["unet"], device=device, dtype=dtype, mmap=mmap),
+            lda=SD1Autoencoder.from_pretrained(folder / OWN_FILES["lda"], device=device, dtype=dtype, mmap=mmap),
             clip_text_encoder=CLIPTextEncoderL.from_pretrained(
-                folder / OWN_FILES["clip_text_encoder"], device=device, dtype=dtype
+                folder / OWN_FILES["clip_text_encoder"], device=device, dtype=dtype, mmap=mmap
             ),
         )
 

@@ -137,25 +137,36 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
         dtype: torch.dtype | None = None,
         variant: str | None = None,
         revision: str | None = None,
+        mmap: bool = False,
     ) -> Self:
         """Load from a diffusers folder or hub id (`unet/`, `vae/`, the text encoders' folders, and `scheduler/` for
         the solver's settings; the tokenizers ship with refiners-sd15), a folder written by `save_pretrained`, or an
         original single-file checkpoint (`from_single_file`).
 
-        Configs are read and checked before any weight; weights are memory-mapped and every parameter lands on
-        `device` with `dtype`. Raises ValueError naming `model_index.json`, the index file or the single file when
-        they hold another model (SD1.5, an SDXL base given to the refiner or the reverse), or naming the components
-        that do not fit each other; FileNotFoundError naming a missing component; WeightsError naming the file, key
-        and layer at fault.
+        Configs are read and checked before any weight; no weight is copied twice, and every parameter lands on
+        `device` with `dtype`. By default the weights are copied into memory: whatever happens to the files
+        afterwards does not reach the model. With `mmap=True` they are memory-mapped (views of the files, where
+        `dtype` is the files' on the CPU): a faster load, but the files must stay unchanged while the model lives
+        (truncating one kills the process with SIGBUS; see `refiners_core.weights`).
+
+        Raises ValueError naming `model_index.json`, the index file or the single file when they hold another model
+        (SD1.5, an SDXL base given to the refiner or the reverse), or naming the components that do not fit each
+        other; FileNotFoundError naming a missing component; WeightsError naming the file, key and layer at fault.
         """
         local = Path(path_or_repo_id).expanduser()
         if local.is_file():
-            return cls.from_single_file(local, device=device, dtype=dtype)
+            return cls.from_single_file(local, device=device, dtype=dtype, mmap=mmap)
         if (local / cls.own_index).is_file():
-            return cls._from_own_folder(local, device=device, dtype=dtype)
+            return cls._from_own_folder(local, device=device, dtype=dtype, mmap=mmap)
         check_own_index(local, cls.own_index)
         solver_defaults, tokenizer_2 = cls._read_folder(path_or_repo_id, revision=revision)
-        options: dict[str, Any] = {"device": device, "dtype": dtype, "variant": variant, "revision": revision}
+        options: dict[str, Any] = {
+            "device": device,
+            "dtype": dtype,
+            "variant": variant,
+            "revision": revision,
+            "mmap": mmap,
+        }
         return cls(
             unet=SDXLUNet.from_pretrained(path_or_repo_id, **options),
             lda=SD1Autoencoder.from_pretrained(path_or_repo_id, **options),
@@ -170,16 +181,18 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        mmap: bool = False,
     ) -> Self:
         """Load an original single-file checkpoint (see `refiners_sdxl.single_file`), each config read from the
         tensors' shapes (so a scaled-down checkpoint loads too; heads of 64 channels, 256 features per time id and
         the 0.13025 latent scale are SDXL's, as the weights do not store them) and checked before any weight is
-        loaded. Raises ValueError naming the file and the key for another model's checkpoint (SD1.5, an SDXL base
-        given to the refiner or the reverse), naming the file and the components that do not fit each other;
-        WeightsError naming the file, key and layer for weights that do not fit."""
+        loaded. With `mmap=True` the weights are memory-mapped from the file (see `from_pretrained`). Raises
+        ValueError naming the file and the key for another model's checkpoint (SD1.5, an SDXL base given to the
+        refiner or the reverse), naming the file and the components that do not fit each other; WeightsError naming
+        the file, key and layer for weights that do not fit."""
         path = Path(path)
         unet, lda, clip_text_encoder = cls._load_single_file(
-            path, load_tensors(path), {"device": device, "dtype": dtype}
+            path, load_tensors(path, mmap=mmap), {"device": device, "dtype": dtype}
         )
         return cls(unet=unet, lda=lda, clip_text_encoder=clip_text_encoder)
 
@@ -190,12 +203,15 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
         write_own_folder(Path(folder), self.own_index, components | self._own_text_encoders(), self.solver_defaults)
 
     @classmethod
-    def _from_own_folder(cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None) -> Self:
+    def _from_own_folder(
+        cls, folder: Path, *, device: torch.device | str | None, dtype: torch.dtype | None, mmap: bool
+    ) -> Self:
         solver_defaults = read_own_solver_defaults(folder, cls.own_index)
+        options: dict[str, Any] = {"device": device, "dtype": dtype, "mmap": mmap}
         return cls(
-            unet=SDXLUNet.from_pretrained(component_file(folder, "unet"), device=device, dtype=dtype),
-            lda=SD1Autoencoder.from_pretrained(component_file(folder, "lda"), device=device, dtype=dtype),
-            clip_text_encoder=cls._load_own_text_encoder(folder, {"device": device, "dtype": dtype}),
+            unet=SDXLUNet.from_pretrained(component_file(folder, "unet"), **options),
+            lda=SD1Autoencoder.from_pretrained(component_file(folder, "lda"), **options),
+            clip_text_encoder=cls._load_own_text_encoder(folder, options),
             solver_defaults=solver_defaults,
         )
 
@@ -223,7 +239,8 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
     def _load_text_encoder(
         cls, path_or_repo_id: PathOrRepoId, options: Mapping[str, Any], tokenizer_2: CLIPTokenizer | None
     ) -> TTextEncoder:
-        """The text encoder(s) of a diffusers folder, loaded with `from_pretrained`'s `options`, CLIP-G with
+        """The text encoder(s) of a diffusers folder, loaded with `from_pretrained`'s `options` (device, dtype,
+        variant, revision, mmap), CLIP-G with
         `tokenizer_2` when the folder describes one."""
         raise NotImplementedError
 
@@ -240,7 +257,7 @@ class SDXLDenoisingModel(LatentDiffusionModel[SDXLUNet], Generic[TTextEncoder]):
 
     @classmethod
     def _load_own_text_encoder(cls, folder: Path, options: Mapping[str, Any]) -> TTextEncoder:
-        """The text encoder(s) `_own_text_encoders` wrote into `folder`."""
+        """The text encoder(s) `_own_text_encoders` wrote into `folder`, loaded with `options` (device, dtype, mmap)."""
         raise NotImplementedError
 
     def forward(

@@ -128,8 +128,8 @@ def read_sdxl_refiner_single_file(path: Path, tensors: Mapping[str, torch.Tensor
 def load_sdxl_single_file(
     path: Path, tensors: Mapping[str, torch.Tensor], *, device: torch.device | str | None, dtype: torch.dtype | None
 ) -> tuple[SDXLUNet, SD1Autoencoder, DoubleTextEncoder]:
-    """The four components of an SDXL base single-file checkpoint (see the module's docstring), memory-mapped,
-    after `read_sdxl_single_file`'s checks."""
+    """The four components of an SDXL base single-file checkpoint (see the module's docstring), taking `tensors` as
+    their weights (copied only where `dtype` or `device` differ from theirs), after `read_sdxl_single_file`'s checks."""
     read_sdxl_single_file(path, tensors)
     load = partial(load_single_file_component, source=path, tensors=tensors, device=device, dtype=dtype)
     text_encoder_l, text_encoder_g = (
@@ -146,8 +146,9 @@ def load_sdxl_single_file(
 def load_sdxl_refiner_single_file(
     path: Path, tensors: Mapping[str, torch.Tensor], *, device: torch.device | str | None, dtype: torch.dtype | None
 ) -> tuple[SDXLUNet, SD1Autoencoder, CLIPTextEncoderG]:
-    """The three components of an SDXL refiner single-file checkpoint (see the module's docstring), memory-mapped,
-    after `read_sdxl_refiner_single_file`'s checks."""
+    """The three components of an SDXL refiner single-file checkpoint (see the module's docstring), taking `tensors`
+    as their weights (copied only where `dtype` or `device` differ from theirs), after
+    `read_sdxl_refiner_single_file`'s checks."""
     read_sdxl_refiner_single_file(path, tensors)
     load = partial(load_single_file_component, source=path, tensors=tensors, device=device, dtype=dtype)
     text_encoder = load(CLIPTextEncoderG, SDXL_REFINER_TEXT_ENCODER_FORMAT)

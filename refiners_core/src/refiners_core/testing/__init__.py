@@ -8,6 +8,8 @@
 - `randomize_parameters`: random weights from a seed.
 - `refiners_core.testing.readme_vit`: the README's toy ViT, and a plain-torch twin of it.
 - `refiners_core.testing.files`: `change_file`, a weights file changed behind a loaded model's back.
+- `is_mapped`, `is_view_of_file`, `parameters_viewing`, `CAN_READ_MAPPINGS`: whether weights were copied or
+  memory-mapped from a file (`refiners_core.testing.mappings`, Linux).
 
 refiners-core also registers a pytest plugin (`refiners_core.testing.pytest_plugin`, the `pytest11` entry point):
 the fixtures `plugin_site` and `fresh_dynamo` are available in any test suite of an environment where refiners-core
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from refiners_core.testing.dynamo import fail_on_recompile, fresh_dynamo
     from refiners_core.testing.random_weights import randomize_parameters
     from refiners_core.testing.states import Original, assert_state_unchanged, outputs_after_each, state_snapshot
+    from refiners_core.testing.mappings import CAN_READ_MAPPINGS, is_mapped, is_view_of_file, parameters_viewing
 
 _LAZY = {
     "AdapterCheckReport": "refiners_core.testing.adapters",
@@ -41,6 +44,10 @@ _LAZY = {
     "assert_state_unchanged": "refiners_core.testing.states",
     "outputs_after_each": "refiners_core.testing.states",
     "state_snapshot": "refiners_core.testing.states",
+    "CAN_READ_MAPPINGS": "refiners_core.testing.mappings",
+    "is_mapped": "refiners_core.testing.mappings",
+    "is_view_of_file": "refiners_core.testing.mappings",
+    "parameters_viewing": "refiners_core.testing.mappings",
 }
 
 
@@ -48,6 +55,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [
+    "CAN_READ_MAPPINGS",
     "AdapterCheckReport",
     "FakeDistributions",
     "GREETER_PLUGIN",
@@ -60,6 +68,9 @@ __all__ = [
     "fresh_dynamo",
     "outputs_after_each",
     "randomize_parameters",
+    "is_mapped",
+    "is_view_of_file",
+    "parameters_viewing",
     "relative_error",
     "state_snapshot",
 ]
