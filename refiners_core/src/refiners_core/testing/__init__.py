@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from refiners_core.testing.adapters import AdapterCheckReport, check_adapter
     from refiners_core.testing.closeness import assert_bitwise_equal, assert_relative_close, relative_error
     from refiners_core.testing.dynamo import fail_on_recompile, fresh_dynamo
+    from refiners_core.testing.mappings import CAN_READ_MAPPINGS, is_mapped, is_view_of_file, parameters_viewing
     from refiners_core.testing.random_weights import randomize_parameters
     from refiners_core.testing.states import Original, assert_state_unchanged, outputs_after_each, state_snapshot
-    from refiners_core.testing.mappings import CAN_READ_MAPPINGS, is_mapped, is_view_of_file, parameters_viewing
 
 _LAZY = {
     "AdapterCheckReport": "refiners_core.testing.adapters",
