@@ -505,9 +505,10 @@ def test_feed_forward_projected_transposed_for_few_tokens_gives_the_layers_outpu
     torch.manual_seed(0)
     feed_forward = FeedForward(64).eval()
     few, many = torch.randn(2, 32, 64), torch.randn(2, 64, 64)  # 64 and 128 rows against 512 projected features
-    assert projects_transposed(few, 512) and not projects_transposed(many, 512)
-    assert not projects_transposed(few.double(), 512)
+    assert not projects_transposed(few, 512)  # with gradients on (training), the usual orientation
     with torch.no_grad():
+        assert projects_transposed(few, 512) and not projects_transposed(many, 512)
+        assert not projects_transposed(few.double(), 512)
         for x in (few, many):
             layers = tuple(feed_forward)
             expected = layers[2](layers[1](layers[0](x)))

@@ -162,10 +162,14 @@ into 2560."""
 def projects_transposed(x: torch.Tensor, out_features: int) -> bool:
     """Whether a linear projection of `x` (`(..., in_features)`) to `out_features` is cheaper computed transposed,
     as `(weight @ x.T).T`: on the CPU in float32, for few rows (tokens) against many output features
-    (`TRANSPOSED_MIN_RATIO`). The result is the same up to float rounding; its layout is column-major, which the
-    GEGLU and the output projection of `FeedForward` read without a copy."""
+    (`TRANSPOSED_MIN_RATIO`), with gradients off. The result is the same up to float rounding; its layout is
+    column-major, which the GEGLU and the output projection of `FeedForward` read without a copy. Its rounding
+    depends on where the weights lie in memory, so training keeps the usual orientation: a training run gives the
+    same losses whichever file layout its weights were loaded from."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return x.device.type == "cpu" and x.dtype == torch.float32 and rows * TRANSPOSED_MIN_RATIO <= out_features
+    return rows * TRANSPOSED_MIN_RATIO <= out_features
 
 
 @dataclass(frozen=True)
