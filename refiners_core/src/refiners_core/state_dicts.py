@@ -77,7 +77,9 @@ def load_state_dict_checked(
 
     With `assign_to_device`, the model (typically built on the meta device) takes the file's tensors as its
     own, moved to that device and converted to its dtype where needed, instead of copying them into storage
-    it already has: loading then holds the weights in memory once, not twice.
+    it already has: loading then holds the weights in memory once, not twice. Its parameters are then normal
+    tensors even under `torch.inference_mode()` (with version counters, trainable), as `load_tensors` gives, unless
+    `tensors` holds inference tensors.
 
     Raises WeightsError naming `source` (the file), the key as written in the file, our layer path and the
     expected and found shapes, or the dtype or non-finite value found; in that case the model is left untouched.
@@ -126,8 +128,12 @@ def load_state_dict_checked(
         if not tensor.is_floating_point():
             check_weights({file_key: tensor}, source=source)  # raises, naming the dtype
     if assign_to_device is not None:
-        converted = {key: tensor.to(device=assign_to_device, dtype=own[key].dtype) for key, tensor in prepared.items()}
-        model.load_state_dict(converted, strict=True, assign=True)
+        # normal parameters even under inference mode (they have version counters), unless given inference tensors
+        with torch.inference_mode(any(tensor.is_inference() for tensor in prepared.values())):
+            converted = {
+                key: tensor.to(device=assign_to_device, dtype=own[key].dtype) for key, tensor in prepared.items()
+            }
+            model.load_state_dict(converted, strict=True, assign=True)
         return
     with torch.no_grad():
         for key, tensor in prepared.items():

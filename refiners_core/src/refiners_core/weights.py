@@ -71,6 +71,7 @@ class NotInHubCacheError(FileNotFoundError):
     none is found, instead of reporting the names as absent from the repository."""
 
 
+@torch.inference_mode(False)
 def load_tensors(
     path: str | os.PathLike[str], *, device: str | torch.device = "cpu", mmap: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -88,7 +89,9 @@ def load_tensors(
     `torch.load(mmap=True)`; the file must then stay as it is while they live: truncated, it kills the process with
     SIGBUS, overwritten in place, it changes them. A legacy (non-zip) or compressed torch file, or a safetensors
     tensor not aligned to its element size in the file, is copied all the same; so is every tensor when `device` is
-    not the CPU (the mapping is then dropped on return).
+    not the CPU (the mapping is then dropped on return). The tensors are normal ones even when this is called under
+    `torch.inference_mode()`: they have version counters (so caches keyed on them see in-place changes) and can be
+    trained.
 
     Raises FileNotFoundError if the file does not exist, WeightsError naming the file if it is not a weights file of
     a known kind (truncated, text, a git-lfs pointer, a pickle of anything but tensors...) or is a torch archive

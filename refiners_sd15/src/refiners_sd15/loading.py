@@ -395,6 +395,7 @@ def read_own_config(component: ComponentFormat[TConfig], path: Path) -> TConfig:
     return config
 
 
+@torch.inference_mode(False)
 def _build_and_load(
     model_class: type[TModel],
     config: Any,
@@ -413,6 +414,8 @@ def _build_and_load(
     is not copied again unless its dtype or device changes). Buffers that no weights file provides (not in the
     `state_dict`) are recreated on the device when empty (they only carry a device and dtype); a model with a
     non-empty one is built normally instead, since those buffers must keep the values its constructor gives them.
+    Outside inference mode even when called under it: the parameters and buffers are normal tensors (they have
+    version counters, which the cross-attentions' key and value reuse and DoRA's cache rely on, and can be trained).
     """
     model = _build(model_class, config, device="meta", dtype=dtype)
     persistent = set(model.state_dict())
