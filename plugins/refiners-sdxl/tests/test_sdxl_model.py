@@ -41,6 +41,7 @@ from PIL import Image
 
 from refiners_sd15 import DDIM, DPMSolver, Euler, Solver, StableDiffusion_1
 from refiners_sd15.solvers import DDPM, LCM, DPMSolverSDE, EulerAncestral, Heun, StochasticSolver
+from refiners_sd15.unet.blocks import CrossAttention
 from refiners_sdxl import StableDiffusion_XL, diffusers_sdxl_unet_mapping
 from refiners_sdxl.testing import (
     G_DIM,
@@ -162,6 +163,32 @@ def test_from_pretrained_puts_every_parameter_on_the_requested_dtype(reference: 
     expected = reference.pipeline.unet.state_dict()["conv_in.weight"].double()
     ours = diffusers_sdxl_unet_mapping(model.unet.config)["conv_in.weight"]
     assert torch.equal(model.unet.state_dict()[ours], expected)
+
+
+@pytest.mark.parametrize("options", [{}, {"mmap": True}, {"dtype": torch.float64}], ids=["copy", "mmap", "float64"])
+def test_from_pretrained_under_inference_mode_gives_normal_tensors_and_the_text_keys_are_reused(
+    reference: Reference, options: dict[str, Any]
+) -> None:
+    """Normal tensors (with version counters, trainable) even when loaded under `torch.inference_mode()`, so that
+    the cross-attentions reuse the text's keys and values from one step to the next there too."""
+    with torch.inference_mode():
+        model = StableDiffusion_XL.from_pretrained(reference.folder, **options)
+        assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
+        dtype = options.get("dtype", torch.float32)
+        embedding, pooled = model.compute_clip_text_embedding("a cat", negative_text="")
+        unet = model.unet
+        unet.set_timestep(torch.tensor([500]))
+        unet.set_clip_text_embedding(embedding)
+        unet.set_pooled_text_embedding(pooled)
+        unet.set_time_ids(model.default_time_ids.to(dtype))
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+        first = unet(x)
+        attentions = list(unet.layers(CrossAttention))
+        assert attentions and all(attention.text_keys_values is not None for attention in attentions)
+        cached = [attention.text_keys_values for attention in attentions]
+        again = unet(x)
+        assert all(a.text_keys_values is c for a, c in zip(attentions, cached, strict=True))
+    assert torch.equal(first, again)
 
 
 def test_an_sd15_folder_is_refused_naming_model_index(reference: Reference, tmp_path: Path) -> None:

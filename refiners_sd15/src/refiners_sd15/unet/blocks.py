@@ -8,6 +8,7 @@ and the skip connections `skip_0`, `skip_1`... from the down path to the up path
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
@@ -171,8 +172,41 @@ def projects_transposed(x: torch.Tensor, out_features: int) -> bool:
     return rows * TRANSPOSED_MIN_RATIO <= out_features
 
 
+@dataclass(frozen=True)
+class TextKeysValues:
+    """The keys and values a `CrossAttention` computed from a text embedding, with what they were computed from: a
+    copy of the embedding, and each projection tensor with its storage pinned and its version counter."""
+
+    text: torch.Tensor
+    projections: tuple[tuple[torch.Tensor, torch.Tensor, int], ...]
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def serves(self, text: torch.Tensor, projections: tuple[torch.Tensor, ...]) -> bool:
+        """Whether these keys and values are those of `text` through `projections` (the same tensors, unchanged)."""
+        if len(projections) != len(self.projections):
+            return False
+        for tensor, (cached, pinned, version) in zip(projections, self.projections, strict=True):
+            if tensor is not cached or tensor.data_ptr() != pinned.data_ptr() or tensor.device != pinned.device:
+                return False
+            if tensor._version != version:
+                return False
+        same_kind = (text.shape, text.dtype, text.device) == (self.text.shape, self.text.dtype, self.text.device)
+        return same_kind and torch.equal(text, self.text)
+
+
 class CrossAttention(fl.Chain):
-    """Attention of the tokens (queries) to the `diffusion.clip_text_embedding` context (keys and values)."""
+    """Attention of the tokens (queries) to the `diffusion.clip_text_embedding` context (keys and values).
+
+    The text embedding is the same at every step of a generation, and so are its keys and values: with gradients
+    off and outside `torch.compile`, when the key and value projections are plain `fl.Linear` layers and the
+    attention is the plain one (no adapter on them), they are computed once and reused while the embedding is equal
+    (`torch.equal` against a copy) and the projection weights are the same tensors, unchanged (same storage, same
+    version counter: a fused LoRA, a loaded state dict or `.to()` recomputes them). As for autograd, a write through
+    `.data` is not seen. Weights without a version counter (inference tensors: a model built or converted under
+    `torch.inference_mode()`) are never reused from; `from_pretrained` gives normal tensors even under it. The cache
+    holds a copy of the embedding and its keys and values: per batch item, 77 x (context_dim + 2 x dim) values.
+    """
 
     def __init__(
         self,
@@ -198,6 +232,65 @@ class CrossAttention(fl.Chain):
                 dtype=dtype,
             ),
         )
+        self.text_keys_values: TextKeysValues | None = None
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        (x,) = args
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return super().forward(x)
+        parts = self.plain_parts()
+        if parts is None:
+            self.text_keys_values = None
+            return super().forward(x)
+        inputs, query, key, value, attention, output = parts
+        x, text, _ = inputs(x)
+        keys, values = self.keys_values(text, key, value)
+        return output(attention(query(x), keys, values))
+
+    def plain_parts(
+        self,
+    ) -> tuple[fl.Parallel, fl.Linear, fl.Linear, fl.Linear, fl.ScaledDotProductAttention, fl.Linear] | None:
+        """The layers of this cross-attention when they are exactly those it was built with (no adapter)."""
+        layers = tuple(self)
+        if len(layers) != 2:
+            return None
+        inputs, attention = layers
+        if type(inputs) is not fl.Parallel or type(attention) is not fl.Attention:
+            return None
+        sources = tuple(inputs)
+        if len(sources) != 3 or type(sources[0]) is not fl.Identity:
+            return None
+        if any(type(s) is not fl.UseContext or (s.context, s.key) != TEXT_CONTEXT for s in sources[1:]):
+            return None
+        if len(attention) != 3:
+            return None
+        distribute, sdpa, output = tuple(attention)
+        if type(distribute) is not fl.Distribute or len(distribute) != 3:
+            return None
+        query, key, value = tuple(distribute)
+        if type(query) is not fl.Linear or type(key) is not fl.Linear or type(value) is not fl.Linear:
+            return None
+        if type(sdpa) is not fl.ScaledDotProductAttention or type(output) is not fl.Linear:
+            return None
+        return inputs, query, key, value, sdpa, output
+
+    def keys_values(self, text: torch.Tensor, key: fl.Linear, value: fl.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of `text`, reused from the last call when they are still valid (see the class)."""
+        projections = tuple(t for layer in (key, value) for t in (layer.weight, layer.bias) if t is not None)  # pyright: ignore[reportUnnecessaryComparison]
+        cached = self.text_keys_values
+        if cached is not None and cached.serves(text, projections):
+            return cached.keys, cached.values
+        keys, values = key(text), value(text)
+        if any(t.is_inference() for t in projections):  # no version counter: a change could not be seen
+            self.text_keys_values = None
+        else:
+            pinned = tuple((t, t.detach(), t._version) for t in projections)
+            self.text_keys_values = TextKeysValues(text.clone(), pinned, keys, values)
+        return keys, values
+
+
+TEXT_CONTEXT = ("diffusion", "clip_text_embedding")
+"""Where a `CrossAttention` reads the text embedding it attends to."""
 
 
 class TransformerBlock(fl.Chain):
