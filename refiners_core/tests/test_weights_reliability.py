@@ -24,6 +24,7 @@ from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariable
 
 import refiners_core.fluxion as fl
 import refiners_core.weight_formats
+import refiners_core.weights
 from refiners_core.state_dicts import load_state_dict_checked
 from refiners_core.testing.files import FILE_CHANGES
 from refiners_core.weights import WeightsError, check_weights, load_tensors, read_metadata, shard_files
@@ -109,6 +110,25 @@ def test_non_finite_weights_are_refused_naming_file_and_key(dtype: torch.dtype, 
             model, {"weight": weight, "bias": torch.zeros(2, dtype=dtype)}, source="model.safetensors"
         )
     assert all(torch.equal(tensor, before[key]) for key, tensor in model.state_dict().items())
+
+
+def test_weights_past_the_parallel_scan_size_name_the_first_bad_key_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past `_PARALLEL_SCAN_BYTES` the tensors are read in threads (split by size), and the error is still the one a
+    reading in key order gives: the first key at fault, whatever its thread."""
+    monkeypatch.setattr(refiners_core.weights, "_PARALLEL_SCAN_BYTES", 1024)
+    tensors = {f"w{index}": torch.randn(64 * (index + 1)) for index in range(8)}  # 16 KiB: threads
+    tensors["w6"][5] = float("nan")
+    tensors["w2"][-1] = float("inf")
+    tensors["w4"] = tensors["w4"].long()
+    with pytest.raises(WeightsError, match="w.safetensors: 'w2' holds infinite values"):
+        check_weights(tensors, source="w.safetensors")
+    with pytest.raises(WeightsError, match="'w4' holds int64 values"):
+        check_weights(tensors, source="w.safetensors", keys=["w4", "w2"])
+    with pytest.raises(WeightsError, match="'w6' holds NaN values"):
+        check_weights(tensors, source="w.safetensors", keys=["w0", "w6", "w4"])
+    check_weights(tensors, source="w.safetensors", keys=["w0", "w1", "w3", "w5", "w7"])
 
 
 class Masked(fl.Chain):

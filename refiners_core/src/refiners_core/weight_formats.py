@@ -46,7 +46,9 @@ never compresses; float weights deflate by about 10%)."""
 _ALIGNMENT = 64
 _PIECE_BYTES = 16 * 2**20
 _MAX_TARGETS = 512  # iovecs per preadv call, under every system's IOV_MAX (1024 on Linux)
-_READERS = 2
+READER_THREADS = 2
+"""Threads that read weights: copying a file into memory (`read_safetensors`) and checking that they are finite
+(`weights.check_weights`). Memory-bound work that releases the GIL: two already take what one core cannot."""
 
 
 class WeightsError(ValueError):
@@ -176,8 +178,8 @@ def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, t
     """The tensors and metadata of a safetensors file, copied into this process's memory (see the module doc).
 
     All tensors are views of one buffer, each aligned to 64 bytes, filled from the file in pieces of about
-    `_PIECE_BYTES` by `_READERS` threads (the copy from the page cache, and the page faults of the fresh buffer, are
-    most of the cost of a load; reads release the GIL): the weights are held once, and no mapping of the file
+    `_PIECE_BYTES` by `READER_THREADS` threads (the copy from the page cache, and the page faults of the fresh buffer,
+    are most of the cost of a load; reads release the GIL): the weights are held once, and no mapping of the file
     remains. When the copy does not fit in the free memory (`_release_cache`), each piece's pages are dropped from the
     page cache once copied.
     """
@@ -197,7 +199,7 @@ def read_safetensors(file: BinaryIO, size: int, path: Path) -> tuple[dict[str, t
 
     pieces = _pieces(entries, slots, data_start, view)
     if len(pieces) > 1 and hasattr(os, "preadv"):
-        with ThreadPoolExecutor(_READERS) as pool:
+        with ThreadPoolExecutor(READER_THREADS) as pool:
             for _ in pool.map(read, pieces):
                 pass
     else:

@@ -26,6 +26,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, cast
 
@@ -35,6 +36,7 @@ from safetensors.torch import save_file  # pyright: ignore[reportUnknownVariable
 from refiners_core.weight_formats import (
     MAX_INFLATION,
     MAX_PICKLE_BYTES,
+    READER_THREADS,
     WeightsError,
     inspect_torch_archive,
     map_safetensors,
@@ -43,6 +45,9 @@ from refiners_core.weight_formats import (
     sniff,
     torch_archive_is_stored,
 )
+
+_PARALLEL_SCAN_BYTES = 64 * 2**20
+"""Below this many bytes of weights, `check_weights` reads them in the calling thread."""
 
 __all__ = [
     "MAX_INFLATION",
@@ -200,9 +205,12 @@ def check_weights(tensors: Mapping[str, torch.Tensor], *, source: str, keys: Col
     with only finite values: an integer, bool or complex tensor is refused, never cast, and so is a NaN or an
     infinity. The message names `source` (the file), the key and the dtype or the bad value.
 
-    Every loader calls it on the tensors it uses as float weights; it reads each tensor once (`torch.isfinite`).
+    Every loader calls it on the tensors it uses as float weights; it reads each tensor once (its sum, see
+    `_first_non_finite`), in `READER_THREADS` threads when there is much to read.
     """
-    for key in tensors if keys is None else keys:
+    checked = list(tensors if keys is None else keys)
+    non_finite = _scan_non_finite({key: tensors[key] for key in checked})
+    for key in checked:
         tensor = tensors[key]
         if not isinstance(tensor, torch.Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise WeightsError(f"{source}: '{key}' is a {type(tensor).__name__}, not a tensor")
@@ -211,9 +219,39 @@ def check_weights(tensors: Mapping[str, torch.Tensor], *, source: str, keys: Col
                 f"{source}: '{key}' holds {str(tensor.dtype).removeprefix('torch.')} values, expected floating-point "
                 "weights (they are refused, not converted)"
             )
-        bad = _first_non_finite(tensor)
+        bad = non_finite[key]
         if bad is not None:
             raise WeightsError(f"{source}: '{key}' holds {bad} values; weights must be finite numbers")
+
+
+def _scan_non_finite(tensors: Mapping[str, object]) -> dict[str, str | None]:
+    """`_first_non_finite` of each floating-point tensor of `tensors` (None for anything else, which the caller
+    refuses). Reading the weights is most of a memory-mapped load's time, and a tensor's sum releases the GIL: past
+    `_PARALLEL_SCAN_BYTES` the tensors are split by size between `READER_THREADS` threads."""
+    floating = {
+        key: tensor
+        for key, tensor in tensors.items()
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+    }
+    results: dict[str, str | None] = dict.fromkeys(tensors)
+    sizes = {key: tensor.numel() * tensor.element_size() for key, tensor in floating.items()}
+    if sum(sizes.values()) < _PARALLEL_SCAN_BYTES:
+        results.update((key, _first_non_finite(tensor)) for key, tensor in floating.items())
+        return results
+    groups: list[list[str]] = [[] for _ in range(READER_THREADS)]
+    loads = [0] * READER_THREADS
+    for key in sorted(floating, key=sizes.__getitem__, reverse=True):  # the biggest first, to the lightest group
+        lightest = loads.index(min(loads))
+        groups[lightest].append(key)
+        loads[lightest] += sizes[key]
+
+    def scan(group: list[str]) -> dict[str, str | None]:
+        return {key: _first_non_finite(floating[key]) for key in group}
+
+    with ThreadPoolExecutor(READER_THREADS) as pool:
+        for found in pool.map(scan, groups):
+            results.update(found)
+    return results
 
 
 def _first_non_finite(tensor: torch.Tensor) -> str | None:

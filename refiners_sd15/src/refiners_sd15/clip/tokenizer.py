@@ -52,6 +52,7 @@ wheel (`open_clip/bpe_simple_vocab_16e6.txt.gz`), sha256
 
 from __future__ import annotations
 
+import functools
 import gzip
 import heapq
 import re
@@ -269,19 +270,17 @@ class CLIPTokenizer(fl.Module):
         self.start_of_text_token_id = start_of_text_token_id
         self.end_of_text_token_id = end_of_text_token_id
         self.pad_token_id = pad_token_id
-        merges = _read_merges(vocabulary_path or DEFAULT_VOCABULARY_PATH)
-        self._merge_ranks = {merge: rank for rank, merge in enumerate(merges)}  # keyed by "first second"
+        path = vocabulary_path or DEFAULT_VOCABULARY_PATH
+        file = path.stat()
+        tables = _vocabulary_tables(path.resolve(), file.st_mtime_ns, file.st_size)
+        self._merge_ranks, vocabulary, self._token_ids, self._longest_token = tables  # shared, never changed
         byte_symbols = _byte_symbols()
-        symbols = list(byte_symbols.values())
-        vocabulary = [*symbols, *(symbol + "</w>" for symbol in symbols), *(merge.replace(" ", "") for merge in merges)]
-        self._token_ids = {token: index for index, token in enumerate(vocabulary)}
         self._special_ids = {_START_OF_TEXT: start_of_text_token_id, _END_OF_TEXT: end_of_text_token_id}
         if pad_token_id not in self._special_ids.values() and 0 <= pad_token_id < len(vocabulary):
             self._special_ids[vocabulary[pad_token_id]] = pad_token_id
         names = sorted(self._special_ids, key=len, reverse=True)
         self._special_tokens = re.compile("(" + "|".join(map(re.escape, names)) + ")")
         self._byte_symbols = [byte_symbols[byte] for byte in range(256)]
-        self._longest_token = max(len(token.removesuffix("</w>")) for token in vocabulary)  # in bytes
         self._piece_ids: dict[str, tuple[int, ...]] = {}
 
     def forward(self, text: str | Sequence[str]) -> torch.Tensor:
@@ -388,6 +387,21 @@ class CLIPTokenizer(fl.Module):
                 push(preceding[left])
             push(left)
         return [symbol for symbol in symbols if symbol]
+
+
+@functools.cache
+def _vocabulary_tables(
+    path: Path, mtime_ns: int, size: int
+) -> tuple[dict[str, int], tuple[str, ...], dict[str, int], int]:
+    """The merge ranks (keyed by "first second"), the vocabulary, the token ids and the longest token's length in
+    bytes of a merges file, read once per file (and version of it: `mtime_ns` and `size` are part of the key) for
+    every tokenizer that uses it."""
+    merges = _read_merges(path)
+    symbols = list(_byte_symbols().values())
+    vocabulary = (*symbols, *(symbol + "</w>" for symbol in symbols), *(merge.replace(" ", "") for merge in merges))
+    merge_ranks = {merge: rank for rank, merge in enumerate(merges)}
+    token_ids = {token: index for index, token in enumerate(vocabulary)}
+    return merge_ranks, vocabulary, token_ids, max(len(token.removesuffix("</w>")) for token in vocabulary)
 
 
 def _read_merges(path: Path) -> list[str]:
