@@ -10,7 +10,9 @@ projection (`to_q`, `to_k`, `to_v`, `to_out.0`), the layers diffusers' SDXL Drea
 loads the same tensors with `load_lora_adapter` (it needs peft).
 
 Each round runs one step per state, in a fixed order: ours with no LoRA, with the LoRA unfused, fused, then diffusers
-with its adapter disabled and enabled. Switching states (add, fuse, unfuse, enable) is not timed; ours is unfused
+with its adapter disabled and enabled. Switching states (add, fuse, unfuse, enable) is not timed,
+nor is the first call in each state (it pays once what the switch leaves behind: the kernel's page faults after a
+fuse, the text's keys and values computed again); ours is unfused
 before diffusers runs, since fusing writes into the shared weights (and `unfuse` restores them bit for bit). A ratio
 compares two states within the same round (see `timing.py`: process CPU time).
 """
@@ -123,7 +125,7 @@ def measure(args: argparse.Namespace) -> StepMeasurement:
         for state in OURS_STATES:
             theirs = outputs["diffusers", "no LoRA" if state == "no LoRA" else "LoRA"]
             differences[state] = relative_diff(outputs["ours", state], theirs)
-        timings = time_states(steps, args.rounds)
+        timings = time_states(steps, args.rounds, settling_calls=1)
     pairs = (("LoRA, unfused", "LoRA"), ("LoRA, fused", "LoRA"), ("no LoRA", "no LoRA"))
     comparisons = state_comparisons(timings, OURS_STATES, DIFFUSERS_STATES, pairs)
     return StepMeasurement(comparisons, differences, sum(value.numel() for value in lora.values()))
@@ -144,7 +146,8 @@ One step of the published SDXL base UNet with random weights, batch 2 (classifie
 attention projection ({lora_parameters / 1e6:.1f} M parameters). The baseline of a row `ours, ...` is our UNet
 without LoRA, of `diffusers, ...` diffusers' UNet (sharing our weights) with its peft adapter disabled, of
 `ours / diffusers, ...` diffusers with the adapter enabled (or disabled, for `no LoRA`). Times are process CPU time of
-one call; "ratio median" is the median over rounds of the ratio within a round, "range" its confidence interval
+one call, the second in each state;
+"ratio median" is the median over rounds of the ratio within a round, "range" its confidence interval
 (with fewer than 11 rounds: the whole range of the per-round ratios). The last column is
 max |ours - diffusers| / max |diffusers| for the same LoRA.
 

@@ -11,7 +11,9 @@ transformer blocks; PEFT injects it into diffusers' UNet (`inject_adapter_in_mod
 values. Outputs are checked to agree before timing.
 
 Each round runs one step per state, in a fixed order: ours with no adapter, then each family unfused and fused, then
-diffusers with no adapter and each family. Switching states (add, fuse, inject) is not timed. A ratio compares the
+diffusers with no adapter and each family. Switching states (add, fuse, inject) is not timed,
+nor is the first call in each state (it pays once what the switch leaves behind: the kernel's page faults after a
+fuse, the text's keys and values computed again). A ratio compares the
 states of one side within the same round (see `timing.py`: process CPU time).
 """
 
@@ -134,7 +136,7 @@ def measure(args: argparse.Namespace) -> StepMeasurement:
         for family in FAMILIES:
             lora = outputs["diffusers", family]
             assert max_abs_diff(lora, outputs["diffusers", "no LoRA"]) > 1e-3 * lora.abs().max().item(), family
-        timings = time_states(steps, args.rounds)
+        timings = time_states(steps, args.rounds, settling_calls=1)
     for family in FAMILIES:
         parameters[family] = sum(tensor.numel() for tensor in load_file(paths[family]).values())
     shutil.rmtree(files)
@@ -162,7 +164,8 @@ published SD1.5 UNet with random weights. Each adapter (PEFT's LoHa, LoKr, and L
 {args.rank}, alpha = rank, on every attention projection, feed-forward layer and `proj_in`/`proj_out` (at most
 {parameters / 1e6:.1f} M parameters per adapter). The baseline of a row `ours, ...` is our UNet without adapter, of
 `diffusers, ...` diffusers' UNet without adapter, of `ours / diffusers, ...` diffusers with PEFT holding the same
-adapter. Times are process CPU time of one call; "ratio median" is the median over rounds of the ratio within a
+adapter. Times are process CPU time of one call, the second in each state;
+"ratio median" is the median over rounds of the ratio within a
 round, "range" its confidence interval (with fewer than 11 rounds: the whole range of the per-round ratios). The last
 column is max |ours - PEFT| / max |PEFT| for the same adapter.
 

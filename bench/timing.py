@@ -336,14 +336,18 @@ def state_outputs(steps: Sequence[StateStep]) -> dict[tuple[str, str], torch.Ten
     return outputs
 
 
-def time_states(steps: Sequence[StateStep], rounds: int) -> dict[tuple[str, str], Timing]:
+def time_states(steps: Sequence[StateStep], rounds: int, *, settling_calls: int = 0) -> dict[tuple[str, str], Timing]:
     """The CPU time of one call of each step in its state, by (side, state): every step once a round, interleaved,
-    for `rounds` rounds (setting the state is not timed)."""
+    for `rounds` rounds. Setting the state is not timed, nor are the `settling_calls` calls made right after it: the
+    one-time work a state change leaves to the next call (the kernel's page faults after a LoRA is fused, a cache
+    filled again) is paid once per generation, not at each of its steps."""
     samples: dict[tuple[str, str], list[float]] = {(side, state): [] for side, _, state, _ in steps}
     for index in range(rounds):
         progress(f"round {index + 1}/{rounds}")
         for side, set_state, state, step in steps:
             set_state(state)
+            for _ in range(settling_calls):
+                step()
             start = time.process_time()
             step()
             samples[side, state].append(time.process_time() - start)
