@@ -33,7 +33,7 @@ def key_calls(unet: SD1UNet) -> list[int]:
     """A counter of calls to the key projections of the cross-attentions."""
     calls = [0]
     for attention in unet.layers(CrossAttention):
-        parts = attention.plain_parts()
+        parts = attention.reusable_parts()
         assert parts is not None
         parts[2].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     return calls
@@ -71,11 +71,11 @@ def test_a_text_changed_in_place_under_inference_mode_is_seen() -> None:
 def test_a_projection_weight_changed_in_place_or_moved_recomputes_the_keys() -> None:
     unet = small_compile_unet()
     attention = next(unet.layers(CrossAttention))
-    parts = attention.plain_parts()
-    assert parts is not None
+    parts = attention.reusable_parts()
+    assert parts is not None and isinstance(key := parts[2], fl.Linear)
     with torch.no_grad():
         step(unet, TEXT)
-        parts[2].weight.add_(0.5)  # as a LoRA fused into the key projection
+        key.weight.add_(0.5)  # as a LoRA fused into the key projection
         fused = step(unet, TEXT)
     assert_bitwise_equal(fused, uncached(unet, TEXT))
     unet.to(torch.float64)
@@ -97,7 +97,7 @@ def test_an_adapted_projection_runs_through_the_chain_and_drops_the_cache() -> N
         key = distribute[1]
         distribute.replace(key, fl.Chain(key, fl.Multiply(2.0)))  # stands for an adapter on the key projection
         adapted = step(unet, TEXT)
-        assert attention.plain_parts() is None and attention.text_keys_values is None
+        assert attention.reusable_parts() is None and attention.text_keys_values is None
     assert_bitwise_equal(adapted, uncached(unet, TEXT))
 
 
@@ -112,7 +112,7 @@ def test_with_gradients_on_nothing_is_cached_and_gradients_reach_the_key_project
     unet = small_compile_unet()
     step(unet, TEXT).sum().backward()
     attention = next(unet.layers(CrossAttention))
-    parts = attention.plain_parts()
+    parts = attention.reusable_parts()
     assert parts is not None and parts[2].weight.grad is not None
     assert attention.text_keys_values is None
 
@@ -134,9 +134,9 @@ def test_a_unet_loaded_under_inference_mode_reuses_and_sees_weights_changed_in_p
         again = step(unet, TEXT)
         assert calls[0] == computed > 0, "the keys were computed again for the same text and weights"
         assert all(attention.text_keys_values is not None for attention in unet.layers(CrossAttention))
-        parts = next(unet.layers(CrossAttention)).plain_parts()
-        assert parts is not None
-        parts[3].weight.mul_(0.5)  # the value projection, in place under inference mode
+        parts = next(unet.layers(CrossAttention)).reusable_parts()
+        assert parts is not None and isinstance(value := parts[3], fl.Linear)
+        value.weight.mul_(0.5)  # the value projection, in place under inference mode
         changed = step(unet, TEXT)
     assert_bitwise_equal(again, first)
     assert_bitwise_equal(changed, uncached(unet, TEXT))

@@ -25,6 +25,7 @@ class Lora(fl.Module):
     """
 
     _scale: torch.Tensor
+    pure = True  # up(down(x) * scale): its input and its own tensors only (see `fl.Module.pure`)
 
     def __init__(
         self,
@@ -101,6 +102,8 @@ class LoraAdapter(fl.Sum, Adapter[LoraTarget]):
     The target's own weights are left untouched; only the LoRA weights (`adapter.lora`) are new
     trainable parameters. `inject()` puts the adapter in the model, `eject()` restores it exactly.
     """
+
+    pure = True  # the target's output plus the LoRA's: pure when both are (`fl.is_pure` checks them too)
 
     def __init__(
         self,

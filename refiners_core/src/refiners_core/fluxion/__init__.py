@@ -52,7 +52,7 @@ from refiners_core.fluxion.layers import (
     Upsample,
     UseContext,
 )
-from refiners_core.fluxion.module import Device, Module
+from refiners_core.fluxion.module import Device, Module, is_pure
 
 __all__ = [
     "Adapter",
@@ -110,4 +110,5 @@ __all__ = [
     "Unsqueeze",
     "Upsample",
     "UseContext",
+    "is_pure",
 ]

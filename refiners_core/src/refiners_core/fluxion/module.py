@@ -6,7 +6,7 @@ import copy
 import enum
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import torch
 from torch import nn
@@ -42,6 +42,12 @@ class Module(nn.Module):
 
     _parents: ParentLinks
     _init_args: tuple[tuple[Any, ...], dict[str, Any]]
+
+    pure: ClassVar[bool] = False
+    """Declared `True` by a layer class whose output is a function of its input and of its own parameters and
+    buffers (and its children's) only: no context read, no randomness, no state kept from call to call. Such an
+    output may be reused while the input and those tensors are unchanged (`is_pure`). Not inherited: a subclass
+    declares it again, since it may read a context or draw random numbers where its base class did not."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         # The constructor's arguments are recorded for `short_repr` (numbers, strings and the like only, so that a
@@ -167,6 +173,11 @@ class Module(nn.Module):
 
 _HIDDEN: Any = object()
 _NOT_SHOWN = frozenset({"device", "dtype"})
+
+
+def is_pure(layer: nn.Module) -> bool:
+    """Whether `layer` and every layer under it are of classes that declare `Module.pure` themselves (see there)."""
+    return all(vars(type(module)).get("pure", False) is True for module in layer.modules())
 
 
 def _is_shown(value: object) -> bool:

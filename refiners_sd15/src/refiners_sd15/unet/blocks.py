@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 import refiners_core.fluxion as fl
@@ -175,18 +176,23 @@ def projects_transposed(x: torch.Tensor, out_features: int) -> bool:
 @dataclass(frozen=True)
 class TextKeysValues:
     """The keys and values a `CrossAttention` computed from a text embedding, with what they were computed from: a
-    copy of the embedding, and each projection tensor with its storage pinned and its version counter."""
+    copy of the embedding, the layers of its key and value projections, and each of their tensors with its storage
+    pinned and its version counter."""
 
     text: torch.Tensor
-    projections: tuple[tuple[torch.Tensor, torch.Tensor, int], ...]
+    layers: tuple[nn.Module, ...]
+    tensors: tuple[tuple[torch.Tensor, torch.Tensor, int], ...]
     keys: torch.Tensor
     values: torch.Tensor
 
-    def serves(self, text: torch.Tensor, projections: tuple[torch.Tensor, ...]) -> bool:
-        """Whether these keys and values are those of `text` through `projections` (the same tensors, unchanged)."""
-        if len(projections) != len(self.projections):
+    def serves(self, text: torch.Tensor, layers: tuple[nn.Module, ...], tensors: tuple[torch.Tensor, ...]) -> bool:
+        """Whether these keys and values are those of `text` through `layers` holding `tensors` (the same layers and
+        tensors, unchanged)."""
+        if len(layers) != len(self.layers) or any(a is not b for a, b in zip(layers, self.layers, strict=True)):
             return False
-        for tensor, (cached, pinned, version) in zip(projections, self.projections, strict=True):
+        if len(tensors) != len(self.tensors):
+            return False
+        for tensor, (cached, pinned, version) in zip(tensors, self.tensors, strict=True):
             if tensor is not cached or tensor.data_ptr() != pinned.data_ptr() or tensor.device != pinned.device:
                 return False
             if tensor._version != version:
@@ -199,13 +205,15 @@ class CrossAttention(fl.Chain):
     """Attention of the tokens (queries) to the `diffusion.clip_text_embedding` context (keys and values).
 
     The text embedding is the same at every step of a generation, and so are its keys and values: with gradients
-    off and outside `torch.compile`, when the key and value projections are plain `fl.Linear` layers and the
-    attention is the plain one (no adapter on them), they are computed once and reused while the embedding is equal
-    (`torch.equal` against a copy) and the projection weights are the same tensors, unchanged (same storage, same
-    version counter: a fused LoRA, a loaded state dict or `.to()` recomputes them). As for autograd, a write through
-    `.data` is not seen. Weights without a version counter (inference tensors: a model built or converted under
-    `torch.inference_mode()`) are never reused from; `from_pretrained` gives normal tensors even under it. The cache
-    holds a copy of the embedding and its keys and values: per batch item, 77 x (context_dim + 2 x dim) values.
+    off and outside `torch.compile`, when the key and value projections are pure layers (`fl.is_pure`: an
+    `fl.Linear`, or one adapted by a LoRA, whose outputs depend on the text and their own tensors only) and the rest
+    of the attention's structure is the one it was built with, they are computed once and reused while the
+    embedding is equal (`torch.equal` against a copy), the projections are the same layers and their tensors the
+    same tensors, unchanged (same storage, same version counter: a fused LoRA, a new LoRA scale, a loaded state dict
+    or `.to()` recomputes them). As for autograd, a write through `.data` is not seen. Tensors without a version
+    counter (inference tensors: a model or LoRA built or converted under `torch.inference_mode()`) are never reused
+    from; `from_pretrained` gives normal tensors even under it. The cache holds a copy of the embedding and its keys
+    and values: per batch item, 77 x (context_dim + 2 x dim) values.
     """
 
     def __init__(
@@ -238,7 +246,7 @@ class CrossAttention(fl.Chain):
         (x,) = args
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return super().forward(x)
-        parts = self.plain_parts()
+        parts = self.reusable_parts()
         if parts is None:
             self.text_keys_values = None
             return super().forward(x)
@@ -247,10 +255,11 @@ class CrossAttention(fl.Chain):
         keys, values = self.keys_values(text, key, value)
         return output(attention(query(x), keys, values))
 
-    def plain_parts(
+    def reusable_parts(
         self,
-    ) -> tuple[fl.Parallel, fl.Linear, fl.Linear, fl.Linear, fl.ScaledDotProductAttention, fl.Linear] | None:
-        """The layers of this cross-attention when they are exactly those it was built with (no adapter)."""
+    ) -> tuple[fl.Parallel, fl.Module, fl.Module, fl.Module, fl.ScaledDotProductAttention, fl.Module] | None:
+        """The layers of this cross-attention (inputs, query, key, value, attention, output) when its structure is
+        the one it was built with and its key and value projections are pure (`fl.is_pure`), else None."""
         layers = tuple(self)
         if len(layers) != 2:
             return None
@@ -268,24 +277,23 @@ class CrossAttention(fl.Chain):
         if type(distribute) is not fl.Distribute or len(distribute) != 3:
             return None
         query, key, value = tuple(distribute)
-        if type(query) is not fl.Linear or type(key) is not fl.Linear or type(value) is not fl.Linear:
-            return None
-        if type(sdpa) is not fl.ScaledDotProductAttention or type(output) is not fl.Linear:
+        if type(sdpa) is not fl.ScaledDotProductAttention or not fl.is_pure(key) or not fl.is_pure(value):
             return None
         return inputs, query, key, value, sdpa, output
 
-    def keys_values(self, text: torch.Tensor, key: fl.Linear, value: fl.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys_values(self, text: torch.Tensor, key: fl.Module, value: fl.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of `text`, reused from the last call when they are still valid (see the class)."""
-        projections = tuple(t for layer in (key, value) for t in (layer.weight, layer.bias) if t is not None)  # pyright: ignore[reportUnnecessaryComparison]
+        layers = (*key.modules(), *value.modules())
+        tensors = (*key.parameters(), *key.buffers(), *value.parameters(), *value.buffers())
         cached = self.text_keys_values
-        if cached is not None and cached.serves(text, projections):
+        if cached is not None and cached.serves(text, layers, tensors):
             return cached.keys, cached.values
         keys, values = key(text), value(text)
-        if any(t.is_inference() for t in projections):  # no version counter: a change could not be seen
+        if any(t.is_inference() for t in tensors):  # no version counter: a change could not be seen
             self.text_keys_values = None
         else:
-            pinned = tuple((t, t.detach(), t._version) for t in projections)
-            self.text_keys_values = TextKeysValues(text.clone(), pinned, keys, values)
+            pinned = tuple((t, t.detach(), t._version) for t in tensors)
+            self.text_keys_values = TextKeysValues(text.clone(), layers, pinned, keys, values)
         return keys, values
 
 

@@ -60,6 +60,8 @@ def conv2d(
 class Conv2d(Module, nn.Conv2d):
     """`torch.nn.Conv2d`, run through `conv2d` (faster on the CPU for large kernels on small inputs)."""
 
+    pure = True
+
     def __init__(
         self,
         in_channels: int,

@@ -13,6 +13,8 @@ from refiners_core.fluxion.module import Device, Module
 class Linear(Module, nn.Linear):
     """`torch.nn.Linear`: `x @ weight.T + bias`."""
 
+    pure = True
+
     def __init__(
         self,
         in_features: int,
