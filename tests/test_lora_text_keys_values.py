@@ -86,19 +86,43 @@ def test_a_lora_changed_in_place_rescaled_or_ejected_computes_them_again() -> No
     assert not torch.equal(plain, rescaled)
 
 
+def key_value_lora(unet: SD1UNet) -> dict[str, torch.Tensor]:
+    """A rank-2 LoRA state dict (our keys) on every cross-attention key and value projection of `unet`."""
+    generator = torch.Generator().manual_seed(4)
+    return {
+        f"{layer.get_path(unet)}.{name}": torch.randn(shape, generator=generator) * 0.3
+        for layer in key_value_projections(unet)
+        for name, shape in (("down.weight", (2, layer.in_features)), ("up.weight", (layer.out_features, 2)))
+    }
+
+
+def test_a_lora_added_and_rescaled_under_inference_mode_keeps_the_reuse_and_is_seen() -> None:
+    unet = small_compile_unet()
+    with torch.inference_mode():
+        manager = LoraManager(unet)
+        manager.add("style", key_value_lora(unet))
+        first = step(unet)
+        entries = cached_entries(unet)
+        step(unet)
+        assert all(entry is not None for entry in entries)
+        assert all(a is b for a, b in zip(cached_entries(unet), entries, strict=True)), "computed again"
+        manager.set_scale("style", 0.5)
+        rescaled = step(unet)
+    assert_bitwise_equal(first, uncached_at_scale(unet, scale=1.0, manager=manager))
+    assert_bitwise_equal(rescaled, uncached_at_scale(unet, scale=0.5, manager=manager))
+
+
+def uncached_at_scale(unet: SD1UNet, *, scale: float, manager: LoraManager) -> torch.Tensor:
+    manager.set_scale("style", scale)
+    return uncached(unet)
+
+
 def test_fusing_and_unfusing_a_lora_of_a_manager_computes_them_again() -> None:
     unet = small_compile_unet()
     with torch.no_grad():
         plain = step(unet)
-    projections = list(key_value_projections(unet))
-    generator = torch.Generator().manual_seed(4)
-    state_dict = {
-        f"{layer.get_path(unet)}.{name}": torch.randn(shape, generator=generator) * 0.3
-        for layer in projections
-        for name, shape in (("down.weight", (2, layer.in_features)), ("up.weight", (layer.out_features, 2)))
-    }
     manager = LoraManager(unet)
-    manager.add("style", state_dict)
+    manager.add("style", key_value_lora(unet))
     with torch.no_grad():
         unfused = step(unet)
         manager.fuse()

@@ -27,6 +27,9 @@ class Lora(fl.Module):
     _scale: torch.Tensor
     pure = True  # up(down(x) * scale): its input and its own tensors only (see `fl.Module.pure`)
 
+    # Normal tensors even when made under inference mode: their version counters let the text's keys and values be
+    # reused through this LoRA (refiners_sd15's CrossAttention), and a LoRA made there can still be trained.
+    @torch.inference_mode(False)
     def __init__(
         self,
         target: LoraTarget,
